@@ -45,8 +45,8 @@ def report(row: dict) -> None:
 def t2i_checks(root: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from obliviate.erase import erase, make_t2i_method
-    from obliviate.methods.diffusion_base import EraseTask, RetainPrompt
+    from obliviate.loops.t2i import erase, make_t2i_method
+    from obliviate.methods.t2i.base import EraseTask, RetainPrompt
     from obliviate.models.diffusion import Pipeline, load_pipeline, sample, save_pipeline
     from obliviate.registry import T2I_METHODS
     from obliviate.worlds import canvas_draw as cd
@@ -118,7 +118,7 @@ def lm_checks(root: Path) -> None:
     from obliviate.data import QAItem
     from obliviate.evals.evaluate import evaluate_lm
     from obliviate.models import causal_lm as lm
-    from obliviate.unlearn import unlearn
+    from obliviate.loops.lm import unlearn
     from obliviate.worlds.tokenizer import train_tokenizer
 
     items = [QAItem(question=f"Where does person {i} live?", answer=f"Person {i} lives in town {i % 7}.",

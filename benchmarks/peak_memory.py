@@ -14,7 +14,7 @@ import json, resource, sys
 from obliviate import progress
 from obliviate.config import TrainConfig, WorldConfig
 from obliviate.models import causal_lm as lm
-from obliviate.unlearn import unlearn
+from obliviate.loops.lm import unlearn
 from obliviate.worlds.profiles import ProfilesWorld
 progress.set_enabled(False)
 world = ProfilesWorld(WorldConfig(tofu_dir=sys.argv[2] or None))

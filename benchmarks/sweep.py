@@ -16,8 +16,8 @@ from obliviate import progress
 from obliviate.config import RunConfig, TrainConfig, WorldConfig
 from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
 from obliviate.models import causal_lm as lm
-from obliviate.runner import retrain_evaluation
-from obliviate.unlearn import make_method, unlearn
+from obliviate.runners.lm import retrain_evaluation
+from obliviate.loops.lm import make_method, unlearn
 from obliviate.worlds.profiles import ProfilesWorld
 
 progress.set_enabled(False)

@@ -1,7 +1,7 @@
 """Benchmark: every text-to-image method on the canvas world's pipeline, one process each.
 
 Usage: python benchmarks/t2i_methods.py [--methods ESD-x,ESD-u,UCE,...] [--concept striped]
-For each method, with the demo's settings (obliviate.demo_t2i.PRESETS): the whole erasure's wall time (drawing the
+For each method, with the demo's settings (obliviate.demo.t2i.PRESETS): the whole erasure's wall time (drawing the
 training images with the original pipeline included), seconds per unlearning step, UNet forward calls per step
 (every call of any UNet2DConditionModel inside `losses`, frozen copies included) and the peak resident memory
 (ru_maxrss) above the process's memory after loading the pipeline. Builds the world first if needed.
@@ -17,10 +17,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from obliviate import progress
 from obliviate.config import TrainConfig, T2IConfig
-from obliviate.demo_t2i import PRESETS
-from obliviate.erase import erase, make_t2i_method
+from obliviate.demo.t2i import PRESETS
+from obliviate.loops.t2i import erase, make_t2i_method
 from obliviate.models.diffusion import load_pipeline
-from obliviate.runner_t2i import canvas_task
+from obliviate.runners.t2i import canvas_task
 from obliviate.worlds.canvas import CanvasWorld
 progress.set_enabled(False)
 name, concept = sys.argv[1], sys.argv[2]

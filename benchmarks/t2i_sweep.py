@@ -14,10 +14,10 @@ import torch
 
 from obliviate import progress
 from obliviate.config import T2IConfig, TrainConfig
-from obliviate.erase import erase, make_t2i_method
+from obliviate.loops.t2i import erase, make_t2i_method
 from obliviate.evals.canvas import evaluate_erasure
 from obliviate.models.diffusion import load_pipeline
-from obliviate.runner_t2i import canvas_task
+from obliviate.runners.t2i import canvas_task
 from obliviate.worlds.canvas import CanvasWorld
 
 torch.set_num_threads(2)

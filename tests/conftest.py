@@ -105,7 +105,7 @@ def tiny_pipe(tiny_pipeline_dir):
 
 
 def tiny_task(concept: str = "striped"):
-    from obliviate.methods.diffusion_base import EraseTask, RetainPrompt
+    from obliviate.methods.t2i.base import EraseTask, RetainPrompt
 
     prompts = tiny_prompts()
     return EraseTask(concept=concept, forget_prompts=[p for p in prompts if concept in p],

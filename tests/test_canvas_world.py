@@ -68,7 +68,7 @@ def test_tiny_build_writes_a_loadable_pipeline(tiny_world):
 
 def test_run_on_the_tiny_world(tiny_world, tmp_path):
     from obliviate.config import build_config
-    from obliviate.runner import run
+    from obliviate.runners import run
 
     config = build_config({
         "method": "ESD-x", "concept": "striped", "output_dir": str(tmp_path), "name": "esd",
@@ -102,7 +102,7 @@ def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
 
     from obliviate.cli import app
     from obliviate.config import build_config
-    from obliviate.runner import run
+    from obliviate.runners import run
 
     config = build_config({
         "method": "UCE", "concept": "star", "output_dir": str(tmp_path), "name": "uce", "evaluate": False,

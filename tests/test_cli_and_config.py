@@ -9,7 +9,7 @@ from obliviate.cli import app
 from obliviate.config import build_config, load_config
 from obliviate.data import check_disjoint, load_qa_jsonl
 from obliviate.errors import ObliviateError
-from obliviate.registry import METHODS, METRICS, lookup
+from obliviate.registry import LM_METHODS as METHODS, METRICS, lookup
 
 runner = CliRunner()
 

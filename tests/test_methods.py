@@ -12,9 +12,9 @@ import torch
 
 from conftest import tiny_items
 from obliviate.errors import ObliviateError
-from obliviate.methods.base import LossParts
+from obliviate.methods.common import LossParts
 from obliviate.models import causal_lm as lm
-from obliviate.registry import METHODS
+from obliviate.registry import LM_METHODS as METHODS
 
 LM_METHODS = [n for n in METHODS if n != "Retrain"]
 IDK = "I don't know."
@@ -124,7 +124,7 @@ def test_method_contract(name, trained):
 
 
 def test_restrict_conflicting_2d():
-    from obliviate.methods.restricted_gradient import restrict
+    from obliviate.methods.gradient_surgery import restrict
 
     g_f, g_r = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
     (f,), (r,), cos = restrict([g_f], [g_r])
@@ -144,7 +144,7 @@ def test_restrict_conflicting_2d():
 
 
 def test_restrict_passes_non_conflicting_and_zero_gradients():
-    from obliviate.methods.restricted_gradient import restrict
+    from obliviate.methods.gradient_surgery import restrict
 
     g_f, g_r = [torch.tensor([1.0, 2.0]), torch.tensor([[0.5]])], [torch.tensor([3.0, -1.0]), torch.tensor([[1.0]])]
     f, r, cos = restrict(g_f, g_r)
@@ -231,7 +231,7 @@ def test_config_errors_name_the_key_and_choices():
 
 def test_rgd_retain_pool_is_balanced():
     from obliviate.data import QAItem
-    from obliviate.methods.restricted_gradient import RGD, RGDConfig
+    from obliviate.methods.lm.restricted_gradient import RGD, RGDConfig
 
     items = []
     for source, n_subjects, per in (("profiles", 10, 10), ("world_facts", 3, 5), ("real_authors", 2, 20)):

@@ -111,7 +111,7 @@ def test_attack_refuses_runs_it_cannot_judge(tmp_path):
         (folder / "changed.safetensors").write_bytes(b"")
         return folder
 
-    with pytest.raises(ObliviateError, match="language-model run"):
+    with pytest.raises(ObliviateError, match="language model run"):
         attack_run(run_folder("lm", method="GradDiff"))
     user = run_folder("sd", method="UCE", concept="striped", model=str(tmp_path), forget_prompts="f.txt",
                       retain_prompts="r.txt")

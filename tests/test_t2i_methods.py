@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from obliviate.config import TrainConfig
-from obliviate.erase import erase, make_t2i_method
+from obliviate.loops.t2i import erase, make_t2i_method
 from obliviate.errors import ObliviateError
 from obliviate.registry import T2I_METHODS
 from conftest import tiny_task

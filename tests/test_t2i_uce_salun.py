@@ -57,7 +57,7 @@ def _hand_made(seed=0):
 
 
 def test_uce_matrix_is_the_paper_formula():
-    from obliviate.methods.uce import uce_matrix
+    from obliviate.methods.t2i.uce import uce_matrix
 
     W, C, G, P = _hand_made()
     lam, es, ps = 0.5, 1.0, 0.3
@@ -68,7 +68,7 @@ def test_uce_matrix_is_the_paper_formula():
 
 
 def test_uce_preserves_kept_vectors_and_moves_erased_ones_to_the_guide():
-    from obliviate.methods.uce import uce_matrix
+    from obliviate.methods.t2i.uce import uce_matrix
 
     W, C, G, P = _hand_made()
     before = (W @ C.T - W @ G.T).norm(dim=0)  # distance of each erased output from its guide's output
@@ -88,7 +88,7 @@ def test_uce_preserves_kept_vectors_and_moves_erased_ones_to_the_guide():
 
 
 def test_uce_huge_lambda_leaves_w_unchanged():
-    from obliviate.methods.uce import uce_matrix
+    from obliviate.methods.t2i.uce import uce_matrix
 
     W, C, G, P = _hand_made(1)
     assert torch.allclose(W @ uce_matrix(C, G, P, 1e12, 1.0, 1.0), W, atol=1e-9)
@@ -96,7 +96,7 @@ def test_uce_huge_lambda_leaves_w_unchanged():
 
 
 def test_uce_texts_to_erase_and_preserve():
-    from obliviate.methods.uce import UCE, UCEConfig
+    from obliviate.methods.t2i.uce import UCE, UCEConfig
 
     task = tiny_task()
     pairs = UCE().erase_pairs(task)
@@ -117,9 +117,9 @@ def _snapshot(unet):
 
 
 def test_uce_edits_only_cross_attention_keys_and_values(tiny_pipe):
-    from obliviate.erase import erase
-    from obliviate.methods.diffusion_base import EraseContext
-    from obliviate.methods.uce import UCE
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.t2i.base import EraseContext
+    from obliviate.methods.t2i.uce import UCE
 
     task = tiny_task()
     before = _snapshot(tiny_pipe.unet)
@@ -163,8 +163,8 @@ def _pseudo_gap(pipe, task) -> float:
 
 
 def test_salun_changes_only_salient_entries(tiny_pipe):
-    from obliviate.erase import erase
-    from obliviate.methods.salun import SalUn
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.t2i.salun import SalUn
 
     task = tiny_task()
     method = SalUn()
@@ -193,9 +193,9 @@ def test_salun_changes_only_salient_entries(tiny_pipe):
 
 
 def test_salun_guided_mask_and_pseudo_prompts(tiny_pipe):
-    from obliviate.erase import erase
-    from obliviate.methods.diffusion_base import EraseContext
-    from obliviate.methods.salun import SalUn, SalUnConfig
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.t2i.base import EraseContext
+    from obliviate.methods.t2i.salun import SalUn, SalUnConfig
 
     task = tiny_task()
     method = SalUn(SalUnConfig(mask_guidance=7.5, mask_fraction=0.1, alpha=0.0))
@@ -227,14 +227,14 @@ def test_salun_guided_mask_and_pseudo_prompts(tiny_pipe):
     ("SalUn", {"mask_guidance": -1}, "mask_guidance"), ("SalUn", {"nope": 1}, "nope"),
 ])
 def test_bad_config_names_the_key(name, args, key):
-    from obliviate.erase import make_t2i_method
+    from obliviate.loops.t2i import make_t2i_method
 
     with pytest.raises(ObliviateError, match=key):
         make_t2i_method(name, args)
 
 
 def test_defaults_and_registry():
-    from obliviate.erase import make_t2i_method
+    from obliviate.loops.t2i import make_t2i_method
 
     uce, salun = make_t2i_method("UCE"), make_t2i_method("SalUn")
     assert (uce.config.lam, uce.config.erase_scale, uce.config.preserve_scale) == (0.5, 1.0, None)

@@ -8,11 +8,12 @@ Python API (imports are lazy, so `import obliviate` is instant):
 __version__ = "0.1.0"
 
 _LAZY = {
-    "unlearn": "obliviate.unlearn:unlearn",
-    "make_method": "obliviate.unlearn:make_method",
+    "unlearn": "obliviate.loops.lm:unlearn",
+    "make_method": "obliviate.loops.lm:make_method",
+    "erase": "obliviate.loops.t2i:erase",
     "evaluate": "obliviate.evals.evaluate:evaluate_lm",
     "compare_to_retrain": "obliviate.evals.evaluate:compare_to_retrain",
-    "run": "obliviate.runner:run",
+    "run": "obliviate.runners:run",
     "RunConfig": "obliviate.config:RunConfig",
     "TrainConfig": "obliviate.config:TrainConfig",
     "LoraConfig": "obliviate.config:LoraConfig",
@@ -26,11 +27,15 @@ _LAZY = {
 
 
 def __getattr__(name):
+    # Only called for names not yet in the module's namespace. No submodule may share an API name: importing
+    # obliviate.X sets the attribute X on this package and would hide the function (tests/test_families.py).
     if name in _LAZY:
         import importlib
 
         module, attr = _LAZY[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'obliviate' has no attribute {name!r}")
 
 

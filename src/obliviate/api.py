@@ -12,9 +12,11 @@ from obliviate.runs import write_json
 def evaluate_folder(model_dir: Path, forget_file: Path | None, retain_file: Path | None, split: str,
                     tofu_dir: Path | None, out: Path) -> dict:
     """Evaluate a transformers folder: on the user's files, or on the profiles world's sets against its retrain."""
+    from obliviate.config import EvalConfig
     from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
     from obliviate.models import causal_lm as lm
-    from obliviate.runner import resolve_device, retrain_evaluation
+    from obliviate.runners.lm import retrain_evaluation
+    from obliviate.runs import resolve_device
     from obliviate.worlds.profiles import ProfilesWorld
 
     if bool(forget_file) != bool(retain_file):
@@ -25,26 +27,41 @@ def evaluate_folder(model_dir: Path, forget_file: Path | None, retain_file: Path
         model, tok = lm.load(model_dir, device=device)
         result = evaluate_lm(model, tok, qa_sets, None, None)
     else:
-        config = RunConfig(method="Retrain", split=split,
-                           world=WorldConfig(tofu_dir=str(tofu_dir) if tofu_dir else None))
-        world = ProfilesWorld(config.world)
+        eval_cfg = EvalConfig()
+        world = ProfilesWorld(WorldConfig(tofu_dir=str(tofu_dir) if tofu_dir else None))
         world.build(split)
-        qa_sets, texts = world.eval_sets(split, config.eval.retain_people)
+        qa_sets, texts = world.eval_sets(split, eval_cfg.retain_people)
         model, tok = lm.load(model_dir, device=device)
         result = evaluate_lm(model, tok, qa_sets, texts["forget"], texts["holdout"])
-        result = compare_to_retrain(result, retrain_evaluation(world, config, qa_sets, texts))
+        result = compare_to_retrain(result, retrain_evaluation(world, split, eval_cfg, qa_sets, texts))
     write_json(out, result)
     return result
 
 
-def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
-    """Apply a run's changed.safetensors to its base model and save the result as a full transformers folder."""
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The config a run folder records (config.json), or a one-line error."""
     import json
 
-    from safetensors.torch import load_file
+    from obliviate.config import build_config
 
-    from obliviate.models import causal_lm as lm
-    from obliviate.runs import atomic_dir
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ObliviateError(f"{run_dir} is not a run folder (no config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ObliviateError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ObliviateError(f"{path}: a run config must be a JSON object")
+    return build_config(data, str(path))
+
+
+def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
+    """Apply a run's changed.safetensors to its base model and save the result as a full model folder (a
+    transformers folder, or a diffusers pipeline folder), through the run's family."""
+    import json
+
+    from obliviate.families import get
 
     run_dir, out = Path(run_dir), Path(out)
     changed_path = run_dir / "changed.safetensors"
@@ -57,46 +74,8 @@ def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
         if not env.is_file():
             raise ObliviateError(f"{run_dir} records no base model; pass --base")
         base = Path(json.loads(env.read_text())["base_model"])
-    if (Path(base) / "model_index.json").is_file():
-        return export_pipeline(changed_path, Path(base), out)
-    model, tokenizer = lm.load(base)
-    changed = load_file(str(changed_path))
-    state = model.state_dict()
-    unknown = sorted(set(changed) - set(state))
-    if unknown:
-        raise ObliviateError(f"{changed_path} has tensors the base model lacks, e.g. {unknown[0]}: wrong --base?")
-    model.load_state_dict(changed, strict=False)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
-
-
-def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu"):
-    """The base pipeline with a run's changed UNet tensors ("unet.<name>") applied (the base folder is only read)."""
-    from safetensors.torch import load_file
-
-    from obliviate.models.diffusion import load_pipeline
-
-    pipe = load_pipeline(base, device)
-    changed = load_file(str(changed_path))
-    state = pipe.unet.state_dict()
-    foreign = sorted(k for k in changed if not k.startswith("unet.") or k[len("unet."):] not in state)
-    if foreign:
-        raise ObliviateError(f"{changed_path} has tensors the base pipeline's UNet lacks, e.g. {foreign[0]}: wrong --base?")
-    pipe.unet.load_state_dict({k[len("unet."):]: v for k, v in changed.items()}, strict=False)
-    return pipe
-
-
-def export_pipeline(changed_path: Path, base: Path, out: Path) -> Path:
-    """A diffusers pipeline folder: the base pipeline with the run's changed UNet tensors applied."""
-    from obliviate.models.diffusion import save_pipeline
-    from obliviate.runs import atomic_dir
-
-    pipe = load_run_pipeline(changed_path, base)
-    with atomic_dir(out) as tmp:
-        save_pipeline(pipe, tmp)
-    return out
+    family = read_run_config(run_dir).family
+    return get(family).load("export")(changed_path, Path(base), out)
 
 
 def attack_run(run_dir: Path, attack=None, log=print) -> dict:
@@ -105,15 +84,20 @@ def attack_run(run_dir: Path, attack=None, log=print) -> dict:
     import json
 
     from obliviate.attacks.canvas import attack_erasure
-    from obliviate.runner import resolve_device
+    from obliviate.families import get
+    from obliviate.registry import ATTACKS
+    from obliviate.runners.t2i import load_run_pipeline
+    from obliviate.runs import resolve_device
     from obliviate.worlds.canvas import CanvasWorld
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "changed.safetensors").is_file():
         raise ObliviateError(f"{run_dir} is not a run folder (no config.json and changed.safetensors)")
-    config = RunConfig(**json.loads((run_dir / "config.json").read_text()))
-    if config.family != "t2i":
-        raise ObliviateError(f"{run_dir} is a language-model run; the prompt attack is for text-to-image runs")
+    config = read_run_config(run_dir)
+    entry = ATTACKS["prompt_attack"]
+    if config.family != entry.family:
+        raise ObliviateError(f"{run_dir} is a {get(config.family).title} run; the prompt attack is for "
+                             f"{get(entry.family).title} runs")
     if config.world.name != "canvas" or config.forget_prompts:
         raise ObliviateError("the prompt attack needs a detector for the concept: only canvas-world runs can be "
                              "attacked (the world's classifier is the detector)")

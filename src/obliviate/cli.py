@@ -45,17 +45,17 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
     from obliviate.config import load_config
 
     try:
+        from obliviate.families import get
+        from obliviate.methods.common import instantiate
+        from obliviate.registry import lookup_method
+
         cfg = load_config(config, overrides or [])
-        if cfg.family == "t2i":
-            from obliviate.erase import make_t2i_method
-            make_t2i_method(cfg.method, cfg.method_args)
-        elif cfg.method != "Retrain":
-            from obliviate.unlearn import make_method
-            make_method(cfg.method, cfg.method_args)
+        family = get(cfg.family)
+        instantiate(lookup_method(cfg.family, cfg.method), cfg.method_args)
     except ObliviateError as e:
         _fail(e)
-    subject = f"concept {cfg.concept}" if cfg.family == "t2i" else f"split {cfg.split}"
-    typer.echo(f"ok: {config} (method {cfg.method}, {subject})")
+    typer.echo(f"ok: {config} ({family.title} run, method {cfg.method}, {family.subject} "
+               f"{getattr(cfg, family.subject)})")
 
 
 @app.command()
@@ -65,7 +65,7 @@ def run(config: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     _quiet(quiet)
     try:
         from obliviate.config import load_config
-        from obliviate.runner import run as run_config
+        from obliviate.runners import run as run_config
         run_config(load_config(config, overrides or []))
     except ObliviateError as e:
         _fail(e)

@@ -75,22 +75,26 @@ class T2IConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    """A run. Its family ("lm": a transformers causal LM, the profiles world; "t2i": a diffusers pipeline, the canvas
+    world) is stated once: the `family` key, or by default "t2i" when the world is canvas or a `concept` is given.
+    Keys of another family are an error that names them (obliviate.families lists each family's keys)."""
+    family: Literal["lm", "t2i"] | None = None
     method: str
     method_args: dict[str, Any] = Field(default_factory=dict)
-    split: str = "forget10"
-    model: str | None = None  # a transformers folder; None: the world's full model
+    split: str = "forget10"  # lm
+    model: str | None = None  # a transformers or diffusers folder; None: the world's full model
     world: WorldConfig = Field(default_factory=WorldConfig)
     concept: str | None = None  # text-to-image: the concept to erase (a canvas style/object, or any words)
     anchor: str | None = None  # text-to-image: what the concept becomes (default: the world's anchor, or "")
     forget_prompts: str | None = None  # text-to-image, with `model`: prompts with the concept, one per line
     retain_prompts: str | None = None  # text-to-image, with `model`: prompts to keep, one per line
     t2i: T2IConfig = Field(default_factory=T2IConfig)
-    forget_file: str | None = None  # TOFU-format JSON lines; with `model`, replaces the world's data
-    retain_file: str | None = None
-    idk_file: str | None = None  # refusal sentences, one per line (IdkPO)
+    forget_file: str | None = None  # lm: TOFU-format JSON lines; with `model`, replaces the world's data
+    retain_file: str | None = None  # lm
+    idk_file: str | None = None  # lm: refusal sentences, one per line (IdkPO)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig | None = None
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    lora: LoraConfig | None = None  # lm
+    eval: EvalConfig = Field(default_factory=EvalConfig)  # lm
     evaluate: bool = True
     output_dir: str = "runs"
     name: str | None = None
@@ -98,21 +102,40 @@ class RunConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
-    @property
-    def family(self) -> str:
-        """'t2i' (a diffusers pipeline; the canvas world) or 'lm' (a transformers causal LM; the profiles world)."""
-        return "t2i" if self.world.name == "canvas" or self.concept is not None else "lm"
-
     @model_validator(mode="after")
-    def _known_method(self):
-        from obliviate.registry import METHODS, T2I_METHODS, lookup
-        if self.family == "t2i":
-            if not self.concept:
-                raise ValueError("a text-to-image run needs `concept` (what to erase)")
-            self.method = lookup(T2I_METHODS, self.method, "text-to-image method").name
-        else:
-            self.method = lookup(METHODS, self.method, "method").name
+    def _one_family(self):
+        from obliviate.families import FAMILIES, family_of_world
+        from obliviate.registry import lookup_method
+
+        world_given = "world" in self.model_fields_set and "name" in self.world.model_fields_set
+        if self.family is None:
+            t2i = (world_given and self.world.name == "canvas") or self.concept is not None
+            self.family = "t2i" if t2i else "lm"
+        family = FAMILIES[self.family]
+        if world_given and family_of_world(self.world.name).name != self.family:
+            raise ValueError(f"world.name = {self.world.name!r} is a {family_of_world(self.world.name).title} "
+                             f"world; this is a {family.title} run")
+        if not world_given and self.world.name not in family.worlds:
+            self.world.name = family.worlds[0]
+        for other in FAMILIES.values():
+            if other.name == self.family:
+                continue
+            for key in other.fields:  # a dump of an older run holds every key at its default: that is not mixing
+                if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].get_default(
+                        call_default_factory=True):
+                    raise ValueError(f"{key} is a {other.title} key; this is a {family.title} run "
+                                     f"(family = {self.family!r})")
+        if getattr(self, family.subject) is None:
+            raise ValueError(f"a {family.title} run needs `{family.subject}`")
+        self.method = lookup_method(self.family, self.method).name
         return self
+
+    def dump(self) -> dict:
+        """The config as a run records it: the keys of its own family and the shared ones."""
+        from obliviate.families import FAMILIES
+
+        other = {k for f in FAMILIES.values() if f.name != self.family for k in f.fields}
+        return self.model_dump(exclude=other)
 
 
 def cache_root(explicit: str | None = None) -> Path:

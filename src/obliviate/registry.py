@@ -1,5 +1,8 @@
-"""Name -> where the object lives, plus what a user needs to choose it. Nothing here imports torch or transformers,
-so `obliviate ls` answers at once; objects are imported only when a run asks for them."""
+"""One table of everything a user can choose by name: methods, metrics and worlds, each with its family ("lm",
+"t2i"; "mllm" next) and what a user needs to choose it. Metrics carry their metadata here, once: the aggregate keys
+they fill, which way is better, how per-item values aggregate, the scorecard's header and format; the scorecard, the
+report and the leaderboard read it from here. Nothing here imports torch or transformers, so `obliviate ls`
+answers at once; objects are imported only when a run asks for them."""
 from __future__ import annotations
 
 import difflib
@@ -15,11 +18,32 @@ class Entry:
     target: str  # "module:Object"
     description: str
     paper: str = ""
-    higher_is_better: bool | None = None  # metrics only
+    family: str = "lm"  # the model family it serves ("lm", "t2i"; "any" for worlds of either)
 
     def load(self):
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+
+ARROWS = {"higher": "↑", "lower": "↓", "zero": "→0", None: ""}
+
+
+@dataclass(frozen=True)
+class Metric(Entry):
+    """A metric, declared once. `better`: "higher", "lower", "zero" (closest to 0 is best) or None (a per-item
+    score that is read through other metrics). `aggregate`: how per-item values become the reported number."""
+    better: str | None = None
+    aggregate: str = "mean over items"
+    header: str = ""  # the scorecard's column title (no column when empty)
+    fmt: str = "{:.3f}"
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        return {"higher": True, "lower": False}.get(self.better)
+
+    @property
+    def column_title(self) -> str:
+        return f"{self.header} {ARROWS[self.better]}".strip()
 
 
 def _table(*entries: Entry) -> dict[str, Entry]:
@@ -27,126 +51,167 @@ def _table(*entries: Entry) -> dict[str, Entry]:
 
 
 M = "obliviate.methods."
-METHODS = _table(
-    Entry("GradAscent", M + "grad_ascent:GradAscent", "Gradient ascent on the forget answers (maximise their NLL).",
-          "Jang et al. 2023, Knowledge Unlearning, https://arxiv.org/abs/2210.01504"),
-    Entry("GradDiff", M + "grad_diff:GradDiff", "Ascent on forget NLL plus descent on retain NLL.",
-          "Liu et al. 2022, Continual Learning and Private Unlearning, https://arxiv.org/abs/2203.12817"),
-    Entry("KL", M + "kl:KL", "Ascent on forget NLL plus KL to the original model on retain answers.",
-          "Maini et al. 2024, TOFU, https://arxiv.org/abs/2401.06121"),
-    Entry("NPO", M + "npo:NPO", "Negative preference optimisation on sequence log-ratios, with a GD or KL retain term.",
-          "Zhang et al. 2024, Negative Preference Optimization, https://arxiv.org/abs/2404.05868"),
-    Entry("SimNPO", M + "simnpo:SimNPO", "Reference-free NPO on length-normalised log-likelihood, plus retain NLL.",
-          "Fan et al. 2024, Simplicity Prevails, https://arxiv.org/abs/2410.07163"),
-    Entry("IdkPO", M + "idkpo:IdkPO", "DPO that prefers an 'I don't know' answer to the true one, plus retain NLL.",
-          "Maini et al. 2024, TOFU (IdkDPO), https://arxiv.org/abs/2401.06121"),
-    Entry("RMU", M + "rmu:RMU", "Steer one layer's activations on forget text to a random vector; keep retain activations.",
-          "Li et al. 2024, The WMDP Benchmark, https://arxiv.org/abs/2403.03218"),
-    Entry("UNDIAL", M + "undial:UNDIAL", "Self-distillation towards the original logits with the true token's logit lowered.",
-          "Dong et al. 2024, UNDIAL, https://arxiv.org/abs/2402.10052"),
-    Entry("RG", M + "restricted_gradient:RG",
+LM_METHODS = _table(
+    Entry("GradAscent", M + "lm.grad_ascent:GradAscent", "Gradient ascent on the forget answers (maximise their NLL).",
+          "Jang et al. 2023, Knowledge Unlearning, https://arxiv.org/abs/2210.01504", family="lm"),
+    Entry("GradDiff", M + "lm.grad_diff:GradDiff", "Ascent on forget NLL plus descent on retain NLL.",
+          "Liu et al. 2022, Continual Learning and Private Unlearning, https://arxiv.org/abs/2203.12817", family="lm"),
+    Entry("KL", M + "lm.kl:KL", "Ascent on forget NLL plus KL to the original model on retain answers.",
+          "Maini et al. 2024, TOFU, https://arxiv.org/abs/2401.06121", family="lm"),
+    Entry("NPO", M + "lm.npo:NPO", "Negative preference optimisation on sequence log-ratios, with a GD or KL retain term.",
+          "Zhang et al. 2024, Negative Preference Optimization, https://arxiv.org/abs/2404.05868", family="lm"),
+    Entry("SimNPO", M + "lm.simnpo:SimNPO", "Reference-free NPO on length-normalised log-likelihood, plus retain NLL.",
+          "Fan et al. 2024, Simplicity Prevails, https://arxiv.org/abs/2410.07163", family="lm"),
+    Entry("IdkPO", M + "lm.idkpo:IdkPO", "DPO that prefers an 'I don't know' answer to the true one, plus retain NLL.",
+          "Maini et al. 2024, TOFU (IdkDPO), https://arxiv.org/abs/2401.06121", family="lm"),
+    Entry("RMU", M + "lm.rmu:RMU", "Steer one layer's activations on forget text to a random vector; keep retain activations.",
+          "Li et al. 2024, The WMDP Benchmark, https://arxiv.org/abs/2403.03218", family="lm"),
+    Entry("UNDIAL", M + "lm.undial:UNDIAL", "Self-distillation towards the original logits with the true token's logit lowered.",
+          "Dong et al. 2024, UNDIAL, https://arxiv.org/abs/2402.10052", family="lm"),
+    Entry("RG", M + "lm.restricted_gradient:RG",
           "Restricted gradient: project conflicting forget/retain gradients onto each other's normal plane.",
-          "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808"),
-    Entry("RGD", M + "restricted_gradient:RGD",
+          "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808", family="lm"),
+    Entry("RGD", M + "lm.restricted_gradient:RGD",
           "Restricted gradient with a diversified, balanced retain set and a truncated forget loss.",
-          "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808"),
-    Entry("Retrain", M + "retrain:Retrain", "Gold standard: train from scratch on everything but the forget set (world recipe).",
-          "Maini et al. 2024, TOFU, https://arxiv.org/abs/2401.06121"),
+          "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808", family="lm"),
+    Entry("Retrain", M + "lm.retrain:Retrain", "Gold standard: train from scratch on everything but the forget set (world recipe).",
+          "Maini et al. 2024, TOFU, https://arxiv.org/abs/2401.06121", family="lm"),
 )
 
 ESD_PAPER = "Gandikota et al. 2023, Erasing Concepts from Diffusion Models, ICCV, https://arxiv.org/abs/2303.07345"
 RG_PAPER = "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808"
 # Text-to-image erasure methods: they act on a diffusers UNet (a Stable-Diffusion-shaped pipeline folder).
 T2I_METHODS = _table(
-    Entry("ESD-x", M + "esd:ESDx", "Erased Stable Diffusion, cross-attention only: steer eps(c) to eps('') - eta (eps(c) - eps('')).",
-          ESD_PAPER),
-    Entry("ESD-u", M + "esd:ESDu", "Erased Stable Diffusion, every UNet weight except cross-attention (same loss as ESD-x).",
-          ESD_PAPER),
-    Entry("UCE", M + "uce:UCE", "Unified Concept Editing: closed-form edit of the cross-attention key/value projections.",
-          "Gandikota et al. 2024, Unified Concept Editing in Diffusion Models, WACV, https://arxiv.org/abs/2308.14761"),
-    Entry("SalUn", M + "salun:SalUn", "Saliency-masked random-label unlearning: the forget prompts' noise prediction goes to a mismatched prompt's.",
-          "Fan et al. 2024, SalUn, ICLR, https://arxiv.org/abs/2310.12508"),
-    Entry("ConceptAblation", M + "concept_ablation:ConceptAblation",
+    Entry("ESD-x", M + "t2i.esd:ESDx", "Erased Stable Diffusion, cross-attention only: steer eps(c) to eps('') - eta (eps(c) - eps('')).",
+          ESD_PAPER, family="t2i"),
+    Entry("ESD-u", M + "t2i.esd:ESDu", "Erased Stable Diffusion, every UNet weight except cross-attention (same loss as ESD-x).",
+          ESD_PAPER, family="t2i"),
+    Entry("UCE", M + "t2i.uce:UCE", "Unified Concept Editing: closed-form edit of the cross-attention key/value projections.",
+          "Gandikota et al. 2024, Unified Concept Editing in Diffusion Models, WACV, https://arxiv.org/abs/2308.14761", family="t2i"),
+    Entry("SalUn", M + "t2i.salun:SalUn", "Saliency-masked random-label unlearning: the forget prompts' noise prediction goes to a mismatched prompt's.",
+          "Fan et al. 2024, SalUn, ICLR, https://arxiv.org/abs/2310.12508", family="t2i"),
+    Entry("ConceptAblation", M + "t2i.concept_ablation:ConceptAblation",
           "Map the concept's noise prediction onto an anchor concept's, on the anchor's images.",
-          "Kumari et al. 2023, Ablating Concepts in Text-to-Image Diffusion Models, ICCV, https://arxiv.org/abs/2303.13516"),
-    Entry("GradDiff", M + "diffusion_grad_diff:GradDiff", "Ascent on the denoising loss of forget images, descent on retain images.",
-          "Liu et al. 2022, Continual Learning and Private Unlearning, https://arxiv.org/abs/2203.12817"),
-    Entry("RG", M + "diffusion_grad_diff:RG", "Restricted gradient on GradDiff's forget/retain terms (projection when they conflict).",
-          RG_PAPER),
-    Entry("RGD", M + "diffusion_grad_diff:RGD", "Restricted gradient with a diversified, balanced retain set and a truncated forget loss.",
-          RG_PAPER),
-    Entry("AdvUnlearn", M + "adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
+          "Kumari et al. 2023, Ablating Concepts in Text-to-Image Diffusion Models, ICCV, https://arxiv.org/abs/2303.13516", family="t2i"),
+    Entry("GradDiff", M + "t2i.grad_diff:GradDiff", "Ascent on the denoising loss of forget images, descent on retain images.",
+          "Liu et al. 2022, Continual Learning and Private Unlearning, https://arxiv.org/abs/2203.12817", family="t2i"),
+    Entry("RG", M + "t2i.grad_diff:RG", "Restricted gradient on GradDiff's forget/retain terms (projection when they conflict).",
+          RG_PAPER, family="t2i"),
+    Entry("RGD", M + "t2i.grad_diff:RGD", "Restricted gradient with a diversified, balanced retain set and a truncated forget loss.",
+          RG_PAPER, family="t2i"),
+    Entry("AdvUnlearn", M + "t2i.adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
           "Zhang et al. 2024, Defensive Unlearning with Adversarial Training for Robust Concept Erasure, NeurIPS, "
-          "https://arxiv.org/abs/2405.15234"),
+          "https://arxiv.org/abs/2405.15234", family="t2i"),
 )
 
 E = "obliviate.evals."
+TOFU = "TOFU, https://arxiv.org/abs/2401.06121"
+MUSE = "Shi et al. 2024, MUSE, https://arxiv.org/abs/2407.06460"
+CANVAS = "Zhang et al. 2024, UnlearnCanvas, https://arxiv.org/abs/2402.11846"
+SHARE = "share of items"
+# Scorecard columns first, in the order they are shown; then the per-item scores they are built from.
 METRICS = _table(
-    Entry("forget_quality", E + "tofu:forget_quality", "KS-test p-value of forget truth ratios vs the retrain model.",
-          "TOFU, https://arxiv.org/abs/2401.06121", True),
-    Entry("model_utility", E + "tofu:model_utility", "Harmonic mean of probability, ROUGE-L and truth-ratio scores on retain and utility sets.",
-          "TOFU, https://arxiv.org/abs/2401.06121", True),
-    Entry("answer_prob", E + "metrics:answer_prob", "Per item P(answer | question) = exp(-mean answer-token NLL).",
-          "TOFU", None),
-    Entry("truth_ratio", E + "metrics:truth_ratio", "exp(mean perturbed NLL - paraphrased NLL) per item.", "TOFU", None),
-    Entry("rouge_l_recall", E + "metrics:rouge_l_recall", "ROUGE-L recall of the greedy answer against the true answer.",
-          "TOFU", None),
-    Entry("exact_answer", E + "metrics:exact_answer", "Greedy answer equals the true answer (normalised).", "", None),
-    Entry("exact_memorization", E + "metrics:exact_memorization",
-          "Fraction of answer tokens whose teacher-forced argmax is the true token.",
-          "Tirumala et al. 2022, https://arxiv.org/abs/2205.10770", None),
-    Entry("extraction_strength", E + "metrics:extraction_strength",
-          "1 - k*/|y|, k* the shortest answer prefix from which greedy decoding reproduces the rest.",
-          "Carlini et al. 2021; OpenUnlearning", None),
-    Entry("verbmem", E + "muse:verbmem", "ROUGE-L F1 of the greedy continuation of forget texts (MUSE VerbMem).",
-          "Shi et al. 2024, MUSE, https://arxiv.org/abs/2407.06460", False),
-    Entry("knowmem", E + "muse:knowmem", "ROUGE-L of greedy answers on forget/retain QA (MUSE KnowMem).",
-          "MUSE, https://arxiv.org/abs/2407.06460", None),
-    Entry("privleak", E + "muse:privleak", "(AUC - AUC_retrain) / AUC_retrain * 100 of Min-K% forget vs holdout; 0 is ideal.",
-          "MUSE, https://arxiv.org/abs/2407.06460", None),
-    Entry("mia_loss", E + "mia:loss_score", "Membership score: answer/text NLL (LOSS attack).",
-          "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", None),
-    Entry("mia_zlib", E + "mia:zlib_score", "Membership score: NLL / zlib-compressed length.",
-          "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", None),
-    Entry("mia_min_k", E + "mia:min_k_score", "Membership score: mean of the lowest k% token log-probs (Min-K%).",
-          "Shi et al. 2023, https://arxiv.org/abs/2310.16789", None),
-    Entry("mia_min_k_plus_plus", E + "mia:min_k_plus_plus_score",
-          "Membership score: Min-K% on log-probs standardised by the model's own next-token distribution.",
-          "Zhang et al. 2024, Min-K%++, https://arxiv.org/abs/2404.02936", None),
-    Entry("mia_reference", E + "mia:reference_score", "Membership score: NLL_target - NLL_reference.",
-          "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", None),
-    Entry("mia_gradnorm", E + "mia:gradnorm_score", "Membership score: norm of the loss gradient w.r.t. the parameters.",
-          "Maini et al. 2024 / OpenUnlearning", None),
+    Metric("forget_quality", E + "tofu:forget_quality", "KS-test p-value of forget truth ratios vs the retrain model.",
+           TOFU, "lm", "higher", "KS test of the forget items' truth ratios", "forget quality", "{:.3g}"),
+    Metric("model_utility", E + "tofu:model_utility", "Harmonic mean of probability, ROUGE-L and truth-ratio scores on "
+           "retain and utility sets.", TOFU, "lm", "higher", "harmonic mean of 9 set means", "model utility"),
+    Metric("utility_ratio", E + "tofu:model_utility", "Model utility divided by the original model's.", TOFU, "lm",
+           "higher", "ratio of two aggregates", "MU / original", "{:.2f}"),
+    Metric("forget_accuracy", E + "metrics:exact_answer", "Share of forget questions whose greedy answer is the true "
+           "answer.", "", "lm", "lower", SHARE, "forget acc", "{:.1%}"),
+    Metric("retain_accuracy", E + "metrics:exact_answer", "Share of retain questions answered exactly.", "", "lm",
+           "higher", SHARE, "retain acc", "{:.1%}"),
+    Metric("forget_paraphrased_accuracy", E + "metrics:exact_answer", "Share of paraphrased forget questions answered "
+           "exactly.", "", "lm", "lower", SHARE, "paraphrased forget acc", "{:.1%}"),
+    Metric("privleak", E + "muse:privleak", "(AUC - AUC_retrain) / AUC_retrain * 100 of Min-K% forget vs holdout; 0 is "
+           "ideal.", MUSE, "lm", "zero", "AUC over items, relative to the retrain model's", "PrivLeak", "{:+.1f}"),
+    Metric("verbmem", E + "muse:verbmem", "ROUGE-L F1 of the greedy continuation of forget texts (MUSE VerbMem).", MUSE,
+           "lm", "lower", "mean over texts", "VerbMem"),
+    Metric("knowmem_forget", E + "muse:knowmem", "ROUGE-L of greedy answers on forget QA (MUSE KnowMem).", MUSE, "lm",
+           "lower", "mean over items", "KnowMem forget"),
+    Metric("knowmem_retain", E + "muse:knowmem", "ROUGE-L of greedy answers on retain QA (MUSE KnowMem).", MUSE, "lm",
+           "higher", "mean over items", "KnowMem retain"),
     # text-to-image (evals/canvas.py; formulas in docs/t2i.md)
-    Entry("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier does "
-          "not find the erased concept (ua_paraphrase: on held-out wordings).",
-          "Zhang et al. 2024, UnlearnCanvas, https://arxiv.org/abs/2402.11846", True),
-    Entry("ira", E + "canvas:canvas_scores", "In-domain retain accuracy: classifier accuracy on the erased concept's "
-          "kind over prompts of the other concepts.", "UnlearnCanvas, https://arxiv.org/abs/2402.11846", True),
-    Entry("cra", E + "canvas:canvas_scores", "Cross-domain retain accuracy: accuracy on the other kind (objects when a "
-          "style is erased) over prompts without the concept.", "UnlearnCanvas, https://arxiv.org/abs/2402.11846", True),
-    Entry("fid", E + "canvas:fid_kid", "Frechet distance of classifier features to real or original-model images "
-          "(torchmetrics; biased at small n, compare at equal n).", "Heusel et al. 2017, https://arxiv.org/abs/1706.08500",
-          False),
-    Entry("kid", E + "canvas:fid_kid", "Kernel distance (polynomial MMD^2) of classifier features to real or "
-          "original-model images (torchmetrics).", "Binkowski et al. 2018, https://arxiv.org/abs/1801.01401", False),
-    Entry("alignment", E + "canvas:alignment_scores", "Mean cosine of the world CLIP's image and prompt embeddings.",
-          RG_PAPER, True),
-    Entry("ua_attacked", "obliviate.attacks.prompt_attack:summarize", "UA under the adversarial prompt attack: "
-          "1 - ASR of k optimised prefix tokens on the forget prompts (`obliviate attack`).",
-          "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868", True),
+    Metric("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier "
+           "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),
+    Metric("ua_paraphrase", E + "canvas:canvas_scores", "UA on held-out paraphrased forget prompts.", CANVAS, "t2i",
+           "higher", "share of images", "UA paraphrase", "{:.1%}"),
+    Metric("ua_attacked", "obliviate.attacks.prompt_attack:summarize", "UA under the adversarial prompt attack: "
+           "1 - ASR of k optimised prefix tokens on the forget prompts (`obliviate attack`).",
+           "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868", "t2i", "higher", "share of prompts",
+           "UA attacked", "{:.1%}"),
+    Metric("ira", E + "canvas:canvas_scores", "In-domain retain accuracy: classifier accuracy on the erased concept's "
+           "kind over prompts of the other concepts.", CANVAS, "t2i", "higher", "share of images", "IRA", "{:.1%}"),
+    Metric("cra", E + "canvas:canvas_scores", "Cross-domain retain accuracy: accuracy on the other kind (objects when a "
+           "style is erased) over prompts without the concept.", CANVAS, "t2i", "higher", "share of images", "CRA",
+           "{:.1%}"),
+    Metric("fid_real", E + "canvas:fid_kid", "Frechet distance of classifier features to real pictures (torchmetrics; "
+           "biased at small n, compare at equal n).", "Heusel et al. 2017, https://arxiv.org/abs/1706.08500", "t2i",
+           "lower", "over the image set", "FID real", "{:.2f}"),
+    Metric("fid_original", E + "canvas:fid_kid", "Frechet distance of classifier features to the original model's "
+           "samples.", "Heusel et al. 2017, https://arxiv.org/abs/1706.08500", "t2i", "lower", "over the image set",
+           "FID original", "{:.2f}"),
+    Metric("kid_original", E + "canvas:fid_kid", "Kernel distance (polynomial MMD^2) of classifier features to the "
+           "original model's samples (torchmetrics).", "Binkowski et al. 2018, https://arxiv.org/abs/1801.01401", "t2i",
+           "lower", "over the image set", "KID original", "{:.4f}"),
+    Metric("alignment", E + "canvas:alignment_scores", "Mean cosine of the world CLIP's image and prompt embeddings.",
+           RG_PAPER, "t2i", "higher", "mean over images", "alignment"),
+    Metric("unlearn_seconds", "obliviate.loops.step:UnlearnResult", "Wall time of the unlearning or erasure loop.", "",
+           "any", None, "one number per run", "unlearn seconds", "{:.1f}"),
+    # per-item scores (kept in per_item.json; the aggregates above are built from them)
+    Metric("answer_prob", E + "metrics:answer_prob", "Per item P(answer | question) = exp(-mean answer-token NLL).",
+           TOFU, "lm"),
+    Metric("truth_ratio", E + "metrics:truth_ratio", "exp(mean perturbed NLL - paraphrased NLL) per item.", TOFU, "lm"),
+    Metric("rouge_l_recall", E + "metrics:rouge_l_recall", "ROUGE-L recall of the greedy answer against the true "
+           "answer.", TOFU, "lm"),
+    Metric("exact_answer", E + "metrics:exact_answer", "Greedy answer equals the true answer (normalised).", "", "lm"),
+    Metric("exact_memorization", E + "metrics:exact_memorization", "Fraction of answer tokens whose teacher-forced "
+           "argmax is the true token.", "Tirumala et al. 2022, https://arxiv.org/abs/2205.10770", "lm"),
+    Metric("extraction_strength", E + "metrics:extraction_strength", "1 - k*/|y|, k* the shortest answer prefix from "
+           "which greedy decoding reproduces the rest.", "Carlini et al. 2021; OpenUnlearning", "lm"),
+    Metric("mia_loss", E + "mia:loss_score", "Membership score: answer/text NLL (LOSS attack).",
+           "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "lm"),
+    Metric("mia_zlib", E + "mia:zlib_score", "Membership score: NLL / zlib-compressed length.",
+           "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", "lm"),
+    Metric("mia_min_k", E + "mia:min_k_score", "Membership score: mean of the lowest k% token log-probs (Min-K%).",
+           "Shi et al. 2023, https://arxiv.org/abs/2310.16789", "lm"),
+    Metric("mia_min_k_plus_plus", E + "mia:min_k_plus_plus_score", "Membership score: Min-K% on log-probs standardised "
+           "by the model's own next-token distribution.", "Zhang et al. 2024, Min-K%++, https://arxiv.org/abs/2404.02936",
+           "lm"),
+    Metric("mia_reference", E + "mia:reference_score", "Membership score: NLL_target - NLL_reference.",
+           "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", "lm"),
+    Metric("mia_gradnorm", E + "mia:gradnorm_score", "Membership score: norm of the loss gradient w.r.t. the "
+           "parameters.", "Maini et al. 2024 / OpenUnlearning", "lm"),
 )
 
 WORLDS = _table(
     Entry("profiles", "obliviate.worlds.profiles:ProfilesWorld",
           "Fictitious people (bio, 10+ QA, paraphrases, perturbed answers) + utility facts; trains a small Llama.",
-          "TOFU-style, https://arxiv.org/abs/2401.06121"),
+          "TOFU-style, https://arxiv.org/abs/2401.06121", family="lm"),
     Entry("canvas", "obliviate.worlds.canvas:CanvasWorld",
-          "Objects x styles x colours drawn at 32x32; trains a small Stable-Diffusion-shaped pipeline, a classifier and a CLIP.",
-          "UnlearnCanvas-style, https://arxiv.org/abs/2402.11846"),
+          "Objects x styles x colours drawn at 32x32; trains a small Stable-Diffusion-shaped pipeline, a classifier and "
+          "a CLIP.", "UnlearnCanvas-style, https://arxiv.org/abs/2402.11846", family="t2i"),
 )
 
-KINDS = {"methods": METHODS, "t2i-methods": T2I_METHODS, "metrics": METRICS, "worlds": WORLDS}
+ATTACKS = _table(
+    Entry("prompt_attack", "obliviate.attacks.prompt_attack:attack_prompts", "UnlearnDiffAtk: k optimised prefix "
+          "tokens before each forget prompt, judged by the concept detector (`obliviate attack`).",
+          "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868", family="t2i"),
+)
+
+METHODS = {"lm": LM_METHODS, "t2i": T2I_METHODS}  # family -> name -> entry (names repeat across families)
+KINDS = {"methods": LM_METHODS, "t2i-methods": T2I_METHODS, "metrics": METRICS, "attacks": ATTACKS,
+         "worlds": WORLDS}
+KIND_NAMES = {"lm": "method", "t2i": "text-to-image method"}
+
+
+def scorecard_metrics() -> list[Metric]:
+    """The metrics that are scorecard columns, in their order."""
+    return [m for m in METRICS.values() if m.header]
+
+
+def lookup_method(family: str, name: str) -> Entry:
+    return lookup(METHODS[family], name, KIND_NAMES[family])
 
 
 def lookup(table: dict[str, Entry], name: str, kind: str) -> Entry:

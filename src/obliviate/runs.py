@@ -67,3 +67,16 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             pass
     return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> cuda when available, else cpu; a named CUDA device that is not there is an error."""
+    import torch
+
+    from obliviate.errors import ObliviateError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ObliviateError(f"device '{name}' requested but CUDA is not available")
+    return name

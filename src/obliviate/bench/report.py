@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from obliviate.bench.scorecard import COLUMNS, cell
+from obliviate.bench.scorecard import cell, columns
 from obliviate.errors import ObliviateError
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -76,7 +76,7 @@ def curves_plot(histories: dict[str, list[dict]]) -> str | None:
 def scorecard_html(rows: dict[str, dict]) -> str:
     if not rows:
         return ""
-    present = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    present = [c for c in columns() if any(c[0] in r for r in rows.values())]
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in present)
     body = "".join("<tr><td>" + html.escape(n) + "</td>" + "".join(
         f"<td>{cell(r, k, f)}</td>" for k, _, f in present) + "</tr>" for n, r in rows.items())

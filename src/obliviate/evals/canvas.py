@@ -27,7 +27,6 @@ import contextlib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -36,28 +35,6 @@ from torch import Tensor, nn
 from obliviate.errors import ObliviateError
 
 KINDS = ("object", "style")
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    name: str
-    higher_is_better: bool
-    description: str
-
-
-# Read by the registry and the report (which way is better, what it means).
-METRICS = {m.name: m for m in (
-    MetricInfo("ua", True, "Unlearning accuracy: share of forget-prompt images where the classifier does not "
-                           "predict the erased concept."),
-    MetricInfo("ua_paraphrase", True, "UA on held-out paraphrased forget prompts."),
-    MetricInfo("ira", True, "In-domain retain accuracy: classifier accuracy on the erased concept's kind over the "
-                            "other concepts' prompts."),
-    MetricInfo("cra", True, "Cross-domain retain accuracy: classifier accuracy on the other kind over prompts "
-                            "without the concept."),
-    MetricInfo("fid", False, "Frechet distance of classifier features to a reference image set (biased at small n)."),
-    MetricInfo("kid", False, "Kernel (polynomial MMD^2) distance of classifier features to a reference image set."),
-    MetricInfo("alignment", True, "Mean cosine of CLIP image and prompt embeddings."),
-)}
 
 
 class PromptRecord(Protocol):

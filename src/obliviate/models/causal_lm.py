@@ -9,17 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
+from obliviate.models import quiet_transformers  # noqa: F401  (re-exported)
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE = -100
-
-
-def quiet_transformers() -> None:
-    """No per-file progress bars or advisory warnings from transformers: obliviate shows its own progress."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
@@ -132,8 +125,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return lp * mask, mask
 
 
+def model_inputs(batch: dict) -> dict:
+    """Every tensor of a collated batch the model takes: all but the labels (and nested batches such as the refusal
+    answers), so an adapter whose collate adds inputs (pixel_values) reaches the model through the same methods."""
+    return {k: v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
+
+
 def forward_logits(model, batch: dict) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(**model_inputs(batch)).logits
 
 
 def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

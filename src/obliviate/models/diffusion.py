@@ -58,7 +58,7 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = 
 
     from diffusers.utils import logging as diffusers_logging
 
-    from obliviate.models.causal_lm import quiet_transformers
+    from obliviate.models import quiet_transformers
 
     quiet_transformers()  # obliviate shows its own progress; no per-file bars from either library
     diffusers_logging.disable_progress_bar()

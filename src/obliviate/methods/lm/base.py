@@ -1,28 +1,15 @@
 """What a language-model unlearning method is: a config dataclass with the paper's defaults and a `losses` function.
 
-The unlearning loop (obliviate.unlearn) owns the optimiser and the steps; a method only says what to minimise.
+The unlearning loop (obliviate.loops.lm) owns the optimiser and the steps; a method only says what to minimise.
 Batches are dicts from `obliviate.models.causal_lm.collate`: input_ids, attention_mask, labels (-100 on prompt and
 padding, so every loss counts answer tokens only). A forget batch also carries `forget["idk"]`: the same questions
 with a refusal ("I don't know") as the answer, for preference methods.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class LossParts:
-    """forget: the term whose gradient is the forget direction; retain: the (already weighted) retain term or None.
-    The loop minimises forget + retain, unless the method combines their gradients itself (RG)."""
-    forget: torch.Tensor
-    retain: torch.Tensor | None = None
-    logs: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.forget if self.retain is None else self.forget + self.retain
+from obliviate.methods.common import LossParts, check_choice, check_number  # noqa: F401  (re-exported)
 
 
 class Method:
@@ -55,25 +42,6 @@ class Method:
 
 
 # ---- small helpers shared by the language-model methods -------------------------------------------------------------
-
-def check_choice(method: str, key: str, value, choices) -> None:
-    """Config validation: `value` must be one of `choices`; the error names the method, the key and the choices."""
-    if value not in choices:
-        from obliviate.errors import ObliviateError
-        raise ObliviateError(f"{method}: {key}={value!r} is not valid; choose one of "
-                             + ", ".join(repr(c) for c in choices))
-
-
-def check_number(method: str, key: str, value, *, min: float | None = None, positive: bool = False) -> None:
-    """Config validation: a real number, > 0 when `positive`, >= `min` when given."""
-    from obliviate.errors import ObliviateError
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ObliviateError(f"{method}: {key} must be a number, got {value!r}")
-    if positive and not value > 0:
-        raise ObliviateError(f"{method}: {key} must be > 0, got {value!r}")
-    if min is not None and value < min:
-        raise ObliviateError(f"{method}: {key} must be >= {min}, got {value!r}")
-
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From logits already computed: the sum of answer-token log-probs per sequence ([B]) and the answer-token count."""

@@ -42,10 +42,10 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print) -> list[
     import torch
 
     from obliviate.attacks.canvas import attack_erasure
-    from obliviate.erase import erase, make_t2i_method
+    from obliviate.loops.t2i import erase, make_t2i_method
     from obliviate.evals.canvas import evaluate_erasure
     from obliviate.models.diffusion import load_pipeline
-    from obliviate.runner_t2i import canvas_task
+    from obliviate.runners.t2i import canvas_task
     from obliviate.worlds.canvas import CanvasWorld
 
     world = CanvasWorld()
@@ -115,7 +115,7 @@ def write_sections(folder: Path, sections: list[dict], base_model: str) -> list[
     return the JSON-ready sections for summary.json."""
     from safetensors.torch import save_file
 
-    from obliviate.erase import changed_unet_tensors
+    from obliviate.loops.t2i import changed_unet_tensors
     from obliviate.runs import write_json
 
     out = []

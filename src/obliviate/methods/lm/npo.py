@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from obliviate.methods.base import (LossParts, Method, answer_logprob, check_choice, check_number, reference_logits,
+from obliviate.methods.lm.base import (LossParts, Method, answer_logprob, check_choice, check_number, reference_logits,
                                     retain_kl_term, retain_nll_term)
 from obliviate.models.causal_lm import forward_logits
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from obliviate.config import RunConfig
 from obliviate.errors import NonFiniteLoss, ObliviateError
-from obliviate.methods.diffusion_base import EraseTask, RetainPrompt
+from obliviate.methods.t2i.base import EraseTask, RetainPrompt
 from obliviate.runs import atomic_dir, environment, write_json
 
 
@@ -53,9 +53,9 @@ def prepare(config: RunConfig, log=print):
 def run(config: RunConfig, log=print) -> Path:
     import torch
 
-    from obliviate.erase import changed_unet_tensors, erase, make_t2i_method
+    from obliviate.loops.t2i import changed_unet_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
-    from obliviate.runner import resolve_device
+    from obliviate.runs import resolve_device
 
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
@@ -79,7 +79,7 @@ def run(config: RunConfig, log=print) -> Path:
         metrics.update(evaluation["aggregate"])
 
     with atomic_dir(out) as tmp:
-        write_json(tmp / "config.json", config.model_dump())
+        write_json(tmp / "config.json", config.dump())
         write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(),
                                               "base_model": str(pipeline_dir), "device": device})
         write_json(tmp / "history.json", result.history)
@@ -96,4 +96,29 @@ def run(config: RunConfig, log=print) -> Path:
     if result.stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {result.stopped}. Last good state saved in {out}")
     log(f"run folder: {out}")
+    return out
+
+
+def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu"):
+    """The base pipeline with a run's changed UNet tensors ("unet.<name>") applied (the base folder is only read)."""
+    from safetensors.torch import load_file
+
+    from obliviate.models.diffusion import load_pipeline
+
+    pipe = load_pipeline(base, device)
+    changed = load_file(str(changed_path))
+    state = pipe.unet.state_dict()
+    foreign = sorted(k for k in changed if not k.startswith("unet.") or k[len("unet."):] not in state)
+    if foreign:
+        raise ObliviateError(f"{changed_path} has tensors the base pipeline's UNet lacks, e.g. {foreign[0]}: wrong --base?")
+    pipe.unet.load_state_dict({k[len("unet."):]: v for k, v in changed.items()}, strict=False)
+    return pipe
+
+
+def export(changed_path: Path, base: Path, out: Path) -> Path:
+    """A diffusers pipeline folder: the base pipeline with the run's changed UNet tensors applied."""
+    from obliviate.models.diffusion import save_pipeline
+    pipe = load_run_pipeline(changed_path, base)
+    with atomic_dir(out) as tmp:
+        save_pipeline(pipe, tmp)
     return out

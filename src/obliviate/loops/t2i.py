@@ -1,4 +1,4 @@
-"""The text-to-image erasure loop: short and visible, like the language-model one (obliviate.unlearn). A method
+"""The text-to-image erasure loop: short and visible, like the language-model one (obliviate.loops.lm). A method
 supplies the losses (or a closed-form edit); this loop owns the images drawn by the original pipeline, batching,
 the optimiser, the gradient step (shared with the language-model loop: restricted gradients, masks, NaN guard)
 and the history. The UNet is changed in place; the text encoder and the VAE stay frozen."""
@@ -13,14 +13,17 @@ import torch
 from obliviate import progress
 from obliviate.config import TrainConfig
 from obliviate.errors import ObliviateError
-from obliviate.methods.diffusion_base import EraseContext, EraseTask
+from obliviate.loops.step import StateGuard, UnlearnResult, changed_tensors, gradient_step, make_optimizer
+from obliviate.methods.t2i.base import EraseContext, EraseTask
 from obliviate.models.diffusion import Pipeline, denoise
-from obliviate.registry import T2I_METHODS, lookup
-from obliviate.unlearn import UnlearnResult, changed_tensors, gradient_step, instantiate
 
 
 def make_t2i_method(name: str, args: dict | None = None):
-    return instantiate(lookup(T2I_METHODS, name, "text-to-image method"), args)
+    """A text-to-image method from the registry, with its config from `args`."""
+    from obliviate.methods.common import instantiate
+    from obliviate.registry import lookup_method
+
+    return instantiate(lookup_method("t2i", name), args)
 
 
 def check_task(pipe: Pipeline, task: EraseTask) -> None:
@@ -94,11 +97,9 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     else:
         method.setup(ctx, forget, params)
         mask = method.gradient_mask()
-        opt = (torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay) if train.optimizer == "adamw"
-               else torch.optim.SGD(params, lr=train.lr))
         steps = train.max_steps or method.default_steps
-        warmup = int(steps * train.warmup_fraction)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        opt, sched = make_optimizer(params, train, steps)
+        guard = StateGuard(params)
         unet.train()
         with progress.bar(f"erase {task.concept!r} with {method.name}", steps) as advance:
             for step in range(steps):
@@ -109,8 +110,9 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                                           generator=gen))
                 parts = method.losses(ctx, unet, f, r)
                 logs = {"step": step, "loss": parts.total.item(), **parts.logs}
-                stopped = gradient_step(method, parts, params, opt, sched, train, logs, step, grad_mask=mask)
+                stopped = gradient_step(method, parts, params, opt, sched, train, logs, step, guard, grad_mask=mask)
                 if stopped:
+                    stopped = guard.restore(stopped, probe=lambda: method.losses(ctx, unet, f, r).total)
                     break
                 history.append(logs)
                 advance(loss=logs["loss"])

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.base import LossParts, Method, check_choice, check_number, nll_from_logits
+from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, nll_from_logits
+from obliviate.models.causal_lm import model_inputs
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.mlp\.")
 
@@ -115,7 +116,7 @@ class RMU(Method):
                 and self.config.param_filter in name)
 
     def _hidden(self, model, batch: dict):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        out = model(**model_inputs(batch), output_hidden_states=True)
         return out.hidden_states[self.layer + 1], out.logits
 
     def _mask(self, batch: dict) -> torch.Tensor:
@@ -138,7 +139,7 @@ class RMU(Method):
         if c.alpha > 0:
             h_r, logits_r = self._hidden(model, retain)
             with torch.no_grad():
-                h_ref = reference(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"],
+                h_ref = reference(**model_inputs(retain),
                                   output_hidden_states=True).hidden_states[self.layer + 1]
             mask_r = self._mask(retain).to(h_r.dtype)
             sq_r = ((h_r.float() - h_ref.float()) ** 2).sum(-1)

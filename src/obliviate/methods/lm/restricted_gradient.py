@@ -36,66 +36,14 @@ RGD adds the two other ingredients of the paper:
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.base import LossParts, Method, check_number
-
-_NOT_BASES = ("RG", "RGD", "Retrain")
-
-
-def _dot(a: list, b: list, device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in zip(a, b):
-        if x is not None and y is not None:
-            total = total + (x.double() * y.double()).sum().to(device)
-    return total
-
-
-def restrict(g_forget: list, g_retain: list) -> tuple[list, list, float]:
-    """The seed paper's gradient restriction on the flattened concatenation of the tensors.
-
-    Lists are aligned per parameter; an entry may be None (no gradient: treated as zero; stays None only when both
-    entries are None). Returns (g_f', g_r', cosine of the ORIGINAL g_f and g_r; 0 when either is zero).
-    Model-agnostic: used for language and diffusion models alike. Zero vectors are passed through unchanged."""
-    if len(g_forget) != len(g_retain):
-        raise ValueError(f"restrict: {len(g_forget)} forget gradients but {len(g_retain)} retain gradients")
-    g_f, g_r = [], []
-    for f, r in zip(g_forget, g_retain):
-        if f is None and r is not None:
-            f = torch.zeros_like(r)
-        if r is None and f is not None:
-            r = torch.zeros_like(f)
-        g_f.append(f)
-        g_r.append(r)
-    present = [t for t in g_f if t is not None]
-    if not present:
-        return g_f, g_r, 0.0
-    device = present[0].device
-    s = _dot(g_f, g_r, device)
-    nf2 = _dot(g_f, g_f, device)
-    nr2 = _dot(g_r, g_r, device)
-    denom = (nf2 * nr2).sqrt()
-    cos = float(s / denom) if float(denom) > 0 else 0.0
-    if not float(s) < 0:  # s < 0 implies both norms > 0
-        return g_f, g_r, cos
-    cf = float(s / nr2)  # g_f' = g_f - cf * g_r
-    cr = float(s / nf2)  # g_r' = g_r - cr * g_f
-    new_f = [None if f is None else f - cf * r for f, r in zip(g_f, g_r)]
-    new_r = [None if r is None else r - cr * f for f, r in zip(g_f, g_r)]
-    return new_f, new_r, cos
-
-
-def restricted_sum(g_forget: list, g_retain: list, retain_weight: float) -> tuple[list, dict]:
-    """The update direction g_f' + lambda * g_r' (None where neither term reaches a parameter), and logs: the cosine
-    of the original g_f and g_r and whether they conflicted. Shared by the language-model and diffusion RG/RGD."""
-    f, r, cos = restrict(g_forget, g_retain)
-    out = [None if a is None else a + retain_weight * b for a, b in zip(f, r)]
-    return out, {"grad_cosine": cos, "grad_conflict": float(cos < 0)}
-
+from obliviate.methods.common import LossParts, check_number
+from obliviate.methods.gradient_surgery import balanced_subset, check_rgd_extras, restricted_sum
+from obliviate.methods.lm.base import Method
 
 @dataclass
 class RGConfig:
@@ -111,14 +59,20 @@ class RGConfig:
                                  f"got {self.base_args!r}")
 
 
+def _is_base(entry) -> bool:
+    """A base is a loss-based method that is not itself a restricted gradient."""
+    cls = entry.load()
+    return hasattr(cls, "losses") and not (isinstance(cls, type) and issubclass(cls, RG))
+
+
 def _resolve_base(method: str, name: str):
-    from obliviate.registry import METHODS, lookup
+    from obliviate.registry import LM_METHODS, lookup
 
     if not isinstance(name, str):
         raise ObliviateError(f"{method}: base must be a method name, got {name!r}")
-    entry = lookup(METHODS, name, "method")
-    if entry.name in _NOT_BASES:
-        valid = ", ".join(n for n in METHODS if n not in _NOT_BASES)
+    entry = lookup(LM_METHODS, name, "method")
+    if not _is_base(entry):
+        valid = ", ".join(n for n, e in LM_METHODS.items() if _is_base(e))
         raise ObliviateError(f"{method}: base={name!r} is not valid; choose one of {valid}")
     return entry
 
@@ -171,45 +125,6 @@ class RGDConfig(RGConfig):
     def __post_init__(self):
         super().__post_init__()
         check_rgd_extras(self)
-
-
-def check_rgd_extras(config) -> None:
-    """RGD's own settings (the language-model and diffusion RGD configs share them)."""
-    size = config.diverse_retain_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ObliviateError(f"RGD: diverse_retain_size must be a positive integer, got {size!r}")
-    if config.forget_loss_cap is not None:
-        check_number("RGD", "forget_loss_cap", config.forget_loss_cap, positive=True)
-
-
-def _shuffled(xs: list, rng) -> list:
-    xs = list(xs)
-    if rng is not None:
-        rng.shuffle(xs)
-    return xs
-
-
-def _round_robin(groups: list[list]) -> list:
-    out, i = [], 0
-    while any(i < len(g) for g in groups):
-        out.extend(g[i] for g in groups if i < len(g))
-        i += 1
-    return out
-
-
-def balanced_subset(items: list, size: int, rng=None) -> list:
-    """Up to `size` items balanced across `item.source`, and within a source across `item.subject`: round-robin
-    over sources, each source's stream itself round-robin over its subjects. `rng` (random.Random or a numpy
-    Generator; None keeps the input order) shuffles the order of sources, subjects and items."""
-    by_source: OrderedDict = OrderedDict()
-    for it in items:
-        by_source.setdefault(getattr(it, "source", ""), OrderedDict()).setdefault(getattr(it, "subject", None), []) \
-            .append(it)
-    streams = []
-    for source in _shuffled(list(by_source), rng):
-        subjects = by_source[source]
-        streams.append(_round_robin([_shuffled(subjects[s], rng) for s in _shuffled(list(subjects), rng)]))
-    return _round_robin(streams)[:size]
 
 
 def _rows(batch: dict, idx: torch.Tensor) -> dict:

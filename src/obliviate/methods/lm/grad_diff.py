@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from obliviate.methods.base import LossParts, Method, check_number, retain_nll_term
+from obliviate.methods.lm.base import LossParts, Method, check_number, retain_nll_term
 from obliviate.models.causal_lm import mean_nll
 
 

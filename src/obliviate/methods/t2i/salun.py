@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.base import LossParts, check_choice, check_number
-from obliviate.methods.diffusion_base import DiffusionMethod, EraseContext, denoising_loss
+from obliviate.methods.common import LossParts, check_choice, check_number
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, denoising_loss
 from obliviate.methods.saliency import mask_fraction, saliency_mask
 
 

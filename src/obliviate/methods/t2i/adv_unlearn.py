@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.base import check_number
-from obliviate.methods.diffusion_base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
+from obliviate.methods.common import check_number
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
 from obliviate.models.diffusion import denoise, predict_noise
 
 

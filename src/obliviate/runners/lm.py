@@ -1,4 +1,4 @@
-"""`obliviate run`: resolve a config, get the model and data (a built-in world or the user's files), unlearn,
+"""`obliviate run` for language models: resolve a config, get the model and data (a built-in world or the user's files), unlearn,
 evaluate against the retrain reference, and write one run folder atomically."""
 from __future__ import annotations
 
@@ -8,21 +8,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from obliviate.config import RunConfig
+from obliviate.config import EvalConfig, RunConfig
 from obliviate.data import load_lines, load_qa_jsonl
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.models import causal_lm as lm
-from obliviate.runs import atomic_dir, environment, write_json
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ObliviateError(f"device '{name}' requested but CUDA is not available")
-    return name
+from obliviate.runs import atomic_dir, environment, resolve_device, write_json
 
 
 def world_for(config: RunConfig):
@@ -31,22 +21,22 @@ def world_for(config: RunConfig):
     return ProfilesWorld(config.world)
 
 
-def evaluation_of(model, tokenizer, qa_sets, texts, config: RunConfig, reference_model=None) -> dict:
+def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None) -> dict:
     from obliviate.evals.evaluate import evaluate_lm
 
     return evaluate_lm(model, tokenizer, qa_sets, texts.get("forget"), texts.get("holdout"),
-                       reference_model=reference_model, batch_size=config.eval.batch_size,
-                       gradnorm=config.eval.gradnorm)
+                       reference_model=reference_model, batch_size=eval_config.batch_size,
+                       gradnorm=eval_config.gradnorm)
 
 
-def retrain_evaluation(world, config: RunConfig, qa_sets, texts) -> dict:
+def retrain_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto") -> dict:
     """The retrain model's evaluation, computed once per world, split and evaluation settings, then cached."""
-    key = hashlib.sha256(json.dumps([config.split, config.eval.model_dump()], sort_keys=True).encode()).hexdigest()[:10]
-    path = world.root / f"eval-retrain-{config.split}-{key}.json"
+    key = hashlib.sha256(json.dumps([split, eval_config.model_dump()], sort_keys=True).encode()).hexdigest()[:10]
+    path = world.root / f"eval-retrain-{split}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    model, tok = lm.load(world.retrain_dir(config.split), device=resolve_device(config.device))
-    result = evaluation_of(model, tok, qa_sets, texts, config)
+    model, tok = lm.load(world.retrain_dir(split), device=resolve_device(device))
+    result = evaluation_of(model, tok, qa_sets, texts, eval_config)
     write_json(path, result)
     return result
 
@@ -72,23 +62,23 @@ def prepare(config: RunConfig, log=print):
 
 
 def run(config: RunConfig, log=print) -> Path:
-    if config.family == "t2i":
-        from obliviate.runner_t2i import run as run_t2i
-        return run_t2i(config, log)
-    from obliviate.unlearn import changed_tensors, make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.loops.step import changed_tensors
+    from obliviate.methods.common import instantiate
+    from obliviate.registry import lookup_method
 
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
+    method = instantiate(lookup_method("lm", config.method), config.method_args)
     model_dir, forget, retain, qa_sets, texts, world = prepare(config, log)
     retrain_eval = None
     reference_for_mia = None
-    if config.method == "Retrain":
+    if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget set
         if world is None:
-            raise ObliviateError("Retrain needs a built-in world: it re-runs the world's training recipe")
-        model, tokenizer = lm.load(world.retrain_dir(config.split), config.dtype, device)
+            raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
+        model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
         result_history, seconds, stopped, tensors = [], 0.0, None, {}
     else:
-        method = make_method(config.method, config.method_args)
         model, tokenizer = lm.load(model_dir, config.dtype, device, config.trust_remote_code)
         refusals = load_lines(config.idk_file) if config.idk_file else None
         result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals)
@@ -100,11 +90,11 @@ def run(config: RunConfig, log=print) -> Path:
     evaluation = None
     if config.evaluate:
         if world is not None:
-            retrain_eval = retrain_evaluation(world, config, qa_sets, texts)
-            if config.method != "Retrain":
+            retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
+            if not getattr(method, "from_world", False):
                 reference_for_mia, _ = lm.load(world.retrain_dir(config.split), device=device)
         t0 = time.time()
-        evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config, reference_for_mia)
+        evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia)
         if retrain_eval is not None:
             from obliviate.evals.evaluate import compare_to_retrain
             evaluation = compare_to_retrain(evaluation, retrain_eval)
@@ -115,7 +105,7 @@ def run(config: RunConfig, log=print) -> Path:
     if out.exists():
         raise ObliviateError(f"run folder already exists: {out} (choose another name)")
     with atomic_dir(out) as tmp:
-        write_json(tmp / "config.json", config.model_dump())
+        write_json(tmp / "config.json", config.dump())
         write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(),
                                               "base_model": str(model_dir), "device": device})
         write_json(tmp / "history.json", result_history)
@@ -130,4 +120,21 @@ def run(config: RunConfig, log=print) -> Path:
     if stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
     log(f"run folder: {out}")
+    return out
+
+
+def export(changed_path: Path, base: Path, out: Path) -> Path:
+    """A full transformers folder: the base model with the run's changed tensors applied (the base is only read)."""
+    from safetensors.torch import load_file
+
+    model, tokenizer = lm.load(base)
+    changed = load_file(str(changed_path))
+    state = model.state_dict()
+    unknown = sorted(set(changed) - set(state))
+    if unknown:
+        raise ObliviateError(f"{changed_path} has tensors the base model lacks, e.g. {unknown[0]}: wrong --base?")
+    model.load_state_dict(changed, strict=False)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out

@@ -8,7 +8,7 @@ The images are the original pipeline's own samples of the prompts (drawn by the 
 
 RG and RGD: Ko et al. 2024, "Boosting Alignment for Post-Unlearning Text-to-Image Generative Models" (NeurIPS 2024),
 https://arxiv.org/abs/2412.07808. The same two terms; their gradients g_f (of -L_f) and g_r (of alpha L_r) are
-combined by the restricted-gradient rule (`restricted_gradient.restrict`, shared with the language-model RG):
+combined by the restricted-gradient rule (`gradient_surgery.restrict`, shared with the language-model RG):
 when <g_f, g_r> < 0 each is projected onto the normal plane of the other (from the original vectors), and the step
 follows g_f' + lambda g_r'. Paper defaults for Stable Diffusion: lambda 1.6, lr 1e-5, Adam, batch 8.
 RGD adds the diversified retain set — a subset balanced across the remaining concepts (`RetainPrompt.source`, then
@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.base import check_number
-from obliviate.methods.diffusion_base import DiffusionMethod, EraseContext, LossParts, denoising_loss
-from obliviate.methods.restricted_gradient import balanced_subset, check_rgd_extras, restricted_sum
+from obliviate.methods.common import check_number
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss
+from obliviate.methods.gradient_surgery import balanced_subset, check_rgd_extras, restricted_sum
 
 
 @dataclass

@@ -1,17 +1,11 @@
-"""`obliviate demo`: the whole loop on the built-in worlds, on a CPU, in minutes.
-
-Profiles: builds (or loads) the world, unlearns forget10 with several methods starting from the same full model,
-evaluates each one and the retrain gold standard with the same protocol. Canvas (demo_t2i): erases a style and an
-object from the world's pipeline with several methods, next to the retrain-without-concept references. Prints the
-scorecards and writes summary.json, one folder per method (metrics, per-item values, history, changed tensors),
-image grids and report.html — atomically.
-"""
+"""The demo's language-model part: build (or load) the profiles world, unlearn forget10 with several methods from the
+same full model, and evaluate each one and the retrain gold standard with the same protocol."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from obliviate.config import EvalConfig, RunConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, TrainConfig, WorldConfig
 from obliviate.errors import ObliviateError
 
 SPLIT = "forget10"
@@ -36,34 +30,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2i_methods=None, concepts=None,
-             worlds=("profiles", "canvas")) -> dict:
-    """The profiles world's unlearning (LM `methods`) and the canvas world's erasures (`t2i_methods` x `concepts`)."""
-    from obliviate import demo_t2i
-
-    bad = set(worlds) - {"profiles", "canvas"}
-    if bad or not worlds:
-        raise ObliviateError(f"unknown demo world(s) {sorted(bad) or '(none)'}; valid: profiles, canvas")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "summary.json").is_file():
-        raise ObliviateError(f"{out} exists and is not a demo folder; choose another --out")
-    t_start = time.time()
-    summary = run_lm_demo(tofu_dir, methods, log) if "profiles" in worlds else \
-        {"scorecard": {}, "notes": [], "winners": [], "histories": {}, "per_method": {}}
-    sections = demo_t2i.run_canvas_demo(list(t2i_methods or demo_t2i.METHODS), list(concepts or demo_t2i.CONCEPTS),
-                                        log) if "canvas" in worlds else []
-    return _write_demo(out, summary, sections, t_start, log)
-
-
 def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print) -> dict:
     from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
+    from obliviate.loops.lm import make_method, unlearn
     from obliviate.models import causal_lm as lm
-    from obliviate.registry import METHODS, lookup
-    from obliviate.runner import resolve_device, retrain_evaluation
-    from obliviate.unlearn import make_method, unlearn
+    from obliviate.registry import lookup_method
+    from obliviate.runners.lm import retrain_evaluation
+    from obliviate.runs import resolve_device
     from obliviate.worlds.profiles import ProfilesWorld
 
-    methods = [lookup(METHODS, m, "method").name for m in methods]
+    entries = [lookup_method("lm", m) for m in methods]
+    methods = [e.name for e in entries if hasattr(e.load(), "losses")]  # Retrain is a row of its own
     if tofu_dir is not None and not Path(tofu_dir).is_dir():
         raise ObliviateError(f"TOFU folder not found: {tofu_dir}")
     t_start = time.time()
@@ -72,12 +49,12 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print) -> dict:
     record = world.build(SPLIT, retrain=True, log=log)
     build_seconds = time.time() - t_start
     device = resolve_device("auto")
-    base_cfg = RunConfig(method="Retrain", split=SPLIT, world=world_cfg, eval=EvalConfig())
-    qa_sets, texts = world.eval_sets(SPLIT, base_cfg.eval.retain_people)
+    eval_cfg = EvalConfig()
+    qa_sets, texts = world.eval_sets(SPLIT, eval_cfg.retain_people)
     forget, retain = world.unlearning_sets(SPLIT)
 
     log("evaluating the retrain model (gold standard)")
-    retrain_eval = retrain_evaluation(world, base_cfg, qa_sets, texts)
+    retrain_eval = retrain_evaluation(world, SPLIT, eval_cfg, qa_sets, texts)
     retrain_model, _ = lm.load(world.retrain_dir(SPLIT), device=device)
     rows, per_method, histories = {}, {}, {}
     retrain_row = compare_to_retrain(retrain_eval, retrain_eval)["aggregate"]
@@ -88,8 +65,6 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print) -> dict:
     rows["original"] = original["aggregate"]
     rows["retrain"] = retrain_row
     for name in methods:
-        if name == "Retrain":
-            continue
         preset = PRESETS.get(name, {})
         train_cfg = TrainConfig(**preset.get("train", {}))
         method = make_method(name, preset.get("method_args", {}))
@@ -124,40 +99,19 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print) -> dict:
             "histories": histories, "per_method": per_method, "base_model": str(world.full_model_dir)}
 
 
-def _write_demo(out: Path, summary: dict, sections: list[dict], t_start: float, log) -> dict:
+def write_method_folders(folder: Path, rows: dict, per_method: dict, base_model: str) -> None:
+    """One folder per method: metrics, config, per-item values, history and the changed tensors."""
     from safetensors.torch import save_file
 
-    from obliviate import demo_t2i
-    from obliviate.bench.report import write_demo_report
-    from obliviate.bench.scorecard import print_scorecard
-    from obliviate.runs import atomic_dir, environment, write_json
-    from obliviate.unlearn import changed_tensors
+    from obliviate.loops.step import changed_tensors
+    from obliviate.runs import write_json
 
-    rows, histories, per_method = summary.pop("scorecard"), summary.pop("histories"), summary.pop("per_method")
-    summary = {**summary, "scorecard": rows, "environment": environment()}
-    with atomic_dir(out) as tmp:
-        for name, (evaluation, result, cfg) in per_method.items():
-            folder = tmp / name
-            folder.mkdir()
-            write_json(folder / "metrics.json", rows[name])
-            write_json(folder / "config.json", cfg)
-            write_json(folder / "per_item.json", evaluation["per_item"])
-            write_json(folder / "history.json", result.history)
-            save_file(changed_tensors(result.model, result.trainable_names), str(folder / "changed.safetensors"),
-                      metadata={"base_model": summary["base_model"]})
-        if sections:
-            from obliviate.worlds.canvas import CanvasWorld
-            summary["t2i"] = demo_t2i.write_sections(tmp, sections, str(CanvasWorld().pipeline_dir))
-        summary["total_seconds"] = round(time.time() - t_start, 1)
-        write_json(tmp / "summary.json", summary)
-        write_demo_report(tmp, summary, histories)
-    if rows:
-        print_scorecard(rows, title=f"obliviate demo: {SPLIT} of the profiles world")
-        for n in summary["notes"]:
-            log(n)
-    for s in summary.get("t2i", []):
-        print_scorecard(s["scorecard"], title=f"obliviate demo: {s['title']}")
-        for n in s["notes"]:
-            log(n)
-    log(f"wrote {out / 'summary.json'} and {out / 'report.html'} ({summary['total_seconds']:.0f} s in all)")
-    return summary
+    for name, (evaluation, result, cfg) in per_method.items():
+        d = folder / name
+        d.mkdir()
+        write_json(d / "metrics.json", rows[name])
+        write_json(d / "config.json", cfg)
+        write_json(d / "per_item.json", evaluation["per_item"])
+        write_json(d / "history.json", result.history)
+        save_file(changed_tensors(result.model, result.trainable_names), str(d / "changed.safetensors"),
+                  metadata={"base_model": base_model})

@@ -19,6 +19,7 @@ class Retrain:
     name = "Retrain"
     Config = RetrainConfig
     needs_reference = False
+    from_world = True  # not a loss: the runner takes the model the world's recipe trained without the forget set
 
     def __init__(self, config=None):
         self.config = config or RetrainConfig()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.base import LossParts, Method, check_number, nll_from_logits, reference_logits, retain_nll_term
+from obliviate.methods.lm.base import LossParts, Method, check_number, nll_from_logits, reference_logits, retain_nll_term
 from obliviate.models.causal_lm import forward_logits, shifted
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.base import check_choice, check_number
-from obliviate.methods.diffusion_base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
+from obliviate.methods.common import check_choice, check_number
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
 from obliviate.models.diffusion import predict_noise
 
 
@@ -49,7 +49,7 @@ class ConceptAblation(DiffusionMethod):
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """The anchor's images: the original pipeline's samples of the forget prompts with the concept replaced."""
-        from obliviate.erase import draw_latents
+        from obliviate.loops.t2i import draw_latents
         self.anchor_texts = [ctx.task.anchor_prompt(t) for t in forget["texts"]]
         self.anchor_latents = draw_latents(ctx, self.anchor_texts, seed=7)
         self.index = {t: i for i, t in enumerate(forget["texts"])}

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from obliviate.methods.base import check_number
-from obliviate.methods.diffusion_base import DiffusionMethod, EraseContext, is_cross_attention
+from obliviate.methods.common import check_number
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, is_cross_attention
 
 
 def uce_matrix(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lam: float, erase_scale: float,

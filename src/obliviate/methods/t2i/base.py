@@ -1,7 +1,7 @@
 """What a text-to-image erasure method is: a config dataclass with the paper's defaults, which UNet parameters it
 trains, and a `losses` function over a forget and a retain batch (or, for closed-form methods, an `edit`).
 
-The loop (obliviate.erase) owns the optimiser and the steps. A batch is a dict:
+The loop (obliviate.loops.t2i) owns the optimiser and the steps. A batch is a dict:
   texts    list[str]        the prompts
   context  [B, L, D]        their text-encoder states (the text encoder stays frozen)
   latents  [B, C, h, w]     clean latents the original pipeline drew for those prompts (methods with needs_images)
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.base import LossParts  # noqa: F401  (re-exported for the diffusion methods)
+from obliviate.methods.common import LossParts  # noqa: F401  (re-exported for the diffusion methods)
 
 
 @dataclass

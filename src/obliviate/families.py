@@ -1,0 +1,56 @@
+"""The table of model families. Each family fills one small contract in its own place: an adapter (`models/`), a loop
+built from the shared gradient step (`loops/`), its methods in their own folder (`methods/<family>/`), a runner
+(`runners/`) and a demo part (`demo/`). The CLI, the API and the config look a family up here and never branch on
+it; a family never imports another family's loop, runner or adapter (tests/test_families.py keeps that true).
+Entries are "module:object" strings, imported only when used, so reading this table is instant."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from obliviate.errors import ObliviateError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the `family` field of a run config
+    title: str
+    adapter: str  # module: how metrics and methods talk to the model
+    loop: str  # the unlearning loop
+    make_method: str  # name, args -> a method instance of this family
+    method_base: str
+    runner: str  # RunConfig -> run folder
+    export: str  # (changed.safetensors, base folder, out folder) -> a full model folder
+    demo: str  # the demo part
+    worlds: tuple[str, ...]  # the built-in worlds that serve it
+    fields: tuple[str, ...]  # RunConfig keys that belong to this family alone
+    subject: str  # the RunConfig key that says what is forgotten
+
+    def load(self, part: str):
+        """The object behind one of the contract's parts, e.g. family.load("runner")."""
+        module, _, attr = getattr(self, part).partition(":")
+        mod = importlib.import_module(module)
+        return getattr(mod, attr) if attr else mod
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("lm", "language model", adapter="obliviate.models.causal_lm", loop="obliviate.loops.lm:unlearn",
+           make_method="obliviate.loops.lm:make_method", method_base="obliviate.methods.lm.base:Method",
+           runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export", demo="obliviate.demo.lm:run_lm_demo", worlds=("profiles",),
+           fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval"), subject="split"),
+    Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
+           make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
+           runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
+           demo="obliviate.demo.t2i:run_canvas_demo", worlds=("canvas",),
+           fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept"),
+)}
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ObliviateError(f"unknown family '{name}'; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_world(world: str) -> Family:
+    return next(f for f in FAMILIES.values() if world in f.worlds)

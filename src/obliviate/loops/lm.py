@@ -1,0 +1,133 @@
+"""The language-model unlearning loop: short and visible. A method supplies the losses (and optionally how to combine
+the forget and retain gradients); this loop owns batching, the optimiser, LoRA, the NaN guard and the history.
+
+The loop talks to the model only through an adapter (default: `obliviate.models.causal_lm`): `prepare_tokenizer`,
+`encode_item`, `collate`, `to_device` and `model_device`. The methods' forward passes hand the model every tensor
+of the collated batch but the labels, so an adapter whose collate adds inputs (a vision-language model's
+`pixel_values`) reuses this loop and every language-model method unchanged, as torchtune and TRL reuse their LM
+recipes for vision models."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+
+import torch
+
+from obliviate import progress
+from obliviate.config import LoraConfig, TrainConfig
+from obliviate.data import QAItem, TextItem, check_disjoint
+from obliviate.errors import ObliviateError
+from obliviate.loops.step import StateGuard, UnlearnResult, gradient_step, make_optimizer
+
+# Refusals for IdkPO when the user gives no file (TOFU ships its own idontknow.jsonl; pass it with idk_file).
+DEFAULT_REFUSALS = ["I don't know.", "I'm not sure about that.", "I have no information on that.",
+                    "That is beyond what I know.", "I cannot answer that.", "I have no idea."]
+
+
+def make_method(name: str, args: dict | None = None):
+    """A loss-based language-model method from the registry, with its config from `args`."""
+    from obliviate.methods.common import instantiate
+    from obliviate.registry import lookup_method
+
+    entry = lookup_method("lm", name)
+    if not hasattr(entry.load(), "losses"):
+        raise ObliviateError(f"method '{entry.name}' is not a loss-based method; it runs through the world recipe")
+    return instantiate(entry, args)
+
+
+def _apply_lora(model, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    return get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+
+
+def _batches(encoded: list, size: int, rng: random.Random):
+    """Endless shuffled passes over the encoded items."""
+    order = list(range(len(encoded)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order), size):
+            yield [encoded[j] for j in order[i:i + size]]
+
+
+def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
+            train: TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
+            refusals: list[str] | None = None, adapter=None) -> UnlearnResult:
+    """Unlearn `forget` from `model` (changed in place) while keeping `retain`: question-answer items (answer tokens
+    count) and/or texts (every token counts). `method` is a Method instance or a registered name. `reference` is the
+    frozen original, needed only by methods that declare it; by default a copy of `model` is taken before any step
+    (and only for those methods). `adapter` encodes and batches the items (default: the causal-LM adapter).
+    On return every parameter is trainable again (as it was given), so the result can be unlearned again."""
+    if adapter is None:
+        from obliviate.models import causal_lm as adapter
+    train = train or TrainConfig()
+    method = make_method(method) if isinstance(method, str) else method
+    check_disjoint(forget, retain)
+    adapter.prepare_tokenizer(tokenizer)
+    rng = random.Random(train.seed)
+    torch.manual_seed(train.seed)
+    device = adapter.model_device(model)
+
+    if method.needs_reference and reference is None:
+        reference = copy.deepcopy(model)
+    if reference is not None:
+        reference.eval().requires_grad_(False)
+    if not method.needs_reference:
+        reference = None  # never hand a reference to a method that did not ask for one
+    if lora is not None:
+        model = _apply_lora(model, lora)
+    method.setup(model, reference)
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and method.trainable(n, p)]
+    trainable_ids = {id(p) for _, p in named}
+    was_trainable = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    if not named:
+        raise ObliviateError(f"{method.name}: no trainable parameters selected")
+    params = [p for _, p in named]
+    refusals = refusals or DEFAULT_REFUSALS
+
+    pad = tokenizer.pad_token_id
+    forget_enc = [(adapter.encode_item(tokenizer, i), adapter.encode_item(tokenizer, i, rng.choice(refusals)))
+                  for i in forget]
+    pool = method.retain_pool(retain, rng)
+    retain_enc = [adapter.encode_item(tokenizer, i) for i in pool]
+    full_retain = adapter.to_device(adapter.collate(retain_enc, pad), device) if method.full_retain_batch else None
+    steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
+    opt, sched = make_optimizer(params, train, steps)
+    forget_iter, retain_iter = _batches(forget_enc, train.batch_size, rng), _batches(retain_enc, train.batch_size, rng)
+    # copies for the NaN guard only when they are cheap
+    guard = StateGuard(params, enabled=sum(p.numel() for p in params) <= 100_000_000)
+
+    history, stopped, t0 = [], None, time.time()
+    with progress.bar(f"unlearn {method.name}", steps) as advance:
+        for step in range(steps):
+            pairs = next(forget_iter)
+            f = adapter.collate([a for a, _ in pairs], pad)
+            f["idk"] = adapter.collate([b for _, b in pairs], pad)
+            f = adapter.to_device(f, device)
+            r = full_retain if full_retain is not None else adapter.to_device(adapter.collate(next(retain_iter), pad),
+                                                                                device)
+            parts = method.losses(model, reference, f, r)
+            logs = {"step": step, "loss": parts.total.item(), **parts.logs}
+            stopped = gradient_step(method, parts, params, opt, sched, train, logs, step, guard)
+            if stopped:
+                stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)
+                break
+            history.append(logs)
+            advance(loss=logs["loss"])
+    model.eval()
+    names = [n for n, _ in named]
+    if lora is not None:
+        model = model.merge_and_unload()
+        names = sorted({n.replace("base_model.model.", "").replace(".lora_A.default", "").replace(
+            ".lora_B.default", "") for n in names})
+        was_trainable = {id(p): True for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(was_trainable.get(id(p), True))
+    return UnlearnResult(model=model, trainable_names=names, history=history, seconds=time.time() - t0,
+                         stopped=stopped)

@@ -1,0 +1,124 @@
+"""What every family's loop shares: the optimiser and its warm-up schedule, one gradient step (restricted gradients,
+masks, clipping), the guard that keeps the last sound state when the loss diverges, the loop's result and the
+tensors a run saves."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from obliviate.config import TrainConfig
+
+
+@dataclass
+class UnlearnResult:
+    model: torch.nn.Module  # the unlearned model (LoRA merged), or the erased UNet
+    trainable_names: list[str]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str | None = None  # why the loop stopped early (non-finite loss), else None
+
+
+def make_optimizer(params: list, train: TrainConfig, steps: int):
+    """The optimiser the config names and a linear warm-up over `train.warmup_fraction` of the steps."""
+    opt = (torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay) if train.optimizer == "adamw"
+           else torch.optim.SGD(params, lr=train.lr))
+    warmup = int(steps * train.warmup_fraction)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    return opt, sched
+
+
+class StateGuard:
+    """The NaN guard. A step whose loss is finite proves the state it started from sound; the step itself may still
+    wreck the weights (lr 1e9: huge but finite weights, a NaN loss one step later). So the guard keeps a copy of the
+    last state whose loss was finite (taken before each step) and of the initial state, and when the loop must stop
+    it puts back the last sound state, or the initial one if even that gives a non-finite loss on a probe batch.
+    Off (no copies) for models too large to copy at every step."""
+
+    def __init__(self, params: list, enabled: bool = True):
+        self.params, self.enabled = params, enabled
+        self.initial = self._copy() if enabled else None
+        self.last_good: list | None = None
+        self.last_good_step: int | None = None
+
+    def _copy(self) -> list:
+        return [p.detach().clone() for p in self.params]
+
+    def _put(self, tensors: list) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, tensors):
+                p.copy_(s)
+
+    def mark_good(self, step: int) -> None:
+        """The current state (before `step`'s update) gave a finite loss."""
+        if self.enabled:
+            self.last_good, self.last_good_step = self._copy(), step
+
+    def restore(self, why: str, probe: Callable[[], torch.Tensor] | None = None) -> str:
+        """Put back the last sound state and say which one it is (the message ends the run's `stopped` field)."""
+        if not self.enabled:
+            return f"{why}; the state could not be restored (the model is too large to copy at every step)"
+        if self.last_good is not None:
+            self._put(self.last_good)
+            if probe is None or _finite(probe):
+                return f"{why}; kept the state before step {self.last_good_step}, whose loss was finite"
+        self._put(self.initial)
+        return f"{why}; kept the initial state (no later state gave a finite loss)"
+
+
+@torch.no_grad()
+def _finite(probe: Callable[[], torch.Tensor]) -> bool:
+    try:
+        return bool(torch.isfinite(probe()).all())
+    except RuntimeError:  # e.g. a sampling error from non-finite probabilities
+        return False
+
+
+def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, logs: dict, step: int,
+                  guard: StateGuard, grad_mask: list | None = None) -> str | None:
+    """One optimiser step from a method's loss parts, shared by every family's loop: the gradients (combined by the
+    method when it says how, e.g. the restricted gradient), an optional 0/1 mask per parameter (SalUn), clipping.
+    Returns why the loop must stop (a non-finite loss, gradient or update), else None; the loop then calls
+    `guard.restore`."""
+    opt.zero_grad(set_to_none=True)
+    if method.combine_gradients is not None and parts.retain is not None:
+        g_f = torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True)
+        g_r = torch.autograd.grad(parts.retain, params, allow_unused=True)
+        g_f = [torch.zeros_like(p) if g is None else g for g, p in zip(g_f, params)]
+        g_r = [torch.zeros_like(p) if g is None else g for g, p in zip(g_r, params)]
+        combined, extra = method.combine_gradients(g_f, g_r)
+        logs.update(extra)
+        for p, g in zip(params, combined):
+            p.grad = g
+    else:
+        parts.total.backward()
+    if grad_mask is not None:
+        for p, m in zip(params, grad_mask):
+            if p.grad is not None and m is not None:
+                p.grad.mul_(m)
+    if not math.isfinite(logs["loss"]):
+        return f"non-finite loss at step {step}"
+    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+        return f"non-finite gradient at step {step}"
+    guard.mark_good(step)
+    if train.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+    before = guard.last_good if guard.enabled else ([p.detach().clone() for p in params] if grad_mask else None)
+    opt.step()
+    sched.step()
+    if grad_mask is not None:  # weight decay acts outside the gradient: keep masked-out entries exactly as they were
+        with torch.no_grad():
+            for p, s, m in zip(params, before, grad_mask):
+                if m is not None:
+                    p.copy_(torch.where(m.bool(), p, s))
+    if guard.enabled and not all(torch.isfinite(p).all() for p in params):
+        return f"parameters became non-finite at step {step}"
+    return None
+
+
+def changed_tensors(model, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors the method was allowed to change (for LoRA: the merged target weights), by state-dict name."""
+    state = model.state_dict()
+    return {n: state[n].detach().cpu().contiguous() for n in names if n in state}

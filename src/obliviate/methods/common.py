@@ -1,0 +1,54 @@
+"""Pieces every family's methods share: the loss parts a loop minimises, config checks that name the key, and the
+instantiation of a registered method from its config dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from obliviate.errors import ObliviateError
+
+
+@dataclass
+class LossParts:
+    """forget: the term whose gradient is the forget direction; retain: the (already weighted) retain term or None.
+    The loop minimises forget + retain, unless the method combines their gradients itself (RG)."""
+    forget: torch.Tensor
+    retain: torch.Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.forget if self.retain is None else self.forget + self.retain
+
+
+def check_choice(method: str, key: str, value, choices) -> None:
+    """Config validation: `value` must be one of `choices`; the error names the method, the key and the choices."""
+    if value not in choices:
+        raise ObliviateError(f"{method}: {key}={value!r} is not valid; choose one of "
+                             + ", ".join(repr(c) for c in choices))
+
+
+def check_number(method: str, key: str, value, *, min: float | None = None, positive: bool = False) -> None:
+    """Config validation: a real number, > 0 when `positive`, >= `min` when given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ObliviateError(f"{method}: {key} must be a number, got {value!r}")
+    if positive and not value > 0:
+        raise ObliviateError(f"{method}: {key} must be > 0, got {value!r}")
+    if min is not None and value < min:
+        raise ObliviateError(f"{method}: {key} must be >= {min}, got {value!r}")
+
+
+
+def instantiate(entry, args: dict | None = None):
+    """A registered method with its config built from `args`; unknown keys and bad values name the key."""
+    cls = entry.load()
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    bad = set(args or {}) - known
+    if bad:
+        raise ObliviateError(f"method_args: unknown key(s) {sorted(bad)} for {entry.name}; valid: {sorted(known)}")
+    try:
+        return cls(cls.Config(**(args or {})))
+    except (TypeError, ValueError) as e:
+        raise ObliviateError(f"method_args for {entry.name}: {e}") from None

@@ -1,0 +1,11 @@
+"""`obliviate run`: hand a config to its family's runner (obliviate.families)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run(config, log=print) -> Path:
+    """Unlearn, evaluate and write one run folder for `config` (a RunConfig)."""
+    from obliviate.families import get
+
+    return get(config.family).load("runner")(config, log)
