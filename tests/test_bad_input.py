@@ -82,3 +82,105 @@ def test_malformed_config_names_file_and_line(tmp_path, name, body, line):
     one_line_error(runner.invoke(app, ["validate", str(cfg)]), f"{name}: malformed config", f"line {line}")
 
 
+# ---- 3. model folders whose JSON is not JSON -----------------------------------------------------------------------
+
+def test_model_index_not_json_names_file_and_line(tmp_path):
+    from obliviate.models.diffusion import check_folder
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{\n  "unet": ["diffusers", "UNet2DConditionModel"]\n  "vae": 1\n}\n')
+    with pytest.raises(ObliviateError, match=r"model_index.json:3: malformed JSON \(Expecting ',' delimiter\)"):
+        check_folder(folder)
+    (folder / "model_index.json").write_text('["unet"]')
+    with pytest.raises(ObliviateError, match=r"model_index.json: must be a JSON object"):
+        check_folder(folder)
+
+
+def test_model_config_not_json_fails_eval_in_one_line(tiny_lm_dir, tmp_path):
+    from conftest import tiny_items
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, model)
+    (model / "config.json").write_text('{\n  "model_type": "llama",\n  "hidden_size": 32,,\n}\n')
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    write_items(forget, tiny_items()[:3])
+    write_items(retain, tiny_items()[3:])
+    r = runner.invoke(app, ["eval", str(model), "--forget-file", str(forget), "--retain-file", str(retain),
+                            "--out", str(tmp_path / "eval.json"), "--quiet"])
+    one_line_error(r, "config.json:3: malformed JSON")
+    assert not (tmp_path / "eval.json").exists()
+
+
+# ---- 4. corrupt weights --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def bin_model_dir(tiny_lm_dir, tmp_path):
+    """The tiny Llama with its weights as a pickle checkpoint (transformers 5 saves only safetensors, whatever
+    safe_serialization says), checked to load before a test breaks it."""
+    from obliviate.models.causal_lm import load
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(tiny_lm_dir, folder)
+    model, _ = load(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    load(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "not-zip", "truncated"])
+def test_corrupt_pickle_checkpoint_names_the_file(bin_model_dir, damage):
+    from obliviate.models.causal_lm import load
+
+    weights = bin_model_dir / "pytorch_model.bin"
+    good = weights.read_bytes()
+    weights.write_bytes({"garbage": b"\x80\x02not a checkpoint" * 8, "empty": b"",
+                         "not-zip": b"PK\x03\x04" + bytes(100), "truncated": good[:len(good) // 2]}[damage])
+    with pytest.raises(ObliviateError, match=f"cannot load model from {bin_model_dir}: pytorch_model.bin ") as e:
+        load(bin_model_dir)
+    assert len(str(e.value).splitlines()) == 1 and "weights_only=False" not in str(e.value)
+
+
+def test_truncated_safetensors_fails_eval_in_one_line(tiny_lm_dir, tmp_path):
+    from conftest import tiny_items
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    write_items(forget, tiny_items()[:3])
+    write_items(retain, tiny_items()[3:])
+    r = runner.invoke(app, ["eval", str(model), "--forget-file", str(forget), "--retain-file", str(retain),
+                            "--out", str(tmp_path / "eval.json"), "--quiet"])
+    one_line_error(r, f"cannot load model from {model}", "model.safetensors is corrupt or truncated")
+    assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("component, weights", [("text_encoder", "model.safetensors"),
+                                                ("unet", "diffusion_pytorch_model.safetensors")])
+def test_truncated_pipeline_weights_name_the_component(tiny_pipeline_dir, tmp_path, component, weights):
+    from obliviate.models.diffusion import load_pipeline
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    f = folder / component / weights
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    with pytest.raises(ObliviateError, match=f"{folder / component}: cannot load the pipeline's {component}") as e:
+        load_pipeline(folder)
+    assert len(str(e.value).splitlines()) == 1 and weights in str(e.value)
+
+
+def test_corrupt_pickle_text_encoder_names_the_component(tiny_pipeline_dir, tmp_path):
+    from obliviate.models.diffusion import load_pipeline
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ObliviateError, match=r"text_encoder: cannot load the pipeline's text_encoder: "
+                                             r"pytorch_model.bin is corrupt"):
+        load_pipeline(folder)
+
+

@@ -22,9 +22,45 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def weights_load_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt or truncated weights file raises from from_pretrained (transformers loads .bin files with
+    torch.load(weights_only=True)): caught by the loaders and turned into one line naming the folder."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    # pickle.UnpicklingError: garbage, or objects weights_only refuses; EOFError: an empty .bin; RuntimeError:
+    # torch's zip reader on a damaged .bin; SafetensorError: a truncated or garbled .safetensors header.
+    return OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError
+
+
+def weights_error_message(folder: Path, e: BaseException) -> str:
+    """One line saying which weights file failed; for a failed unpickle our own words, since torch's message
+    suggests weights_only=False, which obliviate never does."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    bins = ", ".join(sorted(p.name for p in folder.glob("*pytorch_model*.bin")))
+    safetensors = ", ".join(sorted(p.name for p in folder.glob("*model*.safetensors")))
+    if isinstance(e, SafetensorError):
+        return f"{safetensors or 'a .safetensors file'} is corrupt or truncated ({text})"
+    if isinstance(e, (pickle.UnpicklingError, EOFError)):
+        return (f"{bins or 'a .bin weights file'} is corrupt or truncated, or holds more than tensors "
+                "(checkpoints are loaded with torch.load(weights_only=True))")
+    # torch's zip reader (RuntimeError) and mmap (a bare errno OSError) do not say which file; the .bin is read
+    # only when there are no safetensors
+    if bins and not safetensors and (isinstance(e, RuntimeError) or isinstance(e, OSError) and e.errno):
+        return f"{bins} cannot be loaded: {text.split('. ')[0]}"
+    return text
+
+
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """Load (model, tokenizer) from a transformers folder; the folder on disk is never written to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from obliviate.data import read_json_file
 
     quiet_transformers()
     path = Path(path)
@@ -32,12 +68,15 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
         raise ObliviateError(f"model folder not found: {path}")
     if not (path / "config.json").is_file():
         raise ObliviateError(f"not a transformers model folder (no config.json): {path}")
+    # parsed here first: transformers' own error for a broken config.json gives no line
+    if not isinstance(read_json_file(path / "config.json", "model config"), dict):
+        raise ObliviateError(f"{path / 'config.json'}: must be a JSON object")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=None)
-    except (OSError, ValueError) as e:
-        raise ObliviateError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    except weights_load_errors() as e:
+        raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
     prepare_tokenizer(tokenizer)
     return model.to(device), tokenizer
 
