@@ -184,3 +184,39 @@ def test_corrupt_pickle_text_encoder_names_the_component(tiny_pipeline_dir, tmp_
         load_pipeline(folder)
 
 
+# ---- 5. strict JSON, nothing half-written --------------------------------------------------------------------------
+
+def _no_nan(token):
+    raise AssertionError(f"non-standard JSON constant {token}")
+
+
+def test_write_json_writes_non_finite_values_as_null(tmp_path):
+    import numpy as np
+
+    from obliviate.runs import write_json
+
+    data = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -math.inf}], "d": np.float32("nan"),
+            "e": torch.tensor(float("nan")), "f": (np.float64(2.0), torch.tensor(3)), "g": {"h": np.int64(4)}}
+    path = tmp_path / "per_item.json"
+    write_json(path, data)
+    back = json.loads(path.read_text(), parse_constant=_no_nan)
+    assert back == {"a": None, "b": [1.5, None, {"c": None}], "d": None, "e": None, "f": [2.0, 3], "g": {"h": 4}}
+    assert [p.name for p in tmp_path.iterdir()] == ["per_item.json"]
+
+
+def test_failed_write_json_leaves_no_file(tmp_path, monkeypatch):
+    from obliviate import runs
+
+    with pytest.raises(TypeError):
+        runs.write_json(tmp_path / "out.json", {"x": object()})
+    assert list(tmp_path.iterdir()) == []
+
+    def broken_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(runs.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        runs.write_json(tmp_path / "out.json", {"x": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
