@@ -220,3 +220,31 @@ def test_failed_write_json_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+# ---- 6. eval --out -------------------------------------------------------------------------------------------------
+
+def test_eval_never_writes_over_its_input_files(tmp_path):
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text("not even read\n")
+    retain.write_text("not even read\n")
+    (tmp_path / "sub").mkdir()
+    for out in (forget, tmp_path / "sub" / ".." / "retain.jsonl"):
+        r = runner.invoke(app, ["eval", str(tmp_path / "no-model"), "--forget-file", str(forget),
+                                "--retain-file", str(retain), "--out", str(out), "--force", "--quiet"])
+        one_line_error(r, f"--out {out} is the input file")
+    assert forget.read_text() == retain.read_text() == "not even read\n"
+
+
+def test_eval_refuses_an_existing_out_unless_forced(tiny_lm_dir, tmp_path):
+    from conftest import tiny_items
+
+    forget, retain, out = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl", tmp_path / "eval.json"
+    write_items(forget, tiny_items()[:3])
+    write_items(retain, tiny_items()[3:])
+    out.write_text("keep me")
+    args = ["eval", str(tiny_lm_dir), "--forget-file", str(forget), "--retain-file", str(retain), "--out", str(out),
+            "--quiet"]
+    one_line_error(runner.invoke(app, args), f"--out {out} already exists; pass --force")
+    assert out.read_text() == "keep me"
+    r = runner.invoke(app, args + ["--force"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(out.read_text(), parse_constant=_no_nan)["per_item"]["forget"]) == 3
