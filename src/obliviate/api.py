@@ -1,6 +1,7 @@
 """Entry points shared by the CLI and notebooks that are more than a single call."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from obliviate.config import RunConfig, WorldConfig
@@ -10,8 +11,12 @@ from obliviate.runs import write_json
 
 
 def evaluate_folder(model_dir: Path, forget_file: Path | None, retain_file: Path | None, split: str,
-                    tofu_dir: Path | None, out: Path) -> dict:
-    """Evaluate a transformers folder: on the user's files, or on the profiles world's sets against its retrain."""
+                    tofu_dir: Path | None, out: Path, force: bool = False) -> dict:
+    """Evaluate a transformers folder: on the user's files, or on the profiles world's sets against its retrain.
+    An existing `out` is replaced only with `force`; an input file never is."""
+    if bool(forget_file) != bool(retain_file):
+        raise ObliviateError("--forget-file and --retain-file go together")
+    _check_out_file(Path(out), [Path(f) for f in (forget_file, retain_file) if f], Path(model_dir), force)
     from obliviate.config import EvalConfig
     from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
     from obliviate.models import causal_lm as lm
@@ -19,8 +24,6 @@ def evaluate_folder(model_dir: Path, forget_file: Path | None, retain_file: Path
     from obliviate.runs import resolve_device
     from obliviate.worlds.profiles import ProfilesWorld
 
-    if bool(forget_file) != bool(retain_file):
-        raise ObliviateError("--forget-file and --retain-file go together")
     device = resolve_device("auto")
     if forget_file:
         qa_sets = {"forget": load_qa_jsonl(forget_file), "retain": load_qa_jsonl(retain_file)}
@@ -34,8 +37,29 @@ def evaluate_folder(model_dir: Path, forget_file: Path | None, retain_file: Path
         model, tok = lm.load(model_dir, device=device)
         result = evaluate_lm(model, tok, qa_sets, texts["forget"], texts["holdout"])
         result = compare_to_retrain(result, retrain_evaluation(world, split, eval_cfg, qa_sets, texts))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return result
+
+
+def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool) -> None:
+    """Before any model is loaded (minutes), so a bad --out fails at once: never an input, never a folder, and an
+    existing file only with --force."""
+    def same(a: Path, b: Path) -> bool:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+    for f in inputs:
+        if same(out, f):
+            raise ObliviateError(f"--out {out} is the input file {f}; choose another output file")
+    if out.is_dir():
+        raise ObliviateError(f"--out {out} is a folder; give a file name")
+    if out.exists() and model_dir.is_dir() and out.resolve().is_relative_to(model_dir.resolve()):
+        raise ObliviateError(f"--out {out} is a file of the model folder {model_dir}; choose another output file")
+    existing = next(p for p in out.absolute().parents if p.exists())  # the folders below it are made at the end
+    if not existing.is_dir():
+        raise ObliviateError(f"--out {out}: {existing} is not a folder")
+    if out.exists() and not force:
+        raise ObliviateError(f"--out {out} already exists; pass --force to overwrite it")
 
 
 def read_run_config(run_dir: Path) -> RunConfig:

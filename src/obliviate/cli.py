@@ -78,12 +78,13 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
              split: str = typer.Option("forget10", help="world split, when no files are given"),
              tofu_dir: Optional[Path] = typer.Option(None, help="TOFU utility files for the world"),
              out: Path = typer.Option(Path("eval.json"), help="where to write the evaluation JSON"),
+             force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
              quiet: bool = typer.Option(False, help="no progress bars")):
     """Evaluate a model folder on the world's sets (compared with the retrain model) or on your own files."""
     _quiet(quiet)
     try:
         from obliviate.api import evaluate_folder
-        result = evaluate_folder(model, forget_file, retain_file, split, tofu_dir, out)
+        result = evaluate_folder(model, forget_file, retain_file, split, tofu_dir, out, force=force)
     except ObliviateError as e:
         _fail(e)
     from obliviate.bench.scorecard import print_scorecard

@@ -167,26 +167,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_config_file(path: str | Path) -> dict:
+    import tomllib
+
+    import yaml
+
+    from obliviate.data import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ObliviateError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "config file")
     try:
         if path.suffix == ".toml":
-            import tomllib
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml", ".json"):
-            import yaml
             data = yaml.safe_load(text)
         else:
             raise ObliviateError(f"{path}: config must be .toml, .yaml/.yml or .json")
-    except ObliviateError:
-        raise
-    except Exception as e:  # tomllib.TOMLDecodeError / yaml.YAMLError carry the line in their message
+    except tomllib.TOMLDecodeError as e:  # its message ends with "(at line N, column M)"
         raise ObliviateError(f"{path}: malformed config: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        raise ObliviateError(f"{path}: malformed config: {_yaml_problem(e, text)}") from None
     if not isinstance(data, dict):
         raise ObliviateError(f"{path}: the config must be a mapping of keys to values")
     return data
+
+
+def _yaml_problem(e, text: str) -> str:
+    """yaml's message spreads over several lines ("in <unicode string>", a caret); keep the problem and its place,
+    worded like tomllib's."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None)
+    if mark is not None:
+        return f"{problem or 'invalid YAML'} (at line {mark.line + 1}, column {mark.column + 1})"
+    position = getattr(e, "position", None)  # yaml.reader.ReaderError: a character YAML does not allow
+    if position is not None:
+        return f"{str(e).splitlines()[0]} (at line {text.count(chr(10), 0, position) + 1})"
+    return str(e).splitlines()[0]
 
 
 def build_config(data: dict, source: str = "config") -> RunConfig:

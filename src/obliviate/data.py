@@ -41,6 +41,33 @@ class TextItem:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A user's text file decoded as UTF-8 (a leading BOM dropped); a missing, unreadable or non-UTF-8 file is one
+    ObliviateError naming the file (and for a bad byte, its line and byte offset)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ObliviateError(f"{what} not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ObliviateError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ObliviateError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                             "save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")  # editors on Windows may write a BOM; json and tomllib reject it
+
+
+def read_json_file(path: str | Path, what: str = "JSON file"):
+    """A user's JSON file (UTF-8); malformed JSON is one ObliviateError naming file:line."""
+    try:
+        return json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as e:
+        raise ObliviateError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
 def _field(row: dict, names: tuple[str, ...]):
     for n in names:
         if n in row and row[n] is not None:
@@ -52,9 +79,7 @@ def load_qa_jsonl(path: str | Path, source: str | None = None) -> list[QAItem]:
     """Read TOFU-style JSON lines: question, answer, optional paraphrased_answer / paraphrased_question,
     perturbed_answer (list). A JSON array file is accepted as well."""
     path = Path(path)
-    if not path.is_file():
-        raise ObliviateError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "data file")
     rows: list[tuple[int, object]] = []
     if text.lstrip().startswith("["):
         try:
@@ -62,7 +87,8 @@ def load_qa_jsonl(path: str | Path, source: str | None = None) -> list[QAItem]:
         except json.JSONDecodeError as e:
             raise ObliviateError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines also breaks at U+2028 and other separators JSON allows inside strings
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -107,9 +133,7 @@ def load_tofu_utility(tofu_dir: str | Path) -> dict[str, list[QAItem]]:
 
 def load_lines(path: str | Path) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise ObliviateError(f"file not found: {path}")
-    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [l.strip() for l in read_text_file(path).splitlines() if l.strip()]
     if not lines:
         raise ObliviateError(f"{path}: empty")
     return lines
@@ -135,10 +159,8 @@ def load_prompts(path: str | Path, must_contain: str | None = None) -> list[str]
     """Prompts for text-to-image runs: one per line, or JSON lines with a "prompt" key (blank lines skipped).
     A bad row (broken JSON, no "prompt", a forget prompt without the concept) is an error naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise ObliviateError(f"prompts file not found: {path}")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path, "prompts file").split("\n"), 1):  # "\n" only, as for JSON lines
         line = line.strip()
         if not line:
             continue

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,10 +29,20 @@ def atomic_dir(final: str | Path):
 
 
 def write_json(path: str | Path, data) -> None:
+    """Strict JSON (NaN and infinities become null), written to a temporary file beside `path` and renamed into
+    place; on an error the temporary file is removed and `path` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n"
+    # a unique name, so two writers never share one; os.open rather than mkstemp so the umask sets the mode (not 0600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cached_json(path: str | Path, compute):
@@ -43,6 +55,25 @@ def cached_json(path: str | Path, compute):
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, value)
     return value
+
+
+def _finite(o):
+    """A copy with non-finite floats as None; numpy/torch scalars become Python numbers first, so their NaNs
+    become null too instead of failing allow_nan."""
+    if isinstance(o, float):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set)):
+        return [_finite(v) for v in o]
+    if o is None or isinstance(o, (str, int)):
+        return o
+    if hasattr(o, "item"):
+        try:
+            return _finite(o.item())
+        except (ValueError, RuntimeError):  # not a one-element array/tensor: `default` refuses it below
+            return o
+    return o
 
 
 def _jsonable(o):

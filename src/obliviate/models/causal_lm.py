@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
-from obliviate.models import quiet_transformers  # noqa: F401  (re-exported)
+from obliviate.models import quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE = -100
@@ -19,18 +19,23 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
     """Load (model, tokenizer) from a transformers folder; the folder on disk is never written to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from obliviate.data import read_json_file
+
     quiet_transformers()
     path = Path(path)
     if not path.is_dir():
         raise ObliviateError(f"model folder not found: {path}")
     if not (path / "config.json").is_file():
         raise ObliviateError(f"not a transformers model folder (no config.json): {path}")
+    # parsed here first: transformers' own error for a broken config.json gives no line
+    if not isinstance(read_json_file(path / "config.json", "model config"), dict):
+        raise ObliviateError(f"{path / 'config.json'}: must be a JSON object")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=None)
-    except (OSError, ValueError) as e:
-        raise ObliviateError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    except weights_load_errors() as e:
+        raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
     prepare_tokenizer(tokenizer)
     return model.to(device), tokenizer
 

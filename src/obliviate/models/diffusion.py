@@ -3,12 +3,12 @@ noise latents, sample. Methods and metrics talk to a text-to-image model only th
 same code serves the canvas world's small pipeline and a user's SD 1.x/2.x folder."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from obliviate.data import read_json_file
 from obliviate.errors import ObliviateError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -41,7 +41,9 @@ def check_folder(folder: str | Path) -> Path:
         raise ObliviateError(f"pipeline folder not found: {folder}")
     if not (folder / "model_index.json").is_file():
         raise ObliviateError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_json_file(folder / "model_index.json", "pipeline index")
+    if not isinstance(index, dict):
+        raise ObliviateError(f"{folder / 'model_index.json'}: must be a JSON object")
     missing = [c for c in COMPONENTS if c not in index or not (folder / c).is_dir()]
     if missing:
         raise ObliviateError(f"{folder}: pipeline is missing component(s) {', '.join(missing)}")
@@ -58,19 +60,26 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = 
 
     from diffusers.utils import logging as diffusers_logging
 
-    from obliviate.models import quiet_transformers
+    from obliviate.models import quiet_transformers, weights_error_message, weights_load_errors
 
     quiet_transformers()  # obliviate shows its own progress; no per-file bars from either library
     diffusers_logging.disable_progress_bar()
     folder = check_folder(folder)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    except (OSError, ValueError, KeyError) as e:
-        raise ObliviateError(f"{folder}: cannot load the pipeline: {str(e).splitlines()[0]}") from None
+    loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+               "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+               "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
+                                                                     torch_dtype=dtype),
+               "tokenizer": lambda: AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+               "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler")}
+    parts = {}
+    for name, load in loaders.items():  # one at a time, so the error names the component's folder
+        try:
+            parts[name] = load()
+        except weights_load_errors() + (KeyError,) as e:
+            raise ObliviateError(f"{folder / name}: cannot load the pipeline's {name}: "
+                                 f"{weights_error_message(folder / name, e)}") from None
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    tokenizer, scheduler = parts["tokenizer"], parts["scheduler"]
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return Pipeline(unet, vae, text_encoder, tokenizer, scheduler, str(folder))
