@@ -398,6 +398,24 @@ def test_atomic_write_interrupted_leaves_the_old_file(tmp_path, monkeypatch):
     assert path.read_text() == "old" and listing(tmp_path) == ["a.json"]
 
 
+def test_report_html_is_written_atomically(tmp_path, monkeypatch):
+    from obliviate.bench.report import write_run_report
+
+    metrics = {"method": "GA", "split": "forget10", "status": "completed"}
+    write_run_report(tmp_path, metrics, [])
+    good = (tmp_path / "report.html").read_text()
+    assert "obliviate run: GA on forget10" in good
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(ObliviateError, match=f"cannot write to {tmp_path / 'report.html'}"):
+        write_run_report(tmp_path, {**metrics, "status": "stopped"}, [])
+    monkeypatch.undo()
+    assert (tmp_path / "report.html").read_text() == good and listing(tmp_path) == ["report.html"]
+
+
 def test_signals_wait_while_a_folder_moves_into_place():
     """After hold(), SIGTERM is delivered only when the block is left, to the handler that was there before."""
     got = []
