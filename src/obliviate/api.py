@@ -150,6 +150,10 @@ def _save_attack_grid(run_dir: Path, method: str, images, rows: list[dict], colu
     rank = {"concept back": 0, "drawn without attack": 1, "held": 2}
     order = sorted(range(len(rows)), key=lambda i: rank[outcome(rows[i])])[:columns]
     captions = [f"{rows[i]['text']} ({outcome(rows[i])})" for i in order]
-    tmp = run_dir / ".attack.png.tmp"
-    image_grid([(f"{method} attacked", images[order])], captions).save(tmp, format="PNG")
-    tmp.replace(run_dir / "attack.png")
+    import io
+
+    from obliviate.runs import atomic_write
+
+    buffer = io.BytesIO()
+    image_grid([(f"{method} attacked", images[order])], captions).save(buffer, format="PNG")
+    atomic_write(run_dir / "attack.png", buffer.getvalue())

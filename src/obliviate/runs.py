@@ -1,48 +1,185 @@
 """Atomic folders and files: everything is written under a temporary name and renamed into place at the end, so an
-interrupted or failed run leaves nothing half-written."""
+interrupted or failed run leaves nothing half-written.
+
+- `claim_run_dir(final)`: claim a run folder BEFORE the work (refuses an existing or concurrently claimed name and an
+  unwritable disk at once), work in its temporary folder, move it into place at the end; errors, Ctrl-C and SIGTERM
+  remove only what the claim created.
+- `atomic_dir(final)`: the same without the claim, replacing `final` if it exists (world builds, exports).
+- `atomic_write(path, data)`: one file, written beside its name, fsynced, renamed over it.
+
+Temporary folders are named `.NAME.tmp-<pid>-<random>` and held (flock) by their process while it works; those of a
+process that is gone are removed by the next claim in the same parent folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
+
+from obliviate.errors import ObliviateError
+
+try:
+    import fcntl
+except ImportError:  # Windows: claims fall back to O_EXCL lock files holding the pid
+    fcntl = None
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-z_]+$")
+_LOCK = re.compile(r"^\.(?P<name>.+)\.obliviate-claim$")
+# an OSError with no file name and one of these numbers is a write fault (Python's write() names no file)
+_WRITE_FAULTS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A claimed run folder: write everything into `tmp`; it becomes `final` when the `with` block ends cleanly."""
+    final: Path
+    tmp: Path
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path):
-    """Yield a temporary folder beside `final`; on success it becomes `final`, on error it is removed."""
+def claim_run_dir(final: str | Path, log: Callable[[str], object] | None = print,
+                  min_free_bytes: int = 0) -> Iterator[RunDir]:
+    """Claim the run folder `final` before the work starts; yield a `RunDir` whose `tmp` folder the work writes into.
+
+    Fails at once (ObliviateError, one line) if `final` exists, if another live run holds the same name, or if the
+    folder cannot be written (a probe file is written and fsynced in the temporary folder; `min_free_bytes` also
+    demands that much free space). When the block ends cleanly `tmp` is fsynced and renamed to `final`; on any error,
+    Ctrl-C or SIGTERM (which raises SystemExit(143) for the duration, main thread only) the temporary folder and the
+    claim are removed, and nothing else. A block that swallows its own error still commits: raise to abort."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _check_name(final)
+    if os.path.lexists(final):
+        raise _exists(final)
+    with _interruptible() as hold, contextlib.ExitStack() as undo:
+        _make_parent(final)
+        sweep_stale(final.parent, log)
+        undo.callback(_Lock(final).release)
+        if os.path.lexists(final):  # finished by another run between the first check and the claim
+            raise _exists(final)
+        temp = _Temp(final)
+        undo.callback(temp.remove)
+        undo.callback(hold)  # runs first on the way out: no signal interrupts the cleanup
+        try:
+            _check_writable(temp.path, final, min_free_bytes)
+        except OSError as e:
+            raise _cannot_write(final, e) from e
+        try:
+            yield RunDir(final, temp.path)
+        except OSError as e:
+            if _write_fault(e, temp.path):
+                raise _cannot_write(final, e) from e
+            raise
+        hold()  # SIGTERM / Ctrl-C from here on wait until the folder is in place
+        temp.sync(final)
+        if os.path.lexists(final):
+            raise ObliviateError(f"run folder already exists: {final} (made by something else while this run "
+                                 f"worked; nothing was written)")
+        temp.move_to(final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, log: Callable[[str], object] | None = print) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it becomes `final` (replacing an existing `final`), on
+    error, Ctrl-C or SIGTERM it is removed. A failure while moving into place raises ObliviateError naming `final`
+    and leaves the old `final` as it was."""
+    final = Path(final)
+    _check_name(final)
+    with _interruptible() as hold, contextlib.ExitStack() as undo:
+        _make_parent(final)
+        sweep_stale(final.parent, log)
+        temp = _Temp(final)
+        undo.callback(temp.remove)
+        undo.callback(hold)
+        try:
+            yield temp.path
+        except OSError as e:
+            if _write_fault(e, temp.path):
+                raise _cannot_write(final, e) from e
+            raise
+        hold()
+        temp.sync(final)
+        if not os.path.lexists(final):
+            temp.move_to(final)
+            return
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.replace(final, old)
+        except OSError as e:
+            raise _cannot_write(final, e) from e
+        try:
+            temp.move_to(final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` (str: UTF-8) to `path` atomically: a temporary file in the same folder, fsynced, renamed over
+    `path`. On failure the old file is untouched, the temporary file is removed, and ObliviateError names `path`."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = None
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        mode = _file_mode(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # alive: no sweep takes it
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from e
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _fsync_dir(path.parent)
+    return path
+
+
+def sweep_stale(parent: str | Path, log: Callable[[str], object] | None = print) -> list[str]:
+    """Remove the `.NAME.tmp-<pid>-*` folders and files in `parent` left by processes that are gone (the pid is not
+    alive here and nobody holds the folder's flock), and unheld `.NAME.obliviate-claim` files; report the temporary
+    ones in one log line. Those of a live pid, or not provably abandoned, are left alone. Returns the names removed."""
+    parent = Path(parent)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m and not entry.is_symlink() and _remove_if_abandoned(Path(entry.path), int(m["pid"])):
+            removed.append(entry.name)
+        elif _LOCK.match(entry.name) and entry.is_file(follow_symlinks=False):
+            _remove_if_unheld_lock(Path(entry.path))
+    if removed and log:
+        log(f"removed {len(removed)} unfinished folder(s) or file(s) of killed runs in {parent}: {', '.join(removed)}")
+    return removed
 
 
 def write_json(path: str | Path, data) -> None:
-    """Strict JSON (NaN and infinities become null), written to a temporary file beside `path` and renamed into
-    place; on an error the temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    text = json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n"
-    # a unique name, so two writers never share one; os.open rather than mkstemp so the umask sets the mode (not 0600)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Strict JSON (NaN and infinities become null), written atomically (`atomic_write`): on an error `path` is
+    left as it was and no temporary file remains."""
+    atomic_write(path, json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n")
 
 
 def cached_json(path: str | Path, compute):
@@ -111,3 +248,345 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ObliviateError(f"device '{name}' requested but CUDA is not available")
     return name
+
+
+# ---- internals -----------------------------------------------------------------------------------------------------
+
+def _check_name(final: Path) -> None:
+    if final.name in ("", ".", ".."):
+        raise ObliviateError(f"not a folder name: {final}")
+
+
+def _exists(final: Path) -> ObliviateError:
+    return ObliviateError(f"run folder already exists: {final} (choose another name)")
+
+
+def _cannot_write(path: Path, e: OSError) -> ObliviateError:
+    return ObliviateError(f"cannot write to {path}: {e.strerror or e}")
+
+
+def _make_parent(final: Path) -> None:
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(final, e) from e
+
+
+def _write_fault(e: OSError, tmp: Path) -> bool:
+    """Whether an OSError from the work is a failure to write its output (then it gets the one-line message)."""
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    if not names:
+        return e.errno in _WRITE_FAULTS
+    root = os.path.abspath(tmp)
+    return any(os.path.abspath(os.fsdecode(n)).startswith(root + os.sep) or os.path.abspath(os.fsdecode(n)) == root
+               for n in names if isinstance(n, (str, bytes, os.PathLike)))
+
+
+def _probe_write(folder: Path) -> None:
+    """Write and fsync a small file in `folder`, then remove it (a read-only or full disk fails here)."""
+    path = folder / ".write-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, b"\0" * 65536)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _check_writable(folder: Path, final: Path, min_free_bytes: int) -> None:
+    _probe_write(folder)
+    if min_free_bytes > 0 and hasattr(os, "statvfs"):
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            raise ObliviateError(f"cannot write to {final}: {free / 2**30:.1f} GiB free, the run needs about "
+                                 f"{min_free_bytes / 2**30:.1f} GiB")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we could have written: leave it alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # Windows: os.kill(pid, 0) is not a probe
+        return True
+    return True
+
+
+def _remove_if_abandoned(path: Path, pid: int) -> bool:
+    """Remove a temporary folder or file whose process is gone: its pid is not alive here, and (where flock works)
+    nobody holds it, so a process on another machine sharing the folder keeps its own."""
+    if pid == os.getpid() or _pid_alive(pid):
+        return False
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held (alive elsewhere), or cannot tell: keep it
+            if fd is not None:
+                os.close(fd)
+            return False
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return not os.path.lexists(path)
+
+
+def _remove_if_unheld_lock(path: Path) -> None:
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _same_file(fd, path) and re.fullmatch(rb"[0-9]*\n?", os.pread(fd, 32, 0)):  # ours: a pid or nothing
+            path.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class _Lock:
+    """The claim on a run folder's name: `.NAME.obliviate-claim` beside it (holding the pid), flock'ed for the whole
+    run, so a second run of the same name fails at once. A killed run's flock dies with it, so its file is taken over
+    or swept. Without flock (Windows, some network file systems) its creator (O_EXCL) holds the claim."""
+
+    def __init__(self, final: Path):
+        self.path = final.parent / f".{final.name}.obliviate-claim"
+        self.fd = None
+        if fcntl is None:
+            self._exclusive(final)
+            return
+        for _ in range(50):
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:  # its holder just released it
+                    continue
+                except OSError as e:
+                    raise _cannot_write(final, e) from e
+            except OSError as e:
+                raise _cannot_write(final, e) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_pid(fd)
+                os.close(fd)
+                raise self._busy(final, owner) from None
+            except OSError:  # no flock on this file system: the file's creator holds the claim
+                os.close(fd)
+                if not created:
+                    self._exclusive(final)
+                    return
+                with contextlib.suppress(OSError):
+                    self.path.write_text(f"{os.getpid()}\n")
+                self.fd = -1
+                return
+            if _same_file(fd, self.path):  # not a file its last holder unlinked while we waited
+                self.fd = fd
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                return
+            os.close(fd)
+        raise ObliviateError(f"cannot claim {final}: its lock file {self.path} keeps changing")
+
+    def _exclusive(self, final: Path) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = _read_pid_file(self.path)
+                if owner is None or _pid_alive(owner):
+                    raise self._busy(final, owner) from None
+                with contextlib.suppress(OSError):
+                    self.path.unlink()  # a killed run's
+                continue
+            except OSError as e:
+                raise _cannot_write(final, e) from e
+            with contextlib.suppress(OSError):
+                os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            self.fd = -1
+            return
+        raise self._busy(final, _read_pid_file(self.path))
+
+    @staticmethod
+    def _busy(final: Path, owner: int | None) -> ObliviateError:
+        who = f" (pid {owner})" if owner else ""
+        return ObliviateError(f"run folder {final} is being written by another run{who}; choose another name")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still holding it: a waiting claimer then sees the file changed
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0) if hasattr(os, "pread") else b""
+        return int(text.decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_pid_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class _Temp:
+    """A fresh `.NAME.tmp-<pid>-<random>` folder beside `final`, flock'ed while this process works in it."""
+
+    def __init__(self, final: Path):
+        self.fd, self.done = None, False
+        for _ in range(100):
+            path = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _cannot_write(final, e) from e
+        self.path = path
+        if fcntl is not None:
+            try:
+                self.fd = os.open(path, os.O_RDONLY)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
+
+    def sync(self, final: Path) -> None:
+        """fsync everything in the folder (a full disk that the writes did not report shows up here)."""
+        try:
+            _fsync_tree(self.path)
+        except OSError as e:
+            raise _cannot_write(final, e) from e
+
+    def move_to(self, final: Path) -> None:
+        """Rename the folder to `final`; ObliviateError naming `final` on failure."""
+        try:
+            os.replace(self.path, final)
+        except OSError as e:
+            raise _cannot_write(final, e) from e
+        self.done = True
+        _fsync_dir(final.parent)
+
+    def remove(self) -> None:
+        if not self.done:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX; best effort)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a file written in place would get: the existing file's, else 0o666 less the umask."""
+    import stat
+
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """For the duration (main thread only), SIGTERM raises SystemExit(143) so that cleanup runs. Yields `hold()`:
+    from then on SIGTERM and Ctrl-C wait until the block is left (a folder being moved into place or removed is not
+    cut short); the signal is then re-delivered to the handler that was there before."""
+    state = {"hold": False, "pending": None}
+    main = threading.current_thread() is threading.main_thread()
+    previous: dict = {}
+
+    def on_signal(signum, frame):
+        if state["hold"]:
+            state["pending"] = state["pending"] or signum
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def hold():
+        if state["hold"]:
+            return
+        state["hold"] = True
+        if main and hasattr(signal, "SIGINT"):
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
+
+    if main and hasattr(signal, "SIGTERM"):
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield hold
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if state["pending"] is not None:
+            signal.raise_signal(state["pending"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from obliviate.bench.scorecard import cell, columns
 from obliviate.errors import ObliviateError
+from obliviate.runs import atomic_write
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -109,11 +110,10 @@ def write_run_report(folder: Path, metrics: dict, history: list[dict], grids: di
     folder = Path(folder)
     path = folder / "report.html"
     subject = metrics.get("split") or f"concept '{metrics.get('concept')}'"
-    path.write_text(page(f"obliviate run: {metrics.get('method')} on {subject}",
-                         {metrics.get("method", "run"): metrics}, {metrics.get("method", "run"): history},
-                         [f"status: {metrics.get('status')}", *(notes or [])], _inline(folder, grids)),
-                    encoding="utf-8")
-    return path
+    # atomically: a full disk while rewriting a finished run's page must not truncate the good one
+    return atomic_write(path, page(f"obliviate run: {metrics.get('method')} on {subject}",
+                                   {metrics.get("method", "run"): metrics}, {metrics.get("method", "run"): history},
+                                   [f"status: {metrics.get('status')}", *(notes or [])], _inline(folder, grids)))
 
 
 def write_demo_report(folder: Path, summary: dict, histories: dict[str, list[dict]]) -> Path:
@@ -124,8 +124,7 @@ def write_demo_report(folder: Path, summary: dict, histories: dict[str, list[dic
     body = page(title, summary["scorecard"], histories, notes)
     for section in summary.get("t2i", []):  # one section per erased concept of the canvas world
         body = body.replace("</body></html>", "") + _t2i_section(folder, section) + "</body></html>"
-    path.write_text(body, encoding="utf-8")
-    return path
+    return atomic_write(path, body)
 
 
 def _t2i_section(folder: Path, section: dict) -> str:
