@@ -64,17 +64,13 @@ def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool)
 
 def read_run_config(run_dir: Path) -> RunConfig:
     """The config a run folder records (config.json), or a one-line error."""
-    import json
-
     from obliviate.config import build_config
+    from obliviate.data import read_json_file
 
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ObliviateError(f"{run_dir} is not a run folder (no config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ObliviateError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path, "run config")
     if not isinstance(data, dict):
         raise ObliviateError(f"{path}: a run config must be a JSON object")
     return build_config(data, str(path))
@@ -82,10 +78,11 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
     """Apply a run's changed.safetensors to its base model and save the result as a full model folder (a
-    transformers folder, or a diffusers pipeline folder), through the run's family."""
-    import json
-
+    transformers folder, or a diffusers pipeline folder), through the run's family. The base is the one the run
+    recorded (its absolute path) or `base`; either way its weight files must be those the run started from."""
+    from obliviate.data import read_json_file
     from obliviate.families import get
+    from obliviate.runs import check_base
 
     run_dir, out = Path(run_dir), Path(out)
     changed_path = run_dir / "changed.safetensors"
@@ -93,12 +90,18 @@ def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
         raise ObliviateError(f"no changed.safetensors in {run_dir} (is it a run folder?)")
     if out.exists():
         raise ObliviateError(f"output folder already exists: {out}")
-    if base is None:
-        env = run_dir / "environment.json"
-        if not env.is_file():
-            raise ObliviateError(f"{run_dir} records no base model; pass --base")
-        base = Path(json.loads(env.read_text())["base_model"])
     family = read_run_config(run_dir).family
+    env_path = run_dir / "environment.json"
+    recorded = read_json_file(env_path, "run record") if env_path.is_file() else {}
+    if not isinstance(recorded, dict):
+        raise ObliviateError(f"{env_path}: a run record must be a JSON object")
+    if base is None:
+        if "base_model" not in recorded:
+            raise ObliviateError(f"{run_dir} records no base model; pass --base")
+        base = Path(recorded["base_model"])
+    if not Path(base).is_dir():
+        raise ObliviateError(f"base model folder not found: {base}")
+    check_base(recorded, base)
     return get(family).load("export")(changed_path, Path(base), out)
 
 

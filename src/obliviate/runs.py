@@ -61,7 +61,10 @@ def claim_run_dir(final: str | Path, log: Callable[[str], object] | None = print
     if os.path.lexists(final):
         raise _exists(final)
     with _interruptible() as hold, contextlib.ExitStack() as undo:
+        made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
         _make_parent(final)
+        for d in made:  # the output folders this claim made go too when the work fails (if still empty)
+            undo.callback(_remove_if_empty, d)
         sweep_stale(final.parent, log)
         undo.callback(_Lock(final).release)
         if os.path.lexists(final):  # finished by another run between the first check and the claim
@@ -84,7 +87,12 @@ def claim_run_dir(final: str | Path, log: Callable[[str], object] | None = print
         if os.path.lexists(final):
             raise ObliviateError(f"run folder already exists: {final} (made by something else while this run "
                                  f"worked; nothing was written)")
-        temp.move_to(final)
+        temp.move_to(final)  # the made folders now hold `final`, so the cleanup leaves them
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -95,7 +103,10 @@ def atomic_dir(final: str | Path, log: Callable[[str], object] | None = print) -
     final = Path(final)
     _check_name(final)
     with _interruptible() as hold, contextlib.ExitStack() as undo:
+        made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
         _make_parent(final)
+        for d in made:  # the output folders this claim made go too when the work fails (if still empty)
+            undo.callback(_remove_if_empty, d)
         sweep_stale(final.parent, log)
         temp = _Temp(final)
         undo.callback(temp.remove)
@@ -590,3 +601,59 @@ def _interruptible():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if state["pending"] is not None:
             signal.raise_signal(state["pending"])
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def base_record(folder: str | Path) -> dict:
+    """What a run records of its base model: the absolute path, and a SHA-256 of each weight file in it (sub-folders
+    too, for pipelines), so `export` can refuse a base that changed since the run."""
+    import hashlib
+
+    folder = Path(folder).resolve()
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        files[path.relative_to(folder).as_posix()] = h.hexdigest()
+    return {"base_model": str(folder), "base_weights_sha256": files}
+
+
+def check_base(recorded: dict, base: str | Path) -> None:
+    """Refuse a base whose weight files differ from those the run started from, naming the first that changed."""
+    expected = recorded.get("base_weights_sha256")
+    if expected is None:  # a run recorded before hashes were kept: nothing to compare
+        return
+    now = base_record(base)["base_weights_sha256"]
+    for name in sorted(set(expected) | set(now)):
+        if name not in now:
+            raise ObliviateError(f"base model {base} is not the run's base: {name} is missing")
+        if name not in expected:
+            raise ObliviateError(f"base model {base} is not the run's base: {name} was not there")
+        if expected[name] != now[name]:
+            raise ObliviateError(f"base model {base} is not the run's base: {name} changed since the run "
+                                 f"(sha256 {now[name][:12]}, recorded {expected[name][:12]})")
+
+
+def apply_changed(module, changed_path: Path, prefix: str = "") -> None:
+    """Load a run's changed.safetensors onto `module` (its state-dict names after `prefix`), refusing a file that is
+    not safetensors and a base whose tensors are missing or of another shape, in one line naming the tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        changed = load_file(str(changed_path))
+    except (SafetensorError, OSError) as e:
+        raise ObliviateError(f"{changed_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    state = module.state_dict()
+    for name, tensor in changed.items():
+        key = name[len(prefix):] if name.startswith(prefix) else None
+        if key not in state:
+            raise ObliviateError(f"{changed_path} has tensors the base model lacks, e.g. {name}: wrong --base?")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ObliviateError(f"{changed_path}: {name} has shape {tuple(tensor.shape)} but the base's is "
+                                 f"{tuple(state[key].shape)}: wrong --base?")
+    module.load_state_dict({k[len(prefix):]: v for k, v in changed.items()}, strict=False)

@@ -12,6 +12,7 @@ import copy
 import math
 import random
 import time
+import warnings
 
 import torch
 
@@ -92,10 +93,24 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     refusals = refusals or DEFAULT_REFUSALS
 
     pad = tokenizer.pad_token_id
-    forget_enc = [(adapter.encode_item(tokenizer, i), adapter.encode_item(tokenizer, i, rng.choice(refusals)))
-                  for i in forget]
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512
+    cut: set[int] = set()
+
+    def encode(item, answer=None):
+        """The item's tokens, cut to the model's context; the cut items are counted (a silent cut would hide that
+        the end of an answer was never unlearned)."""
+        e = adapter.encode_item(tokenizer, item, answer, max_length=None)
+        if len(e.input_ids) <= limit:
+            return e
+        cut.add(id(item))
+        return type(e)(e.input_ids[:limit], e.labels[:limit])
+
+    forget_enc = [(encode(i), encode(i, rng.choice(refusals))) for i in forget]
     pool = method.retain_pool(retain, rng)
-    retain_enc = [adapter.encode_item(tokenizer, i) for i in pool]
+    retain_enc = [encode(i) for i in pool]
+    if cut:
+        warnings.warn(f"{len(cut)} forget/retain item(s) are longer than the model's context ({limit} tokens) and "
+                      "were cut to fit it", stacklevel=2)
     full_retain = adapter.to_device(adapter.collate(retain_enc, pad), device) if method.full_retain_batch else None
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
     opt, sched = make_optimizer(params, train, steps)
@@ -130,4 +145,4 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     for p in model.parameters():
         p.requires_grad_(was_trainable.get(id(p), True))
     return UnlearnResult(model=model, trainable_names=names, history=history, seconds=time.time() - t0,
-                         stopped=stopped)
+                         stopped=stopped, truncated=len(cut))

@@ -19,6 +19,7 @@ class UnlearnResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str | None = None  # why the loop stopped early (non-finite loss), else None
+    truncated: int = 0  # items longer than the model's context, cut to fit it
 
 
 def make_optimizer(params: list, train: TrainConfig, steps: int):

@@ -63,7 +63,7 @@ class Encoded:
     labels: list[int]  # IGNORE on the prompt
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int = 512) -> Encoded:
+def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = 512) -> Encoded:
     prompt = encode_prompt(tokenizer, PROMPT_TEMPLATE.format(question=question))
     ans = encode_answer(tokenizer, answer)
     ids = (prompt + ans)[:max_length]
@@ -71,14 +71,14 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int = 512) -> E
     return Encoded(ids, labels)
 
 
-def encode_text(tokenizer, text: str, max_length: int = 512) -> Encoded:
+def encode_text(tokenizer, text: str, max_length: int | None = 512) -> Encoded:
     """A free text where every token after the first is scored (biographies, membership texts)."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
     bos = 1 if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else 0
     return Encoded(ids, [IGNORE] * bos + ids[bos:])
 
 
-def encode_item(tokenizer, item, answer: str | None = None, max_length: int = 512) -> Encoded:
+def encode_item(tokenizer, item, answer: str | None = None, max_length: int | None = 512) -> Encoded:
     """A question-answer item (answer tokens scored) or a text (every token scored, ended by EOS). `answer` replaces
     the item's answer, or for a text the part after its prefix (the refusal of preference methods)."""
     from obliviate.data import TextItem

@@ -12,7 +12,7 @@ from obliviate.config import EvalConfig, RunConfig
 from obliviate.data import load_lines, load_qa_jsonl
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.models import causal_lm as lm
-from obliviate.runs import atomic_dir, environment, resolve_device, write_json
+from obliviate.runs import base_record, claim_run_dir, environment, resolve_device, write_json
 
 
 def world_for(config: RunConfig):
@@ -61,6 +61,10 @@ def prepare(config: RunConfig, log=print):
     return model_dir, forget, retain, qa_sets, texts, world
 
 
+def run_folder(config: RunConfig, started: datetime, subject: str) -> Path:
+    return Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{subject}")
+
+
 def run(config: RunConfig, log=print) -> Path:
     from obliviate.loops.lm import unlearn
     from obliviate.loops.step import changed_tensors
@@ -70,51 +74,55 @@ def run(config: RunConfig, log=print) -> Path:
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
     method = instantiate(lookup_method("lm", config.method), config.method_args)
-    model_dir, forget, retain, qa_sets, texts, world = prepare(config, log)
-    retrain_eval = None
-    reference_for_mia = None
-    if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget set
-        if world is None:
-            raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
-        model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
-        result_history, seconds, stopped, tensors = [], 0.0, None, {}
-    else:
-        model, tokenizer = lm.load(model_dir, config.dtype, device, config.trust_remote_code)
-        refusals = load_lines(config.idk_file) if config.idk_file else None
-        result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals)
-        model = result.model
-        result_history, seconds, stopped = result.history, result.seconds, result.stopped
-        tensors = changed_tensors(model, result.trainable_names)
-    metrics: dict = {"method": config.method, "split": config.split, "unlearn_seconds": round(seconds, 2),
-                     "status": "stopped" if stopped else "completed", "stopped": stopped}
-    evaluation = None
-    if config.evaluate:
-        if world is not None:
-            retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
-            if not getattr(method, "from_world", False):
-                reference_for_mia, _ = lm.load(world.retrain_dir(config.split), device=device)
-        t0 = time.time()
-        evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia)
-        if retrain_eval is not None:
-            from obliviate.evals.evaluate import compare_to_retrain
-            evaluation = compare_to_retrain(evaluation, retrain_eval)
-        metrics["eval_seconds"] = round(time.time() - t0, 2)
-        metrics.update(evaluation["aggregate"])
+    out = run_folder(config, started, config.split)
+    # the name is claimed and the output proven writable before any world build or training
+    with claim_run_dir(out, log=log) as folder:
+        model_dir, forget, retain, qa_sets, texts, world = prepare(config, log)
+        base = base_record(model_dir)
+        retrain_eval = None
+        reference_for_mia = None
+        truncated = 0
+        if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget set
+            if world is None:
+                raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
+            model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
+            result_history, seconds, stopped, tensors = [], 0.0, None, {}
+        else:
+            model, tokenizer = lm.load(model_dir, config.dtype, device, config.trust_remote_code)
+            refusals = load_lines(config.idk_file) if config.idk_file else None
+            result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals)
+            model = result.model
+            result_history, seconds, stopped = result.history, result.seconds, result.stopped
+            tensors = changed_tensors(model, result.trainable_names)
+            truncated = result.truncated
+        metrics: dict = {"method": config.method, "split": config.split, "unlearn_seconds": round(seconds, 2),
+                         "status": "stopped" if stopped else "completed", "stopped": stopped,
+                         "truncated_items": truncated}
+        evaluation = None
+        if config.evaluate:
+            if world is not None:
+                retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
+                if not getattr(method, "from_world", False):
+                    reference_for_mia, _ = lm.load(world.retrain_dir(config.split), device=device)
+            t0 = time.time()
+            evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia)
+            if retrain_eval is not None:
+                from obliviate.evals.evaluate import compare_to_retrain
+                evaluation = compare_to_retrain(evaluation, retrain_eval)
+            metrics["eval_seconds"] = round(time.time() - t0, 2)
+            metrics.update(evaluation["aggregate"])
 
-    out = Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{config.split}")
-    if out.exists():
-        raise ObliviateError(f"run folder already exists: {out} (choose another name)")
-    with atomic_dir(out) as tmp:
+        tmp = folder.tmp
         write_json(tmp / "config.json", config.dump())
-        write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(),
-                                              "base_model": str(model_dir), "device": device})
+        write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(), **base,
+                                              "device": device})
         write_json(tmp / "history.json", result_history)
         write_json(tmp / "metrics.json", metrics)
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
         if tensors:
             from safetensors.torch import save_file
-            save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": str(model_dir)})
+            save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
         from obliviate.bench.report import write_run_report
         write_run_report(tmp, metrics, result_history)
     if stopped:
@@ -125,16 +133,11 @@ def run(config: RunConfig, log=print) -> Path:
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
     """A full transformers folder: the base model with the run's changed tensors applied (the base is only read)."""
-    from safetensors.torch import load_file
+    from obliviate.runs import apply_changed
 
     model, tokenizer = lm.load(base)
-    changed = load_file(str(changed_path))
-    state = model.state_dict()
-    unknown = sorted(set(changed) - set(state))
-    if unknown:
-        raise ObliviateError(f"{changed_path} has tensors the base model lacks, e.g. {unknown[0]}: wrong --base?")
-    model.load_state_dict(changed, strict=False)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    apply_changed(model, changed_path)
+    with claim_run_dir(out) as folder:
+        model.save_pretrained(folder.tmp)
+        tokenizer.save_pretrained(folder.tmp)
     return out

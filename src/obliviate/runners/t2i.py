@@ -10,7 +10,7 @@ from pathlib import Path
 from obliviate.config import RunConfig
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.methods.t2i.base import EraseTask, RetainPrompt
-from obliviate.runs import atomic_dir, environment, write_json
+from obliviate.runs import environment, write_json
 
 
 def canvas_task(world, concept: str, anchor: str | None = None) -> EraseTask:
@@ -55,37 +55,39 @@ def run(config: RunConfig, log=print) -> Path:
 
     from obliviate.loops.t2i import changed_unet_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
-    from obliviate.runs import resolve_device
+    from obliviate.runs import base_record, claim_run_dir, resolve_device
 
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
-    pipeline_dir, task, world = prepare(config, log)
-    out = Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{config.concept}")
-    if out.exists():
-        raise ObliviateError(f"run folder already exists: {out} (choose another name)")
     method = make_t2i_method(config.method, config.method_args)
-    pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype))
-    t = config.t2i
-    result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance)
-    tensors = changed_unet_tensors(result)
-    metrics: dict = {"method": config.method, "concept": config.concept, "unlearn_seconds": round(result.seconds, 2),
-                     "status": "stopped" if result.stopped else "completed", "stopped": result.stopped}
-    evaluation = None
-    if config.evaluate and world is not None:
-        from obliviate.evals.canvas import evaluate_erasure
-        t0 = time.time()
-        evaluation = evaluate_erasure(world, pipe, config.concept, t, label=config.method)
-        metrics["eval_seconds"] = round(time.time() - t0, 2)
-        metrics.update(evaluation["aggregate"])
+    out = Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{config.concept}")
+    # the name is claimed and the output proven writable before any world build or training
+    with claim_run_dir(out, log=log) as folder:
+        pipeline_dir, task, world = prepare(config, log)
+        base = base_record(pipeline_dir)
+        pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype))
+        t = config.t2i
+        result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance)
+        tensors = changed_unet_tensors(result)
+        metrics: dict = {"method": config.method, "concept": config.concept,
+                         "unlearn_seconds": round(result.seconds, 2),
+                         "status": "stopped" if result.stopped else "completed", "stopped": result.stopped}
+        evaluation = None
+        if config.evaluate and world is not None:
+            from obliviate.evals.canvas import evaluate_erasure
+            t0 = time.time()
+            evaluation = evaluate_erasure(world, pipe, config.concept, t, label=config.method)
+            metrics["eval_seconds"] = round(time.time() - t0, 2)
+            metrics.update(evaluation["aggregate"])
 
-    with atomic_dir(out) as tmp:
+        tmp = folder.tmp
         write_json(tmp / "config.json", config.dump())
-        write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(),
-                                              "base_model": str(pipeline_dir), "device": device})
+        write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(), **base,
+                                              "device": device})
         write_json(tmp / "history.json", result.history)
         write_json(tmp / "metrics.json", metrics)
         from safetensors.torch import save_file
-        save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": str(pipeline_dir)})
+        save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
         grids = {}
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
@@ -101,24 +103,20 @@ def run(config: RunConfig, log=print) -> Path:
 
 def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu"):
     """The base pipeline with a run's changed UNet tensors ("unet.<name>") applied (the base folder is only read)."""
-    from safetensors.torch import load_file
-
     from obliviate.models.diffusion import load_pipeline
+    from obliviate.runs import apply_changed
 
     pipe = load_pipeline(base, device)
-    changed = load_file(str(changed_path))
-    state = pipe.unet.state_dict()
-    foreign = sorted(k for k in changed if not k.startswith("unet.") or k[len("unet."):] not in state)
-    if foreign:
-        raise ObliviateError(f"{changed_path} has tensors the base pipeline's UNet lacks, e.g. {foreign[0]}: wrong --base?")
-    pipe.unet.load_state_dict({k[len("unet."):]: v for k, v in changed.items()}, strict=False)
+    apply_changed(pipe.unet, changed_path, prefix="unet.")
     return pipe
 
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
     """A diffusers pipeline folder: the base pipeline with the run's changed UNet tensors applied."""
     from obliviate.models.diffusion import save_pipeline
+    from obliviate.runs import claim_run_dir
+
     pipe = load_run_pipeline(changed_path, base)
-    with atomic_dir(out) as tmp:
-        save_pipeline(pipe, tmp)
+    with claim_run_dir(out) as folder:
+        save_pipeline(pipe, folder.tmp)
     return out
