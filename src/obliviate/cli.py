@@ -60,13 +60,15 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
 
 @app.command()
 def run(config: Path, overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
-        quiet: bool = typer.Option(False, help="no progress bars")):
+        quiet: bool = typer.Option(False, help="no progress bars"),
+        resume: bool = typer.Option(False, help="continue an interrupted run from its last checkpoint "
+                                                "(train.checkpoint_every)")):
     """Unlearn with a config file (TOML/YAML), evaluate, and write a run folder."""
     _quiet(quiet)
     try:
         from obliviate.config import load_config
         from obliviate.runners import run as run_config
-        run_config(load_config(config, overrides or []))
+        run_config(load_config(config, overrides or []), resume=resume)
     except ObliviateError as e:
         _fail(e)
 

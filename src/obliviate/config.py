@@ -50,6 +50,7 @@ class TrainConfig(_Strict):
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints (`obliviate run --resume`)
 
 
 class LoraConfig(_Strict):

@@ -20,7 +20,7 @@ from obliviate import progress
 from obliviate.config import LoraConfig, TrainConfig
 from obliviate.data import QAItem, TextItem, check_disjoint
 from obliviate.errors import ObliviateError
-from obliviate.loops.step import StateGuard, UnlearnResult, gradient_step, make_optimizer
+from obliviate.loops.step import Checkpoints, StateGuard, UnlearnResult, gradient_step, make_optimizer
 
 # Refusals for IdkPO when the user gives no file (TOFU ships its own idontknow.jsonl; pass it with idk_file).
 DEFAULT_REFUSALS = ["I don't know.", "I'm not sure about that.", "I have no information on that.",
@@ -56,11 +56,12 @@ def _batches(encoded: list, size: int, rng: random.Random):
 
 def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
             train: TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
-            refusals: list[str] | None = None, adapter=None) -> UnlearnResult:
+            refusals: list[str] | None = None, adapter=None, checkpoints: Checkpoints | None = None) -> UnlearnResult:
     """Unlearn `forget` from `model` (changed in place) while keeping `retain`: question-answer items (answer tokens
     count) and/or texts (every token counts). `method` is a Method instance or a registered name. `reference` is the
     frozen original, needed only by methods that declare it; by default a copy of `model` is taken before any step
     (and only for those methods). `adapter` encodes and batches the items (default: the causal-LM adapter).
+    `checkpoints` saves the loop's state every few steps and resumes from the last one.
     On return every parameter is trainable again (as it was given), so the result can be unlearned again."""
     if adapter is None:
         from obliviate.models import causal_lm as adapter
@@ -115,12 +116,19 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
     opt, sched = make_optimizer(params, train, steps)
     forget_iter, retain_iter = _batches(forget_enc, train.batch_size, rng), _batches(retain_enc, train.batch_size, rng)
+    checkpoints = checkpoints or Checkpoints(None, None, "")
+    start, history, _ = checkpoints.resume(params, opt, sched)
+    for _ in range(start):  # replay the batch order of the steps already taken
+        next(forget_iter)
+        if full_retain is None:
+            next(retain_iter)
     # copies for the NaN guard only when they are cheap
     guard = StateGuard(params, enabled=sum(p.numel() for p in params) <= 100_000_000)
 
-    history, stopped, t0 = [], None, time.time()
+    stopped, t0 = None, time.time()
     with progress.bar(f"unlearn {method.name}", steps) as advance:
-        for step in range(steps):
+        advance(start)
+        for step in range(start, steps):
             pairs = next(forget_iter)
             f = adapter.collate([a for a, _ in pairs], pad)
             f["idk"] = adapter.collate([b for _, b in pairs], pad)
@@ -134,6 +142,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
                 stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)
                 break
             history.append(logs)
+            checkpoints.save(step, params, opt, sched, history)
             advance(loss=logs["loss"])
     model.eval()
     names = [n for n, _ in named]

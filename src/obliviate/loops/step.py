@@ -123,3 +123,88 @@ def changed_tensors(model, names: list[str]) -> dict[str, torch.Tensor]:
     """The tensors the method was allowed to change (for LoRA: the merged target weights), by state-dict name."""
     state = model.state_dict()
     return {n: state[n].detach().cpu().contiguous() for n in names if n in state}
+
+
+class Checkpoints:
+    """Every `every` steps, the loop's state goes to `folder` (outside the run's temporary folder, so it survives a
+    kill): the trainable tensors, the optimiser and scheduler, the torch RNG and the history, with a key of the run's
+    settings. `resume()` gives that state back to a loop started again with the same settings; the loop replays its
+    batch order up to the step (no compute), so the resumed run ends where an uninterrupted one would. Written
+    atomically; loaded with torch.load(weights_only=True)."""
+
+    def __init__(self, folder: str | None, every: int | None, key: str):
+        from pathlib import Path
+
+        self.folder = Path(folder) if folder and every else None
+        self.every, self.key = every, key
+
+    @classmethod
+    def for_run(cls, config, resume: bool = False) -> "Checkpoints":
+        """The checkpoints of a run (`train.checkpoint_every`): `OUTPUT_DIR/.NAME.checkpoint/`, keyed by the config."""
+        import hashlib
+        import json
+        from pathlib import Path
+
+        from obliviate.errors import ObliviateError
+
+        every = config.train.checkpoint_every
+        if not every:
+            if resume:
+                raise ObliviateError("--resume needs train.checkpoint_every: without it a run saves no checkpoints")
+            return cls(None, None, "")
+        if not config.name:
+            raise ObliviateError("train.checkpoint_every needs `name`, so that `--resume` finds the run again")
+        folder = Path(config.output_dir) / f".{config.name}.checkpoint"
+        if folder.exists() and not resume:
+            raise ObliviateError(f"{folder} holds the checkpoint of an interrupted run: pass --resume to continue "
+                                 "it, or remove the folder")
+        key = hashlib.sha256(json.dumps(config.dump(), sort_keys=True, default=str).encode()).hexdigest()
+        return cls(str(folder), every, key)
+
+    @property
+    def path(self):
+        return self.folder / "state.pt"
+
+    def save(self, step: int, params: list, opt, sched, history: list, extra: dict | None = None) -> None:
+        """After `step` (0-based) when it is a checkpoint step."""
+        if self.folder is None or (step + 1) % self.every:
+            return
+        import io
+
+        from obliviate.runs import atomic_write
+
+        state = {"key": self.key, "next_step": step + 1, "params": [p.detach().cpu() for p in params],
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "history": history, **(extra or {})}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, buffer.getvalue())
+
+    def resume(self, params: list, opt, sched) -> tuple[int, list, dict]:
+        """(the step to start from, the history so far, the saved state); (0, [], {}) without a checkpoint."""
+        from obliviate.errors import ObliviateError
+
+        if self.folder is None or not self.path.is_file():
+            return 0, [], {}
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:  # a torn or foreign file: say which, never unpickle more than tensors
+            raise ObliviateError(f"{self.path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+        if state.get("key") != self.key:
+            raise ObliviateError(f"{self.path} is the checkpoint of a run with other settings; remove it or run "
+                                 "without --resume")
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved.to(p.device, p.dtype))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["next_step"], list(state["history"]), state
+
+    def done(self) -> None:
+        """The run finished: its checkpoint is no longer needed."""
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

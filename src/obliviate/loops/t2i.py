@@ -13,7 +13,8 @@ import torch
 from obliviate import progress
 from obliviate.config import TrainConfig
 from obliviate.errors import ObliviateError
-from obliviate.loops.step import StateGuard, UnlearnResult, changed_tensors, gradient_step, make_optimizer
+from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, gradient_step,
+                                  make_optimizer)
 from obliviate.methods.t2i.base import EraseContext, EraseTask
 from obliviate.models.diffusion import Pipeline, denoise
 
@@ -60,8 +61,9 @@ def draw_latents(ctx: EraseContext, texts: list[str], seed: int, batch_size: int
 
 
 def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = None, images_per_prompt: int = 2,
-          sample_steps: int = 25, guidance: float = 4.0) -> UnlearnResult:
-    """Erase `task.concept` from `pipe.unet` (changed in place). `method` is a DiffusionMethod or a registered name."""
+          sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None) -> UnlearnResult:
+    """Erase `task.concept` from `pipe.unet` (changed in place). `method` is a DiffusionMethod or a registered name.
+    `checkpoints` saves the loop's state every few steps and resumes from the last one."""
     train = train or TrainConfig()
     method = make_t2i_method(method) if isinstance(method, str) else method
     check_task(pipe, task)
@@ -99,10 +101,15 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
         mask = method.gradient_mask()
         steps = train.max_steps or method.default_steps
         opt, sched = make_optimizer(params, train, steps)
+        checkpoints = checkpoints or Checkpoints(None, None, "")
+        start, history, saved = checkpoints.resume(params, opt, sched)
+        if saved:
+            gen.set_state(saved["generator"])  # batches and noise come from this generator alone
         guard = StateGuard(params)
         unet.train()
         with progress.bar(f"erase {task.concept!r} with {method.name}", steps) as advance:
-            for step in range(steps):
+            advance(start)
+            for step in range(start, steps):
                 f = _rows(forget, torch.randint(0, len(forget_texts), (min(train.batch_size, len(forget_texts)),),
                                                 generator=gen))
                 r = retain if method.full_retain_batch else _rows(
@@ -115,6 +122,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                     stopped = guard.restore(stopped, probe=lambda: method.losses(ctx, unet, f, r).total)
                     break
                 history.append(logs)
+                checkpoints.save(step, params, opt, sched, history, {"generator": gen.get_state()})
                 advance(loss=logs["loss"])
     unet.eval().requires_grad_(False)
     return UnlearnResult(model=unet, trainable_names=[n for n, _ in named], history=history,

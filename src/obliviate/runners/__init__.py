@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run(config, log=print) -> Path:
-    """Unlearn, evaluate and write one run folder for `config` (a RunConfig)."""
+def run(config, log=print, resume: bool = False) -> Path:
+    """Unlearn, evaluate and write one run folder for `config` (a RunConfig); `resume` continues an interrupted run
+    from its last checkpoint (`train.checkpoint_every`)."""
     from obliviate.families import get
 
-    return get(config.family).load("runner")(config, log)
+    return get(config.family).load("runner")(config, log, resume=resume)

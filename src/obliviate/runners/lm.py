@@ -65,9 +65,9 @@ def run_folder(config: RunConfig, started: datetime, subject: str) -> Path:
     return Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{subject}")
 
 
-def run(config: RunConfig, log=print) -> Path:
+def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.lm import unlearn
-    from obliviate.loops.step import changed_tensors
+    from obliviate.loops.step import Checkpoints, changed_tensors
     from obliviate.methods.common import instantiate
     from obliviate.registry import lookup_method
 
@@ -75,6 +75,7 @@ def run(config: RunConfig, log=print) -> Path:
     device = resolve_device(config.device)
     method = instantiate(lookup_method("lm", config.method), config.method_args)
     out = run_folder(config, started, config.split)
+    checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
         model_dir, forget, retain, qa_sets, texts, world = prepare(config, log)
@@ -90,7 +91,8 @@ def run(config: RunConfig, log=print) -> Path:
         else:
             model, tokenizer = lm.load(model_dir, config.dtype, device, config.trust_remote_code)
             refusals = load_lines(config.idk_file) if config.idk_file else None
-            result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals)
+            result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
+                             checkpoints=checkpoints)
             model = result.model
             result_history, seconds, stopped = result.history, result.seconds, result.stopped
             tensors = changed_tensors(model, result.trainable_names)
@@ -125,6 +127,7 @@ def run(config: RunConfig, log=print) -> Path:
             save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
         from obliviate.bench.report import write_run_report
         write_run_report(tmp, metrics, result_history)
+    checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
     if stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
     log(f"run folder: {out}")

@@ -50,9 +50,10 @@ def prepare(config: RunConfig, log=print):
     return check_folder(config.model or world.pipeline_dir), task, world
 
 
-def run(config: RunConfig, log=print) -> Path:
+def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     import torch
 
+    from obliviate.loops.step import Checkpoints
     from obliviate.loops.t2i import changed_unet_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import base_record, claim_run_dir, resolve_device
@@ -61,13 +62,15 @@ def run(config: RunConfig, log=print) -> Path:
     device = resolve_device(config.device)
     method = make_t2i_method(config.method, config.method_args)
     out = Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{config.concept}")
+    checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
         pipeline_dir, task, world = prepare(config, log)
         base = base_record(pipeline_dir)
         pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype))
         t = config.t2i
-        result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance)
+        result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
+                       checkpoints=checkpoints)
         tensors = changed_unet_tensors(result)
         metrics: dict = {"method": config.method, "concept": config.concept,
                          "unlearn_seconds": round(result.seconds, 2),
@@ -95,6 +98,7 @@ def run(config: RunConfig, log=print) -> Path:
             grids[f"{config.concept}: original, retrain, {config.method}"] = "grid.png"
         from obliviate.bench.report import write_run_report
         write_run_report(tmp, metrics, result.history, grids=grids)
+    checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
     if result.stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {result.stopped}. Last good state saved in {out}")
     log(f"run folder: {out}")
