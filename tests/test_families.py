@@ -100,7 +100,7 @@ def test_no_family_file_imports_another_familys_loop_runner_adapter_or_methods()
 
 def test_every_family_fills_the_whole_contract():
     for family in FAMILIES.values():
-        for part in ("adapter", "loop", "make_method", "method_base", "runner", "export", "demo"):
+        for part in ("adapter", "loop", "make_method", "method_base", "runner", "export", "check", "demo"):
             assert family.load(part) is not None, (family.name, part)
         from obliviate.registry import METHODS
         assert METHODS[family.name] and all(e.family == family.name for e in METHODS[family.name].values())

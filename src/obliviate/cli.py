@@ -41,7 +41,8 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | metrics |
 
 @app.command()
 def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides")):
-    """Check a run config without running it."""
+    """Check a run config without running it: its keys and values, and everything `run` would reject before
+    training (the model folder, data and prompt files, the split or concept, an existing run folder)."""
     from obliviate.config import load_config
 
     try:
@@ -52,6 +53,7 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
         cfg = load_config(config, overrides or [])
         family = get(cfg.family)
         instantiate(lookup_method(cfg.family, cfg.method), cfg.method_args)
+        family.load("check")(cfg)  # the model folder, data files, split or concept, run folder: what `run` rejects
     except ObliviateError as e:
         _fail(e)
     typer.echo(f"ok: {config} ({family.title} run, method {cfg.method}, {family.subject} "

@@ -219,3 +219,13 @@ def build_config(data: dict, source: str = "config") -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return build_config(apply_overrides(read_config_file(path), list(overrides)), str(path))
+
+
+def check_run_folder(config: RunConfig) -> None:
+    """What `run` would reject about where the run folder goes, checked before any work: an output_dir that is a
+    file, or a named run folder that already exists."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ObliviateError(f"output_dir is not a folder: {out}")
+    if config.name and (out / config.name).exists():
+        raise ObliviateError(f"run folder already exists: {out / config.name} (choose another name)")

@@ -1,8 +1,9 @@
 """The table of model families. Each family fills one small contract in its own place: an adapter (`models/`), a loop
 built from the shared gradient step (`loops/`), its methods in their own folder (`methods/<family>/`), a runner
-(`runners/`) and a demo part (`demo/`). The CLI, the API and the config look a family up here and never branch on
-it; a family never imports another family's loop, runner or adapter (tests/test_families.py keeps that true).
-Entries are "module:object" strings, imported only when used, so reading this table is instant."""
+(`runners/`) with its cheap pre-run checks (`obliviate validate`) and a demo part (`demo/`). The CLI, the API and
+the config look a family up here and never branch on it; a family never imports another family's loop, runner or
+adapter (tests/test_families.py keeps that true). Entries are "module:object" strings, imported only when used,
+so reading this table is instant."""
 from __future__ import annotations
 
 import importlib
@@ -21,6 +22,7 @@ class Family:
     method_base: str
     runner: str  # RunConfig -> run folder
     export: str  # (changed.safetensors, base folder, out folder) -> a full model folder
+    check: str  # RunConfig -> None, or an ObliviateError for what `run` would reject (cheap: `obliviate validate`)
     demo: str  # the demo part
     worlds: tuple[str, ...]  # the built-in worlds that serve it
     fields: tuple[str, ...]  # RunConfig keys that belong to this family alone
@@ -36,11 +38,13 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lm", "language model", adapter="obliviate.models.causal_lm", loop="obliviate.loops.lm:unlearn",
            make_method="obliviate.loops.lm:make_method", method_base="obliviate.methods.lm.base:Method",
-           runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export", demo="obliviate.demo.lm:run_lm_demo", worlds=("profiles",),
+           runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
+           check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_lm_demo", worlds=("profiles",),
            fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval"), subject="split"),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
            make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
+           check="obliviate.runners.t2i_checks:check_t2i",
            demo="obliviate.demo.t2i:run_canvas_demo", worlds=("canvas",),
            fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept"),
 )}

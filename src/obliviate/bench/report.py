@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 from obliviate.bench.scorecard import cell, columns
@@ -136,24 +135,51 @@ def _t2i_section(folder: Path, section: dict) -> str:
     return "\n".join(parts)
 
 
+def _read(path: Path, what: str, kind: type = dict, keys: tuple[str, ...] = ()):
+    """A file of a run folder: missing, truncated or non-JSON, or not the shape the report needs, is one line naming
+    the file."""
+    from obliviate.data import read_json_file
+
+    data = read_json_file(path, what)
+    if not isinstance(data, kind):
+        raise ObliviateError(f"{path}: {what} must be a JSON {'object' if kind is dict else 'array'}, "
+                             f"got {type(data).__name__}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ObliviateError(f"{path}: {what} lacks the key(s) {', '.join(missing)}")
+    if kind is list:  # a history: one object per step
+        bad = next((i for i, row in enumerate(data) if not isinstance(row, dict) or "step" not in row), None)
+        if bad is not None:
+            raise ObliviateError(f"{path}: {what} row {bad + 1} is not an object with a 'step'")
+    return data
+
+
 def rewrite_report(folder: Path) -> Path:
     folder = Path(folder)
     if (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
-        histories = {m: json.loads((folder / m / "history.json").read_text())
+        summary = _read(folder / "summary.json", "demo summary", keys=("scorecard",))
+        if not isinstance(summary["scorecard"], dict):
+            raise ObliviateError(f"{folder / 'summary.json'}: 'scorecard' must be a JSON object")
+        histories = {m: _read(folder / m / "history.json", "history", list)
                      for m in summary["scorecard"] if (folder / m / "history.json").is_file()}
         return write_demo_report(folder, summary, histories)
     if (folder / "metrics.json").is_file():
-        history = json.loads((folder / "history.json").read_text()) if (folder / "history.json").is_file() else []
+        metrics = _read(folder / "metrics.json", "metrics")
+        history = _read(folder / "history.json", "history", list) if (folder / "history.json").is_file() else []
         grids = {caption: name for caption, name in (("image grid", "grid.png"),
                                                      ("under the prompt attack (obliviate attack)", "attack.png"))
                  if (folder / name).is_file()} or None
         notes = []
         if (folder / "attack.json").is_file():
-            a = json.loads((folder / "attack.json").read_text())["aggregate"]
+            a = _read(folder / "attack.json", "attack result", keys=("aggregate",))["aggregate"]
+            if not isinstance(a, dict) or not all(isinstance(a.get(k), (int, float)) for k in ("n_attacked",
+                                                                                              "ua_attacked")):
+                raise ObliviateError(f"{folder / 'attack.json'}: 'aggregate' needs numbers n_attacked and "
+                                     "ua_attacked")
             refs = "".join(f"; {name} {a[key]:.1%}" for name, key in (("original", "original_ua_attacked"),
-                                                                       ("retrain", "retrain_ua_attacked")) if key in a)
+                                                                       ("retrain", "retrain_ua_attacked"))
+                           if isinstance(a.get(key), (int, float)))
             notes.append(f"Under the prompt attack ({a['n_attacked']} forget prompts): UA attacked "
                          f"{a['ua_attacked']:.1%}{refs}.")
-        return write_run_report(folder, json.loads((folder / "metrics.json").read_text()), history, grids, notes)
+        return write_run_report(folder, metrics, history, grids, notes)
     raise ObliviateError(f"not a run or demo folder (no metrics.json or summary.json): {folder}")

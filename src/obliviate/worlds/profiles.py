@@ -128,6 +128,15 @@ def general_facts(seed: int, n: int = 100) -> list[QAItem]:
     return items
 
 
+SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10}  # forget split -> percent of the trained people
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        from obliviate.errors import ObliviateError
+        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(SPLITS)}")
+
+
 @dataclass
 class ProfilesData:
     people: list[Person]  # trained people, forget splits first
@@ -137,11 +146,8 @@ class ProfilesData:
 
     def split_people(self, split: str) -> tuple[list[Person], list[Person]]:
         """(forget people, retain people) for 'forget01' / 'forget05' / 'forget10'."""
-        pct = {"forget01": 1, "forget05": 5, "forget10": 10}
-        if split not in pct:
-            from obliviate.errors import ObliviateError
-            raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(pct)}")
-        k = max(1, round(len(self.people) * pct[split] / 100))
+        check_split(split)
+        k = max(1, round(len(self.people) * SPLITS[split] / 100))
         return self.people[:k], self.people[k:]
 
     def items_of(self, people: list[Person]) -> list[QAItem]:

@@ -1,0 +1,45 @@
+"""`obliviate validate` for language-model runs: everything `run` (runners/lm.py `prepare`) would reject, checked
+cheaply before any training: no model is loaded and no world is built."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from obliviate.config import RunConfig, check_run_folder
+from obliviate.data import check_disjoint, load_lines, load_qa_jsonl, load_tofu_utility, read_json_file
+from obliviate.errors import ObliviateError
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """A transformers model folder: it exists and holds a config.json that is a JSON object."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ObliviateError(f"model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ObliviateError(f"not a transformers model folder (no config.json): {folder}")
+    if not isinstance(read_json_file(folder / "config.json", "model config"), dict):
+        raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
+    return folder
+
+
+def check_lm(config: RunConfig) -> None:
+    from obliviate.methods.common import instantiate
+    from obliviate.registry import lookup_method
+
+    method = instantiate(lookup_method("lm", config.method), config.method_args)
+    if config.forget_file or config.retain_file:
+        if not (config.forget_file and config.retain_file and config.model):
+            raise ObliviateError("forget_file and retain_file go together, with `model` (the model to unlearn)")
+        if getattr(method, "from_world", False):
+            raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
+        check_disjoint(load_qa_jsonl(config.forget_file), load_qa_jsonl(config.retain_file))
+    else:
+        from obliviate.worlds.profiles import check_split
+
+        check_split(config.split)
+        if config.world.tofu_dir:
+            load_tofu_utility(config.world.tofu_dir)
+    if config.model:
+        check_model_folder(config.model)
+    if config.idk_file:
+        load_lines(config.idk_file)
+    check_run_folder(config)

@@ -1,0 +1,36 @@
+"""`obliviate validate` for text-to-image runs: everything `run` (runners/t2i.py `prepare`, loops/t2i.py
+`check_task`) would reject, checked cheaply before any training: no pipeline is loaded and no world is built."""
+from __future__ import annotations
+
+from obliviate.config import RunConfig, check_run_folder
+from obliviate.errors import ObliviateError
+
+
+def check_t2i(config: RunConfig) -> None:
+    from obliviate.data import load_prompts
+    from obliviate.methods.common import instantiate
+    from obliviate.models.diffusion import check_folder
+    from obliviate.registry import lookup_method
+
+    instantiate(lookup_method("t2i", config.method), config.method_args)
+    if not config.concept.strip():
+        raise ObliviateError("the concept to erase is empty")
+    if config.forget_prompts or config.retain_prompts:
+        if not (config.forget_prompts and config.retain_prompts and config.model):
+            raise ObliviateError("forget_prompts and retain_prompts go together, with `model` (the pipeline folder)")
+        forget = load_prompts(config.forget_prompts, must_contain=config.concept)
+        retain = load_prompts(config.retain_prompts)
+        overlap = set(forget) & set(retain)
+        if overlap:
+            raise ObliviateError(f"{len(overlap)} prompt(s) are both forget and retain prompts, e.g. "
+                                 f"{sorted(overlap)[0]!r}")
+    else:
+        if config.world.name != "canvas":
+            raise ObliviateError("a text-to-image run needs world.name = 'canvas', or `model` with forget_prompts "
+                                 "and retain_prompts files")
+        from obliviate.worlds.canvas import concept_kind
+
+        concept_kind(config.concept)
+    if config.model:
+        check_folder(config.model)
+    check_run_folder(config)
