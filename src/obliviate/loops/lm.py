@@ -144,6 +144,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             history.append(logs)
             checkpoints.save(step, params, opt, sched, history)
             advance(loss=logs["loss"])
+        if not stopped and history:  # the last update has no later loss to prove it: probe it
+            stopped = guard.check_final(lambda: method.losses(model, reference, f, r).total)
     model.eval()
     names = [n for n, _ in named]
     if lora is not None:

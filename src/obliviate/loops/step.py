@@ -35,7 +35,8 @@ class StateGuard:
     """The NaN guard. A step whose loss is finite proves the state it started from sound; the step itself may still
     wreck the weights (lr 1e9: huge but finite weights, a NaN loss one step later). So the guard keeps a copy of the
     last state whose loss was finite (taken before each step) and of the initial state, and when the loop must stop
-    it puts back the last sound state, or the initial one if even that gives a non-finite loss on a probe batch.
+    it puts back the last sound state (whose loss and gradient were finite), or the initial one if even that gives a
+    non-finite loss on a probe batch. The state the last step produced is probed too.
     Off (no copies) for models too large to copy at every step."""
 
     def __init__(self, params: list, enabled: bool = True):
@@ -57,6 +58,17 @@ class StateGuard:
         if self.enabled:
             self.last_good, self.last_good_step = self._copy(), step
 
+    def check_final(self, probe: Callable[[], torch.Tensor]) -> str | None:
+        """After the last step: no later loss proves the state it produced, so probe it (without touching the global
+        random state, so what follows the loop draws the same numbers); if its loss is not finite, put back the last
+        sound state and say why, else None."""
+        if not self.enabled or self.last_good is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            if _finite(probe):
+                return None
+            return self.restore(f"non-finite loss after the last step ({self.last_good_step})", probe)
+
     def restore(self, why: str, probe: Callable[[], torch.Tensor] | None = None) -> str:
         """Put back the last sound state and say which one it is (the message ends the run's `stopped` field)."""
         if not self.enabled:
@@ -69,10 +81,11 @@ class StateGuard:
         return f"{why}; kept the initial state (no later state gave a finite loss)"
 
 
-@torch.no_grad()
 def _finite(probe: Callable[[], torch.Tensor]) -> bool:
+    """Whether the probe's loss is finite. Run with gradients on: some methods' losses take gradients inside (the
+    inner attack of AdvUnlearn)."""
     try:
-        return bool(torch.isfinite(probe()).all())
+        return bool(torch.isfinite(probe().detach()).all())
     except RuntimeError:  # e.g. a sampling error from non-finite probabilities
         return False
 

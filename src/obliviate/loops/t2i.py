@@ -124,6 +124,8 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                 history.append(logs)
                 checkpoints.save(step, params, opt, sched, history, {"generator": gen.get_state()})
                 advance(loss=logs["loss"])
+            if not stopped and history:  # the last update has no later loss to prove it: probe it
+                stopped = guard.check_final(lambda: method.losses(ctx, unet, f, r).total)
     unet.eval().requires_grad_(False)
     return UnlearnResult(model=unet, trainable_names=[n for n, _ in named], history=history,
                          seconds=time.time() - t0, stopped=stopped)
