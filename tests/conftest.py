@@ -113,3 +113,34 @@ def tiny_task(concept: str = "striped"):
                                      for p in prompts if concept not in p],
                      anchor="solid" if concept != "solid" else "dotted",
                      preserve=[s for s in TINY_STYLES if s != concept])
+
+
+def one_line_error(result, *needles: str) -> str:
+    """A CLI failure: exit 2, a single `error: ...` line holding every needle, no traceback."""
+    out = result.output.strip()
+    assert result.exit_code == 2, result.output
+    assert len(out.splitlines()) == 1 and out.startswith("error: ") and "Traceback" not in out, out
+    for n in needles:
+        assert n in out, out
+    return out
+
+
+def tiny_profiles_config(root, max_steps: int | None = None):
+    """A run config on a shrunken profiles world (10 people, a 2-layer model trained 1 epoch) cached under `root`:
+    it builds in seconds, so it checks plumbing and guarantees, not quality."""
+    train = f"{{lr: 1.0e-3, max_steps: {max_steps}, batch_size: 4}}" if max_steps else \
+        "{lr: 1.0e-3, epochs: 1, batch_size: 4}"
+    cfg = root / "base.yaml"
+    cfg.write_text(f"""
+method: GradDiff
+world:
+  n_people: 10
+  n_holdout: 2
+  general_facts: 5
+  cache_dir: {root / 'cache'}
+  model: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, vocab_size: 400, epochs: 1}}
+train: {train}
+eval: {{retain_people: 2, batch_size: 16}}
+output_dir: {root / 'runs'}
+""")
+    return cfg

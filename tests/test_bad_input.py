@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 from obliviate.cli import app
 from obliviate.config import load_config
 from obliviate.data import load_lines, load_prompts, load_qa_jsonl
@@ -15,14 +16,6 @@ from obliviate.errors import ObliviateError
 runner = CliRunner()
 
 
-def one_line_error(result, *needles: str) -> str:
-    """A CLI failure: exit 2, a single `error: ...` line holding every needle, no traceback."""
-    out = result.output.strip()
-    assert result.exit_code == 2, result.output
-    assert len(out.splitlines()) == 1 and out.startswith("error: ") and "Traceback" not in out, out
-    for n in needles:
-        assert n in out, out
-    return out
 
 
 def write_items(path, items):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import tiny_profiles_config
 from obliviate.cli import app
 
 runner = CliRunner()
@@ -17,19 +18,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    cfg = root / "base.yaml"
-    cfg.write_text(f"""
-method: GradDiff
-world:
-  n_people: 10
-  n_holdout: 2
-  general_facts: 5
-  cache_dir: {root / 'cache'}
-  model: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, vocab_size: 400, epochs: 1}}
-train: {{lr: 1.0e-3, epochs: 1, batch_size: 4}}
-eval: {{retain_people: 2, batch_size: 16}}
-output_dir: {root / 'runs'}
-""")
+    cfg = tiny_profiles_config(root)
     return root, cfg
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import tiny_profiles_config
 from obliviate.cli import app
 from obliviate.config import load_config
 
@@ -22,19 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    cfg = root / "base.yaml"
-    cfg.write_text(f"""
-method: GradDiff
-world:
-  n_people: 10
-  n_holdout: 2
-  general_facts: 5
-  cache_dir: {root / 'cache'}
-  model: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, vocab_size: 400, epochs: 1}}
-train: {{lr: 1.0e-3, max_steps: 6, batch_size: 4}}
-eval: {{retain_people: 2, batch_size: 16}}
-output_dir: {root / 'runs'}
-""")
+    cfg = tiny_profiles_config(root, max_steps=6)
     from obliviate.worlds.profiles import ProfilesWorld
     ProfilesWorld(load_config(cfg).world).build("forget10", retrain=True, log=lambda *a: None)
     return root, cfg

@@ -8,18 +8,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 from obliviate.cli import app
 
 runner = CliRunner()
 
 
-def one_line_error(result, *needles: str) -> str:
-    out = result.output.strip()
-    assert result.exit_code == 2, result.output
-    assert len(out.splitlines()) == 1 and out.startswith("error: ") and "Traceback" not in out, out
-    for n in needles:
-        assert n in out, out
-    return out
 
 
 def write_qa(path, items) -> str:

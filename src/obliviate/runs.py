@@ -248,6 +248,16 @@ def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
+def write_run_record(folder: Path, config, started, base: dict, device: str, history: list, metrics: dict) -> None:
+    """The files every run folder holds, whatever its family: config, environment (with the base's record),
+    history and metrics."""
+    write_json(folder / "config.json", config.dump())
+    write_json(folder / "environment.json", {**environment(), "started": started.isoformat(), **base,
+                                             "device": device})
+    write_json(folder / "history.json", history)
+    write_json(folder / "metrics.json", metrics)
+
+
 def resolve_device(name: str) -> str:
     """"auto" -> cuda when available, else cpu; a named CUDA device that is not there is an error."""
     import torch

@@ -12,7 +12,7 @@ from obliviate.config import EvalConfig, RunConfig
 from obliviate.data import load_lines, load_qa_jsonl
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.models import causal_lm as lm
-from obliviate.runs import base_record, claim_run_dir, environment, resolve_device, write_json
+from obliviate.runs import base_record, claim_run_dir, resolve_device, write_json, write_run_record
 
 
 def world_for(config: RunConfig):
@@ -115,11 +115,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             metrics.update(evaluation["aggregate"])
 
         tmp = folder.tmp
-        write_json(tmp / "config.json", config.dump())
-        write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(), **base,
-                                              "device": device})
-        write_json(tmp / "history.json", result_history)
-        write_json(tmp / "metrics.json", metrics)
+        write_run_record(tmp, config, started, base, device, result_history, metrics)
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
         if tensors:

@@ -10,7 +10,7 @@ from pathlib import Path
 from obliviate.config import RunConfig
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.methods.t2i.base import EraseTask, RetainPrompt
-from obliviate.runs import environment, write_json
+from obliviate.runs import write_json, write_run_record
 
 
 def canvas_task(world, concept: str, anchor: str | None = None) -> EraseTask:
@@ -84,11 +84,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             metrics.update(evaluation["aggregate"])
 
         tmp = folder.tmp
-        write_json(tmp / "config.json", config.dump())
-        write_json(tmp / "environment.json", {**environment(), "started": started.isoformat(), **base,
-                                              "device": device})
-        write_json(tmp / "history.json", result.history)
-        write_json(tmp / "metrics.json", metrics)
+        write_run_record(tmp, config, started, base, device, result.history, metrics)
         from safetensors.torch import save_file
         save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
         grids = {}
