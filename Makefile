@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-TOFU_DIR ?= $(wildcard ../shared/data/tofu)
+TOFU_DIR ?=
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

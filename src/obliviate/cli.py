@@ -1,6 +1,7 @@
 """The `obliviate` command line. Heavy libraries are imported inside the commands, so --help and `ls` are instant."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -126,6 +127,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          t2i_methods: str = typer.Option("ESD-x,UCE,RGD,AdvUnlearn", help="comma-separated text-to-image methods"),
          concepts: str = typer.Option("striped,star", help="canvas concepts to erase (a style and an object)"),
          worlds: str = typer.Option("profiles,canvas", help="which parts to run: profiles, canvas or both"),
+         jobs: int = typer.Option(min(2, os.cpu_count() or 1), help="parts run side by side, one process each "
+                                                                     "(1: one after the other, in this process)"),
          quiet: bool = typer.Option(False, help="no progress bars")):
     """Build the worlds; unlearn forget10 of the profiles world and erase a style and an object from the canvas
     pipeline with several methods; score them against the retrain references; write a report."""
@@ -136,7 +139,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     try:
         from obliviate.demo import run_demo
         run_demo(out, tofu_dir, split(methods), t2i_methods=split(t2i_methods), concepts=split(concepts),
-                 worlds=tuple(split(worlds)))
+                 worlds=tuple(split(worlds)), jobs=jobs)
     except ObliviateError as e:
         _fail(e)
 

@@ -7,11 +7,22 @@ import sys
 import time
 
 _enabled = True
+_plain_only = False
 
 
 def set_enabled(flag: bool) -> None:
     global _enabled
     _enabled = flag
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def force_plain(flag: bool) -> None:
+    """Plain lines even on a terminal (worker processes that share it)."""
+    global _plain_only
+    _plain_only = flag
 
 
 def _info(fields: dict) -> str:
@@ -32,7 +43,7 @@ def bar(description: str, total: int):
     if not _enabled:
         yield lambda n=1, **kw: None
         return
-    if not _is_terminal():
+    if _plain_only or not _is_terminal():
         with _plain(description, total) as advance:
             yield advance
         return

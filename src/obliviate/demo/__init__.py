@@ -1,10 +1,12 @@
-"""`obliviate demo`: the whole loop on the built-in worlds, on a CPU, in minutes.
+"""`obliviate demo`: the whole loop on the built-in worlds, on a CPU.
 
-Profiles: builds (or loads) the world, unlearns forget10 with several methods starting from the same full model,
-evaluates each one and the retrain gold standard with the same protocol (demo/lm.py). Canvas (demo/t2i.py): erases a style and an
-object from the world's pipeline with several methods, next to the retrain-without-concept references. Prints the
-scorecards and writes summary.json, one folder per method (metrics, per-item values, history, changed tensors),
-image grids and report.html — atomically.
+Profiles (demo/lm.py): builds (or loads) the world, unlearns forget10 with several methods starting from the same
+full model, evaluates each one and the retrain gold standard with the same protocol. Canvas (demo/t2i.py): erases a
+style and an object from the world's pipeline with several methods, next to the retrain-without-concept references,
+and attacks each erasure. Each part writes its own folders (metrics, per-item values, history, changed tensors, image
+grids); this module runs the parts (side by side in two processes when `jobs` > 1, each on one thread: the small
+models gain little from a second thread, so two parts at once take about as long as the longer one), then writes
+summary.json and report.html and prints the scorecards — the whole folder atomically.
 """
 from __future__ import annotations
 
@@ -13,51 +15,98 @@ from pathlib import Path
 
 from obliviate.errors import ObliviateError
 
-PARTS = {"profiles": "language model", "canvas": "text-to-image"}  # world -> family of the demo part
+# world -> the part that runs on it ("module:function(folder, log, **options) -> JSON-ready part of the summary")
+PARTS = {"profiles": "obliviate.demo.lm:run_part", "canvas": "obliviate.demo.t2i:run_part"}
 
 
 def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2i_methods=None, concepts=None,
-             worlds=("profiles", "canvas")) -> dict:
+             worlds=("profiles", "canvas"), jobs: int = 1) -> dict:
     """The profiles world's unlearning (LM `methods`) and the canvas world's erasures (`t2i_methods` x `concepts`)."""
+    from obliviate.runs import atomic_dir
+
     bad = set(worlds) - set(PARTS)
     if bad or not worlds:
         raise ObliviateError(f"unknown demo world(s) {sorted(bad) or '(none)'}; valid: {', '.join(PARTS)}")
+    if jobs < 1:
+        raise ObliviateError(f"--jobs must be at least 1, got {jobs}")
+    if tofu_dir is not None and not Path(tofu_dir).is_dir():
+        raise ObliviateError(f"TOFU folder not found: {tofu_dir}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "summary.json").is_file():
         raise ObliviateError(f"{out} exists and is not a demo folder; choose another --out")
+    options = {"profiles": {"tofu_dir": tofu_dir, "methods": list(methods)},
+               "canvas": {"methods": list(t2i_methods) if t2i_methods else None,
+                          "concepts": list(concepts) if concepts else None}}
     t_start = time.time()
-    summary = {"scorecard": {}, "notes": [], "winners": [], "histories": {}, "per_method": {}}
-    if "profiles" in worlds:
-        from obliviate.demo.lm import run_lm_demo
-        summary = run_lm_demo(tofu_dir, methods, log)
-    sections = []
-    if "canvas" in worlds:
-        from obliviate.demo import t2i as demo_t2i
-        sections = demo_t2i.run_canvas_demo(list(t2i_methods or demo_t2i.METHODS),
-                                            list(concepts or demo_t2i.CONCEPTS), log)
-    return _write_demo(out, summary, sections, t_start, log)
-
-
-def _write_demo(out: Path, summary: dict, sections: list[dict], t_start: float, log) -> dict:
-    from obliviate.bench.report import write_demo_report
-    from obliviate.bench.scorecard import print_scorecard
-    from obliviate.runs import atomic_dir, environment, write_json
-
-    rows, histories, per_method = summary.pop("scorecard"), summary.pop("histories"), summary.pop("per_method")
-    summary = {**summary, "scorecard": rows, "environment": environment()}
     with atomic_dir(out) as tmp:
-        if per_method:
-            from obliviate.demo.lm import write_method_folders
-            write_method_folders(tmp, rows, per_method, summary["base_model"])
-        if sections:
-            from obliviate.demo import t2i as demo_t2i
-            from obliviate.worlds.canvas import CanvasWorld
-            summary["t2i"] = demo_t2i.write_sections(tmp, sections, str(CanvasWorld().pipeline_dir))
-        summary["total_seconds"] = round(time.time() - t_start, 1)
-        write_json(tmp / "summary.json", summary)
-        write_demo_report(tmp, summary, histories)
-    if rows:
-        print_scorecard(rows, title=f"obliviate demo: {summary['split']} of the profiles world")
+        todo = [(w, options[w]) for w in PARTS if w in worlds]
+        if jobs > 1 and len(todo) > 1:
+            parts = _side_by_side(tmp, todo, log)
+        else:
+            parts = {w: _call(PARTS[w], tmp, log, opts) for w, opts in todo}
+        summary = _summary(parts, t_start)
+        _write(tmp, summary, parts.get("profiles", {}).get("histories", {}))
+    _print(out, summary, log)
+    return summary
+
+
+def _call(target: str, folder: Path, log, options: dict) -> dict:
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(folder, log=log, **options)
+
+
+def _one_part(target: str, folder: str, options: dict, show_progress: bool) -> dict:
+    """A part in a worker process: one torch thread, plain progress lines (two live bars would garble a terminal)."""
+    import torch
+
+    from obliviate import progress
+
+    torch.set_num_threads(1)
+    progress.set_enabled(show_progress)
+    progress.force_plain(True)
+    return _call(target, Path(folder), print, options)
+
+
+def _side_by_side(folder: Path, todo: list, log) -> dict:
+    """The parts in worker processes at once. An error in one stops both (the pool's workers are terminated, so
+    Ctrl-C or SIGTERM does not wait for minutes of training) and is raised here."""
+    import multiprocessing
+
+    from obliviate import progress
+
+    log(f"running the {' and '.join(w for w, _ in todo)} parts side by side (one process each)")
+    with multiprocessing.get_context("spawn").Pool(len(todo)) as pool:
+        pending = {w: pool.apply_async(_one_part, (PARTS[w], str(folder), opts, progress.enabled())) for w, opts in todo}
+        return {w: job.get() for w, job in pending.items()}
+
+
+def _summary(parts: dict, t_start: float) -> dict:
+    from obliviate.runs import environment
+
+    lm = parts.get("profiles", {"scorecard": {}, "notes": [], "winners": []})
+    summary = {k: v for k, v in lm.items() if k != "histories"}
+    summary["environment"] = environment()
+    if "canvas" in parts:
+        summary["t2i"] = parts["canvas"]["sections"]
+    summary["total_seconds"] = round(time.time() - t_start, 1)
+    return summary
+
+
+def _write(folder: Path, summary: dict, histories: dict) -> None:
+    from obliviate.bench.report import write_demo_report
+    from obliviate.runs import write_json
+
+    write_json(folder / "summary.json", summary)
+    write_demo_report(folder, summary, histories)
+
+
+def _print(out: Path, summary: dict, log) -> None:
+    from obliviate.bench.scorecard import print_scorecard
+
+    if summary["scorecard"]:
+        print_scorecard(summary["scorecard"], title=f"obliviate demo: {summary['split']} of the profiles world")
         for n in summary["notes"]:
             log(n)
     for s in summary.get("t2i", []):
@@ -65,4 +114,3 @@ def _write_demo(out: Path, summary: dict, sections: list[dict], t_start: float, 
         for n in s["notes"]:
             log(n)
     log(f"wrote {out / 'summary.json'} and {out / 'report.html'} ({summary['total_seconds']:.0f} s in all)")
-    return summary

@@ -115,3 +115,12 @@ def write_method_folders(folder: Path, rows: dict, per_method: dict, base_model:
         write_json(d / "history.json", result.history)
         save_file(changed_tensors(result.model, result.trainable_names), str(d / "changed.safetensors"),
                   metadata={"base_model": base_model})
+
+
+def run_part(folder: Path, log=print, tofu_dir: Path | None = None, methods: list[str] = ()) -> dict:
+    """The demo's language-model part: run it, write one folder per method into `folder`, and return the JSON-ready
+    summary (scorecard, notes, world) with the methods' histories for the report."""
+    summary = run_lm_demo(tofu_dir, list(methods), log)
+    per_method = summary.pop("per_method")
+    write_method_folders(folder, summary["scorecard"], per_method, summary["base_model"])
+    return summary

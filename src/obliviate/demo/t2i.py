@@ -135,3 +135,12 @@ def write_sections(folder: Path, sections: list[dict], base_model: str) -> list[
                       metadata={"base_model": base_model})
         out.append({k: v for k, v in s.items() if k not in ("grid_image", "results")})
     return out
+
+
+def run_part(folder: Path, log=print, methods: list[str] | None = None, concepts: list[str] | None = None) -> dict:
+    """The demo's text-to-image part: run it and write each concept's folders into `folder`; returns the JSON-ready
+    sections for summary.json."""
+    from obliviate.worlds.canvas import CanvasWorld
+
+    sections = run_canvas_demo(list(methods or METHODS), list(concepts or CONCEPTS), log)
+    return {"sections": write_sections(folder, sections, str(CanvasWorld().pipeline_dir))}

@@ -1,0 +1,58 @@
+"""The demo's parts run side by side in worker processes (one torch thread each) and come together in one folder;
+a failing part fails the demo in one line and leaves no folder. The parts here are stand-ins (the real ones train
+worlds for minutes: tests/test_slow_demo.py runs them)."""
+import json
+import os
+
+import pytest
+
+from obliviate.errors import ObliviateError
+
+
+def lm_part(folder, log=print, tofu_dir=None, methods=()):
+    import torch
+
+    (folder / "lm-part.txt").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+    row = {"forget_quality": 0.5, "model_utility": 0.8}
+    return {"split": "forget10", "scorecard": {"original": row, **{m: row for m in methods}}, "notes": ["lm"],
+            "winners": [], "histories": {m: [{"step": 0, "loss": 1.0}] for m in methods}}
+
+
+def t2i_part(folder, log=print, methods=None, concepts=None):
+    import torch
+
+    (folder / "t2i-part.txt").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+    return {"sections": [{"concept": c, "title": f"Erasing '{c}'", "scorecard": {"original": {"ua": 0.1}},
+                          "notes": [], "grid": "none.png"} for c in concepts]}
+
+
+def failing_part(folder, log=print, **options):
+    raise ObliviateError("the canvas part failed")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_parts_run_side_by_side_and_come_together(tmp_path, monkeypatch, jobs):
+    import obliviate.demo as demo
+
+    monkeypatch.setattr(demo, "PARTS", {"profiles": f"{__name__}:lm_part", "canvas": f"{__name__}:t2i_part"})
+    summary = demo.run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, concepts=["star"], jobs=jobs)
+    out = tmp_path / "demo"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["scorecard"] == summary["scorecard"] and set(saved["scorecard"]) == {"original", "NPO"}
+    assert [s["concept"] for s in saved["t2i"]] == ["star"] and "histories" not in saved
+    assert "Erasing &#x27;star&#x27;" in (out / "report.html").read_text()
+    pids = {(out / f).read_text().split()[0] for f in ("lm-part.txt", "t2i-part.txt")}
+    threads = {(out / f).read_text().split()[1] for f in ("lm-part.txt", "t2i-part.txt")}
+    if jobs == 2:  # two worker processes, one thread each
+        assert len(pids) == 2 and str(os.getpid()) not in pids and threads == {"1"}
+    else:
+        assert pids == {str(os.getpid())}
+
+
+def test_a_failing_part_fails_the_demo_and_leaves_no_folder(tmp_path, monkeypatch):
+    import obliviate.demo as demo
+
+    monkeypatch.setattr(demo, "PARTS", {"profiles": f"{__name__}:lm_part", "canvas": f"{__name__}:failing_part"})
+    with pytest.raises(ObliviateError, match="the canvas part failed"):
+        demo.run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, jobs=2)
+    assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo*"))
