@@ -23,7 +23,7 @@ class Family:
     runner: str  # RunConfig -> run folder
     export: str  # (changed.safetensors, base folder, out folder) -> a full model folder
     check: str  # RunConfig -> None, or an ObliviateError for what `run` would reject (cheap: `obliviate validate`)
-    demo: str  # the demo part
+    demo: str  # the demo part: (folder, log, **options) -> its JSON-ready part of the demo's summary
     worlds: tuple[str, ...]  # the built-in worlds that serve it
     fields: tuple[str, ...]  # RunConfig keys that belong to this family alone
     subject: str  # the RunConfig key that says what is forgotten
@@ -39,13 +39,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lm", "language model", adapter="obliviate.models.causal_lm", loop="obliviate.loops.lm:unlearn",
            make_method="obliviate.loops.lm:make_method", method_base="obliviate.methods.lm.base:Method",
            runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
-           check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_lm_demo", worlds=("profiles",),
+           check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
            fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval"), subject="split"),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
            make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
            check="obliviate.runners.t2i_checks:check_t2i",
-           demo="obliviate.demo.t2i:run_canvas_demo", worlds=("canvas",),
+           demo="obliviate.demo.t2i:run_part", worlds=("canvas",),
            fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept"),
 )}
 

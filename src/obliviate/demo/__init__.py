@@ -15,8 +15,15 @@ from pathlib import Path
 
 from obliviate.errors import ObliviateError
 
-# world -> the part that runs on it ("module:function(folder, log, **options) -> JSON-ready part of the summary")
-PARTS = {"profiles": "obliviate.demo.lm:run_part", "canvas": "obliviate.demo.t2i:run_part"}
+
+def _parts() -> dict[str, str]:
+    """world -> its family's demo part (obliviate.families), in the table's order."""
+    from obliviate.families import FAMILIES
+
+    return {w: f.demo for f in FAMILIES.values() for w in f.worlds}
+
+
+PARTS = _parts()
 
 
 def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2i_methods=None, concepts=None,

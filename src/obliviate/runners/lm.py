@@ -70,7 +70,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.step import Checkpoints, changed_tensors
     from obliviate.methods.common import instantiate
     from obliviate.registry import lookup_method
+    from obliviate.runners.lm_checks import check_lm
 
+    check_lm(config)  # what can be checked in a moment fails before the claim, the world and the training
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
     method = instantiate(lookup_method("lm", config.method), config.method_args)

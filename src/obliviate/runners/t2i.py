@@ -57,7 +57,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.t2i import changed_unet_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import base_record, claim_run_dir, resolve_device
+    from obliviate.runners.t2i_checks import check_t2i
 
+    check_t2i(config)  # what can be checked in a moment fails before the claim, the world and the training
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
     method = make_t2i_method(config.method, config.method_args)
