@@ -22,10 +22,10 @@ from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES
 
 SRC = Path(obliviate.__file__).parent
-LM_ONLY = ("obliviate.models.causal_lm", "obliviate.loops.lm", "obliviate.runners.lm", "obliviate.methods.lm",
-           "obliviate.demo.lm")
-T2I_ONLY = ("obliviate.models.diffusion", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.methods.t2i",
-            "obliviate.demo.t2i", "diffusers")
+LM_ONLY = ("obliviate.models.causal_lm", "obliviate.loops.lm", "obliviate.runners.lm", "obliviate.runners.lm_checks",
+           "obliviate.methods.lm", "obliviate.demo.lm")
+T2I_ONLY = ("obliviate.models.diffusion", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.runners.t2i_checks",
+            "obliviate.methods.t2i", "obliviate.demo.t2i", "diffusers")
 
 
 def _run_and_list_modules(code: str) -> set[str]:
@@ -53,6 +53,30 @@ result = erase(pipe, task, "ESD-x", TrainConfig(max_steps=1, batch_size=1), imag
 assert result.history
 """)
     assert "obliviate.loops.step" in modules  # the shared gradient step serves both families
+    assert not _loaded(modules, LM_ONLY), _loaded(modules, LM_ONLY)
+
+
+def test_a_text_to_image_run_from_the_cli_loads_nothing_of_the_language_model_family(tiny_pipeline_dir, tmp_path):
+    from conftest import tiny_prompts
+
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p))
+    retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'method = "ESD-x"\nconcept = "striped"\nmodel = "{tiny_pipeline_dir}"\n'
+                   f'forget_prompts = "{forget}"\nretain_prompts = "{retain}"\nevaluate = false\n'
+                   f'output_dir = "{tmp_path / "runs"}"\nname = "esd"\n'
+                   '[train]\nmax_steps = 1\nbatch_size = 1\n[t2i]\nimages_per_prompt = 1\nsample_steps = 2\n')
+    modules = _run_and_list_modules(f"""
+import sys
+from obliviate.cli import app
+sys.argv = ["obliviate", "run", {str(cfg)!r}, "--quiet"]
+try:
+    app()
+except SystemExit as e:
+    assert not e.code, e.code
+""")
+    assert (tmp_path / "runs" / "esd" / "changed.safetensors").is_file()
     assert not _loaded(modules, LM_ONLY), _loaded(modules, LM_ONLY)
 
 

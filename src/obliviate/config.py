@@ -29,6 +29,9 @@ class WorldConfig(_Strict):
     def _known_recipe_keys(self):
         import dataclasses
 
+        if not self.model:  # nothing to check, and no world's training code to import
+            return self
+
         if self.name == "canvas":
             from obliviate.worlds.canvas_train import CanvasRecipe as recipe
         else:
