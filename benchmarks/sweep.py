@@ -4,8 +4,8 @@ evaluate with the full protocol, compare with the retrain model.
 Usage: python benchmarks/sweep.py 'METHOD:LR:EPOCHS[:JSON method_args]' ...
   e.g. python benchmarks/sweep.py 'NPO:2e-4:10:{"alpha":4}' 'RGD:2e-4:15:{"forget_loss_cap":1.0}'
 Prints one line per setting: forget quality, model utility, exact-answer accuracy on forget and retain questions,
-PrivLeak, the forget truth-ratio score and the seconds taken (unlearning + evaluation). Set TOFU_DIR to add TOFU's
-utility files (the demo's world does when ../shared/data/tofu exists).
+PrivLeak, the forget truth-ratio score and the seconds taken (unlearning + evaluation). The world is the demo's
+(`make demo`: no TOFU files); set TOFU_DIR to add TOFU's utility files.
 """
 import json
 import os
@@ -13,7 +13,7 @@ import sys
 import time
 
 from obliviate import progress
-from obliviate.config import RunConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, TrainConfig, WorldConfig
 from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
 from obliviate.models import causal_lm as lm
 from obliviate.runners.lm import retrain_evaluation
@@ -21,13 +21,12 @@ from obliviate.loops.lm import make_method, unlearn
 from obliviate.worlds.profiles import ProfilesWorld
 
 progress.set_enabled(False)
-world_cfg = WorldConfig(tofu_dir=os.environ.get("TOFU_DIR", "../shared/data/tofu") if os.path.isdir(
-    os.environ.get("TOFU_DIR", "../shared/data/tofu")) else None)
+world_cfg = WorldConfig(tofu_dir=os.environ.get("TOFU_DIR") or None)
 world = ProfilesWorld(world_cfg)
 world.build("forget10")
-config = RunConfig(method="Retrain", world=world_cfg)
-qa_sets, texts = world.eval_sets("forget10", config.eval.retain_people)
-retrain = retrain_evaluation(world, config, qa_sets, texts)
+eval_cfg = EvalConfig()
+qa_sets, texts = world.eval_sets("forget10", eval_cfg.retain_people)
+retrain = retrain_evaluation(world, "forget10", eval_cfg, qa_sets, texts)
 forget, retain = world.unlearning_sets("forget10")
 for spec in sys.argv[1:]:
     name, lr, epochs, *rest = spec.split(":", 3)
