@@ -18,9 +18,11 @@ python - "$out/cold/summary.json" "$out/warm/summary.json" "$cold" "$warm" <<'PY
 import json, sys
 cold, warm = (json.load(open(p)) for p in sys.argv[1:3])
 builds = {"profiles": cold.get("world_build_seconds")}
-builds.update({f"canvas": s.get("world_build_seconds") for s in cold.get("t2i", [])[:1]})
-same = cold["scorecard"] == warm["scorecard"] and [s["scorecard"] for s in cold.get("t2i", [])] == [
-    s["scorecard"] for s in warm.get("t2i", [])]
+builds.update({"canvas": s.get("world_build_seconds") for s in cold.get("t2i", [])[:1]})
+def numbers(card):  # every number but the timings
+    return {m: {k: v for k, v in row.items() if not k.endswith("seconds")} for m, row in card.items()}
+same = numbers(cold["scorecard"]) == numbers(warm["scorecard"]) and [
+    numbers(s["scorecard"]) for s in cold.get("t2i", [])] == [numbers(s["scorecard"]) for s in warm.get("t2i", [])]
 print(json.dumps({"cold_seconds": int(sys.argv[3]), "warm_seconds": int(sys.argv[4]),
                   "world_build_seconds_cold": builds, "same_scorecards_cold_and_warm": same}, indent=2))
 PY

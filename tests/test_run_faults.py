@@ -182,3 +182,63 @@ def test_an_interrupted_run_resumes_to_the_metrics_of_an_uninterrupted_one(world
     monkeypatch.setattr(loop, "gradient_step", real_step)
     r = runner.invoke(app, ["run", str(cfg), "--quiet", *settings, "name=other", "--resume"])
     assert r.exit_code == 2 and "checkpoint of a run with other settings" in r.stderr, r.output
+
+
+def test_an_unwritable_output_fails_before_the_world_is_built(tmp_path, monkeypatch):
+    import errno
+
+    from obliviate import runs
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(runs, "_probe_write", read_only)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"method: NPO\nname: r\noutput_dir: {tmp_path / 'runs'}\nworld: {{cache_dir: {tmp_path / 'cache'}}}\n")
+    r = runner.invoke(app, ["run", str(cfg), "--quiet"])
+    assert r.exit_code == 2 and "cannot write to" in r.stderr and "Read-only file system" in r.stderr, r.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # nothing built, nothing left
+
+
+def test_an_interrupted_erasure_resumes_to_the_same_tensors(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from conftest import tiny_prompts
+    from obliviate.config import build_config
+    from obliviate.loops import t2i as loop
+    from obliviate.runners import run
+
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p))
+    retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p))
+
+    def config(name):
+        return build_config({"method": "ESD-x", "concept": "striped", "model": str(tiny_pipeline_dir),
+                             "forget_prompts": str(forget), "retain_prompts": str(retain), "evaluate": False,
+                             "output_dir": str(tmp_path / "runs"), "name": name,
+                             "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},
+                             "t2i": {"images_per_prompt": 1, "sample_steps": 2}})
+
+    whole = run(config("whole"), log=lambda *a: None)
+    real_step = loop.gradient_step
+
+    def killed_at_step_3(*args, **kwargs):
+        if args[7] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "gradient_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config("resumed"), log=lambda *a: None)
+    taken = []
+
+    def counted(*args, **kwargs):
+        taken.append(args[7])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "gradient_step", counted)
+    resumed = run(config("resumed"), log=lambda *a: None, resume=True)
+    assert taken == [2, 3]
+    a, b = load_file(str(whole / "changed.safetensors")), load_file(str(resumed / "changed.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "history.json").read_text()) == json.loads((whole / "history.json").read_text())

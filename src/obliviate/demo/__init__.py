@@ -69,8 +69,10 @@ def _one_part(target: str, folder: str, options: dict, show_progress: bool) -> d
     import torch
 
     from obliviate import progress
+    from obliviate.models import quiet_transformers
 
     torch.set_num_threads(1)
+    quiet_transformers()  # transformers' own per-file bars would interleave with the other part's lines
     progress.set_enabled(show_progress)
     progress.force_plain(True)
     return _call(target, Path(folder), print, options)
@@ -84,9 +86,17 @@ def _side_by_side(folder: Path, todo: list, log) -> dict:
     from obliviate import progress
 
     log(f"running the {' and '.join(w for w, _ in todo)} parts side by side (one process each)")
-    with multiprocessing.get_context("spawn").Pool(len(todo)) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(len(todo))
+    try:
         pending = {w: pool.apply_async(_one_part, (PARTS[w], str(folder), opts, progress.enabled())) for w, opts in todo}
-        return {w: job.get() for w, job in pending.items()}
+        parts = {w: job.get() for w, job in pending.items()}
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
+    return parts
 
 
 def _summary(parts: dict, t_start: float) -> dict:
