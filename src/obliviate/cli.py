@@ -27,8 +27,8 @@ def _quiet(flag: bool) -> None:
 
 
 @app.command("ls")
-def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | metrics | worlds | all")):
-    """List registered methods, metrics and worlds, one line each with the paper."""
+def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | metrics | attacks | worlds | all")):
+    """List registered methods, metrics, attacks and worlds, one line each with the paper."""
     from obliviate.registry import KINDS
 
     kinds = list(KINDS) if kind == "all" else [kind]
