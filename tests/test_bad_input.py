@@ -241,3 +241,17 @@ def test_eval_refuses_an_existing_out_unless_forced(tiny_lm_dir, tmp_path):
     r = runner.invoke(app, args + ["--force"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(out.read_text(), parse_constant=_no_nan)["per_item"]["forget"]) == 3
+
+
+def test_torn_tokenizer_json_fails_eval_in_one_line(tiny_lm_dir, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, broken)
+    text = (broken / "tokenizer.json").read_text()
+    (broken / "tokenizer.json").write_text(text[: len(text) // 2])
+    forget = tmp_path / "f.jsonl"
+    forget.write_text('{"question": "q", "answer": "a"}\n')
+    retain = tmp_path / "r.jsonl"
+    retain.write_text('{"question": "q2", "answer": "b"}\n')
+    result = runner.invoke(app, ["eval", str(broken), "--forget-file", str(forget), "--retain-file", str(retain),
+                                 "--out", str(tmp_path / "e.json"), "--quiet"])
+    one_line_error(result, "cannot load the tokenizer from", "tokenizer.json")

@@ -156,3 +156,12 @@ def test_when_the_last_sound_state_fails_the_probe_the_initial_state_is_put_back
     off = StateGuard(list(layer.parameters()), enabled=False)
     off.mark_good(0)
     assert "could not be restored" in off.restore("non-finite loss at step 1")
+
+
+def test_a_learning_rate_beyond_the_float_range_stops_in_one_line(tiny_lm_dir):
+    """lr 1e39 cannot even be turned into a float32 step: the run stops at step 0 with the initial weights."""
+    result, tokenizer, initial = lm_unlearn(tiny_lm_dir, TrainConfig(lr=1e39, optimizer="sgd", max_grad_norm=None,
+                                                                     max_steps=3, batch_size=2))
+    assert result.stopped and "overflowed at step 0" in result.stopped
+    params = dict(result.model.named_parameters())
+    assert all(torch.equal(params[n], initial[n]) for n in initial)

@@ -120,7 +120,12 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
     if train.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
     before = guard.last_good if guard.enabled else ([p.detach().clone() for p in params] if grad_mask else None)
-    opt.step()
+    try:
+        opt.step()
+    except RuntimeError as e:  # a learning rate beyond the weights' float range: the update itself cannot be made
+        if "overflow" not in str(e):
+            raise
+        return f"the optimiser step overflowed at step {step} ({str(e).splitlines()[0]})"
     sched.step()
     if grad_mask is not None:  # weight decay acts outside the gradient: keep masked-out entries exactly as they were
         with torch.no_grad():

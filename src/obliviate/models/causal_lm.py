@@ -32,6 +32,12 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
         raise ObliviateError(f"{path / 'config.json'}: must be a JSON object")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # the `tokenizers` library raises a bare Exception on a torn tokenizer.json
+        if isinstance(e, ObliviateError):
+            raise
+        files = ", ".join(sorted(p.name for p in path.glob("*token*"))) or "no tokenizer files"
+        raise ObliviateError(f"cannot load the tokenizer from {path} ({files}): {str(e).splitlines()[0]}") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=None)
     except weights_load_errors() as e:
