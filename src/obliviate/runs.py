@@ -61,10 +61,7 @@ def claim_run_dir(final: str | Path, log: Callable[[str], object] | None = print
     if os.path.lexists(final):
         raise _exists(final)
     with _interruptible() as hold, contextlib.ExitStack() as undo:
-        made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
-        _make_parent(final)
-        for d in made:  # the output folders this claim made go too when the work fails (if still empty)
-            undo.callback(_remove_if_empty, d)
+        _make_parent(final, undo)
         sweep_stale(final.parent, log)
         undo.callback(_Lock(final).release)
         if os.path.lexists(final):  # finished by another run between the first check and the claim
@@ -103,10 +100,7 @@ def atomic_dir(final: str | Path, log: Callable[[str], object] | None = print) -
     final = Path(final)
     _check_name(final)
     with _interruptible() as hold, contextlib.ExitStack() as undo:
-        made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
-        _make_parent(final)
-        for d in made:  # the output folders this claim made go too when the work fails (if still empty)
-            undo.callback(_remove_if_empty, d)
+        _make_parent(final, undo)
         sweep_stale(final.parent, log)
         temp = _Temp(final)
         undo.callback(temp.remove)
@@ -286,11 +280,15 @@ def _cannot_write(path: Path, e: OSError) -> ObliviateError:
     return ObliviateError(f"cannot write to {path}: {e.strerror or e}")
 
 
-def _make_parent(final: Path) -> None:
+def _make_parent(final: Path, undo: contextlib.ExitStack) -> None:
+    """Make the folders above `final`; those made here are removed again (if still empty) when the work fails."""
+    made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _cannot_write(final, e) from e
+    for d in made:
+        undo.callback(_remove_if_empty, d)
 
 
 def _write_fault(e: OSError, tmp: Path) -> bool:
