@@ -242,6 +242,15 @@ def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
+def run_folder(config, started) -> Path:
+    """Where a run goes: OUTPUT_DIR/NAME, or a name from the start time, the method and what is forgotten (the
+    family's subject: the split or the concept)."""
+    from obliviate.families import get
+
+    subject = getattr(config, get(config.family).subject)
+    return Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{subject}")
+
+
 def write_run_record(folder: Path, config, started, base: dict, device: str, history: list, metrics: dict) -> None:
     """The files every run folder holds, whatever its family: config, environment (with the base's record),
     history and metrics."""

@@ -12,7 +12,7 @@ from obliviate.config import EvalConfig, RunConfig
 from obliviate.data import load_lines, load_qa_jsonl
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.models import causal_lm as lm
-from obliviate.runs import base_record, claim_run_dir, resolve_device, write_json, write_run_record
+from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder, write_json, write_run_record
 
 
 def world_for(config: RunConfig):
@@ -61,10 +61,6 @@ def prepare(config: RunConfig, log=print):
     return model_dir, forget, retain, qa_sets, texts, world
 
 
-def run_folder(config: RunConfig, started: datetime, subject: str) -> Path:
-    return Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{subject}")
-
-
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.lm import unlearn
     from obliviate.loops.step import Checkpoints, changed_tensors
@@ -76,7 +72,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
     method = instantiate(lookup_method("lm", config.method), config.method_args)
-    out = run_folder(config, started, config.split)
+    out = run_folder(config, started)
     checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:

@@ -56,14 +56,14 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.step import Checkpoints
     from obliviate.loops.t2i import changed_unet_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
-    from obliviate.runs import base_record, claim_run_dir, resolve_device
+    from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder
     from obliviate.runners.t2i_checks import check_t2i
 
     check_t2i(config)  # what can be checked in a moment fails before the claim, the world and the training
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
     method = make_t2i_method(config.method, config.method_args)
-    out = Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{config.concept}")
+    out = run_folder(config, started)
     checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
