@@ -9,19 +9,19 @@ import pytest
 from obliviate.errors import ObliviateError
 
 
-def lm_part(folder, log=print, tofu_dir=None, methods=()):
+def lm_part(folder, log=print, tofu_dir=None, methods=(), size="demo"):
     import torch
 
-    (folder / "lm-part.txt").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+    (folder / "lm-part.txt").write_text(f"{os.getpid()} {torch.get_num_threads()} {size}")
     row = {"forget_quality": 0.5, "model_utility": 0.8}
     return {"split": "forget10", "scorecard": {"original": row, **{m: row for m in methods}}, "notes": ["lm"],
             "winners": [], "histories": {m: [{"step": 0, "loss": 1.0}] for m in methods}}
 
 
-def t2i_part(folder, log=print, methods=None, concepts=None):
+def t2i_part(folder, log=print, methods=None, concepts=None, size="demo"):
     import torch
 
-    (folder / "t2i-part.txt").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+    (folder / "t2i-part.txt").write_text(f"{os.getpid()} {torch.get_num_threads()} {size}")
     return {"sections": [{"concept": c, "title": f"Erasing '{c}'", "scorecard": {"original": {"ua": 0.1}},
                           "notes": [], "grid": "none.png"} for c in concepts]}
 
@@ -30,12 +30,13 @@ def failing_part(folder, log=print, **options):
     raise ObliviateError("the canvas part failed")
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_parts_run_side_by_side_and_come_together(tmp_path, monkeypatch, jobs):
+@pytest.mark.parametrize("jobs,size", [(1, "demo"), (2, "full")])
+def test_parts_run_side_by_side_and_come_together(tmp_path, monkeypatch, jobs, size):
     import obliviate.demo as demo
 
     monkeypatch.setattr(demo, "PARTS", {"profiles": f"{__name__}:lm_part", "canvas": f"{__name__}:t2i_part"})
-    summary = demo.run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, concepts=["star"], jobs=jobs)
+    summary = demo.run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, concepts=["star"], jobs=jobs,
+                            size=size)
     out = tmp_path / "demo"
     saved = json.loads((out / "summary.json").read_text())
     assert saved["scorecard"] == summary["scorecard"] and set(saved["scorecard"]) == {"original", "NPO"}
@@ -43,6 +44,8 @@ def test_parts_run_side_by_side_and_come_together(tmp_path, monkeypatch, jobs):
     assert "Erasing &#x27;star&#x27;" in (out / "report.html").read_text()
     pids = {(out / f).read_text().split()[0] for f in ("lm-part.txt", "t2i-part.txt")}
     threads = {(out / f).read_text().split()[1] for f in ("lm-part.txt", "t2i-part.txt")}
+    assert {(out / f).read_text().split()[2] for f in ("lm-part.txt", "t2i-part.txt")} == {size}
+    assert saved["size"] == size
     if jobs == 2:  # two worker processes, one thread each
         assert len(pids) == 2 and str(os.getpid()) not in pids and threads == {"1"}
     else:
@@ -56,3 +59,11 @@ def test_a_failing_part_fails_the_demo_and_leaves_no_folder(tmp_path, monkeypatc
     with pytest.raises(ObliviateError, match="the canvas part failed"):
         demo.run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, jobs=2)
     assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo*"))
+
+
+def test_an_unknown_size_is_refused_before_any_work(tmp_path):
+    from obliviate.demo import run_demo
+
+    with pytest.raises(ObliviateError, match="unknown demo size 'huge'; valid: demo, full"):
+        run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, size="huge")
+    assert not (tmp_path / "demo").exists()

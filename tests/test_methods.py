@@ -331,3 +331,24 @@ def test_rg_wraps_other_bases(base, trained):
     step(method, model, reference, forget, retain, params)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert method.last_cosine is not None and -1.0 <= method.last_cosine <= 1.0
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_item():
+    """group_by_length: each pass holds every item once, no batch mixes a long text with short answers, and the
+    default (off) keeps the plain shuffled passes, batch for batch."""
+    import itertools
+    import random
+
+    from obliviate.loops.lm import _batches
+
+    lengths = [30] * 40 + [96] * 10 + [34] * 20
+    items = list(range(len(lengths)))
+    one_pass = list(itertools.islice(_batches(items, 8, random.Random(0), lengths), 10))  # 60 short: 8, 10 long: 2
+    assert sorted(i for b in one_pass for i in b) == items
+    for batch in one_pass:
+        lens = [lengths[i] for i in batch]
+        assert max(lens) <= 1.5 * min(lens), lens
+    plain, old = _batches(items, 8, random.Random(3)), random.Random(3)
+    order = list(items)
+    old.shuffle(order)
+    assert list(itertools.islice(plain, 9)) == [order[i:i + 8] for i in range(0, 70, 8)]

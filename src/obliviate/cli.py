@@ -129,6 +129,9 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          worlds: str = typer.Option("profiles,canvas", help="which parts to run: profiles, canvas or both"),
          jobs: int = typer.Option(min(2, os.cpu_count() or 1), help="parts run side by side, one process each "
                                                                      "(1: one after the other, in this process)"),
+         full_size: bool = typer.Option(False, help="the full-size worlds and sampling settings (200 people, 2 "
+                                                    "seeds and 25 DDIM steps per image) instead of the demo's smaller "
+                                                    "ones: several times longer"),
          quiet: bool = typer.Option(False, help="no progress bars")):
     """Build the worlds; unlearn forget10 of the profiles world and erase a style and an object from the canvas
     pipeline with several methods; score them against the retrain references; write a report."""
@@ -139,7 +142,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     try:
         from obliviate.demo import run_demo
         run_demo(out, tofu_dir, split(methods), t2i_methods=split(t2i_methods), concepts=split(concepts),
-                 worlds=tuple(split(worlds)), jobs=jobs)
+                 worlds=tuple(split(worlds)), jobs=jobs, size="full" if full_size else "demo")
     except ObliviateError as e:
         _fail(e)
 

@@ -53,6 +53,9 @@ class TrainConfig(_Strict):
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    # batch items of similar length together (language models; HF Trainer's option of the same name): much less
+    # padding when short answers and long documents share a set, at the cost of less mixed batches
+    group_by_length: bool = False
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints (`obliviate run --resume`)
 
 

@@ -189,14 +189,14 @@ def write_json(path: str | Path, data) -> None:
 
 def cached_json(path: str | Path, compute):
     """The JSON at `path`, or `compute()` written there first (atomically): caches of results that depend only on
-    what their file name says."""
+    what their file name says. The value is always the one read back, so a first run and a cached one see the same
+    (non-finite floats become None on the way)."""
     path = Path(path)
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, value)
-    return value
+    if not path.is_file():
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, value)
+    return json.loads(path.read_text())
 
 
 def _finite(o):

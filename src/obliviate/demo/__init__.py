@@ -24,16 +24,20 @@ def _parts() -> dict[str, str]:
 
 
 PARTS = _parts()
+SIZES = ("demo", "full")  # every part takes `size`: its small default world and settings, or the full-size ones
 
 
 def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2i_methods=None, concepts=None,
-             worlds=("profiles", "canvas"), jobs: int = 1) -> dict:
-    """The profiles world's unlearning (LM `methods`) and the canvas world's erasures (`t2i_methods` x `concepts`)."""
+             worlds=("profiles", "canvas"), jobs: int = 1, size: str = "demo") -> dict:
+    """The profiles world's unlearning (LM `methods`) and the canvas world's erasures (`t2i_methods` x `concepts`).
+    `size`: "demo" (smaller world and sampling, the default) or "full" (the full-size worlds and settings)."""
     from obliviate.runs import atomic_dir
 
     bad = set(worlds) - set(PARTS)
     if bad or not worlds:
         raise ObliviateError(f"unknown demo world(s) {sorted(bad) or '(none)'}; valid: {', '.join(PARTS)}")
+    if size not in SIZES:
+        raise ObliviateError(f"unknown demo size {size!r}; valid: {', '.join(SIZES)}")
     if jobs < 1:
         raise ObliviateError(f"--jobs must be at least 1, got {jobs}")
     if tofu_dir is not None and not Path(tofu_dir).is_dir():
@@ -41,9 +45,9 @@ def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "summary.json").is_file():
         raise ObliviateError(f"{out} exists and is not a demo folder; choose another --out")
-    options = {"profiles": {"tofu_dir": tofu_dir, "methods": list(methods)},
+    options = {"profiles": {"tofu_dir": tofu_dir, "methods": list(methods), "size": size},
                "canvas": {"methods": list(t2i_methods) if t2i_methods else None,
-                          "concepts": list(concepts) if concepts else None}}
+                          "concepts": list(concepts) if concepts else None, "size": size}}
     t_start = time.time()
     with atomic_dir(out) as tmp:
         todo = [(w, options[w]) for w in PARTS if w in worlds]
@@ -52,6 +56,7 @@ def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2
         else:
             parts = {w: _call(PARTS[w], tmp, log, opts) for w, opts in todo}
         summary = _summary(parts, t_start)
+        summary["size"] = size
         _write(tmp, summary, parts.get("profiles", {}).get("histories", {}))
     _print(out, summary, log)
     return summary

@@ -45,13 +45,28 @@ def _apply_lora(model, cfg: LoraConfig):
                                                 target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
-def _batches(encoded: list, size: int, rng: random.Random):
-    """Endless shuffled passes over the encoded items."""
-    order = list(range(len(encoded)))
+def _batches(encoded: list, size: int, rng: random.Random, lengths: list[int] | None = None):
+    """Endless shuffled passes over the encoded items. With `lengths` (group_by_length), each pass batches items of
+    similar length only: the items fall into buckets whose longest item is at most 1.5x their shortest (a
+    biography is never padded against a short answer), each bucket is shuffled and cut into batches, and the
+    batches' order is shuffled."""
+    if lengths is None:
+        buckets = [list(range(len(encoded)))]
+    else:
+        buckets, by_length = [], sorted(range(len(encoded)), key=lambda j: lengths[j])
+        for j in by_length:
+            if not buckets or lengths[j] > 1.5 * lengths[buckets[-1][0]]:
+                buckets.append([])
+            buckets[-1].append(j)
     while True:
-        rng.shuffle(order)
-        for i in range(0, len(order), size):
-            yield [encoded[j] for j in order[i:i + size]]
+        batches = []
+        for bucket in buckets:
+            rng.shuffle(bucket)
+            batches += [bucket[i:i + size] for i in range(0, len(bucket), size)]
+        if len(buckets) > 1:
+            rng.shuffle(batches)
+        for batch in batches:
+            yield [encoded[j] for j in batch]
 
 
 def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
@@ -115,7 +130,10 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     full_retain = adapter.to_device(adapter.collate(retain_enc, pad), device) if method.full_retain_batch else None
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
     opt, sched = make_optimizer(params, train, steps)
-    forget_iter, retain_iter = _batches(forget_enc, train.batch_size, rng), _batches(retain_enc, train.batch_size, rng)
+    forget_lengths = [len(a.input_ids) for a, _ in forget_enc] if train.group_by_length else None
+    retain_lengths = [len(e.input_ids) for e in retain_enc] if train.group_by_length else None
+    forget_iter = _batches(forget_enc, train.batch_size, rng, forget_lengths)
+    retain_iter = _batches(retain_enc, train.batch_size, rng, retain_lengths)
     checkpoints = checkpoints or Checkpoints(None, None, "")
     start, history, _ = checkpoints.resume(params, opt, sched)
     for _ in range(start):  # replay the batch order of the steps already taken

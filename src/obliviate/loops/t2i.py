@@ -65,6 +65,8 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     """Erase `task.concept` from `pipe.unet` (changed in place). `method` is a DiffusionMethod or a registered name.
     `checkpoints` saves the loop's state every few steps and resumes from the last one."""
     train = train or TrainConfig()
+    if train.group_by_length:  # prompts are all short: nothing to group, and a silent no-op would mislead
+        raise ObliviateError("train.group_by_length applies to language models only")
     method = make_t2i_method(method) if isinstance(method, str) else method
     check_task(pipe, task)
     rng = random.Random(train.seed)

@@ -29,16 +29,31 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
                        gradnorm=eval_config.gradnorm)
 
 
+def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute) -> dict:
+    """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
+    from obliviate.runs import cached_json
+
+    key = hashlib.sha256(json.dumps([split, eval_config.model_dump()], sort_keys=True).encode()).hexdigest()[:10]
+    return cached_json(world.root / f"eval-{name}-{split}-{key}.json", compute)
+
+
 def retrain_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto") -> dict:
     """The retrain model's evaluation, computed once per world, split and evaluation settings, then cached."""
-    key = hashlib.sha256(json.dumps([split, eval_config.model_dump()], sort_keys=True).encode()).hexdigest()[:10]
-    path = world.root / f"eval-retrain-{split}-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    model, tok = lm.load(world.retrain_dir(split), device=resolve_device(device))
-    result = evaluation_of(model, tok, qa_sets, texts, eval_config)
-    write_json(path, result)
-    return result
+    def compute():
+        model, tok = lm.load(world.retrain_dir(split), device=resolve_device(device))
+        return evaluation_of(model, tok, qa_sets, texts, eval_config)
+    return _world_evaluation(world, "retrain", split, eval_config, compute)
+
+
+def original_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto") -> dict:
+    """The world's full model's evaluation (the retrain model as its MIA reference, as for every unlearned model),
+    computed once per world, split and evaluation settings, then cached."""
+    def compute():
+        device_ = resolve_device(device)
+        reference, _ = lm.load(world.retrain_dir(split), device=device_)
+        model, tok = lm.load(world.full_model_dir, device=device_)
+        return evaluation_of(model, tok, qa_sets, texts, eval_config, reference)
+    return _world_evaluation(world, "original", split, eval_config, compute)
 
 
 def prepare(config: RunConfig, log=print):
