@@ -121,6 +121,20 @@ def test_fid_kid_self_near_zero_and_shift_larger():
     assert clf.training  # the caller's mode is restored
 
 
+def test_fid_kid_runs_each_batch_through_the_classifier_once_with_the_same_values(monkeypatch):
+    """FID and KID share the features of each batch; the values equal those of features computed anew per call."""
+    clf = TinyClassifier()
+    g = torch.Generator().manual_seed(2)
+    images, reference = torch.rand(50, 3, 16, 16, generator=g), torch.rand(40, 3, 16, 16, generator=g) * 0.7
+    calls = []
+    original = clf.features
+    monkeypatch.setattr(clf, "features", lambda x: calls.append(len(x)) or original(x))
+    shared = canvas.fid_kid(clf, images, reference, batch_size=16)
+    assert sorted(calls) == sorted([16, 16, 8, 16, 16, 16, 2])  # reference in 3 batches, images in 4: once each
+    monkeypatch.setattr(canvas.ClassifierFeatures, "forward", canvas.ClassifierFeatures._features)
+    assert canvas.fid_kid(clf, images, reference, batch_size=16) == shared
+
+
 def test_kid_with_fewer_images_than_default_subset_size():
     clf = TinyClassifier()
     g = torch.Generator().manual_seed(2)

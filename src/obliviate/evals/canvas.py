@@ -160,15 +160,25 @@ class ClassifierFeatures(nn.Module):
     - FID accumulates sums in float64 but casts the result back to the features' dtype, and KID keeps the features
       as they are: returning float64 features keeps FID of a set against itself at ~0 rather than float32 noise.
     - The metric adopts this module as a submodule and never calls eval(); eval mode is enforced here per call.
+    - `fid_kid` hands the same batch to FID and then to KID: the features of the last batch are kept, so each batch
+      goes through the classifier once.
     """
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier
         self.num_features = int(classifier.num_features)
+        self._last: tuple[Tensor, Tensor] | None = None
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        if self._last is not None and self._last[0] is images:
+            return self._last[1]
+        feats = self._features(images)
+        self._last = (images, feats)
+        return feats
+
+    def _features(self, images: Tensor) -> Tensor:
         with _eval_mode(self.classifier):
             feats = self.classifier.features(images.to(_device(self.classifier), torch.float32))
         if feats.shape[-1] != self.num_features:
