@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TOFU_DIR ?=
+FULL_SIZE ?=
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/obliviate demo $(if $(TOFU_DIR),--tofu-dir $(TOFU_DIR))
+	$(VENV)/bin/obliviate demo $(if $(TOFU_DIR),--tofu-dir $(TOFU_DIR)) $(if $(FULL_SIZE),--full-size)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -2,9 +2,10 @@
 # Benchmark (a): wall time of the demo, cold (world not cached: trains every model) and warm (world cached), as a
 # new user runs it (`make demo`: the default world, no TOFU files, parts side by side on 2+ cores).
 # Usage: bash benchmarks/demo_time.sh [OUT] [extra `obliviate demo` options, e.g. --tofu-dir DIR or --jobs 1]
-# (from the repository root, with the package installed). Uses a fresh cache; keeps the two demo folders in
-# OUT/cold and OUT/warm when OUT is given.
+# (from the repository root, with the package installed: `obliviate` on PATH, or `make install`'s .venv). Uses a
+# fresh cache; keeps the two demo folders in OUT/cold and OUT/warm when OUT is given.
 set -euo pipefail
+command -v obliviate >/dev/null || PATH="$PWD/.venv/bin:$PATH"
 out=${1:-}
 shift || true
 keep=$out
@@ -14,7 +15,7 @@ cache=$(mktemp -d)
 export OBLIVIATE_CACHE=$cache
 start=$(date +%s); obliviate demo --quiet --out "$out/cold" "$@" >"$out/cold.log"; cold=$(( $(date +%s) - start ))
 start=$(date +%s); obliviate demo --quiet --out "$out/warm" "$@" >"$out/warm.log"; warm=$(( $(date +%s) - start ))
-python - "$out/cold/summary.json" "$out/warm/summary.json" "$cold" "$warm" <<'PY'
+python3 - "$out/cold/summary.json" "$out/warm/summary.json" "$cold" "$warm" <<'PY'
 import json, sys
 cold, warm = (json.load(open(p)) for p in sys.argv[1:3])
 builds = {"profiles": cold.get("world_build_seconds")}

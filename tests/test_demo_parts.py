@@ -67,3 +67,19 @@ def test_an_unknown_size_is_refused_before_any_work(tmp_path):
     with pytest.raises(ObliviateError, match="unknown demo size 'huge'; valid: demo, full"):
         run_demo(tmp_path / "demo", None, ["NPO"], log=lambda *a: None, size="huge")
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("flag,size", [([], "demo"), (["--full-size"], "full")])
+def test_cli_demo_size_flag(tmp_path, monkeypatch, flag, size):
+    """`obliviate demo` runs the demo size; `--full-size` hands "full" to every part."""
+    from typer.testing import CliRunner
+
+    import obliviate.demo as demo
+    from obliviate.cli import app
+
+    monkeypatch.setattr(demo, "PARTS", {"profiles": f"{__name__}:lm_part", "canvas": f"{__name__}:t2i_part"})
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--jobs", "1", "--quiet", *flag])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["size"] == size
+    assert (out / "lm-part.txt").read_text().split()[2] == (out / "t2i-part.txt").read_text().split()[2] == size

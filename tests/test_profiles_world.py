@@ -1,3 +1,5 @@
+import pytest
+
 from obliviate.config import WorldConfig
 from obliviate.worlds.profiles import ProfilesWorld, generate
 
@@ -43,3 +45,30 @@ def test_recipe_hash_changes_with_the_recipe(tmp_path):
     assert ProfilesWorld(WorldConfig(cache_dir=str(tmp_path))).key() == base
     assert ProfilesWorld(WorldConfig(cache_dir=str(tmp_path), model={"epochs": 3})).key() != base
     assert ProfilesWorld(WorldConfig(cache_dir=str(tmp_path), seed=1)).key() != base
+
+
+def test_world_model_evaluations_are_computed_once_per_setting(tmp_path, monkeypatch):
+    """The original's and the retrain model's evaluations are cached in the world by split and evaluation settings:
+    a second call loads no model and gives the same values; other settings are computed anew. The original is
+    scored with the retrain model as its membership-inference reference, as every unlearned model is."""
+    from obliviate.config import EvalConfig, WorldConfig
+    from obliviate.runners import lm as runner
+    from obliviate.worlds.profiles import ProfilesWorld
+
+    world = ProfilesWorld(WorldConfig(n_people=10, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
+                                      model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
+                                             "num_heads": 2, "vocab_size": 400, "epochs": 1}))
+    world.build("forget10", log=lambda *a: None)
+    cfg = EvalConfig(retain_people=2, batch_size=16)
+    qa, texts = world.eval_sets("forget10", cfg.retain_people)
+    original = runner.original_evaluation(world, "forget10", cfg, qa, texts)
+    retrain = runner.retrain_evaluation(world, "forget10", cfg, qa, texts)
+    assert "reference" in original["aggregate"]["mia"] and "reference" not in retrain["aggregate"]["mia"]
+
+    def no_load(*a, **k):
+        raise AssertionError("a cached evaluation loaded a model")
+    monkeypatch.setattr(runner.lm, "load", no_load)
+    assert runner.original_evaluation(world, "forget10", cfg, qa, texts) == original
+    assert runner.retrain_evaluation(world, "forget10", cfg, qa, texts) == retrain
+    with pytest.raises(AssertionError, match="loaded a model"):
+        runner.original_evaluation(world, "forget10", EvalConfig(retain_people=1, batch_size=16), qa, texts)

@@ -147,3 +147,9 @@ def test_adv_unlearn_inner_attack_brings_the_concept_closer(tiny_pipe):
     assert all(h["attack_mse"] < h["attack_mse_start"] for h in result.history)
     with pytest.raises(ObliviateError, match="prefix_tokens"):
         make_t2i_method("AdvUnlearn", {"prefix_tokens": 0})
+
+
+def test_group_by_length_is_refused_for_erasures(tiny_pipe):
+    """A language-model batching option given to a text-to-image erasure is an error, not a silent no-op."""
+    with pytest.raises(ObliviateError, match="group_by_length applies to language models only"):
+        erase(tiny_pipe, tiny_task(), "ESD-x", TrainConfig(max_steps=1, group_by_length=True))
