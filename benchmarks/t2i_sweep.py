@@ -1,9 +1,9 @@
 """One row of the text-to-image preset sweep: erase a canvas concept with one method and settings, evaluate.
 
-Usage: python benchmarks/t2i_sweep.py [--seeds N] [--attack] CONCEPT METHOD ['{"lr": 2e-4, "max_steps": 100, "batch_size": 8}'] ['{method args}']
+Usage: python benchmarks/t2i_sweep.py [--seeds N] [--steps N] [--attack] CONCEPT METHOD ['{"lr": 2e-4, "max_steps": 100, "batch_size": 8}'] ['{method args}']
 Prints UA, UA on paraphrases, IRA, CRA, FID against the original's samples and alignment (by default one seed per
-prompt, so faster than the demo's two; --seeds 2 is the demo's evaluation), next to the original's and the retrain
-reference's; with --attack also the prompt attack's pre-ASR, ASR and UA attacked (the demo's attack). Writes the
+prompt and 25 DDIM steps; the demo's settings are --seeds 1 --steps 10, the full-size ones --seeds 2), next to the
+original's and the retrain reference's; with --attack also the prompt attack's pre-ASR, ASR and UA attacked (the demo's attack). Writes the
 grid to /tmp/grid-CONCEPT-METHOD.png. The world (default cache) must be built: `obliviate world build canvas`.
 """
 import json
@@ -20,13 +20,17 @@ from obliviate.models.diffusion import load_pipeline
 from obliviate.runners.t2i import canvas_task
 from obliviate.worlds.canvas import CanvasWorld
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # as the demo runs each part: its seconds compare with the demo's
 progress.set_enabled(False)
 argv = sys.argv[1:]
-seeds, attack = 1, "--attack" in argv
+seeds, steps, attack = 1, T2IConfig().sample_steps, "--attack" in argv
 argv = [a for a in argv if a != "--attack"]
-if argv[:1] == ["--seeds"]:
-    seeds, argv = int(argv[1]), argv[2:]
+while argv[:1] in (["--seeds"], ["--steps"]):
+    if argv[0] == "--seeds":
+        seeds = int(argv[1])
+    else:
+        steps = int(argv[1])
+    argv = argv[2:]
 if len(argv) < 2:
     sys.exit(__doc__)
 concept, method = argv[0], argv[1]
@@ -34,7 +38,7 @@ train = json.loads(argv[2]) if len(argv) > 2 else {}
 args = json.loads(argv[3]) if len(argv) > 3 else {}
 world = CanvasWorld()
 world.require_built()
-t2i = T2IConfig(eval_seeds=seeds)
+t2i = T2IConfig(eval_seeds=seeds, sample_steps=steps)
 pipe = load_pipeline(world.pipeline_dir)
 t0 = time.time()
 erase(pipe, canvas_task(world, concept), make_t2i_method(method, args), TrainConfig(**train), t2i.images_per_prompt,
