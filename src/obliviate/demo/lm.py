@@ -17,24 +17,24 @@ WORLDS: dict[str, dict] = {"demo": {"n_people": 100, "model": {"batch_size": 16,
 RETAIN_PEOPLE = {"demo": 20, "full": 40}
 
 # Hyper-parameters for the profiles world's 1.3M-parameter model (the papers' defaults target 7B models at lr 1e-5).
-# Chosen by hand from small sweeps: first on the full-size world (benchmarks/README.md (i)), then the learning rates of
-# GradDiff, NPO, SimNPO, RG and RGD at 2x and 3x on the demo world (benchmarks/README.md (a), with the command);
-# every demo run re-measures each row. group_by_length batches the short answers apart from the ~100-token
-# biographies: a batch holding one biography was padded to its length, which made a step ~2.5x slower.
-_GROUPED = {"group_by_length": True}
+# Chosen by hand from small sweeps: first on the full-size world (benchmarks/README.md (i)), then on the demo world
+# the learning rates of GradDiff, NPO, SimNPO, RG and RGD at 2x and 3x, each with and without group_by_length
+# (benchmarks/README.md (a), with the command); every demo run re-measures each row. Grouping batches the short
+# answers apart from the ~100-token biographies (a ~2x faster step), but it changes what is learnt: in the sweep it
+# cost GradDiff, RG and RGD forget quality, and only NPO passed the bar with it; so only NPO uses it.
 PRESETS: dict[str, dict] = {
-    "GradAscent": {"train": {"lr": 1e-4, "epochs": 5, **_GROUPED}},
-    "GradDiff": {"train": {"lr": 4e-4, "epochs": 10, **_GROUPED}},
-    "KL": {"train": {"lr": 2e-4, "epochs": 10, **_GROUPED}},
-    "NPO": {"train": {"lr": 6e-4, "epochs": 10, **_GROUPED}, "method_args": {"alpha": 4.0}},
-    "SimNPO": {"train": {"lr": 6e-4, "epochs": 10, **_GROUPED}, "method_args": {"alpha": 1.0}},
-    "IdkPO": {"train": {"lr": 2e-4, "epochs": 10, **_GROUPED}},
-    "RMU": {"train": {"lr": 5e-4, "epochs": 10, **_GROUPED}},
-    "UNDIAL": {"train": {"lr": 2e-4, "epochs": 10, **_GROUPED}},
-    "RG": {"train": {"lr": 4e-4, "epochs": 10, **_GROUPED}},
+    "GradAscent": {"train": {"lr": 1e-4, "epochs": 5}},
+    "GradDiff": {"train": {"lr": 4e-4, "epochs": 10}},
+    "KL": {"train": {"lr": 2e-4, "epochs": 10}},
+    "NPO": {"train": {"lr": 6e-4, "epochs": 10, "group_by_length": True}, "method_args": {"alpha": 4.0}},
+    "SimNPO": {"train": {"lr": 6e-4, "epochs": 10}, "method_args": {"alpha": 1.0}},
+    "IdkPO": {"train": {"lr": 2e-4, "epochs": 10}},
+    "RMU": {"train": {"lr": 5e-4, "epochs": 10}},
+    "UNDIAL": {"train": {"lr": 2e-4, "epochs": 10}},
+    "RG": {"train": {"lr": 4e-4, "epochs": 10}},
     # RGD: a diversified retain pool (64 items, used whole at every step), the retain gradient weighted 4x, and the
     # forget ascent stopped for sequences whose answer NLL passed 1 nat per token
-    "RGD": {"train": {"lr": 4e-4, "epochs": 15, **_GROUPED},
+    "RGD": {"train": {"lr": 4e-4, "epochs": 15},
             "method_args": {"forget_loss_cap": 1.0, "retain_weight": 4.0, "diverse_retain_size": 64}},
 }
 

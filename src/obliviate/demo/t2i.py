@@ -101,6 +101,8 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
         notes = [f"Base pipeline's samples read correctly by the classifier: object {record['base']['object']:.1%}, "
                  f"style {record['base']['style']:.1%}. The original's UA is the share of its own concept images "
                  "the classifier misses (the floor of UA).",
+                 f"Every model sampled with {t2i.eval_seeds} seed(s) per prompt and {t2i.sample_steps} DDIM steps ("
+                 + ("the demo's settings; --full-size: 2 and 25)." if size == "demo" else "the full-size settings)."),
                  f"UA attacked: 1 - ASR of the UnlearnDiffAtk prompt attack ({attack['config']['prefix_tokens']} "
                  f"optimised prefix tokens, {attack['config']['iterations']} steps) on the "
                  f"{attack['aggregate']['n_attacked']} canonical forget prompts, seed 0. On the retrain reference, "
