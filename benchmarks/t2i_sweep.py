@@ -3,8 +3,8 @@
 Usage: python benchmarks/t2i_sweep.py [--seeds N] [--steps N] [--attack] CONCEPT METHOD ['{"lr": 2e-4, "max_steps": 100, "batch_size": 8}'] ['{method args}']
 Prints UA, UA on paraphrases, IRA, CRA, FID against the original's samples and alignment (by default one seed per
 prompt and 25 DDIM steps; the demo's settings are --seeds 1 --steps 10, the full-size ones --seeds 2), next to the
-original's and the retrain reference's; with --attack also the prompt attack's pre-ASR, ASR and UA attacked (the demo's attack). Writes the
-grid to /tmp/grid-CONCEPT-METHOD.png. The world (default cache) must be built: `obliviate world build canvas`.
+original's and the retrain reference's; with --attack also the prompt attack's pre-ASR, ASR and UA attacked (the
+demo's attack). Writes the grid to /tmp/grid-CONCEPT-METHOD.png. The world (default cache) must be built: `obliviate world build canvas`.
 """
 import json
 import sys

@@ -12,7 +12,8 @@ SPLIT = "forget10"
 
 # The demo's world, by size. "demo" (the default of `obliviate demo`): 100 people, trained with batch 16 for 25
 # epochs (1875 updates, more than the full-size world's 1260 at batch 64 for 35 epochs, on fewer tokens: about a
-# third of the time; at 20 epochs it knew under 90 % of its answers), evaluated on 20 retain people. "full" (`--full-size`): the world `obliviate world build` makes (200 people), 40 retain people.
+# third of the time; at 20 epochs it knew under 90 % of its answers), evaluated on 20 retain people. "full"
+# (`--full-size`): the world `obliviate world build` makes (200 people), 40 retain people.
 WORLDS: dict[str, dict] = {"demo": {"n_people": 100, "model": {"batch_size": 16, "epochs": 25}}, "full": {}}
 RETAIN_PEOPLE = {"demo": 20, "full": 40}
 
