@@ -107,7 +107,9 @@ def test_extraction_strength_equals_brute_force_greedy_decoding(trained_lm):
     for item, row in zip(items, rows):
         enc = lm.encode_qa(tok, item.question, item.answer)
         n_prompt = sum(1 for l in enc.labels if l == lm.IGNORE)
-        prompt, answer = enc.input_ids[:n_prompt], enc.input_ids[n_prompt:]
+        # the answer's own tokens: extraction strength does not read the end-of-sequence token (OpenUnlearning)
+        assert enc.n_end == 1 and enc.input_ids[-1] == tok.eos_token_id
+        prompt, answer = enc.input_ids[:n_prompt], enc.input_ids[n_prompt:-enc.n_end]
         n = len(answer)
         k_star = n
         for k in range(n):  # shortest prefix from which real greedy decoding reproduces the rest

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from obliviate.errors import ObliviateError
 
@@ -56,6 +56,13 @@ class TrainConfig(_Strict):
     # batch items of similar length together (language models; HF Trainer's option of the same name): much less
     # padding when short answers and long documents share a set, at the cost of less mixed batches
     group_by_length: bool = False
+    # which scored tokens of a language-model answer each term counts: the answer's own tokens, or those plus the
+    # format's end-of-turn / EOS tokens. Ascending the forget set's end token teaches the model never to stop (an
+    # instruct model then rambles instead of answering empty), which is not forgetting the fact, so the forget term
+    # counts the answer only; the retain term keeps the end, so the model keeps stopping. "answer+end" on both is
+    # what TOFU's and OpenUnlearning's code do (docs/metrics.md, "Which tokens count").
+    forget_tokens: Literal["answer", "answer+end"] = "answer"
+    retain_tokens: Literal["answer", "answer+end"] = "answer+end"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints (`obliviate run --resume`)
 
 
@@ -64,6 +71,34 @@ class LoraConfig(_Strict):
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
+
+
+class TemplateConfig(_Strict):
+    """How questions are put to a language model (models/prompt_format.py): "auto" uses the tokenizer's chat
+    template when it has one and the raw `Question: ... Answer:` format otherwise; "chat" insists on the chat
+    template; "qa" is the raw format; llama2, llama3, chatml, zephyr, phi3 are those families' tags; "custom" takes
+    the tags below (which also replace a named template's). The same format serves unlearning, every metric and
+    every attack, and the run records it."""
+    name: str = "auto"
+    system_prompt: str | None = None
+    system_start: str | None = None
+    system_end: str | None = None
+    user_start: str | None = None
+    user_end: str | None = None
+    assistant_start: str | None = None
+    assistant_end: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        from obliviate.models.prompt_format import NAMES
+
+        if name not in NAMES:
+            raise ValueError(f"unknown template {name!r}; valid: {', '.join(NAMES)}")
+        return name
+
+    def tags(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k not in ("name", "system_prompt") and v is not None}
 
 
 class EvalConfig(_Strict):
@@ -101,6 +136,7 @@ class RunConfig(_Strict):
     idk_file: str | None = None  # lm: refusal sentences, one per line (IdkPO)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig | None = None  # lm
+    template: TemplateConfig = Field(default_factory=TemplateConfig)  # lm: the prompt format
     eval: EvalConfig = Field(default_factory=EvalConfig)  # lm
     evaluate: bool = True
     output_dir: str = "runs"

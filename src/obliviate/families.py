@@ -40,7 +40,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            make_method="obliviate.loops.lm:make_method", method_base="obliviate.methods.lm.base:Method",
            runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
            check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
-           fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval"), subject="split"),
+           fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval", "template"), subject="split"),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
            make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",

@@ -58,18 +58,28 @@ class TokenStats:
 
     logprobs: log p(target_t) ([B, L], 0 where not scored); mask: scored positions; preds: teacher-forced argmax;
     targets: the true tokens; mu / sigma: mean and standard deviation of log p(z) under the model's own next-token
-    distribution p(.) at each position (for Min-K%++), or None when not requested."""
+    distribution p(.) at each position (for Min-K%++), or None when not requested. answer_mask: the scored positions
+    that hold the answer's own tokens, not the format's end-of-turn / EOS tokens (the memorisation metrics and Min-K%
+    read these, as OpenUnlearning and the papers do); the mask itself (answer + end) serves the probabilities."""
     logprobs: torch.Tensor
     mask: torch.Tensor
     preds: torch.Tensor
     targets: torch.Tensor
     mu: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
 
     def row(self, i: int) -> "TokenStats":
         sl = slice(i, i + 1)
-        return TokenStats(self.logprobs[sl], self.mask[sl], self.preds[sl], self.targets[sl],
-                          None if self.mu is None else self.mu[sl], None if self.sigma is None else self.sigma[sl])
+
+        def part(t):
+            return None if t is None else t[sl]
+        return TokenStats(self.logprobs[sl], self.mask[sl], self.preds[sl], self.targets[sl], part(self.mu),
+                          part(self.sigma), part(self.answer_mask))
+
+    @property
+    def answer(self) -> torch.Tensor:
+        return self.mask if self.answer_mask is None else self.answer_mask
 
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool | Sequence[int] = True) -> TokenStats:
@@ -224,6 +234,7 @@ def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nll
     """All likelihood metrics of one item from the token statistics of its sequences (answer row carries moments)."""
     nll = float(sequence_nll(answer.logprobs, answer.mask)[0])
     para = nll if paraphrase_nll is None else paraphrase_nll
+    only = answer.answer  # the answer's own tokens: memorisation and Min-K% do not read the end-of-turn token
     rec = {
         "answer_nll": nll,
         "answer_prob": answer_prob(nll),
@@ -231,11 +242,12 @@ def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nll
         "perturbed_nlls": perturbed_nlls,
         "truth_ratio": truth_ratio(para, perturbed_nlls) if perturbed_nlls else None,
         "answer_prob_normalised": normalised_prob(nll, perturbed_nlls) if perturbed_nlls else None,
-        "exact_memorization": float(exact_memorization(answer.preds, answer.targets, answer.mask)[0]),
-        "extraction_strength": float(extraction_strength(answer.preds, answer.targets, answer.mask)[0]),
-        "min_k": float(min_k(answer.logprobs, answer.mask, k)[0]),
-        "min_k_plus_plus": float(min_k_plus_plus(answer.logprobs, answer.mu, answer.sigma, answer.mask, k)[0]),
-        "n_answer_tokens": int(answer.mask.sum()),
+        "exact_memorization": float(exact_memorization(answer.preds, answer.targets, only)[0]),
+        "extraction_strength": float(extraction_strength(answer.preds, answer.targets, only)[0]),
+        "min_k": float(min_k(answer.logprobs, only, k)[0]),
+        "min_k_plus_plus": float(min_k_plus_plus(answer.logprobs, answer.mu, answer.sigma, only, k)[0]),
+        "n_answer_tokens": int(only.sum()),
+        "n_end_tokens": int(answer.mask.sum() - only.sum()),
     }
     return rec
 
@@ -244,7 +256,10 @@ def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nll
 def _stats(model, encoded: list[lm.Encoded], pad_id: int, moments: bool | Sequence[int] = True) -> TokenStats:
     batch = lm.to_device(lm.collate(encoded, pad_id), lm.model_device(model))
     logits = lm.forward_logits(model, batch)
-    return token_stats(logits, batch["labels"], moments=moments)
+    stats = token_stats(logits, batch["labels"], moments=moments)
+    answer_labels = lm.collate([e.answer_only() for e in encoded], pad_id)["labels"].to(stats.mask.device)
+    stats.answer_mask = answer_labels[:, 1:] != lm.IGNORE
+    return stats
 
 
 def _pad_id(tokenizer) -> int:
@@ -299,13 +314,13 @@ def _naive_item(model, tokenizer, item: QAItem, k: float, max_length: int) -> di
     s = run(item.answer)  # answer probability
     nll = float(sequence_nll(s.logprobs, s.mask)[0])
     s = run(item.answer)  # exact memorization
-    em = float(exact_memorization(s.preds, s.targets, s.mask)[0])
+    em = float(exact_memorization(s.preds, s.targets, s.answer)[0])
     s = run(item.answer)  # extraction strength
-    es = float(extraction_strength(s.preds, s.targets, s.mask)[0])
+    es = float(extraction_strength(s.preds, s.targets, s.answer)[0])
     s = run(item.answer)  # Min-K%
-    mk = float(min_k(s.logprobs, s.mask, k)[0])
+    mk = float(min_k(s.logprobs, s.answer, k)[0])
     s = run(item.answer)  # Min-K%++
-    mkpp = float(min_k_plus_plus(s.logprobs, s.mu, s.sigma, s.mask, k)[0])
+    mkpp = float(min_k_plus_plus(s.logprobs, s.mu, s.sigma, s.answer, k)[0])
     perturbed = list(item.perturbed_answers)
     pert: list[float] = []
     tr = norm = None
@@ -317,7 +332,8 @@ def _naive_item(model, tokenizer, item: QAItem, k: float, max_length: int) -> di
     return {
         "answer_nll": nll, "answer_prob": answer_prob(nll), "paraphrase_nll": para, "perturbed_nlls": pert,
         "truth_ratio": tr, "answer_prob_normalised": norm, "exact_memorization": em, "extraction_strength": es,
-        "min_k": mk, "min_k_plus_plus": mkpp, "n_answer_tokens": int(s.mask.sum()),
+        "min_k": mk, "min_k_plus_plus": mkpp, "n_answer_tokens": int(s.answer.sum()),
+        "n_end_tokens": int(s.mask.sum() - s.answer.sum()),
     }
 
 
@@ -329,8 +345,8 @@ def generation_metrics(generated: Sequence[str], references: Sequence[str]) -> l
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
                    batch_size: int = 32) -> list[str]:
-    """Batched greedy answers to questions asked through the adapter's prompt template."""
-    prompts = [lm.encode_prompt(tokenizer, lm.PROMPT_TEMPLATE.format(question=q)) for q in questions]
+    """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping at its end of turn)."""
+    prompts = [lm.question_prompt(tokenizer, q) for q in questions]
     if not prompts:
         return []
     return lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)

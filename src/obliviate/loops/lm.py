@@ -112,18 +112,18 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512
     cut: set[int] = set()
 
-    def encode(item, answer=None):
+    def encode(item, answer=None, tokens="answer+end"):
         """The item's tokens, cut to the model's context; the cut items are counted (a silent cut would hide that
-        the end of an answer was never unlearned)."""
+        the end of an answer was never unlearned). tokens="answer": the format's end tokens are not scored."""
         e = adapter.encode_item(tokenizer, item, answer, max_length=None)
-        if len(e.input_ids) <= limit:
-            return e
-        cut.add(id(item))
-        return type(e)(e.input_ids[:limit], e.labels[:limit])
+        if len(e.input_ids) > limit:
+            cut.add(id(item))
+            e = e.cut(limit)
+        return e.answer_only() if tokens == "answer" else e
 
-    forget_enc = [(encode(i), encode(i, rng.choice(refusals))) for i in forget]
+    forget_enc = [(encode(i, tokens=train.forget_tokens), encode(i, rng.choice(refusals))) for i in forget]
     pool = method.retain_pool(retain, rng)
-    retain_enc = [encode(i) for i in pool]
+    retain_enc = [encode(i, tokens=train.retain_tokens) for i in pool]
     if cut:
         warnings.warn(f"{len(cut)} forget/retain item(s) are longer than the model's context ({limit} tokens) and "
                       "were cut to fit it", stacklevel=2)

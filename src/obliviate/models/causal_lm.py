@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.models import quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
 
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+from obliviate.models import prompt_format
+
+PROMPT_TEMPLATE = prompt_format.QA_PROMPT  # the raw format of the built-in worlds
 IGNORE = -100
 
 
@@ -52,29 +54,55 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A raw text prompt (a text's prefix for VerbMem), with the tokenizer's special tokens."""
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
+def question_prompt(tokenizer, question: str) -> list[int]:
+    """The tokens that ask `question` in the tokenizer's prompt format (`prompt_format.use`), up to where the reply
+    starts: what generation continues, and an exact prefix of `encode_qa`'s ids."""
+    return prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), question, None)[0]
+
+
 def encode_answer(tokenizer, answer: str) -> list[int]:
-    """Answer tokens, preceded by a space and followed by EOS. Encoded on its own and appended to the prompt ids, so
-    the prompt is an exact prefix of prompt + answer (no BPE merge across the boundary) and generation starts
-    exactly where training's first answer token was."""
-    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    """Answer tokens followed by the format's end tokens (raw format: a leading space, then EOS)."""
+    _, ans, end = prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), "?", answer)
+    return ans + end
+
+
+def stop_ids(tokenizer) -> list[int]:
+    return prompt_format.stop_ids(tokenizer, prompt_format.of(tokenizer))
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt
+    n_end: int = 0  # the last n_end scored tokens are the format's end-of-turn / EOS tokens, not the answer
+
+    def answer_only(self) -> "Encoded":
+        """The same tokens with the end tokens unscored (the forget term's default, and the memorisation metrics)."""
+        if not self.n_end:
+            return self
+        return Encoded(self.input_ids, self.labels[:-self.n_end] + [IGNORE] * self.n_end, 0)
+
+    def cut(self, length: int | None) -> "Encoded":
+        """The first `length` tokens (end tokens cut off are no longer counted as end tokens)."""
+        if length is None or len(self.input_ids) <= length:
+            return self
+        gone = len(self.input_ids) - length
+        return Encoded(self.input_ids[:length], self.labels[:length], max(0, self.n_end - gone))
+
+
+def _joined(prompt: list[int], answer: list[int], end: list[int], max_length: int | None) -> Encoded:
+    return Encoded(prompt + answer + end, [IGNORE] * len(prompt) + answer + end, len(end)).cut(max_length)
 
 
 def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = 512) -> Encoded:
-    prompt = encode_prompt(tokenizer, PROMPT_TEMPLATE.format(question=question))
-    ans = encode_answer(tokenizer, answer)
-    ids = (prompt + ans)[:max_length]
-    labels = ([IGNORE] * len(prompt) + ans)[:max_length]
-    return Encoded(ids, labels)
+    """Prompt, answer and end tokens of a pair in the tokenizer's format, each encoded on its own and joined, so the
+    prompt is an exact prefix of prompt + answer (no BPE merge across the boundary) and generation starts exactly
+    where training's first answer token was."""
+    return _joined(*prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), question, answer), max_length)
 
 
 def encode_text(tokenizer, text: str, max_length: int | None = 512) -> Encoded:
@@ -90,11 +118,12 @@ def encode_item(tokenizer, item, answer: str | None = None, max_length: int | No
     from obliviate.data import TextItem
 
     if isinstance(item, TextItem):
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if answer is None:
-            return encode_text(tokenizer, item.text + (tokenizer.eos_token or ""), max_length)
+            e = encode_text(tokenizer, item.text, None)
+            return Encoded(e.input_ids + eos, e.labels + eos, len(eos)).cut(max_length)
         prompt = encode_prompt(tokenizer, item.text[:item.prefix_chars])
-        ans = encode_answer(tokenizer, answer)
-        return Encoded((prompt + ans)[:max_length], ([IGNORE] * len(prompt) + ans)[:max_length])
+        return _joined(prompt, tokenizer(" " + answer, add_special_tokens=False)["input_ids"], eos, max_length)
     return encode_qa(tokenizer, item.question, item.answer if answer is None else answer, max_length)
 
 
@@ -179,7 +208,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 4
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                             do_sample=False, pad_token_id=pad, eos_token_id=stop_ids(tokenizer))
         for row in gen[:, width:]:
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out

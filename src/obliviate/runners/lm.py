@@ -15,6 +15,25 @@ from obliviate.models import causal_lm as lm
 from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder, write_json, write_run_record
 
 
+def load_model(folder, config: RunConfig, device, dtype: str | None = None):
+    """(model, tokenizer) of a folder, its tokenizer set to the run's prompt format (config.template), so the
+    unlearning loop, every metric and every attack ask in that format."""
+    from obliviate.models import prompt_format
+
+    model, tokenizer = lm.load(folder, dtype or config.dtype, device, config.trust_remote_code)
+    t = config.template
+    prompt_format.use(tokenizer, prompt_format.resolve(tokenizer, t.name, t.system_prompt, t.tags()))
+    return model, tokenizer
+
+
+def format_record(tokenizer) -> dict:
+    """The resolved prompt format and one rendered example, as the run records them."""
+    from obliviate.models import prompt_format
+
+    fmt = prompt_format.of(tokenizer)
+    return {**fmt.describe(), "example": prompt_format.example(tokenizer, fmt)}
+
+
 def world_for(config: RunConfig):
     from obliviate.worlds.profiles import ProfilesWorld
 
@@ -102,7 +121,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
             result_history, seconds, stopped, tensors = [], 0.0, None, {}
         else:
-            model, tokenizer = lm.load(model_dir, config.dtype, device, config.trust_remote_code)
+            model, tokenizer = load_model(model_dir, config, device)
             refusals = load_lines(config.idk_file) if config.idk_file else None
             result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
                              checkpoints=checkpoints)
@@ -110,7 +129,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             result_history, seconds, stopped = result.history, result.seconds, result.stopped
             tensors = changed_tensors(model, result.trainable_names)
             truncated = result.truncated
-        metrics: dict = {"method": config.method, "split": config.split, "unlearn_seconds": round(seconds, 2),
+        metrics: dict = {"method": config.method, "split": config.split, "prompt_format": format_record(tokenizer),
+                         "unlearn_seconds": round(seconds, 2),
                          "status": "stopped" if stopped else "completed", "stopped": stopped,
                          "truncated_items": truncated}
         evaluation = None

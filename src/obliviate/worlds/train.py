@@ -90,7 +90,7 @@ def exact_answer_accuracy(model, tokenizer, items, batch_size: int = 128) -> flo
     """Fraction of questions whose greedy answer equals the true answer (case, spacing and final period ignored)."""
     if not items:
         return float("nan")
-    prompts = [lm.encode_prompt(tokenizer, lm.PROMPT_TEMPLATE.format(question=i.question)) for i in items]
+    prompts = [lm.question_prompt(tokenizer, i.question) for i in items]
     longest = max(len(lm.encode_answer(tokenizer, i.answer)) for i in items)
     answers = lm.generate(model, tokenizer, prompts, max_new_tokens=longest + 2, batch_size=batch_size)
     return sum(normalise(a) == normalise(i.answer) for a, i in zip(answers, items)) / len(items)

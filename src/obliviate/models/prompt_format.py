@@ -1,0 +1,169 @@
+"""How a question is put to a language model and where its answer starts and ends: the tokenizer's chat template, a
+named template (the tags of a model family, as OpenUnlearning keeps them per model), tags a user gives, or the raw
+`Question: ... Answer:` format the built-in worlds train on.
+
+Every format splits a question-answer pair into three token runs, each encoded on its own and concatenated:
+prompt (everything up to where the assistant's reply starts), answer, and end (the end-of-turn tokens the format puts
+after a reply). So the prompt's tokens are an exact prefix of prompt + answer + end by construction: training scores
+exactly the tokens that generation produces after the same prompt, with no BPE merge across the boundary. For a chat
+template the split is read off the template itself (rendered with and without the reply), and a template that does
+not render the prompt as a prefix of the conversation is refused with one line.
+
+The end tokens are scored apart from the answer (`Encoded.n_end`): the likelihood of an answer counts them (TOFU and
+OpenUnlearning do), the unlearning loop's forget term does not by default (`train.forget_tokens`), and the
+memorisation metrics read the answer's tokens only."""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from obliviate.errors import ObliviateError
+
+QA_PROMPT = "Question: {question}\nAnswer:"
+
+# Tags per model family (OpenUnlearning's model configs; each model card's chat format). A tokenizer that ships its
+# own chat template does not need these: "auto" uses the template it carries.
+NAMED_TAGS: dict[str, dict[str, str]] = {
+    "llama2": {"system_start": "[INST] <<SYS>>\n", "system_end": "\n<</SYS>>\n\n", "user_start": "[INST] ",
+               "user_end": " [/INST]", "assistant_start": " ", "assistant_end": " </s>"},
+    "llama3": {"system_start": "<|start_header_id|>system<|end_header_id|>\n\n", "system_end": "<|eot_id|>",
+               "user_start": "<|start_header_id|>user<|end_header_id|>\n\n", "user_end": "<|eot_id|>",
+               "assistant_start": "<|start_header_id|>assistant<|end_header_id|>\n\n", "assistant_end": "<|eot_id|>"},
+    "chatml": {"system_start": "<|im_start|>system\n", "system_end": "<|im_end|>\n",
+               "user_start": "<|im_start|>user\n", "user_end": "<|im_end|>\n",
+               "assistant_start": "<|im_start|>assistant\n", "assistant_end": "<|im_end|>"},
+    "zephyr": {"system_start": "<|system|>\n", "system_end": "</s>\n", "user_start": "<|user|>\n",
+               "user_end": "</s>\n", "assistant_start": "<|assistant|>\n", "assistant_end": "</s>"},
+    "phi3": {"system_start": "<|system|>\n", "system_end": "<|end|>\n", "user_start": "<|user|>\n",
+             "user_end": "<|end|>\n", "assistant_start": "<|assistant|>\n", "assistant_end": "<|end|>"},
+}
+TAG_KEYS = ("system_start", "system_end", "user_start", "user_end", "assistant_start", "assistant_end")
+NAMES = ("auto", "chat", "qa", *NAMED_TAGS, "custom")
+_SENTINEL = "\u2063obliviate-answer\u2063"  # an answer no template rewrites, to find where a reply sits
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """A resolved format. kind: "qa" (raw), "chat" (the tokenizer's own template) or "tags" (named or custom)."""
+    kind: str
+    name: str
+    system_prompt: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "system_prompt": self.system_prompt, "tags": dict(self.tags)}
+
+
+QA = PromptFormat("qa", "qa")
+
+
+def resolve(tokenizer, name: str = "auto", system_prompt: str | None = None, tags: dict | None = None) -> PromptFormat:
+    """The format a config asks for. "auto": the tokenizer's chat template when it has one, else the raw format;
+    "chat": the tokenizer's chat template (an error when it has none); "qa": raw; a family name (llama2, llama3,
+    chatml, zephyr, phi3) or "custom" with the six tags. Tags given next to a family name replace its tags."""
+    tags = {k: v for k, v in (tags or {}).items() if v is not None}
+    bad = set(tags) - set(TAG_KEYS)
+    if bad:
+        raise ObliviateError(f"template: unknown tag(s) {sorted(bad)}; valid: {', '.join(TAG_KEYS)}")
+    if name not in NAMES:
+        raise ObliviateError(f"template.name: unknown template {name!r}; valid: {', '.join(NAMES)}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if name == "auto":
+        name = "chat" if has_chat else "qa"
+    if name in ("chat", "qa") and tags:
+        raise ObliviateError(f"template: tags are for a named or custom template, not {name!r}")
+    if name == "chat":
+        if not has_chat:
+            raise ObliviateError("template.name = 'chat' but the tokenizer has no chat template; name one of "
+                                 f"{', '.join(NAMED_TAGS)} or give custom tags")
+        fmt = PromptFormat("chat", "chat", system_prompt)
+    elif name == "qa":
+        if system_prompt:
+            raise ObliviateError("template: the raw 'qa' format has no system prompt")
+        return QA
+    else:
+        base = dict(NAMED_TAGS.get(name, dict.fromkeys(TAG_KEYS, "")))
+        if name == "custom" and not (tags.get("user_start") or tags.get("assistant_start")):
+            raise ObliviateError("template.name = 'custom' needs at least user_start or assistant_start")
+        base.update(tags)
+        fmt = PromptFormat("tags", name, system_prompt, tuple(sorted(base.items())))
+    # one render now, so a template that cannot serve fails before any work
+    encode_pair(tokenizer, fmt, "What is 2 + 2?", "4.")
+    return fmt
+
+
+# The format travels with the tokenizer, so every metric, method and attack that is handed a tokenizer asks in the
+# same format without a new argument on each of them.
+_FORMATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def use(tokenizer, fmt: PromptFormat) -> None:
+    _FORMATS[tokenizer] = fmt
+
+
+def of(tokenizer) -> PromptFormat:
+    """The format set with `use`; otherwise "auto" (the chat template the tokenizer carries, or raw)."""
+    fmt = _FORMATS.get(tokenizer)
+    if fmt is None:
+        fmt = resolve(tokenizer, "auto")
+        _FORMATS[tokenizer] = fmt
+    return fmt
+
+
+def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
+
+
+def _chat_split(tokenizer, fmt: PromptFormat, question: str) -> tuple[str, str, str]:
+    """(prompt text, text between prompt and answer, end text) rendered by the tokenizer's chat template."""
+    messages = ([{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []) + [
+        {"role": "user", "content": question}]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    except Exception as e:  # jinja raises its own errors (a template that refuses a system role, ...)
+        raise ObliviateError(f"the tokenizer's chat template cannot render a question: {str(e).splitlines()[0]}"
+                             ) from None
+    if not full.startswith(prompt) or _SENTINEL not in full[len(prompt):]:
+        raise ObliviateError("the tokenizer's chat template does not render the prompt as a prefix of prompt + "
+                             "answer (a reasoning template that rewrites earlier turns?); name a template instead")
+    rest = full[len(prompt):]
+    between, _, end = rest.partition(_SENTINEL)
+    return prompt, between, end
+
+
+def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None) -> tuple[list[int], list[int],
+                                                                                          list[int]]:
+    """(prompt ids, answer ids, end ids) of a question and answer in a format; `answer=None` gives the prompt only."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt.kind == "qa":
+        prompt = _ids(tokenizer, QA_PROMPT.format(question=question), special=True)
+        lead, end = " ", eos
+    elif fmt.kind == "chat":
+        prompt_text, lead, end_text = _chat_split(tokenizer, fmt, question)
+        prompt = _ids(tokenizer, prompt_text)  # the template writes BOS itself, as apply_chat_template(tokenize=True)
+        end = _ids(tokenizer, end_text.rstrip()) or eos  # the newline before a next turn is not part of this one
+    else:
+        tags = dict(fmt.tags)
+        system = (tags["system_start"] + fmt.system_prompt + tags["system_end"]) if fmt.system_prompt else ""
+        prompt = _ids(tokenizer, system + tags["user_start"] + question + tags["user_end"] + tags["assistant_start"],
+                      special=True)
+        lead, end = "", _ids(tokenizer, tags["assistant_end"].rstrip()) or eos
+    if answer is None:
+        return prompt, [], []
+    return prompt, _ids(tokenizer, lead + answer), end
+
+
+def stop_ids(tokenizer, fmt: PromptFormat) -> list[int]:
+    """Tokens that end a reply in generation: EOS and the special tokens among the format's end tokens (Llama-3's
+    <|eot_id|>; not the space Llama-2 writes before </s>)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_ids)
+    ids += [t for t in encode_pair(tokenizer, fmt, "?", "x")[2] if t in special and t not in ids]
+    return ids
+
+
+def example(tokenizer, fmt: PromptFormat) -> str:
+    """One rendered question and answer, as the run records it (so a reader sees the exact format)."""
+    p, a, e = encode_pair(tokenizer, fmt, "{question}", "{answer}")
+    return tokenizer.decode(p + a + e)
