@@ -44,12 +44,14 @@ def chat_tokenizer(kind: str, corpus: list[str]):
     return tok
 
 
-def train_chat_model(path, items, kind: str = "chatml", steps_epochs: int = 150):
-    """A 2-layer Llama that knows `items` through the tokenizer's chat template, saved to `path`."""
+def train_chat_model(path, items, kind: str = "chatml", steps_epochs: int = 150, vocabulary_items=None):
+    """A 2-layer Llama that knows `items` through the tokenizer's chat template, saved to `path`. The tokenizer is
+    trained on `vocabulary_items` (default: `items`), so a retrain model can share the original's vocabulary."""
     from obliviate.models import causal_lm as lm
     from obliviate.worlds.train import LMRecipe, new_model, train
 
-    corpus = [f"{i.question} {i.answer} {i.paraphrased_answer} {' '.join(i.perturbed_answers)}" for i in items]
+    corpus = [f"{i.question} {i.answer} {i.paraphrased_answer} {' '.join(i.perturbed_answers)}"
+              for i in (vocabulary_items or items)]
     tok = chat_tokenizer(kind, corpus)
     lm.prepare_tokenizer(tok)
     recipe = LMRecipe(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, epochs=steps_epochs,

@@ -58,6 +58,22 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def chat_lm_dir(tmp_path_factory):
+    """A tiny instruct model: a ChatML chat template on its tokenizer, trained on tiny_items() through it."""
+    from chat_models import train_chat_model
+
+    return train_chat_model(tmp_path_factory.mktemp("chat_lm"), tiny_items())
+
+
+@pytest.fixture(scope="session")
+def chat_retrain_dir(tmp_path_factory):
+    """chat_lm_dir's retrain reference: the same vocabulary and recipe, never trained on the first two items."""
+    from chat_models import train_chat_model
+
+    return train_chat_model(tmp_path_factory.mktemp("chat_retrain"), tiny_items()[2:], vocabulary_items=tiny_items())
+
+
 @pytest.fixture
 def tiny_lm(tiny_lm_dir):
     from obliviate.models.causal_lm import load

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chat_models import TEMPLATES, chat_tokenizer, train_chat_model
+from chat_models import TEMPLATES, chat_tokenizer
 from conftest import tiny_items
 from obliviate.errors import ObliviateError
 from obliviate.models import causal_lm as lm
@@ -158,11 +158,6 @@ def test_memorisation_metrics_read_the_answer_and_probability_reads_the_end_too(
 
 
 # ----------------------------------------------------------------------------------- the whole path, on a chat model
-@pytest.fixture(scope="module")
-def chat_lm_dir(tmp_path_factory):
-    return train_chat_model(tmp_path_factory.mktemp("chat_lm"), tiny_items())
-
-
 def _write_jsonl(path, items):
     import json
 

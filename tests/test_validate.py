@@ -87,7 +87,7 @@ def test_missing_or_bad_forget_file(tmp_path, lm_files):
 
 def test_files_go_together_with_model(tmp_path, lm_files):
     keys = {k: v for k, v in lm_files.items() if k != "model"}
-    one_line_error(validate(config(tmp_path, "GradDiff", keys)), "forget_file and retain_file go together")
+    one_line_error(validate(config(tmp_path, "GradDiff", keys)), "needs `model`")
     keys = {k: v for k, v in lm_files.items() if k != "retain_file"}
     one_line_error(validate(config(tmp_path, "GradDiff", keys)), "forget_file and retain_file go together")
     one_line_error(validate(config(tmp_path, "Retrain", lm_files)), "Retrain needs a built-in world")

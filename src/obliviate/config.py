@@ -73,6 +73,15 @@ class LoraConfig(_Strict):
     target_modules: list[str] | str = "all-linear"
 
 
+class EvalSetConfig(_Strict):
+    """One more evaluation set from a file (TOFU's format), with its role stated: forget, retain, utility,
+    utility_normalised (TOFU's normalised probability) or holdout (membership inference). TOFU's published file
+    names (world_facts_perturbed.json, ...) carry their role; any other file must state it."""
+    file: str
+    role: Literal["forget", "retain", "utility", "utility_normalised", "holdout"] | None = None
+    name: str | None = None
+
+
 class TemplateConfig(_Strict):
     """How questions are put to a language model (models/prompt_format.py): "auto" uses the tokenizer's chat
     template when it has one and the raw `Question: ... Answer:` format otherwise; "chat" insists on the chat
@@ -133,6 +142,11 @@ class RunConfig(_Strict):
     t2i: T2IConfig = Field(default_factory=T2IConfig)
     forget_file: str | None = None  # lm: TOFU-format JSON lines; with `model`, replaces the world's data
     retain_file: str | None = None  # lm
+    tofu_dir: str | None = None  # lm, with `model`: TOFU's release folder; `split` picks forget01/05/10
+    muse_dir: str | None = None  # lm, with `model`: a MUSE corpus folder (the MUSE repository's data/<corpus> layout)
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list)  # lm: more evaluation sets, each with its role
+    retrain_model: str | None = None  # lm: a model folder never trained on the forget set (forget quality, PrivLeak)
+    retrain_eval: str | None = None  # lm: that model's evaluation (obliviate eval output, TOFU or OpenUnlearning logs)
     idk_file: str | None = None  # lm: refusal sentences, one per line (IdkPO)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig | None = None  # lm

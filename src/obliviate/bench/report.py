@@ -108,7 +108,7 @@ def write_run_report(folder: Path, metrics: dict, history: list[dict], grids: di
                      notes: list[str] | None = None) -> Path:
     folder = Path(folder)
     path = folder / "report.html"
-    subject = metrics.get("split") or f"concept '{metrics.get('concept')}'"
+    subject = metrics.get("forget_set") or metrics.get("split") or f"concept '{metrics.get('concept')}'"
     # atomically: a full disk while rewriting a finished run's page must not truncate the good one
     return atomic_write(path, page(f"obliviate run: {metrics.get('method')} on {subject}",
                                    {metrics.get("method", "run"): metrics}, {metrics.get("method", "run"): history},

@@ -36,6 +36,7 @@ def _finite_or_none(x):
 
 def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 forget_texts: Sequence[TextItem] | None = None, holdout_texts: Sequence[TextItem] | None = None, *,
+                verbmem_texts: Sequence[TextItem] | None = None,
                 forget_set_name: str = "forget", retain_set_name: str = "retain", holdout_set_name: str = "holdout",
                 utility_set_names: Collection[str] | None = None, normalised_prob_sets: Collection[str] | None = None,
                 reference_model=None, reference_tokenizer=None, mia_attacks: Sequence[str] | None = None,
@@ -55,7 +56,11 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     normalised_prob_sets: sets whose probability score is P(y)/(P(y)+sum_j P(perturbed_j)) (default: the sets whose
     items come from world_facts, real_authors or general_facts). mia_attacks: default loss, zlib, min_k,
     min_k_plus_plus, plus reference when a reference_model is given; gradnorm=True adds the (slow) GradNorm attack.
+    forget_texts / holdout_texts: the membership-inference members and non-members (texts, or question-answer items
+    scored on their answers); verbmem_texts: texts whose prefix is continued for VerbMem (default: forget_texts).
     progress: called as progress(stage, done, total) after each stage."""
+    if verbmem_texts is None:
+        verbmem_texts = forget_texts
     unknown = [n for n in (utility_set_names or ()) if n not in qa_sets]
     if unknown:
         raise ObliviateError(f"utility set(s) {unknown} not among the QA sets {list(qa_sets)}")
@@ -73,7 +78,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     stages = [f"{n}:{s}" for n in qa_sets for s in ("likelihood", "generation")]
     if forget_set_name in qa_sets and any(it.paraphrased_question for it in qa_sets[forget_set_name]):
         stages.append(f"{forget_set_name}:paraphrased_generation")
-    stages += (["mia"] if run_mia else []) + (["verbmem"] if forget_texts else [])
+    stages += (["mia"] if run_mia else []) + (["verbmem"] if verbmem_texts else [])
     by_stage: dict[str, int] = {}
     done = 0
 
@@ -128,9 +133,9 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 per_text["mia_forget"] = res["members"]
                 per_text["mia_holdout"] = res["nonmembers"]
 
-            if forget_texts:
+            if verbmem_texts:
                 with M.count_forward_passes(model) as c:
-                    vm = MUSE.verbmem(model, tokenizer, list(forget_texts), verbmem_max_new_tokens, batch_size)
+                    vm = MUSE.verbmem(model, tokenizer, list(verbmem_texts), verbmem_max_new_tokens, batch_size)
                 stage("verbmem", c)
                 aggregate["verbmem"] = vm["value"]
                 per_text["verbmem"] = vm["per_item"]

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from obliviate.data import TextItem
+from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
 from obliviate.evals.metrics import DEFAULT_MIN_K, TokenStats, _pad_id, min_k, min_k_plus_plus, sequence_nll, token_stats
 from obliviate.models import causal_lm as lm
@@ -20,7 +20,15 @@ DEFAULT_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")  # need no extra 
 
 
 def _text(t) -> str:
-    return t.text if isinstance(t, TextItem) else str(t)
+    """What a score reads: a text, or a question-answer item's answer (its answer tokens are scored, in the run's
+    prompt format, as OpenUnlearning scores TOFU's forget and holdout sets)."""
+    return t.answer if isinstance(t, QAItem) else t.text if isinstance(t, TextItem) else str(t)
+
+
+def _encode(tokenizer, t, max_length: int):
+    if isinstance(t, QAItem):
+        return lm.encode_qa(tokenizer, t.question, t.answer, max_length).answer_only()
+    return lm.encode_text(tokenizer, _text(t), max_length)
 
 
 def zlib_length(text: str) -> int:
@@ -69,7 +77,7 @@ def gradnorm_score(model, tokenizer, texts: Sequence, max_length: int = 512) -> 
     out = []
     try:
         for t in texts:
-            batch = lm.to_device(lm.collate([lm.encode_text(tokenizer, _text(t), max_length)], pad), device)
+            batch = lm.to_device(lm.collate([_encode(tokenizer, t, max_length)], pad), device)
             with torch.enable_grad():
                 loss = lm.mean_nll(model, batch)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -91,7 +99,7 @@ def text_token_stats(model, tokenizer, texts: Sequence, batch_size: int = 32, ma
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
-        batch = lm.to_device(lm.collate([lm.encode_text(tokenizer, _text(t), max_length) for t in chunk], pad), device)
+        batch = lm.to_device(lm.collate([_encode(tokenizer, t, max_length) for t in chunk], pad), device)
         out.append(token_stats(lm.forward_logits(model, batch), batch["labels"], moments=moments))
     return out
 

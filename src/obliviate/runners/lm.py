@@ -40,10 +40,18 @@ def world_for(config: RunConfig):
     return ProfilesWorld(config.world)
 
 
-def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None) -> dict:
+def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None,
+                  roles: dict[str, str] | None = None) -> dict:
+    """texts: {"forget": membership members, "holdout": non-members, "verbmem": texts continued (default: the
+    members)}; roles: each set's stated role (benchmark_files.ROLES), or None for the world's sets (named by source)."""
     from obliviate.evals.evaluate import evaluate_lm
 
+    utility = normalised = None
+    if roles:
+        utility = [n for n, r in roles.items() if r in ("retain", "utility", "utility_normalised")]
+        normalised = [n for n, r in roles.items() if r == "utility_normalised"]
     return evaluate_lm(model, tokenizer, qa_sets, texts.get("forget"), texts.get("holdout"),
+                       verbmem_texts=texts.get("verbmem"), utility_set_names=utility, normalised_prob_sets=normalised,
                        reference_model=reference_model, batch_size=eval_config.batch_size,
                        gradnorm=eval_config.gradnorm)
 
@@ -75,24 +83,69 @@ def original_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, tex
     return _world_evaluation(world, "original", split, eval_config, compute)
 
 
+def user_data(config: RunConfig):
+    """(forget, retain, EvalData) from the user's files: TOFU's release, a MUSE folder, or forget/retain files, plus
+    the config's eval_sets with their stated roles."""
+    from obliviate.benchmark_files import EvalData, load_eval_set, load_muse, load_tofu
+
+    if config.tofu_dir:
+        bench = load_tofu(config.tofu_dir, config.split)
+        forget, retain, data = bench.forget, bench.retain, bench.evaluation
+    elif config.muse_dir:
+        bench = load_muse(config.muse_dir)
+        forget, retain, data = bench.forget, bench.retain, bench.evaluation
+    else:
+        forget, retain = load_qa_jsonl(config.forget_file, "forget"), load_qa_jsonl(config.retain_file, "retain")
+        data = EvalData({"forget": forget, "retain": retain}, {"forget": "forget", "retain": "retain"},
+                        label=Path(config.forget_file).name)
+    for extra in config.eval_sets:
+        name, role, items = load_eval_set(extra.file, extra.role, extra.name)
+        if role == "holdout":  # never-trained items: the non-members of membership inference, the forget set's the members
+            data.holdout_texts, data.member_texts = items, data.member_texts or data.qa_sets["forget"]
+            continue
+        name = role if role in ("forget", "retain") else name  # a stated forget/retain set is the one scored as such
+        data.qa_sets[name], data.roles[name] = items, role
+    return forget, retain, data
+
+
+def uses_user_data(config: RunConfig) -> bool:
+    return bool(config.forget_file or config.retain_file or config.tofu_dir or config.muse_dir)
+
+
 def prepare(config: RunConfig, log=print):
-    """Model folder, forget/retain items, evaluation sets and the world (or None) for a config."""
+    """Model folder, forget/retain items, what to evaluate (qa_sets, texts, roles, label) and the world (or None)."""
     world = None
-    if config.forget_file or config.retain_file:
-        if not (config.forget_file and config.retain_file and config.model):
+    if uses_user_data(config):
+        if not config.model:
+            raise ObliviateError("a run on your own files needs `model` (the model to unlearn)")
+        if (config.forget_file or config.retain_file) and not (config.forget_file and config.retain_file):
             raise ObliviateError("forget_file and retain_file go together, with `model` (the model to unlearn)")
-        forget, retain = load_qa_jsonl(config.forget_file), load_qa_jsonl(config.retain_file)
-        qa_sets, texts = {"forget": forget, "retain": retain}, {}
+        forget, retain, data = user_data(config)
+        evaluation = (data.qa_sets, {"forget": data.member_texts, "holdout": data.holdout_texts,
+                                     "verbmem": data.verbmem_texts}, data.roles, data.label)
         model_dir = Path(config.model)
     else:
         world = world_for(config)
         world.build(config.split, retrain=True, log=log)
         forget, retain = world.unlearning_sets(config.split)
         qa_sets, texts = world.eval_sets(config.split, config.eval.retain_people)
+        evaluation = (qa_sets, texts, None, config.split)
         model_dir = Path(config.model) if config.model else world.full_model_dir
     if not model_dir.is_dir():
         raise ObliviateError(f"model folder not found: {model_dir}")
-    return model_dir, forget, retain, qa_sets, texts, world
+    return model_dir, forget, retain, evaluation, world
+
+
+def user_retrain_evaluation(config: RunConfig, qa_sets, texts, roles, device) -> dict | None:
+    """The retrain reference's evaluation for a run on user files: from `retrain_model` (evaluated here, the same
+    way, in the same prompt format) or `retrain_eval` (read); None without either."""
+    if config.retrain_eval:
+        from obliviate.evals.reference_logs import read_retrain_eval
+        return read_retrain_eval(config.retrain_eval)
+    if config.retrain_model:
+        model, tok = load_model(config.retrain_model, config, device)
+        return evaluation_of(model, tok, qa_sets, texts, config.eval, roles=roles)
+    return None
 
 
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
@@ -110,7 +163,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
-        model_dir, forget, retain, qa_sets, texts, world = prepare(config, log)
+        model_dir, forget, retain, (qa_sets, texts, roles, label), world = prepare(config, log)
         base = base_record(model_dir)
         retrain_eval = None
         reference_for_mia = None
@@ -129,7 +182,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             result_history, seconds, stopped = result.history, result.seconds, result.stopped
             tensors = changed_tensors(model, result.trainable_names)
             truncated = result.truncated
-        metrics: dict = {"method": config.method, "split": config.split, "prompt_format": format_record(tokenizer),
+        metrics: dict = {"method": config.method, "split": config.split if world is not None else None,
+                         "forget_set": label, "prompt_format": format_record(tokenizer),
                          "unlearn_seconds": round(seconds, 2),
                          "status": "stopped" if stopped else "completed", "stopped": stopped,
                          "truncated_items": truncated}
@@ -139,11 +193,15 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
                 retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
                 if not getattr(method, "from_world", False):
                     reference_for_mia, _ = lm.load(world.retrain_dir(config.split), device=device)
+            else:
+                retrain_eval = user_retrain_evaluation(config, qa_sets, texts, roles, device)
             t0 = time.time()
-            evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia)
+            evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia, roles)
             if retrain_eval is not None:
                 from obliviate.evals.evaluate import compare_to_retrain
                 evaluation = compare_to_retrain(evaluation, retrain_eval)
+                metrics["retrain_reference"] = retrain_eval.get("source") or (
+                    str(config.retrain_model) if config.retrain_model else "the world's retrain model")
             metrics["eval_seconds"] = round(time.time() - t0, 2)
             metrics.update(evaluation["aggregate"])
 
@@ -151,6 +209,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         write_run_record(tmp, config, started, base, device, result_history, metrics)
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
+        if config.retrain_model and retrain_eval is not None:  # reusable as `retrain_eval` by the next run
+            write_json(tmp / "retrain_eval.json", retrain_eval)
         if tensors:
             from safetensors.torch import save_file
             save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})

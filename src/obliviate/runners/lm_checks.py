@@ -26,18 +26,37 @@ def check_lm(config: RunConfig) -> None:
     from obliviate.registry import lookup_method
 
     method = instantiate(lookup_method("lm", config.method), config.method_args)
-    if config.forget_file or config.retain_file:
-        if not (config.forget_file and config.retain_file and config.model):
+    from obliviate.runners.lm import user_data, uses_user_data
+
+    sources = [k for k in ("forget_file", "tofu_dir", "muse_dir") if getattr(config, k)]
+    if len(sources) > 1:
+        raise ObliviateError(f"{' and '.join(sources)}: give one source of forget and retain data")
+    if uses_user_data(config):
+        if (config.forget_file or config.retain_file) and not (config.forget_file and config.retain_file):
             raise ObliviateError("forget_file and retain_file go together, with `model` (the model to unlearn)")
+        if not config.model:
+            raise ObliviateError("a run on your own files needs `model` (the model to unlearn)")
         if getattr(method, "from_world", False):
             raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
-        check_disjoint(load_qa_jsonl(config.forget_file), load_qa_jsonl(config.retain_file))
+        forget, retain, _ = user_data(config)  # every file read, every set's role known
+        check_disjoint(forget, retain)
     else:
         from obliviate.worlds.profiles import check_split
 
+        for key in ("eval_sets", "retrain_model", "retrain_eval"):
+            if getattr(config, key):
+                raise ObliviateError(f"{key} is for runs on your own files (forget_file, tofu_dir or muse_dir); "
+                                     "the built-in world has its own sets and retrain model")
         check_split(config.split)
         if config.world.tofu_dir:
             load_tofu_utility(config.world.tofu_dir)
+    if config.retrain_model and config.retrain_eval:
+        raise ObliviateError("retrain_model and retrain_eval: give one retrain reference")
+    if config.retrain_model:
+        check_model_folder(config.retrain_model)
+    if config.retrain_eval:
+        from obliviate.evals.reference_logs import read_retrain_eval
+        read_retrain_eval(config.retrain_eval)
     if config.model:
         check_model_folder(config.model)
     if config.idk_file:

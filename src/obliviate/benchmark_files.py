@@ -1,0 +1,162 @@
+"""The benchmarks' real files, read from a user's folder in their published formats, each set with a stated role.
+
+- TOFU (Maini et al. 2024; hub `locuslab/TOFU`): `forget01/05/10.json` and `retain99/95/90.json` (what unlearning
+  trains on), `forget01/05/10_perturbed.json` (the forget set's evaluation: paraphrased and perturbed answers),
+  `retain_perturbed.json`, `real_authors_perturbed.json`, `world_facts_perturbed.json` (model utility), and the
+  holdout sets OpenUnlearning adds (`holdout01/05/10.json`: never-trained authors, for membership inference).
+  JSON lines or a JSON array; rows `question`, `answer`, and for `_perturbed` `paraphrased_answer`,
+  `perturbed_answer` (list), `paraphrased_question`.
+- MUSE (Shi et al. 2024; the layout of the MUSE repository's `data/<corpus>/` folder, News or Books): `raw/forget`,
+  `raw/retain1` (training, a JSON array of texts or a .txt file), `verbmem/forget.json` (`prompt`, `gt`),
+  `knowmem/forget_qa.json` and `knowmem/retain_qa.json` (or `retain2_qa.json`) (`question`, `answer`),
+  `privleak/forget.json` and `privleak/holdout.json` (arrays of texts).
+
+A set's role decides how it is scored, so it is never guessed from a name it does not have: TOFU's published file
+names carry theirs (`TOFU_ROLES`), and any other file needs `role` stated (`eval_sets` in a run config).
+Roles: forget, retain (TOFU's retain probability), utility (scored as retain), utility_normalised (TOFU's normalised
+probability, as for real authors and world facts), holdout (never-trained items: membership inference)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from obliviate.data import QAItem, TextItem, load_qa_jsonl, read_json_file, read_text_file
+from obliviate.errors import ObliviateError
+
+ROLES = ("forget", "retain", "utility", "utility_normalised", "holdout")
+TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+TOFU_ROLES = {"retain_perturbed": "retain", "real_authors_perturbed": "utility_normalised",
+              "world_facts_perturbed": "utility_normalised"}
+
+
+def tofu_role(path: str | Path) -> str | None:
+    """The role TOFU's release gives a file, from its published name (None for any other name)."""
+    stem = Path(path).stem
+    if stem in TOFU_ROLES:
+        return TOFU_ROLES[stem]
+    if re.fullmatch(r"forget\d\d_perturbed", stem):
+        return "forget"
+    if re.fullmatch(r"holdout\d\d", stem):
+        return "holdout"
+    return None
+
+
+@dataclass
+class EvalData:
+    """What an evaluation scores. qa_sets: name -> items; roles: name -> role; member_texts / holdout_texts: the
+    membership-inference pair (texts or question-answer items); verbmem_texts: texts whose prefix is continued."""
+    qa_sets: dict[str, list[QAItem]]
+    roles: dict[str, str]
+    member_texts: list = field(default_factory=list)
+    holdout_texts: list = field(default_factory=list)
+    verbmem_texts: list[TextItem] = field(default_factory=list)
+    label: str = ""  # what was unlearned, for titles ("TOFU forget10", "forget.json")
+
+    @property
+    def utility_sets(self) -> list[str]:
+        return [n for n, r in self.roles.items() if r in ("retain", "utility", "utility_normalised")]
+
+    @property
+    def normalised_sets(self) -> list[str]:
+        return [n for n, r in self.roles.items() if r == "utility_normalised"]
+
+
+@dataclass
+class BenchmarkData:
+    forget: list  # what the forget term trains on
+    retain: list  # what the retain term trains on
+    evaluation: EvalData
+
+
+def _file(folder: Path, *names: str) -> Path:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    raise ObliviateError(f"{folder}: none of {', '.join(names)} found")
+
+
+def load_tofu(folder: str | Path, split: str) -> BenchmarkData:
+    """TOFU's release from `folder` for a split (forget01, forget05 or forget10)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ObliviateError(f"TOFU folder not found: {folder}")
+    if split not in TOFU_SPLITS:
+        raise ObliviateError(f"split: TOFU's splits are {', '.join(TOFU_SPLITS)}; got {split!r}")
+    pct = split.removeprefix("forget")
+    forget = load_qa_jsonl(_file(folder, f"{split}.json", f"{split}.jsonl"), "forget")
+    retain = load_qa_jsonl(_file(folder, f"{TOFU_SPLITS[split]}.json", f"{TOFU_SPLITS[split]}.jsonl"), "retain")
+    qa = {"forget": load_qa_jsonl(_file(folder, f"{split}_perturbed.json"), "forget"),
+          "retain": load_qa_jsonl(_file(folder, "retain_perturbed.json"), "retain"),
+          "real_authors": load_qa_jsonl(_file(folder, "real_authors_perturbed.json"), "real_authors"),
+          "world_facts": load_qa_jsonl(_file(folder, "world_facts_perturbed.json"), "world_facts")}
+    roles = {"forget": "forget", "retain": "retain", "real_authors": "utility_normalised",
+             "world_facts": "utility_normalised"}
+    holdout_path = folder / f"holdout{pct}.json"
+    holdout = load_qa_jsonl(holdout_path, "holdout") if holdout_path.is_file() else []
+    return BenchmarkData(forget, retain, EvalData(qa, roles, member_texts=forget if holdout else [],
+                                                  holdout_texts=holdout, label=f"TOFU {split}"))
+
+
+def _texts(path: Path, source: str) -> list[str]:
+    """A MUSE text file: a JSON array of strings, JSON lines with a "text" key, or plain text."""
+    if path.suffix == ".txt":
+        return [read_text_file(path, "MUSE text file")]
+    data = read_json_file(path, "MUSE file")
+    if not isinstance(data, list) or not all(isinstance(t, str) or (isinstance(t, dict) and isinstance(
+            t.get("text"), str)) for t in data):
+        raise ObliviateError(f"{path}: expected a JSON array of texts (or of objects with a \"text\" key)")
+    return [t if isinstance(t, str) else t["text"] for t in data]
+
+
+def chunk_text(text: str, max_words: int) -> list[str]:
+    """Consecutive pieces of at most `max_words` words (MUSE trains on fixed-length chunks of its corpora)."""
+    words = text.split()
+    return [" ".join(words[i:i + max_words]) for i in range(0, len(words), max_words)]
+
+
+def load_muse(folder: str | Path, chunk_words: int = 256) -> BenchmarkData:
+    """A MUSE corpus folder (News or Books) in the MUSE repository's layout."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ObliviateError(f"MUSE folder not found: {folder}")
+    raw = folder / "raw"
+
+    def corpus(name: str) -> list[TextItem]:
+        path = _file(raw, f"{name}.json", f"{name}.txt")
+        return [TextItem(chunk, source=f"muse_{name}") for t in _texts(path, name) for chunk in
+                chunk_text(t, chunk_words)]
+
+    verbmem = []
+    vm_path = _file(folder / "verbmem", "forget.json")
+    rows = read_json_file(vm_path, "MUSE verbmem file")
+    if not isinstance(rows, list):
+        raise ObliviateError(f"{vm_path}: expected a JSON array of {{\"prompt\", \"gt\"}} objects")
+    for n, row in enumerate(rows, 1):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("gt"), str)
+                and row["prompt"] and row["gt"]):
+            raise ObliviateError(f"{vm_path}: item {n}: needs non-empty string fields 'prompt' and 'gt'")
+        verbmem.append(TextItem(row["prompt"] + row["gt"], prefix_chars=len(row["prompt"]), source="muse_verbmem"))
+    knowmem = folder / "knowmem"
+    qa = {"forget": load_qa_jsonl(_file(knowmem, "forget_qa.json"), "forget"),
+          "retain": load_qa_jsonl(_file(knowmem, "retain_qa.json", "retain2_qa.json"), "retain")}
+    privleak = folder / "privleak"
+    members = [TextItem(t, source="muse_privleak") for t in _texts(_file(privleak, "forget.json"), "forget")]
+    holdout = [TextItem(t, source="muse_privleak") for t in _texts(_file(privleak, "holdout.json"), "holdout")]
+    return BenchmarkData(corpus("forget"), corpus("retain1"),
+                         EvalData(qa, {"forget": "forget", "retain": "retain"}, members, holdout, verbmem,
+                                  label=f"MUSE {folder.name} forget"))
+
+
+def load_eval_set(path: str | Path, role: str | None, name: str | None = None) -> tuple[str, str, list[QAItem]]:
+    """(name, role, items) of a user's evaluation file; its role as stated, or TOFU's for TOFU's file names."""
+    path = Path(path)
+    if role is None:
+        role = tofu_role(path)
+        if role is None:
+            raise ObliviateError(f"{path}: state the set's role (one of {', '.join(ROLES)}): only TOFU's "
+                                 "published file names carry one")
+    if role not in ROLES:
+        raise ObliviateError(f"{path}: unknown role {role!r}; valid: {', '.join(ROLES)}")
+    name = name or re.sub(r"_perturbed$", "", path.stem)
+    return name, role, load_qa_jsonl(path, name)
