@@ -217,3 +217,21 @@ def test_every_method_runs_through_the_template(chat_lm_dir, tmp_path, method, l
     folder = run(cfg, log=lambda *_: None)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["prompt_format"]["kind"] == "chat" and metrics["status"] == "completed"
+
+
+def test_run_prints_the_headline_metrics_and_names_the_file(chat_lm_dir, tmp_path):
+    from obliviate.cli import app
+    from typer.testing import CliRunner
+
+    items = tiny_items()
+    cfg = tmp_path / "run.json"
+    import json
+    cfg.write_text(json.dumps({
+        "method": "NPO", "model": str(chat_lm_dir), "output_dir": str(tmp_path / "runs"),
+        "forget_file": str(_write_jsonl(tmp_path / "people_to_forget.json", items[:1])),
+        "retain_file": str(_write_jsonl(tmp_path / "retain.json", items[1:])),
+        "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 2}, "eval": {"batch_size": 8}}))
+    r = CliRunner().invoke(app, ["run", str(cfg), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "NPO on people_to_forget.json" in r.output and "forget10" not in r.output
+    assert "model utility" in r.output and "no retrain reference" in r.output

@@ -4,39 +4,52 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from obliviate.config import RunConfig, WorldConfig
-from obliviate.data import load_qa_jsonl
+from obliviate.config import RunConfig
 from obliviate.errors import ObliviateError
 from obliviate.runs import write_json
 
 
-def evaluate_folder(model_dir: Path, forget_file: Path | None, retain_file: Path | None, split: str,
-                    tofu_dir: Path | None, out: Path, force: bool = False) -> dict:
-    """Evaluate a transformers folder: on the user's files, or on the profiles world's sets against its retrain.
-    An existing `out` is replaced only with `force`; an input file never is."""
-    if bool(forget_file) != bool(retain_file):
-        raise ObliviateError("--forget-file and --retain-file go together")
-    _check_out_file(Path(out), [Path(f) for f in (forget_file, retain_file) if f], Path(model_dir), force)
-    from obliviate.config import EvalConfig
-    from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
-    from obliviate.models import causal_lm as lm
-    from obliviate.runners.lm import retrain_evaluation
+def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: str = "forget10",
+                    world_tofu_dir: Path | None = None, **options) -> dict:
+    """Evaluate a transformers folder: on the user's files (forget_file + retain_file, tofu_dir or muse_dir, plus
+    eval_sets with their roles, against retrain_model or retrain_eval when given), or on the profiles world's sets
+    against its retrain model. `options` are run-config keys (batch size and max_logit_tokens go under `eval`,
+    `template` is a name or a mapping, device, dtype, trust_remote_code), checked as a run config is. An existing
+    `out` is replaced only with `force`; an input file never is."""
+    from obliviate.config import build_config
+    from obliviate.evals.evaluate import compare_to_retrain
+    from obliviate.runners.lm import (evaluation_of, format_record, load_model, prepare, retrain_evaluation,
+                                      user_retrain_evaluation, uses_user_data)
+    from obliviate.runners.lm_checks import check_lm
     from obliviate.runs import resolve_device
-    from obliviate.worlds.profiles import ProfilesWorld
 
-    device = resolve_device("auto")
-    if forget_file:
-        qa_sets = {"forget": load_qa_jsonl(forget_file), "retain": load_qa_jsonl(retain_file)}
-        model, tok = lm.load(model_dir, device=device)
-        result = evaluate_lm(model, tok, qa_sets, None, None)
+    eval_keys = {k: options.pop(k) for k in ("batch_size", "max_logit_tokens") if options.get(k) is not None}
+    template = options.pop("template", None)
+    if isinstance(template, str):
+        template = {"name": template}
+    if options.get("system_prompt") is not None:
+        template = {**(template or {}), "system_prompt": options.pop("system_prompt")}
+    options.pop("system_prompt", None)
+    data = {"method": "GradDiff",  # any method: evaluation trains nothing, the config only carries the options
+            "model": str(model_dir), "split": split, "eval": eval_keys, **({"template": template} if template else {}),
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v not in (None, [], ())}}
+    if world_tofu_dir:
+        data["world"] = {"tofu_dir": str(world_tofu_dir)}
+    config = build_config(data, "eval options")
+    inputs = [Path(f) for f in (config.forget_file, config.retain_file, config.retrain_eval) if f]
+    _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets], Path(model_dir), force)
+    check_lm(config)
+    device = resolve_device(config.device)
+    model_path, _, _, (qa_sets, texts, roles, label), world = prepare(config, log=lambda *_: None)
+    model, tok = load_model(model_path, config, device)
+    result = evaluation_of(model, tok, qa_sets, texts, config.eval, roles=roles)
+    if world is not None:
+        reference = retrain_evaluation(world, split, config.eval, qa_sets, texts, config.device)
     else:
-        eval_cfg = EvalConfig()
-        world = ProfilesWorld(WorldConfig(tofu_dir=str(tofu_dir) if tofu_dir else None))
-        world.build(split)
-        qa_sets, texts = world.eval_sets(split, eval_cfg.retain_people)
-        model, tok = lm.load(model_dir, device=device)
-        result = evaluate_lm(model, tok, qa_sets, texts["forget"], texts["holdout"])
-        result = compare_to_retrain(result, retrain_evaluation(world, split, eval_cfg, qa_sets, texts))
+        reference = user_retrain_evaluation(config, qa_sets, texts, roles, device) if uses_user_data(config) else None
+    if reference is not None:
+        result = compare_to_retrain(result, reference)
+    result["forget_set"], result["prompt_format"] = label, format_record(tok)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return result

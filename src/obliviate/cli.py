@@ -80,16 +80,47 @@ def run(config: Path, overrides: Optional[List[str]] = typer.Argument(None, help
 def evaluate(model: Path = typer.Argument(..., help="a transformers model folder"),
              forget_file: Optional[Path] = typer.Option(None, help="TOFU-format JSON lines to score as forget set"),
              retain_file: Optional[Path] = typer.Option(None, help="TOFU-format JSON lines to score as retain set"),
-             split: str = typer.Option("forget10", help="world split, when no files are given"),
-             tofu_dir: Optional[Path] = typer.Option(None, help="TOFU utility files for the world"),
+             tofu_dir: Optional[Path] = typer.Option(None, help="TOFU's release folder (forget10_perturbed.json, ...)"),
+             muse_dir: Optional[Path] = typer.Option(None, help="a MUSE corpus folder (raw/, verbmem/, knowmem/, "
+                                                                "privleak/)"),
+             eval_set: Optional[List[str]] = typer.Option(None, help="FILE or FILE:ROLE, another set to score "
+                                                                     "(roles: forget, retain, utility, "
+                                                                     "utility_normalised, holdout); repeatable"),
+             retrain_model: Optional[Path] = typer.Option(None, help="a model never trained on the forget set: "
+                                                                     "forget quality and PrivLeak"),
+             retrain_eval: Optional[Path] = typer.Option(None, help="that model's evaluation (an earlier eval.json, "
+                                                                    "TOFU's eval_log_forget.json or "
+                                                                    "OpenUnlearning's TOFU_EVAL.json)"),
+             split: str = typer.Option("forget10", help="the split: of TOFU's release, or of the built-in world"),
+             world_tofu_dir: Optional[Path] = typer.Option(None, help="the built-in world with TOFU's utility files"),
+             template: str = typer.Option("auto", help="prompt format: auto, chat, qa, llama2, llama3, chatml, "
+                                                       "zephyr, phi3"),
+             system_prompt: Optional[str] = typer.Option(None, help="a system prompt for the chat template"),
+             batch_size: int = typer.Option(32, help="items per batch"),
+             max_logit_tokens: int = typer.Option(4096, help="tokens of full-vocabulary logits per forward pass "
+                                                             "(bounds memory)"),
+             device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps"),
+             dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+             trust_remote_code: bool = typer.Option(False, help="run the model folder's own Python code"),
              out: Path = typer.Option(Path("eval.json"), help="where to write the evaluation JSON"),
              force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
              quiet: bool = typer.Option(False, help="no progress bars")):
-    """Evaluate a model folder on the world's sets (compared with the retrain model) or on your own files."""
+    """Evaluate a model folder on your files or a benchmark's (compared with a retrain reference when given), or
+    on the built-in world's sets (compared with its retrain model)."""
     _quiet(quiet)
     try:
         from obliviate.api import evaluate_folder
-        result = evaluate_folder(model, forget_file, retain_file, split, tofu_dir, out, force=force)
+        sets = []
+        for spec in eval_set or []:
+            path, _, role = spec.rpartition(":") if spec.rsplit(":", 1)[-1] in (
+                "forget", "retain", "utility", "utility_normalised", "holdout") else (spec, "", None)
+            sets.append({"file": path, "role": role or None})
+        result = evaluate_folder(
+            model, out, force=force, split=split, world_tofu_dir=world_tofu_dir, forget_file=forget_file,
+            retain_file=retain_file, tofu_dir=tofu_dir, muse_dir=muse_dir, eval_sets=sets,
+            retrain_model=retrain_model, retrain_eval=retrain_eval, template=template, system_prompt=system_prompt,
+            batch_size=batch_size, max_logit_tokens=max_logit_tokens, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code or None)
     except ObliviateError as e:
         _fail(e)
     from obliviate.bench.scorecard import print_scorecard

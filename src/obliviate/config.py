@@ -114,6 +114,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     retain_people: int | None = Field(40, ge=1)  # evaluate on the first N retain people of the world
     gradnorm: bool = False  # the GradNorm attack needs one backward pass per text
+    # tokens of full-vocabulary logits a forward pass may hold: a batch is split so that its logits take about this
+    # times the vocabulary times 4 bytes (4096 x 128k vocabulary: 2 GiB), whatever the batch size
+    max_logit_tokens: int = Field(4096, ge=16)
 
 
 class T2IConfig(_Strict):

@@ -242,12 +242,15 @@ def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
-def run_folder(config, started) -> Path:
-    """Where a run goes: OUTPUT_DIR/NAME, or a name from the start time, the method and what is forgotten (the
-    family's subject: the split or the concept)."""
+def run_folder(config, started, subject: str | None = None) -> Path:
+    """Where a run goes: OUTPUT_DIR/NAME, or a name from the start time, the method and what is forgotten (`subject`,
+    by default the family's subject: the split or the concept)."""
+    import re
+
     from obliviate.families import get
 
-    subject = getattr(config, get(config.family).subject)
+    subject = subject or str(getattr(config, get(config.family).subject))
+    subject = re.sub(r"[^A-Za-z0-9_.-]+", "-", subject).strip("-.") or "run"
     return Path(config.output_dir) / (config.name or f"{started:%Y%m%d-%H%M%S}-{config.method}-{subject}")
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
+from obliviate import progress as progress_bars
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
 from obliviate.evals import metrics as M
@@ -42,6 +43,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 reference_model=None, reference_tokenizer=None, mia_attacks: Sequence[str] | None = None,
                 gradnorm: bool = False, min_k: float = M.DEFAULT_MIN_K, batch_size: int = 32,
                 max_new_tokens: int = 48, verbmem_max_new_tokens: int = 128, max_length: int = 512,
+                max_logit_tokens: int = M.DEFAULT_MAX_LOGIT_TOKENS,
                 progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Evaluate `model` on question-answer sets and (optionally) forget / holdout texts. Returns a JSON-serialisable dict:
 
@@ -58,9 +60,11 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     min_k_plus_plus, plus reference when a reference_model is given; gradnorm=True adds the (slow) GradNorm attack.
     forget_texts / holdout_texts: the membership-inference members and non-members (texts, or question-answer items
     scored on their answers); verbmem_texts: texts whose prefix is continued for VerbMem (default: forget_texts).
-    progress: called as progress(stage, done, total) after each stage."""
-    if verbmem_texts is None:
-        verbmem_texts = forget_texts
+    max_logit_tokens: no forward pass holds logits for more tokens than this (memory: about max_logit_tokens x
+    vocabulary x 4 bytes at the peak, whatever the batch size). A progress bar counts the stages;
+    progress: also called as progress(stage, done, total) after each stage."""
+    if verbmem_texts is None:  # question-answer members have no text to continue
+        verbmem_texts = [t for t in forget_texts or () if isinstance(t, TextItem)]
     unknown = [n for n in (utility_set_names or ()) if n not in qa_sets]
     if unknown:
         raise ObliviateError(f"utility set(s) {unknown} not among the QA sets {list(qa_sets)}")
@@ -86,6 +90,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         nonlocal done
         by_stage[name] = counter.n
         done += 1
+        advance(stage=name)
         if progress is not None:
             progress(name, done, len(stages))
 
@@ -95,11 +100,12 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     per_text: dict[str, object] = {}
     aggregate: dict[str, object] = {}
     try:
-        with M.count_forward_passes(model) as total:
+        with M.count_forward_passes(model) as total, progress_bars.bar("evaluate", len(stages)) as advance:
             for name, items in qa_sets.items():
                 items = list(items)
                 with M.count_forward_passes(model) as c:
-                    lik = M.likelihood_metrics(model, tokenizer, items, batch_size, k=min_k, max_length=max_length)
+                    lik = M.likelihood_metrics(model, tokenizer, items, batch_size, k=min_k, max_length=max_length,
+                                               max_logit_tokens=max_logit_tokens)
                 stage(f"{name}:likelihood", c)
                 with M.count_forward_passes(model) as c:
                     gen = M.greedy_answers(model, tokenizer, [it.question for it in items], max_new_tokens, batch_size)
@@ -125,7 +131,8 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 with M.count_forward_passes(model) as c:
                     res = MIA.mia_aucs(model, tokenizer, list(forget_texts), list(holdout_texts), attacks,
                                        reference_model=reference_model, reference_tokenizer=reference_tokenizer,
-                                       k=min_k, batch_size=batch_size, max_length=max_length)
+                                       k=min_k, batch_size=batch_size, max_length=max_length,
+                                       max_logit_tokens=max_logit_tokens)
                 stage("mia", c)
                 aggregate["mia"] = res["auc"]
                 if "min_k" in res["auc"]:
@@ -185,7 +192,8 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                    "holdout_set_name": holdout_set_name, "utility_set_names": list(utility_set_names),
                    "normalised_prob_sets": list(normalised_prob_sets), "mia_attacks": attacks if run_mia else [],
                    "min_k": min_k, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                   "verbmem_max_new_tokens": verbmem_max_new_tokens, "max_length": max_length},
+                   "verbmem_max_new_tokens": verbmem_max_new_tokens, "max_length": max_length,
+                   "max_logit_tokens": max_logit_tokens},
     }
 
 

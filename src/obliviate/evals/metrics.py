@@ -82,25 +82,38 @@ class TokenStats:
         return self.mask if self.answer_mask is None else self.answer_mask
 
 
+SLICE_TOKENS = 512  # positions whose full-vocabulary float32 temporaries exist at once inside token_stats
+
+
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool | Sequence[int] = True) -> TokenStats:
     """Everything the likelihood metrics need, from the logits of one forward pass.
 
     moments: True for mu/sigma on every row, False for none, or a list of row indices (the other rows get zeros), so
-    a big-vocabulary model does not materialise the full next-token distribution for rows that do not need it."""
+    a big-vocabulary model does not materialise the full next-token distribution for rows that do not need it.
+    The rows are reduced a slice at a time (about SLICE_TOKENS positions), so the float32 log-softmax and its
+    products never exist for the whole batch: the peak is the logits themselves plus one slice."""
     logits, targets, mask = lm.shifted(logits, labels)
-    lp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none") * mask
-    preds = logits.argmax(-1)
+    n, width = targets.shape
+    lp = torch.zeros((n, width), dtype=torch.float32, device=logits.device)
+    preds = torch.zeros((n, width), dtype=torch.long, device=logits.device)
+    want = set(range(n)) if moments is True else set(moments or ())
     mu = sigma = None
     if moments is not False:
-        rows = list(range(logits.shape[0])) if moments is True else list(moments)
-        mu = lp.new_zeros(lp.shape)
-        sigma = lp.new_zeros(lp.shape)
-        if rows:
-            logp = F.log_softmax(logits[rows].float(), dim=-1)
-            p = logp.exp()
-            m = (p * logp).sum(-1)
-            mu[rows] = m
-            sigma[rows] = ((p * logp.square()).sum(-1) - m.square()).clamp(min=0).sqrt()
+        mu, sigma = torch.zeros_like(lp), torch.zeros_like(lp)
+    step = max(1, SLICE_TOKENS // max(1, width))
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        logp = F.log_softmax(logits[rows].float(), dim=-1)
+        lp[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) * mask[rows]
+        preds[rows] = logp.argmax(-1)
+        keep = [r - start for r in range(rows.start, rows.stop) if r in want]
+        if mu is not None and keep:
+            kept = logp[keep]
+            p = kept.exp()
+            m = (p * kept).sum(-1)
+            mu[[start + k for k in keep]] = m
+            sigma[[start + k for k in keep]] = ((p * kept.square()).sum(-1) - m.square()).clamp(min=0).sqrt()
+        del logp
     return TokenStats(lp, mask, preds, targets, mu, sigma)
 
 
@@ -252,14 +265,49 @@ def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nll
     return rec
 
 
+DEFAULT_MAX_LOGIT_TOKENS = 4096  # tokens of full-vocabulary logits one forward pass may hold (eval.max_logit_tokens)
+
+
+def _groups(encoded: list[lm.Encoded], max_tokens: int) -> list[list[int]]:
+    """Consecutive runs of sequences whose padded batch (sequences x longest) holds at most max_tokens tokens (a
+    longer single sequence goes alone)."""
+    groups: list[list[int]] = []
+    width = 0
+    for i, e in enumerate(encoded):
+        w = max(width, len(e.input_ids))
+        if groups and w * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+            width = w
+        else:
+            groups.append([i])
+            width = len(e.input_ids)
+    return groups
+
+
 @torch.no_grad()
-def _stats(model, encoded: list[lm.Encoded], pad_id: int, moments: bool | Sequence[int] = True) -> TokenStats:
-    batch = lm.to_device(lm.collate(encoded, pad_id), lm.model_device(model))
-    logits = lm.forward_logits(model, batch)
-    stats = token_stats(logits, batch["labels"], moments=moments)
-    answer_labels = lm.collate([e.answer_only() for e in encoded], pad_id)["labels"].to(stats.mask.device)
-    stats.answer_mask = answer_labels[:, 1:] != lm.IGNORE
-    return stats
+def _stats(model, encoded: list[lm.Encoded], pad_id: int, moments: bool | Sequence[int] = True,
+           max_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> TokenStats:
+    """Token statistics of the encoded sequences, computed in forward passes of at most `max_tokens` tokens each:
+    each pass's logits are reduced to per-token numbers (log-prob, argmax, moments) before the next pass, so the peak
+    grows with max_tokens x vocabulary, not with sequences x vocabulary."""
+    device = lm.model_device(model)
+    width = max(len(e.input_ids) for e in encoded) - 1
+    wanted = set(range(len(encoded))) if moments is True else set(moments or ())
+    parts: list[TokenStats] = []
+    for group in _groups(encoded, max_tokens):
+        batch = lm.to_device(lm.collate([encoded[i] for i in group], pad_id), device)
+        rows = [r for r, i in enumerate(group) if i in wanted] if moments is not False else False
+        stats = token_stats(lm.forward_logits(model, batch), batch["labels"], moments=rows)
+        answer = lm.collate([encoded[i].answer_only() for i in group], pad_id)["labels"].to(stats.mask.device)
+        stats.answer_mask = answer[:, 1:] != lm.IGNORE
+        parts.append(stats)
+
+    def joined(name: str):
+        tensors = [getattr(p, name) for p in parts]
+        if tensors[0] is None:
+            return None
+        return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
+    return TokenStats(*(joined(n) for n in ("logprobs", "mask", "preds", "targets", "mu", "sigma", "answer_mask")))
 
 
 def _pad_id(tokenizer) -> int:
@@ -267,9 +315,11 @@ def _pad_id(tokenizer) -> int:
 
 
 def likelihood_metrics(model, tokenizer, items: Sequence[QAItem], batch_size: int = 32, *, k: float = DEFAULT_MIN_K,
-                       max_length: int = 512, naive: bool = False, progress=None) -> list[dict]:
+                       max_length: int = 512, naive: bool = False, progress=None,
+                       max_logit_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> list[dict]:
     """Per-item likelihood metrics. One forward pass per chunk of `batch_size` items (each item's 2 + |perturbed|
-    sequences go in the same batch, so a pass holds up to batch_size * (2 + k) sequences).
+    sequences go in the same batch, so a pass holds up to batch_size * (2 + k) sequences), split further so that no
+    pass holds more than `max_logit_tokens` tokens of logits.
 
     naive=True: one forward pass per metric per item, as a metric-per-loop evaluator would do (answer probability,
     exact memorization, extraction strength, Min-K%, Min-K%++: one pass each on the answer; truth ratio: one pass per
@@ -285,7 +335,8 @@ def likelihood_metrics(model, tokenizer, items: Sequence[QAItem], batch_size: in
             for role, text in _roles(item):
                 encoded.append(lm.encode_qa(tokenizer, item.question, text, max_length))
                 index.append((i, role))
-        stats = _stats(model, encoded, pad, moments=[r for r, (_, role) in enumerate(index) if role == "answer"])
+        stats = _stats(model, encoded, pad, moments=[r for r, (_, role) in enumerate(index) if role == "answer"],
+                       max_tokens=max_logit_tokens)
         nlls = sequence_nll(stats.logprobs, stats.mask).tolist()
         per = [{"answer": None, "paraphrase": None, "perturbed": []} for _ in chunk]
         for row, (i, role) in enumerate(index):

@@ -12,7 +12,8 @@ import torch
 
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
-from obliviate.evals.metrics import DEFAULT_MIN_K, TokenStats, _pad_id, min_k, min_k_plus_plus, sequence_nll, token_stats
+from obliviate.evals.metrics import (DEFAULT_MAX_LOGIT_TOKENS, DEFAULT_MIN_K, TokenStats, _pad_id, _stats, min_k,
+                                     min_k_plus_plus, sequence_nll)
 from obliviate.models import causal_lm as lm
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference", "gradnorm")
@@ -92,21 +93,17 @@ def gradnorm_score(model, tokenizer, texts: Sequence, max_length: int = 512) -> 
 # --------------------------------------------------------------------------------------------------- drivers
 @torch.no_grad()
 def text_token_stats(model, tokenizer, texts: Sequence, batch_size: int = 32, max_length: int = 512,
-                     moments: bool = True) -> list[TokenStats]:
-    """Token statistics of texts (encode_text: every token after the first scored), one forward pass per chunk."""
+                     moments: bool = True, max_logit_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> list[TokenStats]:
+    """Token statistics of texts (encode_text: every token after the first scored), per chunk of batch_size texts,
+    each in forward passes of at most max_logit_tokens tokens."""
     pad = _pad_id(tokenizer)
-    device = lm.model_device(model)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        batch = lm.to_device(lm.collate([_encode(tokenizer, t, max_length) for t in chunk], pad), device)
-        out.append(token_stats(lm.forward_logits(model, batch), batch["labels"], moments=moments))
-    return out
+    return [_stats(model, [_encode(tokenizer, t, max_length) for t in texts[start:start + batch_size]], pad,
+                   moments=moments, max_tokens=max_logit_tokens) for start in range(0, len(texts), batch_size)]
 
 
 def mia_scores(model, tokenizer, texts: Sequence, attacks: Sequence[str] = DEFAULT_ATTACKS, *, reference_model=None,
                reference_tokenizer=None, k: float = DEFAULT_MIN_K, batch_size: int = 32,
-               max_length: int = 512) -> dict[str, list[float]]:
+               max_length: int = 512, max_logit_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> dict[str, list[float]]:
     """Per-text membership scores (higher = more likely member) for each requested attack."""
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
@@ -117,11 +114,11 @@ def mia_scores(model, tokenizer, texts: Sequence, attacks: Sequence[str] = DEFAU
     if not texts:
         return scores
     stats_list = text_token_stats(model, tokenizer, texts, batch_size, max_length,
-                                  moments="min_k_plus_plus" in attacks)
+                                  moments="min_k_plus_plus" in attacks, max_logit_tokens=max_logit_tokens)
     ref_list = None
     if "reference" in attacks:
         ref_list = text_token_stats(reference_model, reference_tokenizer or tokenizer, texts, batch_size, max_length,
-                                    moments=False)
+                                    moments=False, max_logit_tokens=max_logit_tokens)
     for c, stats in enumerate(stats_list):
         chunk = texts[c * batch_size:(c + 1) * batch_size]
         for a in attacks:

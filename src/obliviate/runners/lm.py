@@ -53,7 +53,7 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
     return evaluate_lm(model, tokenizer, qa_sets, texts.get("forget"), texts.get("holdout"),
                        verbmem_texts=texts.get("verbmem"), utility_set_names=utility, normalised_prob_sets=normalised,
                        reference_model=reference_model, batch_size=eval_config.batch_size,
-                       gradnorm=eval_config.gradnorm)
+                       gradnorm=eval_config.gradnorm, max_logit_tokens=eval_config.max_logit_tokens)
 
 
 def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute) -> dict:
@@ -112,6 +112,17 @@ def uses_user_data(config: RunConfig) -> bool:
     return bool(config.forget_file or config.retain_file or config.tofu_dir or config.muse_dir)
 
 
+def subject_of(config: RunConfig) -> str:
+    """What a run forgets, in its folder name: the world's split, TOFU's split, the MUSE corpus or the forget file."""
+    if config.tofu_dir:
+        return f"tofu-{config.split}"
+    if config.muse_dir:
+        return f"muse-{Path(config.muse_dir).name}"
+    if config.forget_file:
+        return Path(config.forget_file).stem
+    return config.split
+
+
 def prepare(config: RunConfig, log=print):
     """Model folder, forget/retain items, what to evaluate (qa_sets, texts, roles, label) and the world (or None)."""
     world = None
@@ -159,7 +170,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     started = datetime.now(timezone.utc)
     device = resolve_device(config.device)
     method = instantiate(lookup_method("lm", config.method), config.method_args)
-    out = run_folder(config, started)
+    out = run_folder(config, started, subject_of(config))
     checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
@@ -219,6 +230,10 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
     if stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
+    if evaluation is not None:  # the headline numbers, without opening the folder
+        from obliviate.bench.scorecard import print_scorecard
+        print_scorecard({config.method: metrics}, title=f"{config.method} on {label}" + (
+            "" if retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
     log(f"run folder: {out}")
     return out
 

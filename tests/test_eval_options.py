@@ -1,0 +1,74 @@
+"""`obliviate eval` on a user's instruct model: its chat template, TOFU's files, a retrain reference, and memory bounded
+by the logits budget (no forward pass holds more tokens than it, and the numbers do not change)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import one_line_error, tiny_items
+from obliviate.cli import app
+from test_benchmark_files import write_tofu
+
+
+def test_eval_scores_tofu_files_through_the_template_against_a_retrain_model(tmp_path, chat_lm_dir,
+                                                                             chat_retrain_dir):
+    tofu = write_tofu(tmp_path / "TOFU")
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(app, ["eval", str(chat_lm_dir), "--tofu-dir", str(tofu), "--retrain-model",
+                                 str(chat_retrain_dir), "--batch-size", "4", "--max-logit-tokens", "64",
+                                 "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["forget_set"] == "TOFU forget10" and result["prompt_format"]["kind"] == "chat"
+    agg = result["aggregate"]
+    assert 0 <= agg["forget_quality"] <= 1 and agg["model_utility"] is not None
+    assert result["config"]["max_logit_tokens"] == 64
+    # the model knows the forget items through its template: greedy answers are exact
+    assert [row["generated"] for row in result["per_item"]["forget"]] == [i.answer for i in tiny_items()[:2]]
+    # the retrain model's evaluation from the first call serves as --retrain-eval with the same forget quality
+    (tmp_path / "retrain.json").write_text(json.dumps({"per_item": {"forget": [
+        {"truth_ratio": row["truth_ratio"]} for row in result["per_item"]["forget"]]}}))
+    r = CliRunner().invoke(app, ["eval", str(chat_lm_dir), "--tofu-dir", str(tofu), "--retrain-eval",
+                                 str(tmp_path / "retrain.json"), "--out", str(tmp_path / "self.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "self.json").read_text())["aggregate"]["forget_quality"] == pytest.approx(1.0)
+
+
+def test_eval_options_are_checked_in_one_line(tmp_path, chat_lm_dir):
+    tofu = write_tofu(tmp_path / "TOFU")
+    base = ["eval", str(chat_lm_dir), "--tofu-dir", str(tofu), "--out", str(tmp_path / "e.json")]
+    one_line_error(CliRunner().invoke(app, base + ["--dtype", "float8"]), "dtype")
+    one_line_error(CliRunner().invoke(app, base + ["--template", "vicuna"]), "unknown template 'vicuna'")
+    one_line_error(CliRunner().invoke(app, base + ["--eval-set", str(tofu / "retain90.json")]),
+                   "retain90.json: state the set's role")
+    one_line_error(CliRunner().invoke(app, base + ["--max-logit-tokens", "1"]), "max_logit_tokens")
+
+
+def test_no_forward_pass_holds_more_logits_than_the_budget_and_the_numbers_do_not_change(chat_lm_dir):
+    from obliviate.evals.evaluate import evaluate_lm
+    from obliviate.models import causal_lm as lm
+
+    model, tok = lm.load(chat_lm_dir)
+    items = tiny_items()
+    widths = []
+
+    def record(_module, _args, output):  # tokens of logits each call holds (generation keeps the last position)
+        widths.append(output.logits.shape[0] * output.logits.shape[1])
+    handle = model.register_forward_hook(record)
+    try:
+        small = evaluate_lm(model, tok, {"forget": items[:3], "retain": items[3:]}, items[:3], items[3:],
+                            max_logit_tokens=96, batch_size=32)
+    finally:
+        handle.remove()
+    whole = evaluate_lm(model, tok, {"forget": items[:3], "retain": items[3:]}, items[:3], items[3:],
+                        max_logit_tokens=10**6, batch_size=32)
+    longest = max(len(lm.encode_qa(tok, i.question, p).input_ids) for i in items
+                  for p in (i.answer, i.paraphrased_answer, *i.perturbed_answers))
+    assert widths and max(widths) <= max(96, longest)
+    for name in ("forget", "retain"):
+        for a, b in zip(small["per_item"][name], whole["per_item"][name]):
+            for key in ("answer_nll", "truth_ratio", "min_k_plus_plus", "extraction_strength"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert small["aggregate"]["mia"] == pytest.approx(whole["aggregate"]["mia"])
