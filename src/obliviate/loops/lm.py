@@ -78,8 +78,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     (and only for those methods). `adapter` encodes and batches the items (default: the causal-LM adapter).
     `checkpoints` saves the loop's state every few steps and resumes from the last one.
     On return every parameter is trainable again (as it was given), so the result can be unlearned again."""
+    from obliviate import distributed
+
     if adapter is None:
         from obliviate.models import causal_lm as adapter
+    distributed.setup()
     train = train or TrainConfig()
     method = make_method(method) if isinstance(method, str) else method
     check_disjoint(forget, retain)
@@ -127,7 +130,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     if cut:
         warnings.warn(f"{len(cut)} forget/retain item(s) are longer than the model's context ({limit} tokens) and "
                       "were cut to fit it", stacklevel=2)
-    full_retain = adapter.to_device(adapter.collate(retain_enc, pad), device) if method.full_retain_batch else None
+    full_retain = (adapter.to_device(adapter.collate(distributed.shard(retain_enc), pad), device)
+                   if method.full_retain_batch else None)
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
     opt, sched = make_optimizer(params, train, steps)
     forget_lengths = [len(a.input_ids) for a, _ in forget_enc] if train.group_by_length else None
@@ -144,17 +148,17 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     guard = StateGuard(params, enabled=sum(p.numel() for p in params) <= 100_000_000)
 
     stopped, t0 = None, time.time()
-    with progress.bar(f"unlearn {method.name}", steps) as advance:
+    with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop():
         advance(start)
         for step in range(start, steps):
-            pairs = next(forget_iter)
+            pairs = distributed.shard(next(forget_iter))  # every process draws the global batch, takes its share
             f = adapter.collate([a for a, _ in pairs], pad)
             f["idk"] = adapter.collate([b for _, b in pairs], pad)
             f = adapter.to_device(f, device)
-            r = full_retain if full_retain is not None else adapter.to_device(adapter.collate(next(retain_iter), pad),
-                                                                                device)
+            r = full_retain if full_retain is not None else adapter.to_device(
+                adapter.collate(distributed.shard(next(retain_iter)), pad), device)
             parts = method.losses(model, reference, f, r)
-            logs = {"step": step, "loss": parts.total.item(), **parts.logs}
+            logs = {"step": step, "loss": parts.total.item(), **parts.logs}  # averaged over processes in the step
             stopped = gradient_step(method, parts, params, opt, sched, train, logs, step, guard)
             if stopped:
                 stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)

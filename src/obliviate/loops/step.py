@@ -96,18 +96,27 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
     method when it says how, e.g. the restricted gradient), an optional 0/1 mask per parameter (SalUn), clipping.
     Returns why the loop must stop (a non-finite loss, gradient or update), else None; the loop then calls
     `guard.restore`."""
+    from obliviate import distributed
+
     opt.zero_grad(set_to_none=True)
     if method.combine_gradients is not None and parts.retain is not None:
         g_f = torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True)
         g_r = torch.autograd.grad(parts.retain, params, allow_unused=True)
         g_f = [torch.zeros_like(p) if g is None else g for g, p in zip(g_f, params)]
         g_r = [torch.zeros_like(p) if g is None else g for g, p in zip(g_r, params)]
+        distributed.average(g_f)  # the surgery's dot products and norms are taken on the global gradients
+        distributed.average(g_r)
         combined, extra = method.combine_gradients(g_f, g_r)
         logs.update(extra)
         for p, g in zip(params, combined):
             p.grad = g
     else:
         parts.total.backward()
+        distributed.average([p.grad for p in params])
+    if distributed.active():  # every process logs, checks and stops on the global loss
+        loss = torch.tensor([logs["loss"]], dtype=torch.float64, device=params[0].device)
+        distributed.average([loss])
+        logs["loss"] = float(loss)
     if grad_mask is not None:
         for p, m in zip(params, grad_mask):
             if p.grad is not None and m is not None:

@@ -188,9 +188,11 @@ def answer_nll(model, batch: dict) -> torch.Tensor:
 
 
 def mean_nll(model, batch: dict) -> torch.Tensor:
-    """Mean NLL over all answer tokens of the batch (the usual LM loss, prompt and padding excluded)."""
+    """Mean NLL over all answer tokens of the batch (the usual LM loss, prompt and padding excluded); under data
+    parallel, over the global batch's tokens (each process's gradients are then averaged)."""
+    from obliviate.distributed import global_count
     total, count = sequence_logprob(model, batch)
-    return -total.sum() / count.sum().clamp(min=1)
+    return -total.sum() / global_count(count.sum()).clamp(min=1)
 
 
 @torch.no_grad()

@@ -166,15 +166,23 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.registry import lookup_method
     from obliviate.runners.lm_checks import check_lm
 
+    from obliviate import distributed
+
     check_lm(config)  # what can be checked in a moment fails before the claim, the world and the training
     started = datetime.now(timezone.utc)
-    device = resolve_device(config.device)
+    state = distributed.setup()  # several processes (torchrun / accelerate launch): data parallel
+    device = str(state.device) if state is not None else resolve_device(config.device)
     method = instantiate(lookup_method("lm", config.method), config.method_args)
     out = run_folder(config, started, subject_of(config))
+    if state is not None and config.train.checkpoint_every:
+        raise ObliviateError("train.checkpoint_every is not supported with several processes yet")
+    if not distributed.is_main():
+        return _train_on_a_worker(config, method, device, out)
     checkpoints = Checkpoints.for_run(config, resume)
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
         model_dir, forget, retain, (qa_sets, texts, roles, label), world = prepare(config, log)
+        distributed.barrier()  # the other processes read the world this one built
         base = base_record(model_dir)
         retrain_eval = None
         reference_for_mia = None
@@ -228,6 +236,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         from obliviate.bench.report import write_run_report
         write_run_report(tmp, metrics, result_history)
     checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
+    distributed.finish()
     if stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
     if evaluation is not None:  # the headline numbers, without opening the folder
@@ -235,6 +244,22 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         print_scorecard({config.method: metrics}, title=f"{config.method} on {label}" + (
             "" if retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
     log(f"run folder: {out}")
+    return out
+
+
+def _train_on_a_worker(config: RunConfig, method, device: str, out: Path) -> Path:
+    """A data-parallel process other than the first: the same unlearning on its share of each batch (the gradients
+    are averaged, so its model ends as the first's); the first process alone evaluates and writes the run folder."""
+    from obliviate import distributed
+    from obliviate.loops.lm import unlearn
+
+    distributed.barrier()  # the first process has built the world
+    model_dir, forget, retain, _, _ = prepare(config, log=lambda *_: None)
+    if not getattr(method, "from_world", False):
+        model, tokenizer = load_model(model_dir, config, device)
+        refusals = load_lines(config.idk_file) if config.idk_file else None
+        unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals)
+    distributed.finish()  # waits for the first process to write the run folder
     return out
 
 

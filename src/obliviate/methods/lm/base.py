@@ -52,8 +52,9 @@ def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean NLL over all answer tokens of the batch (as `causal_lm.mean_nll`, from logits already computed)."""
+    from obliviate.distributed import global_count
     total, count = answer_logprob(logits, labels)
-    return -total.sum() / count.sum().clamp(min=1)
+    return -total.sum() / global_count(count.sum()).clamp(min=1)
 
 
 @torch.no_grad()
@@ -72,7 +73,8 @@ def kl_on_answer_tokens(logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
     logp = torch.log_softmax(logits.float(), dim=-1)
     logq = torch.log_softmax(ref_logits.float(), dim=-1)
     kl = (logq.exp() * (logq - logp)).sum(-1)  # [B, T-1]
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    from obliviate.distributed import global_count
+    return (kl * mask).sum() / global_count(mask.sum()).clamp(min=1)
 
 
 def retain_nll_term(model, retain: dict, alpha: float, logs: dict):

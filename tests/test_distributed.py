@@ -1,0 +1,62 @@
+"""Data parallel unlearning: 2 processes (torchrun, gloo on CPU) give the same model as 1 process on the same global
+batch, for a token-mean loss (GradDiff), a sequence-mean loss (NPO) and the restricted gradient with its surgery on
+the global gradients (RGD); and `obliviate run` under torchrun writes one run folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+
+
+def _torchrun(*args, env=None):
+    return subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
+def test_two_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
+    from safetensors import safe_open
+
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    single = subprocess.run([sys.executable, str(HERE / "dp_worker.py"), str(tiny_lm_dir), str(one), method],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _torchrun(HERE / "dp_worker.py", tiny_lm_dir, two, method)
+    assert double.returncode == 0, double.stderr[-2000:]
+    with safe_open(str(one), "pt") as a, safe_open(str(two), "pt") as b:
+        losses_a = [float(x) for x in a.metadata()["losses"].split(",")]
+        losses_b = [float(x) for x in b.metadata()["losses"].split(",")]
+        assert losses_a == pytest.approx(losses_b, rel=1e-4, abs=1e-5)
+        assert set(a.keys()) == set(b.keys()) and a.keys()
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_obliviate_run_under_torchrun_writes_one_run_folder(tiny_lm_dir, tmp_path):
+    from conftest import tiny_items
+
+    items = tiny_items()
+    for name, part in (("forget", items[:2]), ("retain", items[2:])):
+        (tmp_path / f"{name}.json").write_text("".join(json.dumps({"question": i.question, "answer": i.answer})
+                                                       + "\n" for i in part))
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"method": "GradDiff", "model": str(tiny_lm_dir), "name": "dp",
+                               "output_dir": str(tmp_path / "runs"), "forget_file": str(tmp_path / "forget.json"),
+                               "retain_file": str(tmp_path / "retain.json"),
+                               "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3}, "eval": {"batch_size": 8}}))
+    result = _torchrun("-m", "obliviate.cli", "run", cfg, "--quiet", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["dp"]
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and "forget_accuracy" in metrics
