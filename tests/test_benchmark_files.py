@@ -218,3 +218,22 @@ def test_bad_reference_and_source_combinations_fail_in_one_line(tmp_path, chat_l
     one_line_error(validate(tofu_dir=str(tofu), eval_sets=[{"file": str(tofu / "retain90.json")}]),
                    "retain90.json: state the set's role")
     assert validate(tofu_dir=str(tofu)).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["tofu_npo", "tofu_graddiff_lora", "muse_news_npo"])
+def test_the_real_model_presets_validate_on_real_files(tmp_path, chat_lm_dir, chat_retrain_dir, name):
+    """configs/real/*.toml hold only valid keys: with the paths pointed at files in the published formats, `run`'s
+    checks pass."""
+    from obliviate.config import load_config
+    from obliviate.runners.lm_checks import check_lm
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "real" / f"{name}.toml"
+    retrain = tmp_path / "TOFU_EVAL.json"
+    retrain.write_text(json.dumps({"forget_truth_ratio": {"value_by_index": {"0": {"score": 0.5},
+                                                                             "1": {"score": 0.8}}}}))
+    paths = [f"model={chat_lm_dir}", f"output_dir={tmp_path / 'runs'}"]
+    if name.startswith("tofu"):
+        paths += [f"tofu_dir={write_tofu(tmp_path / 'TOFU')}", f"retrain_eval={retrain}"]
+    else:
+        paths += [f"muse_dir={write_muse(tmp_path / 'news')}", f"retrain_model={chat_retrain_dir}"]
+    check_lm(load_config(config, paths))

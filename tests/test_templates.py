@@ -235,3 +235,34 @@ def test_run_prints_the_headline_metrics_and_names_the_file(chat_lm_dir, tmp_pat
     assert r.exit_code == 0, r.output
     assert "NPO on people_to_forget.json" in r.output and "forget10" not in r.output
     assert "model utility" in r.output and "no retrain reference" in r.output
+
+
+@pytest.mark.parametrize("settings", [
+    {"train": {"mixed_precision": "bf16", "gradient_checkpointing": True}},
+    {"dtype": "bfloat16", "lora": {"r": 4}},
+])
+def test_bf16_and_gradient_checkpointing_run_through_the_template(chat_lm_dir, tmp_path, settings):
+    """Autocast with float32 master weights plus gradient checkpointing, and pure bf16 weights with LoRA: the run
+    completes, the changed tensors differ from the base, and the base folder is untouched."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from obliviate.config import build_config
+    from obliviate.runners import run
+
+    before = {p.name: p.read_bytes() for p in chat_lm_dir.iterdir() if p.suffix == ".safetensors"}
+    items = tiny_items()
+    train = {"lr": 1e-3, "max_steps": 2, "batch_size": 2, **settings.get("train", {})}
+    cfg = build_config({
+        "method": "GradDiff", "model": str(chat_lm_dir), "output_dir": str(tmp_path), "name": "r",
+        "forget_file": str(_write_jsonl(tmp_path / "forget.json", items[:1])),
+        "retain_file": str(_write_jsonl(tmp_path / "retain.json", items[1:])), "eval": {"batch_size": 8},
+        **{k: v for k, v in settings.items() if k != "train"}, "train": train})
+    folder = run(cfg, log=lambda *_: None)
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "completed"
+    base, _ = lm.load(chat_lm_dir)
+    state = base.state_dict()
+    changed = load_file(str(folder / "changed.safetensors"))
+    assert any(not torch.equal(t.float(), state[k].float()) for k, t in changed.items())
+    assert {p.name: p.read_bytes() for p in chat_lm_dir.iterdir() if p.suffix == ".safetensors"} == before

@@ -97,6 +97,10 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         reference.eval().requires_grad_(False)
     if not method.needs_reference:
         reference = None  # never hand a reference to a method that did not ask for one
+    if train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ObliviateError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
         model = _apply_lora(model, lora)
     method.setup(model, reference)
@@ -147,6 +151,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     # copies for the NaN guard only when they are cheap
     guard = StateGuard(params, enabled=sum(p.numel() for p in params) <= 100_000_000)
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
     stopped, t0 = None, time.time()
     with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop():
         advance(start)
@@ -157,7 +162,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             f = adapter.to_device(f, device)
             r = full_retain if full_retain is not None else adapter.to_device(
                 adapter.collate(distributed.shard(next(retain_iter)), pad), device)
-            parts = method.losses(model, reference, f, r)
+            with autocast:
+                parts = method.losses(model, reference, f, r)
             logs = {"step": step, "loss": parts.total.item(), **parts.logs}  # averaged over processes in the step
             stopped = gradient_step(method, parts, params, opt, sched, train, logs, step, guard)
             if stopped:
@@ -169,6 +175,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         if not stopped and history:  # the last update has no later loss to prove it: probe it
             stopped = guard.check_final(lambda: method.losses(model, reference, f, r).total)
     model.eval()
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     names = [n for n, _ in named]
     if lora is not None:
         model = model.merge_and_unload()
