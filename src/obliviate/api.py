@@ -19,7 +19,8 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     from obliviate.config import build_config
     from obliviate.evals.evaluate import compare_to_retrain
     from obliviate.runners.lm import (evaluation_of, format_record, load_model, prepare, retrain_evaluation,
-                                      user_retrain_evaluation, uses_user_data)
+                                      user_retrain_evaluation)
+    from obliviate.runners.lm_data import uses_user_data
     from obliviate.runners.lm_checks import check_lm
     from obliviate.runs import resolve_device
 

@@ -9,9 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from obliviate.config import EvalConfig, RunConfig
-from obliviate.data import load_lines, load_qa_jsonl
+from obliviate.data import load_lines
 from obliviate.errors import NonFiniteLoss, ObliviateError
 from obliviate.models import causal_lm as lm
+from obliviate.runners.lm_data import subject_of, user_data, uses_user_data
 from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder, write_json, write_run_record
 
 
@@ -81,46 +82,6 @@ def original_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, tex
         model, tok = lm.load(world.full_model_dir, device=device_)
         return evaluation_of(model, tok, qa_sets, texts, eval_config, reference)
     return _world_evaluation(world, "original", split, eval_config, compute)
-
-
-def user_data(config: RunConfig):
-    """(forget, retain, EvalData) from the user's files: TOFU's release, a MUSE folder, or forget/retain files, plus
-    the config's eval_sets with their stated roles."""
-    from obliviate.benchmark_files import EvalData, load_eval_set, load_muse, load_tofu
-
-    if config.tofu_dir:
-        bench = load_tofu(config.tofu_dir, config.split)
-        forget, retain, data = bench.forget, bench.retain, bench.evaluation
-    elif config.muse_dir:
-        bench = load_muse(config.muse_dir)
-        forget, retain, data = bench.forget, bench.retain, bench.evaluation
-    else:
-        forget, retain = load_qa_jsonl(config.forget_file, "forget"), load_qa_jsonl(config.retain_file, "retain")
-        data = EvalData({"forget": forget, "retain": retain}, {"forget": "forget", "retain": "retain"},
-                        label=Path(config.forget_file).name)
-    for extra in config.eval_sets:
-        name, role, items = load_eval_set(extra.file, extra.role, extra.name)
-        if role == "holdout":  # never-trained items: the non-members of membership inference, the forget set's the members
-            data.holdout_texts, data.member_texts = items, data.member_texts or data.qa_sets["forget"]
-            continue
-        name = role if role in ("forget", "retain") else name  # a stated forget/retain set is the one scored as such
-        data.qa_sets[name], data.roles[name] = items, role
-    return forget, retain, data
-
-
-def uses_user_data(config: RunConfig) -> bool:
-    return bool(config.forget_file or config.retain_file or config.tofu_dir or config.muse_dir)
-
-
-def subject_of(config: RunConfig) -> str:
-    """What a run forgets, in its folder name: the world's split, TOFU's split, the MUSE corpus or the forget file."""
-    if config.tofu_dir:
-        return f"tofu-{config.split}"
-    if config.muse_dir:
-        return f"muse-{Path(config.muse_dir).name}"
-    if config.forget_file:
-        return Path(config.forget_file).stem
-    return config.split
 
 
 def prepare(config: RunConfig, log=print):

@@ -26,7 +26,7 @@ def check_lm(config: RunConfig) -> None:
     from obliviate.registry import lookup_method
 
     method = instantiate(lookup_method("lm", config.method), config.method_args)
-    from obliviate.runners.lm import user_data, uses_user_data
+    from obliviate.runners.lm_data import user_data, uses_user_data
 
     sources = [k for k in ("forget_file", "tofu_dir", "muse_dir") if getattr(config, k)]
     if len(sources) > 1:
