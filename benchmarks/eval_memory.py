@@ -2,7 +2,9 @@
 with the logits of a whole batch held at once (max_logit_tokens large: what evaluation did before the budget) and with
 the default budget (8192 tokens of logits per forward pass).
 
-Usage: python benchmarks/eval_memory.py [--before DIR]
+Usage: python benchmarks/eval_memory.py [--before DIR] [--train]
+  --train: instead, one GradDiff step (forward and backward on 32 forget and 32 retain items) with the training
+  budget off (the whole batch's logits) and at train.max_logit_tokens 1024.
   --before DIR: also run the code of another checkout (e.g. `git worktree add /tmp/before 245dc9b` for the code
   before the budget existed), with its own defaults.
 Each setting runs in its own process: a 2-layer Llama (hidden 64; its embedding and head are most of its 16.5M
@@ -38,9 +40,21 @@ model = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=64, intermed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.time()
 import inspect
-budget = {"max_logit_tokens": int(sys.argv[1])} if "max_logit_tokens" in inspect.signature(
-    M.likelihood_metrics).parameters else {}
-rows = M.likelihood_metrics(model, tok, items, batch_size=32, **budget)
+if sys.argv[2] == "train":
+    from obliviate.loops.lm import make_method
+    from obliviate.models import causal_lm as lm
+    enc = [lm.encode_qa(tok, i.question, a) for i in items for a in (i.answer, i.paraphrased_answer)]
+    forget, retain = lm.collate(enc[::2], tok.pad_token_id), lm.collate(enc[1::2], tok.pad_token_id)
+    method = make_method("GradDiff")
+    method.setup(model, None)
+    with lm.logit_budget(int(sys.argv[1]) or None):
+        parts = method.losses(model, None, forget, retain)
+        parts.total.backward()
+    rows = [{"truth_ratio": float(parts.total)}]
+else:
+    budget = {"max_logit_tokens": int(sys.argv[1])} if "max_logit_tokens" in inspect.signature(
+        M.likelihood_metrics).parameters else {}
+    rows = M.likelihood_metrics(model, tok, items, batch_size=32, **budget)
 seconds = time.time() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"max_logit_tokens": int(sys.argv[1]), "rss_after_load_mib": round(before / 1024),
@@ -50,18 +64,21 @@ print(json.dumps({"max_logit_tokens": int(sys.argv[1]), "rss_after_load_mib": ro
 
 import os
 
+mode = "train" if "--train" in sys.argv else "eval"
 runs = [("whole batch", None, 10**9), ("4096 (default)", None, 4096), ("1024", None, 1024)]
+if mode == "train":
+    runs = [("no budget (the whole batch)", None, 0), ("train.max_logit_tokens 1024", None, 1024)]
 if "--before" in sys.argv:
     runs.insert(0, ("code before the budget", sys.argv[sys.argv.index("--before") + 1], 0))
 results = []
 for label, src, budget in runs:
     env = dict(os.environ, PYTHONPATH=os.path.join(src, "src")) if src else None
-    out = subprocess.run([sys.executable, "-c", CHILD, str(budget)], capture_output=True, text=True, check=True,
-                         env=env)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(budget), mode], capture_output=True, text=True,
+                         check=True, env=env)
     results.append({"label": label, **json.loads(out.stdout.strip().splitlines()[-1])})
 same = all(max(abs(a - b) for a, b in zip(results[0]["truth_ratios"], r["truth_ratios"])) < 1e-4 for r in results)
 print("| max_logit_tokens | after loading MiB | peak MiB | increase MiB | seconds |")
 print("|---|---|---|---|---|")
 for r in results:
     print(f"| {r['label']} | {r['rss_after_load_mib']} | {r['peak_rss_mib']} | {r['increase_mib']} | {r['seconds']} |")
-print(f"per-item truth ratios equal across settings (to 1e-4): {same}")
+print(f"{'per-item truth ratios' if mode == 'eval' else 'the losses'} equal across settings (to 1e-4): {same}")

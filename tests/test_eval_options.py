@@ -72,3 +72,50 @@ def test_no_forward_pass_holds_more_logits_than_the_budget_and_the_numbers_do_no
             for key in ("answer_nll", "truth_ratio", "min_k_plus_plus", "extraction_strength"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert small["aggregate"]["mia"] == pytest.approx(whole["aggregate"]["mia"])
+
+
+@pytest.mark.parametrize("method", ["GradDiff", "NPO", "SimNPO", "IdkPO"])
+def test_a_training_logit_budget_gives_the_same_losses_and_gradients(chat_lm_dir, method):
+    """Under train.max_logit_tokens the output head runs a few sequences at a time (each slice recomputed in the
+    backward pass): the loss and every gradient are those of the whole batch at once."""
+    import copy
+
+    import torch
+
+    from obliviate.loops.lm import make_method
+    from obliviate.models import causal_lm as lm
+
+    model, tok = lm.load(chat_lm_dir)
+    items = tiny_items()
+    forget = lm.collate([lm.encode_qa(tok, i.question, i.answer) for i in items[:4]], tok.pad_token_id)
+    forget["idk"] = lm.collate([lm.encode_qa(tok, i.question, "I don't know.") for i in items[:4]], tok.pad_token_id)
+    retain = lm.collate([lm.encode_qa(tok, i.question, i.answer) for i in items[4:]], tok.pad_token_id)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    m = make_method(method)
+    m.setup(model, reference)
+    results = []
+    for budget in (None, forget["input_ids"].shape[1]):  # whole batch; one sequence per slice
+        model.zero_grad()
+        with lm.logit_budget(budget):
+            loss = m.losses(model, reference, forget, retain).total
+        loss.backward()
+        results.append((float(loss), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_training_budget_bounds_the_logits_each_pass_holds(chat_lm_dir):
+    from obliviate.models import causal_lm as lm
+
+    model, tok = lm.load(chat_lm_dir)
+    batch = lm.collate([lm.encode_qa(tok, i.question, i.answer) for i in tiny_items()], tok.pad_token_id)
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: shapes.append(out.shape))
+    try:
+        with lm.logit_budget(2 * batch["input_ids"].shape[1]):
+            lm.mean_nll(model, batch).backward()
+    finally:
+        handle.remove()
+    assert shapes and all(s[0] * s[1] <= 2 * batch["input_ids"].shape[1] for s in shapes)
+    assert len(shapes) == 6  # 3 slices, each made again in the backward pass

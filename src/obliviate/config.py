@@ -70,6 +70,10 @@ class TrainConfig(_Strict):
     # in the backward pass (transformers' gradient_checkpointing_enable): less memory, about a third more time.
     mixed_precision: Literal["no", "bf16"] = "no"  # (no fp16: it would need loss scaling)
     gradient_checkpointing: bool = False
+    # language models: tokens of logits a forward pass of the loop may hold; a bigger batch runs the output head a
+    # slice at a time under activation checkpointing (the likelihood-based methods; KL-based terms still hold the
+    # batch's logits). None: the whole batch at once
+    max_logit_tokens: int | None = Field(None, ge=16)
 
 
 class LoraConfig(_Strict):

@@ -8,6 +8,7 @@ of the collated batch but the labels, so an adapter whose collate adds inputs (a
 recipes for vision models."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -153,7 +154,9 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
     stopped, t0 = None, time.time()
-    with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop():
+    budget = getattr(adapter, "logit_budget", None)
+    budget = budget(train.max_logit_tokens) if budget is not None else contextlib.nullcontext()
+    with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop(), budget:
         advance(start)
         for step in range(start, steps):
             pairs = distributed.shard(next(forget_iter))  # every process draws the global batch, takes its share

@@ -2,6 +2,7 @@
 question-answer pairs so that only answer tokens are scored, batched token log-probs, batched greedy generation."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,10 +176,55 @@ def forward_logits(model, batch: dict) -> torch.Tensor:
     return model(**model_inputs(batch)).logits
 
 
+_logit_budget: int | None = None  # tokens of logits a training forward pass may hold (train.max_logit_tokens)
+
+
+@contextmanager
+def logit_budget(max_tokens: int | None):
+    """Within it, `sequence_logprob` holds the logits of at most `max_tokens` tokens at a time (the unlearning loop
+    sets it from train.max_logit_tokens)."""
+    global _logit_budget
+    previous, _logit_budget = _logit_budget, max_tokens
+    try:
+        yield
+    finally:
+        _logit_budget = previous
+
+
+def _head_splits(model, batch: dict) -> bool:
+    """Whether the logits can be made from the decoder's hidden states a slice at a time: a plain linear head (no
+    final soft-capping or logit scale after it) and only token inputs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return False
+    return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+            and set(model_inputs(batch)) <= {"input_ids", "attention_mask"})
+
+
 def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of answer-token log-probs per sequence, and the number of answer tokens."""
-    lp, mask = token_logprobs(forward_logits(model, batch), batch["labels"])
-    return lp.sum(-1), mask.sum(-1)
+    """Sum of answer-token log-probs per sequence, and the number of answer tokens.
+
+    Under a logit budget (`logit_budget`) a batch with more tokens than the budget runs the decoder once and the
+    output head on a few sequences at a time, each slice under activation checkpointing: its logits are made again
+    in the backward pass instead of being kept, so training holds one slice's logits, not the batch's."""
+    budget = _logit_budget
+    n, width = batch["input_ids"].shape
+    if budget is None or n * width <= budget or not _head_splits(model, batch):
+        lp, mask = token_logprobs(forward_logits(model, batch), batch["labels"])
+        return lp.sum(-1), mask.sum(-1)
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state
+    head = model.get_output_embeddings()
+
+    def slice_logprob(h, labels):
+        return token_logprobs(head(h), labels)[0].sum(-1)
+
+    step = max(1, budget // width)
+    labels = batch["labels"]
+    sums = [checkpoint(slice_logprob, hidden[i:i + step], labels[i:i + step], use_reentrant=False)
+            for i in range(0, n, step)]
+    return torch.cat(sums), (labels[:, 1:] != IGNORE).sum(-1)
 
 
 def answer_nll(model, batch: dict) -> torch.Tensor:

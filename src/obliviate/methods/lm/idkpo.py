@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.lm.base import LossParts, Method, answer_logprob, check_number, reference_logits, retain_nll_term
-from obliviate.models.causal_lm import forward_logits
+from obliviate.methods.lm.base import LossParts, Method, check_number, retain_nll_term
+from obliviate.models.causal_lm import sequence_logprob
 
 
 @dataclass
@@ -42,11 +43,11 @@ class IdkPO(Method):
         idk = forget.get("idk")
         if idk is None:
             raise ObliviateError("IdkPO needs forget['idk']: the forget questions with a refusal as the answer")
-        logits_f = forward_logits(model, forget)
-        lose, count = answer_logprob(logits_f, forget["labels"])
-        win, _ = answer_logprob(forward_logits(model, idk), idk["labels"])
-        lose_ref, _ = answer_logprob(reference_logits(reference, forget), forget["labels"])
-        win_ref, _ = answer_logprob(reference_logits(reference, idk), idk["labels"])
+        lose, count = sequence_logprob(model, forget)
+        win, _ = sequence_logprob(model, idk)
+        with torch.no_grad():
+            lose_ref, _ = sequence_logprob(reference, forget)
+            win_ref, _ = sequence_logprob(reference, idk)
         margin = (win - win_ref) - (lose - lose_ref)
         loss_f = -F.logsigmoid(c.beta * margin).mean()
         logs = {"forget_nll": float(-lose.detach().sum() / count.sum().clamp(min=1)),

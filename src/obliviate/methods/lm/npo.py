@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
-from obliviate.methods.lm.base import (LossParts, Method, answer_logprob, check_choice, check_number, reference_logits,
-                                    retain_kl_term, retain_nll_term)
-from obliviate.models.causal_lm import forward_logits
+from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, retain_kl_term, retain_nll_term
+from obliviate.models.causal_lm import sequence_logprob
 
 RETAIN_CHOICES = ("none", "gd", "kl")
 
@@ -56,9 +56,9 @@ class NPO(Method):
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         c = self.config
-        logits_f = forward_logits(model, forget)
-        logp, count = answer_logprob(logits_f, forget["labels"])
-        logp_ref, _ = answer_logprob(reference_logits(reference, forget), forget["labels"])
+        logp, count = sequence_logprob(model, forget)
+        with torch.no_grad():
+            logp_ref, _ = sequence_logprob(reference, forget)
         loss_f = npo_forget_loss(logp, logp_ref, c.beta)
         logs = {"forget_nll": float((-logp.detach().sum() / count.sum().clamp(min=1))),
                 "forget_log_ratio": float((logp - logp_ref).detach().mean())}

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from obliviate.methods.lm.base import LossParts, Method, answer_logprob, check_number, retain_nll_term
-from obliviate.models.causal_lm import forward_logits
+from obliviate.methods.lm.base import LossParts, Method, check_number, retain_nll_term
+from obliviate.models.causal_lm import sequence_logprob
 
 
 @dataclass
@@ -39,8 +39,7 @@ class SimNPO(Method):
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         c = self.config
-        logits_f = forward_logits(model, forget)
-        logp, count = answer_logprob(logits_f, forget["labels"])
+        logp, count = sequence_logprob(model, forget)
         norm_logp = logp / count.clamp(min=1)  # = -(per-sequence mean answer NLL)
         loss_f = -(2.0 / c.beta) * F.logsigmoid(-c.beta * norm_logp - c.delta).mean()
         logs = {"forget_nll": float(-logp.detach().sum() / count.sum().clamp(min=1))}
