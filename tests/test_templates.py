@@ -266,3 +266,52 @@ def test_bf16_and_gradient_checkpointing_run_through_the_template(chat_lm_dir, t
     changed = load_file(str(folder / "changed.safetensors"))
     assert any(not torch.equal(t.float(), state[k].float()) for k, t in changed.items())
     assert {p.name: p.read_bytes() for p in chat_lm_dir.iterdir() if p.suffix == ".safetensors"} == before
+
+
+def test_a_named_template_is_exported_as_the_chat_template(tiny_lm_dir, tmp_path):
+    """A run on a model without a chat template, asked in llama3-style custom tags, exports a tokenizer whose chat
+    template renders exactly the tokens the run used (so the exported model is asked as it was unlearned)."""
+    import json
+
+    from obliviate.api import export_run
+    from obliviate.config import build_config
+    from obliviate.runners import run
+
+    items = tiny_items()
+    tags = {"user_start": "User: ", "user_end": "\n", "assistant_start": "Bot:", "assistant_end": ""}
+    cfg = build_config({
+        "method": "GradDiff", "model": str(tiny_lm_dir), "output_dir": str(tmp_path), "name": "r",
+        "template": {"name": "custom", "system_prompt": "Be brief.", **tags},
+        "forget_file": str(_write_jsonl(tmp_path / "forget.json", items[:1])),
+        "retain_file": str(_write_jsonl(tmp_path / "retain.json", items[1:])),
+        "train": {"lr": 1e-3, "max_steps": 1, "batch_size": 2}, "evaluate": False})
+    folder = run(cfg, log=lambda *_: None)
+    assert json.loads((folder / "metrics.json").read_text())["prompt_format"]["kind"] == "tags"
+    _, base_tok = lm.load(tiny_lm_dir)
+    pf.use(base_tok, pf.resolve(base_tok, "custom", "Be brief.", tags))
+    export_run(folder, tmp_path / "exported")
+    _, tok = lm.load(tmp_path / "exported")
+    assert pf.of(tok).kind == "chat"
+    pf.use(tok, pf.resolve(tok, "chat", system_prompt="Be brief."))
+    for item in items[:2]:
+        assert lm.encode_qa(tok, item.question, item.answer).input_ids == \
+            lm.encode_qa(base_tok, item.question, item.answer).input_ids
+
+
+def test_validate_checks_the_template_against_the_models_tokenizer(tiny_lm_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import one_line_error
+    from obliviate.cli import app
+
+    items = tiny_items()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"method": "NPO", "model": str(tiny_lm_dir), "template": {"name": "chat"},
+                               "forget_file": str(_write_jsonl(tmp_path / "f.json", items[:1])),
+                               "retain_file": str(_write_jsonl(tmp_path / "r.json", items[1:]))}))
+    one_line_error(CliRunner().invoke(app, ["validate", str(cfg)]), "has no chat template")
+    r = CliRunner().invoke(app, ["run", str(cfg), f"output_dir={tmp_path / 'runs'}"])
+    one_line_error(r, "has no chat template")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing claimed

@@ -20,7 +20,7 @@ IGNORE = -100
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """Load (model, tokenizer) from a transformers folder; the folder on disk is never written to."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from obliviate.data import read_json_file
 
@@ -33,6 +33,20 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
     # parsed here first: transformers' own error for a broken config.json gives no line
     if not isinstance(read_json_file(path / "config.json", "model config"), dict):
         raise ObliviateError(f"{path / 'config.json'}: must be a JSON object")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=None)
+    except weights_load_errors() as e:
+        raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
+    return model.to(device), tokenizer
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """A model folder's tokenizer; a torn or missing one is one ObliviateError naming the folder and its files."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # the `tokenizers` library raises a bare Exception on a torn tokenizer.json
@@ -40,13 +54,8 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
             raise
         files = ", ".join(sorted(p.name for p in path.glob("*token*"))) or "no tokenizer files"
         raise ObliviateError(f"cannot load the tokenizer from {path} ({files}): {str(e).splitlines()[0]}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=None)
-    except weights_load_errors() as e:
-        raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
     prepare_tokenizer(tokenizer)
-    return model.to(device), tokenizer
+    return tokenizer
 
 
 def prepare_tokenizer(tokenizer) -> None:

@@ -167,3 +167,24 @@ def example(tokenizer, fmt: PromptFormat) -> str:
     """One rendered question and answer, as the run records it (so a reader sees the exact format)."""
     p, a, e = encode_pair(tokenizer, fmt, "{question}", "{answer}")
     return tokenizer.decode(p + a + e)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def as_chat_template(tokenizer, fmt: PromptFormat) -> str | None:
+    """A Jinja chat template that renders a tags format exactly as `encode_pair` tokenises it (BOS where the tokenizer
+    adds it), so an exported model asks in the run's format through `apply_chat_template`; None for the other kinds
+    (a chat format is the tokenizer's own template already; the raw format is not a chat)."""
+    if fmt.kind != "tags":
+        return None
+    t = {k: _literal(v) for k, v in dict(fmt.tags).items()}
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    bos = "{{ bos_token }}" if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else ""
+    return (bos + "{% for m in messages %}"
+            f"{{% if m['role'] == 'system' %}}{{{{ {t['system_start']} + m['content'] + {t['system_end']} }}}}"
+            f"{{% elif m['role'] == 'user' %}}{{{{ {t['user_start']} + m['content'] + {t['user_end']} }}}}"
+            f"{{% elif m['role'] == 'assistant' %}}{{{{ {t['assistant_start']} + m['content'] + "
+            f"{t['assistant_end']} }}}}{{% endif %}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{{{{ {t['assistant_start']} }}}}{{% endif %}}")

@@ -225,11 +225,23 @@ def _train_on_a_worker(config: RunConfig, method, device: str, out: Path) -> Pat
 
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
-    """A full transformers folder: the base model with the run's changed tensors applied (the base is only read)."""
+    """A full transformers folder: the base model with the run's changed tensors applied (the base is only read).
+    A run that asked in a named or custom template exports it as the tokenizer's chat template, so the exported model
+    is asked the way it was unlearned."""
+    from obliviate.models import prompt_format
     from obliviate.runs import apply_changed
 
     model, tokenizer = lm.load(base)
     apply_changed(model, changed_path)
+    config_path = Path(changed_path).parent / "config.json"
+    if config_path.is_file():
+        from obliviate.api import read_run_config
+
+        t = read_run_config(Path(changed_path).parent).template
+        template = prompt_format.as_chat_template(
+            tokenizer, prompt_format.resolve(tokenizer, t.name, t.system_prompt, t.tags()))
+        if template is not None:
+            tokenizer.chat_template = template
     with claim_run_dir(out) as folder:
         model.save_pretrained(folder.tmp)
         tokenizer.save_pretrained(folder.tmp)

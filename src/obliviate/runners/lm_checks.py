@@ -59,6 +59,12 @@ def check_lm(config: RunConfig) -> None:
         read_retrain_eval(config.retrain_eval)
     if config.model:
         check_model_folder(config.model)
+        from obliviate.models import causal_lm, prompt_format
+
+        # the template must serve this tokenizer (a "chat" template it lacks, a template that breaks the prefix)
+        t = config.template
+        prompt_format.resolve(causal_lm.load_tokenizer(config.model, config.trust_remote_code), t.name,
+                              t.system_prompt, t.tags())
     if config.idk_file:
         load_lines(config.idk_file)
     check_run_folder(config)
