@@ -42,21 +42,39 @@ def test_two_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method)
 
 
 @pytest.mark.slow
-def test_obliviate_run_under_torchrun_writes_one_run_folder(tiny_lm_dir, tmp_path):
-    from conftest import tiny_items
+def test_obliviate_run_under_torchrun_writes_one_run_folder_with_the_same_evaluation(tiny_lm_dir, tmp_path):
+    """Two processes train and evaluate (each its share of every set, gathered): the one run folder they write holds
+    the evaluation one process writes for the same config."""
+    from conftest import tiny_items, tiny_texts
 
     items = tiny_items()
     for name, part in (("forget", items[:2]), ("retain", items[2:])):
-        (tmp_path / f"{name}.json").write_text("".join(json.dumps({"question": i.question, "answer": i.answer})
-                                                       + "\n" for i in part))
+        (tmp_path / f"{name}.json").write_text("".join(json.dumps({
+            "question": i.question, "answer": i.answer, "paraphrased_answer": i.paraphrased_answer,
+            "perturbed_answer": list(i.perturbed_answers)}) + "\n" for i in part))
+    (tmp_path / "holdout.json").write_text("".join(json.dumps({"question": f"Who is {t.subject}?", "answer": t.text})
+                                                   + "\n" for t in tiny_texts()[:3]))
     cfg = tmp_path / "run.json"
-    cfg.write_text(json.dumps({"method": "GradDiff", "model": str(tiny_lm_dir), "name": "dp",
-                               "output_dir": str(tmp_path / "runs"), "forget_file": str(tmp_path / "forget.json"),
+    cfg.write_text(json.dumps({"method": "GradDiff", "model": str(tiny_lm_dir), "output_dir": str(tmp_path / "runs"),
+                               "forget_file": str(tmp_path / "forget.json"),
                                "retain_file": str(tmp_path / "retain.json"),
-                               "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3}, "eval": {"batch_size": 8}}))
-    result = _torchrun("-m", "obliviate.cli", "run", cfg, "--quiet", env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               "eval_sets": [{"file": str(tmp_path / "holdout.json"), "role": "holdout"}],
+                               "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3}, "eval": {"batch_size": 2}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = _torchrun("-m", "obliviate.cli", "run", cfg, "name=dp", "--quiet", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    runs = list((tmp_path / "runs").iterdir())
-    assert [r.name for r in runs] == ["dp"]
-    metrics = json.loads((runs[0] / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and "forget_accuracy" in metrics
+    single = subprocess.run([sys.executable, "-m", "obliviate.cli", "run", str(cfg), "name=one", "--quiet"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert sorted(r.name for r in (tmp_path / "runs").iterdir()) == ["dp", "one"]
+    dp, one = (json.loads((tmp_path / "runs" / n / "metrics.json").read_text()) for n in ("dp", "one"))
+    assert dp["status"] == "completed" and (dp["eval_processes"], one["eval_processes"]) == (2, 1)
+    for key in ("forget_accuracy", "retain_accuracy", "knowmem_forget", "forget_truth_ratio_score", "model_utility"):
+        assert dp[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    assert dp["mia"] == pytest.approx(one["mia"], abs=1e-6)
+    rows = [json.loads((tmp_path / "runs" / n / "per_item.json").read_text()) for n in ("dp", "one")]
+    for name in ("forget", "retain"):
+        assert [r["question"] for r in rows[0][name]] == [r["question"] for r in rows[1][name]]  # the same order
+        assert [r["generated"] for r in rows[0][name]] == [r["generated"] for r in rows[1][name]]
+        assert [r["answer_nll"] for r in rows[0][name]] == pytest.approx([r["answer_nll"] for r in rows[1][name]],
+                                                                         rel=1e-4)

@@ -7,8 +7,9 @@ The gradients are averaged explicitly (not by DDP's backward hooks) because the 
 and the retain gradient apart: each is averaged over every process first, then the dot products and norms of the
 surgery are taken on the global gradients, so RG/RGD give the same update as one process with the whole batch.
 Losses that are means over tokens divide by the global token count (`global_count`), losses that are means over
-sequences are exact when each process gets as many sequences (`shard` deals them round-robin). Not done: sharded
-parameters (FSDP, ZeRO-3)."""
+sequences are exact when each process gets as many sequences (`shard` deals them round-robin). Evaluation shards the
+same way (`evaluate_lm(..., sharded=True)`) and gathers the per-item values. Not done: sharded parameters (FSDP,
+ZeRO-3)."""
 from __future__ import annotations
 
 import contextlib

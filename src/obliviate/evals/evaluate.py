@@ -13,6 +13,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
+from obliviate import distributed
 from obliviate import progress as progress_bars
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
@@ -43,7 +44,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 reference_model=None, reference_tokenizer=None, mia_attacks: Sequence[str] | None = None,
                 gradnorm: bool = False, min_k: float = M.DEFAULT_MIN_K, batch_size: int = 32,
                 max_new_tokens: int = 48, verbmem_max_new_tokens: int = 128, max_length: int = 512,
-                max_logit_tokens: int = M.DEFAULT_MAX_LOGIT_TOKENS,
+                max_logit_tokens: int = M.DEFAULT_MAX_LOGIT_TOKENS, sharded: bool = False,
                 progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Evaluate `model` on question-answer sets and (optionally) forget / holdout texts. Returns a JSON-serialisable dict:
 
@@ -62,7 +63,11 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     scored on their answers); verbmem_texts: texts whose prefix is continued for VerbMem (default: forget_texts).
     max_logit_tokens: no forward pass holds logits for more tokens than this (memory: about max_logit_tokens x
     vocabulary x 4 bytes at the peak, whatever the batch size). A progress bar counts the stages;
-    progress: also called as progress(stage, done, total) after each stage."""
+    progress: also called as progress(stage, done, total) after each stage.
+    sharded: under data parallel (obliviate.distributed), every process calls this together and scores its share of
+    every set and text list; the per-item values are gathered, so each process returns the whole evaluation."""
+    share = (lambda xs: list(xs)[distributed.rank()::distributed.world_size()]) if sharded and \
+        distributed.active() else list
     if verbmem_texts is None:  # question-answer members have no text to continue
         verbmem_texts = [t for t in forget_texts or () if isinstance(t, TextItem)]
     unknown = [n for n in (utility_set_names or ()) if n not in qa_sets]
@@ -102,7 +107,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     try:
         with M.count_forward_passes(model) as total, progress_bars.bar("evaluate", len(stages)) as advance:
             for name, items in qa_sets.items():
-                items = list(items)
+                items = share(items)
                 with M.count_forward_passes(model) as c:
                     lik = M.likelihood_metrics(model, tokenizer, items, batch_size, k=min_k, max_length=max_length,
                                                max_logit_tokens=max_logit_tokens)
@@ -114,7 +119,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 per_item[name] = [{"question": it.question, "answer": it.answer, "generated": g, **l, **m}
                                   for it, g, l, m in zip(items, gen, lik, gm)]
 
-            forget_items = list(qa_sets.get(forget_set_name, ()))
+            forget_items = share(qa_sets.get(forget_set_name, ()))
             para = [(i, it) for i, it in enumerate(forget_items) if it.paraphrased_question]
             if para:
                 with M.count_forward_passes(model) as c:
@@ -128,11 +133,17 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                                exact_answer_paraphrased=M.exact_answer(g, it.answer))
 
             if run_mia:
+                mia_args = dict(reference_model=reference_model, reference_tokenizer=reference_tokenizer, k=min_k,
+                                batch_size=batch_size, max_length=max_length, max_logit_tokens=max_logit_tokens)
                 with M.count_forward_passes(model) as c:
-                    res = MIA.mia_aucs(model, tokenizer, list(forget_texts), list(holdout_texts), attacks,
-                                       reference_model=reference_model, reference_tokenizer=reference_tokenizer,
-                                       k=min_k, batch_size=batch_size, max_length=max_length,
-                                       max_logit_tokens=max_logit_tokens)
+                    if share is list:
+                        res = MIA.mia_aucs(model, tokenizer, list(forget_texts), list(holdout_texts), attacks,
+                                           **mia_args)
+                    else:  # each process scores its share; the AUCs are taken on every score, gathered
+                        members = _gathered(MIA.mia_scores(model, tokenizer, share(forget_texts), attacks, **mia_args))
+                        others = _gathered(MIA.mia_scores(model, tokenizer, share(holdout_texts), attacks, **mia_args))
+                        res = {"auc": {a: MIA.mia_auc(members[a], others[a]) for a in attacks}, "members": members,
+                               "nonmembers": others}
                 stage("mia", c)
                 aggregate["mia"] = res["auc"]
                 if "min_k" in res["auc"]:
@@ -142,10 +153,15 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
 
             if verbmem_texts:
                 with M.count_forward_passes(model) as c:
-                    vm = MUSE.verbmem(model, tokenizer, list(verbmem_texts), verbmem_max_new_tokens, batch_size)
+                    vm = MUSE.verbmem(model, tokenizer, share(verbmem_texts), verbmem_max_new_tokens, batch_size)
+                    if share is not list:
+                        vm["per_item"] = _interleaved(vm["per_item"])
+                        vm["value"] = float(np.mean([r["rouge_l_f1"] for r in vm["per_item"]]))
                 stage("verbmem", c)
                 aggregate["verbmem"] = vm["value"]
                 per_text["verbmem"] = vm["per_item"]
+        if share is not list:
+            per_item = {name: _interleaved(rows) for name, rows in per_item.items()}
     finally:
         model.train(was_training)
 
@@ -186,15 +202,29 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         "per_item": per_item,
         "per_text": per_text,
         "aggregate": aggregate,
-        "forward_passes": total.n,
+        "forward_passes": total.n,  # this process's (each of several processes scores its share)
         "forward_passes_by_stage": by_stage,
         "config": {"forget_set_name": forget_set_name, "retain_set_name": retain_set_name,
                    "holdout_set_name": holdout_set_name, "utility_set_names": list(utility_set_names),
                    "normalised_prob_sets": list(normalised_prob_sets), "mia_attacks": attacks if run_mia else [],
                    "min_k": min_k, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                    "verbmem_max_new_tokens": verbmem_max_new_tokens, "max_length": max_length,
-                   "max_logit_tokens": max_logit_tokens},
+                   "max_logit_tokens": max_logit_tokens,
+                   "processes": 1 if share is list else distributed.world_size()},
     }
+
+
+def _interleaved(rows: list) -> list:
+    """Every process's rows of a list dealt round-robin (process r had items r, r + N, ...), back in the list's order."""
+    parts = [None] * distributed.world_size()
+    import torch.distributed as dist
+
+    dist.all_gather_object(parts, rows)
+    return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(p) for p in parts))]
+
+
+def _gathered(scores: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {attack: _interleaved(values) for attack, values in scores.items()}
 
 
 def compare_to_retrain(result: Mapping, retrain_result: Mapping) -> dict:

@@ -42,7 +42,7 @@ def world_for(config: RunConfig):
 
 
 def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None,
-                  roles: dict[str, str] | None = None) -> dict:
+                  roles: dict[str, str] | None = None, sharded: bool = False) -> dict:
     """texts: {"forget": membership members, "holdout": non-members, "verbmem": texts continued (default: the
     members)}; roles: each set's stated role (benchmark_files.ROLES), or None for the world's sets (named by source)."""
     from obliviate.evals.evaluate import evaluate_lm
@@ -54,7 +54,7 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
     return evaluate_lm(model, tokenizer, qa_sets, texts.get("forget"), texts.get("holdout"),
                        verbmem_texts=texts.get("verbmem"), utility_set_names=utility, normalised_prob_sets=normalised,
                        reference_model=reference_model, batch_size=eval_config.batch_size,
-                       gradnorm=eval_config.gradnorm, max_logit_tokens=eval_config.max_logit_tokens)
+                       gradnorm=eval_config.gradnorm, max_logit_tokens=eval_config.max_logit_tokens, sharded=sharded)
 
 
 def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute) -> dict:
@@ -121,13 +121,11 @@ def user_retrain_evaluation(config: RunConfig, qa_sets, texts, roles, device) ->
 
 
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
-    from obliviate.loops.lm import unlearn
+    from obliviate import distributed
     from obliviate.loops.step import Checkpoints, changed_tensors
     from obliviate.methods.common import instantiate
     from obliviate.registry import lookup_method
     from obliviate.runners.lm_checks import check_lm
-
-    from obliviate import distributed
 
     check_lm(config)  # what can be checked in a moment fails before the claim, the world and the training
     started = datetime.now(timezone.utc)
@@ -146,19 +144,11 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         distributed.barrier()  # the other processes read the world this one built
         base = base_record(model_dir)
         retrain_eval = None
-        reference_for_mia = None
         truncated = 0
-        if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget set
-            if world is None:
-                raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
-            model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
+        model, tokenizer, result = _unlearned(config, method, model_dir, world, forget, retain, device, checkpoints)
+        if result is None:  # Retrain: the world's recipe trained it without the forget set
             result_history, seconds, stopped, tensors = [], 0.0, None, {}
         else:
-            model, tokenizer = load_model(model_dir, config, device)
-            refusals = load_lines(config.idk_file) if config.idk_file else None
-            result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
-                             checkpoints=checkpoints)
-            model = result.model
             result_history, seconds, stopped = result.history, result.seconds, result.stopped
             tensors = changed_tensors(model, result.trainable_names)
             truncated = result.truncated
@@ -171,18 +161,19 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         if config.evaluate:
             if world is not None:
                 retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
-                if not getattr(method, "from_world", False):
-                    reference_for_mia, _ = lm.load(world.retrain_dir(config.split), device=device)
             else:
                 retrain_eval = user_retrain_evaluation(config, qa_sets, texts, roles, device)
+            reference_for_mia = _mia_reference(config, method, world, device)
             t0 = time.time()
-            evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia, roles)
+            evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia, roles,
+                                       sharded=distributed.active())
             if retrain_eval is not None:
                 from obliviate.evals.evaluate import compare_to_retrain
                 evaluation = compare_to_retrain(evaluation, retrain_eval)
                 metrics["retrain_reference"] = retrain_eval.get("source") or (
                     str(config.retrain_model) if config.retrain_model else "the world's retrain model")
             metrics["eval_seconds"] = round(time.time() - t0, 2)
+            metrics["eval_processes"] = evaluation["config"]["processes"]
             metrics.update(evaluation["aggregate"])
 
         tmp = folder.tmp
@@ -208,18 +199,42 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     return out
 
 
-def _train_on_a_worker(config: RunConfig, method, device: str, out: Path) -> Path:
-    """A data-parallel process other than the first: the same unlearning on its share of each batch (the gradients
-    are averaged, so its model ends as the first's); the first process alone evaluates and writes the run folder."""
-    from obliviate import distributed
+def _unlearned(config: RunConfig, method, model_dir: Path, world, forget, retain, device: str, checkpoints=None):
+    """(model, tokenizer, UnlearnResult) after the method; for Retrain, the world's retrain model and no result."""
     from obliviate.loops.lm import unlearn
 
+    if getattr(method, "from_world", False):
+        if world is None:
+            raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
+        model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
+        return model, tokenizer, None
+    model, tokenizer = load_model(model_dir, config, device)
+    refusals = load_lines(config.idk_file) if config.idk_file else None
+    result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
+                     checkpoints=checkpoints)
+    return result.model, tokenizer, result
+
+
+def _mia_reference(config: RunConfig, method, world, device: str):
+    """The model of the membership-inference 'reference' attack: the world's retrain model (none for user runs,
+    whose retrain model may have another tokenizer, and none for Retrain itself)."""
+    if world is None or getattr(method, "from_world", False):
+        return None
+    return lm.load(world.retrain_dir(config.split), device=device)[0]
+
+
+def _train_on_a_worker(config: RunConfig, method, device: str, out: Path) -> Path:
+    """A data-parallel process other than the first: the same unlearning on its share of each batch (the gradients
+    are averaged, so its model ends as the first's), then its share of the evaluation; the first process gathers
+    the evaluation and alone writes the run folder."""
+    from obliviate import distributed
+
     distributed.barrier()  # the first process has built the world
-    model_dir, forget, retain, _, _ = prepare(config, log=lambda *_: None)
-    if not getattr(method, "from_world", False):
-        model, tokenizer = load_model(model_dir, config, device)
-        refusals = load_lines(config.idk_file) if config.idk_file else None
-        unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals)
+    model_dir, forget, retain, (qa_sets, texts, roles, _), world = prepare(config, log=lambda *_: None)
+    model, tokenizer, _ = _unlearned(config, method, model_dir, world, forget, retain, device)
+    if config.evaluate:
+        evaluation_of(model, tokenizer, qa_sets, texts, config.eval, _mia_reference(config, method, world, device),
+                      roles, sharded=True)
     distributed.finish()  # waits for the first process to write the run folder
     return out
 
