@@ -46,6 +46,19 @@ def _apply_lora(model, cfg: LoraConfig):
                                                 target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
 
 
+def _checkpointing(model, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, by the name this transformers version gives it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _batches(encoded: list, size: int, rng: random.Random, lengths: list[int] | None = None):
     """Endless shuffled passes over the encoded items. With `lengths` (group_by_length), each pass batches items of
     similar length only: the items fall into buckets whose longest item is at most 1.5x their shortest (a
@@ -101,7 +114,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     if train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ObliviateError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     if lora is not None:
         model = _apply_lora(model, lora)
     method.setup(model, reference)
@@ -179,7 +192,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             stopped = guard.check_final(lambda: method.losses(model, reference, f, r).total)
     model.eval()
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _checkpointing(model, False)
     names = [n for n, _ in named]
     if lora is not None:
         model = model.merge_and_unload()

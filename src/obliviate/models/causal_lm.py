@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
-from obliviate.models import quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
-
-from obliviate.models import prompt_format
+from obliviate.models import prompt_format, quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
 
 PROMPT_TEMPLATE = prompt_format.QA_PROMPT  # the raw format of the built-in worlds
 IGNORE = -100
