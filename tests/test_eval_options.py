@@ -31,9 +31,12 @@ def test_eval_scores_tofu_files_through_the_template_against_a_retrain_model(tmp
     (tmp_path / "retrain.json").write_text(json.dumps({"per_item": {"forget": [
         {"truth_ratio": row["truth_ratio"]} for row in result["per_item"]["forget"]]}}))
     r = CliRunner().invoke(app, ["eval", str(chat_lm_dir), "--tofu-dir", str(tofu), "--retrain-eval",
-                                 str(tmp_path / "retrain.json"), "--out", str(tmp_path / "self.json"), "--quiet"])
+                                 str(tmp_path / "retrain.json"), "--eval-set", f"{tofu / 'retain90.json'}:utility",
+                                 "--out", str(tmp_path / "self.json"), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "self.json").read_text())["aggregate"]["forget_quality"] == pytest.approx(1.0)
+    again = json.loads((tmp_path / "self.json").read_text())
+    assert again["aggregate"]["forget_quality"] == pytest.approx(1.0)
+    assert "retain90" in again["config"]["utility_set_names"]  # FILE:ROLE: the stated role
 
 
 def test_eval_options_are_checked_in_one_line(tmp_path, chat_lm_dir):

@@ -25,12 +25,10 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     from obliviate.runs import resolve_device
 
     eval_keys = {k: options.pop(k) for k in ("batch_size", "max_logit_tokens") if options.get(k) is not None}
-    template = options.pop("template", None)
-    if isinstance(template, str):
-        template = {"name": template}
-    if options.get("system_prompt") is not None:
-        template = {**(template or {}), "system_prompt": options.pop("system_prompt")}
-    options.pop("system_prompt", None)
+    template = options.pop("template", None) or {}
+    template = {"name": template} if isinstance(template, str) else dict(template)
+    if (system_prompt := options.pop("system_prompt", None)) is not None:
+        template["system_prompt"] = system_prompt
     data = {"method": "GradDiff",  # any method: evaluation trains nothing, the config only carries the options
             "model": str(model_dir), "split": split, "eval": eval_keys, **({"template": template} if template else {}),
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v not in (None, [], ())}}

@@ -110,11 +110,12 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
     _quiet(quiet)
     try:
         from obliviate.api import evaluate_folder
+        from obliviate.benchmark_files import ROLES
+
         sets = []
-        for spec in eval_set or []:
-            path, _, role = spec.rpartition(":") if spec.rsplit(":", 1)[-1] in (
-                "forget", "retain", "utility", "utility_normalised", "holdout") else (spec, "", None)
-            sets.append({"file": path, "role": role or None})
+        for spec in eval_set or []:  # FILE or FILE:ROLE
+            path, _, role = spec.rpartition(":")
+            sets.append({"file": path, "role": role} if role in ROLES else {"file": spec, "role": None})
         result = evaluate_folder(
             model, out, force=force, split=split, world_tofu_dir=world_tofu_dir, forget_file=forget_file,
             retain_file=retain_file, tofu_dir=tofu_dir, muse_dir=muse_dir, eval_sets=sets,
