@@ -53,13 +53,15 @@ class EvalData:
     verbmem_texts: list[TextItem] = field(default_factory=list)
     label: str = ""  # what was unlearned, for titles ("TOFU forget10", "forget.json")
 
-    @property
-    def utility_sets(self) -> list[str]:
-        return [n for n, r in self.roles.items() if r in ("retain", "utility", "utility_normalised")]
 
-    @property
-    def normalised_sets(self) -> list[str]:
-        return [n for n, r in self.roles.items() if r == "utility_normalised"]
+def utility_sets(roles: dict[str, str]) -> list[str]:
+    """The sets in model utility: every retain and utility set."""
+    return [n for n, r in roles.items() if r in ("retain", "utility", "utility_normalised")]
+
+
+def normalised_sets(roles: dict[str, str]) -> list[str]:
+    """The sets scored with TOFU's normalised probability."""
+    return [n for n, r in roles.items() if r == "utility_normalised"]
 
 
 @dataclass

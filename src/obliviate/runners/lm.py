@@ -45,12 +45,10 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
                   roles: dict[str, str] | None = None, sharded: bool = False) -> dict:
     """texts: {"forget": membership members, "holdout": non-members, "verbmem": texts continued (default: the
     members)}; roles: each set's stated role (benchmark_files.ROLES), or None for the world's sets (named by source)."""
+    from obliviate.benchmark_files import normalised_sets, utility_sets
     from obliviate.evals.evaluate import evaluate_lm
 
-    utility = normalised = None
-    if roles:
-        utility = [n for n, r in roles.items() if r in ("retain", "utility", "utility_normalised")]
-        normalised = [n for n, r in roles.items() if r == "utility_normalised"]
+    utility, normalised = (utility_sets(roles), normalised_sets(roles)) if roles else (None, None)
     return evaluate_lm(model, tokenizer, qa_sets, texts.get("forget"), texts.get("holdout"),
                        verbmem_texts=texts.get("verbmem"), utility_set_names=utility, normalised_prob_sets=normalised,
                        reference_model=reference_model, batch_size=eval_config.batch_size,
