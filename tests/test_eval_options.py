@@ -122,3 +122,24 @@ def test_the_training_budget_bounds_the_logits_each_pass_holds(chat_lm_dir):
         handle.remove()
     assert shapes and all(s[0] * s[1] <= 2 * batch["input_ids"].shape[1] for s in shapes)
     assert len(shapes) == 6  # 3 slices, each made again in the backward pass
+
+
+def test_the_evaluation_bar_counts_items_and_moves_within_a_stage(chat_lm_dir, capsys):
+    """The bar's unit is an item (each set's items twice: likelihood and generation; the paraphrased questions; the
+    membership texts), advanced batch by batch, so a long stage is not minutes of silence."""
+    from obliviate import progress
+    from obliviate.evals.evaluate import evaluate_lm
+    from obliviate.models import causal_lm as lm
+
+    model, tok = lm.load(chat_lm_dir)
+    items = tiny_items()
+    progress.set_enabled(True)
+    progress.force_plain(True)
+    try:
+        evaluate_lm(model, tok, {"forget": items[:3], "retain": items[3:]}, items[:3], items[3:], batch_size=1)
+    finally:
+        progress.force_plain(False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate:")]
+    total = 2 * 6 + 3 + 6  # likelihood and generation of 6 items, 3 paraphrased questions, 6 membership texts
+    assert lines[-1].startswith(f"evaluate: {total}/{total} (100%)")
+    assert len(lines) >= 5  # one line per tenth of the items, not one per stage

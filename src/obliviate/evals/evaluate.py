@@ -90,12 +90,16 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     stages += (["mia"] if run_mia else []) + (["verbmem"] if verbmem_texts else [])
     by_stage: dict[str, int] = {}
     done = 0
+    # the bar counts items (each set's items twice: likelihood and generation), so it moves within a long stage
+    n_items = sum(2 * len(share(items)) for items in qa_sets.values()) + len(
+        [it for it in share(qa_sets.get(forget_set_name, ())) if it.paraphrased_question]) + (
+        len(share(forget_texts)) + len(share(holdout_texts)) if run_mia else 0) + len(share(verbmem_texts or ()))
 
     def stage(name: str, counter: M.ForwardCounter) -> None:
         nonlocal done
         by_stage[name] = counter.n
         done += 1
-        advance(stage=name)
+        advance(0, stage=name)
         if progress is not None:
             progress(name, done, len(stages))
 
@@ -105,15 +109,17 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     per_text: dict[str, object] = {}
     aggregate: dict[str, object] = {}
     try:
-        with M.count_forward_passes(model) as total, progress_bars.bar("evaluate", len(stages)) as advance:
+        with M.count_forward_passes(model) as total, progress_bars.bar("evaluate", n_items) as advance:
             for name, items in qa_sets.items():
                 items = share(items)
                 with M.count_forward_passes(model) as c:
                     lik = M.likelihood_metrics(model, tokenizer, items, batch_size, k=min_k, max_length=max_length,
-                                               max_logit_tokens=max_logit_tokens)
+                                               max_logit_tokens=max_logit_tokens,
+                                               progress=_stepper(advance))
                 stage(f"{name}:likelihood", c)
                 with M.count_forward_passes(model) as c:
-                    gen = M.greedy_answers(model, tokenizer, [it.question for it in items], max_new_tokens, batch_size)
+                    gen = M.greedy_answers(model, tokenizer, [it.question for it in items], max_new_tokens, batch_size,
+                                           on_batch=advance)
                 stage(f"{name}:generation", c)
                 gm = M.generation_metrics(gen, [it.answer for it in items])
                 per_item[name] = [{"question": it.question, "answer": it.answer, "generated": g, **l, **m}
@@ -124,7 +130,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
             if para:
                 with M.count_forward_passes(model) as c:
                     pgen = M.greedy_answers(model, tokenizer, [it.paraphrased_question for _, it in para],
-                                            max_new_tokens, batch_size)
+                                            max_new_tokens, batch_size, on_batch=advance)
                 stage(f"{forget_set_name}:paraphrased_generation", c)
                 for (i, it), g in zip(para, pgen):
                     row = per_item[forget_set_name][i]
@@ -144,6 +150,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                         others = _gathered(MIA.mia_scores(model, tokenizer, share(holdout_texts), attacks, **mia_args))
                         res = {"auc": {a: MIA.mia_auc(members[a], others[a]) for a in attacks}, "members": members,
                                "nonmembers": others}
+                advance(len(share(forget_texts)) + len(share(holdout_texts)))
                 stage("mia", c)
                 aggregate["mia"] = res["auc"]
                 if "min_k" in res["auc"]:
@@ -153,7 +160,8 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
 
             if verbmem_texts:
                 with M.count_forward_passes(model) as c:
-                    vm = MUSE.verbmem(model, tokenizer, share(verbmem_texts), verbmem_max_new_tokens, batch_size)
+                    vm = MUSE.verbmem(model, tokenizer, share(verbmem_texts), verbmem_max_new_tokens, batch_size,
+                                      on_batch=advance)
                     if share is not list:
                         vm["per_item"] = _interleaved(vm["per_item"])
                         vm["value"] = float(np.mean([r["rouge_l_f1"] for r in vm["per_item"]]))
@@ -212,6 +220,16 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                    "max_logit_tokens": max_logit_tokens,
                    "processes": 1 if share is list else distributed.world_size()},
     }
+
+
+def _stepper(advance):
+    """A progress(done, total) callback that advances a bar by what was done since its last call."""
+    last = [0]
+
+    def progress(done: int, _total: int) -> None:
+        advance(done - last[0])
+        last[0] = done
+    return progress
 
 
 def _interleaved(rows: list) -> list:

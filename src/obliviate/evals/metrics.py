@@ -395,9 +395,10 @@ def generation_metrics(generated: Sequence[str], references: Sequence[str]) -> l
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
-                   batch_size: int = 32) -> list[str]:
+                   batch_size: int = 32, on_batch=None) -> list[str]:
     """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping at its end of turn)."""
     prompts = [lm.question_prompt(tokenizer, q) for q in questions]
     if not prompts:
         return []
-    return lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       on_batch=on_batch)

@@ -23,14 +23,16 @@ def split_text(item: TextItem) -> tuple[str, str]:
     return item.text[:item.prefix_chars], item.text[item.prefix_chars:]
 
 
-def verbmem(model, tokenizer, texts: Sequence[TextItem], max_new_tokens: int = 128, batch_size: int = 32) -> dict:
+def verbmem(model, tokenizer, texts: Sequence[TextItem], max_new_tokens: int = 128, batch_size: int = 32,
+            on_batch=None) -> dict:
     """VerbMem: mean ROUGE-L F1 between the greedy continuation (max_new_tokens tokens, batched) of each text's prefix
     text[:prefix_chars] and its true continuation text[prefix_chars:]. Returns {"value", "per_item"}."""
     pairs = [split_text(t) for t in texts]
     if not pairs:
         return {"value": float("nan"), "per_item": []}
     prompts = [lm.encode_prompt(tokenizer, p) for p, _ in pairs]
-    generated = lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    generated = lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            on_batch=on_batch)
     per_item = [{"prefix": p, "continuation": c, "generated": g, "rouge_l_f1": rouge_l_f1(g, c.strip())}
                 for (p, c), g in zip(pairs, generated)]
     return {"value": float(np.mean([r["rouge_l_f1"] for r in per_item])), "per_item": per_item}

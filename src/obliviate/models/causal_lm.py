@@ -249,8 +249,10 @@ def mean_nll(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, batch_size: int = 64) -> list[str]:
-    """Batched greedy decoding from token-id prompts (left-padded); returns the decoded continuations."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, batch_size: int = 64,
+             on_batch=None) -> list[str]:
+    """Batched greedy decoding from token-id prompts (left-padded); returns the decoded continuations.
+    on_batch(n) is called after each batch of n prompts (a progress bar)."""
     device = model_device(model)
     pad = tokenizer.pad_token_id
     out: list[str] = []
@@ -266,4 +268,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 4
                              do_sample=False, pad_token_id=pad, eos_token_id=stop_ids(tokenizer))
         for row in gen[:, width:]:
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
