@@ -123,6 +123,8 @@ def test_muse_folder_is_read_in_the_repositorys_layout(tmp_path):
     vm = data.verbmem_texts[0]
     assert vm.text[:vm.prefix_chars] == tiny_items()[0].answer[:12]
     assert len(data.member_texts) == 2 and len(data.holdout_texts) == 2
+    (tmp_path / "news" / "knowmem" / "retain_qa.json").unlink()  # the Books release ships forget questions only
+    assert set(load_muse(tmp_path / "news").evaluation.roles) == {"forget"}
     (tmp_path / "news" / "verbmem" / "forget.json").write_text(json.dumps([{"prompt": "x"}]))
     with pytest.raises(ObliviateError, match="verbmem.forget.json: item 1: needs non-empty string fields"):
         load_muse(tmp_path / "news")

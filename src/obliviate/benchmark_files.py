@@ -8,8 +8,9 @@
   `perturbed_answer` (list), `paraphrased_question`.
 - MUSE (Shi et al. 2024; the layout of the MUSE repository's `data/<corpus>/` folder, News or Books): `raw/forget`,
   `raw/retain1` (training, a JSON array of texts or a .txt file), `verbmem/forget.json` (`prompt`, `gt`),
-  `knowmem/forget_qa.json` and `knowmem/retain_qa.json` (or `retain2_qa.json`) (`question`, `answer`),
-  `privleak/forget.json` and `privleak/holdout.json` (arrays of texts).
+  `knowmem/forget_qa.json` and, where the release has it, `knowmem/retain_qa.json` (or `retain2_qa.json`)
+  (`question`, `answer`), `privleak/forget.json` and `privleak/holdout.json` (arrays of texts). KnowMem is asked
+  zero-shot in the run's format; MUSE's own scorer puts the `_icl` examples before each question (not done here).
 
 A set's role decides how it is scored, so it is never guessed from a name it does not have: TOFU's published file
 names carry theirs (`TOFU_ROLES`), and any other file needs `role` stated (`eval_sets` in a run config).
@@ -140,13 +141,15 @@ def load_muse(folder: str | Path, chunk_words: int = 256) -> BenchmarkData:
             raise ObliviateError(f"{vm_path}: item {n}: needs non-empty string fields 'prompt' and 'gt'")
         verbmem.append(TextItem(row["prompt"] + row["gt"], prefix_chars=len(row["prompt"]), source="muse_verbmem"))
     knowmem = folder / "knowmem"
-    qa = {"forget": load_qa_jsonl(_file(knowmem, "forget_qa.json"), "forget"),
-          "retain": load_qa_jsonl(_file(knowmem, "retain_qa.json", "retain2_qa.json"), "retain")}
+    qa = {"forget": load_qa_jsonl(_file(knowmem, "forget_qa.json"), "forget")}
+    retain_qa = [knowmem / n for n in ("retain_qa.json", "retain2_qa.json") if (knowmem / n).is_file()]
+    if retain_qa:  # some releases ship the forget questions only: then no KnowMem on retain
+        qa["retain"] = load_qa_jsonl(retain_qa[0], "retain")
     privleak = folder / "privleak"
     members = [TextItem(t, source="muse_privleak") for t in _texts(_file(privleak, "forget.json"), "forget")]
     holdout = [TextItem(t, source="muse_privleak") for t in _texts(_file(privleak, "holdout.json"), "holdout")]
     return BenchmarkData(corpus("forget"), corpus("retain1"),
-                         EvalData(qa, {"forget": "forget", "retain": "retain"}, members, holdout, verbmem,
+                         EvalData(qa, {name: name for name in qa}, members, holdout, verbmem,
                                   label=f"MUSE {folder.name} forget"))
 
 
