@@ -78,3 +78,13 @@ def test_obliviate_run_under_torchrun_writes_one_run_folder_with_the_same_evalua
         assert [r["generated"] for r in rows[0][name]] == [r["generated"] for r in rows[1][name]]
         assert [r["answer_nll"] for r in rows[0][name]] == pytest.approx([r["answer_nll"] for r in rows[1][name]],
                                                                          rel=1e-4)
+
+
+def test_a_text_to_image_run_under_several_processes_is_refused_in_one_line(monkeypatch, tmp_path):
+    from obliviate.config import build_config
+    from obliviate.errors import ObliviateError
+    from obliviate.runners.t2i_checks import check_t2i
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group is made
+    with pytest.raises(ObliviateError, match="not data parallel yet"):
+        check_t2i(build_config({"method": "ESD-x", "concept": "star", "output_dir": str(tmp_path)}))

@@ -7,11 +7,14 @@ from obliviate.errors import ObliviateError
 
 
 def check_t2i(config: RunConfig) -> None:
+    from obliviate import distributed
     from obliviate.data import load_prompts
     from obliviate.methods.common import instantiate
     from obliviate.models.diffusion import check_folder
     from obliviate.registry import lookup_method
 
+    if distributed.active():  # every process would erase alone and write the same run folder
+        raise ObliviateError("text-to-image runs are not data parallel yet: run them as one process (no torchrun)")
     instantiate(lookup_method("t2i", config.method), config.method_args)
     if not config.concept.strip():
         raise ObliviateError("the concept to erase is empty")
