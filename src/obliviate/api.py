@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from obliviate.config import RunConfig
 from obliviate.errors import ObliviateError
-from obliviate.runs import write_json
+from obliviate.runs import read_run_config, write_json
 
 
 def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: str = "forget10",
@@ -72,20 +71,6 @@ def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool)
         raise ObliviateError(f"--out {out}: {existing} is not a folder")
     if out.exists() and not force:
         raise ObliviateError(f"--out {out} already exists; pass --force to overwrite it")
-
-
-def read_run_config(run_dir: Path) -> RunConfig:
-    """The config a run folder records (config.json), or a one-line error."""
-    from obliviate.config import build_config
-    from obliviate.data import read_json_file
-
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ObliviateError(f"{run_dir} is not a run folder (no config.json)")
-    data = read_json_file(path, "run config")
-    if not isinstance(data, dict):
-        raise ObliviateError(f"{path}: a run config must be a JSON object")
-    return build_config(data, str(path))
 
 
 def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:

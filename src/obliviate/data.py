@@ -140,7 +140,11 @@ def load_lines(path: str | Path) -> list[str]:
 
 
 def item_key(item: QAItem | TextItem) -> str:
-    return item.text if isinstance(item, TextItem) else f"{item.question}\n{item.answer}"
+    if isinstance(item, TextItem):
+        return item.text
+    if hasattr(item, "image"):  # a question about "this person" is a different item for every person and picture
+        return f"{item.subject}\n{item.image}\n{item.question}\n{item.answer}"
+    return f"{item.question}\n{item.answer}"
 
 
 def check_disjoint(forget: list, retain: list) -> None:

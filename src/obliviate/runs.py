@@ -677,3 +677,17 @@ def apply_changed(module, changed_path: Path, prefix: str = "") -> None:
             raise ObliviateError(f"{changed_path}: {name} has shape {tuple(tensor.shape)} but the base's is "
                                  f"{tuple(state[key].shape)}: wrong --base?")
     module.load_state_dict({k[len(prefix):]: v for k, v in changed.items()}, strict=False)
+
+
+def read_run_config(run_dir: Path):
+    """The config a run folder records (config.json), or a one-line error."""
+    from obliviate.config import build_config
+    from obliviate.data import read_json_file
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ObliviateError(f"{run_dir} is not a run folder (no config.json)")
+    data = read_json_file(path, "run config")
+    if not isinstance(data, dict):
+        raise ObliviateError(f"{path}: a run config must be a JSON object")
+    return build_config(data, str(path))

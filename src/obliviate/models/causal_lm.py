@@ -3,7 +3,6 @@ question-answer pairs so that only answer tokens are scored, batched token log-p
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,9 +10,11 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.models import prompt_format, quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
+# the token sequences and batches every text-generating family shares, re-exported as the adapter contract names them
+from obliviate.models.sequences import (IGNORE, Encoded, collate, model_device, prepare_tokenizer,  # noqa: F401
+                                        to_device)
 
 PROMPT_TEMPLATE = prompt_format.QA_PROMPT  # the raw format of the built-in worlds
-IGNORE = -100
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
@@ -56,11 +57,6 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def prepare_tokenizer(tokenizer) -> None:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """A raw text prompt (a text's prefix for VerbMem), with the tokenizer's special tokens."""
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -80,26 +76,6 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
 
 def stop_ids(tokenizer) -> list[int]:
     return prompt_format.stop_ids(tokenizer, prompt_format.of(tokenizer))
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE on the prompt
-    n_end: int = 0  # the last n_end scored tokens are the format's end-of-turn / EOS tokens, not the answer
-
-    def answer_only(self) -> "Encoded":
-        """The same tokens with the end tokens unscored (the forget term's default, and the memorisation metrics)."""
-        if not self.n_end:
-            return self
-        return Encoded(self.input_ids, self.labels[:-self.n_end] + [IGNORE] * self.n_end, 0)
-
-    def cut(self, length: int | None) -> "Encoded":
-        """The first `length` tokens (end tokens cut off are no longer counted as end tokens)."""
-        if length is None or len(self.input_ids) <= length:
-            return self
-        gone = len(self.input_ids) - length
-        return Encoded(self.input_ids[:length], self.labels[:length], max(0, self.n_end - gone))
 
 
 def _joined(prompt: list[int], answer: list[int], end: list[int], max_length: int | None) -> Encoded:
@@ -133,29 +109,6 @@ def encode_item(tokenizer, item, answer: str | None = None, max_length: int | No
         prompt = encode_prompt(tokenizer, item.text[:item.prefix_chars])
         return _joined(prompt, tokenizer(" " + answer, add_special_tokens=False)["input_ids"], eos, max_length)
     return encode_qa(tokenizer, item.question, item.answer if answer is None else answer, max_length)
-
-
-def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on prompt and padding)."""
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v)
-            for k, v in batch.items()}
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

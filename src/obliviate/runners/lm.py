@@ -248,7 +248,7 @@ def export(changed_path: Path, base: Path, out: Path) -> Path:
     apply_changed(model, changed_path)
     config_path = Path(changed_path).parent / "config.json"
     if config_path.is_file():
-        from obliviate.api import read_run_config
+        from obliviate.runs import read_run_config
 
         t = read_run_config(Path(changed_path).parent).template
         template = prompt_format.as_chat_template(

@@ -1,0 +1,102 @@
+"""The adapter of vision-language models (LLaVA-style: `AutoModelForImageTextToText` with its `AutoProcessor`). The
+language-model loop and every language-model method run on it unchanged; only encoding and batching differ (as
+torchtune and TRL reuse their LM recipes for vision models with another collate function).
+
+An item has a question, an answer and an `image` id (None: asked as text alone); `pictures(id)` gives the RGB array.
+The question is put in the tokenizer's prompt format (`prompt_format`), with the processor's image token first when
+the item has a picture. That one token is expanded to as many tokens as the vision tower gives features (what the
+processor does to a text), the picture becomes pixel values beside the tokens, and the collated batch carries them,
+so every method's forward pass hands them to the model (`causal_lm.model_inputs`). It shares the token
+sequences and batches of `sequences.py` with the causal-LM adapter, not the adapter itself."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from obliviate.errors import ObliviateError
+from obliviate.models import prompt_format
+from obliviate.models import sequences as seq
+
+
+@dataclass
+class VisionEncoded(seq.Encoded):
+    pixel_values: torch.Tensor | None = None  # [3, H, W], or None for a text-only item
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """(model, processor) from a folder that `AutoModelForImageTextToText` and `AutoProcessor` read."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from obliviate.models import weights_error_message, weights_load_errors
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ObliviateError(f"not a transformers model folder (no config.json): {path}")
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ObliviateError(f"cannot load the processor from {path}: {str(e).splitlines()[0]}") from None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                            trust_remote_code=trust_remote_code)
+    except weights_load_errors() as e:
+        raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
+    seq.prepare_tokenizer(processor.tokenizer)
+    return model.to(device), processor
+
+
+class VisionLanguageAdapter:
+    """The loop's adapter contract (`loops/lm.py`) for a processor and a picture source."""
+
+    def __init__(self, processor, pictures: Callable[[str], np.ndarray]):
+        from PIL import Image
+
+        self.processor, self.pictures = processor, pictures
+        tokenizer = processor.tokenizer
+        self.image_token = processor.image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        blank = Image.new("RGB", (8, 8))
+        probe = processor(text=[self.image_token], images=[blank], return_tensors="pt")["input_ids"][0]
+        self.n_image_tokens = int((probe == self.image_token_id).sum())  # what the processor expands one into
+
+    prepare_tokenizer = staticmethod(seq.prepare_tokenizer)
+    to_device = staticmethod(seq.to_device)
+    model_device = staticmethod(seq.model_device)
+
+    def pixel_values(self, image_id: str) -> torch.Tensor:
+        from PIL import Image
+
+        array = self.pictures(image_id)
+        return self.processor.image_processor(images=[Image.fromarray(array)], return_tensors="pt")["pixel_values"][0]
+
+    def encode_item(self, tokenizer, item, answer: str | None = None, max_length: int | None = 512) -> VisionEncoded:
+        """The item in the prompt format, the image token (if any) expanded, answer and end tokens scored."""
+        with_image = getattr(item, "image", None) is not None
+        question = f"{self.image_token}\n{item.question}" if with_image else item.question
+        prompt, ans, end = prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), question,
+                                                     item.answer if answer is None else answer)
+        if with_image:
+            if prompt.count(self.image_token_id) != 1:
+                raise ObliviateError(f"the prompt format put {prompt.count(self.image_token_id)} image tokens in "
+                                     f"{question!r}; expected one")
+            at = prompt.index(self.image_token_id)
+            prompt = prompt[:at] + [self.image_token_id] * self.n_image_tokens + prompt[at + 1:]
+        encoded = VisionEncoded(prompt + ans + end, [seq.IGNORE] * len(prompt) + ans + end, len(end),
+                                self.pixel_values(item.image) if with_image else None)
+        if max_length is not None and len(encoded.input_ids) > max_length and with_image:
+            raise ObliviateError(f"an item of {len(encoded.input_ids)} tokens does not fit {max_length} with its "
+                                 "image tokens whole")
+        return encoded.cut(max_length)
+
+    def collate(self, encoded: list[VisionEncoded], pad_id: int) -> dict[str, torch.Tensor]:
+        """causal_seq.collate's batch, plus the pixel values of the items with pictures, in order (the model puts the
+        i-th picture's features where the i-th run of image tokens stands)."""
+        batch = seq.collate(encoded, pad_id)
+        pixels = [e.pixel_values for e in encoded if getattr(e, "pixel_values", None) is not None]
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+        return batch

@@ -1,0 +1,70 @@
+"""The multimodal family reuses the language-model loop through its own adapter: a tiny LLaVA saved and loaded with
+the Auto classes, portraits-world items with and without their picture, and language-model methods run unchanged,
+the pictures reaching the vision tower."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obliviate.worlds.portraits import portraits_data
+from obliviate.worlds.portraits_draw import picture, draw
+
+
+@pytest.fixture(scope="module")
+def world():
+    return portraits_data(n_people=10, n_public=2, n_holdout=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory, world):
+    from vlm_models import tiny_llava
+
+    return tiny_llava(tmp_path_factory.mktemp("llava"), world)
+
+
+def _adapter(processor, world):
+    from obliviate.models.vlm import VisionLanguageAdapter
+
+    def pictures(image_id):
+        name, _, index = image_id.rpartition("#")
+        return draw(world.looks[name], picture(name, int(index)))
+    return VisionLanguageAdapter(processor, pictures)
+
+
+def test_an_item_with_its_picture_is_encoded_as_the_processor_encodes_it(llava_dir, world):
+    from obliviate.models import vlm
+
+    model, processor = vlm.load(llava_dir)
+    adapter = _adapter(processor, world)
+    item = next(i for i in world.train[world.people[0].name] if i.with_image)
+    enc = adapter.encode_item(processor.tokenizer, item)
+    assert enc.input_ids.count(adapter.image_token_id) == adapter.n_image_tokens == 17  # 16 patches + CLS
+    assert enc.pixel_values.shape == (3, 32, 32)
+    text_only = next(i for i in world.train[world.people[0].name] if not i.with_image)
+    assert adapter.encode_item(processor.tokenizer, text_only).pixel_values is None
+    batch = adapter.collate([enc, adapter.encode_item(processor.tokenizer, text_only)], processor.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    from obliviate.models.causal_lm import answer_nll
+    assert torch.isfinite(answer_nll(model, batch)).all()  # the model takes the batch as it is
+
+
+@pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
+def test_language_model_methods_run_on_the_vision_language_model(llava_dir, world, method):
+    from obliviate.config import TrainConfig
+    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.models import vlm
+
+    model, processor = vlm.load(llava_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    forget_people, retain_people = world.split_people("forget10")
+    forget = [i for p in forget_people for i in world.train[p.name]]
+    retain = [i for p in retain_people[:3] for i in world.train[p.name]]
+    args = {"diverse_retain_size": 8} if method == "RGD" else {}
+    result = unlearn(model, processor.tokenizer, forget, retain, make_method(method, args),
+                     TrainConfig(lr=1e-3, max_steps=2, batch_size=4), adapter=_adapter(processor, world))
+    assert result.stopped is None and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert calls  # the pictures reached the vision tower
+    changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("vision_tower" in n for n in changed) and any("language_model" in n for n in changed)

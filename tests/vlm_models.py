@@ -1,0 +1,33 @@
+"""A tiny LLaVA built in code for tests: a CLIP vision tower on 32x32 pictures, a projector and a 2-layer Llama, with
+a LlavaProcessor (CLIP image processor + a tokenizer trained on the portraits world's words, with an image token),
+saved with save_pretrained as a user's LLaVA folder is."""
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llava(path, data):
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from obliviate.worlds.tokenizer import train_tokenizer
+
+    texts = [f"{i.question} {i.answer} {' '.join(i.options)}" for items in data.train.values() for i in items]
+    tokenizer = train_tokenizer(texts, vocab_size=500)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                                      vision_feature_select_strategy="full", vision_feature_layer=-1))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                               vision_feature_select_strategy="full", num_additional_image_tokens=1)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
