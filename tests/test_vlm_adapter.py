@@ -68,3 +68,46 @@ def test_language_model_methods_run_on_the_vision_language_model(llava_dir, worl
     assert calls  # the pictures reached the vision tower
     changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])}
     assert any("vision_tower" in n for n in changed) and any("language_model" in n for n in changed)
+
+
+def test_mllmu_protocol_scores_each_task_as_the_benchmark_does(llava_dir, world):
+    """The three tasks on a tiny random LLaVA: every item answered, scores in range, split by form; and the scoring
+    rules themselves on chosen answers."""
+    from obliviate.evals import mllmu
+    from obliviate.models import vlm
+
+    assert mllmu.first_letter("B. Oslo") == "B" and mllmu.first_letter("(C)") == "C"
+    assert mllmu.first_letter("The answer is D") == "D" and mllmu.first_letter("Oslo") is None
+    model, processor = vlm.load(llava_dir)
+    person = world.people[0]
+    items = [i for i in world.train[person.name] if i.fact in ("birthplace", "occupation")]
+    rows = mllmu.evaluate_items(model, _adapter(processor, world), processor.tokenizer, items, max_new_tokens=8)
+    assert len(rows) == len(items) and all(0 <= r["rouge_l"] <= 1 for r in rows)
+    agg = mllmu.aggregate(rows)
+    assert agg["n_items"] == len(items) and agg["classification_image"] is not None and agg["cloze_text"] is not None
+    assert "A. " in mllmu.classification_question(items[0]) and "__" in mllmu.cloze_question(items[0])
+
+
+def test_mllmu_scoring_rules_on_known_answers(world):
+    """An adapter that answers each task rightly scores 1 on classification and cloze; one that answers wrongly, 0."""
+    from obliviate.evals import mllmu
+
+    items = world.train[world.people[0].name][:6]
+
+    class Answers:
+        def __init__(self, right: bool):
+            self.right = right
+
+        def generate(self, model, tokenizer, items, questions, max_new_tokens, batch_size):
+            if questions is None:
+                return [i.answer if self.right else "no idea" for i in items]
+            if questions[0].startswith("Fill in the blank"):
+                return [f"It is {i.cloze_answer.upper()}." if self.right else "blank" for i in items]
+            wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}
+            return [f"({i.correct}) {i.cloze_answer}" if self.right else f"{wrong[i.correct]}." for i in items]
+
+    right = mllmu.aggregate(mllmu.evaluate_items(None, Answers(True), None, items))
+    wrong = mllmu.aggregate(mllmu.evaluate_items(None, Answers(False), None, items))
+    for form in ("image", "text"):
+        assert right[f"classification_{form}"] == right[f"cloze_{form}"] == right[f"rouge_l_{form}"] == 1.0
+        assert wrong[f"classification_{form}"] == wrong[f"cloze_{form}"] == wrong[f"rouge_l_{form}"] == 0.0

@@ -73,24 +73,57 @@ class VisionLanguageAdapter:
         array = self.pictures(image_id)
         return self.processor.image_processor(images=[Image.fromarray(array)], return_tensors="pt")["pixel_values"][0]
 
+    def prompt(self, tokenizer, item, question: str | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """(prompt ids with the image token expanded, pixel values or None) asking `question` (default: the item's)
+        about the item's picture, in the prompt format."""
+        with_image = getattr(item, "image", None) is not None
+        text = item.question if question is None else question
+        text = f"{self.image_token}\n{text}" if with_image else text
+        ids = prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), text, None)[0]
+        if not with_image:
+            return ids, None
+        if ids.count(self.image_token_id) != 1:
+            raise ObliviateError(f"the prompt format put {ids.count(self.image_token_id)} image tokens in {text!r}; "
+                                 "expected one")
+        at = ids.index(self.image_token_id)
+        return ids[:at] + [self.image_token_id] * self.n_image_tokens + ids[at + 1:], self.pixel_values(item.image)
+
     def encode_item(self, tokenizer, item, answer: str | None = None, max_length: int | None = 512) -> VisionEncoded:
         """The item in the prompt format, the image token (if any) expanded, answer and end tokens scored."""
-        with_image = getattr(item, "image", None) is not None
-        question = f"{self.image_token}\n{item.question}" if with_image else item.question
-        prompt, ans, end = prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), question,
-                                                     item.answer if answer is None else answer)
-        if with_image:
-            if prompt.count(self.image_token_id) != 1:
-                raise ObliviateError(f"the prompt format put {prompt.count(self.image_token_id)} image tokens in "
-                                     f"{question!r}; expected one")
-            at = prompt.index(self.image_token_id)
-            prompt = prompt[:at] + [self.image_token_id] * self.n_image_tokens + prompt[at + 1:]
-        encoded = VisionEncoded(prompt + ans + end, [seq.IGNORE] * len(prompt) + ans + end, len(end),
-                                self.pixel_values(item.image) if with_image else None)
-        if max_length is not None and len(encoded.input_ids) > max_length and with_image:
+        prompt, pixels = self.prompt(tokenizer, item)
+        _, ans, end = prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), "?",
+                                                item.answer if answer is None else answer)
+        encoded = VisionEncoded(prompt + ans + end, [seq.IGNORE] * len(prompt) + ans + end, len(end), pixels)
+        if max_length is not None and len(encoded.input_ids) > max_length and pixels is not None:
             raise ObliviateError(f"an item of {len(encoded.input_ids)} tokens does not fit {max_length} with its "
                                  "image tokens whole")
         return encoded.cut(max_length)
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, items: list, questions: list[str] | None = None, max_new_tokens: int = 32,
+                 batch_size: int = 16) -> list[str]:
+        """Batched greedy answers (left-padded, the pictures beside), each item asked its question or the one given."""
+        device, pad = seq.model_device(model), tokenizer.pad_token_id
+        stops = prompt_format.stop_ids(tokenizer, prompt_format.of(tokenizer))
+        out: list[str] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            asked = [self.prompt(tokenizer, it, None if questions is None else questions[start + k])
+                     for k, it in enumerate(chunk)]
+            width = max(len(ids) for ids, _ in asked)
+            input_ids = torch.full((len(asked), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, (ids, _) in enumerate(asked):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                mask[i, width - len(ids):] = 1
+            extra = {}
+            pixels = [p for _, p in asked if p is not None]
+            if pixels:
+                extra["pixel_values"] = torch.stack(pixels).to(device)
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops, **extra)
+            out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in gen[:, width:]]
+        return out
 
     def collate(self, encoded: list[VisionEncoded], pad_id: int) -> dict[str, torch.Tensor]:
         """causal_seq.collate's batch, plus the pixel values of the items with pictures, in order (the model puts the
