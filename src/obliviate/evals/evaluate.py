@@ -62,12 +62,14 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     forget_texts / holdout_texts: the membership-inference members and non-members (texts, or question-answer items
     scored on their answers); verbmem_texts: texts whose prefix is continued for VerbMem (default: forget_texts).
     max_logit_tokens: no forward pass holds logits for more tokens than this (memory: about max_logit_tokens x
-    vocabulary x 4 bytes at the peak, whatever the batch size). A progress bar counts the stages;
+    vocabulary x 4 bytes at the peak, whatever the batch size). A progress bar counts the items, batch by batch;
     progress: also called as progress(stage, done, total) after each stage.
     sharded: under data parallel (obliviate.distributed), every process calls this together and scores its share of
     every set and text list; the per-item values are gathered, so each process returns the whole evaluation."""
-    share = (lambda xs: list(xs)[distributed.rank()::distributed.world_size()]) if sharded and \
-        distributed.active() else list
+    sharding = sharded and distributed.active()
+
+    def share(xs) -> list:  # this process's items: all of them, or every world_size-th from its rank
+        return list(xs)[distributed.rank()::distributed.world_size()] if sharding else list(xs)
     if verbmem_texts is None:  # question-answer members have no text to continue
         verbmem_texts = [t for t in forget_texts or () if isinstance(t, TextItem)]
     unknown = [n for n in (utility_set_names or ()) if n not in qa_sets]
@@ -142,7 +144,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 mia_args = dict(reference_model=reference_model, reference_tokenizer=reference_tokenizer, k=min_k,
                                 batch_size=batch_size, max_length=max_length, max_logit_tokens=max_logit_tokens)
                 with M.count_forward_passes(model) as c:
-                    if share is list:
+                    if not sharding:
                         res = MIA.mia_aucs(model, tokenizer, list(forget_texts), list(holdout_texts), attacks,
                                            **mia_args)
                     else:  # each process scores its share; the AUCs are taken on every score, gathered
@@ -162,13 +164,13 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 with M.count_forward_passes(model) as c:
                     vm = MUSE.verbmem(model, tokenizer, share(verbmem_texts), verbmem_max_new_tokens, batch_size,
                                       on_batch=advance)
-                    if share is not list:
+                    if sharding:
                         vm["per_item"] = _interleaved(vm["per_item"])
                         vm["value"] = float(np.mean([r["rouge_l_f1"] for r in vm["per_item"]]))
                 stage("verbmem", c)
                 aggregate["verbmem"] = vm["value"]
                 per_text["verbmem"] = vm["per_item"]
-        if share is not list:
+        if sharding:
             per_item = {name: _interleaved(rows) for name, rows in per_item.items()}
     finally:
         model.train(was_training)
@@ -218,7 +220,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                    "min_k": min_k, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                    "verbmem_max_new_tokens": verbmem_max_new_tokens, "max_length": max_length,
                    "max_logit_tokens": max_logit_tokens,
-                   "processes": 1 if share is list else distributed.world_size()},
+                   "processes": distributed.world_size() if sharding else 1},
     }
 
 
@@ -234,9 +236,9 @@ def _stepper(advance):
 
 def _interleaved(rows: list) -> list:
     """Every process's rows of a list dealt round-robin (process r had items r, r + N, ...), back in the list's order."""
-    parts = [None] * distributed.world_size()
     import torch.distributed as dist
 
+    parts = [None] * distributed.world_size()
     dist.all_gather_object(parts, rows)
     return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(p) for p in parts))]
 

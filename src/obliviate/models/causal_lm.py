@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.models import prompt_format, quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
 # the token sequences and batches every text-generating family shares, re-exported as the adapter contract names them
-from obliviate.models.sequences import (IGNORE, Encoded, collate, model_device, prepare_tokenizer,  # noqa: F401
-                                        to_device)
+from obliviate.models.sequences import (IGNORE, Encoded, collate, left_padded, model_device,  # noqa: F401
+                                        prepare_tokenizer, to_device)
 
 PROMPT_TEMPLATE = prompt_format.QA_PROMPT  # the raw format of the built-in worlds
 
@@ -211,12 +211,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 4
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_padded(chunk, pad)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, eos_token_id=stop_ids(tokenizer))
         for row in gen[:, width:]:

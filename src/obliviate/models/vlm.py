@@ -110,12 +110,8 @@ class VisionLanguageAdapter:
             chunk = items[start:start + batch_size]
             asked = [self.prompt(tokenizer, it, None if questions is None else questions[start + k])
                      for k, it in enumerate(chunk)]
-            width = max(len(ids) for ids, _ in asked)
-            input_ids = torch.full((len(asked), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for i, (ids, _) in enumerate(asked):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                mask[i, width - len(ids):] = 1
+            input_ids, mask = seq.left_padded([ids for ids, _ in asked], pad)
+            width = input_ids.shape[1]
             extra = {}
             pixels = [p for _, p in asked if p is not None]
             if pixels:
