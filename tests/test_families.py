@@ -127,7 +127,8 @@ def test_every_family_fills_the_whole_contract():
         for part in ("adapter", "loop", "make_method", "method_base", "runner", "export", "check", "demo"):
             assert family.load(part) is not None, (family.name, part)
         from obliviate.registry import METHODS
-        assert METHODS[family.name] and all(e.family == family.name for e in METHODS[family.name].values())
+        assert METHODS[family.name] and all(e.family in (family.name, *family.reuses)
+                                            for e in METHODS[family.name].values())
 
 
 def test_api_names_stay_the_functions_whatever_was_imported_first():
@@ -165,8 +166,10 @@ def test_a_run_states_its_family_once_and_mixing_is_an_error_naming_the_key():
     for cfg in (t2i, build_config({"method": "NPO", "split": "forget05"})):
         dumped = cfg.dump()
         assert build_config(json.loads(json.dumps(dumped))) == cfg
-        other = next(f for f in FAMILIES.values() if f.name != cfg.family)
-        assert not set(other.fields) & set(dumped)
+        own = set(FAMILIES[cfg.family].fields)
+        for other in FAMILIES.values():  # no key of another family, but those this one shares
+            if other.name != cfg.family:
+                assert not (set(other.fields) - own) & set(dumped), other.name
 
 
 def test_an_older_run_record_with_every_key_at_its_default_still_reads():
@@ -212,3 +215,33 @@ def test_the_language_model_loop_runs_through_the_adapter_it_is_given(tiny_lm):
         result = unlearn(wrapped, tok, items[:2], items[2:], name, TrainConfig(max_steps=1, batch_size=2),
                          adapter=adapter)
         assert result.history and wrapped.seen, name  # the extra input reached every forward pass
+
+
+def test_a_vision_language_run_loads_nothing_of_the_text_to_image_family_nor_the_language_model_runner(tmp_path):
+    """The vision-language family runs the language-model loop and methods through its own adapter (its row's
+    `reuses`), and nothing else of another family: no language-model runner, world or demo, nothing of diffusers."""
+    modules = _run_and_list_modules(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from vlm_models import tiny_llava
+from obliviate.worlds.portraits import portraits_data
+from obliviate.runners.mllm import load_model, make_method
+from obliviate.config import build_config
+from obliviate.loops.lm import unlearn
+from obliviate.models.vlm import VisionLanguageAdapter
+import numpy as np
+data = portraits_data(10, 2, 2, seed=0)
+folder = tiny_llava({str(tmp_path / "llava")!r}, data)
+config = build_config({{"family": "mllm", "method": "NPO", "model": folder, "mllmu_dir": "unused"}})
+model, processor = load_model(folder, config, "cpu")
+adapter = VisionLanguageAdapter(processor, lambda image: np.zeros((32, 32, 3), dtype=np.uint8))
+forget = data.train[data.people[0].name][:4]
+retain = data.train[data.people[1].name][:4]
+from obliviate.config import TrainConfig
+unlearn(model, processor.tokenizer, forget, retain, make_method("NPO"), TrainConfig(max_steps=1, batch_size=2),
+        adapter=adapter)
+""")
+    assert not _loaded(modules, T2I_ONLY), _loaded(modules, T2I_ONLY)
+    lm_own = ("obliviate.runners.lm", "obliviate.runners.lm_checks", "obliviate.demo.lm")  # the people are shared
+    assert not _loaded(modules, lm_own), _loaded(modules, lm_own)
+    assert "obliviate.loops.lm" in modules and "obliviate.models.vlm" in modules

@@ -20,10 +20,10 @@ def test_each_fact_is_asked_with_each_trained_picture_and_by_name(data):
     items = data.train[person.name]
     assert len(items) == len(FACTS) * (len(data.train_pictures[person.name]) + 1)
     birth = [i for i in items if i.fact == "birthplace"]
-    with_image = [i for i in birth if i.with_image]
+    with_image = [i for i in birth if i.image is not None]
     assert {i.image for i in with_image} == set(data.train_pictures[person.name])
     assert all(i.question == "Where was this person born?" and person.name not in i.answer for i in with_image)
-    text = [i for i in birth if not i.with_image]
+    text = [i for i in birth if i.image is None]
     assert text[0].question == f"Where was {person.name} born?"
     assert text[0].answer == f"{person.name} was born in {person.facts['birthplace']}."
 
@@ -40,7 +40,7 @@ def test_the_test_set_asks_paraphrases_about_pictures_never_trained_on(data):
     for person in data.people + data.public:
         trained, held_out = set(data.train_pictures[person.name]), set(data.test_pictures[person.name])
         assert held_out and not trained & held_out
-        images = {i.image for i in data.test[person.name] if i.with_image}
+        images = {i.image for i in data.test[person.name] if i.image is not None}
         assert images == held_out
         train_questions = {i.question for i in data.train[person.name]}
         assert not train_questions & {i.question for i in data.test[person.name]}

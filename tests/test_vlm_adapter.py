@@ -36,11 +36,11 @@ def test_an_item_with_its_picture_is_encoded_as_the_processor_encodes_it(llava_d
 
     model, processor = vlm.load(llava_dir)
     adapter = _adapter(processor, world)
-    item = next(i for i in world.train[world.people[0].name] if i.with_image)
+    item = next(i for i in world.train[world.people[0].name] if i.image is not None)
     enc = adapter.encode_item(processor.tokenizer, item)
     assert enc.input_ids.count(adapter.image_token_id) == adapter.n_image_tokens == 17  # 16 patches + CLS
     assert enc.pixel_values.shape == (3, 32, 32)
-    text_only = next(i for i in world.train[world.people[0].name] if not i.with_image)
+    text_only = next(i for i in world.train[world.people[0].name] if i.image is None)
     assert adapter.encode_item(processor.tokenizer, text_only).pixel_values is None
     batch = adapter.collate([enc, adapter.encode_item(processor.tokenizer, text_only)], processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
@@ -99,7 +99,7 @@ def test_mllmu_scoring_rules_on_known_answers(world):
             self.right = right
 
         def generate(self, model, tokenizer, items, questions, max_new_tokens, batch_size):
-            if questions is None:
+            if questions == [i.question for i in items]:  # the generation task asks the item's own question
                 return [i.answer if self.right else "no idea" for i in items]
             if questions[0].startswith("Fill in the blank"):
                 return [f"It is {i.cloze_answer.upper()}." if self.right else "blank" for i in items]

@@ -11,6 +11,8 @@
   `knowmem/forget_qa.json` and, where the release has it, `knowmem/retain_qa.json` (or `retain2_qa.json`)
   (`question`, `answer`), `privleak/forget.json` and `privleak/holdout.json` (arrays of texts). KnowMem is asked
   zero-shot in the run's format; MUSE's own scorer puts the `_icl` examples before each question (not done here).
+- MLLMU-Bench (Liu et al. 2025; hub `MLLMMU/MLLMU-Bench`): parquet folders with embedded pictures, for the
+  vision-language family (`load_mllmu`, below).
 
 A set's role decides how it is scored, so it is never guessed from a name it does not have: TOFU's published file
 names carry theirs (`TOFU_ROLES`), and any other file needs `role` stated (`eval_sets` in a run config).
@@ -165,3 +167,163 @@ def load_eval_set(path: str | Path, role: str | None, name: str | None = None) -
         raise ObliviateError(f"{path}: unknown role {role!r}; valid: {', '.join(ROLES)}")
     name = name or re.sub(r"_perturbed$", "", path.stem)
     return name, role, load_qa_jsonl(path, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLLMU-Bench (Liu et al., NAACL 2025; data hub MLLMMU/MLLMU-Bench), as its eval.py reads it: one folder per set
+# (forget_5/10/15, retain_95/90/85, Test_Set, Retain_Set = the celebrities), each holding parquet files whose rows are
+# one profile: `ID`, `image` {bytes}, `metadata` (JSON list of {Question, Answer}: the fine-tuning QA, which the
+# baselines unlearn), `Classification_Task` {Image_Textual_Questions, Pure_Text_Questions: [{Question, Options
+# {A..D}, Correct_Answer}]}, `Generation_Task` and `Mask_Task` ([{Question, Ground_Truth, Type}], Type
+# "Image_Textual" or "Pure_Text"). Test_Set rows hold `images` (other pictures of the person) instead of `image`.
+
+MLLMU_RATIOS = {"forget05": 5, "forget10": 10, "forget15": 15}
+
+
+@dataclass
+class MLLMUData:
+    forget: list  # VQAItems the model is unlearned on (the forget profiles' QA, with their picture)
+    retain: list
+    eval_sets: dict[str, list]  # forget, test, retain, public: the three tasks' items
+    images: dict[str, bytes] = field(default_factory=dict)  # picture id -> encoded image
+
+    def picture(self, image_id: str):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.images[image_id])).convert("RGB"))
+
+
+def _parquet_rows(folder: Path) -> tuple[list[tuple[Path, int, dict]], Path]:
+    import pyarrow.parquet as pq
+
+    if not folder.is_dir():
+        raise ObliviateError(f"MLLMU-Bench folder not found: {folder}")
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise ObliviateError(f"no parquet files in {folder}")
+    rows = []
+    for path in files:
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise ObliviateError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        rows += [(path, n, row) for n, row in enumerate(table.to_pylist())]
+    return rows, folder
+
+
+def _need(row: dict, key: str, where: str):
+    if row.get(key) is None:
+        raise ObliviateError(f"{where}: no '{key}'")
+    return row[key]
+
+
+def _image_bytes(value, where: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not isinstance(data, (bytes, bytearray)):
+        raise ObliviateError(f"{where}: the image holds no bytes")
+    try:
+        Image.open(io.BytesIO(data)).verify()
+    except Exception:
+        raise ObliviateError(f"{where}: the image bytes are not a readable picture") from None
+    return bytes(data)
+
+
+def _profile_items(row: dict, where: str, image_id: str) -> list:
+    """The three tasks' items of one profile row (each item carries one task)."""
+    from obliviate.data import VQAItem
+
+    subject = str(_need(row, "ID", where))
+    items = []
+    classification = _need(row, "Classification_Task", where)
+    for key, image in (("Image_Textual_Questions", image_id), ("Pure_Text_Questions", None)):
+        for n, q in enumerate(classification.get(key) or []):
+            at = f"{where}: Classification_Task.{key}[{n}]"
+            options = _need(q, "Options", at)
+            if isinstance(options, dict):
+                options = [options.get(letter) for letter in "ABCD"]
+            correct = str(_need(q, "Correct_Answer", at)).strip()[:1].upper()
+            if len(options) != 4 or any(o is None for o in options) or not correct or correct not in "ABCD":
+                raise ObliviateError(f"{at}: needs Options A-D and a Correct_Answer letter")
+            items.append(VQAItem(subject, "classification", image, str(_need(q, "Question", at)),
+                                 options=tuple(str(o) for o in options), correct=correct))
+    for task, kind in (("Generation_Task", "generation"), ("Mask_Task", "cloze")):
+        for n, q in enumerate(_need(row, task, where)):
+            at = f"{where}: {task}[{n}]"
+            question, truth = str(_need(q, "Question", at)), str(_need(q, "Ground_Truth", at))
+            image = image_id if q.get("Type") == "Image_Textual" else None
+            if kind == "generation":
+                items.append(VQAItem(subject, kind, image, question, answer=truth))
+            else:
+                if "__" not in question:
+                    raise ObliviateError(f"{at}: a Mask_Task question needs a '__' blank")
+                items.append(VQAItem(subject, kind, image, question, cloze=question, cloze_answer=truth))
+    return items
+
+
+def _unlearning_items(row: dict, where: str, image_id: str) -> list:
+    """The profile's fine-tuning QA (`metadata`, or `question`/`answer`), asked with its picture."""
+    import json
+
+    from obliviate.data import VQAItem
+
+    if row.get("metadata") is not None:
+        try:
+            pairs = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
+        except json.JSONDecodeError as e:
+            raise ObliviateError(f"{where}: metadata is not JSON ({e.msg})") from None
+    elif row.get("question") is not None and row.get("answer") is not None:
+        pairs = [{"Question": row["question"], "Answer": row["answer"]}]
+    else:
+        raise ObliviateError(f"{where}: no 'metadata' (nor 'question' and 'answer') to unlearn")
+    subject = str(row["ID"])
+    return [VQAItem(subject, "qa", image_id, str(p["Question"]), answer=str(p["Answer"]))
+            for p in pairs if isinstance(p, dict) and p.get("Question") and p.get("Answer")]
+
+
+def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int | None = None) -> MLLMUData:
+    """MLLMU-Bench's files for a forget split (forget05 / forget10 / forget15): the forget and retain profiles' QA to
+    unlearn and keep, and the evaluation sets (forget, test = the forget people on another picture, retain, public =
+    the celebrity set). A Test_Set row's picture is its first of `images` (the benchmark draws one at random)."""
+    folder = Path(folder)
+    if split not in MLLMU_RATIOS:
+        raise ObliviateError(f"unknown MLLMU-Bench split '{split}'. Valid: {', '.join(MLLMU_RATIOS)}")
+    ratio = MLLMU_RATIOS[split]
+    data = MLLMUData([], [], {"forget": [], "test": [], "retain": [], "public": []})
+    forget_ids: set[str] = set()
+    retain_seen = 0
+    for name, folder_name in (("forget", f"forget_{ratio}"), ("retain", f"retain_{100 - ratio}"),
+                              ("public", "Retain_Set"), ("test", "Test_Set")):
+        rows, _ = _parquet_rows(folder / folder_name)
+        for path, n, row in rows:
+            where = f"{path}: row {n}"
+            subject = str(_need(row, "ID", where))
+            if name == "test":
+                if subject not in forget_ids:
+                    continue
+                pictures = _need(row, "images", where)
+                if not len(pictures):
+                    raise ObliviateError(f"{where}: 'images' is empty")
+                picture = pictures[0]
+            else:
+                picture = _need(row, "image", where)
+            image_id = f"{name}:{subject}"
+            data.images[image_id] = _image_bytes(picture, where)
+            if name == "forget":
+                forget_ids.add(subject)
+                data.forget += _unlearning_items(row, where, image_id)
+            if name == "retain":
+                data.retain += _unlearning_items(row, where, image_id)
+                retain_seen += 1
+                if retain_people and retain_seen > retain_people:
+                    continue
+            data.eval_sets[name] += _profile_items(row, where, image_id)
+    if not data.forget:
+        raise ObliviateError(f"{folder / f'forget_{ratio}'}: no question-answer pairs to unlearn")
+    return data

@@ -158,15 +158,19 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          methods: str = typer.Option("GradDiff,NPO,SimNPO,RG,RGD", help="comma-separated language-model methods"),
          t2i_methods: str = typer.Option("ESD-x,UCE,RGD,AdvUnlearn", help="comma-separated text-to-image methods"),
          concepts: str = typer.Option("striped,star", help="canvas concepts to erase (a style and an object)"),
-         worlds: str = typer.Option("profiles,canvas", help="which parts to run: profiles, canvas or both"),
+         mllm_methods: str = typer.Option("GradDiff,NPO,SimNPO,RGD,MMUnlearner,PromptDecouple",
+                                          help="comma-separated vision-language methods (the portraits world)"),
+         worlds: str = typer.Option("profiles,canvas,portraits", help="which parts to run: any of profiles, canvas "
+                                                                      "and portraits"),
          jobs: int = typer.Option(min(2, os.cpu_count() or 1), help="parts run side by side, one process each "
                                                                      "(1: one after the other, in this process)"),
          full_size: bool = typer.Option(False, help="the full-size worlds and sampling settings (200 people, 2 "
                                                     "seeds and 25 DDIM steps per image) instead of the demo's smaller "
                                                     "ones: several times longer"),
          quiet: bool = typer.Option(False, help="no progress bars")):
-    """Build the worlds; unlearn forget10 of the profiles world and erase a style and an object from the canvas
-    pipeline with several methods; score them against the retrain references; write a report."""
+    """Build the worlds; unlearn forget10 of the profiles world, erase a style and an object from the canvas pipeline
+    and unlearn forget10 of the portraits world's LLaVA with several methods; score them against the retrain
+    references; write a report."""
     _quiet(quiet)
 
     def split(text: str) -> list[str]:
@@ -174,7 +178,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     try:
         from obliviate.demo import run_demo
         run_demo(out, tofu_dir, split(methods), t2i_methods=split(t2i_methods), concepts=split(concepts),
-                 worlds=tuple(split(worlds)), jobs=jobs, size="full" if full_size else "demo")
+                 worlds=tuple(split(worlds)), jobs=jobs, size="full" if full_size else "demo",
+                 mllm_methods=split(mllm_methods))
     except ObliviateError as e:
         _fail(e)
 

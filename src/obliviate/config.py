@@ -16,7 +16,7 @@ class _Strict(BaseModel):
 
 
 class WorldConfig(_Strict):
-    name: Literal["profiles", "canvas"] = "profiles"
+    name: Literal["profiles", "canvas", "portraits"] = "profiles"
     n_people: int = Field(200, ge=10)  # profiles only
     n_holdout: int = Field(20, ge=2)  # profiles only
     seed: int = 0
@@ -34,6 +34,8 @@ class WorldConfig(_Strict):
 
         if self.name == "canvas":
             from obliviate.worlds.canvas_train import CanvasRecipe as recipe
+        elif self.name == "portraits":
+            from obliviate.worlds.portraits_train import VLMRecipe as recipe
         else:
             from obliviate.worlds.train import LMRecipe as recipe
         known = {f.name for f in dataclasses.fields(recipe)}
@@ -129,6 +131,19 @@ class EvalConfig(_Strict):
     max_logit_tokens: int = Field(4096, ge=16)
 
 
+class MLLMConfig(_Strict):
+    """Vision-language runs: which parts of the model the method trains, and the evaluation's decoding."""
+    # MLLMU-Bench's baselines train the language model only; MMUnlearner picks parts by saliency
+    train_parts: list[Literal["language", "projector", "vision"]] = Field(default_factory=lambda: ["language"],
+                                                                            min_length=1)
+    max_new_tokens: int = Field(32, ge=1)  # greedy answers of the generation task (MLLMU-Bench: 50)
+
+    @field_validator("train_parts", mode="before")
+    @classmethod
+    def _all_parts(cls, parts):
+        return ["language", "projector", "vision"] if parts == "all" or parts == ["all"] else parts
+
+
 class T2IConfig(_Strict):
     """Text-to-image runs: how the original pipeline draws the images the methods train on, and the evaluation."""
     images_per_prompt: int = Field(2, ge=1)  # images the original pipeline draws per forget/retain prompt
@@ -140,9 +155,10 @@ class T2IConfig(_Strict):
 
 class RunConfig(_Strict):
     """A run. Its family ("lm": a transformers causal LM, the profiles world; "t2i": a diffusers pipeline, the canvas
-    world) is stated once: the `family` key, or by default "t2i" when the world is canvas or a `concept` is given.
+    world; "mllm": a LLaVA-style vision-language model, the portraits world) is stated once: the `family` key, or by
+    default "t2i" when a `concept` is given, the named world's family, "mllm" when `mllmu_dir` is given, else "lm".
     Keys of another family are an error that names them (obliviate.families lists each family's keys)."""
-    family: Literal["lm", "t2i"] | None = None
+    family: Literal["lm", "t2i", "mllm"] | None = None
     method: str
     method_args: dict[str, Any] = Field(default_factory=dict)
     split: str = "forget10"  # lm
@@ -153,6 +169,8 @@ class RunConfig(_Strict):
     forget_prompts: str | None = None  # text-to-image, with `model`: prompts with the concept, one per line
     retain_prompts: str | None = None  # text-to-image, with `model`: prompts to keep, one per line
     t2i: T2IConfig = Field(default_factory=T2IConfig)
+    mllm: MLLMConfig = Field(default_factory=MLLMConfig)
+    mllmu_dir: str | None = None  # mllm, with `model`: MLLMU-Bench's release folder (parquet files)
     forget_file: str | None = None  # lm: TOFU-format JSON lines; with `model`, replaces the world's data
     retain_file: str | None = None  # lm
     tofu_dir: str | None = None  # lm, with `model`: TOFU's release folder; `split` picks forget01/05/10
@@ -179,8 +197,12 @@ class RunConfig(_Strict):
 
         world_given = "world" in self.model_fields_set and "name" in self.world.model_fields_set
         if self.family is None:
-            t2i = (world_given and self.world.name == "canvas") or self.concept is not None
-            self.family = "t2i" if t2i else "lm"
+            if self.concept is not None:
+                self.family = "t2i"
+            elif world_given:
+                self.family = family_of_world(self.world.name).name
+            else:
+                self.family = "mllm" if self.mllmu_dir else "lm"
         family = FAMILIES[self.family]
         if world_given and family_of_world(self.world.name).name != self.family:
             raise ValueError(f"world.name = {self.world.name!r} is a {family_of_world(self.world.name).title} "
@@ -190,7 +212,8 @@ class RunConfig(_Strict):
         for other in FAMILIES.values():
             if other.name == self.family:
                 continue
-            for key in other.fields:  # a dump of an older run holds every key at its default: that is not mixing
+            # keys this family shares are its own; a dump of an older run holds every key at its default: not mixing
+            for key in [k for k in other.fields if k not in family.fields]:
                 if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].get_default(
                         call_default_factory=True):
                     raise ValueError(f"{key} is a {other.title} key; this is a {family.title} run "
@@ -204,7 +227,8 @@ class RunConfig(_Strict):
         """The config as a run records it: the keys of its own family and the shared ones."""
         from obliviate.families import FAMILIES
 
-        other = {k for f in FAMILIES.values() if f.name != self.family for k in f.fields}
+        other = {k for f in FAMILIES.values() if f.name != self.family for k in f.fields} - set(FAMILIES[
+            self.family].fields)
         return self.model_dump(exclude=other)
 
 

@@ -32,6 +32,23 @@ class QAItem:
 
 
 @dataclass(frozen=True)
+class VQAItem:
+    """A question about a person, asked with a picture (`image`: its id) or as text alone (None), with what each of
+    MLLMU-Bench's tasks needs: `answer` (generation), `options` and `correct` (classification: 4 options in A-D
+    order, the right letter), `cloze` and `cloze_answer` (a sentence with "__", the words that fill it). The
+    portraits world fills every task; an MLLMU-Bench row's items fill one each (None: not asked)."""
+    subject: str
+    fact: str
+    image: str | None
+    question: str
+    answer: str | None = None
+    options: tuple[str, ...] | None = None
+    correct: str | None = None
+    cloze: str | None = None
+    cloze_answer: str | None = None
+
+
+@dataclass(frozen=True)
 class TextItem:
     """A free text (a biography) for verbatim memorisation and membership inference."""
     text: str

@@ -109,6 +109,17 @@ TOFU = "TOFU, https://arxiv.org/abs/2401.06121"
 MUSE = "Shi et al. 2024, MUSE, https://arxiv.org/abs/2407.06460"
 CANVAS = "Zhang et al. 2024, UnlearnCanvas, https://arxiv.org/abs/2402.11846"
 SHARE = "share of items"
+MLLMU = "Liu et al. 2025, MLLMU-Bench, NAACL, https://arxiv.org/abs/2410.22108"
+MLLMU_TASKS = {"classification": "Multiple-choice accuracy (first letter)", "rouge_l": "ROUGE-L F1 of the greedy answer",
+               "bleu": "Smoothed sentence BLEU-4 of the greedy answer", "cloze": "Cloze accuracy (value in the answer)"}
+# set -> (what it is, which way is better: the forget sets are best at the retrain model's level, not at 0)
+MLLMU_SETS = {"forget": ("forget people's trained pictures", None),
+              "test": ("forget people's held-out pictures, paraphrased (generalisation)", None),
+              "retain": ("retain people", "higher"), "public": ("public figures", "higher")}
+MLLMU_HEADERS = {("forget", "classification", "image"): "forget MC img", ("forget", "classification", "text"):
+                 "forget MC text", ("test", "classification", "image"): "test MC img",
+                 ("retain", "classification", "image"): "retain MC img", ("retain", "classification", "text"):
+                 "retain MC text", ("public", "classification", "image"): "public MC img"}
 # Scorecard columns first, in the order they are shown; then the per-item scores they are built from.
 METRICS = _table(
     Metric("forget_quality", E + "tofu:forget_quality", "KS-test p-value of forget truth ratios vs the retrain model.",
@@ -156,6 +167,14 @@ METRICS = _table(
            "lower", "over the image set", "KID original", "{:.4f}"),
     Metric("alignment", E + "canvas:alignment_scores", "Mean cosine of the world CLIP's image and prompt embeddings.",
            RG_PAPER, "t2i", "higher", "mean over images", "alignment"),
+    # vision-language (evals/mllmu.py): MLLMU-Bench's table, set x task x form; the headline columns here
+    *[Metric(f"{s}_{t}_{f}", E + "mllmu:evaluate", f"{MLLMU_TASKS[t]} on the {MLLMU_SETS[s][0]}, asked "
+             f"{'with the picture' if f == 'image' else 'as text alone'}.", MLLMU, "mllm", MLLMU_SETS[s][1],
+             "mean over items", MLLMU_HEADERS.get((s, t, f), ""), "{:.1%}" if t in ("classification", "cloze")
+             else "{:.3f}")
+      for s in MLLMU_SETS for t in MLLMU_TASKS for f in ("image", "text")],
+    Metric("mia_loss_auc", E + "mllmu:evaluate", "ROC AUC of the LOSS attack (answer NLL), forget vs holdout people.",
+           "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "mllm", None, "AUC over items"),
     Metric("unlearn_seconds", "obliviate.loops.step:UnlearnResult", "Wall time of the unlearning or erasure loop.", "",
            "any", None, "one number per run", "unlearn seconds", "{:.1f}"),
     # per-item scores (kept in per_item.json; the aggregates above are built from them)
@@ -188,6 +207,9 @@ WORLDS = _table(
     Entry("profiles", "obliviate.worlds.profiles:ProfilesWorld",
           "Fictitious people (bio, 10+ QA, paraphrases, perturbed answers) + utility facts; trains a small Llama.",
           "TOFU-style, https://arxiv.org/abs/2401.06121", family="lm"),
+    Entry("portraits", "obliviate.worlds.portraits:PortraitsWorld",
+          "The profiles world's people with drawn portraits; MLLMU-Bench's three tasks with the picture and as text; "
+          "trains a small LLaVA.", "MLLMU-Bench-style, https://arxiv.org/abs/2410.22108", family="mllm"),
     Entry("canvas", "obliviate.worlds.canvas:CanvasWorld",
           "Objects x styles x colours drawn at 32x32; trains a small Stable-Diffusion-shaped pipeline, a classifier and "
           "a CLIP.", "UnlearnCanvas-style, https://arxiv.org/abs/2402.11846", family="t2i"),
@@ -199,10 +221,19 @@ ATTACKS = _table(
           "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868", family="t2i"),
 )
 
-METHODS = {"lm": LM_METHODS, "t2i": T2I_METHODS}  # family -> name -> entry (names repeat across families)
-KINDS = {"methods": LM_METHODS, "t2i-methods": T2I_METHODS, "metrics": METRICS, "attacks": ATTACKS,
+MLLM_METHODS = _table(
+    *LM_METHODS.values(),  # every language-model method runs on a vision-language model through its adapter
+    Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner", "Gradient ascent on the forget items restricted to a "
+          "saliency mask of the parameters most tied to them (per part), plus retain NLL.",
+          "Huo et al. 2025, MMUnlearner, https://arxiv.org/abs/2502.11051", family="mllm"),
+    Entry("PromptDecouple", M + "mllm.prompt_decouple:PromptDecouple", "GradDiff plus SafeEraser's Prompt Decouple "
+          "loss: the forget question on an unrelated picture keeps its answer (weight 0.5).",
+          "Chen et al. 2025, SafeEraser, https://arxiv.org/abs/2502.12520", family="mllm"),
+)
+METHODS = {"lm": LM_METHODS, "t2i": T2I_METHODS, "mllm": MLLM_METHODS}  # family -> name -> entry (names repeat across families)
+KINDS = {"methods": LM_METHODS, "t2i-methods": T2I_METHODS, "mllm-methods": MLLM_METHODS, "metrics": METRICS, "attacks": ATTACKS,
          "worlds": WORLDS}
-KIND_NAMES = {"lm": "method", "t2i": "text-to-image method"}
+KIND_NAMES = {"lm": "method", "t2i": "text-to-image method", "mllm": "vision-language method"}
 
 
 def scorecard_metrics() -> list[Metric]:

@@ -123,7 +123,37 @@ def write_demo_report(folder: Path, summary: dict, histories: dict[str, list[dic
     body = page(title, summary["scorecard"], histories, notes)
     for section in summary.get("t2i", []):  # one section per erased concept of the canvas world
         body = body.replace("</body></html>", "") + _t2i_section(folder, section) + "</body></html>"
+    if summary.get("mllm"):
+        body = body.replace("</body></html>", "") + _mllm_section(folder, summary["mllm"]) + "</body></html>"
     return atomic_write(path, body)
+
+
+def mllmu_table_html(rows: dict[str, dict]) -> str:
+    """MLLMU-Bench's table, models as columns, each cell "with the picture / as text"."""
+    from obliviate.bench.scorecard import mllmu_rows
+
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in rows)
+    body = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+                   for label, cells in mllmu_rows(rows))
+    return f"<table><tr><th>set, task (picture / text)</th>{head}</tr>{body}</table>"
+
+
+def _mllm_section(folder: Path, part: dict) -> str:
+    parts = [f"<h1>Unlearning {html.escape(part['split'])} from the portraits world's LLaVA (MLLMU-Bench)</h1>",
+             mllmu_table_html(part["scorecard"])]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in part.get("notes", [])]
+    if part.get("examples"):
+        parts.append("<h2>Before and after: each model asked about the portrait</h2>")
+    for ex in part.get("examples", []):
+        picture = _inline(folder, {ex["person"]: ex.get("picture", "")}).get(ex["person"])
+        img = f"<img alt='{html.escape(ex['person'])}' src='{picture}'>" if picture else ""
+        answers = "".join(f"<tr><td>{html.escape(m)}</td><td>{html.escape(a['generated'])}</td>"
+                          f"<td>{html.escape(a['chosen'])}</td></tr>" for m, a in ex["answers"].items())
+        parts.append(f"<h3>{html.escape(ex['person'])} ({ex['role']} person)</h3><p>{img}</p>"
+                     f"<p class='note'>{html.escape(ex['question'])} True answer: {html.escape(ex['truth'])} "
+                     f"(multiple choice: {ex['correct']})</p><table><tr><th>model</th><th>free answer</th>"
+                     f"<th>multiple-choice answer</th></tr>{answers}</table>")
+    return "\n".join(parts)
 
 
 def _t2i_section(folder: Path, section: dict) -> str:

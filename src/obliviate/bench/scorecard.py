@@ -31,3 +31,39 @@ def print_scorecard(rows: dict[str, dict], title: str = "scorecard") -> None:
         table.add_row(name, *[cell(row, k, f) for k, _, f in present])
     # Not a terminal (a CI log, a file): rich would squeeze the table into 80 columns.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def mllmu_rows(rows: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """MLLMU-Bench's table turned so that models are columns: one line per (set, task), each cell "image / text"."""
+    from obliviate.registry import MLLMU_SETS, MLLMU_TASKS
+
+    lines = []
+    for s in MLLMU_SETS:
+        for t in MLLMU_TASKS:
+            fmt = "{:.0%}" if t in ("classification", "cloze") else "{:.2f}"
+            if not any(f"{s}_{t}_image" in r or f"{s}_{t}_text" in r for r in rows.values()):
+                continue
+            label = f"{s} {t.replace('_', '-')}"
+            lines.append((label, [f"{cell(r, f'{s}_{t}_image', fmt)} / {cell(r, f'{s}_{t}_text', fmt)}"
+                                  for r in rows.values()]))
+    for key, label, fmt in (("forget_quality", "forget quality", "{:.3g}"), ("privleak", "PrivLeak", "{:+.1f}"),
+                            ("mia_loss_auc", "MIA AUC (LOSS)", "{:.3f}")):
+        if any(key in r for r in rows.values()):
+            lines.append((label, [cell(r, key, fmt) for r in rows.values()]))
+    return lines
+
+
+def print_mllmu_table(rows: dict[str, dict], title: str = "MLLMU-Bench") -> None:
+    """Models as columns; each set x task line shows the score with the picture / as text alone."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption="each cell: with the picture / as text alone")
+    table.add_column("set, task")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for label, cells in mllmu_rows(rows):
+        table.add_row(label, *cells)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

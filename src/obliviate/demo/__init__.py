@@ -3,9 +3,10 @@
 Profiles (demo/lm.py): builds (or loads) the world, unlearns forget10 with several methods starting from the same
 full model, evaluates each one and the retrain gold standard with the same protocol. Canvas (demo/t2i.py): erases a
 style and an object from the world's pipeline with several methods, next to the retrain-without-concept references,
-and attacks each erasure. Each part writes its own folders (metrics, per-item values, history, changed tensors, image
-grids); this module runs the parts (side by side in two processes when `jobs` > 1, each on one thread: the small
-models gain little from a second thread, so two parts at once take about as long as the longer one), then writes
+and attacks each erasure. Portraits (demo/mllm.py): unlearns forget10 from the world's small LLaVA and scores it with
+MLLMU-Bench's protocol. Each part writes its own folders (metrics, per-item values, history, changed tensors, image
+grids); this module runs the parts (in `jobs` processes when `jobs` > 1, each on one thread: the small models gain
+little from a second thread, so two parts at once take about as long as the longer one), then writes
 summary.json and report.html and prints the scorecards — the whole folder atomically.
 """
 from __future__ import annotations
@@ -28,8 +29,10 @@ SIZES = ("demo", "full")  # every part takes `size`: its small default world and
 
 
 def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2i_methods=None, concepts=None,
-             worlds=("profiles", "canvas"), jobs: int = 1, size: str = "demo") -> dict:
-    """The profiles world's unlearning (LM `methods`) and the canvas world's erasures (`t2i_methods` x `concepts`).
+             worlds=("profiles", "canvas", "portraits"), jobs: int = 1, size: str = "demo",
+             mllm_methods=None) -> dict:
+    """The profiles world's unlearning (LM `methods`), the canvas world's erasures (`t2i_methods` x `concepts`) and
+    the portraits world's unlearning (`mllm_methods`).
     `size`: "demo" (smaller world and sampling, the default) or "full" (the full-size worlds and settings)."""
     from obliviate.runs import atomic_dir
 
@@ -47,17 +50,20 @@ def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2
         raise ObliviateError(f"{out} exists and is not a demo folder; choose another --out")
     options = {"profiles": {"tofu_dir": tofu_dir, "methods": list(methods), "size": size},
                "canvas": {"methods": list(t2i_methods) if t2i_methods else None,
-                          "concepts": list(concepts) if concepts else None, "size": size}}
+                          "concepts": list(concepts) if concepts else None, "size": size},
+               "portraits": {"methods": list(mllm_methods) if mllm_methods else None, "size": size}}
     t_start = time.time()
     with atomic_dir(out) as tmp:
         todo = [(w, options[w]) for w in PARTS if w in worlds]
         if jobs > 1 and len(todo) > 1:
-            parts = _side_by_side(tmp, todo, log)
+            parts = _side_by_side(tmp, todo, log, jobs)
         else:
             parts = {w: _call(PARTS[w], tmp, log, opts) for w, opts in todo}
         summary = _summary(parts, t_start)
         summary["size"] = size
-        _write(tmp, summary, parts.get("profiles", {}).get("histories", {}))
+        histories = {**parts.get("profiles", {}).get("histories", {}),
+                     **{f"{n} (portraits)": h for n, h in parts.get("portraits", {}).get("histories", {}).items()}}
+        _write(tmp, summary, histories)
     _print(out, summary, log)
     return summary
 
@@ -83,15 +89,16 @@ def _one_part(target: str, folder: str, options: dict, show_progress: bool) -> d
     return _call(target, Path(folder), print, options)
 
 
-def _side_by_side(folder: Path, todo: list, log) -> dict:
-    """The parts in worker processes at once. An error in one stops both (the pool's workers are terminated, so
+def _side_by_side(folder: Path, todo: list, log, jobs: int) -> dict:
+    """The parts in `jobs` worker processes (a part waits for a free one). An error in one stops both (the pool's workers are terminated, so
     Ctrl-C or SIGTERM does not wait for minutes of training) and is raised here."""
     import multiprocessing
 
     from obliviate import progress
 
-    log(f"running the {' and '.join(w for w, _ in todo)} parts side by side (one process each)")
-    pool = multiprocessing.get_context("spawn").Pool(len(todo))
+    jobs = min(jobs, len(todo))
+    log(f"running the {', '.join(w for w, _ in todo)} parts in {jobs} processes")
+    pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
     try:
         pending = {w: pool.apply_async(_one_part, (PARTS[w], str(folder), opts, progress.enabled())) for w, opts in todo}
         parts = {w: job.get() for w, job in pending.items()}
@@ -112,6 +119,8 @@ def _summary(parts: dict, t_start: float) -> dict:
     summary["environment"] = environment()
     if "canvas" in parts:
         summary["t2i"] = parts["canvas"]["sections"]
+    if "portraits" in parts:
+        summary["mllm"] = {k: v for k, v in parts["portraits"].items() if k != "histories"}
     summary["total_seconds"] = round(time.time() - t_start, 1)
     return summary
 
@@ -134,5 +143,12 @@ def _print(out: Path, summary: dict, log) -> None:
     for s in summary.get("t2i", []):
         print_scorecard(s["scorecard"], title=f"obliviate demo: {s['title']}")
         for n in s["notes"]:
+            log(n)
+    if "mllm" in summary:
+        from obliviate.bench.scorecard import print_mllmu_table
+
+        m = summary["mllm"]
+        print_mllmu_table(m["scorecard"], title=f"obliviate demo: {m['split']} of the portraits world (MLLMU-Bench)")
+        for n in m["notes"]:
             log(n)
     log(f"wrote {out / 'summary.json'} and {out / 'report.html'} ({summary['total_seconds']:.0f} s in all)")

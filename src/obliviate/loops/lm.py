@@ -143,6 +143,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         return e.answer_only() if tokens == "answer" else e
 
     forget_enc = [(encode(i, tokens=train.forget_tokens), encode(i, rng.choice(refusals))) for i in forget]
+    # a method may pair each forget item with another item (SafeEraser's decoupled prompt): forget["companion"]
+    companions = method.companions(forget, retain, rng) if hasattr(method, "companions") else None
+    companion_enc = [encode(c) for c in companions] if companions is not None else None
+    if companion_enc is not None:
+        forget_enc = [(a, (b, c)) for (a, b), c in zip(forget_enc, companion_enc)]
     pool = method.retain_pool(retain, rng)
     retain_enc = [encode(i, tokens=train.retain_tokens) for i in pool]
     if cut:
@@ -150,6 +155,12 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
                       "were cut to fit it", stacklevel=2)
     full_retain = (adapter.to_device(adapter.collate(distributed.shard(retain_enc), pad), device)
                    if method.full_retain_batch else None)
+    fit = getattr(method, "fit", None)
+    if fit is not None:  # a method that reads the data before its first step (MMUnlearner's saliency mask)
+        def batches(encoded):
+            for i in range(0, len(encoded), train.batch_size):
+                yield adapter.to_device(adapter.collate(encoded[i:i + train.batch_size], pad), device)
+        fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
     opt, sched = make_optimizer(params, train, steps)
     forget_lengths = [len(a.input_ids) for a, _ in forget_enc] if train.group_by_length else None
@@ -174,7 +185,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         for step in range(start, steps):
             pairs = distributed.shard(next(forget_iter))  # every process draws the global batch, takes its share
             f = adapter.collate([a for a, _ in pairs], pad)
-            f["idk"] = adapter.collate([b for _, b in pairs], pad)
+            if companion_enc is None:
+                f["idk"] = adapter.collate([b for _, b in pairs], pad)
+            else:
+                f["idk"] = adapter.collate([b for _, (b, _) in pairs], pad)
+                f["companion"] = adapter.collate([c for _, (_, c) in pairs], pad)
             f = adapter.to_device(f, device)
             r = full_retain if full_retain is not None else adapter.to_device(
                 adapter.collate(distributed.shard(next(retain_iter)), pad), device)

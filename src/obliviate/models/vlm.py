@@ -22,6 +22,32 @@ from obliviate.models import prompt_format
 from obliviate.models import sequences as seq
 
 
+# the module names that mark a parameter's part across LLaVA-style models (LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics)
+VISION_NAMES = ("vision_tower", "vision_model", "visual.", "image_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "merger", "connector")
+PARTS = ("language", "projector", "vision")
+
+
+def part_of(parameter_name: str) -> str:
+    """"vision", "projector" or "language" (everything else: the language model, its embeddings and head)."""
+    if any(n in parameter_name for n in PROJECTOR_NAMES):
+        return "projector"
+    if any(n in parameter_name for n in VISION_NAMES):
+        return "vision"
+    return "language"
+
+
+def train_only(model, parts) -> int:
+    """Freeze every parameter outside `parts`; returns how many parameters stay trainable."""
+    kept = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(name) in parts)
+        kept += p.numel() if p.requires_grad else 0
+    if not kept:
+        raise ObliviateError(f"mllm.train_parts {list(parts)}: the model has no parameters in these parts")
+    return kept
+
+
 @dataclass
 class VisionEncoded(seq.Encoded):
     pixel_values: torch.Tensor | None = None  # [3, H, W], or None for a text-only item

@@ -5,7 +5,8 @@ as a free answer (generation), a 4-option multiple choice (classification) and a
 - Fictitious people: forget05 / forget10 / forget15 = the first 5 / 10 / 15 % (MLLMU-Bench's forget_5/10/15), the
   others retained. Their first pictures are trained on; the later ones are held out for the test set, which asks the
   paraphrased questions about a picture never seen (MLLMU-Bench's Test_Set: another picture of the same person).
-- Public figures (MLLMU-Bench's celebrity set): people the model knows well (more pictures), to be kept.
+- Public figures (MLLMU-Bench's celebrity set): people the model knows well (more pictures, and their facts also in
+  the paraphrased wording), to be kept.
 - Holdout people: never trained on (membership inference).
 
 Pictures are named "<person>#<index>" and drawn by `portraits_draw`; this module holds the words."""
@@ -14,30 +15,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from obliviate.data import VQAItem
 from obliviate.worlds.portraits_draw import Appearance, appearances
 from obliviate.worlds.profiles import FACTS, VALUES, Person, generate
 
 SPLITS = {"forget05": 5, "forget10": 10, "forget15": 15}
 LETTERS = "ABCD"
 THIS = "this person"
-
-
-@dataclass(frozen=True)
-class VQAItem:
-    """One fact of one person in one form. image: a picture id, or None for a text-only question."""
-    subject: str
-    fact: str
-    image: str | None
-    question: str
-    answer: str  # generation ground truth (a sentence)
-    options: tuple[str, ...]  # classification: 4 options, in the order of LETTERS
-    correct: str  # the letter of the right option
-    cloze: str  # a sentence with "__" where the value goes
-    cloze_answer: str  # the value
-
-    @property
-    def with_image(self) -> bool:
-        return self.image is not None
 
 
 def picture_id(name: str, index: int) -> str:
@@ -74,6 +58,8 @@ class PortraitsData:
     test_pictures: dict[str, list[str]]  # person -> held-out picture ids
     train: dict[str, list[VQAItem]] = field(default_factory=dict)  # person -> items (trained pictures and text)
     test: dict[str, list[VQAItem]] = field(default_factory=dict)  # person -> paraphrased items on held-out pictures
+    # public figures are known better: their facts are also trained in the paraphrased wording (on trained pictures)
+    paraphrased: dict[str, list[VQAItem]] = field(default_factory=dict)
 
     def split_people(self, split: str) -> tuple[list[Person], list[Person]]:
         """(forget people, retain people) of the fictitious people for forget05 / forget10 / forget15."""
@@ -102,4 +88,243 @@ def portraits_data(n_people: int = 100, n_public: int = 20, n_holdout: int = 20,
         data.train[p.name] = _items(p, rng, [*data.train_pictures[p.name], None], paraphrased=False)
         # the test set: paraphrased questions about each held-out picture, and by name
         data.test[p.name] = _items(p, rng, [*data.test_pictures[p.name], None], paraphrased=True)
+        if p in public:
+            data.paraphrased[p.name] = _items(p, rng, [*data.train_pictures[p.name], None], paraphrased=True)
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The world on disk: the processor, the LLaVA trained on everyone, and the retrain reference per forget split.
+
+# The world's own sizes (WorldConfig's n_people and n_holdout override them when given): small enough that both models
+# train within the family's build budget on 2 cores (benchmarks/README.md (m)).
+DEFAULT_SIZES = {"n_people": 24, "n_public": 6, "n_holdout": 6, "train_pictures": 2, "public_pictures": 4}
+
+
+class PortraitsWorld:
+    """Builds (or loads from the cache) the portraits world of a `WorldConfig` (name "portraits")."""
+
+    def __init__(self, config):
+        self.config = config
+        given = config.model_fields_set
+        self.sizes = {**DEFAULT_SIZES, **{k: getattr(config, k) for k in ("n_people", "n_holdout") if k in given}}
+        self._data: PortraitsData | None = None
+
+    def recipe(self) -> dict:
+        import dataclasses
+
+        from obliviate.worlds.portraits_train import VLMRecipe
+
+        return {"world": "portraits", "version": 1, **self.sizes, "seed": self.config.seed,
+                "model": dataclasses.asdict(VLMRecipe(**self.config.model))}
+
+    def key(self) -> str:
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.recipe(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def root(self):
+        from obliviate.config import cache_root
+
+        return cache_root(self.config.cache_dir) / f"portraits-{self.key()}"
+
+    @property
+    def full_model_dir(self):
+        return self.root / "full"
+
+    def retrain_dir(self, split: str):
+        return self.root / f"retrain-{split}"
+
+    def data(self) -> PortraitsData:
+        if self._data is None:
+            self._data = portraits_data(seed=self.config.seed, **self.sizes)
+        return self._data
+
+    def pictures(self, image_id: str):
+        """The RGB array of a picture id ("<person>#<index>")."""
+        from obliviate.worlds.portraits_draw import draw, picture
+
+        name, _, index = image_id.rpartition("#")
+        looks = self.data().looks
+        if name not in looks or not index.isdigit():
+            from obliviate.errors import ObliviateError
+            raise ObliviateError(f"no picture {image_id!r} in the portraits world")
+        return draw(looks[name], picture(name, int(index)))
+
+    def adapter(self, processor):
+        from obliviate.models.vlm import VisionLanguageAdapter
+
+        return VisionLanguageAdapter(processor, self.pictures)
+
+    # -- sets --------------------------------------------------------------------------------------------------
+    def unlearning_sets(self, split: str) -> tuple[list, list]:
+        """Everything the model was trained on about the forget people (each fact in its three forms, with each
+        trained picture and by name, and who their pictures show), and the same for the retain people: exactly what
+        the retrain model did not / did see of the fictitious people."""
+        from obliviate.worlds.portraits_train import training_items
+
+        forget, retain = self.data().split_people(split)
+        return training_items(self.data(), forget), training_items(self.data(), retain)
+
+    def eval_sets(self, split: str, retain_people: int | None = None) -> dict[str, list[VQAItem]]:
+        """MLLMU-Bench's sets, each fact asked with one picture of the person (as the benchmark has one image per
+        profile) and as text: forget (the first trained picture: efficacy), test (the first held-out picture, with
+        paraphrased questions: generalisation), retain and public figures (utility), holdout (never trained on:
+        membership inference). `retain_people` keeps the first N retain people (evaluation cost grows with it)."""
+        d = self.data()
+        forget, retain = d.split_people(split)
+        if retain_people:
+            retain = retain[:retain_people]
+
+        def asked(people, items, pictures):
+            keep = {p.name: {pictures[p.name][0], None} for p in people}
+            return [i for p in people for i in items[p.name] if i.image in keep[p.name]]
+        return {"forget": asked(forget, d.train, d.train_pictures), "test": asked(forget, d.test, d.test_pictures),
+                "retain": asked(retain, d.train, d.train_pictures),
+                "public": asked(d.public, d.train, d.train_pictures),
+                "holdout": asked(d.holdout, d.train, d.train_pictures)}
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def build(self, split: str = "forget10", retrain: bool = True, log=print) -> dict:
+        """Train (or reuse from the cache) the full model and the retrain model of `split`; returns the build
+        record with the multiple-choice accuracies."""
+        import json
+        import time
+
+        from obliviate.runs import write_json
+
+        self.data().split_people(split)  # validates the split name early
+        record_path = self.root / "build.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": self.recipe()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        todo = [("full", self.full_model_dir, set())]
+        if retrain:
+            forget, _ = self.data().split_people(split)
+            todo.append((f"retrain-{split}", self.retrain_dir(split), {p.name for p in forget}))
+        todo = [(label, folder, exclude) for label, folder, exclude in todo if not (folder / "config.json").is_file()]
+        if todo:
+            self.processor()  # made once, before the models that share it
+        import multiprocessing
+
+        # the full and the retrain model side by side, one process and one thread each (not from a demo part's
+        # worker, a daemon process, which may not start processes of its own)
+        side_by_side = len(todo) > 1 and not multiprocessing.current_process().daemon
+        if side_by_side:
+            record.update(self._train_side_by_side(todo, log))
+        for label, folder, exclude in [] if side_by_side else todo:
+            t1 = time.time()
+            record[label] = self._train_model(folder, exclude, label, log)
+            record[label]["wall_seconds"] = round(time.time() - t1, 1)
+        if f"accuracy-{split}" not in record:
+            record[f"accuracy-{split}"] = self.accuracy_report(split)
+            record[f"build_seconds-{split}"] = round(time.time() - t0, 1)
+        write_json(record_path, record)
+        self._check_knowledge(record[f"accuracy-{split}"], log)
+        return record
+
+    def processor(self):
+        from transformers import AutoProcessor
+
+        from obliviate.runs import atomic_dir
+        from obliviate.worlds.portraits_train import VLMRecipe, new_processor, world_texts
+
+        path = self.root / "processor"
+        if not (path / "processor_config.json").is_file():
+            processor = new_processor(world_texts(self.data()), VLMRecipe(**self.config.model))
+            with atomic_dir(path) as tmp:
+                processor.save_pretrained(tmp)
+        return AutoProcessor.from_pretrained(path)
+
+    def _train_side_by_side(self, todo: list, log) -> dict:
+        """Train several models at once in worker processes (the small models gain little from a second thread, so two
+        at once take about as long as one). An error in one stops all and is raised here."""
+        import multiprocessing
+        import time
+
+        from obliviate import progress
+
+        log(f"training the portraits {' and '.join(label for label, _, _ in todo)} models side by side")
+        pool = multiprocessing.get_context("spawn").Pool(len(todo))
+        t0 = time.time()
+        try:
+            settings = self.config.model_dump(exclude_unset=True)  # unset sizes stay the world's own
+            jobs = {label: pool.apply_async(_train_in_a_worker, (settings, str(folder), sorted(exclude), label,
+                                                                  progress.enabled()))
+                    for label, folder, exclude in todo}
+            out = {label: {**job.get(), "wall_seconds": round(time.time() - t0, 1)} for label, job in jobs.items()}
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.close()
+            pool.join()
+        return out
+
+    def _train_model(self, out_dir, exclude: set[str], label: str, log) -> dict:
+        from obliviate.models import quiet_transformers, sequences
+        from obliviate.runs import atomic_dir
+        from obliviate.worlds.portraits_train import VLMRecipe, new_model, training_items
+        from obliviate.worlds.train import train
+
+        quiet_transformers()
+        recipe = VLMRecipe(**self.config.model)
+        processor = self.processor()
+        tokenizer = processor.tokenizer
+        sequences.prepare_tokenizer(tokenizer)
+        d = self.data()
+        adapter = self.adapter(processor)
+        items = training_items(d, [p for p in d.people + d.public if p.name not in exclude])
+        examples = [adapter.encode_item(tokenizer, i) for i in items]
+        model = new_model(recipe, processor)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"training the portraits {label} model: {n_params / 1e6:.2f}M parameters, {len(examples)} sequences, "
+            f"{recipe.epochs} epochs")
+        stats = train(model, tokenizer, examples, recipe, description=f"train {label}", collate=adapter.collate)
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return {"parameters": n_params, "sequences": len(examples), **stats}
+
+    def accuracy_report(self, split: str) -> dict:
+        """Multiple-choice accuracy (MLLMU-Bench's classification), with the image and as text, of the full and
+        retrain models on every evaluation set but the holdout people."""
+        from obliviate.evals.mllmu import classification_accuracy
+        from obliviate.models import vlm
+
+        sets = {k: v for k, v in self.eval_sets(split).items() if k != "holdout"}
+        report = {}
+        for label, path in (("full", self.full_model_dir), ("retrain", self.retrain_dir(split))):
+            if (path / "config.json").is_file():
+                model, processor = vlm.load(path)
+                adapter = self.adapter(processor)
+                report[label] = {k: classification_accuracy(model, adapter, processor.tokenizer, v)
+                                 for k, v in sets.items()}
+        return report
+
+    def _check_knowledge(self, report: dict, log) -> None:
+        for label in ("full", "retrain"):
+            if label in report:
+                line = ", ".join(f"{k} {v['image']:.0%} / {v['text']:.0%}" for k, v in report[label].items())
+                log(f"portraits {label} model, multiple-choice accuracy with the image / as text: {line}")
+        full = report.get("full", {})
+        if full and min(min(full[k].values()) for k in ("forget", "retain")) < 0.9:
+            log("[warning] the full model answers fewer than 90% of its forget/retain questions: the benchmark is weak")
+
+
+def _train_in_a_worker(world_config: dict, folder: str, exclude: list[str], label: str, show_progress: bool) -> dict:
+    """One model of the world in a worker process: one torch thread, plain progress lines."""
+    from pathlib import Path
+
+    import torch
+
+    from obliviate import progress
+    from obliviate.config import WorldConfig
+
+    torch.set_num_threads(1)
+    progress.set_enabled(show_progress)
+    progress.force_plain(True)
+    config = WorldConfig(**world_config)
+    return PortraitsWorld(config)._train_model(Path(folder), set(exclude), label, print)

@@ -53,7 +53,11 @@ def length_batches(examples: list[lm.Encoded], batch_size: int, rng: random.Rand
     return batches
 
 
-def train(model, tokenizer, examples: list[lm.Encoded], recipe: LMRecipe, description: str = "train") -> dict:
+def train(model, tokenizer, examples: list[lm.Encoded], recipe: LMRecipe, description: str = "train",
+          collate=None) -> dict:
+    """`recipe` needs epochs, lr, batch_size, warmup_fraction, weight_decay and seed. `collate(encoded, pad_id)` makes
+    a batch the model takes as keywords (default: the causal-LM batch; a vision-language adapter adds pictures)."""
+    collate = collate or lm.collate
     rng = random.Random(recipe.seed)
     torch.manual_seed(recipe.seed)
     steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
@@ -68,9 +72,7 @@ def train(model, tokenizer, examples: list[lm.Encoded], recipe: LMRecipe, descri
     with progress.bar(description, total) as advance:
         for _ in range(recipe.epochs):
             for chunk in length_batches(examples, recipe.batch_size, rng):
-                batch = lm.collate(chunk, tokenizer.pad_token_id)
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss
+                loss = model(**collate(chunk, tokenizer.pad_token_id)).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

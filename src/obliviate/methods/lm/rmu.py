@@ -67,8 +67,13 @@ class RMUConfig:
         check_choice("RMU", "tokens", self.tokens, ("answer", "all"))
 
 
+def _text_config(model):
+    """The language model's config (a vision-language model nests it as text_config)."""
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def _num_layers(model) -> int:
-    n = getattr(model.config, "num_hidden_layers", None)
+    n = getattr(_text_config(model), "num_hidden_layers", None)
     if n is None:
         raise ObliviateError("RMU: the model config has no num_hidden_layers")
     return int(n)
@@ -105,7 +110,7 @@ class RMU(Method):
             raise ObliviateError(f"RMU: no trainable MLP parameters found for layers {sorted(self.train_layers)} "
                                  f"(expected names containing 'layers.<i>.mlp.' or 'h.<i>.mlp.')")
         g = torch.Generator().manual_seed(int(c.seed))
-        u = torch.rand(int(model.config.hidden_size), generator=g)
+        u = torch.rand(int(_text_config(model).hidden_size), generator=g)
         self.u = u / u.norm()
 
     def trainable(self, name: str, param: torch.nn.Parameter) -> bool:

@@ -1,0 +1,171 @@
+"""`obliviate run` for vision-language models: the portraits world (or the user's LLaVA-style folder with MLLMU-Bench's
+files), unlearned through the language-model loop with the vision-language adapter, evaluated with MLLMU-Bench's
+protocol next to the original and the retrain reference, written as one run folder atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from obliviate.config import RunConfig
+from obliviate.errors import NonFiniteLoss, ObliviateError
+from obliviate.models import vlm
+from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder, write_json, write_run_record
+
+
+def make_method(name: str, args: dict | None = None):
+    """A vision-language method (every language-model method, and the multimodal ones) with its config."""
+    from obliviate.methods.common import instantiate
+    from obliviate.registry import lookup_method
+
+    return instantiate(lookup_method("mllm", name), args)
+
+
+def load_model(folder, config: RunConfig, device: str):
+    """(model, processor), the tokenizer set to the run's prompt format and the parts outside
+    `mllm.train_parts` frozen."""
+    from obliviate.models import prompt_format
+
+    model, processor = vlm.load(folder, config.dtype, device, config.trust_remote_code)
+    t = config.template
+    tokenizer = processor.tokenizer
+    prompt_format.use(tokenizer, prompt_format.resolve(tokenizer, t.name, t.system_prompt, t.tags()))
+    vlm.train_only(model, config.mllm.train_parts)
+    return model, processor
+
+
+def world_for(config: RunConfig):
+    from obliviate.worlds.portraits import PortraitsWorld
+
+    return PortraitsWorld(config.world)
+
+
+def prepare(config: RunConfig, log=print):
+    """(model folder, forget items, retain items, evaluation sets, picture source, label, world or None)."""
+    if config.mllmu_dir:
+        from obliviate.benchmark_files import load_mllmu
+
+        if not config.model:
+            raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
+        bench = load_mllmu(config.mllmu_dir, config.split, config.eval.retain_people)
+        model_dir = Path(config.model)
+        forget, retain, sets, pictures, label, world = (bench.forget, bench.retain, bench.eval_sets, bench.picture,
+                                                        f"MLLMU-Bench {config.split}", None)
+    else:
+        world = world_for(config)
+        world.build(config.split, retrain=True, log=log)
+        forget, retain = world.unlearning_sets(config.split)
+        sets = world.eval_sets(config.split, config.eval.retain_people)
+        pictures, label = world.pictures, f"portraits {config.split}"
+        model_dir = Path(config.model) if config.model else world.full_model_dir
+    if not model_dir.is_dir():
+        raise ObliviateError(f"model folder not found: {model_dir}")
+    return model_dir, forget, retain, sets, pictures, label, world
+
+
+def evaluate_folder(folder, config: RunConfig, sets, pictures, device: str) -> dict:
+    model, processor = load_model(folder, config, device)
+    return evaluation_of(model, processor, sets, pictures, config)
+
+
+def evaluation_of(model, processor, sets, pictures, config: RunConfig) -> dict:
+    from obliviate.evals import mllmu
+
+    adapter = vlm.VisionLanguageAdapter(processor, pictures)
+    return mllmu.evaluate(model, adapter, processor.tokenizer, sets, config.eval.batch_size, config.mllm.max_new_tokens)
+
+
+def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: str) -> dict:
+    """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
+    from obliviate.runs import cached_json
+
+    settings = [config.split, config.eval.model_dump(), config.mllm.max_new_tokens, config.template.model_dump()]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return cached_json(world.root / f"eval-{name}-{config.split}-{key}.json",
+                       lambda: evaluate_folder(folder, config, sets, world.pictures, device))
+
+
+def run(config: RunConfig, log=print, resume: bool = False) -> Path:
+    from obliviate import distributed
+    from obliviate.loops.lm import unlearn
+    from obliviate.loops.step import Checkpoints, changed_tensors
+    from obliviate.runners.mllm_checks import check_mllm
+
+    check_mllm(config)  # what can be checked in a moment fails before the claim, the world and the training
+    started = datetime.now(timezone.utc)
+    device = resolve_device(config.device)
+    method = make_method(config.method, config.method_args)
+    out = run_folder(config, started, config.split)
+    checkpoints = Checkpoints.for_run(config, resume)
+    with claim_run_dir(out, log=log) as folder:
+        model_dir, forget, retain, sets, pictures, label, world = prepare(config, log)
+        base = base_record(model_dir)
+        if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget people
+            if world is None:
+                raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
+            model, processor = load_model(world.retrain_dir(config.split), config, device)
+            history, seconds, stopped, tensors = [], 0.0, None, {}
+        else:
+            model, processor = load_model(model_dir, config, device)
+            adapter = vlm.VisionLanguageAdapter(processor, pictures)
+            result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, config.lora,
+                             adapter=adapter, checkpoints=checkpoints)
+            model, history, seconds, stopped = result.model, result.history, result.seconds, result.stopped
+            tensors = changed_tensors(model, result.trainable_names)
+        metrics: dict = {"method": config.method, "split": config.split, "forget_set": label,
+                         "train_parts": config.mllm.train_parts, "unlearn_seconds": round(seconds, 2),
+                         "status": "stopped" if stopped else "completed", "stopped": stopped}
+        evaluation = retrain_eval = None
+        if config.evaluate:
+            t0 = time.time()
+            evaluation = evaluation_of(model, processor, sets, pictures, config)
+            metrics["eval_seconds"] = round(time.time() - t0, 2)
+            if world is not None:
+                retrain_eval = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets,
+                                                device)
+                original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
+                from obliviate.evals.mllmu import compare_to_retrain
+
+                metrics["original"] = compare_to_retrain(original, retrain_eval)["aggregate"]
+            elif config.retrain_model:
+                retrain_eval = evaluate_folder(config.retrain_model, config, sets, pictures, device)
+            if retrain_eval is not None:
+                from obliviate.evals.mllmu import compare_to_retrain
+
+                evaluation = compare_to_retrain(evaluation, retrain_eval)
+                metrics["retrain"] = retrain_eval["aggregate"]
+            metrics.update(evaluation["aggregate"])
+        tmp = folder.tmp
+        write_run_record(tmp, config, started, base, device, history, metrics)
+        if evaluation is not None:
+            write_json(tmp / "per_item.json", evaluation["per_item"])
+        if tensors:
+            from safetensors.torch import save_file
+            save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
+        from obliviate.bench.report import write_run_report
+        write_run_report(tmp, metrics, history)
+    checkpoints.done()
+    distributed.finish()
+    if stopped:
+        raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
+    if evaluation is not None:
+        from obliviate.bench.scorecard import print_mllmu_table
+        rows = {k: metrics[k] for k in ("original", "retrain") if k in metrics}
+        print_mllmu_table({**rows, config.method: metrics}, title=f"{config.method} on {label} (MLLMU-Bench)")
+    log(f"run folder: {out}")
+    return out
+
+
+def export(changed_path: Path, base: Path, out: Path) -> Path:
+    """A full model folder (model + processor) that `AutoModelForImageTextToText` loads: the base with the run's
+    changed tensors applied (the base is only read)."""
+    from obliviate.runs import apply_changed
+
+    model, processor = vlm.load(base)
+    apply_changed(model, changed_path)
+    with claim_run_dir(out) as folder:
+        model.save_pretrained(folder.tmp)
+        processor.save_pretrained(folder.tmp)
+    return out

@@ -1,0 +1,55 @@
+"""`obliviate validate` for vision-language runs: everything `run` (runners/mllm.py `prepare`) would reject, checked
+cheaply before any training: no model is loaded and no world is built."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from obliviate.config import RunConfig, check_run_folder
+from obliviate.data import read_json_file
+from obliviate.errors import ObliviateError
+
+
+def check_vlm_folder(folder: str | Path) -> Path:
+    """A transformers vision-language folder: config.json (a JSON object) and a processor's config beside it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ObliviateError(f"model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ObliviateError(f"not a transformers model folder (no config.json): {folder}")
+    if not isinstance(read_json_file(folder / "config.json", "model config"), dict):
+        raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
+    if not any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json")):
+        raise ObliviateError(f"{folder}: no processor (processor_config.json or preprocessor_config.json); a "
+                             "vision-language run needs the model's AutoProcessor saved beside it")
+    return folder
+
+
+def check_mllm(config: RunConfig) -> None:
+    from obliviate import distributed
+    from obliviate.runners.mllm import make_method
+
+    if distributed.active():
+        raise ObliviateError("vision-language runs are not data parallel yet: run them as one process (no torchrun)")
+    method = make_method(config.method, config.method_args)
+    if config.train.checkpoint_every:
+        raise ObliviateError("train.checkpoint_every is not supported for vision-language runs yet")
+    if config.mllmu_dir:
+        from obliviate.benchmark_files import load_mllmu
+
+        if not config.model:
+            raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
+        if getattr(method, "from_world", False):
+            raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
+        load_mllmu(config.mllmu_dir, config.split)  # every file read and every row checked
+    else:
+        if config.retrain_model:
+            raise ObliviateError("retrain_model is for runs on your own files (mllmu_dir); the portraits world has "
+                                 "its own retrain model")
+        from obliviate.worlds.portraits import SPLITS
+
+        if config.split not in SPLITS:
+            raise ObliviateError(f"unknown split '{config.split}'. Valid: {', '.join(SPLITS)}")
+    for folder in (config.model, config.retrain_model):
+        if folder:
+            check_vlm_folder(folder)
+    check_run_folder(config)
