@@ -1,6 +1,6 @@
-"""Slow: the real demo on the default worlds, as `make demo` runs it (the profiles and canvas parts side by side;
-no TOFU files, the world a fresh clone builds; trains the profiles world's two models and the canvas world's
-pipeline with its retrain references). Run with `make test-slow` (CI does). It checks what the README promises, not
+"""Slow: the real demo on the default worlds, as `make demo` runs it (the profiles, canvas and portraits parts in two
+processes; no TOFU files, the worlds a fresh clone builds; trains the profiles world's two models, the canvas world's
+pipeline with its retrain references and the portraits world's two LLaVAs). Run with `make test-slow` (CI does). It checks what the README promises, not
 a particular score."""
 import html as html_lib
 import json
@@ -47,3 +47,18 @@ def test_demo_end_to_end(tmp_path):
         assert (tmp_path / "demo" / s["grid"]).is_file()
     # the page escapes quotes, as it must for a concept name written into HTML
     assert html_lib.escape("Erasing 'striped'") in html and html.count("class='grid'") >= 2
+
+    # the vision-language part: MLLMU-Bench's table for the original, the retrain model and each method
+    mllm = saved["mllm"]
+    card = mllm["scorecard"]
+    assert {"original", "retrain", "GradDiff", "NPO", "SimNPO", "RGD", "MMUnlearner", "PromptDecouple"} <= set(card)
+    # the original knows its people, with the picture and as text; the retrain model never saw the forget people
+    for form in ("image", "text"):
+        assert card["original"][f"forget_classification_{form}"] >= 0.75
+        assert card["retrain"][f"forget_classification_{form}"] <= 0.5
+    assert card["retrain"]["forget_quality"] == pytest.approx(1.0)
+    for name in ("GradDiff", "NPO", "SimNPO", "RGD", "MMUnlearner", "PromptDecouple"):
+        assert card[name]["forget_classification_image"] <= card["original"]["forget_classification_image"], name
+        assert (tmp_path / "demo" / "mllm" / name / "changed.safetensors").is_file()
+    assert all((tmp_path / "demo" / e["picture"]).is_file() for e in mllm["examples"])
+    assert "MLLMU-Bench" in html and "Before and after" in html

@@ -111,3 +111,19 @@ def test_mllmu_scoring_rules_on_known_answers(world):
     for form in ("image", "text"):
         assert right[f"classification_{form}"] == right[f"cloze_{form}"] == right[f"rouge_l_{form}"] == 1.0
         assert wrong[f"classification_{form}"] == wrong[f"cloze_{form}"] == wrong[f"rouge_l_{form}"] == 0.0
+
+
+def test_selecting_rows_of_a_batch_keeps_each_picture_with_its_row():
+    """RGD drops forget rows past its loss cap: the pictures of the kept rows must follow them, in the new order."""
+    from obliviate.models import sequences as seq
+    from obliviate.models.vlm import VisionEncoded, VisionLanguageAdapter
+
+    def item(k, picture):
+        return VisionEncoded([1, 2, k], [-100, 2, k], 0, None if picture is None else torch.full((3, 2, 2), picture))
+    batch = VisionLanguageAdapter.collate(None, [item(5, 0.0), item(6, None), item(7, 2.0), item(8, 3.0)], 0)
+    assert batch["image_rows"].tolist() == [0, 2, 3] and "image_rows" not in seq.model_inputs(batch)
+    picked = seq.select_rows(batch, torch.tensor([3, 1, 2]))
+    assert picked["input_ids"][:, 2].tolist() == [8, 6, 7]
+    assert picked["image_rows"].tolist() == [0, 2] and picked["pixel_values"][:, 0, 0, 0].tolist() == [3.0, 2.0]
+    masked = seq.select_rows(batch, torch.tensor([False, True, False, False]))
+    assert masked["input_ids"][:, 2].tolist() == [6] and "pixel_values" not in masked

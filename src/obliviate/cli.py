@@ -160,8 +160,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
          concepts: str = typer.Option("striped,star", help="canvas concepts to erase (a style and an object)"),
          mllm_methods: str = typer.Option("GradDiff,NPO,SimNPO,RGD,MMUnlearner,PromptDecouple",
                                           help="comma-separated vision-language methods (the portraits world)"),
-         worlds: str = typer.Option("profiles,canvas,portraits", help="which parts to run: any of profiles, canvas "
-                                                                      "and portraits"),
+         worlds: str = typer.Option("", help="which parts to run: any of profiles, canvas and portraits (default: "
+                                             "all three)"),
          jobs: int = typer.Option(min(2, os.cpu_count() or 1), help="parts run side by side, one process each "
                                                                      "(1: one after the other, in this process)"),
          full_size: bool = typer.Option(False, help="the full-size worlds and sampling settings (200 people, 2 "
@@ -178,7 +178,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     try:
         from obliviate.demo import run_demo
         run_demo(out, tofu_dir, split(methods), t2i_methods=split(t2i_methods), concepts=split(concepts),
-                 worlds=tuple(split(worlds)), jobs=jobs, size="full" if full_size else "demo",
+                 worlds=tuple(split(worlds)) or None, jobs=jobs, size="full" if full_size else "demo",
                  mllm_methods=split(mllm_methods))
     except ObliviateError as e:
         _fail(e)

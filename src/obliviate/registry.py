@@ -1,5 +1,5 @@
 """One table of everything a user can choose by name: methods, metrics and worlds, each with its family ("lm",
-"t2i"; "mllm" next) and what a user needs to choose it. Metrics carry their metadata here, once: the aggregate keys
+"t2i", "mllm") and what a user needs to choose it. Metrics carry their metadata here, once: the aggregate keys
 they fill, which way is better, how per-item values aggregate, the scorecard's header and format; the scorecard, the
 report and the leaderboard read it from here. Nothing here imports torch or transformers, so `obliviate ls`
 answers at once; objects are imported only when a run asks for them."""
@@ -18,7 +18,7 @@ class Entry:
     target: str  # "module:Object"
     description: str
     paper: str = ""
-    family: str = "lm"  # the model family it serves ("lm", "t2i"; "any" for worlds of either)
+    family: str = "lm"  # the model family it serves ("lm", "t2i", "mllm"; "any" for any family)
 
     def load(self):
         module, _, attr = self.target.partition(":")
@@ -223,8 +223,8 @@ ATTACKS = _table(
 
 MLLM_METHODS = _table(
     *LM_METHODS.values(),  # every language-model method runs on a vision-language model through its adapter
-    Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner", "Gradient ascent on the forget items restricted to a "
-          "saliency mask of the parameters most tied to them (per part), plus retain NLL.",
+    Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner", "Gradient ascent on the forget items masked to the weights "
+          "whose forget Fisher is at least their retain Fisher (every trained part), plus retain NLL.",
           "Huo et al. 2025, MMUnlearner, https://arxiv.org/abs/2502.11051", family="mllm"),
     Entry("PromptDecouple", M + "mllm.prompt_decouple:PromptDecouple", "GradDiff plus SafeEraser's Prompt Decouple "
           "loss: the forget question on an unrelated picture keeps its answer (weight 0.5).",

@@ -5,8 +5,8 @@ full model, evaluates each one and the retrain gold standard with the same proto
 style and an object from the world's pipeline with several methods, next to the retrain-without-concept references,
 and attacks each erasure. Portraits (demo/mllm.py): unlearns forget10 from the world's small LLaVA and scores it with
 MLLMU-Bench's protocol. Each part writes its own folders (metrics, per-item values, history, changed tensors, image
-grids); this module runs the parts (in `jobs` processes when `jobs` > 1, each on one thread: the small models gain
-little from a second thread, so two parts at once take about as long as the longer one), then writes
+grids); this module runs the parts (side by side, one process each, when `jobs` > 1, each on one thread: the small
+models gain little from a second thread), then writes
 summary.json and report.html and prints the scorecards — the whole folder atomically.
 """
 from __future__ import annotations
@@ -29,13 +29,14 @@ SIZES = ("demo", "full")  # every part takes `size`: its small default world and
 
 
 def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2i_methods=None, concepts=None,
-             worlds=("profiles", "canvas", "portraits"), jobs: int = 1, size: str = "demo",
+             worlds=None, jobs: int = 1, size: str = "demo",
              mllm_methods=None) -> dict:
     """The profiles world's unlearning (LM `methods`), the canvas world's erasures (`t2i_methods` x `concepts`) and
-    the portraits world's unlearning (`mllm_methods`).
+    the portraits world's unlearning (`mllm_methods`). `worlds`: the parts to run (default: every part).
     `size`: "demo" (smaller world and sampling, the default) or "full" (the full-size worlds and settings)."""
     from obliviate.runs import atomic_dir
 
+    worlds = tuple(PARTS) if worlds is None else tuple(worlds)
     bad = set(worlds) - set(PARTS)
     if bad or not worlds:
         raise ObliviateError(f"unknown demo world(s) {sorted(bad) or '(none)'}; valid: {', '.join(PARTS)}")
@@ -56,7 +57,7 @@ def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2
     with atomic_dir(out) as tmp:
         todo = [(w, options[w]) for w in PARTS if w in worlds]
         if jobs > 1 and len(todo) > 1:
-            parts = _side_by_side(tmp, todo, log, jobs)
+            parts = _side_by_side(tmp, todo, log)
         else:
             parts = {w: _call(PARTS[w], tmp, log, opts) for w, opts in todo}
         summary = _summary(parts, t_start)
@@ -89,16 +90,16 @@ def _one_part(target: str, folder: str, options: dict, show_progress: bool) -> d
     return _call(target, Path(folder), print, options)
 
 
-def _side_by_side(folder: Path, todo: list, log, jobs: int) -> dict:
-    """The parts in `jobs` worker processes (a part waits for a free one). An error in one stops both (the pool's workers are terminated, so
+def _side_by_side(folder: Path, todo: list, log) -> dict:
+    """The parts in worker processes at once, one each (three parts on two cores share them: the machine's work is
+    the same, and no part waits for another to finish). An error in one stops both (the pool's workers are terminated, so
     Ctrl-C or SIGTERM does not wait for minutes of training) and is raised here."""
     import multiprocessing
 
     from obliviate import progress
 
-    jobs = min(jobs, len(todo))
-    log(f"running the {', '.join(w for w, _ in todo)} parts in {jobs} processes")
-    pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+    log(f"running the {', '.join(w for w, _ in todo)} parts side by side (one process each)")
+    pool = multiprocessing.get_context("spawn").Pool(len(todo))
     try:
         pending = {w: pool.apply_async(_one_part, (PARTS[w], str(folder), opts, progress.enabled())) for w, opts in todo}
         parts = {w: job.get() for w, job in pending.items()}

@@ -50,6 +50,10 @@ def _examples(world, sets: dict, rows_by_model: dict[str, list[dict]], n: int = 
     return out
 
 
+def _accuracies(report: dict) -> str:
+    return ", ".join(f"{k} " + " / ".join(f"{x:.0%}" for x in v.values()) for k, v in report.items())
+
+
 def run_mllm_demo(methods: list[str], log=print) -> dict:
     from obliviate.evals.mllmu import compare_to_retrain
     from obliviate.loops.lm import unlearn
@@ -100,10 +104,9 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
         f"{record['full']['parameters'] / 1e6:.1f}M-parameter LLaVA; unlearning uses {len(forget)} forget and "
         f"{len(retain)} retain items (each fact as a free answer, multiple choice and cloze, with each trained "
         "picture and by name). The methods train the language model (MLLMU-Bench's baselines).",
-        "Multiple-choice accuracy at build, with the picture / as text: original "
-        + ", ".join(f"{k} {v['image']:.0%} / {v['text']:.0%}" for k, v in accuracy["full"].items())
-        + "; retrain " + ", ".join(f"{k} {v['image']:.0%} / {v['text']:.0%}" for k, v in accuracy["retrain"].items())
-        + " (chance: 25%).",
+        "Multiple-choice accuracy at build, with the picture / as text: original " + _accuracies(accuracy["full"])
+        + "; retrain " + _accuracies(accuracy["retrain"]) + " (chance: 25%; held_out_picture: the forget people's "
+        "trained questions about a picture never trained on, with the picture only).",
         "The bar: forget multiple-choice accuracy with the picture within 10 points of the retrain model's, retain and "
         "public-figure accuracy with the picture at least 0.9x the original's.",
         ("Methods that meet it: " + ", ".join(winners)) if winners else "No method met it in this run.",

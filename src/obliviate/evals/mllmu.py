@@ -71,8 +71,8 @@ def answer_nlls(model, adapter, tokenizer, items: Sequence, answers: Sequence[st
     encoded = [adapter.encode_item(tokenizer, i, a) for i, a in zip(items, answers)]
     for start in range(0, len(encoded), batch_size):
         batch = seq.to_device(adapter.collate(encoded[start:start + batch_size], tokenizer.pad_token_id), device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
+        labels = batch["labels"]
+        logits = model(**seq.model_inputs(batch)).logits[:, :-1].float()
         targets = labels[:, 1:]
         mask = targets != seq.IGNORE
         logprobs = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

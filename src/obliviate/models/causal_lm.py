@@ -12,7 +12,7 @@ from obliviate.errors import ObliviateError
 from obliviate.models import prompt_format, quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
 # the token sequences and batches every text-generating family shares, re-exported as the adapter contract names them
 from obliviate.models.sequences import (IGNORE, Encoded, collate, left_padded, model_device,  # noqa: F401
-                                        prepare_tokenizer, to_device)
+                                        model_inputs, prepare_tokenizer, to_device)
 
 PROMPT_TEMPLATE = prompt_format.QA_PROMPT  # the raw format of the built-in worlds
 
@@ -124,12 +124,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits, targets, mask = shifted(logits, labels)
     lp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     return lp * mask, mask
-
-
-def model_inputs(batch: dict) -> dict:
-    """Every tensor of a collated batch the model takes: all but the labels (and nested batches such as the refusal
-    answers), so an adapter whose collate adds inputs (pixel_values) reaches the model through the same methods."""
-    return {k: v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:

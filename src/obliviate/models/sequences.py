@@ -50,6 +50,32 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+# entries of a collated batch that are not inputs of the model: the targets, and which rows the pictures belong to
+BOOKKEEPING = ("labels", "image_rows")
+
+
+def model_inputs(batch: dict) -> dict:
+    """Every tensor of a collated batch the model takes: all but the bookkeeping (and nested batches such as the
+    refusal answers), so an adapter whose collate adds inputs (pixel_values) reaches the model through the same
+    methods."""
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING and isinstance(v, torch.Tensor)}
+
+
+def select_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The batch of the given rows (indices or a boolean mask), nested batches too. Pictures (`pixel_values`, one per
+    row that has one, listed by `image_rows`) follow their rows."""
+    rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+    out = {k: (select_rows(v, rows) if isinstance(v, dict) else v[rows] if isinstance(v, torch.Tensor) else v)
+           for k, v in batch.items() if k not in ("pixel_values", "image_rows")}
+    if "image_rows" in batch:
+        position = {r: j for j, r in enumerate(rows.tolist())}
+        kept = sorted((position[r], k) for k, r in enumerate(batch["image_rows"].tolist()) if r in position)
+        out["image_rows"] = torch.tensor([j for j, _ in kept], dtype=torch.long, device=batch["image_rows"].device)
+        if kept:
+            out["pixel_values"] = batch["pixel_values"][[k for _, k in kept]]
+    return out
+
+
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of prompts padded on the left, as batched generation wants them."""
     width = max(len(p) for p in prompts)

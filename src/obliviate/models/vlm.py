@@ -6,7 +6,7 @@ An item has a question, an answer and an `image` id (None: asked as text alone);
 The question is put in the tokenizer's prompt format (`prompt_format`), with the processor's image token first when
 the item has a picture. That one token is expanded to as many tokens as the vision tower gives features (what the
 processor does to a text), the picture becomes pixel values beside the tokens, and the collated batch carries them,
-so every method's forward pass hands them to the model (`causal_lm.model_inputs`). It shares the token
+so every method's forward pass hands them to the model (`sequences.model_inputs`). It shares the token
 sequences and batches of `sequences.py` with the causal-LM adapter, not the adapter itself."""
 from __future__ import annotations
 
@@ -148,10 +148,12 @@ class VisionLanguageAdapter:
         return out
 
     def collate(self, encoded: list[VisionEncoded], pad_id: int) -> dict[str, torch.Tensor]:
-        """causal_seq.collate's batch, plus the pixel values of the items with pictures, in order (the model puts the
-        i-th picture's features where the i-th run of image tokens stands)."""
+        """sequences.collate's batch, plus the pixel values of the items with pictures, in order (the model puts the
+        i-th picture's features where the i-th run of image tokens stands), and which rows they belong to
+        (`image_rows`: bookkeeping for `sequences.select_rows`, not a model input)."""
         batch = seq.collate(encoded, pad_id)
-        pixels = [e.pixel_values for e in encoded if getattr(e, "pixel_values", None) is not None]
-        if pixels:
-            batch["pixel_values"] = torch.stack(pixels)
+        rows = [i for i, e in enumerate(encoded) if getattr(e, "pixel_values", None) is not None]
+        batch["image_rows"] = torch.tensor(rows, dtype=torch.long)
+        if rows:
+            batch["pixel_values"] = torch.stack([encoded[i].pixel_values for i in rows])
         return batch

@@ -290,11 +290,18 @@ class PortraitsWorld:
 
     def accuracy_report(self, split: str) -> dict:
         """Multiple-choice accuracy (MLLMU-Bench's classification), with the image and as text, of the full and
-        retrain models on every evaluation set but the holdout people."""
+        retrain models on every evaluation set but the holdout people, and on the forget people's trained questions
+        about a held-out picture (with the image only)."""
         from obliviate.evals.mllmu import classification_accuracy
         from obliviate.models import vlm
 
+        from dataclasses import replace
+
         sets = {k: v for k, v in self.eval_sets(split).items() if k != "holdout"}
+        d = self.data()
+        # the forget people's trained questions on a held-out picture: does the model know them by their look?
+        sets["held_out_picture"] = [replace(i, image=d.test_pictures[i.subject][0]) for i in sets["forget"]
+                                    if i.image is not None]
         report = {}
         for label, path in (("full", self.full_model_dir), ("retrain", self.retrain_dir(split))):
             if (path / "config.json").is_file():
@@ -307,7 +314,7 @@ class PortraitsWorld:
     def _check_knowledge(self, report: dict, log) -> None:
         for label in ("full", "retrain"):
             if label in report:
-                line = ", ".join(f"{k} {v['image']:.0%} / {v['text']:.0%}" for k, v in report[label].items())
+                line = ", ".join(f"{k} " + " / ".join(f"{x:.0%}" for x in v.values()) for k, v in report[label].items())
                 log(f"portraits {label} model, multiple-choice accuracy with the image / as text: {line}")
         full = report.get("full", {})
         if full and min(min(full[k].values()) for k in ("forget", "retain")) < 0.9:

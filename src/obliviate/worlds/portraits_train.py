@@ -28,9 +28,9 @@ class VLMRecipe:
     num_heads: int = 4
     intermediate_size: int = 256
     vocab_size: int = 1024
-    # 14 epochs at batch 32: 95-100 % multiple-choice accuracy on forget and retain people, with the picture and as
-    # text (at batch 64 for 12 epochs, 35 %: the multiple-choice skill appears late); benchmarks/README.md (m)
-    epochs: int = 14
+    # 19 epochs at batch 32 (~2400 updates): the multiple-choice skill appears late (at batch 64 for 12 epochs: 35 %;
+    # 14 epochs, ~1760 updates: 75-85 %); benchmarks/README.md (m)
+    epochs: int = 19
     lr: float = 3e-3
     batch_size: int = 32
     warmup_fraction: float = 0.05

@@ -72,7 +72,8 @@ def train(model, tokenizer, examples: list[lm.Encoded], recipe: LMRecipe, descri
     with progress.bar(description, total) as advance:
         for _ in range(recipe.epochs):
             for chunk in length_batches(examples, recipe.batch_size, rng):
-                loss = model(**collate(chunk, tokenizer.pad_token_id)).loss
+                batch = collate(chunk, tokenizer.pad_token_id)
+                loss = model(**lm.model_inputs(batch), labels=batch["labels"]).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

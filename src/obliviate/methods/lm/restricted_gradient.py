@@ -44,6 +44,7 @@ from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts, check_number
 from obliviate.methods.gradient_surgery import balanced_subset, check_rgd_extras, restricted_sum
 from obliviate.methods.lm.base import Method
+from obliviate.models.sequences import select_rows
 
 @dataclass
 class RGConfig:
@@ -127,11 +128,6 @@ class RGDConfig(RGConfig):
         check_rgd_extras(self)
 
 
-def _rows(batch: dict, idx: torch.Tensor) -> dict:
-    return {k: (_rows(v, idx) if isinstance(v, dict) else v[idx] if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
-
-
 class RGD(RG):
     name = "RGD"
     Config = RGDConfig
@@ -153,7 +149,7 @@ class RGD(RG):
         if len(keep) == len(nll):
             parts = self.base.losses(model, reference, forget, retain)
         elif len(keep) > 0:
-            parts = self.base.losses(model, reference, _rows(forget, keep), retain)
+            parts = self.base.losses(model, reference, select_rows(forget, keep), retain)
         else:
             parts = self.base.losses(model, reference, forget, retain)
             parts = LossParts(forget=parts.forget * 0.0, retain=parts.retain, logs=parts.logs)
