@@ -216,3 +216,38 @@ def test_bad_vision_language_configs_fail_in_one_line(tmp_path, override, messag
     out = subprocess.run([*OBLIVIATE, "validate", str(cfg), override], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_obliviate_eval_scores_a_users_llava_on_mllmu_files(tmp_path, llava_dir):
+    """`obliviate eval` on a LLaVA folder and MLLMU-Bench's files writes the table's numbers, with forget quality
+    against a retrain folder; a missing file is one line naming it."""
+    mllmu = write_mllmu(tmp_path / "mllmu")
+    out = subprocess.run([*OBLIVIATE, "eval", str(llava_dir), "--mllmu-dir", str(mllmu), "--retrain-model",
+                          str(llava_dir), "--out", str(tmp_path / "eval.json"), "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["forget_set"] == "MLLMU-Bench forget10"
+    assert result["aggregate"]["forget_quality"] == pytest.approx(1.0)  # the model is its own retrain reference
+    assert {"forget", "test", "retain", "public"} == set(result["per_item"])
+    (mllmu / "Retain_Set" / "train-00000-of-00001.parquet").unlink()
+    bad = subprocess.run([*OBLIVIATE, "eval", str(llava_dir), "--mllmu-dir", str(mllmu), "--out",
+                          str(tmp_path / "eval2.json")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "no parquet files in" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "eval2.json").exists()
+
+
+def test_lora_trains_only_the_chosen_parts(tmp_path, llava_dir):
+    """LoRA wraps the linear layers of mllm.train_parts alone; the merged weights are the run's changed tensors."""
+    from safetensors.torch import load_file
+
+    from obliviate.config import build_config
+    from obliviate.runners import run
+
+    config = build_config({"family": "mllm", "method": "GradDiff", "model": str(llava_dir),
+                           "mllmu_dir": str(write_mllmu(tmp_path / "mllmu")), "lora": {"r": 2},
+                           "mllm": {"train_parts": ["projector"]}, "evaluate": False,
+                           "train": {"max_steps": 1, "batch_size": 2, "lr": 1e-2},
+                           "output_dir": str(tmp_path / "runs"), "name": "r"})
+    changed = load_file(run(config) / "changed.safetensors")
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed), sorted(changed)

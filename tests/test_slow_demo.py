@@ -1,6 +1,7 @@
 """Slow: the real demo on the default worlds, as `make demo` runs it (the profiles, canvas and portraits parts in two
 processes; no TOFU files, the worlds a fresh clone builds; trains the profiles world's two models, the canvas world's
-pipeline with its retrain references and the portraits world's two LLaVAs). Run with `make test-slow` (CI does). It checks what the README promises, not
+pipeline with its retrain references and the portraits world's two LLaVAs). Run with `make test-slow` (CI does). It
+checks what the README promises, not
 a particular score."""
 import html as html_lib
 import json

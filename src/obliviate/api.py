@@ -9,10 +9,12 @@ from obliviate.runs import read_run_config, write_json
 
 
 def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: str = "forget10",
-                    world_tofu_dir: Path | None = None, **options) -> dict:
+                    world_tofu_dir: Path | None = None, world: str | None = None, **options) -> dict:
     """Evaluate a transformers folder: on the user's files (forget_file + retain_file, tofu_dir or muse_dir, plus
     eval_sets with their roles, against retrain_model or retrain_eval when given), or on the profiles world's sets
-    against its retrain model. `options` are run-config keys (batch size and max_logit_tokens go under `eval`,
+    against its retrain model; a vision-language folder with `mllmu_dir` (MLLMU-Bench's files) or `world =
+    "portraits"` through its family's evaluation. `options` are run-config keys (batch size and max_logit_tokens
+    go under `eval`,
     `template` is a name or a mapping, device, dtype, trust_remote_code), checked as a run config is. An existing
     `out` is replaced only with `force`; an input file never is."""
     from obliviate.config import build_config
@@ -33,9 +35,16 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v not in (None, [], ())}}
     if world_tofu_dir:
         data["world"] = {"tofu_dir": str(world_tofu_dir)}
+    if world:
+        data["world"] = {**data.get("world", {}), "name": world}
     config = build_config(data, "eval options")
     inputs = [Path(f) for f in (config.forget_file, config.retain_file, config.retrain_eval) if f]
     _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets], Path(model_dir), force)
+    from obliviate.families import get
+
+    family = get(config.family)
+    if family.evaluate:  # a family with its own evaluation (vision-language: MLLMU-Bench's protocol)
+        return family.load("evaluate")(config, Path(out))
     check_lm(config)
     device = resolve_device(config.device)
     model_path, _, _, (qa_sets, texts, roles, label), world = prepare(config, log=lambda *_: None)

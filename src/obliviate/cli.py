@@ -91,6 +91,10 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
              retrain_eval: Optional[Path] = typer.Option(None, help="that model's evaluation (an earlier eval.json, "
                                                                     "TOFU's eval_log_forget.json or "
                                                                     "OpenUnlearning's TOFU_EVAL.json)"),
+             mllmu_dir: Optional[Path] = typer.Option(None, help="MLLMU-Bench's release folder, for a vision-language "
+                                                                 "model folder"),
+             world: Optional[str] = typer.Option(None, help="the built-in world to score on: profiles (default) or "
+                                                            "portraits (a vision-language model)"),
              split: str = typer.Option("forget10", help="the split: of TOFU's release, or of the built-in world"),
              world_tofu_dir: Optional[Path] = typer.Option(None, help="the built-in world with TOFU's utility files"),
              template: str = typer.Option("auto", help="prompt format: auto, chat, qa, llama2, llama3, chatml, "
@@ -118,7 +122,8 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
             sets.append({"file": path, "role": role} if role in ROLES else {"file": spec, "role": None})
         result = evaluate_folder(
             model, out, force=force, split=split, world_tofu_dir=world_tofu_dir, forget_file=forget_file,
-            retain_file=retain_file, tofu_dir=tofu_dir, muse_dir=muse_dir, eval_sets=sets,
+            retain_file=retain_file, tofu_dir=tofu_dir, muse_dir=muse_dir, eval_sets=sets, mllmu_dir=mllmu_dir,
+            world=world,
             retrain_model=retrain_model, retrain_eval=retrain_eval, template=template, system_prompt=system_prompt,
             batch_size=batch_size, max_logit_tokens=max_logit_tokens, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code or None)
@@ -132,7 +137,9 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
 @world_app.command("build")
 def world_build(name: str = typer.Argument("profiles"), split: str = typer.Option("forget10"),
                 tofu_dir: Optional[Path] = typer.Option(None, help="add TOFU's real utility files from this folder"),
-                n_people: int = typer.Option(200), seed: int = typer.Option(0),
+                n_people: Optional[int] = typer.Option(None, help="people of the world (default: the world's own: "
+                                                               "profiles 200, portraits 24)"),
+                seed: int = typer.Option(0),
                 quiet: bool = typer.Option(False, help="no progress bars")):
     """Generate a world and train its full and retrain models (cached by recipe hash)."""
     _quiet(quiet)
@@ -144,8 +151,9 @@ def world_build(name: str = typer.Argument("profiles"), split: str = typer.Optio
             world = entry.load().from_config(WorldConfig(name="canvas", seed=seed))
             world.build()
         else:
-            world = entry.load()(WorldConfig(n_people=n_people, seed=seed,
-                                             tofu_dir=str(tofu_dir) if tofu_dir else None))
+            sizes = {"n_people": n_people} if n_people else {}
+            extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
+            world = entry.load()(WorldConfig(name=entry.name, seed=seed, **sizes, **extra))
             world.build(split)
     except ObliviateError as e:
         _fail(e)

@@ -28,6 +28,7 @@ class Family:
     fields: tuple[str, ...]  # RunConfig keys of this family (another family's run may not set them, unless shared)
     subject: str  # the RunConfig key that says what is forgotten
     reuses: tuple[str, ...] = ()  # families whose loop and methods it runs through its own adapter
+    evaluate: str = ""  # (RunConfig, out file) -> evaluation, for `obliviate eval` (empty: the language-model one)
 
     def load(self, part: str):
         """The object behind one of the contract's parts, e.g. family.load("runner")."""
@@ -49,7 +50,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            runner="obliviate.runners.mllm:run", export="obliviate.runners.mllm:export",
            check="obliviate.runners.mllm_checks:check_mllm", demo="obliviate.demo.mllm:run_part",
            worlds=("portraits",), fields=("split", "idk_file", "lora", "eval", "template", "retrain_model", "mllm",
-                                          "mllmu_dir"), subject="split", reuses=("lm",)),
+                                          "mllmu_dir"), subject="split", reuses=("lm",),
+           evaluate="obliviate.runners.mllm:evaluate_model"),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
            make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",

@@ -110,7 +110,8 @@ MUSE = "Shi et al. 2024, MUSE, https://arxiv.org/abs/2407.06460"
 CANVAS = "Zhang et al. 2024, UnlearnCanvas, https://arxiv.org/abs/2402.11846"
 SHARE = "share of items"
 MLLMU = "Liu et al. 2025, MLLMU-Bench, NAACL, https://arxiv.org/abs/2410.22108"
-MLLMU_TASKS = {"classification": "Multiple-choice accuracy (first letter)", "rouge_l": "ROUGE-L F1 of the greedy answer",
+MLLMU_TASKS = {"classification": "Multiple-choice accuracy (first letter)",
+               "rouge_l": "ROUGE-L F1 of the greedy answer",
                "bleu": "Smoothed sentence BLEU-4 of the greedy answer", "cloze": "Cloze accuracy (value in the answer)"}
 # set -> (what it is, which way is better: the forget sets are best at the retrain model's level, not at 0)
 MLLMU_SETS = {"forget": ("forget people's trained pictures", None),
@@ -223,16 +224,18 @@ ATTACKS = _table(
 
 MLLM_METHODS = _table(
     *LM_METHODS.values(),  # every language-model method runs on a vision-language model through its adapter
-    Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner", "Gradient ascent on the forget items masked to the weights "
-          "whose forget Fisher is at least their retain Fisher (every trained part), plus retain NLL.",
+    Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner",
+          "Gradient ascent on the forget items masked to the weights whose forget Fisher is at least their retain "
+          "Fisher (every trained part), plus retain NLL.",
           "Huo et al. 2025, MMUnlearner, https://arxiv.org/abs/2502.11051", family="mllm"),
     Entry("PromptDecouple", M + "mllm.prompt_decouple:PromptDecouple", "GradDiff plus SafeEraser's Prompt Decouple "
           "loss: the forget question on an unrelated picture keeps its answer (weight 0.5).",
           "Chen et al. 2025, SafeEraser, https://arxiv.org/abs/2502.12520", family="mllm"),
 )
-METHODS = {"lm": LM_METHODS, "t2i": T2I_METHODS, "mllm": MLLM_METHODS}  # family -> name -> entry (names repeat across families)
-KINDS = {"methods": LM_METHODS, "t2i-methods": T2I_METHODS, "mllm-methods": MLLM_METHODS, "metrics": METRICS, "attacks": ATTACKS,
-         "worlds": WORLDS}
+# family -> name -> entry (names repeat across families)
+METHODS = {"lm": LM_METHODS, "t2i": T2I_METHODS, "mllm": MLLM_METHODS}
+KINDS = {"methods": LM_METHODS, "t2i-methods": T2I_METHODS, "mllm-methods": MLLM_METHODS, "metrics": METRICS,
+         "attacks": ATTACKS, "worlds": WORLDS}
 KIND_NAMES = {"lm": "method", "t2i": "text-to-image method", "mllm": "vision-language method"}
 
 

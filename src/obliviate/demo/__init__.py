@@ -92,7 +92,7 @@ def _one_part(target: str, folder: str, options: dict, show_progress: bool) -> d
 
 def _side_by_side(folder: Path, todo: list, log) -> dict:
     """The parts in worker processes at once, one each (three parts on two cores share them: the machine's work is
-    the same, and no part waits for another to finish). An error in one stops both (the pool's workers are terminated, so
+    the same, and no part waits for another to finish). An error in one stops all (the pool's workers are terminated, so
     Ctrl-C or SIGTERM does not wait for minutes of training) and is raised here."""
     import multiprocessing
 

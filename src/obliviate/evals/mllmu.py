@@ -63,7 +63,8 @@ def classification_accuracy(model, adapter, tokenizer, items: Sequence, batch_si
 
 
 @torch.no_grad()
-def answer_nlls(model, adapter, tokenizer, items: Sequence, answers: Sequence[str], batch_size: int = 64) -> list[float]:
+def answer_nlls(model, adapter, tokenizer, items: Sequence, answers: Sequence[str],
+                batch_size: int = 64) -> list[float]:
     """Mean answer-token NLL of each item's question (with its picture) followed by the given answer."""
     from obliviate.models import sequences as seq
 

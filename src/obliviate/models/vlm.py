@@ -48,6 +48,19 @@ def train_only(model, parts) -> int:
     return kept
 
 
+def lora_targets(model, targets, parts) -> list[str]:
+    """The full names of the modules LoRA should wrap: those `targets` names (a list of module names, or
+    "all-linear") within `parts`, so that LoRA trains only the chosen parts, as the frozen parameters do without it."""
+    wanted = None if targets == "all-linear" else {targets} if isinstance(targets, str) else set(targets)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and part_of(name + ".") in parts and not name.endswith("lm_head")
+             and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
+    if not names:
+        raise ObliviateError(f"lora.target_modules {targets!r}: no such linear module in mllm.train_parts "
+                             f"{list(parts)}")
+    return names
+
+
 @dataclass
 class VisionEncoded(seq.Encoded):
     pixel_values: torch.Tensor | None = None  # [3, H, W], or None for a text-only item

@@ -110,7 +110,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         else:
             model, processor = load_model(model_dir, config, device)
             adapter = vlm.VisionLanguageAdapter(processor, pictures)
-            result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, config.lora,
+            lora = config.lora and config.lora.model_copy(update={"target_modules": vlm.lora_targets(
+                model, config.lora.target_modules, config.mllm.train_parts)})
+            result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, lora,
                              adapter=adapter, checkpoints=checkpoints)
             model, history, seconds, stopped = result.model, result.history, result.seconds, result.stopped
             tensors = changed_tensors(model, result.trainable_names)
@@ -156,6 +158,29 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         print_mllmu_table({**rows, config.method: metrics}, title=f"{config.method} on {label} (MLLMU-Bench)")
     log(f"run folder: {out}")
     return out
+
+
+def evaluate_model(config: RunConfig, out: Path) -> dict:
+    """`obliviate eval` for a vision-language folder (`config.model`): MLLMU-Bench's protocol on the user's files or
+    the portraits world, against `retrain_model` or the world's retrain model; written to `out` (JSON)."""
+    from obliviate.evals.mllmu import compare_to_retrain
+    from obliviate.runners.mllm_checks import check_mllm
+
+    check_mllm(config)
+    device = resolve_device(config.device)
+    model_dir, _, _, sets, pictures, label, world = prepare(config, log=lambda *_: None)
+    result = evaluate_folder(model_dir, config, sets, pictures, device)
+    reference = None
+    if world is not None:
+        reference = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets, device)
+    elif config.retrain_model:
+        reference = evaluate_folder(config.retrain_model, config, sets, pictures, device)
+    if reference is not None:
+        result = compare_to_retrain(result, reference)
+    result["forget_set"] = label
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    return result
 
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
