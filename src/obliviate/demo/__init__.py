@@ -92,24 +92,12 @@ def _one_part(target: str, folder: str, options: dict, show_progress: bool) -> d
 
 def _side_by_side(folder: Path, todo: list, log) -> dict:
     """The parts in worker processes at once, one each (three parts on two cores share them: the machine's work is
-    the same, and no part waits for another to finish). An error in one stops all (the pool's workers are terminated, so
-    Ctrl-C or SIGTERM does not wait for minutes of training) and is raised here."""
-    import multiprocessing
-
+    the same, and no part waits for another to finish); an error in one stops all (`workers.side_by_side`)."""
     from obliviate import progress
+    from obliviate.workers import side_by_side
 
     log(f"running the {', '.join(w for w, _ in todo)} parts side by side (one process each)")
-    pool = multiprocessing.get_context("spawn").Pool(len(todo))
-    try:
-        pending = {w: pool.apply_async(_one_part, (PARTS[w], str(folder), opts, progress.enabled())) for w, opts in todo}
-        parts = {w: job.get() for w, job in pending.items()}
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.close()
-        pool.join()
-    return parts
+    return side_by_side({w: (_one_part, (PARTS[w], str(folder), opts, progress.enabled())) for w, opts in todo})
 
 
 def _summary(parts: dict, t_start: float) -> dict:

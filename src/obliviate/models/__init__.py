@@ -1,8 +1,23 @@
-"""Adapters: each model family talks to its models through one module here (causal_lm, diffusion); the helpers here
-serve them all."""
+"""Adapters: each model family talks to its models through one module here (causal_lm, diffusion, vlm); the helpers
+here serve them all."""
 from __future__ import annotations
 
 from pathlib import Path
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """A transformers model folder: it exists and holds a config.json that is a JSON object."""
+    from obliviate.data import read_json_file
+    from obliviate.errors import ObliviateError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ObliviateError(f"model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ObliviateError(f"not a transformers model folder (no config.json): {folder}")
+    if not isinstance(read_json_file(folder / "config.json", "model config"), dict):
+        raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
+    return folder
 
 
 def quiet_transformers() -> None:

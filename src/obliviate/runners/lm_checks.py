@@ -2,23 +2,10 @@
 cheaply before any training: no model is loaded and no world is built."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from obliviate.config import RunConfig, check_run_folder
-from obliviate.data import check_disjoint, load_lines, load_qa_jsonl, load_tofu_utility, read_json_file
+from obliviate.data import check_disjoint, load_lines, load_tofu_utility
 from obliviate.errors import ObliviateError
-
-
-def check_model_folder(folder: str | Path) -> Path:
-    """A transformers model folder: it exists and holds a config.json that is a JSON object."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ObliviateError(f"model folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ObliviateError(f"not a transformers model folder (no config.json): {folder}")
-    if not isinstance(read_json_file(folder / "config.json", "model config"), dict):
-        raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
-    return folder
+from obliviate.models import check_model_folder
 
 
 def check_lm(config: RunConfig) -> None:

@@ -5,19 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from obliviate.config import RunConfig, check_run_folder
-from obliviate.data import read_json_file
 from obliviate.errors import ObliviateError
+from obliviate.models import check_model_folder
 
 
 def check_vlm_folder(folder: str | Path) -> Path:
     """A transformers vision-language folder: config.json (a JSON object) and a processor's config beside it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ObliviateError(f"model folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ObliviateError(f"not a transformers model folder (no config.json): {folder}")
-    if not isinstance(read_json_file(folder / "config.json", "model config"), dict):
-        raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
+    folder = check_model_folder(folder)
     if not any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json")):
         raise ObliviateError(f"{folder}: no processor (processor_config.json or preprocessor_config.json); a "
                              "vision-language run needs the model's AutoProcessor saved beside it")
@@ -26,11 +20,12 @@ def check_vlm_folder(folder: str | Path) -> Path:
 
 def check_mllm(config: RunConfig) -> None:
     from obliviate import distributed
-    from obliviate.runners.mllm import make_method
+    from obliviate.methods.common import instantiate
+    from obliviate.registry import lookup_method
 
     if distributed.active():
         raise ObliviateError("vision-language runs are not data parallel yet: run them as one process (no torchrun)")
-    method = make_method(config.method, config.method_args)
+    method = instantiate(lookup_method("mllm", config.method), config.method_args)
     if config.train.checkpoint_every:
         raise ObliviateError("train.checkpoint_every is not supported for vision-language runs yet")
     if config.mllmu_dir:

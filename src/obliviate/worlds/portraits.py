@@ -207,14 +207,14 @@ class PortraitsWorld:
         todo = [(label, folder, exclude) for label, folder, exclude in todo if not (folder / "config.json").is_file()]
         if todo:
             self.processor()  # made once, before the models that share it
-        import multiprocessing
+        from obliviate.workers import can_start_processes
 
         # the full and the retrain model side by side, one process and one thread each (not from a demo part's
-        # worker, a daemon process, which may not start processes of its own)
-        side_by_side = len(todo) > 1 and not multiprocessing.current_process().daemon
-        if side_by_side:
+        # worker, which may not start processes of its own)
+        together = len(todo) > 1 and can_start_processes()
+        if together:
             record.update(self._train_side_by_side(todo, log))
-        for label, folder, exclude in [] if side_by_side else todo:
+        for label, folder, exclude in [] if together else todo:
             t1 = time.time()
             record[label] = self._train_model(folder, exclude, label, log)
             record[label]["wall_seconds"] = round(time.time() - t1, 1)
@@ -239,29 +239,19 @@ class PortraitsWorld:
         return AutoProcessor.from_pretrained(path)
 
     def _train_side_by_side(self, todo: list, log) -> dict:
-        """Train several models at once in worker processes (the small models gain little from a second thread, so two
-        at once take about as long as one). An error in one stops all and is raised here."""
-        import multiprocessing
+        """Train the models at once, one worker process and one thread each; an error in one stops all."""
         import time
 
         from obliviate import progress
+        from obliviate.workers import side_by_side
 
         log(f"training the portraits {' and '.join(label for label, _, _ in todo)} models side by side")
-        pool = multiprocessing.get_context("spawn").Pool(len(todo))
+        settings = self.config.model_dump(exclude_unset=True)  # unset sizes stay the world's own
         t0 = time.time()
-        try:
-            settings = self.config.model_dump(exclude_unset=True)  # unset sizes stay the world's own
-            jobs = {label: pool.apply_async(_train_in_a_worker, (settings, str(folder), sorted(exclude), label,
-                                                                  progress.enabled()))
-                    for label, folder, exclude in todo}
-            out = {label: {**job.get(), "wall_seconds": round(time.time() - t0, 1)} for label, job in jobs.items()}
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.close()
-            pool.join()
-        return out
+        out = side_by_side({label: (_train_in_a_worker, (settings, str(folder), sorted(exclude), label,
+                                                         progress.enabled()))
+                            for label, folder, exclude in todo})
+        return {label: {**stats, "wall_seconds": round(time.time() - t0, 1)} for label, stats in out.items()}
 
     def _train_model(self, out_dir, exclude: set[str], label: str, log) -> dict:
         from obliviate.models import quiet_transformers, sequences
