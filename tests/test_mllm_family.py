@@ -251,3 +251,20 @@ def test_lora_trains_only_the_chosen_parts(tmp_path, llava_dir):
                            "output_dir": str(tmp_path / "runs"), "name": "r"})
     changed = load_file(run(config) / "changed.safetensors")
     assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed), sorted(changed)
+
+
+@pytest.mark.parametrize("settings", [{"dtype": "bfloat16"}, {"train": {"mixed_precision": "bf16"}}])
+def test_bf16_runs_on_a_llava(tmp_path, llava_dir, settings):
+    """A LLaVA in bf16 weights, or float32 weights under bf16 autocast: the loop, the pictures and the evaluation run
+    and give finite numbers."""
+    from obliviate.config import build_config
+    from obliviate.runners import run
+
+    train = {"max_steps": 2, "batch_size": 2, "lr": 1e-3, **settings.get("train", {})}
+    config = build_config({"family": "mllm", "method": "NPO", "model": str(llava_dir),
+                           "mllmu_dir": str(write_mllmu(tmp_path / "mllmu")), "mllm": {"max_new_tokens": 4},
+                           "train": train, "output_dir": str(tmp_path / "runs"), "name": "r",
+                           **{k: v for k, v in settings.items() if k != "train"}})
+    metrics = json.loads((run(config) / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert all(np.isfinite(metrics[k]) for k in ("forget_classification_image", "retain_rouge_l_text"))

@@ -121,6 +121,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
                          "status": "stopped" if stopped else "completed", "stopped": stopped}
         evaluation = retrain_eval = None
         if config.evaluate:
+            from obliviate.evals.mllmu import compare_to_retrain
+
             t0 = time.time()
             evaluation = evaluation_of(model, processor, sets, pictures, config)
             metrics["eval_seconds"] = round(time.time() - t0, 2)
@@ -128,14 +130,10 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
                 retrain_eval = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets,
                                                 device)
                 original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
-                from obliviate.evals.mllmu import compare_to_retrain
-
                 metrics["original"] = compare_to_retrain(original, retrain_eval)["aggregate"]
             elif config.retrain_model:
                 retrain_eval = evaluate_folder(config.retrain_model, config, sets, pictures, device)
             if retrain_eval is not None:
-                from obliviate.evals.mllmu import compare_to_retrain
-
                 evaluation = compare_to_retrain(evaluation, retrain_eval)
                 metrics["retrain"] = retrain_eval["aggregate"]
             metrics.update(evaluation["aggregate"])
