@@ -156,7 +156,7 @@ def test_a_run_evaluates_with_mllmu_and_exports_a_loadable_folder(tmp_path, llav
 
     config = build_config({"family": "mllm", "method": "GradDiff", "model": str(llava_dir),
                            "mllmu_dir": str(write_mllmu(tmp_path / "mllmu")), "retrain_model": str(llava_dir),
-                           "mllm": {"train_parts": "all", "max_new_tokens": 4},
+                           "mllm": {"train_parts": "all", "max_new_tokens": 4, "few_shot": 1},
                            "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2},
                            "output_dir": str(tmp_path / "runs"), "name": "r"})
     out = run(config)

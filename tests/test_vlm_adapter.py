@@ -127,3 +127,18 @@ def test_selecting_rows_of_a_batch_keeps_each_picture_with_its_row():
     assert picked["image_rows"].tolist() == [0, 2] and picked["pixel_values"][:, 0, 0, 0].tolist() == [3.0, 2.0]
     masked = seq.select_rows(batch, torch.tensor([False, True, False, False]))
     assert masked["input_ids"][:, 2].tolist() == [6] and "pixel_values" not in masked
+
+
+def test_few_shot_examples_come_first_and_never_from_the_scored_set(world):
+    from obliviate.evals import mllmu
+
+    person, public = world.people[0].name, world.public[0].name
+    sets = {"forget": world.train[person], "public": world.train[public], "retain": world.train[world.people[1].name]}
+    examples = mllmu.few_shot_examples(sets, "forget", 2)
+    assert len(examples) == 2 and all(e.subject == public and e.image is None for e in examples)
+    assert all(e.subject != public for e in mllmu.few_shot_examples(sets, "public", 2))
+    item = sets["forget"][0]
+    prompt = mllmu.classification_question(item, examples)
+    assert prompt.endswith(mllmu.classification_question(item))
+    assert prompt.startswith(mllmu.classification_question(examples[0]) + f"\n{examples[0].correct}\n\n")
+    assert mllmu.classification_question(item, ()) == mllmu.classification_question(item)

@@ -137,6 +137,8 @@ class MLLMConfig(_Strict):
     train_parts: list[Literal["language", "projector", "vision"]] = Field(default_factory=lambda: ["language"],
                                                                             min_length=1)
     max_new_tokens: int = Field(32, ge=1)  # greedy answers of the generation task (MLLMU-Bench: 50)
+    # answered questions put before each multiple-choice one (MLLMU-Bench puts one other person's questions first)
+    few_shot: int = Field(0, ge=0, le=8)
 
     @field_validator("train_parts", mode="before")
     @classmethod

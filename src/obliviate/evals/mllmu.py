@@ -32,9 +32,13 @@ LETTERS = "ABCD"
 TASKS = ("classification", "rouge_l", "bleu", "cloze")
 
 
-def classification_question(item) -> str:
-    options = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, item.options))
-    return f"{item.question}\n{options}\nAnswer with the letter of the right option."
+def classification_question(item, examples: Sequence = ()) -> str:
+    """The question, its options A-D and the instruction; `examples` (answered questions, as MLLMU-Bench's few-shot
+    prompt puts them first) come before it, each followed by its right letter."""
+    def block(i) -> str:
+        options = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, i.options))
+        return f"{i.question}\n{options}\nAnswer with the letter of the right option."
+    return "".join(f"{block(e)}\n{e.correct}\n\n" for e in examples) + block(item)
 
 
 def cloze_question(item) -> str:  # MLLMU-Bench's own prompt adds "Please **ONLY** provide the correct answer..."
@@ -105,9 +109,10 @@ def truth_ratios(model, adapter, tokenizer, items: Sequence, batch_size: int = 6
 
 
 def evaluate_items(model, adapter, tokenizer, items: Sequence, max_new_tokens: int = 32,
-                   batch_size: int = 16) -> list[dict]:
+                   batch_size: int = 16, examples: Sequence = ()) -> list[dict]:
     """Per-item results of the tasks each item carries (`VQAItem`: generation with `answer`, classification with
-    `options`, cloze with `cloze`); a task the item does not carry is None in its row."""
+    `options`, cloze with `cloze`); a task the item does not carry is None in its row. `examples`: answered
+    multiple-choice questions put before each classification question (few-shot)."""
     items = list(items)
 
     def asked(has, question):
@@ -116,7 +121,7 @@ def evaluate_items(model, adapter, tokenizer, items: Sequence, max_new_tokens: i
                                    max_new_tokens if question is _own_question else 16, batch_size)
         return dict(zip(chosen, answers))
     generated = asked(lambda i: i.answer is not None, _own_question)
-    chosen = asked(lambda i: i.options is not None, classification_question)
+    chosen = asked(lambda i: i.options is not None, lambda i: classification_question(i, examples))
     filled = asked(lambda i: i.cloze is not None, cloze_question)
     rows = []
     for k, item in enumerate(items):
@@ -148,10 +153,18 @@ def aggregate(rows: Sequence[dict]) -> dict:
 SCORED_SETS = ("forget", "test", "retain", "public")  # MLLMU-Bench's efficacy, generalisation and utility sets
 
 
+def few_shot_examples(sets: dict[str, Sequence], scored: str, k: int) -> list:
+    """k answered text-only multiple-choice questions for the few-shot prompt of set `scored`: from the public
+    figures (the retain people when the public figures are scored), as MLLMU-Bench draws them from other people."""
+    source = "retain" if scored == "public" else "public"
+    return [i for i in sets.get(source, []) if i.options is not None and i.image is None][:k]
+
+
 def evaluate(model, adapter, tokenizer, sets: dict[str, Sequence], batch_size: int = 64,
-             max_new_tokens: int = 32) -> dict:
+             max_new_tokens: int = 32, few_shot: int = 0) -> dict:
     """The protocol on `sets` ({forget, test, retain, public, holdout}; any may be missing): per set and form the
     four task scores, the forget items' truth ratios, and the LOSS membership AUC of forget vs holdout people.
+    `few_shot`: answered questions put before each multiple-choice question (MLLMU-Bench uses one person's).
     Returns {"aggregate": flat numbers, "per_item": {set: rows}, "truth_ratios": forget items' with pictures}."""
     from obliviate import progress
     from obliviate.evals.mia import mia_auc
@@ -161,10 +174,10 @@ def evaluate(model, adapter, tokenizer, sets: dict[str, Sequence], batch_size: i
     scored = [name for name in SCORED_SETS if sets.get(name)]
     with progress.bar("evaluate (MLLMU-Bench)", sum(len(sets[n]) for n in scored)) as advance:
         for name in scored:
-            rows = []
+            rows, examples = [], few_shot_examples(sets, name, few_shot)
             for start in range(0, len(sets[name]), batch_size):
                 rows += evaluate_items(model, adapter, tokenizer, sets[name][start:start + batch_size],
-                                       max_new_tokens, batch_size)
+                                       max_new_tokens, batch_size, examples)
                 advance(min(batch_size, len(sets[name]) - start))
             per_item[name] = rows
             aggregate_.update({f"{name}_{k}": v for k, v in aggregate(rows).items() if k != "n_items"})

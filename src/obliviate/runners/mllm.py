@@ -74,7 +74,8 @@ def evaluation_of(model, processor, sets, pictures, config: RunConfig) -> dict:
     from obliviate.evals import mllmu
 
     adapter = vlm.VisionLanguageAdapter(processor, pictures)
-    return mllmu.evaluate(model, adapter, processor.tokenizer, sets, config.eval.batch_size, config.mllm.max_new_tokens)
+    return mllmu.evaluate(model, adapter, processor.tokenizer, sets, config.eval.batch_size, config.mllm.max_new_tokens,
+                          config.mllm.few_shot)
 
 
 def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: str) -> dict:
@@ -82,6 +83,7 @@ def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: 
     from obliviate.runs import cached_json
 
     settings = [config.split, config.eval.model_dump(), config.mllm.max_new_tokens, config.template.model_dump()]
+    settings += [config.mllm.few_shot] if config.mllm.few_shot else []
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return cached_json(world.root / f"eval-{name}-{config.split}-{key}.json",
                        lambda: evaluate_folder(folder, config, sets, world.pictures, device))
