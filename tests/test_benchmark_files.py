@@ -239,3 +239,22 @@ def test_the_real_model_presets_validate_on_real_files(tmp_path, chat_lm_dir, ch
     else:
         paths += [f"muse_dir={write_muse(tmp_path / 'news')}", f"retrain_model={chat_retrain_dir}"]
     check_lm(load_config(config, paths))
+
+
+def test_the_real_vision_language_preset_validates_on_mllmu_files(tmp_path):
+    """configs/real/mllmu_llava_graddiff_lora.toml, its paths pointed at a LLaVA folder and MLLMU-Bench's files in
+    the published schema, passes `run`'s checks."""
+    from test_mllm_family import _profile, write_mllmu
+    from vlm_models import tiny_llava
+
+    from obliviate.config import load_config
+    from obliviate.runners.mllm_checks import check_mllm
+    from obliviate.worlds.portraits import portraits_data
+
+    llava = tiny_llava(tmp_path / "llava", portraits_data(10, 2, 2, seed=0))
+    rows = {"forget_5": [_profile(0)], "retain_95": [_profile(1)], "Retain_Set": [_profile(2)],
+            "Test_Set": [_profile(0, test=True)]}
+    config = Path(__file__).resolve().parents[1] / "configs" / "real" / "mllmu_llava_graddiff_lora.toml"
+    check_mllm(load_config(config, [f"model={llava}", f"retrain_model={llava}",
+                                    f"mllmu_dir={write_mllmu(tmp_path / 'mllmu', rows)}",
+                                    f"output_dir={tmp_path / 'runs'}"]))
