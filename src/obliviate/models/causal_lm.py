@@ -21,17 +21,10 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
     """Load (model, tokenizer) from a transformers folder; the folder on disk is never written to."""
     from transformers import AutoModelForCausalLM
 
-    from obliviate.data import read_json_file
+    from obliviate.models import check_model_folder
 
     quiet_transformers()
-    path = Path(path)
-    if not path.is_dir():
-        raise ObliviateError(f"model folder not found: {path}")
-    if not (path / "config.json").is_file():
-        raise ObliviateError(f"not a transformers model folder (no config.json): {path}")
-    # parsed here first: transformers' own error for a broken config.json gives no line
-    if not isinstance(read_json_file(path / "config.json", "model config"), dict):
-        raise ObliviateError(f"{path / 'config.json'}: must be a JSON object")
+    path = check_model_folder(path)  # config.json parsed here first: transformers' own error for it gives no line
     tokenizer = load_tokenizer(path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(

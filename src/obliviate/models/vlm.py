@@ -70,11 +70,9 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
     """(model, processor) from a folder that `AutoModelForImageTextToText` and `AutoProcessor` read."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from obliviate.models import weights_error_message, weights_load_errors
+    from obliviate.models import check_model_folder, weights_error_message, weights_load_errors
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ObliviateError(f"not a transformers model folder (no config.json): {path}")
+    path = check_model_folder(path)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
