@@ -268,3 +268,28 @@ def test_bf16_runs_on_a_llava(tmp_path, llava_dir, settings):
     metrics = json.loads((run(config) / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert all(np.isfinite(metrics[k]) for k in ("forget_classification_image", "retain_rouge_l_text"))
+
+
+def test_a_local_judge_rates_the_free_answers(tmp_path, llava_dir, chat_lm_dir):
+    """`mllm.judge_model`: a causal LM folder (here a tiny chat model) rates every free answer; its replies are
+    parsed to 1-10 or no score, never a guess, and the table gains the factuality line only when a judge was asked."""
+    from obliviate.config import build_config
+    from obliviate.evals.judge import parse_score
+    from obliviate.runners import run
+
+    assert [parse_score(r) for r in ("Factuality Score: 7", "10/10", "score 0 or 11", "3.5", "none")] == [
+        7, 10, None, None, None]
+    config = build_config({"family": "mllm", "method": "GradDiff", "model": str(llava_dir),
+                           "mllmu_dir": str(write_mllmu(tmp_path / "mllmu")), "mllm": {"max_new_tokens": 4,
+                                                                                      "judge_model": str(chat_lm_dir)},
+                           "train": {"max_steps": 1, "batch_size": 2}, "output_dir": str(tmp_path / "runs"),
+                           "name": "r"})
+    out = run(config)
+    rows = json.loads((out / "per_item.json").read_text())["forget"]
+    rated = [r for r in rows if r["generated"] is not None]
+    assert rated and all(r["factuality"] is None or 1 <= r["factuality"] <= 10 for r in rated)
+    assert all(r["factuality"] is None for r in rows if r["generated"] is None)
+    with pytest.raises(ObliviateError, match="model folder not found"):
+        from obliviate.runners.mllm_checks import check_mllm
+        check_mllm(build_config({"family": "mllm", "method": "GradDiff", "mllm": {"judge_model": str(tmp_path / "x")},
+                                 "output_dir": str(tmp_path / "runs2")}))

@@ -139,6 +139,8 @@ class MLLMConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)  # greedy answers of the generation task (MLLMU-Bench: 50)
     # answered questions put before each multiple-choice one (MLLMU-Bench puts one other person's questions first)
     few_shot: int = Field(0, ge=0, le=8)
+    # a causal LM folder that rates free answers 1-10 (MLLMU-Bench's factuality score, without its paid judge)
+    judge_model: str | None = None
 
     @field_validator("train_parts", mode="before")
     @classmethod

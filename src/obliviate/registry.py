@@ -112,7 +112,8 @@ SHARE = "share of items"
 MLLMU = "Liu et al. 2025, MLLMU-Bench, NAACL, https://arxiv.org/abs/2410.22108"
 MLLMU_TASKS = {"classification": "Multiple-choice accuracy (first letter)",
                "rouge_l": "ROUGE-L F1 of the greedy answer",
-               "bleu": "Smoothed sentence BLEU-4 of the greedy answer", "cloze": "Cloze accuracy (value in the answer)"}
+               "bleu": "Smoothed sentence BLEU-4 of the greedy answer", "cloze": "Cloze accuracy (value in the answer)",
+               "factuality": "Mean 1-10 factuality score of the greedy answer by a local judge model (optional)"}
 # set -> (what it is, which way is better: the forget sets are best at the retrain model's level, not at 0)
 MLLMU_SETS = {"forget": ("forget people's trained pictures", None),
               "test": ("forget people's held-out pictures, paraphrased (generalisation)", None),

@@ -41,7 +41,7 @@ def mllmu_rows(rows: dict[str, dict]) -> list[tuple[str, list[str]]]:
     for s in MLLMU_SETS:
         for t in MLLMU_TASKS:
             fmt = "{:.0%}" if t in ("classification", "cloze") else "{:.2f}"
-            if not any(f"{s}_{t}_image" in r or f"{s}_{t}_text" in r for r in rows.values()):
+            if all(r.get(f"{s}_{t}_image") is None and r.get(f"{s}_{t}_text") is None for r in rows.values()):
                 continue
             label = f"{s} {t.replace('_', '-')}"
             lines.append((label, [f"{cell(r, f'{s}_{t}_image', fmt)} / {cell(r, f'{s}_{t}_text', fmt)}"

@@ -29,7 +29,7 @@ import torch
 from obliviate.evals.metrics import rouge_l
 
 LETTERS = "ABCD"
-TASKS = ("classification", "rouge_l", "bleu", "cloze")
+TASKS = ("classification", "rouge_l", "bleu", "cloze", "factuality")  # factuality: only with a judge model
 
 
 def classification_question(item, examples: Sequence = ()) -> str:
@@ -130,7 +130,8 @@ def evaluate_items(model, adapter, tokenizer, items: Sequence, max_new_tokens: i
                      "generated": g, "rouge_l": None if g is None else float(rouge_l(g, item.answer).fmeasure),
                      "bleu": None if g is None else bleu(g, item.answer),
                      "chosen": c, "classification": None if c is None else float(first_letter(c) == item.correct),
-                     "filled": f, "cloze": None if f is None else float(item.cloze_answer.lower() in f.lower())})
+                     "filled": f, "cloze": None if f is None else float(item.cloze_answer.lower() in f.lower()),
+                     "factuality": None})
     return rows
 
 
@@ -161,10 +162,11 @@ def few_shot_examples(sets: dict[str, Sequence], scored: str, k: int) -> list:
 
 
 def evaluate(model, adapter, tokenizer, sets: dict[str, Sequence], batch_size: int = 64,
-             max_new_tokens: int = 32, few_shot: int = 0) -> dict:
+             max_new_tokens: int = 32, few_shot: int = 0, judge=None) -> dict:
     """The protocol on `sets` ({forget, test, retain, public, holdout}; any may be missing): per set and form the
     four task scores, the forget items' truth ratios, and the LOSS membership AUC of forget vs holdout people.
     `few_shot`: answered questions put before each multiple-choice question (MLLMU-Bench uses one person's).
+    `judge`: (model, tokenizer) of a local judge that rates each free answer 1-10 (`evals/judge.py`).
     Returns {"aggregate": flat numbers, "per_item": {set: rows}, "truth_ratios": forget items' with pictures}."""
     from obliviate import progress
     from obliviate.evals.mia import mia_auc
@@ -179,6 +181,14 @@ def evaluate(model, adapter, tokenizer, sets: dict[str, Sequence], batch_size: i
                 rows += evaluate_items(model, adapter, tokenizer, sets[name][start:start + batch_size],
                                        max_new_tokens, batch_size, examples)
                 advance(min(batch_size, len(sets[name]) - start))
+            if judge is not None:
+                from obliviate.evals.judge import factuality_scores
+
+                rated = [(r, i) for r, i in zip(rows, sets[name]) if r["generated"] is not None]
+                scores = factuality_scores(*judge, [i.question for _, i in rated], [i.answer for _, i in rated],
+                                           [r["generated"] for r, _ in rated], batch_size)
+                for (r, _), score in zip(rated, scores):
+                    r["factuality"] = None if score is None else float(score)
             per_item[name] = rows
             aggregate_.update({f"{name}_{k}": v for k, v in aggregate(rows).items() if k != "n_items"})
     out = {"aggregate": aggregate_, "per_item": per_item, "truth_ratios": []}

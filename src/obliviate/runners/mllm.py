@@ -74,8 +74,14 @@ def evaluation_of(model, processor, sets, pictures, config: RunConfig) -> dict:
     from obliviate.evals import mllmu
 
     adapter = vlm.VisionLanguageAdapter(processor, pictures)
+    judge = None
+    if config.mllm.judge_model:
+        from obliviate.evals.judge import load_judge
+        from obliviate.models.sequences import model_device
+
+        judge = load_judge(config.mllm.judge_model, str(model_device(model)), config.trust_remote_code)
     return mllmu.evaluate(model, adapter, processor.tokenizer, sets, config.eval.batch_size, config.mllm.max_new_tokens,
-                          config.mllm.few_shot)
+                          config.mllm.few_shot, judge)
 
 
 def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: str) -> dict:
@@ -84,6 +90,7 @@ def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: 
 
     settings = [config.split, config.eval.model_dump(), config.mllm.max_new_tokens, config.template.model_dump()]
     settings += [config.mllm.few_shot] if config.mllm.few_shot else []
+    settings += [config.mllm.judge_model] if config.mllm.judge_model else []
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return cached_json(world.root / f"eval-{name}-{config.split}-{key}.json",
                        lambda: evaluate_folder(folder, config, sets, world.pictures, device))

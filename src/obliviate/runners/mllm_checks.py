@@ -47,4 +47,6 @@ def check_mllm(config: RunConfig) -> None:
     for folder in (config.model, config.retrain_model):
         if folder:
             check_vlm_folder(folder)
+    if config.mllm.judge_model:
+        check_model_folder(config.mllm.judge_model)
     check_run_folder(config)
