@@ -69,6 +69,25 @@ def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2
     return summary
 
 
+def write_method_folders(folder: Path, rows: dict, per_method: dict, base_model: str) -> None:
+    """One folder per method of a language-model or vision-language part: metrics, config, per-item values, history
+    and the changed tensors. per_method: name -> (evaluation, UnlearnResult, the method's settings)."""
+    from safetensors.torch import save_file
+
+    from obliviate.loops.step import changed_tensors
+    from obliviate.runs import write_json
+
+    for name, (evaluation, result, cfg) in per_method.items():
+        d = folder / name
+        d.mkdir()
+        write_json(d / "metrics.json", rows[name])
+        write_json(d / "config.json", cfg)
+        write_json(d / "per_item.json", evaluation["per_item"])
+        write_json(d / "history.json", result.history)
+        save_file(changed_tensors(result.model, result.trainable_names), str(d / "changed.safetensors"),
+                  metadata={"base_model": base_model})
+
+
 def _call(target: str, folder: Path, log, options: dict) -> dict:
     import importlib
 

@@ -109,28 +109,12 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str 
             "histories": histories, "per_method": per_method, "base_model": str(world.full_model_dir)}
 
 
-def write_method_folders(folder: Path, rows: dict, per_method: dict, base_model: str) -> None:
-    """One folder per method: metrics, config, per-item values, history and the changed tensors."""
-    from safetensors.torch import save_file
-
-    from obliviate.loops.step import changed_tensors
-    from obliviate.runs import write_json
-
-    for name, (evaluation, result, cfg) in per_method.items():
-        d = folder / name
-        d.mkdir()
-        write_json(d / "metrics.json", rows[name])
-        write_json(d / "config.json", cfg)
-        write_json(d / "per_item.json", evaluation["per_item"])
-        write_json(d / "history.json", result.history)
-        save_file(changed_tensors(result.model, result.trainable_names), str(d / "changed.safetensors"),
-                  metadata={"base_model": base_model})
-
-
 def run_part(folder: Path, log=print, tofu_dir: Path | None = None, methods: list[str] = (),
              size: str = "demo") -> dict:
     """The demo's language-model part: run it, write one folder per method into `folder`, and return the JSON-ready
     summary (scorecard, notes, world) with the methods' histories for the report."""
+    from obliviate.demo import write_method_folders
+
     summary = run_lm_demo(tofu_dir, list(methods), log, size)
     per_method = summary.pop("per_method")
     write_method_folders(folder, summary["scorecard"], per_method, summary["base_model"])

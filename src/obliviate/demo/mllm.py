@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from obliviate.config import EvalConfig, MLLMConfig, RunConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, RunConfig, TrainConfig, WorldConfig
 
 SPLIT = "forget10"
 METHODS = ("GradDiff", "NPO", "SimNPO", "RGD", "MMUnlearner", "PromptDecouple")
@@ -31,7 +31,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _examples(world, sets: dict, rows_by_model: dict[str, list[dict]], n: int = 2) -> list[dict]:
+def _examples(sets: dict, rows_by_model: dict[str, list[dict]], n: int = 2) -> list[dict]:
     """For the first `n` forget and retain people: the question about their portrait and each model's answer."""
     from obliviate.evals.mllmu import classification_question
 
@@ -64,7 +64,7 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
 
     methods = [m for m in (make_method(name).name for name in methods) if m != "Retrain"]  # Retrain is its own row
     config = RunConfig(family="mllm", method="GradDiff", split=SPLIT, world=WorldConfig(name="portraits"),
-                       eval=EvalConfig(retain_people=RETAIN_PEOPLE), mllm=MLLMConfig())
+                       eval=EvalConfig(retain_people=RETAIN_PEOPLE))
     world = PortraitsWorld(config.world)
     t0 = time.time()
     record = world.build(SPLIT, retrain=True, log=log)
@@ -113,32 +113,22 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
     ]
     return {"split": SPLIT, "world": str(world.root), "world_build_seconds": round(build_seconds, 1),
             "scorecard": rows, "winners": winners, "notes": notes, "histories": histories,
-            "examples": _examples(world, sets, per_item), "per_method": per_method, "world_object": world,
+            "examples": _examples(sets, per_item), "per_method": per_method, "world_object": world,
             "base_model": str(world.full_model_dir)}
 
 
 def run_part(folder: Path, log=print, methods: list[str] | None = None, size: str = "demo") -> dict:
     """The demo's vision-language part: run it, write one folder per method (metrics, config, per-item rows,
     history, changed tensors) and the example portraits into `folder / "mllm"`; returns the JSON-ready part."""
-    from safetensors.torch import save_file
+    from PIL import Image
 
-    from obliviate.loops.step import changed_tensors
-    from obliviate.runs import write_json
+    from obliviate.demo import write_method_folders
 
     summary = run_mllm_demo(list(methods or METHODS), log)
     world = summary.pop("world_object")
     root = Path(folder) / "mllm"
     root.mkdir(parents=True)
-    for name, (evaluation, result, cfg) in summary.pop("per_method").items():
-        d = root / name
-        d.mkdir()
-        write_json(d / "metrics.json", summary["scorecard"][name])
-        write_json(d / "config.json", cfg)
-        write_json(d / "per_item.json", evaluation["per_item"])
-        write_json(d / "history.json", result.history)
-        save_file(changed_tensors(result.model, result.trainable_names), str(d / "changed.safetensors"),
-                  metadata={"base_model": summary["base_model"]})
-    from PIL import Image
+    write_method_folders(root, summary["scorecard"], summary.pop("per_method"), summary["base_model"])
 
     for example in summary["examples"]:
         name = example["image"].replace("#", "-").replace(" ", "_") + ".png"

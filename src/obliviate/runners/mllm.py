@@ -65,7 +65,8 @@ def prepare(config: RunConfig, log=print):
     return model_dir, forget, retain, sets, pictures, label, world
 
 
-def evaluate_folder(folder, config: RunConfig, sets, pictures, device: str) -> dict:
+def folder_evaluation(folder, config: RunConfig, sets, pictures, device: str) -> dict:
+    """The evaluation of the model in `folder`, loaded in the run's format."""
     model, processor = load_model(folder, config, device)
     return evaluation_of(model, processor, sets, pictures, config)
 
@@ -93,7 +94,7 @@ def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: 
     settings += [config.mllm.judge_model] if config.mllm.judge_model else []
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return cached_json(world.root / f"eval-{name}-{config.split}-{key}.json",
-                       lambda: evaluate_folder(folder, config, sets, world.pictures, device))
+                       lambda: folder_evaluation(folder, config, sets, world.pictures, device))
 
 
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
@@ -141,7 +142,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
                 original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
                 metrics["original"] = compare_to_retrain(original, retrain_eval)["aggregate"]
             elif config.retrain_model:
-                retrain_eval = evaluate_folder(config.retrain_model, config, sets, pictures, device)
+                retrain_eval = folder_evaluation(config.retrain_model, config, sets, pictures, device)
             if retrain_eval is not None:
                 evaluation = compare_to_retrain(evaluation, retrain_eval)
                 metrics["retrain"] = retrain_eval["aggregate"]
@@ -176,12 +177,12 @@ def evaluate_model(config: RunConfig, out: Path) -> dict:
     check_mllm(config)
     device = resolve_device(config.device)
     model_dir, _, _, sets, pictures, label, world = prepare(config, log=lambda *_: None)
-    result = evaluate_folder(model_dir, config, sets, pictures, device)
+    result = folder_evaluation(model_dir, config, sets, pictures, device)
     reference = None
     if world is not None:
         reference = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets, device)
     elif config.retrain_model:
-        reference = evaluate_folder(config.retrain_model, config, sets, pictures, device)
+        reference = folder_evaluation(config.retrain_model, config, sets, pictures, device)
     if reference is not None:
         result = compare_to_retrain(result, reference)
     result["forget_set"] = label
