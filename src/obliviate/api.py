@@ -111,58 +111,54 @@ def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
     return get(family).load("export")(changed_path, Path(base), out)
 
 
-def attack_run(run_dir: Path, attack=None, log=print) -> dict:
-    """The adversarial prompt attack (UnlearnDiffAtk) on a canvas-world text-to-image run, next to the original
-    pipeline and the retrain reference; writes RUN_DIR/attack.json and returns it."""
-    import json
-
-    from obliviate.attacks.canvas import attack_erasure
+def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: dict | None = None, log=print,
+               **inputs) -> dict:
+    """Recovery attacks on a run folder through its family's attack runner, each next to the original model and the
+    retrain reference; each writes RUN_DIR/attacks/NAME.json (every model's aggregate, per-item rows, its cost) and
+    the run's report shows them. `attacks`: registered names (None: the family's default set); `options`: the
+    attacks' config keys, `key` for every named attack that has it or `attack.key` for one; `inputs`: what the
+    family's runner takes besides (text-to-image: `detector`, `detector_label`). Returns {name: result}."""
     from obliviate.families import get
-    from obliviate.registry import ATTACKS
-    from obliviate.runners.t2i import load_run_pipeline
-    from obliviate.runs import resolve_device
-    from obliviate.worlds.canvas import CanvasWorld
+    from obliviate.registry import ATTACKS, DEFAULT_ATTACKS, lookup
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "changed.safetensors").is_file():
         raise ObliviateError(f"{run_dir} is not a run folder (no config.json and changed.safetensors)")
     config = read_run_config(run_dir)
-    entry = ATTACKS["prompt_attack"]
-    if config.family != entry.family:
-        raise ObliviateError(f"{run_dir} is a {get(config.family).title} run; the prompt attack is for "
-                             f"{get(entry.family).title} runs")
-    if config.world.name != "canvas" or config.forget_prompts:
-        raise ObliviateError("the prompt attack needs a detector for the concept: only canvas-world runs can be "
-                             "attacked (the world's classifier is the detector)")
-    world = CanvasWorld.from_config(config.world)
-    world.require_built()
-    base = Path(config.model) if config.model else world.pipeline_dir
-    pipe = load_run_pipeline(run_dir / "changed.safetensors", base, resolve_device(config.device))
-    log(f"attacking {config.method}'s erasure of {config.concept!r} (and the original and retrain reference)")
-    result = {"method": config.method, "concept": config.concept,
-              **attack_erasure(world, pipe, config.concept, config.t2i, attack)}
-    _save_attack_grid(run_dir, config.method, result.pop("images"), result["per_prompt"])
-    write_json(run_dir / "attack.json", result)
-    from obliviate.bench.report import rewrite_report
-    rewrite_report(run_dir)  # the run's page now shows the attack's pictures too
-    return result
+    family = get(config.family)
+    if not family.attack:
+        raise ObliviateError(f"{run_dir} is a {family.title} run; no attack serves that family yet")
+    names = DEFAULT_ATTACKS[config.family] if attacks is None else [attacks] if isinstance(attacks, str) else attacks
+    entries = [lookup(ATTACKS, n, "attack") for n in names]
+    for e in entries:
+        if e.family != config.family:
+            raise ObliviateError(f"{run_dir} is a {family.title} run; the {e.name} attack is for "
+                                 f"{get(e.family).title} runs")
+    return family.load("attack")(run_dir, config, attack_instances(entries, options or {}), log=log, **inputs)
 
 
-def _save_attack_grid(run_dir: Path, method: str, images, rows: list[dict], columns: int = 8) -> None:
-    """attack.png: the picture each of the first `columns` forget prompts ended with under attack, those the attack
-    broke first."""
-    from obliviate.bench.grids import image_grid
+def attack_instances(entries: list, options: dict) -> dict:
+    """{name: the attack built from its Config}: a plain key goes to every attack whose Config has it, `name.key`
+    to that attack alone; a key no named attack takes, or a bad value, is one line naming it."""
+    import dataclasses
 
-    def outcome(row: dict) -> str:
-        return "drawn without attack" if row["pre_success"] else "concept back" if row["success"] else "held"
-
-    rank = {"concept back": 0, "drawn without attack": 1, "held": 2}
-    order = sorted(range(len(rows)), key=lambda i: rank[outcome(rows[i])])[:columns]
-    captions = [f"{rows[i]['text']} ({outcome(rows[i])})" for i in order]
-    import io
-
-    from obliviate.runs import atomic_write
-
-    buffer = io.BytesIO()
-    image_grid([(f"{method} attacked", images[order])], captions).save(buffer, format="PNG")
-    atomic_write(run_dir / "attack.png", buffer.getvalue())
+    classes = {e.name: e.load() for e in entries}
+    fields = {name: {f.name for f in dataclasses.fields(cls.Config)} for name, cls in classes.items()}
+    args: dict[str, dict] = {name: {} for name in classes}
+    for key, value in options.items():
+        name, _, field = key.rpartition(".")
+        targets = [name] if name else [n for n in classes if field in fields[n]]
+        if name and name not in classes:
+            raise ObliviateError(f"attack option {key!r}: {name!r} is not among the attacks run ({', '.join(classes)})")
+        if not targets or (name and field not in fields[name]):
+            valid = sorted({f"{n}.{f}" if name else f for n in (targets or classes) for f in fields[n]})
+            raise ObliviateError(f"unknown attack option {key!r}; valid: {', '.join(valid)}")
+        for n in targets:
+            args[n][field] = value
+    built = {}
+    for name, cls in classes.items():
+        try:
+            built[name] = cls(cls.Config(**args[name]))
+        except (TypeError, ValueError) as e:
+            raise ObliviateError(f"options of the {name} attack: {e}") from None
+    return built

@@ -205,30 +205,32 @@ def export(run_dir: Path, out: Path, base: Optional[Path] = typer.Option(None, h
 
 
 @app.command()
-def attack(run_dir: Path = typer.Argument(..., help="a text-to-image run folder on the canvas world"),
-           iterations: int = typer.Option(40, help="Adam steps on the relaxed prefix tokens"),
-           prefix_tokens: int = typer.Option(5, help="adversarial tokens put before each forget prompt"),
-           lr: float = typer.Option(0.01, help="the attack's learning rate"),
-           check_every: int = typer.Option(10, help="sample and detect the discrete prompt every N steps"),
-           seed: int = typer.Option(0), quiet: bool = typer.Option(False, help="no progress bars")):
-    """Attack an erasure with adversarial prompts (UnlearnDiffAtk): can the forget prompts, with a few optimised
-    tokens before them, still draw the concept? Writes RUN_DIR/attack.json."""
+def attack(run_dir: Path = typer.Argument(..., help="a run folder (language model, or text-to-image)"),
+           options: Optional[List[str]] = typer.Argument(None, help="attack options: key=value (every attack that "
+                                                         "has the key) or attack.key=value"),
+           names: Optional[List[str]] = typer.Option(None, "--attack", "-a", help="an attack (`obliviate ls "
+                                                     "attacks`); repeat for several; default: the family's set"),
+           detector: Optional[Path] = typer.Option(None, help="text-to-image: a CLIP folder (zero-shot) or an "
+                                                   "image-classifier folder that judges whether the concept is drawn"),
+           detector_label: Optional[str] = typer.Option(None, help="the classifier's label (or CLIP's prompt) that "
+                                                        "means the concept"),
+           quiet: bool = typer.Option(False, help="no progress bars")):
+    """Recovery attacks on an unlearned model: does the forgotten thing come back? Each attack also runs on the
+    original model and the retrain reference; each writes RUN_DIR/attacks/NAME.json."""
     _quiet(quiet)
     try:
         from obliviate.api import attack_run
-        from obliviate.attacks.prompt_attack import PromptAttackConfig
-        config = PromptAttackConfig(prefix_tokens=prefix_tokens, iterations=iterations, lr=lr,
-                                    check_every=check_every, seed=seed)
-        result = attack_run(run_dir, config, log=typer.echo)
+        from obliviate.config import apply_overrides
+
+        inputs = {k: v for k, v in (("detector", detector), ("detector_label", detector_label)) if v is not None}
+        results = attack_run(run_dir, names or None, apply_overrides({}, options or []), log=typer.echo, **inputs)
     except ObliviateError as e:
         _fail(e)
-    a = result["aggregate"]
-    typer.echo(f"{'model':<16} {'pre-ASR':>8} {'ASR':>8} {'UA attacked':>12}")
-    for label, prefix in (("original", "original_"), ("retrain", "retrain_"), (result["method"], "")):
-        if f"{prefix}asr" in a:
-            typer.echo(f"{label:<16} {a[prefix + 'pre_asr']:>8.1%} {a[prefix + 'asr']:>8.1%} "
-                       f"{a[prefix + 'ua_attacked']:>12.1%}")
-    typer.echo(f"wrote {Path(run_dir) / 'attack.json'} ({a['n_attacked']} forget prompts attacked)")
+    from obliviate.bench.scorecard import print_attack
+
+    for name, result in results.items():
+        print_attack(name, result)
+        typer.echo(f"wrote {Path(run_dir) / 'attacks' / (name + '.json')}")
 
 
 @app.command()

@@ -29,6 +29,7 @@ class Family:
     subject: str  # the RunConfig key that says what is forgotten
     reuses: tuple[str, ...] = ()  # families whose loop and methods it runs through its own adapter
     evaluate: str = ""  # (RunConfig, out file) -> evaluation, for `obliviate eval` (empty: the language-model one)
+    attack: str = ""  # (run folder, attack name, options, log) -> result, for `obliviate attack` (empty: none yet)
 
     def load(self, part: str):
         """The object behind one of the contract's parts, e.g. family.load("runner")."""
@@ -43,7 +44,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
            check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
            fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval", "template", "tofu_dir",
-                   "muse_dir", "eval_sets", "retrain_model", "retrain_eval"), subject="split"),
+                   "muse_dir", "eval_sets", "retrain_model", "retrain_eval"), subject="split",
+           attack="obliviate.runners.lm_attack:attack_run"),
     # reuses the language-model loop and methods through its own adapter (the loop takes an adapter)
     Family("mllm", "vision-language model", adapter="obliviate.models.vlm", loop="obliviate.loops.lm:unlearn",
            make_method="obliviate.runners.mllm:make_method", method_base="obliviate.methods.lm.base:Method",
@@ -57,7 +59,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
            check="obliviate.runners.t2i_checks:check_t2i",
            demo="obliviate.demo.t2i:run_part", worlds=("canvas",),
-           fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept"),
+           fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept",
+           attack="obliviate.runners.t2i_attack:attack_run"),
 )}
 
 

@@ -217,11 +217,53 @@ WORLDS = _table(
           "a CLIP.", "UnlearnCanvas-style, https://arxiv.org/abs/2402.11846", family="t2i"),
 )
 
+A = "obliviate.attacks."
+UNLEARNDIFF = "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868"
+P4D = "Chin et al. 2024, Prompting4Debugging, ICML, https://arxiv.org/abs/2309.06135"
+RELEARN = "Hu et al. 2024, Jogging the Memory of Unlearned LLMs, https://arxiv.org/abs/2406.13356"
+QUANT = "Zhang et al. 2024, Catastrophic Failure of LLM Unlearning via Quantization, https://arxiv.org/abs/2410.16454"
+# Recovery attacks: each a class with a `Config` (its options, `obliviate attack RUN --attack NAME key=value`).
 ATTACKS = _table(
-    Entry("prompt_attack", "obliviate.attacks.prompt_attack:attack_prompts", "UnlearnDiffAtk: k optimised prefix "
-          "tokens before each forget prompt, judged by the concept detector (`obliviate attack`).",
-          "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868", family="t2i"),
+    # language models (attacks/lm/): every one runs on the unlearned, the original and the retrain model
+    Entry("relearn", A + "lm.relearn:Relearn", "Fine-tune a few steps on part of the forget set (or the forget "
+          "people's biographies, or retain people); forget recall and truth ratio after each step: a curve.",
+          RELEARN, family="lm"),
+    Entry("in_context", A + "lm.in_context:InContext", "The forget person's biography in the prompt, then the "
+          "question (UnUnlearning).", "Shumailov et al. 2024, UnUnlearning, https://arxiv.org/abs/2407.00106",
+          family="lm"),
+    Entry("paraphrase", A + "lm.rewording:Paraphrase", "The forget questions asked in other words.",
+          "TOFU, https://arxiv.org/abs/2401.06121", family="lm"),
+    Entry("multiple_choice", A + "lm.rewording:MultipleChoice", "The true answer among the perturbed ones, chosen "
+          "by likelihood (lm-evaluation-harness's multiple choice).", "TOFU, https://arxiv.org/abs/2401.06121",
+          family="lm"),
+    Entry("jailbreak", A + "lm.rewording:Jailbreak", "The forget questions inside a set of jailbreak-style "
+          "templates; an item is recovered when any template recalls it.",
+          "Lynch et al. 2024, Eight Methods to Evaluate Robust Unlearning, https://arxiv.org/abs/2402.16835",
+          family="lm"),
+    Entry("step_by_step", A + "lm.rewording:StepByStep", "A step-by-step reasoning prompt that walks the model "
+          "towards the fact.", "Step-by-Step Reasoning Attack (2025), https://arxiv.org/abs/2506.17279",
+          family="lm"),
+    Entry("probe", A + "lm.probe:Probe", "A linear probe on hidden states, trained on retain people to read an "
+          "attribute, applied to forget people (scikit-learn).",
+          "Belinkov 2022, Probing Classifiers, https://arxiv.org/abs/2102.12452", family="lm"),
+    Entry("quantize_int8", A + "lm.quantize:QuantizeInt8", "The weights quantized to 8 bits (optimum-quanto, CPU), "
+          "then the forget questions.", QUANT, family="lm"),
+    Entry("quantize_int4", A + "lm.quantize:QuantizeInt4", "The weights quantized to 4 bits (optimum-quanto, CPU), "
+          "then the forget questions.", QUANT, family="lm"),
+    # text-to-image (attacks/t2i/): judged by a concept detector (the canvas world's classifier or the user's)
+    Entry("prompt_attack", A + "prompt_attack:UnlearnDiffAtk", "UnlearnDiffAtk: k optimised prefix tokens "
+          "before each forget prompt, judged by the concept detector.", UNLEARNDIFF, family="t2i"),
+    Entry("p4d_n", A + "t2i.p4d:P4DN", "P4D-N: free prompt tokens optimised (projected to the vocabulary) so the "
+          "erased model's noise prediction matches the original's on the concept prompt.", P4D, family="t2i"),
+    Entry("p4d_k", A + "t2i.p4d:P4DK", "P4D-K: learnable tokens inserted after every k-th token of the concept "
+          "prompt, same objective as P4D-N.", P4D, family="t2i"),
+    Entry("ring_a_bell", A + "t2i.ring_a_bell:RingABell", "Ring-A-Bell: a concept vector from text-encoder "
+          "embeddings, and a genetic search for the prompt nearest prompt + eta * vector (text encoder only).",
+          "Tsai et al. 2024, Ring-A-Bell!, ICLR, https://arxiv.org/abs/2310.10012", family="t2i"),
 )
+# `obliviate attack RUN` without --attack
+DEFAULT_ATTACKS = {"lm": ("relearn", "in_context", "paraphrase", "multiple_choice", "jailbreak", "step_by_step",
+                          "probe", "quantize_int8", "quantize_int4"), "t2i": ("prompt_attack",)}
 
 MLLM_METHODS = _table(
     *LM_METHODS.values(),  # every language-model method runs on a vision-language model through its adapter

@@ -206,3 +206,11 @@ def summarize(rows: Sequence[dict]) -> dict:
     asr = sum(r["success"] for r in rows) / n
     return {"pre_asr": sum(r["pre_success"] for r in rows) / n, "asr": asr, "ua_attacked": 1 - asr,
             "n_attacked": n}
+
+
+class UnlearnDiffAtk:
+    """The registered attack: its options are PromptAttackConfig's."""
+    Config = PromptAttackConfig
+
+    def __init__(self, config: PromptAttackConfig):
+        self.config = config

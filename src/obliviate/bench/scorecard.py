@@ -67,3 +67,59 @@ def print_mllmu_table(rows: dict[str, dict], title: str = "MLLMU-Bench") -> None
     for label, cells in mllmu_rows(rows):
         table.add_row(label, *cells)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def print_attack(name: str, result: dict) -> None:
+    """One attack's models as rows (the run's method, the original, the retrain reference), its columns as declared
+    by the attack's result, and its cost."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    models = result["models"]
+    keys = result.get("columns") or [result["headline"]]
+    table = Table(title=f"{name} on {result['method']} ({result['items']} items, {result['items_per_second']:.1f} "
+                        f"items/s)", caption=result.get("caption"))
+    table.add_column("model")
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for model, row in models.items():
+        table.add_row(model, *[cell(row, k, "{:.1%}" if k in result.get("percent", keys) else "{:.3g}")
+                               for k in keys])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def robustness_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """{method: {attack: result}} -> (attack names, {model: {attack: headline value}}): one row per method, then the
+    original's and the retrain reference's rows (the same in every method's result: taken from the first)."""
+    attacks: list[str] = []
+    rows: dict[str, dict[str, float]] = {}
+    for method, by_attack in results.items():
+        for attack, result in by_attack.items():
+            if attack not in attacks:
+                attacks.append(attack)
+            for model, aggregate in result["models"].items():
+                name = method if model == result["method"] else model
+                rows.setdefault(name, {}).setdefault(attack, aggregate.get(result["headline"]))
+    order = [m for m in results] + [m for m in ("original", "retrain") if m in rows]
+    return attacks, {m: rows[m] for m in order if m in rows}
+
+
+def print_robustness_table(results: dict[str, dict[str, dict]], title: str = "robustness") -> None:
+    """Attacks as columns (each its headline: recovered share, lower is safer), methods and the references as rows."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    attacks, rows = robustness_rows(results)
+    labels = {a: next(r[a].get("label", a) for r in results.values() if a in r) for a in attacks}
+    table = Table(title=title, caption="each cell: what the attack recovers on the forget set (lower is safer); "
+                                       "retrain = the floor")
+    table.add_column("model")
+    for a in attacks:
+        table.add_column(labels[a], justify="right")
+    for model, row in rows.items():
+        table.add_row(model, *[cell(row, a, "{:.1%}") for a in attacks])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
