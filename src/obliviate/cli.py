@@ -220,10 +220,16 @@ def attack(run_dir: Path = typer.Argument(..., help="a run folder (language mode
     _quiet(quiet)
     try:
         from obliviate.api import attack_run
-        from obliviate.config import apply_overrides
+        from obliviate.config import parse_value
 
+        pairs = {}
+        for item in options or []:
+            if "=" not in item:
+                raise ObliviateError(f"attack option '{item}' must look like key=value or attack.key=value")
+            key, value = item.split("=", 1)
+            pairs[key.strip()] = parse_value(value)
         inputs = {k: v for k, v in (("detector", detector), ("detector_label", detector_label)) if v is not None}
-        results = attack_run(run_dir, names or None, apply_overrides({}, options or []), log=typer.echo, **inputs)
+        results = attack_run(run_dir, names or None, pairs, log=typer.echo, **inputs)
     except ObliviateError as e:
         _fail(e)
     from obliviate.bench.scorecard import print_attack

@@ -240,13 +240,19 @@ def cache_root(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get("OBLIVIATE_CACHE") or Path.home() / ".cache" / "obliviate")
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; a number was meant
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -260,7 +266,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ObliviateError(f"override '{key}': '{p}' is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parse_value(value)
     return data
 
 

@@ -73,6 +73,73 @@ def curves_plot(histories: dict[str, list[dict]]) -> str | None:
     return _png(fig)
 
 
+def relearn_figure(results: dict[str, dict]):
+    """Recall of the measured forget items after each relearning step: one line per method's unlearned model, the
+    retrain reference (dashed: it learns from scratch, so the gap above it is hidden knowledge), the original
+    (dotted). `results`: {method: relearn result}."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    references: dict[str, list[dict]] = {}
+    for method, result in results.items():
+        for model, curve in result["curves"].items():
+            steps, recall = [p["step"] for p in curve], [p["recall"] for p in curve]
+            if model == result["method"]:
+                ax.plot(steps, recall, marker="o", ms=3, label=method)
+            else:
+                references.setdefault(model, curve)
+    for model, curve in references.items():
+        ax.plot([p["step"] for p in curve], [p["recall"] for p in curve], ls="--" if model == "retrain" else ":",
+                c="black" if model == "retrain" else "grey", label=f"{model} (same fine-tuning)")
+    first = next(iter(results.values()))
+    ax.set_xlabel(f"relearning step (data: {first['config']['data']}, lr {first['config']['lr']:g})")
+    ax.set_ylabel(f"forget recall ({first.get('measured', 'forget questions')})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("Relearning: does the forgotten come back?")
+    return fig
+
+
+def save_relearn_plot(path: Path, results: dict[str, dict]) -> None:
+    """The relearning curves as a PNG file (written atomically)."""
+    buf = io.BytesIO()
+    fig = relearn_figure(results)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _matplotlib().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def robustness_html(results: dict[str, dict[str, dict]]) -> str:
+    """{method: {attack: result}} as a table: attacks as columns (their headline), methods and references as rows."""
+    from obliviate.bench.scorecard import robustness_rows
+
+    if not results:
+        return ""
+    attacks, rows = robustness_rows(results)
+    labels = {a: next(r[a].get("label", a) for r in results.values() if a in r) for a in attacks}
+    head = "".join(f"<th>{html.escape(labels[a])}</th>" for a in attacks)
+    body = "".join("<tr><td>" + html.escape(m) + "</td>" + "".join(f"<td>{cell(r, a, '{:.1%}')}</td>"
+                                                                     for a in attacks) + "</tr>"
+                   for m, r in rows.items())
+    relearn = {m: r[a] for m, r in results.items() for a in r if "curves" in r[a]}
+    plot = f"<p><img alt='relearning curves' src='{_png(relearn_figure(relearn))}'></p>" if relearn else ""
+    return (f"<h2>Robustness: what the attacks recover</h2><table><tr><th>model</th>{head}</tr>{body}</table>"
+            "<p class='note'>Each cell: the attack's headline on the forget set (recall: share of forget facts in "
+            "the answers; accuracy: share chosen or read right), lower is safer. The retrain row is the floor: a "
+            "model that never saw the forget set, attacked the same way.</p>" + plot)
+
+
+def read_attacks(folder: Path) -> dict[str, dict]:
+    """{attack: result} of a run folder's attacks/*.json (those in the shared format)."""
+    results = {}
+    for path in sorted((Path(folder) / "attacks").glob("*.json")):
+        result = _read(path, "attack result", keys=("models", "headline", "method"))
+        if not isinstance(result["models"], dict) or not all(isinstance(m, dict) for m in result["models"].values()):
+            raise ObliviateError(f"{path}: 'models' must map each model to its aggregate")
+        results[path.stem] = result
+    return results
+
+
 def scorecard_html(rows: dict[str, dict]) -> str:
     if not rows:
         return ""
@@ -84,7 +151,7 @@ def scorecard_html(rows: dict[str, dict]) -> str:
 
 
 def page(title: str, rows: dict[str, dict], histories: dict[str, list[dict]], notes: list[str],
-         grids: dict[str, str] | None = None) -> str:
+         grids: dict[str, str] | None = None, sections: list[str] = ()) -> str:
     """`grids`: caption -> a PNG file (relative to the page's folder; embedded inline so the page stands alone)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>", scorecard_html(rows)]
@@ -95,6 +162,7 @@ def page(title: str, rows: dict[str, dict], histories: dict[str, list[dict]], no
     for img in (tradeoff_plot(rows), curves_plot(histories)):
         if img:
             parts.append(f"<p><img alt='plot' src='{img}'></p>")
+    parts += sections
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -106,13 +174,19 @@ def _inline(folder: Path, grids: dict[str, str] | None) -> dict[str, str]:
 
 def write_run_report(folder: Path, metrics: dict, history: list[dict], grids: dict[str, str] | None = None,
                      notes: list[str] | None = None) -> Path:
+    """The run's page; with the run's attacks (attacks/*.json) as a robustness table, their pictures and curves."""
     folder = Path(folder)
     path = folder / "report.html"
+    attacks = read_attacks(folder) if (folder / "attacks").is_dir() else {}
+    sections = [robustness_html({metrics.get("method", "run"): attacks})] if attacks else []
+    grids = {**(grids or {}), **{f"under the {name} attack": f"attacks/{name}.png" for name in attacks
+                                 if "curves" not in attacks[name] and (folder / "attacks" / f"{name}.png").is_file()}}
     subject = metrics.get("forget_set") or metrics.get("split") or f"concept '{metrics.get('concept')}'"
     # atomically: a full disk while rewriting a finished run's page must not truncate the good one
     return atomic_write(path, page(f"obliviate run: {metrics.get('method')} on {subject}",
                                    {metrics.get("method", "run"): metrics}, {metrics.get("method", "run"): history},
-                                   [f"status: {metrics.get('status')}", *(notes or [])], _inline(folder, grids)))
+                                   [f"status: {metrics.get('status')}", *(notes or [])], _inline(folder, grids),
+                                   sections))
 
 
 def write_demo_report(folder: Path, summary: dict, histories: dict[str, list[dict]]) -> Path:
@@ -196,20 +270,7 @@ def rewrite_report(folder: Path) -> Path:
     if (folder / "metrics.json").is_file():
         metrics = _read(folder / "metrics.json", "metrics")
         history = _read(folder / "history.json", "history", list) if (folder / "history.json").is_file() else []
-        grids = {caption: name for caption, name in (("image grid", "grid.png"),
-                                                     ("under the prompt attack (obliviate attack)", "attack.png"))
-                 if (folder / name).is_file()} or None
+        grids = {caption: name for caption, name in (("image grid", "grid.png"),) if (folder / name).is_file()} or None
         notes = []
-        if (folder / "attack.json").is_file():
-            a = _read(folder / "attack.json", "attack result", keys=("aggregate",))["aggregate"]
-            if not isinstance(a, dict) or not all(isinstance(a.get(k), (int, float)) for k in ("n_attacked",
-                                                                                              "ua_attacked")):
-                raise ObliviateError(f"{folder / 'attack.json'}: 'aggregate' needs numbers n_attacked and "
-                                     "ua_attacked")
-            refs = "".join(f"; {name} {a[key]:.1%}" for name, key in (("original", "original_ua_attacked"),
-                                                                       ("retrain", "retrain_ua_attacked"))
-                           if isinstance(a.get(key), (int, float)))
-            notes.append(f"Under the prompt attack ({a['n_attacked']} forget prompts): UA attacked "
-                         f"{a['ua_attacked']:.1%}{refs}.")
         return write_run_report(folder, metrics, history, grids, notes)
     raise ObliviateError(f"not a run or demo folder (no metrics.json or summary.json): {folder}")

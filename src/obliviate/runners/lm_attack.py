@@ -1,0 +1,91 @@
+"""`obliviate attack` for language-model runs: load the run's models (the unlearned one, the model it started from,
+the retrain reference), run each attack on all of them, and write RUN_DIR/attacks/<name>.json (the relearning
+curves also as attacks/<name>.png)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from obliviate.data import QAItem, TextItem
+from obliviate.errors import ObliviateError
+from obliviate.runs import resolve_device, write_json
+
+
+def attack_target(run_dir: Path, config, log=print):
+    """The run as its attacks see it (attacks.lm.common.Target)."""
+    from obliviate.attacks.lm.common import Target
+    from obliviate.runners.lm import load_model, prepare
+    from obliviate.runs import apply_changed
+
+    device = resolve_device(config.device)
+    model_dir, forget, retain, _, world = prepare(config, log=lambda *_: None)  # the run built its world
+    changed = Path(run_dir) / "changed.safetensors"
+
+    def unlearned():
+        model, tok = load_model(model_dir, config, device)
+        apply_changed(model, changed)
+        return model.eval(), tok
+
+    def original():
+        model, tok = load_model(model_dir, config, device)
+        return model.eval(), tok
+
+    models = {config.method: unlearned, "original": original}
+    retrain_dir = world.retrain_dir(config.split) if world is not None else config.retrain_model
+    if retrain_dir:
+        def retrain():
+            model, tok = load_model(retrain_dir, config, device)
+            return model.eval(), tok
+        models["retrain"] = retrain
+    attributes = None
+    if world is not None:
+        from obliviate.worlds.profiles import FACTS
+
+        attributes = [{"subject": p.name, "attribute": f.key, "value": p.facts[f.key],
+                       "questions": [f.question.format(n=p.name), f.paraphrased_question.format(n=p.name)]}
+                      for p in world.data().people for f in FACTS]
+    forget_qa = [i for i in forget if isinstance(i, QAItem)]
+    if not forget_qa:
+        raise ObliviateError("the run's forget set has no questions: the language-model attacks ask questions")
+    return Target(config.method, models, forget_qa, [i for i in retain if isinstance(i, QAItem)],
+                  [i for i in forget if isinstance(i, TextItem)], [i for i in retain if isinstance(i, TextItem)],
+                  attributes, batch_size=config.eval.batch_size)
+
+
+def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dict:
+    """Each attack of `attacks` ({name: instance}) on the run's models; returns {name: result}."""
+    if inputs:
+        raise ObliviateError(f"language-model attacks take no {', '.join(inputs)} (a text-to-image detector)")
+    if config.method == "Retrain":
+        raise ObliviateError("a Retrain run is the retrain reference itself: attack an unlearned run")
+    target = attack_target(run_dir, config, log)
+    for attack in attacks.values():  # what an attack cannot serve fails before any attack runs
+        attack.check(target)
+    out = Path(run_dir) / "attacks"
+    out.mkdir(exist_ok=True)
+    results = {}
+    for name, attack in attacks.items():
+        log(f"{name}: attacking {config.method} and the references ({', '.join(list(target.models)[1:])})")
+        results[name] = run_attack(name, attack, target)
+        write_json(out / f"{name}.json", results[name])
+        if "curves" in results[name]:
+            from obliviate.bench.report import save_relearn_plot
+            save_relearn_plot(out / f"{name}.png", {config.method: results[name]})
+    from obliviate.bench.report import rewrite_report
+    rewrite_report(run_dir)  # the run's page shows the attacks
+    return results
+
+
+def run_attack(name: str, attack, target, log=print) -> dict:
+    """One attack on the target's models, in the shared result format (obliviate.attacks)."""
+    from dataclasses import asdict
+
+    t0 = time.time()
+    result = attack.run(target, log=log)
+    seconds = time.time() - t0
+    n = next(iter(result["models"].values())).get("n", len(target.forget))
+    attacked = n * len(target.models)
+    return {"attack": name, "family": "lm", "method": target.method, "config": asdict(attack.config),
+            "headline": attack.headline, "label": attack.label, "better": attack.better,
+            "columns": list(attack.columns), "percent": list(attack.percent), **result,
+            "seconds": round(seconds, 2), "items": n, "items_per_second": attacked / seconds if seconds else None}
