@@ -96,8 +96,8 @@ def test_run_on_the_tiny_world(tiny_world, tmp_path):
 
 
 def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
-    """`obliviate attack RUN_DIR` attacks the forget prompts of the erased pipeline, the original and the retrain
-    reference, writes attack.json, and caches the references' results in the world."""
+    """`obliviate attack RUN_DIR --attack ...` attacks the forget prompts of the erased pipeline, the original and
+    the retrain reference, writes attacks/<name>.json and .png, and caches the references' results in the world."""
     from typer.testing import CliRunner
 
     from obliviate.cli import app
@@ -109,26 +109,31 @@ def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
         "world": {"name": "canvas", "cache_dir": tiny_world.cache_dir, "model": TINY},
         "t2i": {"images_per_prompt": 1, "sample_steps": 2, "eval_seeds": 1}})
     out = run(config, log=lambda *a: None)
-    args = ["attack", str(out), "--iterations", "2", "--check-every", "1", "--prefix-tokens", "2", "--quiet"]
+    names = ["prompt_attack", "p4d_k", "ring_a_bell"]
+    args = ["attack", str(out), "iterations=2", "check_every=1", "prefix_tokens=2", "ring_a_bell.tokens=4",
+            "population=4", "generations=2", "--quiet"] + [a for n in names for a in ("--attack", n)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    saved = json.loads((out / "attack.json").read_text())
-    a = saved["aggregate"]
     n = len(tiny_world.forget_prompts("star"))
-    assert a["n_attacked"] == n == len(saved["per_prompt"]) and saved["config"]["iterations"] == 2
-    for prefix in ("", "original_", "retrain_"):
-        assert 0 <= a[prefix + "pre_asr"] <= a[prefix + "asr"] <= 1 and a[prefix + "ua_attacked"] == 1 - a[prefix + "asr"]
-    assert all(r["text"] in tiny_world.forget_prompts("star") for r in saved["per_prompt"])
+    for name in names:
+        saved = json.loads((out / "attacks" / f"{name}.json").read_text())
+        assert saved["attack"] == name and saved["method"] == "UCE" and saved["concept"] == "star"
+        assert list(saved["models"]) == ["UCE", "original", "retrain"] and saved["headline"] == "asr"
+        assert saved["items"] == n and saved["items_per_second"] > 0 and saved["better"] == "lower"
+        for model, a in saved["models"].items():
+            assert a["n_attacked"] == n == len(saved["per_item"][model])
+            assert 0 <= a["pre_asr"] <= a["asr"] <= 1 and a["ua_attacked"] == pytest.approx(1 - a["asr"])
+            assert all(r["text"] in tiny_world.forget_prompts("star") for r in saved["per_item"][model])
+        assert "classifier" in saved["detector"]
+        from PIL import Image
+        assert Image.open(out / "attacks" / f"{name}.png").width > 32
+        assert f"{name} on UCE" in result.output
+    assert json.loads((out / "attacks" / "p4d_k.json").read_text())["config"]["iterations"] == 2
     cached = sorted(p.name.split("-star-")[0] for p in (tiny_world.root / "attacks").glob("*.json"))
-    assert cached == ["original", "retrain"]
-    assert "retrain" in result.output and "UA attacked" in result.output and "UCE" in result.output
-    assert saved["method"] == "UCE" and saved["concept"] == "star"
-    from PIL import Image
-    page = (out / "report.html").read_text()
-    assert Image.open(out / "attack.png").width > 32 and "under the prompt attack" in page
-    assert f"UA attacked {a['ua_attacked']:.1%}; original {a['original_ua_attacked']:.1%}" in page
+    assert cached == ["original"] * 3 + ["retrain"] * 3
+    assert "retrain" in result.output and (out / "report.html").is_file() and not (out / "attack.json").exists()
 
-    bad = CliRunner().invoke(app, ["attack", str(out), "--iterations", "0"])
+    bad = CliRunner().invoke(app, ["attack", str(out), "iterations=0"])
     assert bad.exit_code == 2 and "iterations must be at least 1" in bad.output
     missing = CliRunner().invoke(app, ["attack", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from obliviate.attacks.prompt_attack import (PromptAttackConfig, attack_prompts, prefix_embeddings, prefixed_ids,
-                                             project_simplex, summarize)
+from obliviate.attacks.t2i.unlearn_diff_atk import (PromptAttackConfig, attack_prompts, prefix_embeddings,
+                                                    prefixed_ids, project_simplex, summarize)
 from obliviate.errors import ObliviateError
 
 from conftest import tiny_prompts
@@ -99,7 +99,8 @@ def test_attack_lowers_its_objective_and_leaves_the_model_alone(tiny_pipe):
 
 
 def test_attack_refuses_runs_it_cannot_judge(tmp_path):
-    """Only canvas-world runs have a detector for the concept; anything else is a one-line error before any work."""
+    """A run on the user's own pipeline needs the user's detector, and a text-to-image attack is not for a language
+    model run: each is a one-line error before any work, and the run folder is left as it was."""
     from obliviate.api import attack_run
     from obliviate.config import RunConfig
     from obliviate.runs import write_json
@@ -111,10 +112,14 @@ def test_attack_refuses_runs_it_cannot_judge(tmp_path):
         (folder / "changed.safetensors").write_bytes(b"")
         return folder
 
-    with pytest.raises(ObliviateError, match="language model run"):
-        attack_run(run_folder("lm", method="GradDiff"))
+    with pytest.raises(ObliviateError, match="language model run; the prompt_attack attack is for text-to-image"):
+        attack_run(run_folder("lm", method="GradDiff"), "prompt_attack")
     user = run_folder("sd", method="UCE", concept="striped", model=str(tmp_path), forget_prompts="f.txt",
                       retain_prompts="r.txt")
-    with pytest.raises(ObliviateError, match="only canvas-world runs can be attacked"):
+    with pytest.raises(ObliviateError, match="needs a detector for the concept: pass --detector FOLDER"):
         attack_run(user)
+    with pytest.raises(ObliviateError, match="detector_label goes with detector"):
+        attack_run(user, detector_label="striped")
+    with pytest.raises(ObliviateError, match="detector folder .*nope: no config.json"):
+        attack_run(user, detector=tmp_path / "nope")
     assert sorted(p.name for p in (tmp_path / "sd").iterdir()) == ["changed.safetensors", "config.json"]

@@ -149,7 +149,7 @@ METRICS = _table(
            "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),
     Metric("ua_paraphrase", E + "canvas:canvas_scores", "UA on held-out paraphrased forget prompts.", CANVAS, "t2i",
            "higher", "share of images", "UA paraphrase", "{:.1%}"),
-    Metric("ua_attacked", "obliviate.attacks.prompt_attack:summarize", "UA under the adversarial prompt attack: "
+    Metric("ua_attacked", "obliviate.attacks.t2i.common:summarize", "UA under the adversarial prompt attack: "
            "1 - ASR of k optimised prefix tokens on the forget prompts (`obliviate attack`).",
            "Zhang et al. 2024, UnlearnDiffAtk, https://arxiv.org/abs/2310.11868", "t2i", "higher", "share of prompts",
            "UA attacked", "{:.1%}"),
@@ -251,7 +251,7 @@ ATTACKS = _table(
     Entry("quantize_int4", A + "lm.quantize:QuantizeInt4", "The weights quantized to 4 bits (optimum-quanto, CPU), "
           "then the forget questions.", QUANT, family="lm"),
     # text-to-image (attacks/t2i/): judged by a concept detector (the canvas world's classifier or the user's)
-    Entry("prompt_attack", A + "prompt_attack:UnlearnDiffAtk", "UnlearnDiffAtk: k optimised prefix tokens "
+    Entry("prompt_attack", A + "t2i.unlearn_diff_atk:UnlearnDiffAtk", "UnlearnDiffAtk: k optimised prefix tokens "
           "before each forget prompt, judged by the concept detector.", UNLEARNDIFF, family="t2i"),
     Entry("p4d_n", A + "t2i.p4d:P4DN", "P4D-N: free prompt tokens optimised (projected to the vocabulary) so the "
           "erased model's noise prediction matches the original's on the concept prompt.", P4D, family="t2i"),

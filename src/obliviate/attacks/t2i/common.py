@@ -1,0 +1,144 @@
+"""What every text-to-image attack is given (`AttackTask`) and the parts they share: the plain check (pre-ASR), token
+ids with attack tokens in them, soft tokens through the text encoder's own forward, and the summary (pre-ASR, ASR,
+robust UA). Only the diffusion adapter's functions are used, so every attack runs on any Stable-Diffusion-shaped
+pipeline."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from obliviate.errors import ObliviateError
+
+
+@dataclass
+class AttackTask:
+    prompts: list[str]  # the attacked forget prompts
+    seeds: list[int]  # one per prompt: its sampling noise, with and without the attack
+    targets: Tensor  # the original pipeline's latents of the concept, one per prompt [N, C, h, w]
+    detect: Callable[[Tensor], list[bool]]  # images in [0, 1] -> does each show the concept
+    original: object = None  # the pipeline before erasure (P4D matches its noise predictions)
+    concept_pairs: list[tuple[str, str]] = field(default_factory=list)  # (with the concept, without): Ring-A-Bell
+    sample_steps: int = 25
+    guidance: float = 4.0
+
+    def __post_init__(self):
+        if not (len(self.prompts) == len(self.seeds) == len(self.targets)):
+            raise ObliviateError(f"{len(self.prompts)} prompts, {len(self.seeds)} seeds and {len(self.targets)} "
+                                 "targets")
+        if not self.prompts:
+            raise ObliviateError("no prompts to attack")
+
+    def part(self, batch: slice) -> AttackTask:
+        """The same task on a slice of its prompts (attacks work in batches of prompts)."""
+        return AttackTask(self.prompts[batch], self.seeds[batch], self.targets[batch], self.detect, self.original,
+                          self.concept_pairs, self.sample_steps, self.guidance)
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """pre-ASR, ASR and robust UA (= 1 - ASR) over attacked prompts, with the count."""
+    if not rows:
+        raise ObliviateError("no prompts were attacked")
+    n = len(rows)
+    asr = sum(r["success"] for r in rows) / n
+    return {"pre_asr": sum(r["pre_success"] for r in rows) / n, "asr": asr, "ua_attacked": 1 - asr,
+            "n_attacked": n}
+
+
+def plain_check(pipe, task: AttackTask) -> tuple[Tensor, list[bool]]:
+    """Each prompt's own picture (its seed) and whether it already shows the concept: a prompt that does succeeds
+    without attack (pre-ASR), as in the papers."""
+    from obliviate.models.diffusion import decode, denoise
+
+    latents, _ = denoise(pipe, task.prompts, task.seeds, task.sample_steps, task.guidance)
+    images = decode(pipe, latents)
+    return images, list(task.detect(images))
+
+
+def draw_ids(pipe, task: AttackTask, ids: Tensor) -> Tensor:
+    """Pictures of the token ids `ids` [N, L] (an attack's discrete prompts), each with its prompt's seed; the ids go
+    to the text encoder as they are, so what is judged is exactly what was optimised (no decode and re-tokenize)."""
+    from obliviate.models.diffusion import decode, denoise
+
+    with torch.no_grad():
+        context = pipe.text_encoder(ids)[0]
+        latents, _ = denoise(pipe, task.prompts, task.seeds, task.sample_steps, task.guidance, context=context)
+        return decode(pipe, latents)
+
+
+def attack_vocabulary(tokenizer) -> Tensor:
+    """Ids the attack may choose: every token but the special ones (start, end, padding, unknown)."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+
+def prompt_tokens(pipe, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's own token ids, without the start, end and padding tokens."""
+    tokenizer = pipe.tokenizer
+    rows = tokenizer(list(prompts), add_special_tokens=False).input_ids
+    return [list(r) for r in rows]
+
+
+def framed_ids(pipe, rows: Sequence[Sequence[int]], what: str) -> Tensor:
+    """[start] + row + [end] + padding to the tokenizer's length, for each row of token ids; a row that does not fit
+    is an error naming `what` put it there."""
+    tokenizer = pipe.tokenizer
+    length = tokenizer.model_max_length
+    start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    longest = max(len(r) for r in rows)
+    if longest + 2 > length:
+        raise ObliviateError(f"{what} needs {longest} tokens; the tokenizer holds {length - 2} besides the start and "
+                             "end tokens")
+    return torch.tensor([[start, *r, end] + [pad] * (length - len(r) - 2) for r in rows], device=pipe.device)
+
+
+@contextlib.contextmanager
+def soft_tokens(text_encoder, embeddings: Tensor, where: Tensor):
+    """While active, the text encoder's token embeddings at the positions `where` [N, L] (bool) are those of
+    `embeddings` [N, L, D]: soft prompts through the model's own forward (positions and attention stay its own)."""
+    def replace(module, args, out):
+        if out.shape[:2] != where.shape:
+            raise ObliviateError(f"soft tokens for {tuple(where.shape)} ids applied to {tuple(out.shape[:2])}")
+        return torch.where(where.unsqueeze(-1), embeddings.to(out.dtype), out)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encoder_digest(text_encoder) -> str:
+    """A digest of a text encoder's weights: attacks that need only the text encoder (Ring-A-Bell) search once for
+    every pipeline that shares it (the erased one, the original, the retrain reference)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(text_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+COLUMNS = ["pre_asr", "asr", "ua_attacked", "n_attacked"]  # what `obliviate attack` prints per model
+
+
+def attack_result(name: str, attack, method: str, concept: str, per_item: dict[str, list[dict]], seconds: float,
+                  detector: str, caption: str | None = None) -> dict:
+    """The result format of attacks/__init__.py: every model's aggregate (the method's first), the rows, the cost
+    (the attack on the erased model: the references' results may come from a cache)."""
+    from dataclasses import asdict
+
+    items = len(per_item[method])
+    result = {"attack": name, "family": "t2i", "method": method, "concept": concept, "config": asdict(attack.config),
+              "headline": "asr", "label": attack.label, "better": "lower", "columns": COLUMNS,
+              "percent": COLUMNS[:3], "models": {m: summarize(rows) for m, rows in per_item.items()},
+              "per_item": per_item, "seconds": round(seconds, 2), "items": items,
+              "items_per_second": round(items / max(seconds, 1e-3), 4), "detector": detector}
+    if caption:
+        result["caption"] = caption
+    return result
