@@ -1,12 +1,14 @@
 """The text-to-image erasure loop: short and visible, like the language-model one (obliviate.loops.lm). A method
 supplies the losses (or a closed-form edit); this loop owns the images drawn by the original pipeline, batching,
 the optimiser, the gradient step (shared with the language-model loop: restricted gradients, masks, NaN guard)
-and the history. The UNet is changed in place; the text encoder and the VAE stay frozen."""
+and the history. The UNet is changed in place, and so is the text encoder for a method that trains it (AdvUnlearn's
+text-encoder mode); the VAE stays frozen."""
 from __future__ import annotations
 
 import copy
 import random
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,7 +18,37 @@ from obliviate.errors import ObliviateError
 from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, gradient_step,
                                   make_optimizer)
 from obliviate.methods.t2i.base import EraseContext, EraseTask
-from obliviate.models.diffusion import Pipeline, denoise
+from obliviate.models.diffusion import Pipeline, denoise, encode_prompts
+
+# The pipeline components a run's changed tensors come from, by the prefix that names them in changed.safetensors
+# (the folder's own subfolder names; runs before the text encoder could be trained hold "unet." tensors only).
+CHANGED_COMPONENTS = ("unet", "text_encoder")
+
+
+@dataclass
+class EraseResult(UnlearnResult):
+    """The loop's result: `model` is the UNet and `trainable_names` its trained tensors (as before), plus the text
+    encoder's trained tensors when the method trains it."""
+    text_encoder: torch.nn.Module | None = None
+    text_encoder_names: list[str] = field(default_factory=list)
+
+
+class _Context(EraseContext):
+    """The methods' context, whose prompt states (cached: targets and batch contexts) always come from the original
+    text encoder, kept apart from the pipeline's own while a method trains that one."""
+
+    def __init__(self, *args, frozen_text_encoder, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frozen_text_encoder = frozen_text_encoder
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        missing = sorted({t for t in texts if t not in self._cache})
+        for i in range(0, len(missing), 256):
+            chunk = missing[i:i + 256]
+            for t, e in zip(chunk, encode_prompts(self.pipe, chunk, self.frozen_text_encoder)):
+                self._cache[t] = e
+        return torch.stack([self._cache[t] for t in texts])
 
 
 def make_t2i_method(name: str, args: dict | None = None):
@@ -55,15 +87,17 @@ def draw_latents(ctx: EraseContext, texts: list[str], seed: int, batch_size: int
     """Clean latents the original UNet draws for these prompts (the images forget/retain losses train on)."""
     seeds = [seed * 100_003 + i for i in range(len(texts))]
     unet = ctx.frozen if ctx.frozen is not None else ctx.pipe.unet
+    text_encoder = getattr(ctx, "frozen_text_encoder", None)
     out = [denoise(ctx.pipe, texts[i:i + batch_size], seeds[i:i + batch_size], ctx.sample_steps, ctx.guidance,
-                   unet=unet)[0] for i in range(0, len(texts), batch_size)]
+                   unet=unet, text_encoder=text_encoder)[0] for i in range(0, len(texts), batch_size)]
     return torch.cat(out)
 
 
 def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = None, images_per_prompt: int = 2,
-          sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None) -> UnlearnResult:
-    """Erase `task.concept` from `pipe.unet` (changed in place). `method` is a DiffusionMethod or a registered name.
-    `checkpoints` saves the loop's state every few steps and resumes from the last one."""
+          sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None) -> EraseResult:
+    """Erase `task.concept` from `pipe.unet` (changed in place), or from `pipe.text_encoder` for a method that trains
+    it (an optional hook `text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or
+    a registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one."""
     train = train or TrainConfig()
     if train.group_by_length:  # prompts are all short: nothing to group, and a silent no-op would mislead
         raise ObliviateError("train.group_by_length applies to language models only")
@@ -75,9 +109,18 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     rng = random.Random(train.seed)
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)
-    unet = pipe.unet
-    frozen = copy.deepcopy(unet).eval().requires_grad_(False) if method.needs_frozen else None
-    ctx = EraseContext(pipe, frozen, task, gen, sample_steps, guidance)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
+    picks_text = getattr(method, "text_encoder_trainable", None)  # most methods train the UNet only
+    text_named = [(n, p) for n, p in text_encoder.named_parameters() if picks_text(n, p)] if picks_text else []
+    if not named and not text_named:
+        raise ObliviateError(f"{method.name}: no trainable parameters selected")
+    # the originals the methods' targets come from; a component the method leaves alone is its own original
+    frozen = None
+    if method.needs_frozen:
+        frozen = copy.deepcopy(unet).eval().requires_grad_(False) if named else unet
+    frozen_text = copy.deepcopy(text_encoder).eval().requires_grad_(False) if text_named else text_encoder
+    ctx = _Context(pipe, frozen, task, gen, sample_steps, guidance, frozen_text_encoder=frozen_text)
     t0 = time.time()
 
     forget_texts = [p for p in task.forget_prompts for _ in range(images_per_prompt)]
@@ -89,13 +132,11 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
         forget["latents"] = draw_latents(ctx, forget_texts, train.seed)
         retain["latents"] = draw_latents(ctx, retain_texts, train.seed + 1)
 
-    named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
-    if not named:
-        raise ObliviateError(f"{method.name}: no trainable parameters selected")
-    trainable = {id(p) for _, p in named}
-    for p in unet.parameters():
+    trainable = {id(p) for _, p in named + text_named}
+    for p in list(unet.parameters()) + list(text_encoder.parameters()):
         p.requires_grad_(id(p) in trainable)
-    params = [p for _, p in named]
+    params = [p for _, p in named + text_named]
+    trained = [m for m, picked in ((unet, named), (text_encoder, text_named)) if picked]
     history, stopped = [], None
 
     if method.closed_form:
@@ -111,7 +152,8 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
         if saved:
             gen.set_state(saved["generator"])  # batches and noise come from this generator alone
         guard = StateGuard(params)
-        unet.train()
+        for module in trained:
+            module.train()
         with progress.bar(f"erase {task.concept!r} with {method.name}", steps) as advance:
             advance(start)
             for step in range(start, steps):
@@ -131,9 +173,12 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                 advance(loss=logs["loss"])
             if not stopped and history:  # the last update has no later loss to prove it: probe it
                 stopped = guard.check_final(lambda: method.losses(ctx, unet, f, r).total)
-    unet.eval().requires_grad_(False)
-    return UnlearnResult(model=unet, trainable_names=[n for n, _ in named], history=history,
-                         seconds=time.time() - t0, stopped=stopped)
+    for module in (unet, text_encoder):
+        module.eval().requires_grad_(False)
+    return EraseResult(model=unet, trainable_names=[n for n, _ in named], history=history,
+                       seconds=time.time() - t0, stopped=stopped,
+                       text_encoder=text_encoder if text_named else None,
+                       text_encoder_names=[n for n, _ in text_named])
 
 
 def _rows(batch: dict, idx: torch.Tensor) -> dict:
@@ -143,7 +188,14 @@ def _rows(batch: dict, idx: torch.Tensor) -> dict:
     return out
 
 
-def changed_unet_tensors(result: UnlearnResult) -> dict[str, torch.Tensor]:
-    """The UNet tensors the method could change, named as in the pipeline folder ("unet.<name>"): what a run
-    saves and `obliviate export` applies to the base pipeline."""
-    return {f"unet.{k}": v for k, v in changed_tensors(result.model, result.trainable_names).items()}
+def changed_pipeline_tensors(result: UnlearnResult) -> dict[str, torch.Tensor]:
+    """The tensors the method could change, named by component as in the pipeline folder ("unet.<name>",
+    "text_encoder.<name>"): what a run saves and `obliviate export` applies to the base pipeline."""
+    out = {f"unet.{k}": v for k, v in changed_tensors(result.model, result.trainable_names).items()}
+    if getattr(result, "text_encoder", None) is not None:
+        out.update({f"text_encoder.{k}": v
+                    for k, v in changed_tensors(result.text_encoder, result.text_encoder_names).items()})
+    return out
+
+
+changed_unet_tensors = changed_pipeline_tensors  # its name from when only the UNet was trained (callers use it)

@@ -1,6 +1,7 @@
 """`obliviate run` for text-to-image: resolve the pipeline and prompts (the canvas world, or the user's folder and
 prompt files), erase the concept, evaluate against the original and the retrain reference (canvas world), and
-write one run folder atomically: changed UNet tensors, metrics, per-image rows, an image grid and the report."""
+write one run folder atomically: changed tensors ("unet.<name>", and "text_encoder.<name>" for a method that trains
+the text encoder), metrics, per-image rows, an image grid and the report."""
 from __future__ import annotations
 
 import time
@@ -54,7 +55,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     import torch
 
     from obliviate.loops.step import Checkpoints
-    from obliviate.loops.t2i import changed_unet_tensors, erase, make_t2i_method
+    from obliviate.loops.t2i import changed_pipeline_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder
     from obliviate.runners.t2i_checks import check_t2i
@@ -73,7 +74,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         t = config.t2i
         result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
                        checkpoints=checkpoints)
-        tensors = changed_unet_tensors(result)
+        tensors = changed_pipeline_tensors(result)
         metrics: dict = {"method": config.method, "concept": config.concept,
                          "unlearn_seconds": round(result.seconds, 2),
                          "status": "stopped" if result.stopped else "completed", "stopped": result.stopped}
@@ -104,17 +105,22 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
 
 
 def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu"):
-    """The base pipeline with a run's changed UNet tensors ("unet.<name>") applied (the base folder is only read)."""
+    """The base pipeline with a run's changed tensors applied, each onto the component its prefix names ("unet.",
+    "text_encoder."; older runs hold "unet." tensors only). The base folder is only read."""
+    from torch import nn
+
+    from obliviate.loops.t2i import CHANGED_COMPONENTS
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import apply_changed
 
     pipe = load_pipeline(base, device)
-    apply_changed(pipe.unet, changed_path, prefix="unet.")
+    # the components under their folder names: their state-dict names are the changed tensors' own
+    apply_changed(nn.ModuleDict({c: getattr(pipe, c) for c in CHANGED_COMPONENTS}), changed_path)
     return pipe
 
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
-    """A diffusers pipeline folder: the base pipeline with the run's changed UNet tensors applied."""
+    """A diffusers pipeline folder: the base pipeline with the run's changed UNet and text-encoder tensors applied."""
     from obliviate.models.diffusion import save_pipeline
     from obliviate.runs import claim_run_dir
 
