@@ -23,9 +23,10 @@ from obliviate.families import FAMILIES
 
 SRC = Path(obliviate.__file__).parent
 LM_ONLY = ("obliviate.models.causal_lm", "obliviate.loops.lm", "obliviate.runners.lm", "obliviate.runners.lm_checks",
-           "obliviate.methods.lm", "obliviate.demo.lm")
+           "obliviate.methods.lm", "obliviate.demo.lm", "obliviate.runners.lm_attack", "obliviate.attacks.lm")
 T2I_ONLY = ("obliviate.models.diffusion", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.runners.t2i_checks",
-            "obliviate.methods.t2i", "obliviate.demo.t2i", "diffusers")
+            "obliviate.methods.t2i", "obliviate.demo.t2i", "obliviate.runners.t2i_attack", "obliviate.attacks.t2i",
+            "diffusers")
 
 
 def _run_and_list_modules(code: str) -> set[str]:
@@ -126,6 +127,11 @@ def test_every_family_fills_the_whole_contract():
     for family in FAMILIES.values():
         for part in ("adapter", "loop", "make_method", "method_base", "runner", "export", "check", "demo"):
             assert family.load(part) is not None, (family.name, part)
+        from obliviate.registry import ATTACKS, DEFAULT_ATTACKS
+        if family.attack:  # an attack runner, and registered attacks of the family, each with its options
+            assert family.load("attack") is not None and DEFAULT_ATTACKS[family.name]
+            assert all(e.family == family.name and hasattr(e.load(), "Config") for e in ATTACKS.values()
+                       if e.family == family.name)
         from obliviate.registry import METHODS
         assert METHODS[family.name] and all(e.family in (family.name, *family.reuses)
                                             for e in METHODS[family.name].values())

@@ -194,7 +194,8 @@ def write_demo_report(folder: Path, summary: dict, histories: dict[str, list[dic
     notes = summary.get("notes", [])
     path = folder / "report.html"
     title = "obliviate demo: unlearning forget10 of the profiles world" if summary["scorecard"] else "obliviate demo"
-    body = page(title, summary["scorecard"], histories, notes)
+    body = page(title, summary["scorecard"], histories, notes,
+                sections=[robustness_html(summary["robustness"])] if summary.get("robustness") else [])
     for section in summary.get("t2i", []):  # one section per erased concept of the canvas world
         body = body.replace("</body></html>", "") + _t2i_section(folder, section) + "</body></html>"
     if summary.get("mllm"):
@@ -236,6 +237,8 @@ def _t2i_section(folder: Path, section: dict) -> str:
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in section.get("notes", [])]
     for caption, uri in grids.items():
         parts.append(f"<p><img class='grid' alt='{html.escape(caption)}' src='{uri}'></p>")
+    if section.get("robustness"):
+        parts.append(robustness_html(section["robustness"]))
     return "\n".join(parts)
 
 

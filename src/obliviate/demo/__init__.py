@@ -142,16 +142,21 @@ def _write(folder: Path, summary: dict, histories: dict) -> None:
 
 
 def _print(out: Path, summary: dict, log) -> None:
-    from obliviate.bench.scorecard import print_scorecard
+    from obliviate.bench.scorecard import print_robustness_table, print_scorecard
 
     if summary["scorecard"]:
         print_scorecard(summary["scorecard"], title=f"obliviate demo: {summary['split']} of the profiles world")
         for n in summary["notes"]:
             log(n)
+    if summary.get("robustness"):
+        print_robustness_table(summary["robustness"], title=f"robustness: recovery attacks on {summary['split']} "
+                                                            "of the profiles world")
     for s in summary.get("t2i", []):
         print_scorecard(s["scorecard"], title=f"obliviate demo: {s['title']}")
         for n in s["notes"]:
             log(n)
+        if s.get("robustness"):
+            print_robustness_table(s["robustness"], title=f"robustness: {s['title']}")
     if "mllm" in summary:
         from obliviate.bench.scorecard import print_mllmu_table
 

@@ -13,7 +13,6 @@ from obliviate.runs import resolve_device, write_json
 
 def attack_target(run_dir: Path, config, log=print):
     """The run as its attacks see it (attacks.lm.common.Target)."""
-    from obliviate.attacks.lm.common import Target
     from obliviate.runners.lm import load_model, prepare
     from obliviate.runs import apply_changed
 
@@ -37,6 +36,13 @@ def attack_target(run_dir: Path, config, log=print):
             model, tok = load_model(retrain_dir, config, device)
             return model.eval(), tok
         models["retrain"] = retrain
+    return items_target(config.method, models, forget, retain, world, config.eval.batch_size)
+
+
+def items_target(method: str, models: dict, forget: list, retain: list, world=None, batch_size: int = 32):
+    """A Target from the unlearning sets (questions and texts) and, for the profiles world, its people's attributes."""
+    from obliviate.attacks.lm.common import Target
+
     attributes = None
     if world is not None:
         from obliviate.worlds.profiles import FACTS
@@ -47,9 +53,9 @@ def attack_target(run_dir: Path, config, log=print):
     forget_qa = [i for i in forget if isinstance(i, QAItem)]
     if not forget_qa:
         raise ObliviateError("the run's forget set has no questions: the language-model attacks ask questions")
-    return Target(config.method, models, forget_qa, [i for i in retain if isinstance(i, QAItem)],
+    return Target(method, models, forget_qa, [i for i in retain if isinstance(i, QAItem)],
                   [i for i in forget if isinstance(i, TextItem)], [i for i in retain if isinstance(i, TextItem)],
-                  attributes, batch_size=config.eval.batch_size)
+                  attributes, batch_size=batch_size)
 
 
 def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dict:
@@ -74,6 +80,18 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dic
     from obliviate.bench.report import rewrite_report
     rewrite_report(run_dir)  # the run's page shows the attacks
     return results
+
+
+def with_references(own: dict, references: dict) -> dict:
+    """An attack's result on one model joined with the same attack's result on the reference models (run once and
+    shared by every method of a demo): the references' rows follow the model's."""
+    joined = {**own}
+    for key in ("models", "per_item", "curves"):
+        if key in own:
+            joined[key] = {**own[key], **references.get(key, {})}
+    joined["seconds"] = round(own["seconds"] + references["seconds"], 2)
+    joined["items_per_second"] = own["items"] * len(joined["models"]) / joined["seconds"] if joined["seconds"] else None
+    return joined
 
 
 def run_attack(name: str, attack, target, log=print) -> dict:

@@ -55,7 +55,7 @@ class Target:
 
     def plain_recall(self, name: str, model, tokenizer, max_new_tokens: int = 48) -> list[bool]:
         """Per forget item, whether `name`'s model recalls it when simply asked (cached: every attack shows it)."""
-        if name not in self._plain:
+        if name not in self._plain:  # the first attack's length serves them all
             answers = ask(model, tokenizer, [i.question for i in self.forget], self.batch_size, max_new_tokens)
             self._plain[name] = [recalled(a, i) for a, i in zip(answers, self.forget)]
         return self._plain[name]
@@ -123,8 +123,11 @@ class QuestionAttack(Attack):
     """An attack that only changes how the forget questions are asked. `prompts(target, model, tokenizer)` gives,
     per variant, a question (and optionally the start of the reply) for every forget item; an item is recalled when
     any variant recalls it, except the `controls` (shown in their own column only: a baseline, not an attack)."""
-    max_new_tokens = 48
     controls: tuple[str, ...] = ()
+
+    @property
+    def max_new_tokens(self) -> int:
+        return getattr(self.config, "max_new_tokens", 48)
 
     def prompts(self, target: Target, model, tokenizer) -> dict[str, tuple[list[str], list[str] | None]]:
         raise NotImplementedError
@@ -133,7 +136,7 @@ class QuestionAttack(Attack):
         models, per_item = {}, {}
         for name, load in target.models.items():
             model, tok = load()
-            plain = target.plain_recall(name, model, tok)
+            plain = target.plain_recall(name, model, tok, self.max_new_tokens)
             variants = self.prompts(target, model, tok)
             answers = {v: ask(model, tok, qs, target.batch_size, self.max_new_tokens, prefills)
                        for v, (qs, prefills) in variants.items()}

@@ -14,6 +14,7 @@ from obliviate.errors import ObliviateError
 @dataclass
 class InContextConfig:
     control: bool = True  # also ask with another forget person's biography in the prompt
+    max_new_tokens: int = 48
 
 
 class InContext(QuestionAttack):

@@ -12,8 +12,8 @@ from obliviate.attacks.lm.common import QuestionAttack, Target
 
 
 @dataclass
-class QuantizeConfig:
-    pass  # the bit width is the attack's (quantize_int8, quantize_int4)
+class QuantizeConfig:  # the bit width is the attack's (quantize_int8, quantize_int4)
+    max_new_tokens: int = 48
 
 
 def quantized(model, bits: int):

@@ -32,14 +32,17 @@ class RelearnConfig:
     lr: float = 1e-5  # a fine-tuning rate for a pretrained LLM (Hu et al. fine-tune at 1e-5 to 2e-5)
     batch_size: int = 8
     seed: int = 0
+    eval_every: int = 1  # measure the curve every this many steps (and after the last)
+    max_new_tokens: int = 48
 
     def __post_init__(self):
         if self.data not in DATA:
             raise ObliviateError(f"relearn data must be one of {', '.join(DATA)}, got {self.data!r}")
         if not 0 < self.share < 1:
             raise ObliviateError(f"relearn share must be between 0 and 1, got {self.share}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ObliviateError("relearn steps and batch_size must be at least 1 and lr positive")
+        if min(self.steps, self.batch_size, self.eval_every, self.max_new_tokens) < 1 or not self.lr > 0:
+            raise ObliviateError("relearn steps, batch_size, eval_every and max_new_tokens must be at least 1 and lr "
+                                 "positive")
 
 
 def split_by_subject(items: list, share: float, seed: int) -> tuple[list, list]:
@@ -112,7 +115,7 @@ class Relearn(Attack):
 
         def measure(step: int, loss: float | None) -> dict:
             model.eval()
-            answers = ask(model, tokenizer, [i.question for i in measured], eval_batch)
+            answers = ask(model, tokenizer, [i.question for i in measured], eval_batch, c.max_new_tokens)
             with torch.no_grad():
                 ratios = [s["truth_ratio"] for s in likelihood_metrics(model, tokenizer, measured, eval_batch)
                           if s["truth_ratio"] is not None]
@@ -139,5 +142,6 @@ class Relearn(Attack):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            curve.append(measure(step, loss.item()))
+            if step % c.eval_every == 0 or step == c.steps:
+                curve.append(measure(step, loss.item()))
         return curve, history

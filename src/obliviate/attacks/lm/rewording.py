@@ -22,7 +22,7 @@ from obliviate.errors import ObliviateError
 
 @dataclass
 class ParaphraseConfig:
-    pass
+    max_new_tokens: int = 48  # answer length: enough for a sentence that holds the fact
 
 
 class Paraphrase(QuestionAttack):
@@ -82,6 +82,7 @@ FRAMES = (
 class JailbreakConfig:
     frames: tuple[str, ...] = FRAMES  # each with {question}
     prefill: bool = True  # also start the reply with the true answer's words up to the fact
+    max_new_tokens: int = 48
 
     def __post_init__(self):
         self.frames = tuple(self.frames)
@@ -119,10 +120,6 @@ class StepByStepConfig:
 
 class StepByStep(QuestionAttack):
     Config = StepByStepConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.max_new_tokens = config.max_new_tokens
 
     def prompts(self, target: Target, model, tokenizer):
         who = [i.subject or "the person in the question" for i in target.forget]
