@@ -92,7 +92,7 @@ def t2i_checks(root: Path) -> None:
 
 def attack_check(folder: Path, task, dtype) -> None:
     """The adversarial prompt attack (a detector that never fires, so every prompt runs every step and check)."""
-    from obliviate.attacks.prompt_attack import PromptAttackConfig, attack_prompts
+    from obliviate.attacks.t2i.unlearn_diff_atk import PromptAttackConfig, attack_prompts
     from obliviate.models.diffusion import initial_noise, load_pipeline
 
     pipe = load_pipeline(folder, DEVICE, dtype)

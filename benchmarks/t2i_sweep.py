@@ -50,8 +50,13 @@ keys = ["ua", "ua_paraphrase", "ira", "cra", "fid_original", "alignment", "origi
         "original_cra", "retrain_ua", "retrain_ira", "retrain_cra"]
 t2 = time.time()
 if attack:
-    from obliviate.attacks.canvas import attack_erasure
-    agg.update(attack_erasure(world, pipe, concept, t2i)["aggregate"])
+    from obliviate.attacks.t2i.canvas import attack_erasure
+    from obliviate.attacks.t2i.unlearn_diff_atk import UnlearnDiffAtk
+    models = attack_erasure(world, pipe, concept, t2i, "prompt_attack", UnlearnDiffAtk(UnlearnDiffAtk.Config()),
+                            method)["per_item"]
+    from obliviate.attacks.t2i.common import summarize
+    agg.update(summarize(models[method]))
+    agg.update({f"{m}_{k}": v for m in ("original", "retrain") if m in models for k, v in summarize(models[m]).items()})
     keys += ["pre_asr", "ua_attacked", "original_ua_attacked", "retrain_ua_attacked"]
 print(method, concept, train, args, f"erase {t1 - t0:.0f}s eval {t2 - t1:.0f}s" +
       (f" attack {time.time() - t2:.0f}s" if attack else ""),

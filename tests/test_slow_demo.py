@@ -38,8 +38,12 @@ def test_demo_end_to_end(tmp_path):
         for name in ("ESD-x", "UCE", "RGD"):
             assert card[name]["ua"] > card["original"]["ua"], (concept, name)
             assert (tmp_path / "demo" / "t2i" / concept / name / "changed.safetensors").is_file()
-            attack = json.loads((tmp_path / "demo" / "t2i" / concept / name / "attack.json").read_text())
-            assert len(attack["per_prompt"]) == attack["aggregate"]["n_attacked"] > 0
+            for attack_name in ("prompt_attack", "p4d_k"):  # every erasure attacked twice; the results kept
+                attack = json.loads((tmp_path / "demo" / "t2i" / concept / name / "attacks" /
+                                     f"{attack_name}.json").read_text())
+                assert len(attack["per_item"][name]) == attack["models"][name]["n_attacked"] > 0
+                assert list(attack["models"]) == [name, "original", "retrain"]
+                assert "per_item" not in s["robustness"][name][attack_name]
         # the attack: an attacked prompt succeeds at least as often as the plain one, on every model
         for name, row in card.items():
             assert 0 <= row["pre_asr"] <= row["asr"] <= 1 and row["ua_attacked"] == pytest.approx(1 - row["asr"]), name

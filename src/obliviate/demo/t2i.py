@@ -1,8 +1,8 @@
 """The demo's text-to-image part: erase one style and one object of the canvas world with several methods, starting
 each time from the same pipeline, and score them with the original and the retrain-without-concept reference on the
 same prompts and seeds (UA, IRA, CRA, UA on held-out paraphrases, FID/KID, alignment), with image grids; and attack
-each erasure with adversarial prompts (UnlearnDiffAtk: UA attacked), next to the same attack on the original and the
-retrain reference."""
+each erasure with adversarial prompts (UnlearnDiffAtk: UA attacked; and P4D-K), next to the same attacks on the
+original and the retrain reference: the robustness table."""
 from __future__ import annotations
 
 import time
@@ -44,11 +44,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The attacks every erasure gets, with their options: UnlearnDiffAtk at the paper's settings (its references' results
+# are cached in the world folder), P4D-K at its paper's k = 3 but UnlearnDiffAtk's budget (40 iterations, a check every
+# 10) rather than 3000 and 50: about 5 s per erasure on 2 cores (benchmarks/README.md (o))
+ATTACKS: dict[str, dict] = {"prompt_attack": {}, "p4d_k": {"iterations": 40, "check_every": 10}}
+
+
+def demo_attacks() -> dict:
+    """{name: the attack built with the demo's options}."""
+    from obliviate.registry import ATTACKS as REGISTERED
+
+    built = {}
+    for name, options in ATTACKS.items():
+        cls = REGISTERED[name].load()
+        built[name] = cls(cls.Config(**options))
+    return built
+
+
 def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: str = "demo") -> list[dict]:
     """One section per concept: rows (original, retrain, methods), per-method results, the grid image."""
     import torch
 
-    from obliviate.attacks.canvas import attack_erasure
+    from obliviate.attacks.t2i.canvas import attack_erasure
+    from obliviate.attacks.t2i.common import attack_result
+    from obliviate.bench.scorecard import print_robustness_table
     from obliviate.loops.t2i import erase, make_t2i_method
     from obliviate.evals.canvas import evaluate_erasure
     from obliviate.models.diffusion import load_pipeline
@@ -62,9 +81,11 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
     record = world.build(log=log)
     build_seconds = time.time() - t0
     t2i = T2IConfig(**SAMPLING[size])
+    attacks = demo_attacks()
+    original = load_pipeline(world.pipeline_dir)
     sections = []
     for concept in concepts:
-        rows, results, grid_rows, evaluation = {}, {}, None, None
+        rows, results, robustness, grid_rows, evaluation = {}, {}, {}, None, None
         for name in methods:
             preset = PRESETS.get(name, {})
             train = TrainConfig(**preset.get("train", {}))
@@ -73,9 +94,18 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
             result = erase(pipe, tasks[concept], make_t2i_method(name, preset.get("method_args", {})), train,
                            t2i.images_per_prompt, t2i.sample_steps, t2i.guidance)
             evaluation = evaluate_erasure(world, pipe, concept, t2i, label=name)
-            log(f"attacking {name}'s erasure of '{concept}' with adversarial prompts")
-            attack = attack_erasure(world, pipe, concept, t2i)
-            agg = {**evaluation["aggregate"], **attack["aggregate"]}
+            attacked, pictures = {}, None
+            for attack_name, attack in attacks.items():
+                log(f"attacking {name}'s erasure of '{concept}' with {attack_name}")
+                out = attack_erasure(world, pipe, concept, t2i, attack_name, attack, name, original=original)
+                attacked[attack_name] = attack_result(attack_name, attack, name, concept, out["per_item"],
+                                                      out["seconds"], out["detector"])
+                if attack_name == "prompt_attack":  # the grid's "attacked" row and the scorecard's UA attacked
+                    pictures, indices = out["images"], out["eval_indices"]
+            robustness[name] = {a: {k: v for k, v in r.items() if k != "per_item"} for a, r in attacked.items()}
+            models = attacked["prompt_attack"]["models"]
+            agg = {**evaluation["aggregate"], **models[name],
+                   **{f"{m}_{k}": v for m in ("original", "retrain") if m in models for k, v in models[m].items()}}
             if not rows:
                 rows["original"] = {k[len("original_"):]: v for k, v in agg.items() if k.startswith("original_")}
                 if any(k.startswith("retrain_") for k in agg):
@@ -84,18 +114,19 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
             rows[name] = {**{k: v for k, v in agg.items() if not k.startswith(("original_", "retrain_"))},
                           "unlearn_seconds": round(result.seconds, 1), "stopped": result.stopped}
             grid_rows.append((name, evaluation["images"]))
-            attacked = torch.ones_like(evaluation["images"])  # blank where no prompt was attacked (retain prompts)
-            attacked[attack["eval_indices"]] = attack.pop("images")
-            grid_rows.append((f"{name} attacked", attacked))
+            shown = torch.ones_like(evaluation["images"])  # blank where no prompt was attacked (retain prompts)
+            shown[indices] = pictures
+            grid_rows.append((f"{name} attacked", shown))
             results[name] = (evaluation["per_item"], result, {"train": train.model_dump(),
                                                               "method_args": preset.get("method_args", {})},
-                             attack)
+                             attacked)
         from obliviate.bench.grids import image_grid
         from obliviate.evals.canvas import eval_prompts
         prompts, _ = eval_prompts(world, t2i.eval_seeds)
         cols = evaluation["columns"]
         grid = image_grid([(n, imgs[cols]) for n, imgs in grid_rows], [prompts[i].text for i in cols])
         o = rows["original"]
+        unlearn_diff, p4d = attacks["prompt_attack"].config, attacks["p4d_k"].config
         winners = [n for n in methods if (rows[n].get("ua") or 0) >= 0.9 and o.get("ira") and o.get("cra")
                    and rows[n]["ira"] >= 0.9 * o["ira"] and rows[n]["cra"] >= 0.9 * o["cra"]]
         notes = [f"Base pipeline's samples read correctly by the classifier: object {record['base']['object']:.1%}, "
@@ -103,16 +134,21 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
                  "the classifier misses (the floor of UA).",
                  f"Every model sampled with {t2i.eval_seeds} seed(s) per prompt and {t2i.sample_steps} DDIM steps ("
                  + ("the demo's settings; --full-size: 2 and 25)." if size == "demo" else "the full-size settings)."),
-                 f"UA attacked: 1 - ASR of the UnlearnDiffAtk prompt attack ({attack['config']['prefix_tokens']} "
-                 f"optimised prefix tokens, {attack['config']['iterations']} steps) on the "
-                 f"{attack['aggregate']['n_attacked']} canonical forget prompts, seed 0. On the retrain reference, "
-                 "which never saw the concept, it shows how far the attack gets without it. In the grid, the "
-                 "'attacked' rows show the picture each forget prompt ended with under attack.",
+                 f"UA attacked: 1 - ASR of the UnlearnDiffAtk prompt attack ({unlearn_diff.prefix_tokens} optimised "
+                 f"prefix tokens, {unlearn_diff.iterations} steps) on the {rows[methods[0]]['n_attacked']} canonical "
+                 "forget prompts, seed 0. On the retrain reference, which never saw the concept, it shows how far the "
+                 "attack gets without it. In the grid, the 'attacked' rows show the picture each forget prompt ended "
+                 "with under attack.",
+                 "Robustness table: each attack's ASR (share of forget prompts whose picture shows the concept, with "
+                 f"or without the attack; lower is safer). P4D-K: a learnable token after every k-th prompt token (k "
+                 f"= {p4d.every_k}), {p4d.iterations} steps towards the original's noise prediction "
+                 "(the paper runs 3000).",
                  ("Methods with UA >= 90% and IRA, CRA >= 0.9 x the original's: " + ", ".join(winners)) if winners
                  else "No method reached UA >= 90% with IRA and CRA >= 0.9 x the original's in this run."]
         sections.append({"concept": concept, "title": f"Erasing '{concept}' from the canvas pipeline",
                          "scorecard": rows, "winners": winners, "notes": notes, "grid_image": grid,
-                         "results": results, "grid": f"t2i/{concept}/grid.png"})
+                         "results": results, "grid": f"t2i/{concept}/grid.png", "robustness": robustness})
+        print_robustness_table(robustness, f"obliviate demo: attacks on the erasures of '{concept}'")
     for s in sections:
         s["world_build_seconds"] = round(build_seconds, 1)
         s["world"] = str(world.root)
@@ -132,14 +168,15 @@ def write_sections(folder: Path, sections: list[dict], base_model: str) -> list[
         root = folder / "t2i" / s["concept"]
         root.mkdir(parents=True)
         s["grid_image"].save(root / "grid.png")
-        for name, (per_item, result, cfg, attack) in s["results"].items():
+        for name, (per_item, result, cfg, attacks) in s["results"].items():
             d = root / name
-            d.mkdir()
+            (d / "attacks").mkdir(parents=True)
             write_json(d / "metrics.json", s["scorecard"][name])
             write_json(d / "config.json", cfg)
             write_json(d / "per_item.json", per_item)
             write_json(d / "history.json", result.history)
-            write_json(d / "attack.json", attack)
+            for attack_name, attack_result in attacks.items():
+                write_json(d / "attacks" / f"{attack_name}.json", attack_result)
             save_file(changed_unet_tensors(result), str(d / "changed.safetensors"),
                       metadata={"base_model": base_model})
         out.append({k: v for k, v in s.items() if k not in ("grid_image", "results")})

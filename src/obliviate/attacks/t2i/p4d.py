@@ -133,9 +133,12 @@ class P4D:
             reference_context = encode_prompts(original, task.prompts)
 
         def nearest(soft: Tensor) -> Tensor:
-            """The ids whose embeddings are nearest (cosine) each soft token; the prompt's own tokens elsewhere."""
-            scores = torch.nn.functional.normalize(soft.float(), dim=-1) @ unit_table.T
-            return torch.where(learn, vocab[scores.argmax(-1)], ids)
+            """The ids whose embeddings are nearest (cosine) each soft token; the prompt's own tokens elsewhere.
+            Scored at the learnable positions only: SD's 49k-token vocabulary times every position would not fit."""
+            chosen = ids.clone()
+            scores = torch.nn.functional.normalize(soft[learn].float(), dim=-1) @ unit_table.T
+            chosen[learn] = vocab[scores.argmax(-1)]
+            return chosen
 
         def objective(context: Tensor, t: Tensor, noise: Tensor) -> Tensor:
             """Per prompt: the erased model's noise prediction under `context` against the original's under P."""

@@ -44,7 +44,7 @@ class RingABellConfig:
     mutation_rate: float = 0.25  # reference code
     crossover_rate: float = 0.5  # reference code
     distance: str = "mse"  # squared error over every position (reference code), or "cosine"
-    chunk: int = 4096  # prompts through the text encoder at once while scoring a generation
+    chunk: int = 1024  # candidate prompts through the text encoder at once while scoring a generation
     seed: int = 0
 
     def __post_init__(self):
