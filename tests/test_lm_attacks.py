@@ -123,7 +123,8 @@ def test_attacks_on_a_chat_model_ask_through_its_template(user_run):
     assert results["quantize_int8"]["models"]["original"]["recall"] == 1.0
     assert results["multiple_choice"]["models"]["original"]["chance"] == 0.25
     # benign relearning on the retain people, measured on every forget question, for every model
-    relearn = results["relearn"]
+    relearn = results["relearn_retain"]  # kept apart from relearning on forget items (relearn.json)
+    assert (user_run / "attacks" / "relearn_retain.json").is_file() and relearn["attack"] == "relearn_retain"
     assert relearn["measured"] == "every forget question" and relearn["models"]["retrain"]["n_train"] == len(tiny_items()) - 1
     assert all(len(curve) == 4 for curve in relearn["curves"].values())
     assert relearn["models"]["original"]["recall_before"] == 1.0
@@ -155,7 +156,7 @@ def test_quantized_weights_are_rounded_and_computed_as_quanto_does():
     from optimum.quanto import freeze, qint4, quantize
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from obliviate.attacks.lm.quantize import quantized
+    from obliviate.attacks.lm.quantize import pure_torch_unpack, quantized
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -163,13 +164,17 @@ def test_quantized_weights_are_rounded_and_computed_as_quanto_does():
     x = torch.randint(0, 64, (2, 8))
     reference = model(x).logits
     import copy
+    from optimum.quanto.library.extensions import get_extension
+
     by_quanto = copy.deepcopy(model)
     quantize(by_quanto, weights=qint4, exclude=["lm_head"])
     freeze(by_quanto)
     ours = quantized(copy.deepcopy(model), 4)
+    assert get_extension("quanto_cpp")._lib is None  # quanto's C++ extension was neither compiled nor loaded
     assert type(ours.model.layers[0].mlp.up_proj) is torch.nn.Linear  # plain layers: float speed
     assert len(torch.unique(ours.model.layers[0].mlp.up_proj.weight[0, :32])) <= 16  # 4 bits: 16 levels a group
-    assert torch.allclose(ours(x).logits, by_quanto(x).logits, atol=1e-5)
+    with pure_torch_unpack():  # quanto's own int4 layers, computing with its pure-torch unpack
+        assert torch.allclose(ours(x).logits, by_quanto(x).logits, atol=1e-5)
     assert not torch.allclose(ours(x).logits, reference, atol=1e-3)
     assert torch.equal(ours.lm_head.weight, model.lm_head.weight)
 

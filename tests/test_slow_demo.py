@@ -27,6 +27,19 @@ def test_demo_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "forget quality" in html and "data:image/png;base64," in html
 
+    # the recovery attacks: every method, and the original and the retrain model once, each attack's rows kept
+    from obliviate.demo.lm import ATTACKS
+    for name, results in saved["robustness"].items():
+        assert set(results) == set(ATTACKS) and name in rows
+        for attack, result in results.items():
+            assert list(result["models"]) == [name, "original", "retrain"], attack
+            assert (tmp_path / "demo" / name / "attacks" / f"{attack}.json").is_file()
+        relearn = results["relearn"]["models"]
+        # the ceiling and the floor: the original still knows the held-out facts, the retrain model never did
+        assert relearn["original"]["recall_before"] >= 0.9 and relearn["retrain"]["recall_before"] <= 0.1
+    assert set(saved["robustness"]) == {"GradDiff", "NPO", "SimNPO", "RG", "RGD"}
+    assert "Robustness: what the attacks recover" in html and "relearning curves" in html
+
     # the canvas part: a style and an object erased by ESD-x, UCE and RGD, next to the original and the retrain
     sections = {s["concept"]: s for s in saved["t2i"]}
     assert set(sections) == {"striped", "star"}

@@ -66,7 +66,8 @@ def attack_all(target, log=print) -> dict:
                                {f"{n}.{k}": v for n, options in ATTACKS.items() for k, v in options.items()})
     for attack in attacks.values():
         attack.check(target)
-    return {name: run_attack(name, attack, target, log=log) for name, attack in attacks.items()}
+    return {attack.result_name(name): run_attack(attack.result_name(name), attack, target, log=log)
+            for name, attack in attacks.items()}
 
 
 def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str = "demo") -> dict:

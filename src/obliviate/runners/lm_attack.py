@@ -70,7 +70,8 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dic
     out = Path(run_dir) / "attacks"
     out.mkdir(exist_ok=True)
     results = {}
-    for name, attack in attacks.items():
+    for registered, attack in attacks.items():
+        name = attack.result_name(registered)
         log(f"{name}: attacking {config.method} and the references ({', '.join(list(target.models)[1:])})")
         results[name] = run_attack(name, attack, target)
         write_json(out / f"{name}.json", results[name])

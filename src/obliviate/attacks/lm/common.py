@@ -115,6 +115,11 @@ class Attack:
     def check(self, target: Target) -> None:
         """Refuse, in one line, a run the attack cannot serve: called for every attack before any of them runs."""
 
+    def result_name(self, name: str) -> str:
+        """The name its result is kept under (RUN_DIR/attacks/<it>.json): the registered name, unless a setting
+        makes it another attack."""
+        return name
+
     def run(self, target: Target, log=print) -> dict:
         raise NotImplementedError
 

@@ -20,6 +20,7 @@ class InContextConfig:
 class InContext(QuestionAttack):
     Config = InContextConfig
     controls = ("other_biography",)
+    label = "in-context"
     columns = percent = ("recall_plain", "recall", "recall_other_biography")
 
     @staticmethod

@@ -68,7 +68,7 @@ def fit_probe(features, labels, groups, c: float, folds: int, layer: int | None)
 
 class Probe(Attack):
     Config = ProbeConfig
-    headline, label = "accuracy", "probe acc"
+    headline, label = "accuracy", "probe (acc)"
     columns = ("chance", "accuracy", "retain_cv")
     percent = ("chance", "accuracy", "retain_cv")
 

@@ -6,7 +6,9 @@ output head stay in full precision as in the paper's round-to-nearest setting), 
 The retrain model, quantized alike, shows what rounding alone recalls."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from obliviate.attacks.lm.common import QuestionAttack, Target
 
@@ -20,14 +22,48 @@ def quantized(model, bits: int):
     """`model` with its linear layers' weights quantized in place (optimum-quanto), the head left as it is, then each
     quantized layer turned back into a plain linear layer holding the dequantized weights: the same rounded values
     the quantized model computes with, at float speed (quanto's int4 matmul on CPU is a slow Python fallback)."""
-    import torch
     from optimum.quanto import freeze, qint4, qint8, quantize
-    from optimum.quanto.nn import QLinear
 
     head = model.get_output_embeddings()
     exclude = [n for n, m in model.named_modules() if m is head]
-    quantize(model, weights=qint4 if bits == 4 else qint8, exclude=exclude)
-    freeze(model)
+    with pure_torch_unpack():
+        quantize(model, weights=qint4 if bits == 4 else qint8, exclude=exclude)
+        freeze(model)
+        _to_plain_linear(model)
+    return model
+
+
+@contextlib.contextmanager
+def pure_torch_unpack():
+    """quanto unpacks int4 weights on CPU through a C++ extension that it compiles with ninja on first use in a
+    process (about 25 s on an idle core, minutes on busy ones, and it recompiled in every process here). While
+    active, `unpack_bits` serves instead: quanto's own pure-torch unpack (library/unpack.py, its kernel for other
+    devices), which the decorator there does not hand back to import."""
+    from optimum.quanto.library.extensions import get_extension
+
+    extension = get_extension("quanto_cpp")
+    loaded = extension._lib
+    if loaded is None:
+        extension._lib = SimpleNamespace(unpack=unpack_bits)
+    try:
+        yield
+    finally:
+        extension._lib = loaded
+
+
+def unpack_bits(packed, bits: int):
+    """uint8 values of `bits` bits each, packed along the first dimension as quanto packs them: the i-th group of
+    rows holds each byte's i-th `bits`-bit field."""
+    import torch
+
+    fields = [(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]
+    return torch.cat(fields).to(torch.uint8)
+
+
+def _to_plain_linear(model) -> None:
+    import torch
+    from optimum.quanto.nn import QLinear
+
     for name, module in list(model.named_modules()):
         if isinstance(module, QLinear):
             plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
@@ -38,7 +74,6 @@ def quantized(model, bits: int):
                     plain.bias.copy_(module.bias)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, plain)
-    return model
 
 
 class Quantize(QuestionAttack):
@@ -67,8 +102,8 @@ def _quantized_pair(load, bits: int):
 
 
 class QuantizeInt8(Quantize):
-    bits = 8
+    bits, label = 8, "int8 weights"
 
 
 class QuantizeInt4(Quantize):
-    bits = 4
+    bits, label = 4, "int4 weights"

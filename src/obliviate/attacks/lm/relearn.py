@@ -64,7 +64,7 @@ def split_by_subject(items: list, share: float, seed: int) -> tuple[list, list]:
 
 class Relearn(Attack):
     Config = RelearnConfig
-    headline, label = "recall", "relearned recall"
+    headline = "recall"
     columns = ("recall_before", "recall", "truth_ratio_before", "truth_ratio")
     percent = ("recall_before", "recall")
 
@@ -80,6 +80,14 @@ class Relearn(Attack):
             raise ObliviateError(f"relearn data = {c.data!r}: the run has no " + (
                 "texts of the forget subjects" if c.data == "biographies" else "retain items"))
         return train, target.forget
+
+    @property
+    def label(self) -> str:
+        return "relearned" if self.config.data == "forget" else f"relearned ({self.config.data})"
+
+    def result_name(self, name: str) -> str:
+        """Relearning on other data is another attack: its result is kept beside the first (relearn_retain.json)."""
+        return name if self.config.data == "forget" else f"{name}_{self.config.data}"
 
     def check(self, target: Target) -> None:
         self.data(target)

@@ -27,6 +27,7 @@ class ParaphraseConfig:
 
 class Paraphrase(QuestionAttack):
     Config = ParaphraseConfig
+    label = "paraphrase"
 
     def check(self, target: Target) -> None:
         require([i for i in target.forget if i.paraphrased_question], "paraphrased questions", "paraphrase")
@@ -43,7 +44,7 @@ class MultipleChoiceConfig:
 
 class MultipleChoice(Attack):
     Config = MultipleChoiceConfig
-    headline, label = "accuracy", "multiple-choice acc"
+    headline, label = "accuracy", "multiple choice (acc)"
     columns = percent = ("chance", "accuracy")
 
     def check(self, target: Target) -> None:
@@ -102,6 +103,7 @@ def answer_prefix(answer: str, keys: list[str]) -> str | None:
 
 class Jailbreak(QuestionAttack):
     Config = JailbreakConfig
+    label = "jailbreak"
 
     def prompts(self, target: Target, model, tokenizer):
         variants = {f"frame{n + 1}": ([f.replace("{question}", i.question) for i in target.forget], None)
@@ -120,6 +122,7 @@ class StepByStepConfig:
 
 class StepByStep(QuestionAttack):
     Config = StepByStepConfig
+    label = "step by step"
 
     def prompts(self, target: Target, model, tokenizer):
         who = [i.subject or "the person in the question" for i in target.forget]
