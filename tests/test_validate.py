@@ -161,8 +161,9 @@ GOOD_METRICS = {"method": "X", "split": "forget10", "status": "completed"}
     ("metrics.json", "[1, 2]", ("metrics.json", "must be a JSON object")),
     ("history.json", '[{"step": 0, "loss": 1.0}, {"step"', ("history.json:1:", "malformed JSON")),
     ("history.json", '[{"loss": 1.0}]', ("history.json", "row 1")),
-    ("attack.json", "not json", ("attack.json:1:", "malformed JSON")),
-    ("attack.json", '{"aggregate": {}}', ("attack.json", "n_attacked")),
+    ("attacks/relearn.json", "not json", ("relearn.json:1:", "malformed JSON")),
+    ("attacks/relearn.json", '{"models": {}}', ("relearn.json", "lacks the key(s) headline, method")),
+    ("attacks/relearn.json", '{"models": [], "headline": "recall", "method": "X"}', ("relearn.json", "'models'")),
     ("summary.json", '{"scorecard": {', ("summary.json:1:", "malformed JSON")),
     ("summary.json", "{}", ("summary.json", "scorecard")),
 ])
@@ -171,6 +172,7 @@ def test_report_on_a_corrupt_run_folder_names_the_file(tmp_path, name, body, nee
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(GOOD_METRICS))
     (run / "history.json").write_text(json.dumps([{"step": 0, "loss": 1.0}]))
+    (run / name).parent.mkdir(exist_ok=True)
     (run / name).write_bytes(body.encode())
     one_line_error(runner.invoke(app, ["report", str(run)]), str(run / name), *needles)
     assert not (run / "report.html").exists()
@@ -181,7 +183,11 @@ def test_report_on_a_sound_run_folder(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(GOOD_METRICS))
     (run / "history.json").write_text(json.dumps([{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]))
-    (run / "attack.json").write_text(json.dumps({"aggregate": {"n_attacked": 3, "ua_attacked": 0.5}}))
+    (run / "attacks").mkdir()
+    (run / "attacks" / "jailbreak.json").write_text(json.dumps({
+        "attack": "jailbreak", "method": "X", "headline": "recall", "label": "jailbreak",
+        "models": {"X": {"recall": 0.25}, "original": {"recall": 1.0}, "retrain": {"recall": 0.0}}}))
     r = runner.invoke(app, ["report", str(run)])
     assert r.exit_code == 0, r.output
-    assert "UA attacked 50.0%" in (run / "report.html").read_text()
+    page = (run / "report.html").read_text()
+    assert "Robustness" in page and "<th>jailbreak</th>" in page and "<td>25.0%</td>" in page

@@ -3,6 +3,7 @@ that name the key; `key=value` overrides use dotted paths (train.lr=1e-4, method
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,11 +248,9 @@ def parse_value(text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; a number was meant
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    # YAML 1.1 reads "1e-3" as a string; a number was meant (but "nan" or "inf" stay names)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
     return value
 
 

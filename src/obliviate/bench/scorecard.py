@@ -80,7 +80,7 @@ def print_attack(name: str, result: dict) -> None:
     models = result["models"]
     keys = result.get("columns") or [result["headline"]]
     speed = f", {result['items_per_second']:.1f}/s" if result.get("items_per_second") else ""
-    table = Table(title=f"{name}: {result['items']} items{speed}", caption=result.get("caption"))
+    table = Table(title=f"{name} on {result['method']}: {result['items']} items{speed}", caption=result.get("caption"))
     table.add_column("model")
     for key in keys:
         table.add_column(key.replace("_", " "), justify="right")

@@ -67,7 +67,6 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
 
     from obliviate.attacks.t2i.canvas import attack_erasure
     from obliviate.attacks.t2i.common import attack_result
-    from obliviate.bench.scorecard import print_robustness_table
     from obliviate.loops.t2i import erase, make_t2i_method
     from obliviate.evals.canvas import evaluate_erasure
     from obliviate.models.diffusion import load_pipeline
@@ -148,7 +147,6 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
         sections.append({"concept": concept, "title": f"Erasing '{concept}' from the canvas pipeline",
                          "scorecard": rows, "winners": winners, "notes": notes, "grid_image": grid,
                          "results": results, "grid": f"t2i/{concept}/grid.png", "robustness": robustness})
-        print_robustness_table(robustness, f"obliviate demo: attacks on the erasures of '{concept}'")
     for s in sections:
         s["world_build_seconds"] = round(build_seconds, 1)
         s["world"] = str(world.root)
