@@ -3,6 +3,7 @@ shrunk to a few steps — the whole build and a run on it (folder layout, Stable
 retrain reference, evaluation rows, the image grid). Quality is measured by the real build, not here."""
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -132,6 +133,12 @@ def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
     cached = sorted(p.name.split("-star-")[0] for p in (tiny_world.root / "attacks").glob("*.json"))
     assert cached == ["original"] * 3 + ["retrain"] * 3
     assert "retrain" in result.output and (out / "report.html").is_file() and not (out / "attack.json").exists()
+    page = (out / "report.html").read_text()  # the page: the robustness table, the pictures, the adversarial prompts
+    assert "Robustness" in page and "under the p4d_k attack" in page
+    attacked = [r for r in json.loads((out / "attacks" / "prompt_attack.json").read_text())["per_item"]["UCE"]
+                if r["adversarial_prompt"]]
+    assert all(html.escape(r["adversarial_prompt"]) in page for r in attacked[:8] if r["success"]) and (
+        not attacked or "adversarial prompts" in page)
 
     bad = CliRunner().invoke(app, ["attack", str(out), "iterations=0"])
     assert bad.exit_code == 2 and "iterations must be at least 1" in bad.output

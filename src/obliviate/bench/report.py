@@ -129,6 +129,19 @@ def robustness_html(results: dict[str, dict[str, dict]]) -> str:
             "model that never saw the forget set, attacked the same way.</p>" + plot)
 
 
+def adversarial_prompts_html(name: str, result: dict, shown: int = 8) -> str:
+    """The run's adversarial prompts under one attack: the forget prompt, what the attack made of it and whether the
+    concept came back, successes first (text-to-image attacks' rows carry `adversarial_prompt`)."""
+    rows = result.get("per_item", {}).get(result["method"], [])
+    rows = sorted((r for r in rows if r.get("adversarial_prompt")), key=lambda r: not r.get("success"))[:shown]
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{html.escape(str(r.get('text', '')))}</td><td>{html.escape(r['adversarial_prompt'])}"
+                   f"</td><td>{'concept back' if r.get('success') else 'held'}</td></tr>" for r in rows)
+    return (f"<h3>{html.escape(name)}: adversarial prompts</h3><table><tr><th>forget prompt</th><th>adversarial "
+            f"prompt</th><th>outcome</th></tr>{body}</table>")
+
+
 def read_attacks(folder: Path) -> dict[str, dict]:
     """{attack: result} of a run folder's attacks/*.json (those in the shared format)."""
     results = {}
@@ -179,6 +192,7 @@ def write_run_report(folder: Path, metrics: dict, history: list[dict], grids: di
     path = folder / "report.html"
     attacks = read_attacks(folder) if (folder / "attacks").is_dir() else {}
     sections = [robustness_html({metrics.get("method", "run"): attacks})] if attacks else []
+    sections += [adversarial_prompts_html(name, result) for name, result in attacks.items()]
     grids = {**(grids or {}), **{f"under the {name} attack": f"attacks/{name}.png" for name in attacks
                                  if "curves" not in attacks[name] and (folder / "attacks" / f"{name}.png").is_file()}}
     subject = metrics.get("forget_set") or metrics.get("split") or f"concept '{metrics.get('concept')}'"

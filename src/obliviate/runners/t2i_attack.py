@@ -129,7 +129,8 @@ def _save_attack_grid(path: Path, title: str, images, rows: list[dict], columns:
 
     rank = {"concept back": 0, "drawn without attack": 1, "held": 2}
     order = sorted(range(len(rows)), key=lambda i: rank[outcome(rows[i])])[:columns]
-    captions = [f"{rows[i]['text']} ({outcome(rows[i])})" for i in order]
+    # the adversarial prompt under its picture (the plain prompt where none was needed)
+    captions = [f"{rows[i].get('adversarial_prompt') or rows[i]['text']} ({outcome(rows[i])})" for i in order]
     buffer = io.BytesIO()
     image_grid([(title, images[order])], captions).save(buffer, format="PNG")
     atomic_write(path, buffer.getvalue())
