@@ -236,8 +236,8 @@ ATTACKS = _table(
     Entry("multiple_choice", A + "lm.rewording:MultipleChoice", "The true answer among the perturbed ones, chosen "
           "by likelihood (lm-evaluation-harness's multiple choice).", "TOFU, https://arxiv.org/abs/2401.06121",
           family="lm"),
-    Entry("jailbreak", A + "lm.rewording:Jailbreak", "The forget questions inside a set of jailbreak-style "
-          "templates; an item is recovered when any template recalls it.",
+    Entry("jailbreak", A + "lm.rewording:Jailbreak", "The forget questions inside jailbreak-style frames, and with "
+          "the reply prefilled up to the fact; an item is recovered when any of them recalls it.",
           "Lynch et al. 2024, Eight Methods to Evaluate Robust Unlearning, https://arxiv.org/abs/2402.16835",
           family="lm"),
     Entry("step_by_step", A + "lm.rewording:StepByStep", "A step-by-step reasoning prompt that walks the model "
