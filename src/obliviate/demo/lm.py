@@ -60,14 +60,11 @@ def attack_all(target, log=print) -> dict:
     """{attack: result} of the demo's attacks on the target's models."""
     from obliviate.api import attack_instances
     from obliviate.registry import ATTACKS as REGISTERED
-    from obliviate.runners.lm_attack import run_attack
+    from obliviate.runners.lm_attack import run_attacks
 
     attacks = attack_instances([REGISTERED[n] for n in ATTACKS],
                                {f"{n}.{k}": v for n, options in ATTACKS.items() for k, v in options.items()})
-    for attack in attacks.values():
-        attack.check(target)
-    return {attack.result_name(name): run_attack(attack.result_name(name), attack, target, log=log)
-            for name, attack in attacks.items()}
+    return run_attacks(attacks, target, log)
 
 
 def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str = "demo") -> dict:

@@ -65,21 +65,34 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dic
     if config.method == "Retrain":
         raise ObliviateError("a Retrain run is the retrain reference itself: attack an unlearned run")
     target = attack_target(run_dir, config, log)
-    for attack in attacks.values():  # what an attack cannot serve fails before any attack runs
-        attack.check(target)
     out = Path(run_dir) / "attacks"
     out.mkdir(exist_ok=True)
+
+    def save(name: str, result: dict) -> None:
+        write_json(out / f"{name}.json", result)
+        if "curves" in result:
+            from obliviate.bench.report import save_relearn_plot
+            save_relearn_plot(out / f"{name}.png", {config.method: result})
+
+    results = run_attacks(attacks, target, log, announce=True, after_each=save)
+    from obliviate.bench.report import rewrite_report
+    rewrite_report(run_dir)  # the run's page shows the attacks
+    return results
+
+
+def run_attacks(attacks: dict, target, log=print, announce: bool = False, after_each=None) -> dict:
+    """{result name: result} of each attack ({registered name: instance}) on the target's models; what an attack
+    cannot serve fails, in one line, before any attack runs. `after_each(name, result)` keeps each as it comes."""
+    for attack in attacks.values():
+        attack.check(target)
     results = {}
     for registered, attack in attacks.items():
         name = attack.result_name(registered)
-        log(f"{name}: attacking {config.method} and the references ({', '.join(list(target.models)[1:])})")
-        results[name] = run_attack(name, attack, target)
-        write_json(out / f"{name}.json", results[name])
-        if "curves" in results[name]:
-            from obliviate.bench.report import save_relearn_plot
-            save_relearn_plot(out / f"{name}.png", {config.method: results[name]})
-    from obliviate.bench.report import rewrite_report
-    rewrite_report(run_dir)  # the run's page shows the attacks
+        if announce:
+            log(f"{name}: attacking {', '.join(target.models)}")
+        results[name] = run_attack(name, attack, target, log=log if announce else lambda *_: None)
+        if after_each is not None:
+            after_each(name, results[name])
     return results
 
 
