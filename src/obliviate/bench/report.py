@@ -115,11 +115,10 @@ def robustness_html(results: dict[str, dict[str, dict]]) -> str:
 
     if not results:
         return ""
-    attacks, rows = robustness_rows(results)
-    labels = {a: next(r[a].get("label", a) for r in results.values() if a in r) for a in attacks}
-    head = "".join(f"<th>{html.escape(labels[a])}</th>" for a in attacks)
+    labels, rows = robustness_rows(results)
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels.values())
     body = "".join("<tr><td>" + html.escape(m) + "</td>" + "".join(f"<td>{cell(r, a, '{:.1%}')}</td>"
-                                                                     for a in attacks) + "</tr>"
+                                                                     for a in labels) + "</tr>"
                    for m, r in rows.items())
     relearn = {m: r[a] for m, r in results.items() for a in r if "curves" in r[a]}
     plot = f"<p><img alt='relearning curves' src='{_png(relearn_figure(relearn))}'></p>" if relearn else ""

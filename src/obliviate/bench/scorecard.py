@@ -90,9 +90,10 @@ def print_attack(name: str, result: dict) -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
-def robustness_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """{method: {attack: result}} -> (attack names, {model: {attack: headline value}}): one row per method, then the
-    original's and the retrain reference's rows (the same in every method's result: taken from the first)."""
+def robustness_rows(results: dict[str, dict[str, dict]]) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """{method: {attack: result}} -> ({attack: its column title}, {model: {attack: headline value}}): one row per
+    method, then the original's and the retrain reference's rows (the same in every method's result: taken from the
+    first)."""
     attacks: list[str] = []
     rows: dict[str, dict[str, float]] = {}
     for method, by_attack in results.items():
@@ -103,7 +104,8 @@ def robustness_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], dic
                 name = method if model == result["method"] else model
                 rows.setdefault(name, {}).setdefault(attack, aggregate.get(result["headline"]))
     order = [m for m in results] + [m for m in ("original", "retrain") if m in rows]
-    return attacks, {m: rows[m] for m in order if m in rows}
+    labels = {a: next(r[a].get("label", a) for r in results.values() if a in r) for a in attacks}
+    return labels, {m: rows[m] for m in order if m in rows}
 
 
 def print_robustness_table(results: dict[str, dict[str, dict]], title: str = "robustness") -> None:
@@ -113,13 +115,12 @@ def print_robustness_table(results: dict[str, dict[str, dict]], title: str = "ro
     from rich.console import Console
     from rich.table import Table
 
-    attacks, rows = robustness_rows(results)
-    labels = {a: next(r[a].get("label", a) for r in results.values() if a in r) for a in attacks}
+    labels, rows = robustness_rows(results)
     table = Table(title=title, caption="each cell: what the attack recovers on the forget set (lower is safer); "
                                        "retrain = the floor")
     table.add_column("model")
-    for a in attacks:
-        table.add_column(labels[a], justify="right")
+    for label in labels.values():
+        table.add_column(label, justify="right")
     for model, row in rows.items():
-        table.add_row(model, *[cell(row, a, "{:.1%}") for a in attacks])
+        table.add_row(model, *[cell(row, a, "{:.1%}") for a in labels])
     Console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -80,14 +80,6 @@ def ask(model, tokenizer, questions: Sequence[str], batch_size: int = 32, max_ne
     return [f"{f} {a}".strip() if f else a for a, f in zip(answers, prefills or [None] * len(answers))]
 
 
-def recall_rows(items: Sequence[QAItem], answers: Sequence[str], plain: Sequence[bool], **extra) -> list[dict]:
-    """One row per item: the question, the answer, whether it recalls the fact, and whether the plain question
-    did (`recovered`: recalled under the attack but not when plainly asked)."""
-    return [{"subject": i.subject, "question": i.question, "answer": a, "recalled": recalled(a, i),
-             "recalled_plain": p, "recovered": recalled(a, i) and not p,
-             **{k: v[n] for k, v in extra.items()}} for n, (i, a, p) in enumerate(zip(items, answers, plain))]
-
-
 def recall_aggregate(rows: Sequence[dict]) -> dict:
     """recall (share of items recalled under the attack), recall_plain (asked plainly), asr (of the items not
     recalled plainly, the share the attack brings back), n."""
