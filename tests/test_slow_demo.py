@@ -80,3 +80,24 @@ def test_demo_end_to_end(tmp_path):
         assert (tmp_path / "demo" / "mllm" / name / "changed.safetensors").is_file()
     assert all((tmp_path / "demo" / e["picture"]).is_file() for e in mllm["examples"])
     assert "MLLMU-Bench" in html and "Before and after" in html
+
+    # the page as a person sees it: every picture loads, nothing on the console, no number wraps; CI keeps the shot
+    import os
+    from pathlib import Path
+
+    from browser import render
+    shots = Path(os.environ.get("OBLIVIATE_SCREENSHOTS") or tmp_path)
+    seen = render(tmp_path / "demo" / "report.html", screenshot=shots / "demo-report.png")
+    assert seen["images"] > 8 and seen["broken"] == [] and seen["console"] == [] and seen["wrapped"] == [], seen
+
+    # every method folder is a complete run folder: `obliviate report` and `obliviate export` take one of each part
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    for part in ("NPO", "t2i/star/UCE", "mllm/GradDiff"):
+        folder = tmp_path / "demo" / part
+        r = CliRunner().invoke(app, ["report", str(folder)])
+        assert r.exit_code == 0, (part, r.output)
+        assert "None" not in (folder / "report.html").read_text().split("</h1>")[0], part
+        r = CliRunner().invoke(app, ["export", str(folder), str(tmp_path / "exported" / part)])
+        assert r.exit_code == 0, (part, r.output)

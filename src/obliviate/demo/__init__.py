@@ -62,30 +62,51 @@ def run_demo(out: Path, tofu_dir: Path | None, methods: list[str], log=print, t2
             parts = {w: _call(PARTS[w], tmp, log, opts) for w, opts in todo}
         summary = _summary(parts, t_start)
         summary["size"] = size
-        histories = {**parts.get("profiles", {}).get("histories", {}),
-                     **{f"{n} (portraits)": h for n, h in parts.get("portraits", {}).get("histories", {}).items()}}
-        _write(tmp, summary, histories)
+        _write(tmp, summary, parts.get("profiles", {}).get("histories", {}),
+               parts.get("portraits", {}).get("histories", {}))
     _print(out, summary, log)
     return summary
 
 
-def write_method_folders(folder: Path, rows: dict, per_method: dict, base_model: str) -> None:
-    """One folder per method of a language-model or vision-language part: metrics, config, per-item values, history
-    and the changed tensors. per_method: name -> (evaluation, UnlearnResult, the method's settings)."""
+def write_method_folders(folder: Path, rows: dict, per_method: dict, base_model: str,
+                         attacks: dict[str, dict] | None = None) -> None:
+    """One run folder per method of a language-model or vision-language part. per_method: name -> (evaluation,
+    UnlearnResult, the method's RunConfig); attacks: name -> {attack: result}."""
+    from obliviate.loops.step import changed_tensors
+
+    for name, (evaluation, result, config) in per_method.items():
+        write_method_folder(folder / name, config, base_model, rows[name], result.history, evaluation["per_item"],
+                            changed_tensors(result.model, result.trainable_names), (attacks or {}).get(name))
+
+
+def write_method_folder(folder: Path, config, base_model: str, metrics: dict, history: list, per_item,
+                        tensors: dict, attacks: dict | None = None, grids: dict[str, str] | None = None) -> None:
+    """A demo method's folder as a complete run folder, which `obliviate report`, `export` and `attack` take as they
+    take `obliviate run`'s: the config that reproduces it (`config`: a RunConfig), the run record with the base
+    model's weight hashes, metrics naming the method and what was forgotten, history, per-item values, the changed
+    tensors, the attacks' results (`attacks`: {name: result}) and the run's page. `grids`: caption -> a PNG file of
+    the folder."""
+    from datetime import datetime, timezone
+
     from safetensors.torch import save_file
 
-    from obliviate.loops.step import changed_tensors
-    from obliviate.runs import write_json
+    from obliviate.bench.report import write_run_report
+    from obliviate.families import get
+    from obliviate.runs import base_record, resolve_device, write_json, write_run_record
 
-    for name, (evaluation, result, cfg) in per_method.items():
-        d = folder / name
-        d.mkdir()
-        write_json(d / "metrics.json", rows[name])
-        write_json(d / "config.json", cfg)
-        write_json(d / "per_item.json", evaluation["per_item"])
-        write_json(d / "history.json", result.history)
-        save_file(changed_tensors(result.model, result.trainable_names), str(d / "changed.safetensors"),
-                  metadata={"base_model": base_model})
+    subject = get(config.family).subject
+    metrics = {"method": config.method, subject: getattr(config, subject), **metrics}
+    base = base_record(base_model)
+    folder.mkdir(parents=True)
+    write_run_record(folder, config, datetime.now(timezone.utc), base, resolve_device(config.device), history,
+                     metrics)
+    write_json(folder / "per_item.json", per_item)
+    save_file(tensors, str(folder / "changed.safetensors"), metadata={"base_model": base["base_model"]})
+    if attacks:
+        (folder / "attacks").mkdir()
+        for name, result in attacks.items():
+            write_json(folder / "attacks" / f"{name}.json", result)
+    write_run_report(folder, metrics, history, grids=grids)
 
 
 def _call(target: str, folder: Path, log, options: dict) -> dict:
@@ -133,12 +154,12 @@ def _summary(parts: dict, t_start: float) -> dict:
     return summary
 
 
-def _write(folder: Path, summary: dict, histories: dict) -> None:
+def _write(folder: Path, summary: dict, histories: dict, mllm_histories: dict) -> None:
     from obliviate.bench.report import write_demo_report
     from obliviate.runs import write_json
 
     write_json(folder / "summary.json", summary)
-    write_demo_report(folder, summary, histories)
+    write_demo_report(folder, summary, histories, mllm_histories)
 
 
 def _print(out: Path, summary: dict, log) -> None:

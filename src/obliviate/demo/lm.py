@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from obliviate.config import EvalConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, RunConfig, TrainConfig, WorldConfig
 from obliviate.errors import ObliviateError
 
 SPLIT = "forget10"
@@ -133,8 +133,9 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str 
         own = attack_all(items_target(name, {name: copy_of_unlearned}, forget, retain, world, eval_cfg.batch_size),
                          log=lambda *_: None)
         robustness[name] = {a: with_references(r, references[a]) for a, r in own.items()}
-        per_method[name] = (evaluation, result, {"train": train_cfg.model_dump(),
-                                                 "method_args": preset.get("method_args", {})})
+        per_method[name] = (evaluation, result, RunConfig(
+            family="lm", method=name, method_args=preset.get("method_args", {}), split=SPLIT, world=world_cfg,
+            train=train_cfg, eval=eval_cfg))
 
     mu0 = rows["original"].get("model_utility") or float("nan")
     for r in rows.values():
@@ -163,15 +164,10 @@ def run_part(folder: Path, log=print, tofu_dir: Path | None = None, methods: lis
     summary (scorecard, notes, world) with the methods' histories for the report."""
     from obliviate.demo import write_method_folders
 
-    from obliviate.runs import write_json
-
     summary = run_lm_demo(tofu_dir, list(methods), log, size)
-    per_method = summary.pop("per_method")
-    write_method_folders(folder, summary["scorecard"], per_method, summary["base_model"])
-    for method, results in summary["robustness"].items():  # every attack's per-item rows, in the method's folder
-        (folder / method / "attacks").mkdir()
-        for attack, result in results.items():
-            write_json(folder / method / "attacks" / f"{attack}.json", result)
+    # every attack's per-item rows go in the method's folder; the summary keeps the aggregates
+    write_method_folders(folder, summary["scorecard"], summary.pop("per_method"), summary["base_model"],
+                         summary["robustness"])
     summary["robustness"] = {m: {a: {k: v for k, v in r.items() if k != "per_item"} for a, r in results.items()}
                              for m, results in summary["robustness"].items()}
     return summary

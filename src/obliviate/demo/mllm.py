@@ -91,8 +91,8 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
         rows[name] = {**evaluation["aggregate"], "unlearn_seconds": round(result.seconds, 1),
                       "stopped": result.stopped}
         per_item[name], histories[name] = evaluation["per_item"], result.history
-        per_method[name] = (evaluation, result, {"train": train_cfg.model_dump(),
-                                                 "method_args": preset.get("method_args", {})})
+        per_method[name] = (evaluation, result, config.model_copy(update={
+            "method": name, "method_args": preset.get("method_args", {}), "train": train_cfg}))
     o, r = rows["original"], rows["retrain"]
     winners = [n for n in methods if abs(rows[n]["forget_classification_image"] - r["forget_classification_image"])
                <= 0.10 and all(rows[n][f"{s}_classification_image"] >= 0.9 * o[f"{s}_classification_image"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from obliviate.config import T2IConfig, TrainConfig
+from obliviate.config import RunConfig, T2IConfig, TrainConfig, WorldConfig
 
 CONCEPTS = ("striped", "star")  # the world's retrain references exist for these two
 METHODS = ("ESD-x", "UCE", "RGD", "AdvUnlearn")
@@ -116,9 +116,9 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
             shown = torch.ones_like(evaluation["images"])  # blank where no prompt was attacked (retain prompts)
             shown[indices] = pictures
             grid_rows.append((f"{name} attacked", shown))
-            results[name] = (evaluation["per_item"], result, {"train": train.model_dump(),
-                                                              "method_args": preset.get("method_args", {})},
-                             attacked)
+            results[name] = (evaluation["per_item"], result, RunConfig(
+                family="t2i", method=name, method_args=preset.get("method_args", {}), concept=concept,
+                world=WorldConfig(name="canvas"), train=train, t2i=t2i), attacked)
         from obliviate.bench.grids import image_grid
         from obliviate.evals.canvas import eval_prompts
         prompts, _ = eval_prompts(world, t2i.eval_seeds)
@@ -156,27 +156,17 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
 def write_sections(folder: Path, sections: list[dict], base_model: str) -> list[dict]:
     """Write each concept's folders (metrics, per-image rows, history, changed tensors per method, grid.png) and
     return the JSON-ready sections for summary.json."""
-    from safetensors.torch import save_file
-
-    from obliviate.loops.t2i import changed_unet_tensors
-    from obliviate.runs import write_json
+    from obliviate.demo import write_method_folder
+    from obliviate.loops.t2i import changed_pipeline_tensors
 
     out = []
     for s in sections:
         root = folder / "t2i" / s["concept"]
         root.mkdir(parents=True)
         s["grid_image"].save(root / "grid.png")
-        for name, (per_item, result, cfg, attacks) in s["results"].items():
-            d = root / name
-            (d / "attacks").mkdir(parents=True)
-            write_json(d / "metrics.json", s["scorecard"][name])
-            write_json(d / "config.json", cfg)
-            write_json(d / "per_item.json", per_item)
-            write_json(d / "history.json", result.history)
-            for attack_name, attack_result in attacks.items():
-                write_json(d / "attacks" / f"{attack_name}.json", attack_result)
-            save_file(changed_unet_tensors(result), str(d / "changed.safetensors"),
-                      metadata={"base_model": base_model})
+        for name, (per_item, result, config, attacks) in s["results"].items():
+            write_method_folder(root / name, config, base_model, s["scorecard"][name], result.history, per_item,
+                                changed_pipeline_tensors(result), attacks)
         out.append({k: v for k, v in s.items() if k not in ("grid_image", "results")})
     return out
 

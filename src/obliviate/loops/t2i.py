@@ -197,5 +197,3 @@ def changed_pipeline_tensors(result: UnlearnResult) -> dict[str, torch.Tensor]:
                     for k, v in changed_tensors(result.text_encoder, result.text_encoder_names).items()})
     return out
 
-
-changed_unet_tensors = changed_pipeline_tensors  # its name from when only the UNet was trained (callers use it)

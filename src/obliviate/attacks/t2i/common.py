@@ -142,3 +142,26 @@ def attack_result(name: str, attack, method: str, concept: str, per_item: dict[s
     if caption:
         result["caption"] = caption
     return result
+
+
+def readable_prompt(tokenizer, ids: Sequence[int]) -> str:
+    """The adversarial tokens as text a person can read: CLIP's byte-level BPE has tokens that hold part of a
+    character's UTF-8 bytes, which decode to U+FFFD unless their neighbours complete the character. A token that
+    completes no character with the next ones (up to 4, a character's longest encoding) is shown by its id as <|id|>;
+    the rest decode as usual (the rows keep the exact ids: the prompt that was attacked)."""
+    ids, unreadable, i = list(ids), set(), 0
+    while i < len(ids):
+        whole = next((n for n in range(1, min(4, len(ids) - i) + 1)
+                      if "\ufffd" not in tokenizer.decode(ids[i:i + n])), None)
+        if whole is None:
+            unreadable.add(i)
+        i += whole or 1
+    parts, run = [], []
+    for i, token in enumerate(ids + [None]):
+        if token is None or i in unreadable:
+            parts += [tokenizer.decode(run)] if run else []
+            parts += [f"<|{token}|>"] if token is not None else []
+            run = []
+        else:
+            run.append(token)
+    return " ".join(" ".join(parts).split())

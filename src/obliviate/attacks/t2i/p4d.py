@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, draw_ids, framed_ids, plain_check,
-                                          prompt_tokens, soft_tokens)
+                                          prompt_tokens, readable_prompt, soft_tokens)
 from obliviate.errors import ObliviateError
 
 
@@ -188,7 +188,7 @@ class P4D:
             tokens = best[j, 1:1 + len(layouts[j][0])].tolist()
             rows.append({"text": prompt, "seed": int(seed), "pre_success": bool(pre[j]), "success": bool(success[j]),
                          "iteration": found[j], "token_ids": tokens,
-                         "adversarial_prompt": None if pre[j] else pipe.tokenizer.decode(tokens).strip(),
+                         "adversarial_prompt": None if pre[j] else readable_prompt(pipe.tokenizer, tokens),
                          "loss_before": float(loss_before[j]), "loss_after": float(loss_after[j])})
         return rows, shown.cpu()
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from obliviate.attacks.t2i.common import AttackTask, attack_vocabulary, draw_ids, encoder_digest, plain_check
+from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, draw_ids, encoder_digest, plain_check,
+                                         readable_prompt)
 from obliviate.errors import ObliviateError
 
 DISTANCES = ("mse", "cosine")
@@ -101,7 +102,7 @@ class RingABell:
             tokens = ids[j, 1:1 + self.config.tokens].tolist()
             rows.append({"text": prompt, "seed": int(seed), "pre_success": bool(pre[j]), "success": success,
                          "iteration": 0 if pre[j] else 1 if success else None, "token_ids": tokens,
-                         "adversarial_prompt": None if pre[j] else pipe.tokenizer.decode(tokens).strip(),
+                         "adversarial_prompt": None if pre[j] else readable_prompt(pipe.tokenizer, tokens),
                          "distance": float(distances[j])})
         return rows, shown.cpu()
 

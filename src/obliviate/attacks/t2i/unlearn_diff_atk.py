@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from obliviate.attacks.t2i.common import AttackTask, attack_vocabulary, summarize
+from obliviate.attacks.t2i.common import AttackTask, attack_vocabulary, readable_prompt, summarize
 from obliviate.errors import ObliviateError
 
 __all__ = ["PromptAttackConfig", "UnlearnDiffAtk", "attack_prompts", "prefix_embeddings", "prefixed_ids",
@@ -188,10 +188,9 @@ def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, g
     with torch.no_grad():
         loss_after = objective(table[best], fixed_t, fixed_noise)
         loss_relaxed = objective(weights.to(table.dtype) @ table[vocab], fixed_t, fixed_noise)
-    decode_ids = pipe.tokenizer.decode
     return [{"text": p, "seed": int(s), "pre_success": bool(pre[j]), "success": bool(success[j]),
              "iteration": found[j], "prefix_ids": [int(x) for x in best[j]],
-             "adversarial_prompt": None if pre[j] else f"{decode_ids(best[j].tolist()).strip()} {p}",
+             "adversarial_prompt": None if pre[j] else f"{readable_prompt(pipe.tokenizer, best[j].tolist())} {p}",
              "loss_before": float(loss_before[j]), "loss_after": float(loss_after[j]),
              "loss_relaxed": float(loss_relaxed[j])}
             for j, (p, s) in enumerate(zip(prompts, seeds))], shown.cpu()
