@@ -395,10 +395,11 @@ def generation_metrics(generated: Sequence[str], references: Sequence[str]) -> l
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
-                   batch_size: int = 32, on_batch=None) -> list[str]:
-    """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping at its end of turn)."""
+                   batch_size: int = 32, on_batch=None, at_limit: list | None = None) -> list[str]:
+    """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping where the model stops:
+    `causal_lm.generate`); `at_limit` gets a flag per answer that ran to max_new_tokens."""
     prompts = [lm.question_prompt(tokenizer, q) for q in questions]
     if not prompts:
         return []
     return lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       on_batch=on_batch)
+                       on_batch=on_batch, at_limit=at_limit)
