@@ -106,8 +106,9 @@ def gradnorm_score(model, tokenizer, texts: Sequence, max_length: int = 512) -> 
 @torch.no_grad()
 def text_token_stats(model, tokenizer, texts: Sequence, batch_size: int = 32, max_length: int = 512,
                      moments: bool = True, max_logit_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> list[TokenStats]:
-    """Token statistics of texts (encode_text: every token after the first scored), per chunk of batch_size texts,
-    each in forward passes of at most max_logit_tokens tokens."""
+    """Token statistics of texts (every token after the first scored) or question-answer items (answer and end
+    tokens scored; `TokenStats.answer` marks the answer's own), per chunk of batch_size, each in forward passes of
+    at most max_logit_tokens tokens."""
     pad = _pad_id(tokenizer)
     return [_stats(model, [_encode(tokenizer, t, max_length) for t in texts[start:start + batch_size]], pad,
                    moments=moments, max_tokens=max_logit_tokens) for start in range(0, len(texts), batch_size)]
