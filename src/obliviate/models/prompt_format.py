@@ -154,8 +154,8 @@ def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None)
     return prompt, _ids(tokenizer, lead + answer), end
 
 
-# The end ids a model declares beside its tokenizer (its generation_config's eos_token_id), per tokenizer, as `use` keeps
-# the format: the loader records them, so whatever is handed the tokenizer stops where the model stops.
+# The end ids a model declares beside its tokenizer (its generation_config's eos_token_id), per tokenizer, as `use`
+# keeps the format: the loader records them, so whatever is handed the tokenizer stops where the model stops.
 _DECLARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

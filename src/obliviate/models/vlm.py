@@ -160,7 +160,8 @@ class VisionLanguageAdapter:
             if pixels:
                 extra["pixel_values"] = torch.stack(pixels).to(device)
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops, **extra, **by_text)
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops, **extra,
+                                 **by_text)
             out += [prompt_format.reply(tokenizer, row, stops, text)[0] for row in gen[:, width:].tolist()]
         return out
 
