@@ -24,9 +24,17 @@ LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
           "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
-TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3}
+# A chat format whose turn tags are ordinary added tokens (not special, not EOS): the model ends its turn with
+# <|turn_end|>, which only its generation_config.json names as an end id, as several released chat models ship.
+ADDED_TURNS = ("{% for message in messages %}{{'<|turn_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|turn_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|turn_start|>assistant\n' }}"
+               "{% endif %}")
+
+TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3, "added_turns": ADDED_TURNS}
 _SPECIAL = {"chatml": ["<|im_start|>", "<|im_end|>"], "llama2": [],
-            "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+            "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            "added_turns": []}
+_ADDED = {"added_turns": ["<|turn_start|>", "<|turn_end|>"]}  # tokenizer.add_tokens: ordinary, not special
 
 
 def chat_tokenizer(kind: str, corpus: list[str]):
@@ -36,6 +44,7 @@ def chat_tokenizer(kind: str, corpus: list[str]):
 
     tok = train_tokenizer(corpus * 4, vocab_size=400)
     tok.add_special_tokens({"additional_special_tokens": _SPECIAL[kind]})
+    tok.add_tokens(_ADDED.get(kind, []))
     if kind == "chatml":
         tok.eos_token = "<|im_end|>"
     if kind == "llama3":
@@ -61,4 +70,9 @@ def train_chat_model(path, items, kind: str = "chatml", steps_epochs: int = 150,
     train(model, tok, [lm.encode_qa(tok, i.question, i.answer) for i in items], recipe)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    if kind == "added_turns":  # the end of turn is named in generation_config.json only (config.json keeps </s>)
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                         eos_token_id=[tok.convert_tokens_to_ids("<|turn_end|>")]).save_pretrained(path)
     return path

@@ -72,6 +72,8 @@ def test_obliviate_run_under_torchrun_writes_one_run_folder_with_the_same_evalua
     for key in ("forget_accuracy", "retain_accuracy", "knowmem_forget", "forget_truth_ratio_score", "model_utility"):
         assert dp[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
     assert dp["mia"] == pytest.approx(one["mia"], abs=1e-6)
+    assert (dp["answers_generated"], dp["answers_at_token_limit"]) == (one["answers_generated"],
+                                                                        one["answers_at_token_limit"])
     rows = [json.loads((tmp_path / "runs" / n / "per_item.json").read_text()) for n in ("dp", "one")]
     for name in ("forget", "retain"):
         assert [r["question"] for r in rows[0][name]] == [r["question"] for r in rows[1][name]]  # the same order

@@ -163,3 +163,36 @@ def test_verbmem_needs_a_prefix(trained_lm):
     model, tok = trained_lm
     with pytest.raises(ObliviateError, match="prefix_chars"):
         MUSE.verbmem(model, tok, [TextItem("no prefix here")])
+
+
+@pytest.mark.parametrize("template", ["qa", "chatml"])
+def test_loss_and_zlib_of_an_answer_are_openunlearnings(trained_lm, template):
+    """OpenUnlearning's LOSS and ZLib attacks (`evaluate_probability`, `extract_target_texts_from_processed_data`):
+    avg_loss = cross-entropy summed over every labelled token (the answer and the format's end tokens) / their
+    count; ZLib = avg_loss / len(zlib.compress(labels decoded without special tokens)). Recomputed here on one item
+    from the logits; obliviate's scores are the same numbers, negated (higher = member)."""
+    import zlib
+
+    from obliviate.models import prompt_format as pf
+
+    model, tok = trained_lm
+    pf.use(tok, pf.resolve(tok, template))
+    try:
+        item = tiny_items()[0]
+        e = lm.encode_qa(tok, item.question, item.answer)
+        assert e.n_end >= 1  # the end token is there to be counted
+        ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[..., :-1, :]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(-1, -2).double(), labels[..., 1:], ignore_index=-100,
+                                               reduction="none").sum(-1)
+        avg_loss = float(ce / (labels != -100).sum(-1))
+        text = tok.decode(labels[labels != -100].tolist(), skip_special_tokens=True)
+        scores = MIA.mia_scores(model, tok, [item], ["loss", "zlib"])
+        assert -scores["loss"][0] == pytest.approx(avg_loss, rel=1e-6)
+        assert -scores["zlib"][0] == pytest.approx(avg_loss / len(zlib.compress(text.encode("utf-8"))), rel=1e-6)
+        answer_only = lm.encode_qa(tok, item.question, item.answer).answer_only()  # what was scored before
+        stats = MIA.text_token_stats(model, tok, [item])[0]
+        assert stats.answer.sum() == sum(x != -100 for x in answer_only.labels[1:])  # Min-K% keeps the answer's own
+    finally:
+        pf.use(tok, pf.resolve(tok, "auto"))

@@ -125,3 +125,32 @@ def test_privleak_and_scores_orientation():
     assert float(MIA.loss_score(s)[0]) == pytest.approx(-2.0)
     text = "Ada Lind was born in Lisbon."
     assert float(MIA.zlib_score(s, [text])[0]) == pytest.approx(-2.0 / MIA.zlib_length(text))
+
+
+def test_min_k_plus_plus_moments_are_exact_on_a_near_uniform_model():
+    """A near-uniform next-token distribution over 32000 tokens: mu^2 ~ (log V)^2 ~ 107 dwarfs sigma^2 ~ 0.09, so the
+    one-pass float32 sqrt(E[(log p)^2] - mu^2) keeps ~3 digits (5e-4 relative error here). The two-pass float64 form
+    matches a float64 reference to 1e-10, and so does the Min-K%++ score built from it."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = 0.3 * torch.randn(1, 6, 32000)
+    labels = torch.tensor([[-100, 3, 4, 5, 6, 7]])
+    ref_logp = F.log_softmax(logits[0, :-1].double(), -1)
+    p = ref_logp.exp()
+    ref_mu = (p * ref_logp).sum(-1)
+    ref_sigma = (p * (ref_logp - ref_mu[:, None]).square()).sum(-1).sqrt()
+    ref_lp = ref_logp.gather(-1, labels[0, 1:, None]).squeeze(-1)
+
+    logp32 = F.log_softmax(logits[0, :-1], -1)  # the old form, to show the test can fail
+    mu32 = (logp32.exp() * logp32).sum(-1)
+    one_pass = ((logp32.exp() * logp32.square()).sum(-1) - mu32.square()).clamp(min=0).sqrt()
+    assert float(((one_pass.double() - ref_sigma).abs() / ref_sigma).max()) > 1e-4
+
+    s = M.token_stats(logits, labels)
+    torch.testing.assert_close(s.sigma[0].double(), ref_sigma, rtol=1e-10, atol=0)
+    torch.testing.assert_close(s.mu[0].double(), ref_mu, rtol=1e-12, atol=0)
+    z = (ref_lp - ref_mu) / ref_sigma
+    expected = torch.sort(z).values[:2].mean()  # lowest floor(0.4 * 5) = 2
+    got = M.min_k_plus_plus(s.logprobs, s.mu, s.sigma, s.mask, 0.4)[0]
+    assert float(got) == pytest.approx(float(expected), rel=1e-10)

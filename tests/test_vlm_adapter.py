@@ -142,3 +142,21 @@ def test_few_shot_examples_come_first_and_never_from_the_scored_set(world):
     assert prompt.endswith(mllmu.classification_question(item))
     assert prompt.startswith(mllmu.classification_question(examples[0]) + f"\n{examples[0].correct}\n\n")
     assert mllmu.classification_question(item, ()) == mllmu.classification_question(item)
+
+
+def test_generation_stops_on_the_end_ids_the_model_declares(llava_dir, world):
+    """The adapter's greedy answers stop on generation_config.eos_token_id too (an int or a list), not only on the
+    tokenizer's EOS: the first token the model would write, declared an end id, leaves an empty answer."""
+    from obliviate.models import vlm
+
+    model, processor = vlm.load(llava_dir)
+    adapter, tok = _adapter(processor, world), processor.tokenizer
+    item = next(i for i in world.train[world.people[0].name] if i.image is not None)
+    ids, pixels = adapter.prompt(tok, item)
+    first = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           pixel_values=pixels[None], max_new_tokens=1, do_sample=False,
+                           pad_token_id=tok.pad_token_id)[0, -1].item()
+    assert first != tok.eos_token_id and adapter.generate(model, tok, [item], max_new_tokens=3)[0] != ""
+    for declared in (first, [tok.eos_token_id, first]):
+        model.generation_config.eos_token_id = declared
+        assert adapter.generate(model, tok, [item], max_new_tokens=3) == [""]

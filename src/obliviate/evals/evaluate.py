@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +25,10 @@ from obliviate.evals import tofu as TOFU
 
 # per-item keys averaged into each set's aggregate
 _MEAN_KEYS = ("answer_prob", "answer_prob_normalised", "truth_ratio", "rouge_l_recall", "rouge_l_f1", "exact_answer",
-              "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus", "answer_nll")
+              "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus", "answer_nll", "at_token_limit")
+# more greedy answers than this fraction running to max_new_tokens without an end id is warned about: the model
+# likely does not stop where generation expects it to (an end-of-turn token no one declared), or the limit is short
+AT_LIMIT_WARN_FRACTION = 0.05
 
 
 def _mean(values) -> float | None:
@@ -120,23 +124,26 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                                                progress=_stepper(advance))
                 stage(f"{name}:likelihood", c)
                 with M.count_forward_passes(model) as c:
+                    at_limit: list[bool] = []
                     gen = M.greedy_answers(model, tokenizer, [it.question for it in items], max_new_tokens, batch_size,
-                                           on_batch=advance)
+                                           on_batch=advance, at_limit=at_limit)
                 stage(f"{name}:generation", c)
                 gm = M.generation_metrics(gen, [it.answer for it in items])
-                per_item[name] = [{"question": it.question, "answer": it.answer, "generated": g, **l, **m}
-                                  for it, g, l, m in zip(items, gen, lik, gm)]
+                per_item[name] = [{"question": it.question, "answer": it.answer, "generated": g, "at_token_limit": a,
+                                   **l, **m} for it, g, a, l, m in zip(items, gen, at_limit, lik, gm)]
 
             forget_items = share(qa_sets.get(forget_set_name, ()))
             para = [(i, it) for i, it in enumerate(forget_items) if it.paraphrased_question]
             if para:
                 with M.count_forward_passes(model) as c:
+                    para_at_limit: list[bool] = []
                     pgen = M.greedy_answers(model, tokenizer, [it.paraphrased_question for _, it in para],
-                                            max_new_tokens, batch_size, on_batch=advance)
+                                            max_new_tokens, batch_size, on_batch=advance, at_limit=para_at_limit)
                 stage(f"{forget_set_name}:paraphrased_generation", c)
-                for (i, it), g in zip(para, pgen):
+                for (i, it), g, a in zip(para, pgen, para_at_limit):
                     row = per_item[forget_set_name][i]
                     row.update(paraphrased_question=it.paraphrased_question, generated_paraphrased=g,
+                               at_token_limit_paraphrased=a,
                                rouge_l_recall_paraphrased=M.rouge_l_recall(g, it.answer),
                                exact_answer_paraphrased=M.exact_answer(g, it.answer))
 
@@ -207,6 +214,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     if retain_set_name in per_item:
         aggregate["retain_accuracy"] = aggregate[retain_set_name]["exact_answer"]
         aggregate["knowmem_retain"] = _mean(r["rouge_l_f1"] for r in per_item[retain_set_name])
+    _count_answers_at_limit(per_item, aggregate, max_new_tokens)
 
     return {
         "per_item": per_item,
@@ -222,6 +230,21 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                    "max_logit_tokens": max_logit_tokens,
                    "processes": distributed.world_size() if sharding else 1},
     }
+
+
+def _count_answers_at_limit(per_item: Mapping[str, list[dict]], aggregate: dict, max_new_tokens: int) -> None:
+    """aggregate.answers_at_token_limit of aggregate.answers_generated: the greedy answers (every set's, the
+    paraphrased questions' too) that ran to max_new_tokens without an end id; more than AT_LIMIT_WARN_FRACTION is
+    warned about, as a cut input is, since their ROUGE and accuracy then measure the limit, not the model."""
+    flags = [r[k] for rows in per_item.values() for r in rows
+             for k in ("at_token_limit", "at_token_limit_paraphrased") if k in r]
+    hit = sum(bool(f) for f in flags)
+    aggregate["answers_generated"], aggregate["answers_at_token_limit"] = len(flags), hit
+    if flags and hit > AT_LIMIT_WARN_FRACTION * len(flags) and distributed.is_main():
+        warnings.warn(f"{hit} of {len(flags)} greedy answers ({hit / len(flags):.0%}) ran to max_new_tokens "
+                      f"({max_new_tokens}) without an end token: the model may end its turn with a token no one "
+                      "declared (prompt_format.stop_tokens in metrics.json lists those generation stops on), or "
+                      "its answers are longer than the limit", stacklevel=3)
 
 
 def _stepper(advance):

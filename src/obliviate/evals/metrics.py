@@ -83,6 +83,26 @@ class TokenStats:
 
 
 SLICE_TOKENS = 512  # positions whose full-vocabulary float32 temporaries exist at once inside token_stats
+MOMENT_TOKENS = 64  # positions whose float64 next-token distribution exists at once (the Min-K%++ moments)
+
+
+def _moments(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mu, sigma, log p(target)) per position of `logits` [..., V], in float64 (float32 on MPS, which has no
+    float64) and in two passes, sigma = sqrt(E[(log p - mu)^2]): the one-pass sqrt(E[(log p)^2] - mu^2) cancels
+    catastrophically when the distribution is near uniform (mu^2 ~ (log V)^2 >> sigma^2; 5e-4 relative error in
+    float32 on a near-uniform model)."""
+    wide = torch.float32 if logits.device.type == "mps" else torch.float64
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+    mu, sigma, lp = (torch.empty(flat.shape[0], dtype=wide, device=logits.device) for _ in range(3))
+    for i in range(0, flat.shape[0], MOMENT_TOKENS):
+        part = slice(i, i + MOMENT_TOKENS)
+        logp = F.log_softmax(flat[part].to(wide), dim=-1)
+        p = logp.exp()
+        m = (p * logp).sum(-1)
+        mu[part], lp[part] = m, logp.gather(-1, flat_targets[part]).squeeze(-1)
+        sigma[part] = (p * (logp - m.unsqueeze(-1)).square()).sum(-1).sqrt()
+        del logp, p
+    return mu.view(targets.shape), sigma.view(targets.shape), lp.view(targets.shape)
 
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool | Sequence[int] = True) -> TokenStats:
@@ -91,10 +111,13 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool | Sequ
     moments: True for mu/sigma on every row, False for none, or a list of row indices (the other rows get zeros), so
     a big-vocabulary model does not materialise the full next-token distribution for rows that do not need it.
     The rows are reduced a slice at a time (about SLICE_TOKENS positions), so the float32 log-softmax and its
-    products never exist for the whole batch: the peak is the logits themselves plus one slice."""
+    products never exist for the whole batch: the peak is the logits themselves plus one slice. The rows with
+    moments take their log-probs, mu and sigma from `_moments` (float64), so Min-K%++'s (log p - mu) / sigma does
+    not lose its digits to cancellation either."""
     logits, targets, mask = lm.shifted(logits, labels)
     n, width = targets.shape
-    lp = torch.zeros((n, width), dtype=torch.float32, device=logits.device)
+    wide = torch.float32 if logits.device.type == "mps" else torch.float64
+    lp = torch.zeros((n, width), dtype=wide, device=logits.device)
     preds = torch.zeros((n, width), dtype=torch.long, device=logits.device)
     want = set(range(n)) if moments is True else set(moments or ())
     mu = sigma = None
@@ -104,16 +127,13 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool | Sequ
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         logp = F.log_softmax(logits[rows].float(), dim=-1)
-        lp[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) * mask[rows]
+        lp[rows] = (logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) * mask[rows]).to(wide)
         preds[rows] = logp.argmax(-1)
-        keep = [r - start for r in range(rows.start, rows.stop) if r in want]
-        if mu is not None and keep:
-            kept = logp[keep]
-            p = kept.exp()
-            m = (p * kept).sum(-1)
-            mu[[start + k for k in keep]] = m
-            sigma[[start + k for k in keep]] = ((p * kept.square()).sum(-1) - m.square()).clamp(min=0).sqrt()
         del logp
+        keep = [r for r in range(rows.start, rows.stop) if r in want]
+        if mu is not None and keep:
+            mu[keep], sigma[keep], wide_lp = _moments(logits[keep], targets[keep])
+            lp[keep] = wide_lp * mask[keep]
     return TokenStats(lp, mask, preds, targets, mu, sigma)
 
 
@@ -179,7 +199,7 @@ def lowest_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float = DEFAULT_M
     for v, m in zip(values, mask.bool()):
         vals = v[m]
         if vals.numel() == 0:
-            out.append(torch.tensor(float("nan")))
+            out.append(values.new_tensor(float("nan")))
             continue
         take = max(1, int(vals.numel() * k))
         out.append(torch.sort(vals).values[:take].mean())
@@ -395,10 +415,11 @@ def generation_metrics(generated: Sequence[str], references: Sequence[str]) -> l
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
-                   batch_size: int = 32, on_batch=None) -> list[str]:
-    """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping at its end of turn)."""
+                   batch_size: int = 32, on_batch=None, at_limit: list | None = None) -> list[str]:
+    """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping where the model stops:
+    `causal_lm.generate`); `at_limit` gets a flag per answer that ran to max_new_tokens."""
     prompts = [lm.question_prompt(tokenizer, q) for q in questions]
     if not prompts:
         return []
     return lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       on_batch=on_batch)
+                       on_batch=on_batch, at_limit=at_limit)

@@ -1,7 +1,9 @@
 """Membership-inference scores on free texts, and their AUC. Every score is oriented so that HIGHER means "more likely a
 training member": NLL-style statistics are negated. One forward pass per chunk of texts feeds LOSS, ZLib, Min-K% and
 Min-K%++; Reference adds one pass of the reference model; GradNorm needs one forward + backward per text (slow,
-opt-in). Formulas: docs/metrics.md."""
+opt-in). A question-answer member is scored on its answer: LOSS, ZLib and Reference count the format's end tokens
+too, as OpenUnlearning's attacks do; Min-K%, Min-K%++ and GradNorm read the answer's own tokens. Formulas:
+docs/metrics.md."""
 from __future__ import annotations
 
 import zlib
@@ -21,15 +23,22 @@ DEFAULT_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")  # need no extra 
 
 
 def _text(t) -> str:
-    """What a score reads: a text, or a question-answer item's answer (its answer tokens are scored, in the run's
-    prompt format, as OpenUnlearning scores TOFU's forget and holdout sets)."""
     return t.answer if isinstance(t, QAItem) else t.text if isinstance(t, TextItem) else str(t)
 
 
 def _encode(tokenizer, t, max_length: int):
+    """A text (every token after the first scored), or a question-answer item in the run's prompt format with its
+    answer and end tokens scored (as OpenUnlearning scores TOFU's forget and holdout sets)."""
     if isinstance(t, QAItem):
-        return lm.encode_qa(tokenizer, t.question, t.answer, max_length).answer_only()
+        return lm.encode_qa(tokenizer, t.question, t.answer, max_length)
     return lm.encode_text(tokenizer, _text(t), max_length)
+
+
+def scored_text(tokenizer, t, max_length: int = 512) -> str:
+    """The text ZLib compresses: the scored tokens decoded without special tokens (OpenUnlearning's
+    `extract_target_texts_from_processed_data`): a text after its first token, an answer with its end text."""
+    labels = _encode(tokenizer, t, max_length).labels[1:]
+    return tokenizer.decode([x for x in labels if x != lm.IGNORE], skip_special_tokens=True)
 
 
 def zlib_length(text: str) -> int:
@@ -39,26 +48,29 @@ def zlib_length(text: str) -> int:
 
 # ------------------------------------------------------------------------------------ scores from token statistics
 def loss_score(stats: TokenStats) -> torch.Tensor:
-    """LOSS (Yeom et al.): -NLL, NLL the mean token negative log-likelihood."""
+    """LOSS (Yeom et al.): -NLL, NLL the mean negative log-likelihood of the scored tokens (an answer's end tokens
+    included)."""
     return -sequence_nll(stats.logprobs, stats.mask)
 
 
-def zlib_score(stats: TokenStats, texts: Sequence) -> torch.Tensor:
-    """ZLib (Carlini et al. 2021): -NLL / len(zlib.compress(text bytes))."""
-    z = torch.tensor([zlib_length(_text(t)) for t in texts], dtype=torch.float32, device=stats.logprobs.device)
+def zlib_score(stats: TokenStats, texts: Sequence[str]) -> torch.Tensor:
+    """ZLib (Carlini et al. 2021): -NLL / len(zlib.compress(text bytes)), NLL as for LOSS, `texts` the scored
+    tokens' text (`scored_text`)."""
+    z = torch.tensor([zlib_length(t) for t in texts], dtype=torch.float64, device=stats.logprobs.device)
     return -sequence_nll(stats.logprobs, stats.mask) / z
 
 
 def min_k_score(stats: TokenStats, k: float = DEFAULT_MIN_K) -> torch.Tensor:
-    """Min-K% (Shi et al. 2023): mean of the lowest k% token log-probs."""
-    return min_k(stats.logprobs, stats.mask, k)
+    """Min-K% (Shi et al. 2023): mean of the lowest k% token log-probs (an answer's own tokens)."""
+    return min_k(stats.logprobs, stats.answer, k)
 
 
 def min_k_plus_plus_score(stats: TokenStats, k: float = DEFAULT_MIN_K) -> torch.Tensor:
-    """Min-K%++ (Zhang et al. 2024): mean of the lowest k% of (log p(x_t) - mu_t) / sigma_t."""
+    """Min-K%++ (Zhang et al. 2024): mean of the lowest k% of (log p(x_t) - mu_t) / sigma_t (an answer's own
+    tokens)."""
     if stats.mu is None or stats.sigma is None:
         raise ValueError("Min-K%++ needs token statistics computed with moments=True")
-    return min_k_plus_plus(stats.logprobs, stats.mu, stats.sigma, stats.mask, k)
+    return min_k_plus_plus(stats.logprobs, stats.mu, stats.sigma, stats.answer, k)
 
 
 def reference_score(stats: TokenStats, reference_stats: TokenStats) -> torch.Tensor:
@@ -78,7 +90,7 @@ def gradnorm_score(model, tokenizer, texts: Sequence, max_length: int = 512) -> 
     out = []
     try:
         for t in texts:
-            batch = lm.to_device(lm.collate([_encode(tokenizer, t, max_length)], pad), device)
+            batch = lm.to_device(lm.collate([_encode(tokenizer, t, max_length).answer_only()], pad), device)
             with torch.enable_grad():
                 loss = lm.mean_nll(model, batch)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -94,8 +106,9 @@ def gradnorm_score(model, tokenizer, texts: Sequence, max_length: int = 512) -> 
 @torch.no_grad()
 def text_token_stats(model, tokenizer, texts: Sequence, batch_size: int = 32, max_length: int = 512,
                      moments: bool = True, max_logit_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> list[TokenStats]:
-    """Token statistics of texts (encode_text: every token after the first scored), per chunk of batch_size texts,
-    each in forward passes of at most max_logit_tokens tokens."""
+    """Token statistics of texts (every token after the first scored) or question-answer items (answer and end
+    tokens scored; `TokenStats.answer` marks the answer's own), per chunk of batch_size, each in forward passes of
+    at most max_logit_tokens tokens."""
     pad = _pad_id(tokenizer)
     return [_stats(model, [_encode(tokenizer, t, max_length) for t in texts[start:start + batch_size]], pad,
                    moments=moments, max_tokens=max_logit_tokens) for start in range(0, len(texts), batch_size)]
@@ -125,7 +138,7 @@ def mia_scores(model, tokenizer, texts: Sequence, attacks: Sequence[str] = DEFAU
             if a == "loss":
                 v = loss_score(stats)
             elif a == "zlib":
-                v = zlib_score(stats, chunk)
+                v = zlib_score(stats, [scored_text(tokenizer, t, max_length) for t in chunk])
             elif a == "min_k":
                 v = min_k_score(stats, k)
             elif a == "min_k_plus_plus":

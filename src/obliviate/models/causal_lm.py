@@ -31,6 +31,9 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_re
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=None)
     except weights_load_errors() as e:
         raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
+    # the end ids the model declares (generation_config.json's eos_token_id: a chat model's end-of-turn token is
+    # often named only there) stop generation wherever the tokenizer goes
+    prompt_format.declare_stops(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     return model.to(device), tokenizer
 
 
@@ -67,8 +70,11 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
     return ans + end
 
 
-def stop_ids(tokenizer) -> list[int]:
-    return prompt_format.stop_ids(tokenizer, prompt_format.of(tokenizer))
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a reply (`prompt_format.stop_ids`), with those `model`'s generation config declares."""
+    config = getattr(model, "generation_config", None)
+    return prompt_format.stop_ids(tokenizer, prompt_format.of(tokenizer), prompt_format.declared_ids(
+        getattr(config, "eos_token_id", None)))
 
 
 def _joined(prompt: list[int], answer: list[int], end: list[int], max_length: int | None) -> Encoded:
@@ -190,20 +196,28 @@ def mean_nll(model, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, batch_size: int = 64,
-             on_batch=None) -> list[str]:
-    """Batched greedy decoding from token-id prompts (left-padded); returns the decoded continuations.
-    on_batch(n) is called after each batch of n prompts (a progress bar)."""
+             on_batch=None, at_limit: list | None = None) -> list[str]:
+    """Batched greedy decoding from token-id prompts (left-padded); returns the decoded continuations, each cut at
+    the first id that ends a reply (`stop_ids`: the model's declared end ids, EOS, the format's end of turn).
+    on_batch(n) is called after each batch of n prompts (a progress bar); `at_limit`, when given, is extended with
+    one flag per prompt: True when its answer ran to max_new_tokens without ending."""
     device = model_device(model)
     pad = tokenizer.pad_token_id
+    stops = stop_ids(tokenizer, model)
+    text = prompt_format.stop_text(tokenizer, prompt_format.of(tokenizer))
+    by_text = {"stop_strings": [text], "tokenizer": tokenizer} if text else {}
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = left_padded(chunk, pad)
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=stop_ids(tokenizer))
-        for row in gen[:, width:]:
-            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                             do_sample=False, pad_token_id=pad, eos_token_id=stops, **by_text)
+        for row in gen[:, width:].tolist():
+            answer, ended = prompt_format.reply(tokenizer, row, stops, text)
+            out.append(answer)
+            if at_limit is not None:
+                at_limit.append(not ended)
         if on_batch is not None:
             on_batch(len(chunk))
     return out

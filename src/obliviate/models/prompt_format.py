@@ -154,13 +154,70 @@ def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None)
     return prompt, _ids(tokenizer, lead + answer), end
 
 
-def stop_ids(tokenizer, fmt: PromptFormat) -> list[int]:
-    """Tokens that end a reply in generation: EOS and the special tokens among the format's end tokens (Llama-3's
-    <|eot_id|>; not the space Llama-2 writes before </s>)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    special = set(tokenizer.all_special_ids)
-    ids += [t for t in encode_pair(tokenizer, fmt, "?", "x")[2] if t in special and t not in ids]
+# The end ids a model declares beside its tokenizer (its generation_config's eos_token_id), per tokenizer, as `use`
+# keeps the format: the loader records them, so whatever is handed the tokenizer stops where the model stops.
+_DECLARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def declared_ids(eos_token_id) -> list[int]:
+    """A generation config's eos_token_id (None, an int or a list) as a list."""
+    if eos_token_id is None:
+        return []
+    return [int(t) for t in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+def declare_stops(tokenizer, eos_token_id) -> None:
+    """Record the end ids the model declares (`model.generation_config.eos_token_id`) for its tokenizer."""
+    _DECLARED[tokenizer] = declared_ids(eos_token_id)
+
+
+def _end_split(tokenizer, fmt: PromptFormat) -> tuple[list[int], str | None]:
+    """(the end-of-turn tokens that stop a reply, the end text when no single token marks it). The format's end
+    tokens are marked by the special and added tokens among them (<|im_end|>, <|eot_id|>, an ordinary added
+    <end_of_turn>; not the space Llama-2 writes before </s>); an end made of plain text only ("\n### End") is
+    matched as text."""
+    end = encode_pair(tokenizer, fmt, "?", "x")[2]
+    marked = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    tokens = [t for t in end if t in marked]
+    text = None if tokens or not end else tokenizer.decode(end).strip() or None
+    return tokens, text
+
+
+def stop_ids(tokenizer, fmt: PromptFormat, declared=()) -> list[int]:
+    """Every id that ends a reply in generation: the model's declared end ids (`declared`, and those recorded by
+    `declare_stops`: generation_config.eos_token_id, an int or a list), the tokenizer's EOS, and the format's
+    end-of-turn tokens."""
+    ids: list[int] = []
+    for t in [*declared_ids(list(declared)), *_DECLARED.get(tokenizer, ()), tokenizer.eos_token_id,
+              *_end_split(tokenizer, fmt)[0]]:
+        if t is not None and int(t) not in ids:
+            ids.append(int(t))
     return ids
+
+
+def stop_text(tokenizer, fmt: PromptFormat) -> str | None:
+    """The format's end-of-turn text when no token marks it (matched as a stop string), else None."""
+    return _end_split(tokenizer, fmt)[1]
+
+
+def stops_record(tokenizer, fmt: PromptFormat) -> dict:
+    """The stop ids and their text, as the run records them (a reader sees where generation stops)."""
+    ids = stop_ids(tokenizer, fmt)
+    record = {"stop_ids": ids, "stop_tokens": [tokenizer.decode([t]) for t in ids]}
+    if (text := stop_text(tokenizer, fmt)) is not None:
+        record["stop_text"] = text
+    return record
+
+
+def reply(tokenizer, generated: list[int], stops, text: str | None = None) -> tuple[str, bool]:
+    """(the decoded reply, whether it ended): the generated ids up to the first stop id (or the stop text), decoded
+    without special tokens. A stop token that is not special (an added <end_of_turn>) is not part of the reply."""
+    stops = set(stops)
+    end = next((i for i, t in enumerate(generated) if t in stops), None)
+    decoded = tokenizer.decode(generated if end is None else generated[:end], skip_special_tokens=True)
+    if text and text in decoded:
+        decoded, end = decoded[:decoded.index(text)], len(generated)
+    return decoded.strip(), end is not None
 
 
 def example(tokenizer, fmt: PromptFormat) -> str:

@@ -139,9 +139,15 @@ class VisionLanguageAdapter:
     @torch.no_grad()
     def generate(self, model, tokenizer, items: list, questions: list[str] | None = None, max_new_tokens: int = 32,
                  batch_size: int = 16) -> list[str]:
-        """Batched greedy answers (left-padded, the pictures beside), each item asked its question or the one given."""
+        """Batched greedy answers (left-padded, the pictures beside), each item asked its question or the one given,
+        each cut where the model stops (`prompt_format.stop_ids`: its generation config's end ids, EOS, the format's
+        end of turn)."""
         device, pad = seq.model_device(model), tokenizer.pad_token_id
-        stops = prompt_format.stop_ids(tokenizer, prompt_format.of(tokenizer))
+        fmt = prompt_format.of(tokenizer)
+        stops = prompt_format.stop_ids(tokenizer, fmt, prompt_format.declared_ids(
+            getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+        text = prompt_format.stop_text(tokenizer, fmt)
+        by_text = {"stop_strings": [text], "tokenizer": tokenizer} if text else {}
         out: list[str] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -154,8 +160,9 @@ class VisionLanguageAdapter:
             if pixels:
                 extra["pixel_values"] = torch.stack(pixels).to(device)
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops, **extra)
-            out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in gen[:, width:]]
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops, **extra,
+                                 **by_text)
+            out += [prompt_format.reply(tokenizer, row, stops, text)[0] for row in gen[:, width:].tolist()]
         return out
 
     def collate(self, encoded: list[VisionEncoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -28,11 +28,12 @@ def load_model(folder, config: RunConfig, device, dtype: str | None = None):
 
 
 def format_record(tokenizer) -> dict:
-    """The resolved prompt format and one rendered example, as the run records them."""
+    """The resolved prompt format, one rendered example and the ids that stop generation, as the run records them."""
     from obliviate.models import prompt_format
 
     fmt = prompt_format.of(tokenizer)
-    return {**fmt.describe(), "example": prompt_format.example(tokenizer, fmt)}
+    return {**fmt.describe(), "example": prompt_format.example(tokenizer, fmt),
+            **prompt_format.stops_record(tokenizer, fmt)}
 
 
 def world_for(config: RunConfig):
