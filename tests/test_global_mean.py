@@ -168,7 +168,6 @@ def test_grad_accum_steps_is_checked_and_refused_where_it_does_not_apply(tmp_pat
 
     with pytest.raises(ObliviateError, match="grad_accum_steps"):
         build_config({"method": "NPO", "train": {"grad_accum_steps": 0}})
-    from conftest import tiny_task  # noqa: F401  (the text-to-image loop refuses it before any work)
     from obliviate.loops.t2i import erase
 
     with pytest.raises(ObliviateError, match="train.grad_accum_steps applies to language models only"):
