@@ -1,5 +1,11 @@
 """One process of the data-parallel test (tests/test_distributed.py): unlearn a saved tiny model for a few steps and,
-on the first process, save the changed tensors. Run alone (one process, the whole batch) or under torchrun."""
+on the first process, save the changed tensors and the history. Run alone (one process, the whole batch) or under
+torchrun.
+
+    dp_worker.py MODEL_DIR OUT METHOD [BATCH_SIZE [GRAD_ACCUM_STEPS]]
+
+4 forget and 4 retain items: with batch 4 two processes take 2 + 2; with batch 3 a pass is a batch of 3 (2 + 1)
+then a tail of 1 (1 + 0: the second process has no item) on both sides."""
 import sys
 
 import torch
@@ -8,7 +14,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 torch.set_num_threads(1)
 
 
-def main(model_dir: str, out: str, method: str) -> None:
+def main(model_dir: str, out: str, method: str, batch_size: str = "4", accumulation: str = "1") -> None:
     from safetensors.torch import save_file
 
     from conftest import tiny_items, tiny_texts
@@ -21,15 +27,23 @@ def main(model_dir: str, out: str, method: str) -> None:
     progress.set_enabled(False)
     model, tok = lm.load(model_dir)
     items = tiny_items()
-    args = {"diverse_retain_size": 4} if method == "RGD" else {}
-    result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method(method, args),
-                     TrainConfig(max_steps=3, batch_size=4, lr=1e-3, max_grad_norm=None))
+    forget = items[:4]
+    args = {}
+    if method == "RGD":  # a cap between the forget answers' NLLs: some sequences are dropped, some kept
+        with torch.no_grad():
+            nll = lm.answer_nll(model, lm.collate([lm.encode_item(tok, i) for i in forget], tok.pad_token_id))
+        nll = nll.sort().values
+        args = {"diverse_retain_size": 3, "forget_loss_cap": float(nll[1] + nll[2]) / 2}
+    result = unlearn(model, tok, forget, items[4:] + tiny_texts()[:2], make_method(method, args),
+                     TrainConfig(max_steps=3, batch_size=int(batch_size), grad_accum_steps=int(accumulation),
+                                 lr=1e-3, max_grad_norm=None))
     if distributed.is_main():
         tensors = changed_tensors(result.model, result.trainable_names)
+        logs = sorted({k for h in result.history for k in h if k != "step"})
         save_file({k: v.float() for k, v in tensors.items()}, out,
-                  metadata={"losses": ",".join(f"{h['loss']:.8f}" for h in result.history)})
+                  metadata={key: ",".join(f"{h[key]:.8f}" for h in result.history) for key in logs})
     distributed.finish()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

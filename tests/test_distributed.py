@@ -1,6 +1,7 @@
-"""Data parallel unlearning: 2 processes (torchrun, gloo on CPU) give the same model as 1 process on the same global
-batch, for a token-mean loss (GradDiff), a sequence-mean loss (NPO) and the restricted gradient with its surgery on
-the global gradients (RGD); and `obliviate run` under torchrun writes one run folder."""
+"""Data parallel unlearning: 2 processes (torchrun, gloo on CPU) give the same model and history as 1 process on the
+same global batch, for every method, with even and uneven splits, a share with no item and gradient accumulation
+(token means, sequence means, the restricted gradient with its surgery on the global gradients); `obliviate run`
+under torchrun writes one run folder; a bad input under torchrun prints its one-line error once."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from obliviate.registry import LM_METHODS
+
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 
@@ -21,24 +24,48 @@ def _torchrun(*args, env=None):
                           capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
-def test_two_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
+def _same_run(one: Path, two: Path) -> None:
+    """The same history (every logged value: the loss and the method's logs are global means) and tensors."""
     from safetensors import safe_open
 
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    single = subprocess.run([sys.executable, str(HERE / "dp_worker.py"), str(tiny_lm_dir), str(one), method],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = _torchrun(HERE / "dp_worker.py", tiny_lm_dir, two, method)
-    assert double.returncode == 0, double.stderr[-2000:]
     with safe_open(str(one), "pt") as a, safe_open(str(two), "pt") as b:
-        losses_a = [float(x) for x in a.metadata()["losses"].split(",")]
-        losses_b = [float(x) for x in b.metadata()["losses"].split(",")]
-        assert losses_a == pytest.approx(losses_b, rel=1e-4, abs=1e-5)
+        assert a.metadata().keys() == b.metadata().keys() and "loss" in a.metadata()
+        for key, values in a.metadata().items():
+            assert [float(x) for x in values.split(",")] == pytest.approx(
+                [float(x) for x in b.metadata()[key].split(",")], rel=1e-4, abs=1e-5), key
         assert set(a.keys()) == set(b.keys()) and a.keys()
         for key in a.keys():
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=1e-5)
+
+
+def _one_and_two(model_dir, tmp_path, *args) -> tuple[Path, Path]:
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    single = subprocess.run([sys.executable, str(HERE / "dp_worker.py"), str(model_dir), str(one), *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _torchrun(HERE / "dp_worker.py", model_dir, two, *args)
+    assert double.returncode == 0, double.stderr[-2000:]
+    return one, two
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
+def test_two_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
+    _same_run(*_one_and_two(tiny_lm_dir, tmp_path, method, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [n for n in LM_METHODS if n != "Retrain"])
+def test_every_method_takes_the_same_steps_with_an_uneven_split_and_an_empty_share(tiny_lm_dir, tmp_path, method):
+    """Batch 3 of 4 items: 2 + 1 items, then a tail of 1 item that leaves the second process none (forget and
+    retain alike); every loss is a mean over the global batch, so the steps are one process's."""
+    _same_run(*_one_and_two(tiny_lm_dir, tmp_path, method, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["NPO", "RGD"])
+def test_two_processes_with_gradient_accumulation_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
+    _same_run(*_one_and_two(tiny_lm_dir, tmp_path, method, 3, 2))
 
 
 @pytest.mark.slow
@@ -90,3 +117,31 @@ def test_a_text_to_image_run_under_several_processes_is_refused_in_one_line(monk
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group is made
     with pytest.raises(ObliviateError, match="not data parallel yet"):
         check_t2i(build_config({"method": "ESD-x", "concept": "star", "output_dir": str(tmp_path)}))
+
+
+@pytest.mark.slow
+def test_a_bad_input_under_two_processes_prints_its_one_line_error_once(tmp_path):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"method": "NPO", "bogus": 1}))
+    result = _torchrun("-m", "obliviate.cli", "run", cfg, "--quiet", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and lines == [f"error: {cfg}: bogus: unknown key"], result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr  # the first process's code, in torchrun's own report
+    assert "obliviate/" not in result.stderr  # no process printed a traceback of its own
+
+
+def test_only_the_first_process_prints_an_error_at_once_the_others_wait_for_the_launcher(monkeypatch, capsys):
+    import typer
+
+    from obliviate import cli
+
+    waits = []
+    monkeypatch.setattr("time.sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, waited in (("0", []), ("1", [cli.FAILURE_WAIT_S])):
+        monkeypatch.setenv("RANK", rank)
+        waits.clear()
+        with pytest.raises(typer.Exit) as exit_:
+            cli._fail(ValueError("bad"))
+        # a process that outlives the wait (the first did not fail) still prints it: an error is never lost
+        assert exit_.value.exit_code == 2 and capsys.readouterr().err == "error: bad\n" and waits == waited

@@ -17,8 +17,18 @@ app.add_typer(world_app, name="world")
 
 
 def _fail(e: Exception) -> None:
+    """The one line of an error, exit code 2. Under several processes (torchrun, accelerate launch) every process
+    meets the same bad input: the first prints the line; the others wait for the launcher, which ends them as soon as
+    the first exits, and print it themselves only if it does not (the first process did not fail)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        import time
+
+        time.sleep(FAILURE_WAIT_S)
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
+
+
+FAILURE_WAIT_S = 20.0  # how long the other processes leave the first one to print a shared error
 
 
 def _quiet(flag: bool) -> None:

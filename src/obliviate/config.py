@@ -51,6 +51,11 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(32, ge=1)  # forget batch size; the retain batch has the same size
+    # language models: micro-batches of `batch_size` whose gradients are summed before each optimiser step (HF
+    # Trainer's gradient_accumulation_steps). The effective batch is batch_size x grad_accum_steps, whatever the
+    # number of processes (batch_size is the global batch of one forward pass; each process takes its share); every
+    # loss is a mean over the effective batch, so 2 x 2 takes the step 1 x 4 does. Steps count optimiser steps.
+    grad_accum_steps: int = Field(1, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     warmup_fraction: float = Field(0.0, ge=0, lt=1)

@@ -6,8 +6,10 @@ GPUs, gloo on CPUs).
 The gradients are averaged explicitly (not by DDP's backward hooks) because the restricted gradient needs the forget
 and the retain gradient apart: each is averaged over every process first, then the dot products and norms of the
 surgery are taken on the global gradients, so RG/RGD give the same update as one process with the whole batch.
-Losses that are means over tokens divide by the global token count (`global_count`), losses that are means over
-sequences are exact when each process gets as many sequences (`shard` deals them round-robin). Evaluation shards the
+Every loss is a mean over the global batch: a term divides its share's sum by the global count of tokens or sequences
+(`global_count`, through `models.sequences.step_total`, which also counts every micro-batch of gradient accumulation),
+so any split is exact: 3 items as 2 + 1, or a tail that leaves a process no item (its share is one padding row that
+counts nothing, so it still takes part in every forward and backward pass and every collective). Evaluation shards the
 same way (`evaluate_lm(..., sharded=True)`) and gathers the per-item values. Not done: sharded parameters (FSDP,
 ZeRO-3)."""
 from __future__ import annotations

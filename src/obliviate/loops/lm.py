@@ -22,6 +22,7 @@ from obliviate.config import LoraConfig, TrainConfig
 from obliviate.data import QAItem, TextItem, check_disjoint
 from obliviate.errors import ObliviateError
 from obliviate.loops.step import Checkpoints, StateGuard, UnlearnResult, gradient_step, make_optimizer
+from obliviate.models.sequences import link_micro_batches
 
 # Refusals for IdkPO when the user gives no file (TOFU ships its own idontknow.jsonl; pass it with idk_file).
 DEFAULT_REFUSALS = ["I don't know.", "I'm not sure about that.", "I have no information on that.",
@@ -161,7 +162,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             for i in range(0, len(encoded), train.batch_size):
                 yield adapter.to_device(adapter.collate(encoded[i:i + train.batch_size], pad), device)
         fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
-    steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / train.batch_size))
+    accumulation = train.grad_accum_steps  # micro-batches per optimiser step; `steps` counts optimiser steps
+    steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / (train.batch_size * accumulation)))
     opt, sched = make_optimizer(params, train, steps)
     forget_lengths = [len(a.input_ids) for a, _ in forget_enc] if train.group_by_length else None
     retain_lengths = [len(e.input_ids) for e in retain_enc] if train.group_by_length else None
@@ -169,7 +171,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     retain_iter = _batches(retain_enc, train.batch_size, rng, retain_lengths)
     checkpoints = checkpoints or Checkpoints(None, None, "")
     start, history, _ = checkpoints.resume(params, opt, sched)
-    for _ in range(start):  # replay the batch order of the steps already taken
+    for _ in range(start * accumulation):  # replay the batch order of the steps already taken
         next(forget_iter)
         if full_retain is None:
             next(retain_iter)
@@ -180,9 +182,13 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     stopped, t0 = None, time.time()
     budget = getattr(adapter, "logit_budget", None)
     budget = budget(train.max_logit_tokens) if budget is not None else contextlib.nullcontext()
-    with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop(), budget:
-        advance(start)
-        for step in range(start, steps):
+    select = getattr(method, "select_forget", None)  # drops forget rows before the step's counts (RGD)
+
+    def micro_batches() -> list[tuple[dict, dict]]:
+        """The (forget, retain) batches of one optimiser step, this process's share of each global batch, linked so
+        that every loss is a mean over the whole step (`link_micro_batches`)."""
+        forgets, retains = [], []
+        for _ in range(accumulation):
             pairs = distributed.shard(next(forget_iter))  # every process draws the global batch, takes its share
             f = adapter.collate([a for a, _ in pairs], pad)
             if companion_enc is None:
@@ -190,13 +196,29 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             else:
                 f["idk"] = adapter.collate([b for _, (b, _) in pairs], pad)
                 f["companion"] = adapter.collate([c for _, (_, c) in pairs], pad)
-            f = adapter.to_device(f, device)
-            r = full_retain if full_retain is not None else adapter.to_device(
-                adapter.collate(distributed.shard(next(retain_iter)), pad), device)
+            forgets.append(adapter.to_device(f, device))
+            retains.append(full_retain if full_retain is not None else adapter.to_device(
+                adapter.collate(distributed.shard(next(retain_iter)), pad), device))
+        link_micro_batches(forgets)
+        link_micro_batches(retains)
+        if select is not None:
             with autocast:
+                forgets = [select(model, f) for f in forgets]
+            link_micro_batches(forgets)
+        return list(zip(forgets, retains))
+
+    def losses(batches):
+        for f, r in batches:
+            with autocast:  # left before the backward pass
                 parts = method.losses(model, reference, f, r)
-            logs = {"step": step, "loss": parts.total.item(), **parts.logs}  # averaged over processes in the step
-            stopped = gradient_step(method, parts, params, opt, sched, train, logs, step, guard)
+            yield parts
+    with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop(), budget:
+        advance(start)
+        for step in range(start, steps):
+            batches = micro_batches()
+            f, r = batches[0]  # the guard's probe
+            logs = {"step": step}  # the loss and the method's logs: global means over the step (gradient_step)
+            stopped = gradient_step(method, losses(batches), params, opt, sched, train, logs, step, guard)
             if stopped:
                 stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)
                 break

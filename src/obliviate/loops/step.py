@@ -94,16 +94,39 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
                   guard: StateGuard, grad_mask: list | None = None) -> str | None:
     """One optimiser step from a method's loss parts, shared by every family's loop: the gradients (combined by the
     method when it says how, e.g. the restricted gradient), an optional 0/1 mask per parameter (SalUn), clipping.
+    `parts` is the LossParts of the step's batch, or an iterable of those of its micro-batches (gradient
+    accumulation), each backpropagated as it comes so that one micro-batch's graph is held at a time; their losses
+    are means over the whole step (`sequences.step_total`), so the summed gradients are those of the step's mean.
+    The restricted gradient accumulates the forget and the retain gradients apart and combines the sums. `logs`
+    gets the loss and the method's logs, summed over the micro-batches and averaged over the processes (each is a
+    share of a mean over the step's global batch), then the combination's logs.
     Returns why the loop must stop (a non-finite loss, gradient or update), else None; the loop then calls
     `guard.restore`."""
     from obliviate import distributed
 
     opt.zero_grad(set_to_none=True)
-    if method.combine_gradients is not None and parts.retain is not None:
-        g_f = torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True)
-        g_r = torch.autograd.grad(parts.retain, params, allow_unused=True)
-        g_f = [torch.zeros_like(p) if g is None else g for g, p in zip(g_f, params)]
-        g_r = [torch.zeros_like(p) if g is None else g for g, p in zip(g_r, params)]
+    surgery, g_f, g_r = None, None, None
+    loss, sums = 0.0, {}
+    for part in ([parts] if hasattr(parts, "total") else parts):
+        if surgery is None:
+            surgery = method.combine_gradients is not None and part.retain is not None
+        if surgery:
+            grads_f = torch.autograd.grad(part.forget, params, retain_graph=True, allow_unused=True)
+            grads_r = torch.autograd.grad(part.retain, params, allow_unused=True)
+            g_f = _accumulated(g_f, grads_f, params)
+            g_r = _accumulated(g_r, grads_r, params)
+        else:
+            part.total.backward()
+        loss += float(part.total.detach())
+        for key, value in getattr(part, "logs", {}).items():
+            sums[key] = sums[key] + value if key in sums and _number(value) else value
+    logs.update({"loss": loss, **sums})
+    if distributed.active():  # every process logs, checks and stops on the global means
+        keys = [k for k, v in logs.items() if k != "step" and _number(v)]
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=params[0].device)
+        distributed.average([values])
+        logs.update(zip(keys, values.tolist()))
+    if surgery:
         distributed.average(g_f)  # the surgery's dot products and norms are taken on the global gradients
         distributed.average(g_r)
         combined, extra = method.combine_gradients(g_f, g_r)
@@ -111,12 +134,7 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
         for p, g in zip(params, combined):
             p.grad = g
     else:
-        parts.total.backward()
         distributed.average([p.grad for p in params])
-    if distributed.active():  # every process logs, checks and stops on the global loss
-        loss = torch.tensor([logs["loss"]], dtype=torch.float64, device=params[0].device)
-        distributed.average([loss])
-        logs["loss"] = float(loss)
     if grad_mask is not None:
         for p, m in zip(params, grad_mask):
             if p.grad is not None and m is not None:
@@ -144,6 +162,20 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
     if guard.enabled and not all(torch.isfinite(p).all() for p in params):
         return f"parameters became non-finite at step {step}"
     return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _accumulated(total: list | None, grads, params: list) -> list:
+    """A running sum of per-parameter gradients (None: no gradient reached the parameter, counted as zero)."""
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    if total is None:
+        return grads
+    for t, g in zip(total, grads):
+        t.add_(g)
+    return total
 
 
 def changed_tensors(model, names: list[str]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from obliviate.errors import ObliviateError
 from obliviate.models import prompt_format, quiet_transformers, weights_error_message, weights_load_errors  # noqa: F401
 # the token sequences and batches every text-generating family shares, re-exported as the adapter contract names them
 from obliviate.models.sequences import (IGNORE, Encoded, collate, left_padded, model_device,  # noqa: F401
-                                        model_inputs, prepare_tokenizer, to_device)
+                                        model_inputs, prepare_tokenizer, to_device, token_mean)
 
 PROMPT_TEMPLATE = prompt_format.QA_PROMPT  # the raw format of the built-in worlds
 
@@ -187,11 +187,11 @@ def answer_nll(model, batch: dict) -> torch.Tensor:
 
 
 def mean_nll(model, batch: dict) -> torch.Tensor:
-    """Mean NLL over all answer tokens of the batch (the usual LM loss, prompt and padding excluded); under data
-    parallel, over the global batch's tokens (each process's gradients are then averaged)."""
-    from obliviate.distributed import global_count
-    total, count = sequence_logprob(model, batch)
-    return -total.sum() / global_count(count.sum()).clamp(min=1)
+    """Mean NLL over all answer tokens of the batch (the usual LM loss, prompt and padding excluded); in the
+    unlearning loop, over the answer tokens of the step's global batch (`sequences.step_total`: every process's
+    share, every micro-batch of gradient accumulation)."""
+    total, _ = sequence_logprob(model, batch)
+    return token_mean(-total.sum(), batch)
 
 
 @torch.no_grad()

@@ -37,7 +37,16 @@ class Encoded:
 
 
 def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on prompt and padding)."""
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on prompt and padding).
+
+    An empty list (under data parallel, the share of a batch smaller than the processes) gives one row of padding
+    that scores no token, with `item_mask` 0: it adds nothing to any sum or count (`items`, `scored_tokens`), while
+    its process still runs every forward and backward pass and every collective with the others (a model cannot run
+    on zero rows)."""
+    if not encoded:
+        return {"input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
+                "attention_mask": torch.ones((1, 1), dtype=torch.long),
+                "labels": torch.full((1, 1), IGNORE, dtype=torch.long), "item_mask": torch.zeros(1)}
     width = max(len(e.input_ids) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
@@ -50,8 +59,9 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-# entries of a collated batch that are not inputs of the model: the targets, and which rows the pictures belong to
-BOOKKEEPING = ("labels", "image_rows")
+# entries of a collated batch that are not inputs of the model: the targets, which rows the pictures belong to, and
+# which rows are items (0: the padding row of an empty share, or a row a method dropped)
+BOOKKEEPING = ("labels", "image_rows", "item_mask")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -73,6 +83,72 @@ def select_rows(batch: dict, rows: torch.Tensor) -> dict:
         out["image_rows"] = torch.tensor([j for j, _ in kept], dtype=torch.long, device=batch["image_rows"].device)
         if kept:
             out["pixel_values"] = batch["pixel_values"][[k for _, k in kept]]
+    return out
+
+
+# ---- counts: every loss is a mean over the optimiser step's global batch ----------------------------------------------
+# Under data parallel each process holds a share of the global batch, and under gradient accumulation a step is made
+# of several micro-batches whose gradients are summed. A loss term that is a mean divides its share's sum by the
+# count over the whole step (`step_total`): the micro-batches of the step (`link_micro_batches`) and the processes
+# (`distributed.global_count`). The summed and averaged gradients are then those of the mean over the step's global
+# batch, whatever the split: 3 items as 2 + 1, a share with no items, 2 micro-batches of 2 items or one of 4.
+
+def items(batch: dict) -> torch.Tensor:
+    """1.0 per row that is an item, 0.0 per padding row of an empty share or row a method dropped (`keep_rows`)."""
+    mask = batch.get("item_mask")
+    if mask is None:
+        return torch.ones(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    return mask.to(batch["input_ids"].device, torch.float32)
+
+
+def scored_tokens(batch: dict) -> torch.Tensor:
+    """The tokens a likelihood loss scores: labels other than IGNORE, shifted (the first token is never predicted)."""
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
+def link_micro_batches(batches: list[dict]) -> None:
+    """Tell each micro-batch of an optimiser step (and its nested batches: refusals, companions) which batches make up
+    the step, so that `step_total` counts them all. The same dict may stand several times (a whole retain set used
+    at every micro-batch: its count is then that many times its own, as its gradient is summed that many times)."""
+    for b in batches:
+        b["micro_batches"] = batches
+    for key, value in batches[0].items():
+        if isinstance(value, dict) and "input_ids" in value:
+            link_micro_batches([b[key] for b in batches])
+
+
+def step_total(batch: dict, measure) -> torch.Tensor:
+    """`measure(b)` (a count) summed over the micro-batches of the step `batch` belongs to and, inside the unlearning
+    loop under data parallel, over the processes, divided by their number (`distributed.global_count`); at least 1.
+    A share's sum divided by this, summed over the micro-batches and averaged over the processes, is the mean over
+    the step's global batch. A step with nothing to count gives 1 (its sums are 0)."""
+    from obliviate.distributed import global_count
+
+    total = sum(measure(b) for b in (batch.get("micro_batches") or [batch]))
+    total = global_count(torch.as_tensor(total, dtype=torch.float32))
+    return torch.where(total > 0, total, torch.ones_like(total))
+
+
+def item_mean(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The mean of per-item values ([B]) over the items of the step's global batch (padding and dropped rows count
+    neither in the sum nor in the count)."""
+    return (values * items(batch)).sum() / step_total(batch, lambda b: items(b).sum())
+
+
+def token_mean(total: torch.Tensor, batch: dict, measure=scored_tokens) -> torch.Tensor:
+    """A sum over this share's scored tokens divided by the number of such tokens in the step's global batch."""
+    return total / step_total(batch, measure)
+
+
+def keep_rows(batch: dict, keep: torch.Tensor) -> dict:
+    """The batch with the rows where `keep` ([B] bool) is False dropped from every sum and count: their labels become
+    IGNORE and their `item_mask` 0 (nested batches alike). The rows stay, so the shapes and every process's passes
+    stay the same."""
+    keep = keep.to(batch["input_ids"].device).bool()
+    out = {k: (keep_rows(v, keep) if isinstance(v, dict) and "input_ids" in v else v) for k, v in batch.items()
+           if k != "micro_batches"}
+    out["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE)
+    out["item_mask"] = items(batch) * keep
     return out
 
 

@@ -4,12 +4,20 @@ The unlearning loop (obliviate.loops.lm) owns the optimiser and the steps; a met
 Batches are dicts from `obliviate.models.causal_lm.collate`: input_ids, attention_mask, labels (-100 on prompt and
 padding, so every loss counts answer tokens only). A forget batch also carries `forget["idk"]`: the same questions
 with a refusal ("I don't know") as the answer, for preference methods.
+
+Every loss is a mean over the optimiser step's global batch, never over a process's share or a micro-batch: a term
+divides its share's sum by the step's count (`token_mean` for tokens, `item_mean` for sequences; models/sequences.py),
+so data parallel with any split and gradient accumulation take the steps one process with the whole batch takes.
+A batch may hold rows that are not items (`item_mask` 0: the padding row of an empty share, or rows RGD dropped);
+they score no token, and per-sequence terms go through `item_mean`, which leaves them out. The logs are such means
+too, so the loop can sum them over micro-batches and average them over processes.
 """
 from __future__ import annotations
 
 import torch
 
 from obliviate.methods.common import LossParts, check_choice, check_number  # noqa: F401  (re-exported)
+from obliviate.models.sequences import item_mean, items, token_mean  # noqa: F401  (re-exported)
 
 
 class Method:
@@ -50,11 +58,10 @@ def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return lp.sum(-1), mask.sum(-1)
 
 
-def nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def nll_from_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean NLL over all answer tokens of the batch (as `causal_lm.mean_nll`, from logits already computed)."""
-    from obliviate.distributed import global_count
-    total, count = answer_logprob(logits, labels)
-    return -total.sum() / global_count(count.sum()).clamp(min=1)
+    total, _ = answer_logprob(logits, batch["labels"])
+    return token_mean(-total.sum(), batch)
 
 
 @torch.no_grad()
@@ -64,17 +71,16 @@ def reference_logits(reference, batch: dict) -> torch.Tensor:
     return forward_logits(reference, batch)
 
 
-def kl_on_answer_tokens(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def kl_on_answer_tokens(logits: torch.Tensor, ref_logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """KL(p_ref || p_theta) of the next-token distributions, averaged over the positions that predict an answer token
     (prompt and padding excluded); summed over the vocabulary."""
     from obliviate.models.causal_lm import shifted
-    logits, _, mask = shifted(logits, labels)
+    logits, _, mask = shifted(logits, batch["labels"])
     ref_logits = ref_logits[:, :-1, :]
     logp = torch.log_softmax(logits.float(), dim=-1)
     logq = torch.log_softmax(ref_logits.float(), dim=-1)
     kl = (logq.exp() * (logq - logp)).sum(-1)  # [B, T-1]
-    from obliviate.distributed import global_count
-    return (kl * mask).sum() / global_count(mask.sum()).clamp(min=1)
+    return token_mean((kl * mask).sum(), batch)
 
 
 def retain_nll_term(model, retain: dict, alpha: float, logs: dict):
@@ -93,7 +99,7 @@ def retain_kl_term(model, reference, retain: dict, alpha: float, logs: dict):
         return None
     from obliviate.models.causal_lm import forward_logits
     logits_r = forward_logits(model, retain)
-    kl = kl_on_answer_tokens(logits_r, reference_logits(reference, retain), retain["labels"])
+    kl = kl_on_answer_tokens(logits_r, reference_logits(reference, retain), retain)
     logs["retain_kl"] = float(kl.detach())
-    logs["retain_nll"] = float(nll_from_logits(logits_r.detach(), retain["labels"]))
+    logs["retain_nll"] = float(nll_from_logits(logits_r.detach(), retain))
     return alpha * kl

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.lm.base import LossParts, Method, check_number, retain_nll_term
+from obliviate.methods.lm.base import LossParts, Method, check_number, item_mean, retain_nll_term, token_mean
 from obliviate.models.causal_lm import sequence_logprob
 
 
@@ -43,14 +43,14 @@ class IdkPO(Method):
         idk = forget.get("idk")
         if idk is None:
             raise ObliviateError("IdkPO needs forget['idk']: the forget questions with a refusal as the answer")
-        lose, count = sequence_logprob(model, forget)
+        lose, _ = sequence_logprob(model, forget)
         win, _ = sequence_logprob(model, idk)
         with torch.no_grad():
             lose_ref, _ = sequence_logprob(reference, forget)
             win_ref, _ = sequence_logprob(reference, idk)
         margin = (win - win_ref) - (lose - lose_ref)
-        loss_f = -F.logsigmoid(c.beta * margin).mean()
-        logs = {"forget_nll": float(-lose.detach().sum() / count.sum().clamp(min=1)),
-                "idk_logp": float(win.detach().mean()), "margin": float(margin.detach().mean())}
+        loss_f = -item_mean(F.logsigmoid(c.beta * margin), forget)
+        logs = {"forget_nll": float(token_mean(-lose.detach().sum(), forget)),
+                "idk_logp": float(item_mean(win.detach(), forget)), "margin": float(item_mean(margin.detach(), forget))}
         retain_term = retain_nll_term(model, retain, c.alpha, logs)
         return LossParts(forget=loss_f, retain=retain_term, logs=logs)

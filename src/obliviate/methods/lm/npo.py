@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, retain_kl_term, retain_nll_term
+from obliviate.methods.lm.base import (LossParts, Method, check_choice, check_number, item_mean, retain_kl_term,
+                                       retain_nll_term, token_mean)
 from obliviate.models.causal_lm import sequence_logprob
 
 RETAIN_CHOICES = ("none", "gd", "kl")
@@ -35,9 +36,10 @@ class NPOConfig:
         check_number("NPO", "alpha", self.alpha, min=0)
 
 
-def npo_forget_loss(logp_theta, logp_ref, beta: float):
-    """-(2/beta) * mean(log sigmoid(-beta * (logp_theta - logp_ref))) for per-sequence summed log-probs ([B])."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logp_theta - logp_ref)).mean()
+def npo_forget_loss(logp_theta, logp_ref, beta: float, batch: dict):
+    """-(2/beta) * mean(log sigmoid(-beta * (logp_theta - logp_ref))) for per-sequence summed log-probs ([B]) of
+    `batch`'s rows; the mean is over the items of the step's global batch (`item_mean`)."""
+    return -(2.0 / beta) * item_mean(F.logsigmoid(-beta * (logp_theta - logp_ref)), batch)
 
 
 def retain_term(kind: str, alpha: float, model, reference, retain: dict, logs: dict):
@@ -56,11 +58,11 @@ class NPO(Method):
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         c = self.config
-        logp, count = sequence_logprob(model, forget)
+        logp, _ = sequence_logprob(model, forget)
         with torch.no_grad():
             logp_ref, _ = sequence_logprob(reference, forget)
-        loss_f = npo_forget_loss(logp, logp_ref, c.beta)
-        logs = {"forget_nll": float((-logp.detach().sum() / count.sum().clamp(min=1))),
-                "forget_log_ratio": float((logp - logp_ref).detach().mean())}
+        loss_f = npo_forget_loss(logp, logp_ref, c.beta, forget)
+        logs = {"forget_nll": float(token_mean(-logp.detach().sum(), forget)),
+                "forget_log_ratio": float(item_mean((logp - logp_ref).detach(), forget))}
         return LossParts(forget=loss_f, retain=retain_term(c.retain, c.alpha, model, reference, retain, logs),
                          logs=logs)

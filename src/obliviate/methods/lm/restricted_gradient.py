@@ -31,8 +31,9 @@ RGD adds the two other ingredients of the paper:
   term once its MSE exceeds m = 1.1 (CIFAR clips the per-element loss at 0.1); for language models we use the answer
   NLL, with default cap 3.0 nats per token (p(true token) ~ 5 %, far above the ~0 NLL of a memorised answer and below
   a small vocabulary's uniform NLL, ~7.6 for 2,048 tokens). Sequences whose mean answer NLL is at or above the cap
-  are dropped from the forget sub-batch handed to the base; if none is left the forget term is `0 * term`, so its
-  gradient is zero and the step is retain-only. `forget_loss_cap=None` disables truncation.
+  are dropped from the forget batch handed to the base (their rows stay but count in no sum or mean, so the means
+  are over the sequences kept in the step's global batch); if none is left the forget term is 0, so its gradient
+  is zero and the step is retain-only. `forget_loss_cap=None` disables truncation.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts, check_number
 from obliviate.methods.gradient_surgery import balanced_subset, check_rgd_extras, restricted_sum
 from obliviate.methods.lm.base import Method
-from obliviate.models.sequences import select_rows
+from obliviate.models.sequences import item_mean, items, keep_rows
 
 @dataclass
 class RGConfig:
@@ -136,22 +137,28 @@ class RGD(RG):
     def retain_pool(self, items: list, rng) -> list:
         return balanced_subset(items, self.config.diverse_retain_size, rng)
 
-    def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
-        cap = self.config.forget_loss_cap
-        if cap is None:
-            return self.base.losses(model, reference, forget, retain)
+    def select_forget(self, model, forget: dict) -> dict:
+        """The forget batch with the sequences already forgotten (mean answer NLL at or above the cap) dropped from
+        every sum and count (`keep_rows`), and the share of items kept. The loop calls it on each micro-batch of a
+        step before taking the step's counts, so that the base's means are over the rows kept in the whole step."""
         from obliviate.models.causal_lm import answer_nll
 
+        if self.config.forget_loss_cap is None:
+            return forget
         with torch.no_grad():
             nll = answer_nll(model, forget)
-        keep = (nll < cap).nonzero().flatten()
-        logs = {"forget_active": float(len(keep)) / max(len(nll), 1), "forget_seq_nll": float(nll.mean())}
-        if len(keep) == len(nll):
-            parts = self.base.losses(model, reference, forget, retain)
-        elif len(keep) > 0:
-            parts = self.base.losses(model, reference, select_rows(forget, keep), retain)
-        else:
-            parts = self.base.losses(model, reference, forget, retain)
-            parts = LossParts(forget=parts.forget * 0.0, retain=parts.retain, logs=parts.logs)
-        parts.logs.update(logs)
+        kept = keep_rows(forget, nll < self.config.forget_loss_cap)
+        kept["truncation"] = {"forget_active": float(item_mean(items(kept), forget)),
+                              "forget_seq_nll": float(item_mean(nll, forget))}
+        return kept
+
+    def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
+        if self.config.forget_loss_cap is None:
+            return self.base.losses(model, reference, forget, retain)
+        if "truncation" not in forget:  # called outside the loop, which selects first
+            forget = self.select_forget(model, forget)
+        # with no sequence kept the base's forget term is 0 (no token, no item counts), its gradient zero: the step
+        # is retain-only
+        parts = self.base.losses(model, reference, forget, retain)
+        parts.logs.update(forget["truncation"])
         return parts

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, nll_from_logits
+from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, items, nll_from_logits, token_mean
 from obliviate.models.causal_lm import model_inputs
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.mlp\.")
@@ -125,20 +125,22 @@ class RMU(Method):
         return out.hidden_states[self.layer + 1], out.logits
 
     def _mask(self, batch: dict) -> torch.Tensor:
-        if self.config.tokens == "answer":
-            return batch["labels"] != -100
-        return batch["attention_mask"].bool()
+        """The averaged positions ([B, T] float), none on rows that are not items (`item_mask`)."""
+        mask = batch["labels"] != -100 if self.config.tokens == "answer" else batch["attention_mask"].bool()
+        return mask.float() * items(batch)[:, None]
+
+    def _mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean over the averaged positions of the step's global batch."""
+        return token_mean((per_token * self._mask(batch)).sum(), batch, lambda b: self._mask(b).sum())
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         if self.u is None:
             raise ObliviateError("RMU: call setup(model, reference) before computing losses")
         c = self.config
         h_f, logits_f = self._hidden(model, forget)
-        mask_f = self._mask(forget).to(h_f.dtype)
         target = c.steering_coeff * self.u.to(device=h_f.device, dtype=h_f.dtype)
-        sq = ((h_f.float() - target.float()) ** 2).sum(-1)
-        loss_f = (sq * mask_f).sum() / mask_f.sum().clamp(min=1)
-        logs = {"forget_nll": float(nll_from_logits(logits_f.detach(), forget["labels"])),
+        loss_f = self._mean(((h_f.float() - target.float()) ** 2).sum(-1), forget)
+        logs = {"forget_nll": float(nll_from_logits(logits_f.detach(), forget)),
                 "forget_act_dist": float(loss_f.detach())}
         retain_term = None
         if c.alpha > 0:
@@ -146,10 +148,8 @@ class RMU(Method):
             with torch.no_grad():
                 h_ref = reference(**model_inputs(retain),
                                   output_hidden_states=True).hidden_states[self.layer + 1]
-            mask_r = self._mask(retain).to(h_r.dtype)
-            sq_r = ((h_r.float() - h_ref.float()) ** 2).sum(-1)
-            loss_r = (sq_r * mask_r).sum() / mask_r.sum().clamp(min=1)
+            loss_r = self._mean(((h_r.float() - h_ref.float()) ** 2).sum(-1), retain)
             logs["retain_act_dist"] = float(loss_r.detach())
-            logs["retain_nll"] = float(nll_from_logits(logits_r.detach(), retain["labels"]))
+            logs["retain_nll"] = float(nll_from_logits(logits_r.detach(), retain))
             retain_term = c.alpha * loss_r
         return LossParts(forget=loss_f, retain=retain_term, logs=logs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from obliviate.methods.lm.base import LossParts, Method, check_number, retain_nll_term
+from obliviate.methods.lm.base import LossParts, Method, check_number, item_mean, retain_nll_term, token_mean
 from obliviate.models.causal_lm import sequence_logprob
 
 
@@ -41,7 +41,7 @@ class SimNPO(Method):
         c = self.config
         logp, count = sequence_logprob(model, forget)
         norm_logp = logp / count.clamp(min=1)  # = -(per-sequence mean answer NLL)
-        loss_f = -(2.0 / c.beta) * F.logsigmoid(-c.beta * norm_logp - c.delta).mean()
-        logs = {"forget_nll": float(-logp.detach().sum() / count.sum().clamp(min=1))}
+        loss_f = -(2.0 / c.beta) * item_mean(F.logsigmoid(-c.beta * norm_logp - c.delta), forget)
+        logs = {"forget_nll": float(token_mean(-logp.detach().sum(), forget))}
         retain_term = retain_nll_term(model, retain, c.alpha, logs)
         return LossParts(forget=loss_f, retain=retain_term, logs=logs)

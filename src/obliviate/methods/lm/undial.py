@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from obliviate.methods.lm.base import LossParts, Method, check_number, nll_from_logits, reference_logits, retain_nll_term
+from obliviate.methods.lm.base import (LossParts, Method, check_number, nll_from_logits, reference_logits,
+                                       retain_nll_term, token_mean)
 from obliviate.models.causal_lm import forward_logits, shifted
 
 
@@ -32,13 +33,14 @@ class UNDIALConfig:
         check_number("UNDIAL", "alpha", self.alpha, min=0)
 
 
-def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
-    """Cross-entropy of p_theta to softmax(z_ref - beta * onehot(y)), averaged over answer-token positions."""
-    logits, targets, mask = shifted(logits, labels)
+def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, batch: dict, beta: float) -> torch.Tensor:
+    """Cross-entropy of p_theta to softmax(z_ref - beta * onehot(y)), averaged over the answer-token positions of the
+    step's global batch."""
+    logits, targets, mask = shifted(logits, batch["labels"])
     ref = ref_logits[:, :-1, :].float()
     target = torch.softmax(ref - beta * F.one_hot(targets, ref.shape[-1]).to(ref.dtype), dim=-1)
     ce = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-    return (ce * mask).sum() / mask.sum().clamp(min=1)
+    return token_mean((ce * mask).sum(), batch)
 
 
 class UNDIAL(Method):
@@ -49,7 +51,7 @@ class UNDIAL(Method):
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         c = self.config
         logits_f = forward_logits(model, forget)
-        loss_f = undial_loss(logits_f, reference_logits(reference, forget), forget["labels"], c.beta)
-        logs = {"forget_nll": float(nll_from_logits(logits_f.detach(), forget["labels"]))}
+        loss_f = undial_loss(logits_f, reference_logits(reference, forget), forget, c.beta)
+        logs = {"forget_nll": float(nll_from_logits(logits_f.detach(), forget))}
         retain_term = retain_nll_term(model, retain, c.alpha, logs)
         return LossParts(forget=loss_f, retain=retain_term, logs=logs)
