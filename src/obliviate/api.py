@@ -39,7 +39,11 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
         data["world"] = {**data.get("world", {}), "name": world}
     config = build_config(data, "eval options")
     inputs = [Path(f) for f in (config.forget_file, config.retain_file, config.retrain_eval) if f]
-    _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets], Path(model_dir), force)
+    folders = {"the model folder": model_dir, "--tofu-dir": config.tofu_dir, "--muse-dir": config.muse_dir,
+               "--mllmu-dir": config.mllmu_dir, "--world-tofu-dir": config.world.tofu_dir,
+               "--retrain-model": config.retrain_model}
+    _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets],
+                    {k: Path(v) for k, v in folders.items() if v}, force)
     from obliviate.families import get
 
     family = get(config.family)
@@ -62,9 +66,10 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     return result
 
 
-def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool) -> None:
-    """Before any model is loaded (minutes), so a bad --out fails at once: never an input, never a folder, and an
-    existing file only with --force."""
+def _check_out_file(out: Path, inputs: list[Path], folders: dict[str, Path], force: bool) -> None:
+    """Before any model is loaded (minutes), so a bad --out fails at once: never an input file nor an existing
+    file of an input folder (`folders`: {its option: folder}), forced or not; never a folder; an existing file only
+    with --force."""
     def same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
@@ -73,8 +78,10 @@ def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool)
             raise ObliviateError(f"--out {out} is the input file {f}; choose another output file")
     if out.is_dir():
         raise ObliviateError(f"--out {out} is a folder; give a file name")
-    if out.exists() and model_dir.is_dir() and out.resolve().is_relative_to(model_dir.resolve()):
-        raise ObliviateError(f"--out {out} is a file of the model folder {model_dir}; choose another output file")
+    for option, folder in folders.items():
+        if out.exists() and folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+            raise ObliviateError(f"--out {out} is a file of {option} {folder}, an input (never overwritten, even "
+                                 "with --force); choose another output file")
     existing = next(p for p in out.absolute().parents if p.exists())  # the folders below it are made at the end
     if not existing.is_dir():
         raise ObliviateError(f"--out {out}: {existing} is not a folder")

@@ -54,7 +54,10 @@ def check_folder(folder: str | Path) -> Path:
     return folder
 
 
-def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  trust_remote_code: bool = False) -> Pipeline:
+    """The folder's components. `trust_remote_code` goes to the transformers parts (tokenizer, text encoder) as
+    given, never None: with None, transformers asks on the terminal whether to run a folder's `auto_map` code."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -68,8 +71,10 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = 
     loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
                "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
                "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
-                                                                     torch_dtype=dtype),
-               "tokenizer": lambda: AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                                                                     torch_dtype=dtype,
+                                                                     trust_remote_code=trust_remote_code),
+               "tokenizer": lambda: AutoTokenizer.from_pretrained(folder, subfolder="tokenizer",
+                                                                  trust_remote_code=trust_remote_code),
                "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler")}
     parts = {}
     for name, load in loaders.items():  # one at a time, so the error names the component's folder
