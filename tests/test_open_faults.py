@@ -184,3 +184,122 @@ def test_a_tokenizer_with_remote_code_never_asks_and_never_runs_it(tiny_pipeline
         pipe = load_pipeline(folder)
         assert type(pipe.tokenizer).__name__ != "EvilTokenizer"
     assert not asked and not marker.exists()
+
+
+# ---- attack --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_lm_dir, tmp_path_factory):
+    """GradDiff on the user's own files with questions and answers only: no paraphrases, subjects, biographies or
+    wrong answers, so several attacks do not apply."""
+    from obliviate.config import load_config
+    from obliviate.runners import run
+
+    tmp = tmp_path_factory.mktemp("plain_run")
+    return run(load_config(_user_config(tmp, tiny_lm_dir, name="gd")), log=lambda *_: None)
+
+
+def test_the_default_attacks_run_those_that_apply_and_name_the_skipped(plain_run):
+    r = runner.invoke(app, ["attack", str(plain_run), "max_new_tokens=4", "relearn.steps=1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    for name, reason in (("in_context", "biography"), ("paraphrase", "paraphrased questions"),
+                         ("probe", "attributes"), ("multiple_choice", "perturbed answers")):
+        line = next((line for line in r.output.splitlines() if line.startswith(f"skipped {name}:")), None)
+        assert line is not None and reason in line, (name, r.output)
+        assert not (plain_run / "attacks" / f"{name}.json").exists()
+    for name in ("jailbreak", "step_by_step", "quantize_int8", "quantize_int4"):
+        assert json.loads((plain_run / "attacks" / f"{name}.json").read_text())["attack"] == name
+    # named, an attack that does not apply is still an error
+    one_line_error(runner.invoke(app, ["attack", str(plain_run), "--attack", "in_context"]),
+                   "in_context attack needs each forget subject's text")
+
+
+@pytest.mark.parametrize("option, needles", [
+    (["--attack", "relearn", "lr=abc"], ("relearn.lr", "must be a number", "'abc'")),
+    (["max_new_tokens=ten"], ("max_new_tokens", "must be an integer", "'ten'")),
+    (["--attack", "relearn", "steps=2.5"], ("relearn.steps", "must be an integer", "2.5")),
+    (["--attack", "probe", "folds=true"], ("probe.folds", "must be an integer")),
+])
+def test_attack_option_types_are_checked_before_any_model_loads(plain_run, monkeypatch, option, needles):
+    from obliviate.runners import lm_attack
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models were loaded before the options were checked")
+
+    monkeypatch.setattr(lm_attack, "attack_target", no_loading)
+    one_line_error(runner.invoke(app, ["attack", str(plain_run), *option]), *needles)
+
+
+def test_a_read_only_run_folder_is_one_line(plain_run, monkeypatch):
+    real = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "attacks":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    shutil.rmtree(plain_run / "attacks", ignore_errors=True)
+    one_line_error(runner.invoke(app, ["attack", str(plain_run), "--attack", "jailbreak", "max_new_tokens=4"]),
+                   "cannot write to", "attacks", "Read-only file system")
+
+
+def test_an_attack_refuses_a_run_whose_base_changed(tiny_lm_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from obliviate.config import load_config
+    from obliviate.runners import run
+
+    base = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, base)
+    folder = run(load_config(_user_config(tmp_path, base, name="gd")), log=lambda *_: None)
+    weights = load_file(base / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + torch.ones_like(weights[name])
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(runner.invoke(app, ["attack", str(folder), "--attack", "jailbreak", "max_new_tokens=4"]),
+                   "is not the run's base", "model.safetensors changed since the run")
+    assert not (folder / "attacks" / "jailbreak.json").exists()
+
+
+def test_a_run_made_with_relative_paths_is_attacked_from_another_folder(tiny_lm_dir, tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    shutil.copytree(tiny_lm_dir, work / "model")
+    cfg = _user_config(work, work / "model", name="gd")
+    monkeypatch.chdir(work)  # overrides typed in a shell are relative to the working directory
+    r = runner.invoke(app, ["run", str(cfg), "--quiet", "model=model", "forget_file=forget.jsonl",
+                            "retain_file=retain.jsonl", "output_dir=runs"])
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((work / "runs" / "gd" / "config.json").read_text())
+    assert all(Path(recorded[k]).is_absolute() for k in ("model", "forget_file", "retain_file", "output_dir"))
+    monkeypatch.chdir(elsewhere)
+    r = runner.invoke(app, ["attack", str(work / "runs" / "gd"), "--attack", "jailbreak", "max_new_tokens=4",
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (work / "runs" / "gd" / "attacks" / "jailbreak.json").is_file()
+
+
+# ---- config paths are relative to the config file ------------------------------------------------------------------
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tiny_lm_dir, tmp_path, monkeypatch):
+    from obliviate.config import load_config
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(tiny_lm_dir, project / "model")
+    items = tiny_items()
+    _write_qa(project / "forget.jsonl", items[:2])
+    _write_qa(project / "retain.jsonl", items[2:])
+    (project / "run.toml").write_text('method = "GradDiff"\nmodel = "model"\nforget_file = "forget.jsonl"\n'
+                                      'retain_file = "retain.jsonl"\noutput_dir = "runs"\n'
+                                      '[[eval_sets]]\nfile = "retain.jsonl"\nrole = "utility"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    r = runner.invoke(app, ["validate", "project/run.toml"])
+    assert r.exit_code == 0 and r.output.startswith("ok:"), r.output
+    config = load_config("project/run.toml", ["retain_file=project/retain.jsonl"])
+    assert config.model == str(project / "model") and config.output_dir == str(project / "runs")
+    assert config.eval_sets[0].file == str(project / "retain.jsonl")
+    assert config.retain_file == "project/retain.jsonl"  # an override stays relative to the working directory

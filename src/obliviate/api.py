@@ -141,13 +141,49 @@ def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: d
         if e.family != config.family:
             raise ObliviateError(f"{run_dir} is a {family.title} run; the {e.name} attack is for "
                                  f"{get(e.family).title} runs")
-    return family.load("attack")(run_dir, config, attack_instances(entries, options or {}), log=log, **inputs)
+    instances = attack_instances(entries, options or {})  # every option's type, before any model is loaded
+    config = _run_base(run_dir, config)
+    _check_writable_attacks(run_dir)
+    # the family's default set runs the attacks that apply to the run and names those it skips; a named one that
+    # does not apply is an error
+    return family.load("attack")(run_dir, config, instances, log=log, skip_inapplicable=attacks is None, **inputs)
+
+
+def _run_base(run_dir: Path, config):
+    """The run's config with its base model as the run recorded it (an absolute path, so a run made with relative
+    paths is attacked from any folder), refusing a base whose weight files changed since the run, as `export`
+    does."""
+    from obliviate.data import read_json_file
+    from obliviate.runs import check_base
+
+    env_path = run_dir / "environment.json"
+    recorded = read_json_file(env_path, "run record") if env_path.is_file() else {}
+    if not isinstance(recorded, dict):
+        raise ObliviateError(f"{env_path}: a run record must be a JSON object")
+    base = recorded.get("base_model")
+    if not isinstance(base, str) or not Path(base).is_dir():
+        return config  # the world's model, rebuilt from its recipe when its cache is gone; or an older record
+    check_base(recorded, base)
+    return config.model_copy(update={"model": base}) if config.model else config
+
+
+def _check_writable_attacks(run_dir: Path) -> None:
+    """RUN_DIR/attacks can be written (a read-only run folder fails here, in one line, before any model loads)."""
+    from obliviate.runs import _cannot_write, _probe_write
+
+    folder = run_dir / "attacks"
+    try:
+        folder.mkdir(exist_ok=True)
+        _probe_write(folder)
+    except OSError as e:
+        raise _cannot_write(folder, e) from None
 
 
 def attack_instances(entries: list, options: dict) -> dict:
     """{name: the attack built from its Config}: a plain key goes to every attack whose Config has it, `name.key`
     to that attack alone; a key no named attack takes, or a bad value, is one line naming it."""
     import dataclasses
+    import typing
 
     classes = {e.name: e.load() for e in entries}
     fields = {name: {f.name for f in dataclasses.fields(cls.Config)} for name, cls in classes.items()}
@@ -162,6 +198,11 @@ def attack_instances(entries: list, options: dict) -> dict:
             raise ObliviateError(f"unknown attack option {key!r}; valid: {', '.join(valid)}")
         for n in targets:
             args[n][field] = value
+    for name, cls in classes.items():
+        hints = typing.get_type_hints(cls.Config)
+        for field, value in args[name].items():
+            if not _conforms(value, hints.get(field, typing.Any)):
+                raise ObliviateError(f"attack option {name}.{field} must be {_describe(hints[field])}, got {value!r}")
     built = {}
     for name, cls in classes.items():
         try:
@@ -169,3 +210,51 @@ def attack_instances(entries: list, options: dict) -> dict:
         except (TypeError, ValueError) as e:
             raise ObliviateError(f"options of the {name} attack: {e}") from None
     return built
+
+
+def _conforms(value, hint) -> bool:
+    """Whether an option's value is of its Config field's type (YAML-parsed: an int serves a float; a single item
+    serves a sequence of such items, as the attacks' configs accept)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        item = args[0] if args else typing.Any
+        if isinstance(value, (list, tuple)):
+            return all(_conforms(v, item) for v in value)
+        return _conforms(value, item)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))

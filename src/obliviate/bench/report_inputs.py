@@ -90,7 +90,8 @@ SHAPES = {"metrics": _Metrics, "attack result": _Attack, "demo summary": _Summar
 
 def check_report_input(path: Path, what: str, data) -> None:
     """`data` read from `path` (a report's `what`: metrics, history, attack result, demo summary) has the shape the
-    page reads: else ObliviateError "PATH: KEY: what is wrong", KEY a dotted path (models.NPO.accuracy, 0.loss)."""
+    page reads: else ObliviateError "PATH: key 'KEY': what is wrong", KEY a dotted path (models.NPO.accuracy,
+    0.loss: the first row's loss)."""
     from obliviate.bench.scorecard import columns
 
     try:
@@ -125,7 +126,7 @@ def _check(shape: type[BaseModel], data, prefix: str = "") -> None:
         err = e.errors()[0]
         key = prefix + ".".join(str(x) for x in err["loc"]) if err["loc"] else prefix.rstrip(".") or "(top level)"
         msg = "missing (the report needs it)" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
-        raise _Bad(f"{key}: {msg}") from None
+        raise _Bad(f"key '{key}': {msg}") from None
 
 
 def _numbers(path: Path, row: dict, keys: list[str], prefix: str = "") -> None:
@@ -133,7 +134,7 @@ def _numbers(path: Path, row: dict, keys: list[str], prefix: str = "") -> None:
         try:
             _number(row.get(key))
         except ValueError as e:
-            raise ObliviateError(f"{path}: {prefix}{key}: {e}") from None
+            raise ObliviateError(f"{path}: key '{prefix}{key}': {e}") from None
 
 
 def _attack_numbers(path: Path, result: dict, prefix: str = "") -> None:
@@ -144,5 +145,5 @@ def _attack_numbers(path: Path, result: dict, prefix: str = "") -> None:
     if result.get("curves"):
         for key in ("data", "lr"):
             if key not in result.get("config", {}):
-                raise ObliviateError(f"{path}: {prefix}config.{key}: missing (the relearning plot needs it)")
+                raise ObliviateError(f"{path}: key '{prefix}config.{key}': missing (the relearning plot needs it)")
         _numbers(path, result["config"], ["lr"], f"{prefix}config.")

@@ -17,9 +17,10 @@ NO_RETRAIN = ("no retrain row: a run on your own pipeline has no retrain-without
               "runs have one)")
 
 
-def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dict:
+def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicable: bool = False, **inputs) -> dict:
     """Each attack of `attacks` ({name: instance}) on the run's erased pipeline, the original and the retrain
-    reference (when there is one); returns {name: result}."""
+    reference (when there is one); returns {name: result}. Every text-to-image attack serves every run this
+    accepts, so `skip_inapplicable` (the default set) skips none."""
     from obliviate.attacks.t2i.detectors import load_detector
     from obliviate.runs import resolve_device
 
