@@ -303,3 +303,46 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tiny_lm_dir,
     assert config.model == str(project / "model") and config.output_dir == str(project / "runs")
     assert config.eval_sets[0].file == str(project / "retain.jsonl")
     assert config.retain_file == "project/retain.jsonl"  # an override stays relative to the working directory
+
+
+# ---- validate says what run would say ------------------------------------------------------------------------------
+
+def test_validate_refuses_a_cuda_device_without_cuda(tiny_lm_dir, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _user_config(tmp_path, tiny_lm_dir)
+    assert runner.invoke(app, ["validate", str(cfg)]).exit_code == 0
+    for command in (["validate", str(cfg), "device=cuda"], ["run", str(cfg), "device=cuda", "--quiet"]):
+        one_line_error(runner.invoke(app, command), "device 'cuda'", "CUDA is not available")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_refuses_a_concept_the_pipelines_tokenizer_does_not_know(tiny_pipeline_dir, tmp_path):
+    from conftest import tiny_prompts
+
+    # the tiny pipeline's byte-level tokenizer spells every word, so the concept it cannot spell is one that is
+    # nothing but its special tokens (a tokenizer with a distinct <unk> also refuses unknown words)
+    concept = "<|startoftext|>"
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text("\n".join(p.replace("striped", concept) for p in tiny_prompts() if "striped" in p) + "\n")
+    retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
+    cfg = tmp_path / "erase.toml"
+    cfg.write_text(f'method = "ESD-x"\nconcept = "{concept}"\nmodel = "{tiny_pipeline_dir}"\n'
+                   f'forget_prompts = "{forget}"\nretain_prompts = "{retain}"\noutput_dir = "{tmp_path / "runs"}"\n'
+                   "evaluate = false\n[train]\nmax_steps = 1\n[t2i]\nimages_per_prompt = 1\nsample_steps = 2\n")
+    for command in (["validate", str(cfg)], ["run", str(cfg), "--quiet"]):
+        one_line_error(runner.invoke(app, command), f"the tokenizer does not know the concept '{concept}'")
+    ok = cfg.read_text().replace(concept, "striped")
+    forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p) + "\n")
+    cfg.write_text(ok)
+    assert runner.invoke(app, ["validate", str(cfg)]).exit_code == 0
+
+
+def test_eval_of_a_run_folder_says_to_export_it_first(plain_run, tmp_path):
+    forget = _write_qa(tmp_path / "forget.jsonl", tiny_items()[:2])
+    retain = _write_qa(tmp_path / "retain.jsonl", tiny_items()[2:])
+    one_line_error(runner.invoke(app, ["eval", str(plain_run), "--forget-file", forget, "--retain-file", retain,
+                                       "--out", str(tmp_path / "eval.json"), "--quiet"]),
+                   "is a run folder", f"obliviate export {plain_run} OUT")
+    assert not (tmp_path / "eval.json").exists()

@@ -25,6 +25,10 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     from obliviate.runners.lm_checks import check_lm
     from obliviate.runs import resolve_device
 
+    if is_run_folder(Path(model_dir)):
+        raise ObliviateError(f"{model_dir} is a run folder (the changed tensors, not a model): export it first with "
+                             f"`obliviate export {model_dir} OUT`, then evaluate OUT (the run's own metrics are in "
+                             f"{Path(model_dir) / 'metrics.json'})")
     eval_keys = {k: options.pop(k) for k in ("batch_size", "max_logit_tokens") if options.get(k) is not None}
     template = options.pop("template", None) or {}
     template = {"name": template} if isinstance(template, str) else dict(template)
@@ -64,6 +68,11 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return result
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A run folder (its run config and changed tensors), as opposed to a model folder."""
+    return (folder / "config.json").is_file() and (folder / "changed.safetensors").is_file()
 
 
 def _check_out_file(out: Path, inputs: list[Path], folders: dict[str, Path], force: bool) -> None:
@@ -129,7 +138,7 @@ def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: d
     from obliviate.registry import ATTACKS, DEFAULT_ATTACKS, lookup
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "changed.safetensors").is_file():
+    if not is_run_folder(run_dir):
         raise ObliviateError(f"{run_dir} is not a run folder (no config.json and changed.safetensors)")
     config = read_run_config(run_dir)
     family = get(config.family)
