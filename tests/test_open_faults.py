@@ -230,18 +230,27 @@ def test_attack_option_types_are_checked_before_any_model_loads(plain_run, monke
     one_line_error(runner.invoke(app, ["attack", str(plain_run), *option]), *needles)
 
 
-def test_a_read_only_run_folder_is_one_line(plain_run, monkeypatch):
-    real = Path.mkdir
+@pytest.mark.parametrize("attacked_before", [False, True])
+def test_a_read_only_run_folder_is_one_line_before_any_model_loads(plain_run, monkeypatch, attacked_before):
+    from obliviate import runs
+    from obliviate.runners import lm_attack
 
-    def read_only(self, *args, **kwargs):
-        if self.name == "attacks":
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real(self, *args, **kwargs)
+    def read_only(folder):  # tests run as root, whom chmod does not stop: the file system refuses instead
+        raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(Path, "mkdir", read_only)
-    shutil.rmtree(plain_run / "attacks", ignore_errors=True)
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models were loaded before the run folder was found read-only")
+
+    if attacked_before:
+        (plain_run / "attacks").mkdir(exist_ok=True)
+    else:
+        shutil.rmtree(plain_run / "attacks", ignore_errors=True)
+    monkeypatch.setattr(runs, "_probe_write", read_only)
+    monkeypatch.setattr(lm_attack, "attack_target", no_loading)
+    before = _digest(plain_run)
     one_line_error(runner.invoke(app, ["attack", str(plain_run), "--attack", "jailbreak", "max_new_tokens=4"]),
                    "cannot write to", "attacks", "Read-only file system")
+    assert _digest(plain_run) == before
 
 
 def test_an_attack_refuses_a_run_whose_base_changed(tiny_lm_dir, tmp_path):

@@ -65,8 +65,11 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     if reference is not None:
         result = compare_to_retrain(result, reference)
     result["forget_set"], result["prompt_format"] = label, format_record(tok)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ObliviateError(f"cannot write to {out}: {e.strerror or e}") from None
+    write_json(out, result)  # atomically: a full disk leaves no half file
     return result
 
 
@@ -177,13 +180,13 @@ def _run_base(run_dir: Path, config):
 
 
 def _check_writable_attacks(run_dir: Path) -> None:
-    """RUN_DIR/attacks can be written (a read-only run folder fails here, in one line, before any model loads)."""
+    """RUN_DIR/attacks can be written (a read-only run folder fails here, in one line, before any model loads);
+    the probe leaves nothing behind."""
     from obliviate.runs import _cannot_write, _probe_write
 
     folder = run_dir / "attacks"
     try:
-        folder.mkdir(exist_ok=True)
-        _probe_write(folder)
+        _probe_write(folder if folder.is_dir() else run_dir)
     except OSError as e:
         raise _cannot_write(folder, e) from None
 

@@ -313,7 +313,7 @@ def _as_write_fault(e: BaseException) -> OSError | None:
     whose SafetensorError is no OSError ("Error while serializing: IoError(Os { code: 28, ... })")."""
     if isinstance(e, OSError):
         return e
-    if type(e).__name__ == "SafetensorError" and "serializ" in str(e):
+    if type(e).__name__ == "SafetensorError" and str(e).startswith("Error while serializing"):
         code = re.search(r"code: ([0-9]+)", str(e))
         number = int(code[1]) if code else errno.EIO
         return OSError(number, os.strerror(number) if code else str(e).splitlines()[0])
