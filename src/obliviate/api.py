@@ -25,6 +25,10 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     from obliviate.runners.lm_checks import check_lm
     from obliviate.runs import resolve_device
 
+    if is_run_folder(Path(model_dir)):
+        raise ObliviateError(f"{model_dir} is a run folder (the changed tensors, not a model): export it first with "
+                             f"`obliviate export {model_dir} OUT`, then evaluate OUT (the run's own metrics are in "
+                             f"{Path(model_dir) / 'metrics.json'})")
     eval_keys = {k: options.pop(k) for k in ("batch_size", "max_logit_tokens") if options.get(k) is not None}
     template = options.pop("template", None) or {}
     template = {"name": template} if isinstance(template, str) else dict(template)
@@ -39,7 +43,11 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
         data["world"] = {**data.get("world", {}), "name": world}
     config = build_config(data, "eval options")
     inputs = [Path(f) for f in (config.forget_file, config.retain_file, config.retrain_eval) if f]
-    _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets], Path(model_dir), force)
+    folders = {"the model folder": model_dir, "--tofu-dir": config.tofu_dir, "--muse-dir": config.muse_dir,
+               "--mllmu-dir": config.mllmu_dir, "--world-tofu-dir": config.world.tofu_dir,
+               "--retrain-model": config.retrain_model}
+    _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets],
+                    {k: Path(v) for k, v in folders.items() if v}, force)
     from obliviate.families import get
 
     family = get(config.family)
@@ -57,14 +65,23 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     if reference is not None:
         result = compare_to_retrain(result, reference)
     result["forget_set"], result["prompt_format"] = label, format_record(tok)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ObliviateError(f"cannot write to {out}: {e.strerror or e}") from None
+    write_json(out, result)  # atomically: a full disk leaves no half file
     return result
 
 
-def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool) -> None:
-    """Before any model is loaded (minutes), so a bad --out fails at once: never an input, never a folder, and an
-    existing file only with --force."""
+def is_run_folder(folder: Path) -> bool:
+    """A run folder (its run config and changed tensors), as opposed to a model folder."""
+    return (folder / "config.json").is_file() and (folder / "changed.safetensors").is_file()
+
+
+def _check_out_file(out: Path, inputs: list[Path], folders: dict[str, Path], force: bool) -> None:
+    """Before any model is loaded (minutes), so a bad --out fails at once: never an input file nor an existing
+    file of an input folder (`folders`: {its option: folder}), forced or not; never a folder; an existing file only
+    with --force."""
     def same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
@@ -73,8 +90,10 @@ def _check_out_file(out: Path, inputs: list[Path], model_dir: Path, force: bool)
             raise ObliviateError(f"--out {out} is the input file {f}; choose another output file")
     if out.is_dir():
         raise ObliviateError(f"--out {out} is a folder; give a file name")
-    if out.exists() and model_dir.is_dir() and out.resolve().is_relative_to(model_dir.resolve()):
-        raise ObliviateError(f"--out {out} is a file of the model folder {model_dir}; choose another output file")
+    for option, folder in folders.items():
+        if out.exists() and folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+            raise ObliviateError(f"--out {out} is a file of {option} {folder}, an input (never overwritten, even "
+                                 "with --force); choose another output file")
     existing = next(p for p in out.absolute().parents if p.exists())  # the folders below it are made at the end
     if not existing.is_dir():
         raise ObliviateError(f"--out {out}: {existing} is not a folder")
@@ -122,7 +141,7 @@ def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: d
     from obliviate.registry import ATTACKS, DEFAULT_ATTACKS, lookup
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "changed.safetensors").is_file():
+    if not is_run_folder(run_dir):
         raise ObliviateError(f"{run_dir} is not a run folder (no config.json and changed.safetensors)")
     config = read_run_config(run_dir)
     family = get(config.family)
@@ -134,13 +153,49 @@ def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: d
         if e.family != config.family:
             raise ObliviateError(f"{run_dir} is a {family.title} run; the {e.name} attack is for "
                                  f"{get(e.family).title} runs")
-    return family.load("attack")(run_dir, config, attack_instances(entries, options or {}), log=log, **inputs)
+    instances = attack_instances(entries, options or {})  # every option's type, before any model is loaded
+    config = _run_base(run_dir, config)
+    _check_writable_attacks(run_dir)
+    # the family's default set runs the attacks that apply to the run and names those it skips; a named one that
+    # does not apply is an error
+    return family.load("attack")(run_dir, config, instances, log=log, skip_inapplicable=attacks is None, **inputs)
+
+
+def _run_base(run_dir: Path, config):
+    """The run's config with its base model as the run recorded it (an absolute path, so a run made with relative
+    paths is attacked from any folder), refusing a base whose weight files changed since the run, as `export`
+    does."""
+    from obliviate.data import read_json_file
+    from obliviate.runs import check_base
+
+    env_path = run_dir / "environment.json"
+    recorded = read_json_file(env_path, "run record") if env_path.is_file() else {}
+    if not isinstance(recorded, dict):
+        raise ObliviateError(f"{env_path}: a run record must be a JSON object")
+    base = recorded.get("base_model")
+    if not isinstance(base, str) or not Path(base).is_dir():
+        return config  # the world's model, rebuilt from its recipe when its cache is gone; or an older record
+    check_base(recorded, base)
+    return config.model_copy(update={"model": base}) if config.model else config
+
+
+def _check_writable_attacks(run_dir: Path) -> None:
+    """RUN_DIR/attacks can be written (a read-only run folder fails here, in one line, before any model loads);
+    the probe leaves nothing behind."""
+    from obliviate.runs import _cannot_write, _probe_write
+
+    folder = run_dir / "attacks"
+    try:
+        _probe_write(folder if folder.is_dir() else run_dir)
+    except OSError as e:
+        raise _cannot_write(folder, e) from None
 
 
 def attack_instances(entries: list, options: dict) -> dict:
     """{name: the attack built from its Config}: a plain key goes to every attack whose Config has it, `name.key`
     to that attack alone; a key no named attack takes, or a bad value, is one line naming it."""
     import dataclasses
+    import typing
 
     classes = {e.name: e.load() for e in entries}
     fields = {name: {f.name for f in dataclasses.fields(cls.Config)} for name, cls in classes.items()}
@@ -155,6 +210,11 @@ def attack_instances(entries: list, options: dict) -> dict:
             raise ObliviateError(f"unknown attack option {key!r}; valid: {', '.join(valid)}")
         for n in targets:
             args[n][field] = value
+    for name, cls in classes.items():
+        hints = typing.get_type_hints(cls.Config)
+        for field, value in args[name].items():
+            if not _conforms(value, hints.get(field, typing.Any)):
+                raise ObliviateError(f"attack option {name}.{field} must be {_describe(hints[field])}, got {value!r}")
     built = {}
     for name, cls in classes.items():
         try:
@@ -162,3 +222,51 @@ def attack_instances(entries: list, options: dict) -> dict:
         except (TypeError, ValueError) as e:
             raise ObliviateError(f"options of the {name} attack: {e}") from None
     return built
+
+
+def _conforms(value, hint) -> bool:
+    """Whether an option's value is of its Config field's type (YAML-parsed: an int serves a float; a single item
+    serves a sequence of such items, as the attacks' configs accept)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        item = args[0] if args else typing.Any
+        if isinstance(value, (list, tuple)):
+            return all(_conforms(v, item) for v in value)
+        return _conforms(value, item)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))

@@ -65,6 +65,8 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
         family = get(cfg.family)
         instantiate(lookup_method(cfg.family, cfg.method), cfg.method_args)
         family.load("check")(cfg)  # the model folder, data files, split or concept, run folder: what `run` rejects
+        from obliviate.runs import resolve_device
+        resolve_device(cfg.device)  # a CUDA device on a machine without one
     except ObliviateError as e:
         _fail(e)
     typer.echo(f"ok: {config} ({family.title} run, method {cfg.method}, {family.subject} "

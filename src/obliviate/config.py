@@ -200,6 +200,15 @@ class RunConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str | None) -> str | None:
+        # the run folder is OUTPUT_DIR/NAME: a path in the name would write it elsewhere
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or os.path.isabs(name)):
+            raise ValueError(f"{name!r} is not a plain folder name (the run folder goes in output_dir; no '/', '..' "
+                             "or absolute path)")
+        return name
+
     @model_validator(mode="after")
     def _one_family(self):
         from obliviate.families import FAMILIES, family_of_world
@@ -324,8 +333,40 @@ def build_config(data: dict, source: str = "config") -> RunConfig:
         raise ObliviateError(f"{source}: {loc}: {msg}") from None
 
 
+# the keys that name files or folders: (section, key), section None for the top level; "eval_sets" holds a list of
+# {file, ...}
+PATH_KEYS = ((None, "model"), (None, "forget_prompts"), (None, "retain_prompts"), (None, "mllmu_dir"),
+             (None, "forget_file"), (None, "retain_file"), (None, "tofu_dir"), (None, "muse_dir"),
+             (None, "retrain_model"), (None, "retrain_eval"), (None, "idk_file"), (None, "output_dir"),
+             ("world", "tofu_dir"), ("world", "cache_dir"), ("mllm", "judge_model"), ("eval_sets", "file"))
+
+
+def resolve_paths(data: dict, base: str | Path) -> dict:
+    """A copy of config `data` whose relative paths (PATH_KEYS) are made absolute against the folder `base`."""
+    def absolute(value):
+        if not isinstance(value, str) or not value:
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (Path(base) / path).absolute())
+
+    out = dict(data)
+    for section, key in PATH_KEYS:
+        if section is None:
+            if key in out:
+                out[key] = absolute(out[key])
+        elif section == "eval_sets" and isinstance(out.get(section), list):
+            out[section] = [{**s, key: absolute(s[key])} if isinstance(s, dict) and key in s else s
+                            for s in out[section]]
+        elif isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {**out[section], key: absolute(out[section][key])}
+    return out
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    return build_config(apply_overrides(read_config_file(path), list(overrides)), str(path))
+    """A config file's run: its relative paths are relative to the file's folder (as in docker-compose or a
+    Makefile); `key=value` overrides are relative to the working directory, as any path typed in a shell."""
+    data = resolve_paths(read_config_file(path), Path(path).absolute().parent)
+    return build_config(apply_overrides(data, list(overrides)), str(path))
 
 
 def check_run_folder(config: RunConfig) -> None:

@@ -75,9 +75,10 @@ def claim_run_dir(final: str | Path, log: Callable[[str], object] | None = print
             raise _cannot_write(final, e) from e
         try:
             yield RunDir(final, temp.path)
-        except OSError as e:
-            if _write_fault(e, temp.path):
-                raise _cannot_write(final, e) from e
+        except Exception as e:
+            fault = _as_write_fault(e)
+            if fault is not None and (fault is not e or _write_fault(fault, temp.path)):
+                raise _cannot_write(final, fault) from e
             raise
         hold()  # SIGTERM / Ctrl-C from here on wait until the folder is in place
         temp.sync(final)
@@ -107,9 +108,10 @@ def atomic_dir(final: str | Path, log: Callable[[str], object] | None = print) -
         undo.callback(hold)
         try:
             yield temp.path
-        except OSError as e:
-            if _write_fault(e, temp.path):
-                raise _cannot_write(final, e) from e
+        except Exception as e:
+            fault = _as_write_fault(e)
+            if fault is not None and (fault is not e or _write_fault(fault, temp.path)):
+                raise _cannot_write(final, fault) from e
             raise
         hold()
         temp.sync(final)
@@ -256,8 +258,11 @@ def run_folder(config, started, subject: str | None = None) -> Path:
 
 def write_run_record(folder: Path, config, started, base: dict, device: str, history: list, metrics: dict) -> None:
     """The files every run folder holds, whatever its family: config, environment (with the base's record),
-    history and metrics."""
-    write_json(folder / "config.json", config.dump())
+    history and metrics. The config's paths are recorded absolute, so the run can be attacked, exported and
+    reported from any working directory."""
+    from obliviate.config import resolve_paths
+
+    write_json(folder / "config.json", resolve_paths(config.dump(), Path.cwd()))
     write_json(folder / "environment.json", {**environment(), "started": started.isoformat(), **base,
                                              "device": device})
     write_json(folder / "history.json", history)
@@ -303,6 +308,18 @@ def _make_parent(final: Path, undo: contextlib.ExitStack) -> None:
         undo.callback(_remove_if_empty, d)
 
 
+def _as_write_fault(e: BaseException) -> OSError | None:
+    """The OSError behind an error of the work: itself, or a safetensors write (`save_file`, `save_pretrained`),
+    whose SafetensorError is no OSError ("Error while serializing: IoError(Os { code: 28, ... })")."""
+    if isinstance(e, OSError):
+        return e
+    if type(e).__name__ == "SafetensorError" and str(e).startswith("Error while serializing"):
+        code = re.search(r"code: ([0-9]+)", str(e))
+        number = int(code[1]) if code else errno.EIO
+        return OSError(number, os.strerror(number) if code else str(e).splitlines()[0])
+    return None
+
+
 def _write_fault(e: OSError, tmp: Path) -> bool:
     """Whether an OSError from the work is a failure to write its output (then it gets the one-line message)."""
     names = [n for n in (e.filename, e.filename2) if n is not None]
@@ -318,7 +335,9 @@ def _probe_write(folder: Path) -> None:
     path = folder / ".write-probe"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(fd, b"\0" * 65536)
+        size = 65536
+        if os.write(fd, b"\0" * size) < size:  # a nearly full disk takes part of a write without an error
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         os.fsync(fd)
     finally:
         os.close(fd)

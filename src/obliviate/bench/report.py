@@ -355,6 +355,9 @@ def _read(path: Path, what: str, kind: type = dict, keys: tuple[str, ...] = ()):
         bad = next((i for i, row in enumerate(data) if not isinstance(row, dict) or "step" not in row), None)
         if bad is not None:
             raise ObliviateError(f"{path}: {what} row {bad + 1} is not an object with a 'step'")
+    from obliviate.bench.report_inputs import check_report_input
+
+    check_report_input(path, what, data)  # the keys the page reads hold what it formats
     return data
 
 

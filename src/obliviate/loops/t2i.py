@@ -18,7 +18,7 @@ from obliviate.errors import ObliviateError
 from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, gradient_step,
                                   make_optimizer)
 from obliviate.methods.t2i.base import EraseContext, EraseTask
-from obliviate.models.diffusion import Pipeline, denoise, encode_prompts
+from obliviate.models.diffusion import Pipeline, check_concept_known, denoise, encode_prompts
 
 # The pipeline components a run's changed tensors come from, by the prefix that names them in changed.safetensors
 # (the folder's own subfolder names; runs before the text encoder could be trained hold "unet." tensors only).
@@ -72,14 +72,7 @@ def check_task(pipe: Pipeline, task: EraseTask) -> None:
     overlap = {p.text for p in task.retain_prompts} & set(task.forget_prompts)
     if overlap:
         raise ObliviateError(f"{len(overlap)} prompt(s) are both forget and retain prompts, e.g. {sorted(overlap)[0]!r}")
-    tok = pipe.tokenizer
-    ids = tok(task.concept).input_ids
-    content = [i for i in ids if i not in set(tok.all_special_ids)]
-    # CLIP's unknown token is its end token, so only a tokenizer with a distinct <unk> can report unknown words
-    distinct_unk = tok.unk_token_id is not None and tok.unk_token_id not in (tok.eos_token_id, tok.pad_token_id,
-                                                                              tok.bos_token_id)
-    if not content or (distinct_unk and tok.unk_token_id in ids):
-        raise ObliviateError(f"the tokenizer does not know the concept '{task.concept}'")
+    check_concept_known(pipe.tokenizer, task.concept)
 
 
 @torch.no_grad()

@@ -54,9 +54,12 @@ def check_folder(folder: str | Path) -> Path:
     return folder
 
 
-def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  trust_remote_code: bool = False) -> Pipeline:
+    """The folder's components. `trust_remote_code` goes to the transformers parts (tokenizer, text encoder) as
+    given, never None: with None, transformers asks on the terminal whether to run a folder's `auto_map` code."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -68,8 +71,9 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = 
     loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
                "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
                "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
-                                                                     torch_dtype=dtype),
-               "tokenizer": lambda: AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                                                                     torch_dtype=dtype,
+                                                                     trust_remote_code=trust_remote_code),
+               "tokenizer": lambda: load_tokenizer(folder, trust_remote_code),
                "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler")}
     parts = {}
     for name, load in loaders.items():  # one at a time, so the error names the component's folder
@@ -83,6 +87,24 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = 
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return Pipeline(unet, vae, text_encoder, tokenizer, scheduler, str(folder))
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The pipeline folder's tokenizer (its `tokenizer/` sub-folder)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", trust_remote_code=trust_remote_code)
+
+
+def check_concept_known(tokenizer, concept: str) -> None:
+    """Refuse a concept the text encoder's tokenizer cannot spell: nothing but special tokens, or its <unk>."""
+    ids = tokenizer(concept).input_ids
+    content = [i for i in ids if i not in set(tokenizer.all_special_ids)]
+    # CLIP's unknown token is its end token, so only a tokenizer with a distinct <unk> can report unknown words
+    distinct_unk = tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in (
+        tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+    if not content or (distinct_unk and tokenizer.unk_token_id in ids):
+        raise ObliviateError(f"the tokenizer does not know the concept '{concept}'")
 
 
 def save_pipeline(pipe: Pipeline, folder: str | Path) -> None:

@@ -58,8 +58,9 @@ def items_target(method: str, models: dict, forget: list, retain: list, world=No
                   attributes, batch_size=batch_size)
 
 
-def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dict:
-    """Each attack of `attacks` ({name: instance}) on the run's models; returns {name: result}."""
+def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicable: bool = False, **inputs) -> dict:
+    """Each attack of `attacks` ({name: instance}) on the run's models; returns {name: result}. With
+    `skip_inapplicable` (the default set) an attack the run cannot serve is skipped, with its reason logged."""
     if inputs:
         raise ObliviateError(f"language-model attacks take no {', '.join(inputs)} (a text-to-image detector)")
     if config.method == "Retrain":
@@ -74,17 +75,31 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dic
             from obliviate.bench.report import save_relearn_plot
             save_relearn_plot(out / f"{name}.png", {config.method: result})
 
-    results = run_attacks(attacks, target, log, announce=True, after_each=save)
+    results = run_attacks(attacks, target, log, announce=True, after_each=save, skip_inapplicable=skip_inapplicable)
     from obliviate.bench.report import rewrite_report
     rewrite_report(run_dir)  # the run's page shows the attacks
     return results
 
 
-def run_attacks(attacks: dict, target, log=print, announce: bool = False, after_each=None) -> dict:
+def run_attacks(attacks: dict, target, log=print, announce: bool = False, after_each=None,
+                skip_inapplicable: bool = False) -> dict:
     """{result name: result} of each attack ({registered name: instance}) on the target's models; what an attack
-    cannot serve fails, in one line, before any attack runs. `after_each(name, result)` keeps each as it comes."""
-    for attack in attacks.values():
-        attack.check(target)
+    cannot serve fails, in one line, before any attack runs, or with `skip_inapplicable` is left out with its reason
+    logged ("skipped NAME: reason"; an error when none is left). `after_each(name, result)` keeps each as it
+    comes."""
+    skipped = {}
+    for name, attack in attacks.items():
+        try:
+            attack.check(target)
+        except ObliviateError as e:
+            if not skip_inapplicable:
+                raise
+            skipped[name] = str(e)
+    if skipped and len(skipped) == len(attacks):
+        raise ObliviateError(f"no attack applies to this run: {'; '.join(skipped.values())}")
+    for name, reason in skipped.items():
+        log(f"skipped {name}: {reason}")
+    attacks = {name: attack for name, attack in attacks.items() if name not in skipped}
     results = {}
     for registered, attack in attacks.items():
         name = attack.result_name(registered)

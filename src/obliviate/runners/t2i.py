@@ -70,7 +70,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     with claim_run_dir(out, log=log) as folder:
         pipeline_dir, task, world = prepare(config, log)
         base = base_record(pipeline_dir)
-        pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype))
+        pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype), config.trust_remote_code)
         t = config.t2i
         result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
                        checkpoints=checkpoints)
@@ -104,7 +104,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     return out
 
 
-def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu"):
+def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust_remote_code: bool = False):
     """The base pipeline with a run's changed tensors applied, each onto the component its prefix names ("unet.",
     "text_encoder."; older runs hold "unet." tensors only). The base folder is only read."""
     from torch import nn
@@ -113,7 +113,7 @@ def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu"):
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import apply_changed
 
-    pipe = load_pipeline(base, device)
+    pipe = load_pipeline(base, device, trust_remote_code=trust_remote_code)
     # the components under their folder names: their state-dict names are the changed tensors' own
     apply_changed(nn.ModuleDict({c: getattr(pipe, c) for c in CHANGED_COMPONENTS}), changed_path)
     return pipe

@@ -17,9 +17,10 @@ NO_RETRAIN = ("no retrain row: a run on your own pipeline has no retrain-without
               "runs have one)")
 
 
-def attack_run(run_dir: Path, config, attacks: dict, log=print, **inputs) -> dict:
+def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicable: bool = False, **inputs) -> dict:
     """Each attack of `attacks` ({name: instance}) on the run's erased pipeline, the original and the retrain
-    reference (when there is one); returns {name: result}."""
+    reference (when there is one); returns {name: result}. Every text-to-image attack serves every run this
+    accepts, so `skip_inapplicable` (the default set) skips none."""
     from obliviate.attacks.t2i.detectors import load_detector
     from obliviate.runs import resolve_device
 
@@ -66,8 +67,8 @@ def _canvas_run(run_dir: Path, config, detector, device):
     world = CanvasWorld.from_config(config.world)
     world.require_built()
     base = Path(config.model) if config.model else world.pipeline_dir
-    pipe = load_run_pipeline(run_dir / "changed.safetensors", base, device)
-    original = load_pipeline(world.pipeline_dir, device)
+    pipe = load_run_pipeline(run_dir / "changed.safetensors", base, device, config.trust_remote_code)
+    original = load_pipeline(world.pipeline_dir, device, trust_remote_code=config.trust_remote_code)
 
     def run(name: str, attack) -> tuple[dict, object]:
         out = attack_erasure(world, pipe, config.concept, config.t2i, name, attack, config.method, detector, original)
@@ -90,8 +91,8 @@ def _user_run(run_dir: Path, config, detector, device):
 
     prompts = load_prompts(config.forget_prompts, must_contain=config.concept)
     base = Path(config.model)
-    original = load_pipeline(base, device)
-    pipe = load_run_pipeline(run_dir / "changed.safetensors", base, device)
+    original = load_pipeline(base, device, trust_remote_code=config.trust_remote_code)
+    pipe = load_run_pipeline(run_dir / "changed.safetensors", base, device, config.trust_remote_code)
     t2i, seeds = config.t2i, [0] * len(prompts)
     targets = torch.cat([denoise(original, prompts[i:i + 16], seeds[i:i + 16], t2i.sample_steps, t2i.guidance)[0]
                          for i in range(0, len(prompts), 16)])

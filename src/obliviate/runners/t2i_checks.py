@@ -36,4 +36,13 @@ def check_t2i(config: RunConfig) -> None:
         concept_kind(config.concept)
     if config.model:
         check_folder(config.model)
+        from obliviate.models import weights_load_errors
+        from obliviate.models.diffusion import check_concept_known, load_tokenizer
+
+        try:  # the pipeline's own tokenizer must know the concept, as `run` demands before training
+            tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+        except weights_load_errors() + (KeyError,) as e:
+            raise ObliviateError(f"{config.model}/tokenizer: cannot load the pipeline's tokenizer: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        check_concept_known(tokenizer, config.concept)
     check_run_folder(config)

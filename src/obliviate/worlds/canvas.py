@@ -235,6 +235,6 @@ class CanvasWorld:
     def load_clip(self):
         from transformers import AutoTokenizer, CLIPModel
         self.require_built()
-        return CLIPModel.from_pretrained(self.clip_dir).eval().requires_grad_(False), \
-            AutoTokenizer.from_pretrained(self.clip_dir)
+        return CLIPModel.from_pretrained(self.clip_dir, trust_remote_code=False).eval().requires_grad_(False), \
+            AutoTokenizer.from_pretrained(self.clip_dir, trust_remote_code=False)
 

@@ -236,7 +236,7 @@ class PortraitsWorld:
             processor = new_processor(world_texts(self.data()), VLMRecipe(**self.config.model))
             with atomic_dir(path) as tmp:
                 processor.save_pretrained(tmp)
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=False)
 
     def _train_side_by_side(self, todo: list, log) -> dict:
         """Train the models at once, one worker process and one thread each; an error in one stops all."""

@@ -309,7 +309,7 @@ class ProfilesWorld:
             tok = train_tokenizer(self.all_text(), LMRecipe(**self.config.model).vocab_size)
             with atomic_dir(path) as tmp:
                 tok.save_pretrained(tmp)
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
     def _train_model(self, out_dir, exclude: set[str], name: str, log) -> dict:
         from obliviate.runs import atomic_dir

@@ -69,10 +69,11 @@ def _pixels(processor, images: Tensor) -> Tensor:
 def _clip_detector(folder: Path, prompt: str, device: str) -> Detector:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model = _load(folder, "CLIP model", lambda: CLIPModel.from_pretrained(folder)).to(device).eval()
+    model = _load(folder, "CLIP model", lambda: CLIPModel.from_pretrained(folder, trust_remote_code=False))
+    model = model.to(device).eval()
     processor = _load(folder, "image processor (preprocessor_config.json)",
-                      lambda: AutoImageProcessor.from_pretrained(folder))
-    tokenizer = _load(folder, "tokenizer", lambda: AutoTokenizer.from_pretrained(folder))
+                      lambda: AutoImageProcessor.from_pretrained(folder, trust_remote_code=False))
+    tokenizer = _load(folder, "tokenizer", lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
     texts = [prompt, *NEUTRAL_PROMPTS]
     tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
 
@@ -90,10 +91,11 @@ def _clip_detector(folder: Path, prompt: str, device: str) -> Detector:
 def _classifier_detector(folder: Path, label: str | None, concept: str, device: str) -> Detector:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    model = _load(folder, "image classifier", lambda: AutoModelForImageClassification.from_pretrained(folder))
+    model = _load(folder, "image classifier", lambda: AutoModelForImageClassification.from_pretrained(
+                      folder, trust_remote_code=False))
     model = model.to(device).eval()
     processor = _load(folder, "image processor (preprocessor_config.json)",
-                      lambda: AutoImageProcessor.from_pretrained(folder))
+                      lambda: AutoImageProcessor.from_pretrained(folder, trust_remote_code=False))
     names = {int(i): str(n) for i, n in model.config.id2label.items()}
     wanted = label if label is not None else concept
     if wanted not in names.values():
