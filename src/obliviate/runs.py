@@ -669,7 +669,11 @@ def evaluation_cache(family: str, base: dict, settings, cache_dir: str | None = 
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in WEIGHT_SUFFIXES):
         rel = path.relative_to(folder)
         if not any(part.startswith(".") for part in rel.parts):  # .git, .cache: not the model
-            other[rel.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            h = hashlib.sha256()
+            with open(path, "rb") as f:  # in chunks: a folder may hold other big files (.gguf, .onnx, .h5)
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            other[rel.as_posix()] = h.hexdigest()
     content = content_key([base["base_weights_sha256"], other])[:12]
     key = content_key([settings, __version__])[:12]
     return cache_root(cache_dir) / "evaluations" / f"{family}-{folder.name}-{content}" / f"eval-{key}.json"
