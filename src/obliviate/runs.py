@@ -661,6 +661,43 @@ def base_record(folder: str | Path) -> dict:
     return {"base_model": str(folder), "base_weights_sha256": files}
 
 
+def content_key(value) -> str:
+    """SHA-256 of a JSON-able value (dataclasses, such as data items, by their fields): a cache key of what it holds."""
+    import dataclasses
+    import hashlib
+
+    def plain(o):
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        return str(o)
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=plain).encode()).hexdigest()
+
+
+def evaluation_cache(family: str, base: dict, settings, cache_dir: str | None = None) -> Path:
+    """Where the evaluation of a model folder (a user's original model) is cached, so the next run on the same folder
+    reads it: under the cache root, named by the folder's content (its weight files' SHA-256 from `base`, a
+    base_record, which the run computes anyway; every other file's bytes: config, tokenizer, generation config,
+    chat template) and by `settings` (what else the numbers depend on: evaluation settings, prompt format, the data)."""
+    import hashlib
+
+    from obliviate import __version__
+    from obliviate.config import cache_root
+
+    folder = Path(base["base_model"])
+    other = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in WEIGHT_SUFFIXES):
+        rel = path.relative_to(folder)
+        if not any(part.startswith(".") for part in rel.parts):  # .git, .cache: not the model
+            h = hashlib.sha256()
+            with open(path, "rb") as f:  # in chunks: a folder may hold other big files (.gguf, .onnx, .h5)
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            other[rel.as_posix()] = h.hexdigest()
+    content = content_key([base["base_weights_sha256"], other])[:12]
+    key = content_key([settings, __version__])[:12]
+    return cache_root(cache_dir) / "evaluations" / f"{family}-{folder.name}-{content}" / f"eval-{key}.json"
+
+
 def check_base(recorded: dict, base: str | Path) -> None:
     """Refuse a base whose weight files differ from those the run started from, naming the first that changed."""
     expected = recorded.get("base_weights_sha256")

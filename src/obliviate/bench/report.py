@@ -6,7 +6,7 @@ import html
 import io
 from pathlib import Path
 
-from obliviate.bench.scorecard import cell, columns
+from obliviate.bench.scorecard import cell, columns, run_rows, warnings
 from obliviate.errors import ObliviateError
 from obliviate.runs import atomic_write
 
@@ -242,7 +242,7 @@ def page(title: str, rows: dict[str, dict], histories: dict[str, list[dict]], no
     """`grids`: caption -> a PNG file (relative to the page's folder; embedded inline so the page stands alone)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>", scorecard_html(rows)]
-    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in [*warnings(rows), *notes]]
     for caption, uri in (grids or {}).items():
         parts.append(f"<h2>{html.escape(caption)}</h2><p><img class='grid' alt='{html.escape(caption)}' "
                      f"src='{uri}'></p>")
@@ -271,9 +271,12 @@ def write_run_report(folder: Path, metrics: dict, history: list[dict], grids: di
     grids = {**(grids or {}), **{f"under the {name} attack": f"attacks/{name}.png" for name in attacks
                                  if "curves" not in attacks[name] and (folder / "attacks" / f"{name}.png").is_file()}}
     subject = metrics.get("forget_set") or metrics.get("split") or f"concept '{metrics.get('concept')}'"
+    rows = run_rows(metrics)  # the original and the retrain reference beside the unlearned model
+    if "forget_classification_image" in metrics:  # vision-language: MLLMU-Bench's table too
+        sections.insert(0, mllmu_table_html(rows))
     # atomically: a full disk while rewriting a finished run's page must not truncate the good one
     return atomic_write(path, page(f"obliviate run: {metrics.get('method')} on {subject}",
-                                   {metrics.get("method", "run"): metrics}, {metrics.get("method", "run"): history},
+                                   rows, {metrics.get("method", "run"): history},
                                    [f"status: {metrics.get('status')}", *(notes or [])], _inline(folder, grids),
                                    sections))
 

@@ -16,6 +16,23 @@ def cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(v)
 
 
+REFERENCE_ROWS = ("original", "retrain")
+
+
+def run_rows(metrics: dict) -> dict[str, dict]:
+    """A run's scorecard rows: the original model and the retrain reference that its metrics.json holds (when it
+    holds them), then the unlearned model."""
+    rows = {k: metrics[k] for k in REFERENCE_ROWS if isinstance(metrics.get(k), dict)}
+    return {**rows, metrics.get("method") or "run": metrics}
+
+
+def warnings(rows: dict[str, dict]) -> list[str]:
+    """What the rows' numbers need said beside them (forget quality on too few items), each line once."""
+    from obliviate.evals.tofu import forget_quality_warning
+
+    return list(dict.fromkeys(w for w in map(forget_quality_warning, rows.values()) if w))
+
+
 def print_scorecard(rows: dict[str, dict], title: str = "scorecard") -> None:
     import sys
 
@@ -30,7 +47,10 @@ def print_scorecard(rows: dict[str, dict], title: str = "scorecard") -> None:
     for name, row in rows.items():
         table.add_row(name, *[cell(row, k, f) for k, _, f in present])
     # Not a terminal (a CI log, a file): rich would squeeze the table into 80 columns.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    for line in warnings(rows):
+        console.print(line, style="yellow", highlight=False, markup=False)
 
 
 def mllmu_rows(rows: dict[str, dict]) -> list[tuple[str, list[str]]]:
@@ -46,6 +66,13 @@ def mllmu_rows(rows: dict[str, dict]) -> list[tuple[str, list[str]]]:
             label = f"{s} {t.replace('_', '-')}"
             lines.append((label, [f"{cell(r, f'{s}_{t}_image', fmt)} / {cell(r, f'{s}_{t}_text', fmt)}"
                                   for r in rows.values()]))
+    original = rows.get("original")
+    for s in ("retain", "public") if original else ():  # utility relative to the original model's
+        keys = [f"{s}_classification_{form}" for form in ("image", "text")]
+        if any(original.get(k) for k in keys):
+            ratios = [{k: r[k] / original[k] for k in keys if r.get(k) is not None and original.get(k)}
+                      for r in rows.values()]
+            lines.append((f"{s} MC / original", [" / ".join(cell(r, k, "{:.2f}") for k in keys) for r in ratios]))
     for key, label, fmt in (("forget_quality", "forget quality", "{:.3g}"), ("privleak", "PrivLeak", "{:+.1f}"),
                             ("mia_loss_auc", "MIA AUC (LOSS)", "{:.3f}")):
         if any(key in r for r in rows.values()):
@@ -66,7 +93,10 @@ def print_mllmu_table(rows: dict[str, dict], title: str = "MLLMU-Bench") -> None
         table.add_column(name, justify="right")
     for label, cells in mllmu_rows(rows):
         table.add_row(label, *cells)
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    for line in warnings(rows):
+        console.print(line, style="yellow", highlight=False, markup=False)
 
 
 def print_attack(name: str, result: dict) -> None:

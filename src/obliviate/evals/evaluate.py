@@ -282,6 +282,7 @@ def compare_to_retrain(result: Mapping, retrain_result: Mapping) -> dict:
         tr_ref = [r["truth_ratio"] for r in retrain_result["per_item"][forget] if r["truth_ratio"] is not None]
         if tr and tr_ref:
             agg["forget_quality"] = cmp["forget_quality"] = TOFU.forget_quality(tr, tr_ref)
+            agg.update(TOFU.forget_quality_power(len(tr), len(tr_ref)))  # too few items: flagged, and warned of
     auc = result["aggregate"].get("privleak_auc")
     auc_ref = retrain_result["aggregate"].get("privleak_auc")
     if auc is not None and auc_ref is not None:

@@ -213,11 +213,12 @@ def compare_to_retrain(result: dict, retrain: dict) -> dict:
     ratios) and PrivLeak (the relative gap of the membership AUCs, MUSE's convention), as TOFU and MUSE define them."""
     from obliviate.evals.mia import muse_auc
     from obliviate.evals.muse import privleak
-    from obliviate.evals.tofu import forget_quality
+    from obliviate.evals.tofu import forget_quality, forget_quality_power
 
     agg = dict(result["aggregate"])
     if result.get("truth_ratios") and retrain.get("truth_ratios"):
         agg["forget_quality"] = forget_quality(result["truth_ratios"], retrain["truth_ratios"])
+        agg.update(forget_quality_power(*(sum(r is not None for r in x["truth_ratios"]) for x in (result, retrain))))
     auc, ref_auc = agg.get("mia_loss_auc"), retrain["aggregate"].get("mia_loss_auc")
     if auc is not None and ref_auc is not None and ref_auc < 1:  # MUSE's convention: 1 - AUC, positive
         agg["privleak"] = privleak(muse_auc(auc), muse_auc(ref_auc))

@@ -61,6 +61,47 @@ def forget_quality(tr_unlearned_forget: Sequence[float], tr_retrain_forget: Sequ
     return float(ks_2samp(a, b).pvalue)
 
 
+# Below this many forget items (per model) forget quality is flagged: from 25 items on, a two-sample KS test at
+# alpha = 0.05 rejects a one-standard-deviation shift of the truth ratios with power >= 0.8 at every size (n vs n,
+# simulated; below it the power dips under 0.8, e.g. 0.78 at 24, 0.71 at 20), and with 3 items it cannot reject at all
+# (its smallest p-value is 0.10). docs/metrics.md, "Few forget items", has the reasoning and the computation.
+MIN_FORGET_ITEMS = 25
+
+
+def smallest_ks_pvalue(n: int, m: int) -> float:
+    """The smallest p-value a two-sided two-sample KS test of n vs m values can give: D = 1 (the samples fully apart),
+    which 2 of the C(n + m, n) equally likely orderings reach under the null (what `ks_2samp(method="exact")` returns
+    for such samples); with 3 vs 3 it is 0.10, so such a test never rejects at 0.05."""
+    from scipy.special import comb
+
+    return min(1.0, 2.0 / float(comb(n + m, n, exact=True)))
+
+
+def forget_quality_power(n_unlearned: int, n_retrain: int) -> dict:
+    """How many items forget quality rests on, and whether that is too few for it to mean much: the keys a result's
+    aggregate carries next to forget_quality (`forget_quality_low_power` only when below MIN_FORGET_ITEMS)."""
+    n = min(n_unlearned, n_retrain)
+    out: dict = {"forget_quality_items": n}
+    if n < MIN_FORGET_ITEMS:
+        out["forget_quality_low_power"] = True
+        out["forget_quality_min_pvalue"] = smallest_ks_pvalue(n_unlearned, n_retrain)
+    return out
+
+
+def forget_quality_warning(aggregate: Mapping) -> str | None:
+    """One line for the terminal and the report when forget quality rests on too few items; None otherwise."""
+    if not aggregate.get("forget_quality_low_power"):
+        return None
+    n, p_min = aggregate.get("forget_quality_items"), aggregate.get("forget_quality_min_pvalue")
+    floor = (f"the KS test cannot go below p = {p_min:.2g}, so it cannot reject at 0.05 and forget quality passes "
+             "whatever the model" if p_min is not None and p_min >= 0.05 else
+             f"the KS test's smallest possible p-value is {p_min:.2g}" if p_min is not None else "")
+    items = f"{n} forget item{'s' if n != 1 else ''}"
+    return (f"warning: forget quality rests on {items}: {floor + '; ' if floor else ''}below "
+            f"{MIN_FORGET_ITEMS} items it can miss a one-standard-deviation shift of the truth ratios more than 1 time "
+            "in 5. Read it as a weak signal (docs/metrics.md, 'Few forget items').")
+
+
 def model_utility(per_set_scores: Mapping[str, Mapping[str, float]], return_components: bool = False):
     """Harmonic mean (`scipy.stats.hmean`) of prob, rouge and truth_ratio of every set given (retain and every utility
     set present). A zero component makes the utility 0 (the harmonic-mean limit). With return_components=True returns

@@ -119,6 +119,41 @@ def user_retrain_evaluation(config: RunConfig, qa_sets, texts, roles, device) ->
     return None
 
 
+def user_original_evaluation(config: RunConfig, model_dir: Path, base: dict, qa_sets, texts, roles,
+                             device: str) -> dict:
+    """The user's original model (the folder the run unlearns) evaluated as the unlearned one is: the same sets,
+    prompt format and settings. Cached under the cache root by the folder's content and those settings
+    (runs.evaluation_cache), so the next run on the same folder reads it instead of evaluating again."""
+    from obliviate.runs import cached_json, content_key, evaluation_cache
+
+    settings = {"eval": config.eval.model_dump(), "template": config.template.model_dump(), "dtype": config.dtype,
+                "device": str(device).split(":")[0], "data": content_key([qa_sets, texts, roles])}
+
+    def compute():
+        model, tokenizer = load_model(model_dir, config, device)
+        return evaluation_of(model, tokenizer, qa_sets, texts, config.eval, roles=roles)
+    return cached_json(evaluation_cache("lm", base, settings, config.world.cache_dir), compute)
+
+
+def comparison_rows(original_eval: dict, retrain_eval: dict | None) -> dict[str, dict]:
+    """The scorecard rows beside the unlearned model's, as metrics.json keeps them: "original" (and "retrain" when
+    there is a reference), each scored against the retrain reference as the unlearned model is."""
+    from obliviate.evals.evaluate import compare_to_retrain
+
+    if retrain_eval is None:
+        return {"original": original_eval["aggregate"]}
+    return {"original": compare_to_retrain(original_eval, retrain_eval)["aggregate"],
+            "retrain": compare_to_retrain(retrain_eval, retrain_eval)["aggregate"]}
+
+
+def with_utility_ratio(rows: dict[str, dict], original: dict) -> None:
+    """Each row's model utility relative to the original's ("utility / original" on the scorecard)."""
+    mu0 = original.get("model_utility")
+    for row in rows.values():
+        if mu0 and row.get("model_utility") is not None:
+            row["utility_ratio"] = row["model_utility"] / mu0
+
+
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate import distributed
     from obliviate.loops.step import Checkpoints, changed_tensors
@@ -174,6 +209,14 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             metrics["eval_seconds"] = round(time.time() - t0, 2)
             metrics["eval_processes"] = evaluation["config"]["processes"]
             metrics.update(evaluation["aggregate"])
+            model = result = None  # the original is loaded next (unless cached): one model in memory at a time
+            if world is not None and not config.model:  # the world's full model: cached with the world
+                original_eval = original_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
+            else:  # the user's folder: cached by its content
+                original_eval = user_original_evaluation(config, model_dir, base, qa_sets, texts, roles, device)
+            rows = comparison_rows(original_eval, retrain_eval)
+            metrics.update(rows)
+            with_utility_ratio({**rows, config.method: metrics}, rows["original"])
 
         tmp = folder.tmp
         write_run_record(tmp, config, started, base, device, result_history, metrics)
@@ -191,8 +234,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     if stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
     if evaluation is not None:  # the headline numbers, without opening the folder
-        from obliviate.bench.scorecard import print_scorecard
-        print_scorecard({config.method: metrics}, title=f"{config.method} on {label}" + (
+        from obliviate.bench.scorecard import print_scorecard, run_rows
+        print_scorecard(run_rows(metrics), title=f"{config.method} on {label}" + (
             "" if retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
     log(f"run folder: {out}")
     return out

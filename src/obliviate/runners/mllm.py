@@ -97,6 +97,27 @@ def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: 
                        lambda: folder_evaluation(folder, config, sets, world.pictures, device))
 
 
+def user_original_evaluation(config: RunConfig, model_dir: Path, base: dict, sets, pictures, device: str) -> dict:
+    """The user's original model (the folder the run unlearns) evaluated as the unlearned one is: the same sets,
+    pictures, prompt format and settings. Cached under the cache root by the folder's content and those settings
+    (runs.evaluation_cache), so the next run on the same folder reads it instead of evaluating again."""
+    import numpy as np
+
+    from obliviate.runs import cached_json, content_key, evaluation_cache
+
+    images = sorted({i.image for items in sets.values() for i in items if i.image is not None})
+    drawn = hashlib.sha256()
+    for image in images:  # the pictures' pixels, as the model sees them
+        array = np.ascontiguousarray(pictures(image))
+        drawn.update(f"{image}:{array.shape}:{array.dtype}".encode())
+        drawn.update(array.tobytes())
+    settings = {"eval": config.eval.model_dump(), "template": config.template.model_dump(),
+                "mllm": config.mllm.model_dump(exclude={"train_parts"}), "dtype": config.dtype,
+                "device": str(device).split(":")[0], "data": content_key(sets), "pictures": drawn.hexdigest()}
+    return cached_json(evaluation_cache("mllm", base, settings, config.world.cache_dir),
+                       lambda: folder_evaluation(model_dir, config, sets, pictures, device))
+
+
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate import distributed
     from obliviate.loops.lm import unlearn
@@ -136,16 +157,21 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             t0 = time.time()
             evaluation = evaluation_of(model, processor, sets, pictures, config)
             metrics["eval_seconds"] = round(time.time() - t0, 2)
+            model = None  # the references are loaded next (unless cached): one model in memory at a time
             if world is not None:
                 retrain_eval = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets,
                                                 device)
-                original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
-                metrics["original"] = compare_to_retrain(original, retrain_eval)["aggregate"]
             elif config.retrain_model:
                 retrain_eval = folder_evaluation(config.retrain_model, config, sets, pictures, device)
+            if world is not None and not config.model:  # the world's full model: cached with the world
+                original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
+            else:  # the user's folder: cached by its content
+                original = user_original_evaluation(config, model_dir, base, sets, pictures, device)
+            metrics["original"] = (compare_to_retrain(original, retrain_eval) if retrain_eval is not None
+                                   else original)["aggregate"]
             if retrain_eval is not None:
                 evaluation = compare_to_retrain(evaluation, retrain_eval)
-                metrics["retrain"] = retrain_eval["aggregate"]
+                metrics["retrain"] = compare_to_retrain(retrain_eval, retrain_eval)["aggregate"]
             metrics.update(evaluation["aggregate"])
         tmp = folder.tmp
         write_run_record(tmp, config, started, base, device, history, metrics)
@@ -161,9 +187,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     if stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
     if evaluation is not None:
-        from obliviate.bench.scorecard import print_mllmu_table
-        rows = {k: metrics[k] for k in ("original", "retrain") if k in metrics}
-        print_mllmu_table({**rows, config.method: metrics}, title=f"{config.method} on {label} (MLLMU-Bench)")
+        from obliviate.bench.scorecard import print_mllmu_table, run_rows
+        print_mllmu_table(run_rows(metrics), title=f"{config.method} on {label} (MLLMU-Bench)")
     log(f"run folder: {out}")
     return out
 
