@@ -164,15 +164,23 @@ def test_a_detector_that_finds_the_concept_gives_known_rates(tmp_path, tiny_pipe
     ({"detector_label": "striped"}, "t2i.detector_label goes with t2i.detector"),
     ({"clip_model": "VIT"}, "t2i.clip_model: VIT is not a CLIP folder (config.json's model_type 'vit'"),
     ({"clip_model": "NOWHERE"}, "t2i.clip_model: NOWHERE has no config.json"),
+    ({"clip_model": "BARE_CLIP"}, "t2i.clip_model: BARE_CLIP has no preprocessor_config.json"),
     ({"detector": "VIT", "detector_label": "zebra"}, "t2i.detector: detector folder VIT: detector_label 'zebra' is "
                                                      "not one of its labels: dotted, solid, striped"),
+    ({"detector": "BARE_CLIP"}, "t2i.detector: detector folder BARE_CLIP: no preprocessor_config.json"),
     ({"kid_subset_size": 1}, "t2i.kid_subset_size: Input should be greater than or equal to 2"),
     ({"detector_min_share": 1.5}, "t2i.detector_min_share: Input should be less than or equal to 1"),
 ])
 def test_evaluation_options_are_checked_before_any_work(tmp_path, tiny_pipeline_dir, detector_dirs, t2i, message):
-    vit_dir = str(detector_dirs[1])
-    t2i = {k: vit_dir if v == "VIT" else str(tmp_path / "nowhere") if v == "NOWHERE" else v for k, v in t2i.items()}
-    message = message.replace("VIT", vit_dir).replace("NOWHERE", str(tmp_path / "nowhere"))
+    import shutil
+
+    bare = tmp_path / "bare_clip"  # a CLIP folder without its image processor
+    shutil.copytree(detector_dirs[0], bare)
+    (bare / "preprocessor_config.json").unlink()
+    places = {"VIT": str(detector_dirs[1]), "NOWHERE": str(tmp_path / "nowhere"), "BARE_CLIP": str(bare)}
+    t2i = {k: places.get(v, v) for k, v in t2i.items()}
+    for name, place in places.items():
+        message = message.replace(name, place)
     config = _config(tmp_path, tiny_pipeline_dir, "UCE", **t2i)
     one_line_error(runner.invoke(app, ["validate", str(config)]), message)
     one_line_error(runner.invoke(app, ["run", str(config), "--quiet"]), message)

@@ -40,6 +40,9 @@ def check_clip_folder(folder: str | Path, key: str = "t2i.clip_model") -> Path:
     if not isinstance(config, dict) or config.get("model_type") != "clip":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise ObliviateError(f"{key}: {folder} is not a CLIP folder (config.json's model_type {kind!r}, not 'clip')")
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ObliviateError(f"{key}: {folder} has no preprocessor_config.json (CLIP's image processor: the pixel "
+                             "mean and std it was trained with)")
     return folder
 
 
@@ -59,7 +62,7 @@ class UserClip:
             processor = AutoImageProcessor.from_pretrained(folder)
         except weights_load_errors() + (OSError, ValueError, KeyError) as e:
             raise ObliviateError(f"t2i.clip_model: cannot load {folder}: {weights_error_message(folder, e)}") from None
-        # the folder's own normalisation (OpenAI's CLIP: its ImageNet-like mean and std), else CLIP's usual one
+        # the folder's own normalisation; a processor without one has CLIPImageProcessor's defaults
         self.mean = getattr(processor, "image_mean", None) or (0.4815, 0.4578, 0.4082)
         self.std = getattr(processor, "image_std", None) or (0.2686, 0.2613, 0.2758)
         self.folder = folder

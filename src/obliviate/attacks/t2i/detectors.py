@@ -42,6 +42,9 @@ def detector_kind(folder: str | Path, label: str | None, concept: str) -> str:
     config = read_json_file(folder / "config.json", "detector config")
     if not isinstance(config, dict):
         raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
+    if not (folder / "preprocessor_config.json").is_file():  # both kinds judge through their own processor
+        raise ObliviateError(f"detector folder {folder}: no preprocessor_config.json (its image processor, saved "
+                             "with save_pretrained)")
     if config.get("model_type") == "clip":
         return "clip"
     if not any(str(a).endswith("ForImageClassification") for a in config.get("architectures") or []):
