@@ -123,7 +123,8 @@ def _grid(original: Tensor, images: Tensor, texts, seeds, sets, label: str, colu
     128 pixels so a Stable Diffusion grid stays readable."""
     from obliviate.bench.grids import image_grid
 
-    first = {name: [i for i, (s, n) in enumerate(zip(seeds, sets)) if s == 0 and n == name] for name in (FORGET, RETAIN)}
+    first = {name: [i for i, (s, n) in enumerate(zip(seeds, sets)) if s == 0 and n == name]
+             for name in (FORGET, RETAIN)}
     k = min((columns + 1) // 2, len(first[FORGET]))
     cols = first[FORGET][:k] + first[RETAIN][:columns - k]
 
