@@ -161,6 +161,17 @@ class T2IConfig(_Strict):
     guidance: float = Field(4.0, ge=1)  # classifier-free guidance scale
     eval_seeds: int = Field(2, ge=1)  # samples per evaluation prompt
     grid_prompts: int = Field(6, ge=1)  # columns of the before/after image grid
+    # a run on your own pipeline (`model` with forget_prompts and retain_prompts; evals/user_pipeline.py): the erased
+    # pipeline's samples of the first `eval_prompts` forget and retain prompts (each with eval_seeds seeds) beside the
+    # original's. Small defaults: a Stable Diffusion sample takes a while on a CPU
+    eval_prompts: int = Field(4, ge=1)  # prompts of each set (forget, retain) that are sampled
+    eval_steps: int | None = Field(None, ge=2)  # DDIM steps of those samples (default: sample_steps)
+    clip_model: str | None = None  # a local CLIP folder: CLIP alignment of forget and retain prompts, and KID
+    kid_subset_size: int = Field(50, ge=2)  # KID's subsets: this many images, or all when there are fewer
+    detector: str | None = None  # a CLIP or image-classifier folder (as `obliviate attack --detector`): UA and the
+    detector_label: str | None = None  # retain agreement; the label (or CLIP prompt) that means the concept
+    # below this share of the original's own forget samples found by the detector, its rates say nothing (one line)
+    detector_min_share: float = Field(0.5, ge=0, le=1)
 
 
 class RunConfig(_Strict):

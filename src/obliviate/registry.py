@@ -169,6 +169,15 @@ METRICS = _table(
            "lower", "over the image set", "KID original", "{:.4f}"),
     Metric("alignment", E + "canvas:alignment_scores", "Mean cosine of the world CLIP's image and prompt embeddings.",
            RG_PAPER, "t2i", "higher", "mean over images", "alignment"),
+    # text-to-image on a user's pipeline (evals/user_pipeline.py): the user's CLIP folder and detector
+    Metric("alignment_forget", E + "user_pipeline:evaluate_user_pipeline", "Mean cosine of the user CLIP's image and "
+           "prompt embeddings on forget prompts (falls when the concept is gone).", RG_PAPER, "t2i", "lower",
+           "mean over images", "CLIP forget"),
+    Metric("alignment_retain", E + "user_pipeline:evaluate_user_pipeline", "The same on retain prompts (should stay "
+           "the original's).", RG_PAPER, "t2i", "higher", "mean over images", "CLIP retain"),
+    Metric("retain_agreement", E + "user_pipeline:evaluate_user_pipeline", "Share of retain-prompt images whose "
+           "detector verdict is the original's on the same prompt and seed (IRA/CRA-style).", CANVAS, "t2i", "higher",
+           "share of images", "retain agreement", "{:.1%}"),
     # vision-language (evals/mllmu.py): MLLMU-Bench's table, set x task x form; the headline columns here
     *[Metric(f"{s}_{t}_{f}", E + "mllmu:evaluate", f"{MLLMU_TASKS[t]} on the {MLLMU_SETS[s][0]}, asked "
              f"{'with the picture' if f == 'image' else 'as text alone'}.", MLLMU, "mllm", MLLMU_SETS[s][1],

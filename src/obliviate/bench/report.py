@@ -380,6 +380,7 @@ def rewrite_report(folder: Path) -> Path:
         metrics = _read(folder / "metrics.json", "metrics")
         history = _read(folder / "history.json", "history", list) if (folder / "history.json").is_file() else []
         grids = {caption: name for caption, name in (("image grid", "grid.png"),) if (folder / name).is_file()} or None
-        notes = []
+        notes = metrics.get("notes")  # what the run's evaluation left out or found meaningless, one line each
+        notes = [str(n) for n in notes] if isinstance(notes, list) else []
         return write_run_report(folder, metrics, history, grids, notes)
     raise ObliviateError(f"not a run or demo folder (no metrics.json or summary.json): {folder}")

@@ -254,24 +254,33 @@ def alignment_scores(clip_model, tokenizer, images: Tensor, texts: Sequence[str]
     if len(texts) != len(images):
         raise ObliviateError(f"{len(images)} images but {len(texts)} texts")
     device = _device(clip_model)
-    size = int(clip_model.config.vision_config.image_size)
     max_length = int(clip_model.config.text_config.max_position_embeddings)
-    mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=device).reshape(-1, 1, 1)
-    std = torch.as_tensor(pixel_std, dtype=torch.float32, device=device).reshape(-1, 1, 1)
     scores = []
     with _eval_mode(clip_model):
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(device, torch.float32)
-            if x.shape[-2:] != (size, size):
-                x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
-                                              align_corners=False).clamp(0, 1)
             tokens = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt").to(device)
-            img = _embeds(clip_model.get_image_features(pixel_values=(x - mean) / std))
+            img = clip_image_embeddings(clip_model, images[i:i + batch_size], pixel_mean, pixel_std)
             txt = _embeds(clip_model.get_text_features(input_ids=tokens["input_ids"],
                                                        attention_mask=tokens["attention_mask"]))
             scores.append(nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+@torch.no_grad()
+def clip_image_embeddings(clip_model, images: Tensor, pixel_mean: float | Sequence[float] = 0.5,
+                          pixel_std: float | Sequence[float] = 0.5) -> Tensor:
+    """CLIPModel.get_image_features of images [N, 3, H, W] in [0, 1]: resized (bicubic, antialiased) to the vision
+    tower's `image_size` when their size differs, then normalised (x - pixel_mean) / pixel_std."""
+    device = _device(clip_model)
+    size = int(clip_model.config.vision_config.image_size)
+    mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    std = torch.as_tensor(pixel_std, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    x = images.to(device, torch.float32)
+    if x.shape[-2:] != (size, size):
+        x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                      align_corners=False).clamp(0, 1)
+    return _embeds(clip_model.get_image_features(pixel_values=(x - mean) / std))
 
 
 # ---- one entry point ---------------------------------------------------------------------------------------------

@@ -72,6 +72,10 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         base = base_record(pipeline_dir)
         pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype), config.trust_remote_code)
         t = config.t2i
+        evaluators = None
+        if config.evaluate and world is None:  # the user's CLIP and detector load before the training: a bad
+            from obliviate.evals.user_pipeline import UserEvaluators  # folder fails before it, not after
+            evaluators = UserEvaluators(t, config.concept, device)
         result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
                        checkpoints=checkpoints)
         tensors = changed_pipeline_tensors(result)
@@ -85,6 +89,19 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             evaluation = evaluate_erasure(world, pipe, config.concept, t, label=config.method)
             metrics["eval_seconds"] = round(time.time() - t0, 2)
             metrics.update(evaluation["aggregate"])
+        elif evaluators is not None:
+            from obliviate.evals.user_pipeline import evaluate_user_pipeline
+            t0 = time.time()
+            original = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype))
+            evaluation = evaluate_user_pipeline(pipe, original, task.forget_prompts,
+                                                [p.text for p in task.retain_prompts], config.concept, t,
+                                                evaluators, label=config.method, log=log)
+            del original
+            metrics["eval_seconds"] = round(time.time() - t0, 2)
+            metrics.update(evaluation["aggregate"])
+            metrics["notes"] = evaluation["notes"]
+            for note in evaluation["notes"]:
+                log(note)
 
         tmp = folder.tmp
         write_run_record(tmp, config, started, base, device, result.history, metrics)
@@ -94,12 +111,19 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
             evaluation["grid"].save(tmp / "grid.png")
-            grids[f"{config.concept}: original, retrain, {config.method}"] = "grid.png"
+            grids[f"{config.concept}: original, retrain, {config.method}" if world is not None else
+                  f"{config.concept}: original and {config.method}, forget then retain prompts (seed 0)"] = "grid.png"
         from obliviate.bench.report import write_run_report
-        write_run_report(tmp, metrics, result.history, grids=grids)
+        write_run_report(tmp, metrics, result.history, grids=grids, notes=metrics.get("notes"))
     checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
     if result.stopped:
         raise NonFiniteLoss(f"{config.method} stopped: {result.stopped}. Last good state saved in {out}")
+    if evaluators is not None:  # the headline numbers, the original beside the erased pipeline
+        from obliviate.bench.scorecard import print_scorecard
+        original_row = {k.removeprefix("original_"): v for k, v in metrics.items() if k.startswith("original_")}
+        print_scorecard({"original": original_row, config.method: metrics},
+                        title=f"{config.method} on {config.concept!r}: your pipeline, {metrics['n_images']} images "
+                              "each")
     log(f"run folder: {out}")
     return out
 

@@ -31,16 +31,18 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     if label is not None and folder is None:
         raise ObliviateError("detector_label goes with detector (a CLIP or image-classifier folder)")
     user_run = bool(config.forget_prompts)
+    if user_run and folder is None and config.t2i.detector:  # the run's own detector (t2i.detector)
+        folder, label = config.t2i.detector, config.t2i.detector_label
     if not user_run and config.world.name != "canvas":
         raise ObliviateError("a text-to-image run to attack is a canvas-world run, or one on your own pipeline "
                              "(model and forget_prompts)")
     if user_run and folder is None:
         raise ObliviateError("a run on your own pipeline needs a detector for the concept: pass --detector FOLDER (a "
                              "CLIP or image-classifier folder) and --detector-label LABEL (the classifier's label, or "
-                             "CLIP's prompt for the concept)")
+                             "CLIP's prompt for the concept), or give the run t2i.detector")
     device = resolve_device(config.device)
     detector = load_detector(folder, label, config.concept, device) if folder is not None else None
-    run = (_user_run if user_run else _canvas_run)(run_dir, config, detector, device)
+    run = (_user_run if user_run else _canvas_run)(run_dir, config, detector, device, log)
     (run_dir / "attacks").mkdir(exist_ok=True)
     results = {}
     for name, attack in attacks.items():
@@ -56,7 +58,7 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     return results
 
 
-def _canvas_run(run_dir: Path, config, detector, device):
+def _canvas_run(run_dir: Path, config, detector, device, log=print):
     """(name, attack) -> (result, the erased pipeline's final pictures) for a canvas-world run."""
     from obliviate.attacks.t2i.canvas import attack_erasure
     from obliviate.attacks.t2i.common import attack_result
@@ -79,14 +81,16 @@ def _canvas_run(run_dir: Path, config, detector, device):
     return run
 
 
-def _user_run(run_dir: Path, config, detector, device):
+def _user_run(run_dir: Path, config, detector, device, log=print):
     """(name, attack) -> (result, pictures) for a run on the user's pipeline: its forget prompts (seed 0), the
-    targets the base pipeline's pictures of them; the erased pipeline and the base one are attacked."""
+    targets the base pipeline's pictures of them; the erased pipeline and the base one are attacked. When the detector
+    finds the concept in too few of the base pipeline's own pictures (t2i.detector_min_share), one line says so (in
+    the log and each result's caption): its attack rates then say nothing about the erasure."""
     import torch
 
     from obliviate.attacks.t2i.common import AttackTask, attack_result
     from obliviate.data import load_prompts
-    from obliviate.models.diffusion import denoise, load_pipeline
+    from obliviate.models.diffusion import decode, denoise, load_pipeline
     from obliviate.runners.t2i import load_run_pipeline
 
     prompts = load_prompts(config.forget_prompts, must_contain=config.concept)
@@ -96,6 +100,16 @@ def _user_run(run_dir: Path, config, detector, device):
     t2i, seeds = config.t2i, [0] * len(prompts)
     targets = torch.cat([denoise(original, prompts[i:i + 16], seeds[i:i + 16], t2i.sample_steps, t2i.guidance)[0]
                          for i in range(0, len(prompts), 16)])
+    from obliviate.evals.user_pipeline import original_detection_note
+    with torch.no_grad():  # the targets are the original's plain pictures of the attacked prompts
+        found = [f for i in range(0, len(targets), 16) for f in detector(decode(original, targets[i:i + 16]))]
+    note = original_detection_note(sum(found) / len(found), t2i.detector_min_share, config.concept,
+                                   "pictures of the attacked prompts")
+    caption = NO_RETRAIN
+    if note:
+        note += ": the attack rates are meaningless"
+        log(note)
+        caption = f"{note}. {NO_RETRAIN}"
     pairs = [(p, without_concept(p, config.concept, config.anchor)) for p in prompts]
     task = AttackTask(prompts, seeds, targets, detector, original, pairs, t2i.sample_steps, t2i.guidance)
 
@@ -105,8 +119,10 @@ def _user_run(run_dir: Path, config, detector, device):
         seconds = time.time() - t0
         original_rows, _ = attack.attack(original, task)
         per_item = {config.method: rows, "original": original_rows}
-        return attack_result(name, attack, config.method, config.concept, per_item, seconds, detector.description,
-                             NO_RETRAIN), images
+        result = attack_result(name, attack, config.method, config.concept, per_item, seconds, detector.description,
+                               caption)
+        result["detector_found_in_original"] = sum(found) / len(found)
+        return result, images
 
     return run
 

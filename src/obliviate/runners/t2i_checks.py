@@ -45,4 +45,25 @@ def check_t2i(config: RunConfig) -> None:
             raise ObliviateError(f"{config.model}/tokenizer: cannot load the pipeline's tokenizer: "
                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         check_concept_known(tokenizer, config.concept)
+    _check_user_evaluation(config)
     check_run_folder(config)
+
+
+def _check_user_evaluation(config: RunConfig) -> None:
+    """The user-pipeline evaluation's folders (evals/user_pipeline.py), from their config.json alone."""
+    t = config.t2i
+    given = [k for k in ("clip_model", "detector", "detector_label") if getattr(t, k) is not None]
+    if given and not config.forget_prompts:
+        raise ObliviateError(f"t2i.{given[0]} is for runs on your own pipeline (model with forget_prompts and "
+                             "retain_prompts); the canvas world's runs use its own CLIP and classifier")
+    if t.detector_label is not None and t.detector is None:
+        raise ObliviateError("t2i.detector_label goes with t2i.detector (a CLIP or image-classifier folder)")
+    if t.clip_model:
+        from obliviate.evals.user_pipeline import check_clip_folder
+        check_clip_folder(t.clip_model)
+    if t.detector:
+        from obliviate.attacks.t2i.detectors import detector_kind
+        try:
+            detector_kind(t.detector, t.detector_label, config.concept)
+        except ObliviateError as e:
+            raise ObliviateError(f"t2i.detector: {e}") from None

@@ -29,12 +29,12 @@ class Detector:
             return [bool(x) for x in self.judge(images)]
 
 
-def load_detector(folder: str | Path, label: str | None, concept: str, device: str = "cpu") -> Detector:
-    """A CLIP folder or an image-classifier folder; anything else, or a label the classifier lacks, is one line."""
+def detector_kind(folder: str | Path, label: str | None, concept: str) -> str:
+    """"clip" or "classifier": what `load_detector` would load, checked from config.json alone (no weights are read),
+    with the classifier's label; anything else is one line. `obliviate validate` and `run` check a run's detector
+    with it before any training."""
     from obliviate.data import read_json_file
-    from obliviate.models import quiet_transformers
 
-    quiet_transformers()
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ObliviateError(f"detector folder {folder}: no config.json (a CLIP or image-classifier folder saved "
@@ -42,12 +42,34 @@ def load_detector(folder: str | Path, label: str | None, concept: str, device: s
     config = read_json_file(folder / "config.json", "detector config")
     if not isinstance(config, dict):
         raise ObliviateError(f"{folder / 'config.json'}: must be a JSON object")
+    if not (folder / "preprocessor_config.json").is_file():  # both kinds judge through their own processor
+        raise ObliviateError(f"detector folder {folder}: no preprocessor_config.json (its image processor, saved "
+                             "with save_pretrained)")
     if config.get("model_type") == "clip":
+        return "clip"
+    if not any(str(a).endswith("ForImageClassification") for a in config.get("architectures") or []):
+        raise ObliviateError(f"detector folder {folder}: neither a CLIP model nor an image classifier (config.json's "
+                             f"model_type {config.get('model_type')!r}, architectures {config.get('architectures')})")
+    names = {str(n) for n in (config.get("id2label") or {}).values()}
+    wanted = label if label is not None else concept
+    if wanted not in names:
+        valid = ", ".join(sorted(names))
+        if label is None:
+            raise ObliviateError(f"detector folder {folder}: the concept {concept!r} is not one of its labels; pass "
+                                 f"detector_label, one of: {valid}")
+        raise ObliviateError(f"detector folder {folder}: detector_label {label!r} is not one of its labels: {valid}")
+    return "classifier"
+
+
+def load_detector(folder: str | Path, label: str | None, concept: str, device: str = "cpu") -> Detector:
+    """A CLIP folder or an image-classifier folder; anything else, or a label the classifier lacks, is one line."""
+    from obliviate.models import quiet_transformers
+
+    quiet_transformers()
+    folder = Path(folder)
+    if detector_kind(folder, label, concept) == "clip":
         return _clip_detector(folder, label or f"a picture of {concept}", device)
-    if any(a.endswith("ForImageClassification") for a in config.get("architectures") or []):
-        return _classifier_detector(folder, label, concept, device)
-    raise ObliviateError(f"detector folder {folder}: neither a CLIP model nor an image classifier (config.json's "
-                         f"model_type {config.get('model_type')!r}, architectures {config.get('architectures')})")
+    return _classifier_detector(folder, label, concept, device)
 
 
 def _load(folder: Path, what: str, load):
@@ -97,13 +119,7 @@ def _classifier_detector(folder: Path, label: str | None, concept: str, device: 
     processor = _load(folder, "image processor (preprocessor_config.json)",
                       lambda: AutoImageProcessor.from_pretrained(folder, trust_remote_code=False))
     names = {int(i): str(n) for i, n in model.config.id2label.items()}
-    wanted = label if label is not None else concept
-    if wanted not in names.values():
-        valid = ", ".join(sorted(set(names.values())))
-        if label is None:
-            raise ObliviateError(f"detector folder {folder}: the concept {concept!r} is not one of its labels; pass "
-                                 f"detector_label, one of: {valid}")
-        raise ObliviateError(f"detector folder {folder}: detector_label {label!r} is not one of its labels: {valid}")
+    wanted = label if label is not None else concept  # one of the names: detector_kind checked it
     ids = [i for i, n in names.items() if n == wanted]
 
     def judge(images: Tensor) -> list[bool]:
