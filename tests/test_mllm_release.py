@@ -112,7 +112,8 @@ def test_a_run_on_a_llava15_folder_and_mllmu_files_records_its_format_and_data(t
                            "mllm": {"max_new_tokens": 2}, "train": {"max_steps": 1, "batch_size": 2},
                            "output_dir": str(tmp_path / "runs"), "name": "r"})
     check_mllm(config)
-    metrics = json.loads((run(config) / "metrics.json").read_text())
+    out = run(config)
+    metrics = json.loads((out / "metrics.json").read_text())
     fmt = metrics["prompt_format"]
     assert fmt["kind"] == "chat" and fmt["content_parts"]
     assert fmt["example"] == "<s>USER: <image>\n{question} ASSISTANT: {answer}</s>"
@@ -125,6 +126,7 @@ def test_a_run_on_a_llava15_folder_and_mllmu_files_records_its_format_and_data(t
     printed = capsys.readouterr().out
     assert "unlearning on the baselines' training split" in printed and "no membership AUC or PrivLeak" in printed
     assert "retain set: 4 of 4 people scored" in printed
+    assert "no membership AUC or PrivLeak" in (out / "report.html").read_text()
 
 
 def test_eval_takes_custom_tags_and_a_retain_people_flag(tmp_path, llava15_dir):
