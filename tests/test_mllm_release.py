@@ -134,7 +134,8 @@ def test_eval_takes_custom_tags_and_a_retain_people_flag(tmp_path, llava15_dir):
     [template] table, the flag its eval.retain_people; the result records both."""
     mllmu = write_mllmu(tmp_path / "mllmu")
     out = cli.invoke(app, ["eval", str(llava15_dir), "--mllmu-dir", str(mllmu), "--template", "custom",
-                           "--tag", "user_start=USER: ", "--tag", "user_end=\\n", "--tag", "assistant_start=ASSISTANT: ",
+                           "--tag", "user_start=USER: ", "--tag", "user_end=\\n",
+                           "--tag", "assistant_start=ASSISTANT: ",
                            "--retain-people", "1", "--batch-size", "64", "--out", str(tmp_path / "eval.json"),
                            "--quiet"])
     assert out.exit_code == 0, out.output[-2000:]
@@ -187,10 +188,20 @@ def test_unlearning_reads_the_baselines_training_split(tmp_path):
     assert data.eval_sets["forget"] == release.eval_sets["forget"]  # evaluation is the release's
 
     other = write_train_split(tmp_path / "other_split", forget=(0, 7))
-    with pytest.raises(ObliviateError, match=r"its 2 people are not the release's 2 forget people \(1 shared\)"):
+    with pytest.raises(ObliviateError, match=r"forget_10: its 2 people are not the release's 2 forget people "
+                                             r"\(1 shared\)"):
         load_mllmu(mllmu, "forget10", train_dir=other)
+    other_retain = write_train_split(tmp_path / "other_retain", retain=(2, 3, 4))
+    with pytest.raises(ObliviateError, match=r"retain_90: its 3 people are not the release's 4 retain people"):
+        load_mllmu(mllmu, "forget10", train_dir=other_retain)
     with pytest.raises(ObliviateError, match="mllm.train_dir: folder not found"):
         load_mllmu(mllmu, "forget10", train_dir=tmp_path / "missing")
+    from obliviate.config import build_config
+    from obliviate.runners.mllm_checks import check_mllm
+
+    with pytest.raises(ObliviateError, match=r"mllm.train_dir is MLLMU-Bench's training split, for runs on its files"):
+        check_mllm(build_config({"family": "mllm", "method": "GradDiff", "mllm": {"train_dir": str(split)},
+                                 "output_dir": str(tmp_path / "runs")}))
     broken = write_mllmu(tmp_path / "broken_split", {"forget_10": [{**_train_row(0), "metadata": "not json"}],
                                                      "retain_90": [_train_row(2)]})
     with pytest.raises(ObliviateError, match=r"forget_10/train-00000-of-00001.parquet: row 0: metadata is not JSON"):

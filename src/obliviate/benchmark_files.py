@@ -227,8 +227,8 @@ def _parquet_rows(folder: Path) -> tuple[list[tuple[Path, int, dict]], Path]:
         with open(path, "rb") as f:
             if f.read(len(LFS_POINTER)) == LFS_POINTER:
                 raise ObliviateError(f"{path}: a git-lfs pointer file, not the data (the clone was made without "
-                                     "git-lfs): run `git lfs install && git lfs pull` in the clone, or download it with "
-                                     "huggingface_hub's snapshot_download")
+                                     "git-lfs): run `git lfs install && git lfs pull` in the clone, or download it "
+                                     "with huggingface_hub's snapshot_download")
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a broken file
@@ -324,9 +324,9 @@ def mllmu_train_dir(folder: str | Path, train_dir: str | Path | None = None) -> 
     return inside if inside.is_dir() else None
 
 
-def _train_split(train_dir: Path, ratio: int, forget_ids: set[str], data: "MLLMUData") -> None:
+def _train_split(train_dir: Path, ratio: int, release_ids: dict[str, set[str]], data: "MLLMUData") -> None:
     """Unlearning items from the baselines' training split (forget_N / retain_M, rows with `metadata`), each person
-    asked with the split's own picture; its forget people must be the release's."""
+    asked with the split's own picture; its forget and retain people must be the release's."""
     for name, folder_name in (("forget", f"forget_{ratio}"), ("retain", f"retain_{100 - ratio}")):
         rows, _ = _parquet_rows(train_dir / folder_name)
         items, people = [], set()
@@ -338,10 +338,10 @@ def _train_split(train_dir: Path, ratio: int, forget_ids: set[str], data: "MLLMU
             data.images[image_id] = _image_bytes(_need(row, "image", where), where)
             items += _unlearning_items(row, where, image_id)
             people.add(subject)
-        if name == "forget" and people != forget_ids:
+        if people != release_ids[name]:
             raise ObliviateError(f"{train_dir / folder_name}: its {len(people)} people are not the release's "
-                                 f"{len(forget_ids)} forget people ({len(people & forget_ids)} shared); give the "
-                                 "training split of the same release")
+                                 f"{len(release_ids[name])} {name} people ({len(people & release_ids[name])} "
+                                 "shared); give the training split of the same release")
         setattr(data, name, items)
     n_people = len({i.subject for i in data.forget})
     data.unlearning_data = (f"the baselines' training split {train_dir} ({len(data.forget)} QA pairs of {n_people} "
@@ -362,7 +362,7 @@ def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int |
     ratio = MLLMU_RATIOS[split]
     train_dir = mllmu_train_dir(folder, train_dir)
     data = MLLMUData([], [], {"forget": [], "test": [], "retain": [], "public": []})
-    forget_ids: set[str] = set()
+    release_ids: dict[str, set[str]] = {"forget": set(), "retain": set()}
     retain_seen = 0
     for name, folder_name in (("forget", f"forget_{ratio}"), ("retain", f"retain_{100 - ratio}"),
                               ("public", "Retain_Set"), ("test", "Test_Set")):
@@ -371,7 +371,7 @@ def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int |
             where = f"{path}: row {n}"
             subject = str(_need(row, "ID", where))
             if name == "test":
-                if subject not in forget_ids:
+                if subject not in release_ids["forget"]:
                     continue
                 if row.get("images") is not None:
                     if not len(row["images"]):
@@ -385,8 +385,9 @@ def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int |
                 picture = _need(row, "image", where)
             image_id = f"{name}:{subject}"
             data.images[image_id] = _image_bytes(picture, where)
+            if name in release_ids:
+                release_ids[name].add(subject)
             if name == "forget":
-                forget_ids.add(subject)
                 if train_dir is None:
                     data.forget += _unlearning_items(row, where, image_id)
             if name == "retain":
@@ -398,7 +399,7 @@ def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int |
             data.eval_sets[name] += _profile_items(row, where, image_id)
     data.retain_people = {"scored": min(retain_seen, retain_people or retain_seen), "of": retain_seen}
     if train_dir is not None:
-        _train_split(train_dir, ratio, forget_ids, data)
+        _train_split(train_dir, ratio, release_ids, data)
     else:
         data.unlearning_data = (f"the release's question/answer, one per person ({len(data.forget)} forget pairs): "
                                 "no baselines' training split (mllm.train_dir, or baseline_train_split/ in the "

@@ -5,10 +5,11 @@ torchtune and TRL reuse their LM recipes for vision models with another collate 
 An item has a question, an answer and an `image` id (None: asked as text alone); `pictures(id)` gives the RGB array.
 The question is put in the tokenizer's prompt format (`prompt_format`), with the processor's image token first when
 the item has a picture (as an image part where the chat template takes content parts, as LLaVA-1.5's processor
-template does: the template then writes the token where the model expects it). That one token is expanded to as many tokens as the vision tower gives features (what the
-processor does to a text), the picture becomes pixel values beside the tokens, and the collated batch carries them,
-so every method's forward pass hands them to the model (`sequences.model_inputs`). It shares the token
-sequences and batches of `sequences.py` with the causal-LM adapter, not the adapter itself."""
+template does: the template then writes the token where the model expects it). That one token is expanded to as many
+tokens as the vision tower gives features (what the processor does to a text), the picture becomes pixel values
+beside the tokens, and the collated batch carries them, so every method's forward pass hands them to the model
+(`sequences.model_inputs`). It shares the token sequences and batches of `sequences.py` with the causal-LM adapter,
+not the adapter itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass

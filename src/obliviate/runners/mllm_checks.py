@@ -51,6 +51,8 @@ def check_mllm(config: RunConfig) -> None:
             raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
         load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row checked
     else:
+        if config.mllm.train_dir:
+            raise ObliviateError("mllm.train_dir is MLLMU-Bench's training split, for runs on its files (mllmu_dir)")
         if config.retrain_model:
             raise ObliviateError("retrain_model is for runs on your own files (mllmu_dir); the portraits world has "
                                  "its own retrain model")
