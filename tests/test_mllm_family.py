@@ -29,11 +29,12 @@ def _png(colour) -> bytes:
 
 
 def _profile(i: int, test: bool = False) -> dict:
-    """One MLLMU-Bench row (eval.py's and data_preprocess.py's fields)."""
+    """One MLLMU-Bench row in the release's schema (the dataset card's features; eval.py's fields): one QA pair per
+    person in `question` / `answer`, no `metadata` (that is the baselines' training split's)."""
     job = ["poet", "nurse", "baker", "pilot"][i % 4]
     picture = {"bytes": _png((40 * i % 255, 90, 160)), "path": f"{i}.png"}
     row = {"ID": str(i), "biography": f"Person {i} is a {job}.",
-           "metadata": json.dumps([{"Question": "What is this person's job?", "Answer": f"This person is a {job}."}]),
+           "question": "What is this person's job?", "answer": f"This person is a {job}.",
            "Classification_Task": {
                "Image_Textual_Questions": [{"Question": "What is this person's job?",
                                             "Options": {"A": "poet", "B": "nurse", "C": "baker", "D": "pilot"},

@@ -1,12 +1,25 @@
 """A tiny LLaVA built in code for tests: a CLIP vision tower on 32x32 pictures, a projector and a 2-layer Llama, with
 a LlavaProcessor (CLIP image processor + a tokenizer trained on the portraits world's words, with an image token),
-saved with save_pretrained as a user's LLaVA folder is."""
+saved with save_pretrained as a user's LLaVA folder is; `chat_template`: the processor's (LLAVA_15_CHAT_TEMPLATE: a
+LLaVA-1.5 folder as today's transformers saves it)."""
 from __future__ import annotations
 
 import torch
 
+# The chat template llava-hf's LLaVA-1.5 processors ship (chat_template.json / chat_template.jinja, as
+# save_pretrained writes it), verbatim as transformers' own processor tests carry it: message content is a list of
+# parts, images rendered first; a plain-string content renders nothing.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
-def tiny_llava(path, data):
+
+def tiny_llava(path, data, chat_template: str | None = None):
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -27,7 +40,8 @@ def tiny_llava(path, data):
                                                       vision_feature_select_strategy="full", vision_feature_layer=-1))
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, image_token="<image>",
-                               vision_feature_select_strategy="full", num_additional_image_tokens=1)
+                               vision_feature_select_strategy="full", num_additional_image_tokens=1,
+                               chat_template=chat_template)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

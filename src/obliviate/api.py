@@ -13,10 +13,9 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     """Evaluate a transformers folder: on the user's files (forget_file + retain_file, tofu_dir or muse_dir, plus
     eval_sets with their roles, against retrain_model or retrain_eval when given), or on the profiles world's sets
     against its retrain model; a vision-language folder with `mllmu_dir` (MLLMU-Bench's files) or `world =
-    "portraits"` through its family's evaluation. `options` are run-config keys (batch size and max_logit_tokens
-    go under `eval`,
-    `template` is a name or a mapping, device, dtype, trust_remote_code), checked as a run config is. An existing
-    `out` is replaced only with `force`; an input file never is."""
+    "portraits"` through its family's evaluation. `options` are run-config keys (batch_size, max_logit_tokens and
+    retain_people go under `eval`, `template` is a name or a mapping, device, dtype, trust_remote_code), checked as a
+    run config is. An existing `out` is replaced only with `force`; an input file never is."""
     from obliviate.config import build_config
     from obliviate.evals.evaluate import compare_to_retrain
     from obliviate.runners.lm import (evaluation_of, format_record, load_model, prepare, retrain_evaluation,
@@ -29,7 +28,8 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
         raise ObliviateError(f"{model_dir} is a run folder (the changed tensors, not a model): export it first with "
                              f"`obliviate export {model_dir} OUT`, then evaluate OUT (the run's own metrics are in "
                              f"{Path(model_dir) / 'metrics.json'})")
-    eval_keys = {k: options.pop(k) for k in ("batch_size", "max_logit_tokens") if options.get(k) is not None}
+    eval_keys = {k: options.pop(k) for k in ("batch_size", "max_logit_tokens", "retain_people")
+                 if options.get(k) is not None}
     template = options.pop("template", None) or {}
     template = {"name": template} if isinstance(template, str) else dict(template)
     if (system_prompt := options.pop("system_prompt", None)) is not None:

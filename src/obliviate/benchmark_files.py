@@ -11,8 +11,9 @@
   `knowmem/forget_qa.json` and, where the release has it, `knowmem/retain_qa.json` (or `retain2_qa.json`)
   (`question`, `answer`), `privleak/forget.json` and `privleak/holdout.json` (arrays of texts). KnowMem is asked
   zero-shot in the run's format; MUSE's own scorer puts the `_icl` examples before each question (not done here).
-- MLLMU-Bench (Liu et al. 2025; hub `MLLMMU/MLLMU-Bench`): parquet folders with embedded pictures, for the
-  vision-language family (`load_mllmu`, below).
+- MLLMU-Bench (Liu et al. 2025; hub `MLLMMU/MLLMU-Bench`, and the baselines' training split, hub
+  `MLLMMU/baseline_train_split`): parquet folders with embedded pictures, for the vision-language family
+  (`load_mllmu`, below).
 
 A set's role decides how it is scored, so it is never guessed from a name it does not have: TOFU's published file
 names carry theirs (`TOFU_ROLES`), and any other file needs `role` stated (`eval_sets` in a run config).
@@ -172,12 +173,26 @@ def load_eval_set(path: str | Path, role: str | None, name: str | None = None) -
 # ---------------------------------------------------------------------------------------------------------------
 # MLLMU-Bench (Liu et al., NAACL 2025; data hub MLLMMU/MLLMU-Bench), as its eval.py reads it: one folder per set
 # (forget_5/10/15, retain_95/90/85, Test_Set, Retain_Set = the celebrities), each holding parquet files whose rows are
-# one profile: `ID`, `image` {bytes}, `metadata` (JSON list of {Question, Answer}: the fine-tuning QA, which the
-# baselines unlearn), `Classification_Task` {Image_Textual_Questions, Pure_Text_Questions: [{Question, Options
-# {A..D}, Correct_Answer}]}, `Generation_Task` and `Mask_Task` ([{Question, Ground_Truth, Type}], Type
-# "Image_Textual" or "Pure_Text"). Test_Set rows hold `images` (other pictures of the person) instead of `image`.
+# one profile: `ID`, `image` {bytes}, `biography`, `question` and `answer` (one QA pair), `Classification_Task`
+# {Image_Textual_Questions, Pure_Text_Questions: [{Question, Options {A..D}, Correct_Answer}]}, `Generation_Task` and
+# `Mask_Task` ([{Question, Ground_Truth, Type}], Type "Image_Textual" or "Pure_Text"). Test_Set rows hold `images`
+# (other pictures of the person) instead of `image`; eval.py falls back to `image` when a row has no `images`.
+# The baselines train on another release (MLLMMU/baseline_train_split, which GA.py, GA_Difference.py, ... read): the
+# same forget_N / retain_M folders, rows `image`, `ID`, `metadata` (a JSON list of {Question, Answer}: the many
+# fine-tuning QA pairs of each person, as in ft_Data), which is what unlearning should train on.
 
 MLLMU_RATIOS = {"forget05": 5, "forget10": 10, "forget15": 15}
+
+
+# Why an MLLMU-Bench run has no membership inference (recorded in the run): PrivLeak and the MIA AUC need people the
+# model never saw, and the release has none that fit. The vanilla model is fine-tuned on all 500 fictitious profiles
+# (ft_Data), the Test_Set asks about the forget people themselves (other pictures, paraphrased questions), and the
+# celebrities are real people a base model may know from pretraining, another distribution: neither the paper nor
+# the README offers a holdout, so none is made up here.
+MLLMU_NO_MEMBERSHIP = ("no membership AUC or PrivLeak: MLLMU-Bench has no never-trained people (the vanilla model is "
+                       "fine-tuned on all 500 fictitious profiles; the Test_Set asks about the forget people, the "
+                       "celebrities are real people a base model may know)")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
 @dataclass
@@ -186,6 +201,9 @@ class MLLMUData:
     retain: list
     eval_sets: dict[str, list]  # forget, test, retain, public: the three tasks' items
     images: dict[str, bytes] = field(default_factory=dict)  # picture id -> encoded image
+    unlearning_data: str = ""  # which QA pairs unlearning trains on, as the run records it
+    retain_people: dict = field(default_factory=dict)  # {"scored": n, "of": all}: the retain set's evaluated people
+    membership: str = MLLMU_NO_MEMBERSHIP  # why there is no membership inference
 
     def picture(self, image_id: str):
         import io
@@ -206,6 +224,11 @@ def _parquet_rows(folder: Path) -> tuple[list[tuple[Path, int, dict]], Path]:
         raise ObliviateError(f"no parquet files in {folder}")
     rows = []
     for path in files:
+        with open(path, "rb") as f:
+            if f.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise ObliviateError(f"{path}: a git-lfs pointer file, not the data (the clone was made without "
+                                     "git-lfs): run `git lfs install && git lfs pull` in the clone, or download it "
+                                     "with huggingface_hub's snapshot_download")
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a broken file
@@ -268,7 +291,8 @@ def _profile_items(row: dict, where: str, image_id: str) -> list:
 
 
 def _unlearning_items(row: dict, where: str, image_id: str) -> list:
-    """The profile's fine-tuning QA (`metadata`, or `question`/`answer`), asked with its picture."""
+    """The profile's fine-tuning QA (`metadata`: the baselines' training split; or the release's one
+    `question`/`answer`), asked with its picture."""
     import json
 
     from obliviate.data import VQAItem
@@ -282,21 +306,63 @@ def _unlearning_items(row: dict, where: str, image_id: str) -> list:
         pairs = [{"Question": row["question"], "Answer": row["answer"]}]
     else:
         raise ObliviateError(f"{where}: no 'metadata' (nor 'question' and 'answer') to unlearn")
-    subject = str(row["ID"])
+    if not isinstance(pairs, list):
+        raise ObliviateError(f"{where}: metadata is not a list of {{Question, Answer}}")
+    subject = str(_need(row, "ID", where))
     return [VQAItem(subject, "qa", image_id, str(p["Question"]), answer=str(p["Answer"]))
             for p in pairs if isinstance(p, dict) and p.get("Question") and p.get("Answer")]
 
 
-def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int | None = None) -> MLLMUData:
+def mllmu_train_dir(folder: str | Path, train_dir: str | Path | None = None) -> Path | None:
+    """The baselines' training split to unlearn on: `train_dir` when given (it must exist), else the release folder's
+    `baseline_train_split` when there is one, else None (the release's one QA pair per person)."""
+    if train_dir is not None:
+        if not Path(train_dir).is_dir():
+            raise ObliviateError(f"mllm.train_dir: folder not found: {train_dir}")
+        return Path(train_dir)
+    inside = Path(folder) / "baseline_train_split"
+    return inside if inside.is_dir() else None
+
+
+def _train_split(train_dir: Path, ratio: int, release_ids: dict[str, set[str]], data: "MLLMUData") -> None:
+    """Unlearning items from the baselines' training split (forget_N / retain_M, rows with `metadata`), each person
+    asked with the split's own picture; its forget and retain people must be the release's."""
+    for name, folder_name in (("forget", f"forget_{ratio}"), ("retain", f"retain_{100 - ratio}")):
+        rows, _ = _parquet_rows(train_dir / folder_name)
+        items, people = [], set()
+        for path, n, row in rows:
+            where = f"{path}: row {n}"
+            _need(row, "metadata", where)
+            subject = str(_need(row, "ID", where))
+            image_id = f"train_{name}:{subject}"
+            data.images[image_id] = _image_bytes(_need(row, "image", where), where)
+            items += _unlearning_items(row, where, image_id)
+            people.add(subject)
+        if people != release_ids[name]:
+            raise ObliviateError(f"{train_dir / folder_name}: its {len(people)} people are not the release's "
+                                 f"{len(release_ids[name])} {name} people ({len(people & release_ids[name])} "
+                                 "shared); give the training split of the same release")
+        setattr(data, name, items)
+    n_people = len({i.subject for i in data.forget})
+    data.unlearning_data = (f"the baselines' training split {train_dir} ({len(data.forget)} QA pairs of {n_people} "
+                            f"forget people, {len(data.retain)} retain pairs)")
+
+
+def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int | None = None,
+               train_dir: str | Path | None = None) -> MLLMUData:
     """MLLMU-Bench's files for a forget split (forget05 / forget10 / forget15): the forget and retain profiles' QA to
     unlearn and keep, and the evaluation sets (forget, test = the forget people on another picture, retain, public =
-    the celebrity set). A Test_Set row's picture is its first of `images` (the benchmark draws one at random)."""
+    the celebrity set). Unlearning trains on the baselines' training split (`mllmu_train_dir`) when there is one,
+    else on the release's one QA pair per person (`unlearning_data` says which). `retain_people` keeps the first N
+    retain people for evaluation (None: all, as MLLMU-Bench scores). A Test_Set row's picture is its first of
+    `images` (the benchmark draws one at random), or its `image` when it has no `images`, as eval.py falls back."""
     folder = Path(folder)
     if split not in MLLMU_RATIOS:
         raise ObliviateError(f"unknown MLLMU-Bench split '{split}'. Valid: {', '.join(MLLMU_RATIOS)}")
     ratio = MLLMU_RATIOS[split]
+    train_dir = mllmu_train_dir(folder, train_dir)
     data = MLLMUData([], [], {"forget": [], "test": [], "retain": [], "public": []})
-    forget_ids: set[str] = set()
+    release_ids: dict[str, set[str]] = {"forget": set(), "retain": set()}
     retain_seen = 0
     for name, folder_name in (("forget", f"forget_{ratio}"), ("retain", f"retain_{100 - ratio}"),
                               ("public", "Retain_Set"), ("test", "Test_Set")):
@@ -305,25 +371,40 @@ def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int |
             where = f"{path}: row {n}"
             subject = str(_need(row, "ID", where))
             if name == "test":
-                if subject not in forget_ids:
+                if subject not in release_ids["forget"]:
                     continue
-                pictures = _need(row, "images", where)
-                if not len(pictures):
-                    raise ObliviateError(f"{where}: 'images' is empty")
-                picture = pictures[0]
+                if row.get("images") is not None:
+                    if not len(row["images"]):
+                        raise ObliviateError(f"{where}: 'images' is empty")
+                    picture = row["images"][0]
+                elif row.get("image") is not None:
+                    picture = row["image"]
+                else:
+                    raise ObliviateError(f"{where}: no 'images' (nor 'image')")
             else:
                 picture = _need(row, "image", where)
             image_id = f"{name}:{subject}"
             data.images[image_id] = _image_bytes(picture, where)
+            if name in release_ids:
+                release_ids[name].add(subject)
             if name == "forget":
-                forget_ids.add(subject)
-                data.forget += _unlearning_items(row, where, image_id)
+                if train_dir is None:
+                    data.forget += _unlearning_items(row, where, image_id)
             if name == "retain":
-                data.retain += _unlearning_items(row, where, image_id)
+                if train_dir is None:
+                    data.retain += _unlearning_items(row, where, image_id)
                 retain_seen += 1
                 if retain_people and retain_seen > retain_people:
                     continue
             data.eval_sets[name] += _profile_items(row, where, image_id)
+    data.retain_people = {"scored": min(retain_seen, retain_people or retain_seen), "of": retain_seen}
+    if train_dir is not None:
+        _train_split(train_dir, ratio, release_ids, data)
+    else:
+        data.unlearning_data = (f"the release's question/answer, one per person ({len(data.forget)} forget pairs): "
+                                "no baselines' training split (mllm.train_dir, or baseline_train_split/ in the "
+                                "release folder)")
     if not data.forget:
-        raise ObliviateError(f"{folder / f'forget_{ratio}'}: no question-answer pairs to unlearn")
+        where = train_dir / f"forget_{ratio}" if train_dir else folder / f"forget_{ratio}"
+        raise ObliviateError(f"{where}: no question-answer pairs to unlearn")
     return data

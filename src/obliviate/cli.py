@@ -110,8 +110,14 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
              split: str = typer.Option("forget10", help="the split: of TOFU's release, or of the built-in world"),
              world_tofu_dir: Optional[Path] = typer.Option(None, help="the built-in world with TOFU's utility files"),
              template: str = typer.Option("auto", help="prompt format: auto, chat, qa, llama2, llama3, chatml, "
-                                                       "zephyr, phi3"),
+                                                       "zephyr, phi3, custom"),
+             tag: Optional[List[str]] = typer.Option(None, help="KEY=VALUE, a tag of a custom or named template "
+                                                               "(system_start, system_end, user_start, user_end, "
+                                                               "assistant_start, assistant_end; \\n is a newline); "
+                                                               "repeatable"),
              system_prompt: Optional[str] = typer.Option(None, help="a system prompt for the chat template"),
+             retain_people: Optional[int] = typer.Option(None, help="score the first N retain people (default: a "
+                                                                    "world's 40, all of a benchmark's files)"),
              batch_size: int = typer.Option(32, help="items per batch"),
              max_logit_tokens: int = typer.Option(4096, help="tokens of full-vocabulary logits per forward pass "
                                                              "(bounds memory)"),
@@ -132,11 +138,18 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
         for spec in eval_set or []:  # FILE or FILE:ROLE
             path, _, role = spec.rpartition(":")
             sets.append({"file": path, "role": role} if role in ROLES else {"file": spec, "role": None})
+        tags = {}
+        for spec in tag or []:  # KEY=VALUE, checked as a config's [template] table is
+            if "=" not in spec:
+                raise ObliviateError(f"--tag {spec!r} must look like KEY=VALUE (e.g. user_start='USER: ')")
+            key, value = spec.split("=", 1)
+            tags[key.strip()] = value.replace("\\n", "\n")
         result = evaluate_folder(
             model, out, force=force, split=split, world_tofu_dir=world_tofu_dir, forget_file=forget_file,
             retain_file=retain_file, tofu_dir=tofu_dir, muse_dir=muse_dir, eval_sets=sets, mllmu_dir=mllmu_dir,
             world=world,
-            retrain_model=retrain_model, retrain_eval=retrain_eval, template=template, system_prompt=system_prompt,
+            retrain_model=retrain_model, retrain_eval=retrain_eval, template={"name": template, **tags},
+            system_prompt=system_prompt, retain_people=retain_people,
             batch_size=batch_size, max_logit_tokens=max_logit_tokens, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code or None)
     except ObliviateError as e:

@@ -130,7 +130,9 @@ class TemplateConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
-    retain_people: int | None = Field(40, ge=1)  # evaluate on the first N retain people of the world
+    # evaluate on the first N retain people: a world's default is 40; benchmark files (MLLMU-Bench) score all their
+    # retain people unless this is set
+    retain_people: int | None = Field(40, ge=1)
     gradnorm: bool = False  # the GradNorm attack needs one backward pass per text
     # tokens of full-vocabulary logits a forward pass may hold: a batch is split so that its logits take about this
     # times the vocabulary times 4 bytes (4096 x 128k vocabulary: 2 GiB), whatever the batch size
@@ -147,6 +149,10 @@ class MLLMConfig(_Strict):
     few_shot: int = Field(0, ge=0, le=8)
     # a causal LM folder that rates free answers 1-10 (MLLMU-Bench's factuality score, without its paid judge)
     judge_model: str | None = None
+    # MLLMU-Bench's baselines' training split (hub MLLMMU/baseline_train_split: forget_N/ and retain_M/ parquet with
+    # each person's many QA pairs), what unlearning trains on; default: mllmu_dir/baseline_train_split when there is
+    # one, else the release's one QA pair per person (the run records which)
+    train_dir: str | None = None
 
     @field_validator("train_parts", mode="before")
     @classmethod

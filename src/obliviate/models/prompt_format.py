@@ -7,7 +7,9 @@ prompt (everything up to where the assistant's reply starts), answer, and end (t
 after a reply). So the prompt's tokens are an exact prefix of prompt + answer + end by construction: training scores
 exactly the tokens that generation produces after the same prompt, with no BPE merge across the boundary. For a chat
 template the split is read off the template itself (rendered with and without the reply), and a template that does
-not render the prompt as a prefix of the conversation is refused with one line.
+not render the prompt as a prefix of the conversation is refused with one line. A template that takes each message's
+content as a list of parts (`{"type": "text"}`, `{"type": "image"}`: vision-language processors' templates, LLaVA-1.5's
+among them) is found by rendering a probe both ways, and is given parts, as `processor.apply_chat_template` gives them.
 
 The end tokens are scored apart from the answer (`Encoded.n_end`): the likelihood of an answer counts them (TOFU and
 OpenUnlearning do), the unlearning loop's forget term does not by default (`train.forget_tokens`), and the
@@ -49,9 +51,11 @@ class PromptFormat:
     name: str
     system_prompt: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    content_parts: bool = False  # chat: the template reads message content as a list of typed parts
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "system_prompt": self.system_prompt, "tags": dict(self.tags)}
+        return {"name": self.name, "kind": self.kind, "system_prompt": self.system_prompt, "tags": dict(self.tags),
+                **({"content_parts": True} if self.content_parts else {})}
 
 
 QA = PromptFormat("qa", "qa")
@@ -76,7 +80,7 @@ def resolve(tokenizer, name: str = "auto", system_prompt: str | None = None, tag
         if not has_chat:
             raise ObliviateError("template.name = 'chat' but the tokenizer has no chat template; name one of "
                                  f"{', '.join(NAMED_TAGS)} or give custom tags")
-        fmt = PromptFormat("chat", "chat", system_prompt)
+        fmt = PromptFormat("chat", "chat", system_prompt, content_parts=_wants_content_parts(tokenizer))
     elif name == "qa":
         if system_prompt:
             raise ObliviateError("template: the raw 'qa' format has no system prompt")
@@ -114,16 +118,45 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
-def _chat_split(tokenizer, fmt: PromptFormat, question: str) -> tuple[str, str, str]:
-    """(prompt text, text between prompt and answer, end text) rendered by the tokenizer's chat template."""
-    messages = ([{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []) + [
-        {"role": "user", "content": question}]
+def _render(tokenizer, messages: list[dict], **kwargs) -> str:
     try:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as e:  # jinja raises its own errors (a template that refuses a system role, ...)
         raise ObliviateError(f"the tokenizer's chat template cannot render a question: {str(e).splitlines()[0]}"
                              ) from None
+
+
+def _wants_content_parts(tokenizer) -> bool:
+    """Whether the chat template reads a message's content as a list of parts: a probe question given as a plain
+    string is lost (LLaVA-1.5's renders "USER: ASSISTANT:") while given as a text part it is rendered. A template that
+    renders the string keeps strings (a text-only template may print a list's repr, question included)."""
+    probe = "\u2063obliviate-probe\u2063"
+    plain = [{"role": "user", "content": probe}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": probe}]}]
+    try:
+        if probe in tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True):
+            return False
+    except Exception:  # a parts-only template may fail on a string: try parts
+        pass
+    return probe in _render(tokenizer, parts, add_generation_prompt=True)
+
+
+def _message(fmt: PromptFormat, role: str, text: str, image: bool = False) -> dict:
+    if not fmt.content_parts:
+        return {"role": role, "content": text}
+    return {"role": role, "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]}
+
+
+def _chat_split(tokenizer, fmt: PromptFormat, question: str, image: bool = False) -> tuple[str, str, str]:
+    """(prompt text, text between prompt and answer, end text) rendered by the tokenizer's chat template; `image`:
+    the question has an image part before its text (templates with content parts only)."""
+    messages = ([_message(fmt, "system", fmt.system_prompt)] if fmt.system_prompt else []) + [
+        _message(fmt, "user", question, image)]
+    prompt = _render(tokenizer, messages, add_generation_prompt=True)
+    full = _render(tokenizer, messages + [_message(fmt, "assistant", _SENTINEL)])
+    if question.strip() not in prompt:
+        raise ObliviateError("the tokenizer's chat template drops the question (it renders "
+                             f"{prompt[:60]!r}); name a template or give tags instead")
     if not full.startswith(prompt) or _SENTINEL not in full[len(prompt):]:
         raise ObliviateError("the tokenizer's chat template does not render the prompt as a prefix of prompt + "
                              "answer (a reasoning template that rewrites earlier turns?); name a template instead")
@@ -132,16 +165,22 @@ def _chat_split(tokenizer, fmt: PromptFormat, question: str) -> tuple[str, str, 
     return prompt, between, end
 
 
-def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None) -> tuple[list[int], list[int],
-                                                                                          list[int]]:
-    """(prompt ids, answer ids, end ids) of a question and answer in a format; `answer=None` gives the prompt only."""
+def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None, image: bool = False
+                ) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, answer ids, end ids) of a question and answer in a format; `answer=None` gives the prompt only.
+    `image`: an image part goes before the question (a chat format with content parts; the template writes the
+    model's image token where it belongs); other formats ignore it, their caller puts the token in the text."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt.kind == "qa":
         prompt = _ids(tokenizer, QA_PROMPT.format(question=question), special=True)
         lead, end = " ", eos
     elif fmt.kind == "chat":
-        prompt_text, lead, end_text = _chat_split(tokenizer, fmt, question)
-        prompt = _ids(tokenizer, prompt_text)  # the template writes BOS itself, as apply_chat_template(tokenize=True)
+        prompt_text, lead, end_text = _chat_split(tokenizer, fmt, question, image)
+        # a tokenizer's template writes BOS itself, as apply_chat_template(tokenize=True); a processor's (content
+        # parts) gets the tokenizer's special tokens unless it wrote BOS, as processor.apply_chat_template does
+        bos = tokenizer.bos_token
+        special = fmt.content_parts and not (bos and prompt_text.startswith(bos))
+        prompt = _ids(tokenizer, prompt_text, special=special)
         end = _ids(tokenizer, end_text.rstrip()) or eos  # the newline before a next turn is not part of this one
     else:
         tags = dict(fmt.tags)

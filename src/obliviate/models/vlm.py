@@ -4,10 +4,12 @@ torchtune and TRL reuse their LM recipes for vision models with another collate 
 
 An item has a question, an answer and an `image` id (None: asked as text alone); `pictures(id)` gives the RGB array.
 The question is put in the tokenizer's prompt format (`prompt_format`), with the processor's image token first when
-the item has a picture. That one token is expanded to as many tokens as the vision tower gives features (what the
-processor does to a text), the picture becomes pixel values beside the tokens, and the collated batch carries them,
-so every method's forward pass hands them to the model (`sequences.model_inputs`). It shares the token
-sequences and batches of `sequences.py` with the causal-LM adapter, not the adapter itself."""
+the item has a picture (as an image part where the chat template takes content parts, as LLaVA-1.5's processor
+template does: the template then writes the token where the model expects it). That one token is expanded to as many
+tokens as the vision tower gives features (what the processor does to a text), the picture becomes pixel values
+beside the tokens, and the collated batch carries them, so every method's forward pass hands them to the model
+(`sequences.model_inputs`). It shares the token sequences and batches of `sequences.py` with the causal-LM adapter,
+not the adapter itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,23 +68,31 @@ class VisionEncoded(seq.Encoded):
     pixel_values: torch.Tensor | None = None  # [3, H, W], or None for a text-only item
 
 
-def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """(model, processor) from a folder that `AutoModelForImageTextToText` and `AutoProcessor` read."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_processor(path: str | Path, trust_remote_code: bool = False):
+    """The folder's `AutoProcessor`, its tokenizer prepared for batches (no model is loaded)."""
+    from transformers import AutoProcessor
 
-    from obliviate.models import check_model_folder, weights_error_message, weights_load_errors
-
-    path = check_model_folder(path)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ObliviateError(f"cannot load the processor from {path}: {str(e).splitlines()[0]}") from None
+    seq.prepare_tokenizer(processor.tokenizer)
+    return processor
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """(model, processor) from a folder that `AutoModelForImageTextToText` and `AutoProcessor` read."""
+    from transformers import AutoModelForImageTextToText
+
+    from obliviate.models import check_model_folder, weights_error_message, weights_load_errors
+
+    path = check_model_folder(path)
+    processor = load_processor(path, trust_remote_code)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
                                                             trust_remote_code=trust_remote_code)
     except weights_load_errors() as e:
         raise ObliviateError(f"cannot load model from {path}: {weights_error_message(path, e)}") from None
-    seq.prepare_tokenizer(processor.tokenizer)
     return model.to(device), processor
 
 
@@ -110,20 +120,35 @@ class VisionLanguageAdapter:
         array = self.pictures(image_id)
         return self.processor.image_processor(images=[Image.fromarray(array)], return_tensors="pt")["pixel_values"][0]
 
+    def prompt_ids(self, tokenizer, text: str, with_image: bool) -> list[int]:
+        """The prompt ids of a question in the prompt format, with the image token once (not yet expanded) when the
+        question has a picture."""
+        fmt = prompt_format.of(tokenizer)
+        if with_image and not fmt.content_parts:  # a template with content parts writes the token for an image part
+            text = f"{self.image_token}\n{text}"
+        ids = prompt_format.encode_pair(tokenizer, fmt, text, None, image=with_image)[0]
+        if with_image and ids.count(self.image_token_id) != 1:
+            raise ObliviateError(f"the prompt format put {ids.count(self.image_token_id)} image tokens in "
+                                 f"{tokenizer.decode(ids)!r}; expected one")
+        return ids
+
     def prompt(self, tokenizer, item, question: str | None = None) -> tuple[list[int], torch.Tensor | None]:
         """(prompt ids with the image token expanded, pixel values or None) asking `question` (default: the item's)
         about the item's picture, in the prompt format."""
         with_image = getattr(item, "image", None) is not None
-        text = item.question if question is None else question
-        text = f"{self.image_token}\n{text}" if with_image else text
-        ids = prompt_format.encode_pair(tokenizer, prompt_format.of(tokenizer), text, None)[0]
+        ids = self.prompt_ids(tokenizer, item.question if question is None else question, with_image)
         if not with_image:
             return ids, None
-        if ids.count(self.image_token_id) != 1:
-            raise ObliviateError(f"the prompt format put {ids.count(self.image_token_id)} image tokens in {text!r}; "
-                                 "expected one")
         at = ids.index(self.image_token_id)
         return ids[:at] + [self.image_token_id] * self.n_image_tokens + ids[at + 1:], self.pixel_values(item.image)
+
+    def format_record(self, tokenizer) -> dict:
+        """The resolved prompt format and one question with a picture and its answer as the model reads them (the
+        image token once), as a run records them; rendering it is the check `validate` runs."""
+        fmt = prompt_format.of(tokenizer)
+        _, answer, end = prompt_format.encode_pair(tokenizer, fmt, "?", "{answer}")
+        return {**fmt.describe(), "example": tokenizer.decode(self.prompt_ids(tokenizer, "{question}", True) + answer
+                                                              + end)}
 
     def encode_item(self, tokenizer, item, answer: str | None = None, max_length: int | None = 512) -> VisionEncoded:
         """The item in the prompt format, the image token (if any) expanded, answer and end tokens scored."""

@@ -42,17 +42,27 @@ def world_for(config: RunConfig):
     return PortraitsWorld(config.world)
 
 
+def benchmark_retain_people(config: RunConfig) -> int | None:
+    """Benchmark files score all their retain people (MLLMU-Bench scores its 475) unless `eval.retain_people` is set;
+    the default of 40 is a world's."""
+    return config.eval.retain_people if "retain_people" in config.eval.model_fields_set else None
+
+
 def prepare(config: RunConfig, log=print):
-    """(model folder, forget items, retain items, evaluation sets, picture source, label, world or None)."""
+    """(model folder, forget items, retain items, evaluation sets, picture source, label, world or None, data notes:
+    what a run on benchmark files records about its data)."""
+    notes: dict = {}
     if config.mllmu_dir:
         from obliviate.benchmark_files import load_mllmu
 
         if not config.model:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
-        bench = load_mllmu(config.mllmu_dir, config.split, config.eval.retain_people)
+        bench = load_mllmu(config.mllmu_dir, config.split, benchmark_retain_people(config), config.mllm.train_dir)
         model_dir = Path(config.model)
         forget, retain, sets, pictures, label, world = (bench.forget, bench.retain, bench.eval_sets, bench.picture,
                                                         f"MLLMU-Bench {config.split}", None)
+        notes = {"unlearning_data": bench.unlearning_data, "retain_people_scored": bench.retain_people["scored"],
+                 "retain_people": bench.retain_people["of"], "membership_inference": bench.membership}
     else:
         world = world_for(config)
         world.build(config.split, retrain=True, log=log)
@@ -62,7 +72,17 @@ def prepare(config: RunConfig, log=print):
         model_dir = Path(config.model) if config.model else world.full_model_dir
     if not model_dir.is_dir():
         raise ObliviateError(f"model folder not found: {model_dir}")
-    return model_dir, forget, retain, sets, pictures, label, world
+    return model_dir, forget, retain, sets, pictures, label, world, notes
+
+
+def note_lines(notes: dict) -> list[str]:
+    """The data notes as the terminal and the report say them."""
+    if not notes:
+        return []
+    return [f"unlearning on {notes['unlearning_data']}",
+            f"retain set: {notes['retain_people_scored']} of {notes['retain_people']} people scored"
+            + (" (eval.retain_people)" if notes["retain_people_scored"] < notes["retain_people"] else ""),
+            notes["membership_inference"]]
 
 
 def folder_evaluation(folder, config: RunConfig, sets, pictures, device: str) -> dict:
@@ -81,8 +101,9 @@ def evaluation_of(model, processor, sets, pictures, config: RunConfig) -> dict:
         from obliviate.models.sequences import model_device
 
         judge = load_judge(config.mllm.judge_model, str(model_device(model)), config.trust_remote_code)
-    return mllmu.evaluate(model, adapter, processor.tokenizer, sets, config.eval.batch_size, config.mllm.max_new_tokens,
-                          config.mllm.few_shot, judge)
+    result = mllmu.evaluate(model, adapter, processor.tokenizer, sets, config.eval.batch_size,
+                            config.mllm.max_new_tokens, config.mllm.few_shot, judge)
+    return {**result, "prompt_format": adapter.format_record(processor.tokenizer)}
 
 
 def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: str) -> dict:
@@ -131,7 +152,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     out = run_folder(config, started, config.split)
     checkpoints = Checkpoints.for_run(config, resume)
     with claim_run_dir(out, log=log) as folder:
-        model_dir, forget, retain, sets, pictures, label, world = prepare(config, log)
+        model_dir, forget, retain, sets, pictures, label, world, notes = prepare(config, log)
+        for line in note_lines(notes):
+            log(line)
         base = base_record(model_dir)
         if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget people
             if world is None:
@@ -149,7 +172,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             tensors = changed_tensors(model, result.trainable_names)
         metrics: dict = {"method": config.method, "split": config.split, "forget_set": label,
                          "train_parts": config.mllm.train_parts, "unlearn_seconds": round(seconds, 2),
-                         "status": "stopped" if stopped else "completed", "stopped": stopped}
+                         "status": "stopped" if stopped else "completed", "stopped": stopped,
+                         "prompt_format": vlm.VisionLanguageAdapter(processor, pictures).format_record(
+                             processor.tokenizer), **({"mllmu_data": notes} if notes else {})}
         evaluation = retrain_eval = None
         if config.evaluate:
             from obliviate.evals.mllmu import compare_to_retrain
@@ -181,7 +206,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             from safetensors.torch import save_file
             save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
         from obliviate.bench.report import write_run_report
-        write_run_report(tmp, metrics, history)
+        write_run_report(tmp, metrics, history, notes=note_lines(notes))
     checkpoints.done()
     distributed.finish()
     if stopped:
@@ -201,7 +226,7 @@ def evaluate_model(config: RunConfig, out: Path) -> dict:
 
     check_mllm(config)
     device = resolve_device(config.device)
-    model_dir, _, _, sets, pictures, label, world = prepare(config, log=lambda *_: None)
+    model_dir, _, _, sets, pictures, label, world, notes = prepare(config, log=lambda *_: None)
     result = folder_evaluation(model_dir, config, sets, pictures, device)
     reference = None
     if world is not None:
@@ -211,6 +236,7 @@ def evaluate_model(config: RunConfig, out: Path) -> dict:
     if reference is not None:
         result = compare_to_retrain(result, reference)
     result["forget_set"] = label
+    result.update({"mllmu_data": notes} if notes else {})
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     return result

@@ -1,5 +1,6 @@
 """`obliviate validate` for vision-language runs: everything `run` (runners/mllm.py `prepare`) would reject, checked
-cheaply before any training: no model is loaded and no world is built."""
+cheaply before any training: no model is loaded (a folder's processor is, to render the prompt format) and no world
+is built."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,19 @@ def check_vlm_folder(folder: str | Path) -> Path:
         raise ObliviateError(f"{folder}: no processor (processor_config.json or preprocessor_config.json); a "
                              "vision-language run needs the model's AutoProcessor saved beside it")
     return folder
+
+
+def check_prompt_format(folder: str | Path, config: RunConfig) -> None:
+    """What `run` renders before it trains: the folder's processor (no model loaded) puts a question with a picture in
+    the run's prompt format, so a template that drops the question or the image token fails here as it would there."""
+    import numpy as np
+
+    from obliviate.models import prompt_format, vlm
+
+    processor = vlm.load_processor(folder, config.trust_remote_code)
+    tokenizer, t = processor.tokenizer, config.template
+    prompt_format.use(tokenizer, prompt_format.resolve(tokenizer, t.name, t.system_prompt, t.tags()))
+    vlm.VisionLanguageAdapter(processor, lambda _: np.zeros((8, 8, 3), np.uint8)).format_record(tokenizer)
 
 
 def check_mllm(config: RunConfig) -> None:
@@ -35,8 +49,10 @@ def check_mllm(config: RunConfig) -> None:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
         if getattr(method, "from_world", False):
             raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
-        load_mllmu(config.mllmu_dir, config.split)  # every file read and every row checked
+        load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row checked
     else:
+        if config.mllm.train_dir:
+            raise ObliviateError("mllm.train_dir is MLLMU-Bench's training split, for runs on its files (mllmu_dir)")
         if config.retrain_model:
             raise ObliviateError("retrain_model is for runs on your own files (mllmu_dir); the portraits world has "
                                  "its own retrain model")
@@ -47,6 +63,7 @@ def check_mllm(config: RunConfig) -> None:
     for folder in (config.model, config.retrain_model):
         if folder:
             check_vlm_folder(folder)
+            check_prompt_format(folder, config)
     if config.mllm.judge_model:
         check_model_folder(config.mllm.judge_model)
     check_run_folder(config)
