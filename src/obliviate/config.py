@@ -355,7 +355,8 @@ def build_config(data: dict, source: str = "config") -> RunConfig:
 PATH_KEYS = ((None, "model"), (None, "forget_prompts"), (None, "retain_prompts"), (None, "mllmu_dir"),
              (None, "forget_file"), (None, "retain_file"), (None, "tofu_dir"), (None, "muse_dir"),
              (None, "retrain_model"), (None, "retrain_eval"), (None, "idk_file"), (None, "output_dir"),
-             ("world", "tofu_dir"), ("world", "cache_dir"), ("mllm", "judge_model"), ("eval_sets", "file"))
+             ("world", "tofu_dir"), ("world", "cache_dir"), ("mllm", "judge_model"), ("mllm", "train_dir"),
+             ("t2i", "clip_model"), ("t2i", "detector"), ("eval_sets", "file"))
 
 
 def resolve_paths(data: dict, base: str | Path) -> dict:
