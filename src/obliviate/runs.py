@@ -682,6 +682,7 @@ def evaluation_cache(family: str, base: dict, settings, cache_dir: str | None = 
 
     from obliviate import __version__
     from obliviate.config import cache_root
+    from obliviate.evals import PROTOCOL
 
     folder = Path(base["base_model"])
     other = {}
@@ -694,7 +695,7 @@ def evaluation_cache(family: str, base: dict, settings, cache_dir: str | None = 
                     h.update(chunk)
             other[rel.as_posix()] = h.hexdigest()
     content = content_key([base["base_weights_sha256"], other])[:12]
-    key = content_key([settings, __version__])[:12]
+    key = content_key([settings, __version__, PROTOCOL])[:12]
     return cache_root(cache_dir) / "evaluations" / f"{family}-{folder.name}-{content}" / f"eval-{key}.json"
 
 

@@ -58,9 +58,11 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
 
 def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute) -> dict:
     """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
+    from obliviate.evals import PROTOCOL
     from obliviate.runs import cached_json
 
-    key = hashlib.sha256(json.dumps([split, eval_config.model_dump()], sort_keys=True).encode()).hexdigest()[:10]
+    settings = [split, eval_config.model_dump(), PROTOCOL]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return cached_json(world.root / f"eval-{name}-{split}-{key}.json", compute)
 
 

@@ -108,9 +108,11 @@ def evaluation_of(model, processor, sets, pictures, config: RunConfig) -> dict:
 
 def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: str) -> dict:
     """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
+    from obliviate.evals import PROTOCOL
     from obliviate.runs import cached_json
 
-    settings = [config.split, config.eval.model_dump(), config.mllm.max_new_tokens, config.template.model_dump()]
+    settings = [config.split, config.eval.model_dump(), config.mllm.max_new_tokens, config.template.model_dump(),
+                PROTOCOL]
     settings += [config.mllm.few_shot] if config.mllm.few_shot else []
     settings += [config.mllm.judge_model] if config.mllm.judge_model else []
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
