@@ -37,6 +37,17 @@ def uses_user_data(config: RunConfig) -> bool:
     return bool(config.forget_file or config.retain_file or config.tofu_dir or config.muse_dir)
 
 
+def forgets(config: RunConfig) -> str:
+    """What a run forgets, in words: the world's split, or the user's data (TOFU's split, a MUSE corpus, a file)."""
+    if config.tofu_dir:
+        return f"TOFU's {config.split} ({config.tofu_dir})"
+    if config.muse_dir:
+        return f"the MUSE corpus {config.muse_dir}"
+    if config.forget_file:
+        return f"forget file {config.forget_file}"
+    return f"split {config.split}"
+
+
 def subject_of(config: RunConfig) -> str:
     """What a run forgets, in its folder name: the world's split, TOFU's split, the MUSE corpus or the forget file."""
     if config.tofu_dir:
