@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 try:
-    import tomllib
+    import tomllib  # novermin (tomli below on 3.10)
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 

@@ -274,7 +274,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _toml():
     try:
-        import tomllib
+        import tomllib  # novermin (tomli below on 3.10)
     except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (a dependency there)
         import tomli as tomllib
     return tomllib
