@@ -180,7 +180,8 @@ def test_export_writes_a_model_card(user_run, tmp_path):
     assert card.data.base_model is None  # a local base: no Hub id to claim
     metrics = json.loads((run_dir / "metrics.json").read_text())
     text = card.text
-    assert f"forgotten: forget file {forget}" in text and "method: **NPO**" in text
+    assert f"forgotten: forget file {forget.name}" in text and "method: **NPO**" in text
+    assert str(forget.parent) not in text  # the user's folders stay off a published card
     assert "learning rate 0.001" in text and "2 steps" in text and "`beta = 0.2`" in text
     shown = [m for m in METRICS.values() if m.header and m.better and isinstance(metrics.get(m.name), (int, float))]
     assert {"forget_accuracy", "retain_accuracy"} <= {m.name for m in shown}

@@ -55,8 +55,7 @@ def validate(path: str):
 # ---- language model ------------------------------------------------------------------------------------------------
 
 def test_valid_configs_still_say_ok(tmp_path, lm_files, t2i_files):
-    for keys, subject in ((lm_files, f"forget file {lm_files['forget_file']})"), ({"split": "forget05"},
-                                                                                "split forget05"),
+    for keys, subject in ((lm_files, "forget file forget.jsonl)"), ({"split": "forget05"}, "split forget05"),
                           (t2i_files, "concept striped"), ({"concept": "star"}, "concept star")):
         r = validate(config(tmp_path, "GradDiff", keys, {"name": "canvas"} if keys.get("concept") == "star" else None))
         assert r.exit_code == 0 and r.output.startswith("ok: ") and subject in r.output, r.output

@@ -38,13 +38,14 @@ def uses_user_data(config: RunConfig) -> bool:
 
 
 def forgets(config: RunConfig) -> str:
-    """What a run forgets, in words: the world's split, or the user's data (TOFU's split, a MUSE corpus, a file)."""
+    """What a run forgets, in words: the world's split, or the user's data (TOFU's split, a MUSE corpus, a file), by
+    name only (it goes on a published model card, where the user's folders have no place)."""
     if config.tofu_dir:
-        return f"TOFU's {config.split} ({config.tofu_dir})"
+        return f"TOFU's {config.split}"
     if config.muse_dir:
-        return f"the MUSE corpus {config.muse_dir}"
+        return f"the MUSE corpus {Path(config.muse_dir).name}"
     if config.forget_file:
-        return f"forget file {config.forget_file}"
+        return f"forget file {Path(config.forget_file).name}"
     return f"split {config.split}"
 
 
