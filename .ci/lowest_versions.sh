@@ -23,7 +23,7 @@ if [ ! -f "$VENV/.installed" ]; then
   touch "$VENV/.installed"
   echo "installed in $(( $(date +%s) - start )) s"
 fi
-"$VENV/bin/vermin" --no-tips --violations --eval-annotations -t=3.10- src tests .ci
+"$VENV/bin/python" -m vermin --no-tips --violations --eval-annotations -t=3.10- src tests .ci
 # the smoke subset: the CLI and config (TOML through tomli's API), the adapters and prompt formats, a run, export
 # and attack per family on tiny models, and this packaging's own tests
 [ $# -gt 0 ] || set -- tests/test_packaging.py tests/test_cli_and_config.py tests/test_adapter.py tests/test_t2i_runs.py
