@@ -24,8 +24,9 @@ if [ ! -f "$VENV/.installed" ]; then
   echo "installed in $(( $(date +%s) - start )) s"
 fi
 "$VENV/bin/python" -m vermin --no-tips --violations --eval-annotations -t=3.10- src tests .ci
-# the smoke subset: the CLI and config (TOML through tomli's API), the adapters and prompt formats, a run, export
-# and attack per family on tiny models, and this packaging's own tests
-[ $# -gt 0 ] || set -- tests/test_packaging.py tests/test_cli_and_config.py tests/test_adapter.py tests/test_t2i_runs.py
+# the smoke subset: this packaging's own tests (the CLI, extras, a language-model run, export with its card, the
+# curves), the config, the language-model and vision-language adapters, the chat templates, text-to-image runs
+[ $# -gt 0 ] || set -- tests/test_packaging.py tests/test_cli_and_config.py tests/test_adapter.py \
+  tests/test_templates.py tests/test_vlm_adapter.py tests/test_t2i_runs.py
 PYTHONPATH=$PWD/src OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 echo "lowest versions: $(( $(date +%s) - start )) s in all"
