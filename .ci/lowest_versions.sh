@@ -23,7 +23,7 @@ if [ ! -f "$VENV/.installed" ]; then
   touch "$VENV/.installed"
   echo "installed in $(( $(date +%s) - start )) s"
 fi
-"$VENV/bin/python" -m vermin --no-tips --violations --eval-annotations -t=3.10- src tests .ci
+"$VENV/bin/vermin" --no-tips --violations --eval-annotations -t=3.10- src tests .ci
 # the smoke subset: this packaging's own tests (the CLI, extras, a language-model run, export with its card, the
 # curves), the config, the language-model and vision-language adapters, the chat templates, text-to-image runs
 [ $# -gt 0 ] || set -- tests/test_packaging.py tests/test_cli_and_config.py tests/test_adapter.py \
