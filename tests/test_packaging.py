@@ -33,6 +33,15 @@ def test_version_and_short_help():
     assert "--push-to-hub" in runner.invoke(app, ["export", "-h"]).output
 
 
+def test_help_and_version_stay_instant():
+    code = ("import sys; from typer.testing import CliRunner; from obliviate.cli import app; "
+            "[CliRunner().invoke(app, a) for a in (['--help'], ['-h'], ['--version'], ['export', '-h'])]; "
+            "print([m for m in ('torch', 'transformers', 'diffusers', 'huggingface_hub') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    assert out.strip() == "[]", out
+
+
 def _complete(words: str, cword: int) -> list[str]:
     """What bash completion offers (the protocol typer's --install-completion script speaks)."""
     env = {**os.environ, "PYTHONPATH": SRC, "_OBLIVIATE_COMPLETE": "complete_bash", "COMP_WORDS": words,
