@@ -9,7 +9,7 @@ FULL_SIZE ?=
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[all,test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,4 +23,8 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-.PHONY: install demo test test-slow
+# the lowest versions pyproject.toml declares, in their own environment, and the minimum Python (.ci/)
+test-lowest:
+	bash .ci/lowest_versions.sh
+
+.PHONY: install demo test test-slow test-lowest

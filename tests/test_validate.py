@@ -55,10 +55,12 @@ def validate(path: str):
 # ---- language model ------------------------------------------------------------------------------------------------
 
 def test_valid_configs_still_say_ok(tmp_path, lm_files, t2i_files):
-    for keys, subject in ((lm_files, "split forget10"), ({"split": "forget05"}, "split forget05"),
+    for keys, subject in ((lm_files, "forget file forget.jsonl)"), ({"split": "forget05"}, "split forget05"),
                           (t2i_files, "concept striped"), ({"concept": "star"}, "concept star")):
         r = validate(config(tmp_path, "GradDiff", keys, {"name": "canvas"} if keys.get("concept") == "star" else None))
         assert r.exit_code == 0 and r.output.startswith("ok: ") and subject in r.output, r.output
+        # a run on the user's own files names them, not the built-in world's default split
+        assert keys is not lm_files or "split" not in r.output, r.output
     assert not (tmp_path / "runs").exists()  # validate writes nothing
 
 

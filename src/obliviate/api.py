@@ -101,13 +101,19 @@ def _check_out_file(out: Path, inputs: list[Path], folders: dict[str, Path], for
         raise ObliviateError(f"--out {out} already exists; pass --force to overwrite it")
 
 
-def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
+def export_run(run_dir: Path, out: Path, base: Path | None = None, push_to_hub: str | None = None,
+               private: bool = False) -> Path:
     """Apply a run's changed.safetensors to its base model and save the result as a full model folder (a
-    transformers folder, or a diffusers pipeline folder), through the run's family. The base is the one the run
-    recorded (its absolute path) or `base`; either way its weight files must be those the run started from."""
+    transformers folder, or a diffusers pipeline folder), through the run's family, with a model card (README.md:
+    the base, what was forgotten, the method and settings, the headline metrics). The base is the one the run
+    recorded (its absolute path) or `base`; either way its weight files must be those the run started from.
+    `push_to_hub`: a Hub repository id (USER/NAME) to upload the folder to (`private`: a new repository is private)."""
+    import shutil
+
     from obliviate.data import read_json_file
     from obliviate.families import get
-    from obliviate.runs import check_base
+    from obliviate.hub import HUB_ID, model_card
+    from obliviate.runs import atomic_write, check_base
 
     run_dir, out = Path(run_dir), Path(out)
     changed_path = run_dir / "changed.safetensors"
@@ -115,6 +121,8 @@ def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
         raise ObliviateError(f"no changed.safetensors in {run_dir} (is it a run folder?)")
     if out.exists():
         raise ObliviateError(f"output folder already exists: {out}")
+    if push_to_hub is not None and not HUB_ID.fullmatch(push_to_hub):
+        raise ObliviateError(f"--push-to-hub {push_to_hub!r}: a Hub repository id looks like USER/NAME")
     family = read_run_config(run_dir).family
     env_path = run_dir / "environment.json"
     recorded = read_json_file(env_path, "run record") if env_path.is_file() else {}
@@ -127,7 +135,18 @@ def export_run(run_dir: Path, out: Path, base: Path | None = None) -> Path:
     if not Path(base).is_dir():
         raise ObliviateError(f"base model folder not found: {base}")
     check_base(recorded, base)
-    return get(family).load("export")(changed_path, Path(base), out)
+    card = model_card(run_dir, Path(base), push_to_hub or out.name)  # before the export: a bad record fails at once
+    get(family).load("export")(changed_path, Path(base), out)
+    try:
+        atomic_write(out / "README.md", str(card))
+    except BaseException:  # an export without its card is not the one asked for: nothing half-written stays
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if push_to_hub is not None:
+        from obliviate.hub import push_to_hub as push
+
+        push(out, push_to_hub, private=private, commit_message=f"obliviate export of {run_dir.name}")
+    return out
 
 
 def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: dict | None = None, log=print,

@@ -10,10 +10,30 @@ import typer
 
 from obliviate.errors import ObliviateError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+HELP = {"help_option_names": ["-h", "--help"]}
+# typer's completion options: --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP,
                   help="Machine unlearning for generative models, with honest evidence.")
-world_app = typer.Typer(no_args_is_help=True, help="Build the built-in worlds.")
+world_app = typer.Typer(no_args_is_help=True, context_settings=HELP, help="Build the built-in worlds.")
 app.add_typer(world_app, name="world")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"obliviate {version('obliviate')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from obliviate import __version__
+            typer.echo(f"obliviate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Machine unlearning for generative models, with honest evidence."""
 
 
 def _fail(e: Exception) -> None:
@@ -36,9 +56,16 @@ def _quiet(flag: bool) -> None:
     progress.set_enabled(not flag)
 
 
+def _kinds() -> list[str]:
+    from obliviate.registry import KINDS
+    return [*KINDS, "all"]
+
+
 @app.command("ls")
-def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | metrics | attacks | worlds | all")):
-    """List registered methods, metrics, attacks and worlds, one line each with the paper."""
+def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | mllm-methods | metrics | attacks | worlds | "
+                                              "all", autocompletion=_kinds)):
+    """List registered methods, metrics, attacks and worlds, one line each with the paper; `ls attacks` also lists
+    each attack's options with their defaults (`obliviate attack RUN -a NAME key=value`)."""
     from obliviate.registry import KINDS
 
     kinds = list(KINDS) if kind == "all" else [kind]
@@ -48,6 +75,26 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | metrics |
         typer.echo(f"{k}:")
         for e in KINDS[k].values():
             typer.echo(f"  {e.name:<22} {e.description}" + (f"  [{e.paper}]" if e.paper else ""))
+            if kind == "attacks":  # asked for alone: worth importing the attacks (torch) for their options
+                typer.echo(_attack_options(e))
+    if kind == "all":
+        typer.echo("(each attack's options: obliviate ls attacks)")
+
+
+def _attack_options(entry) -> str:
+    """An attack's Config fields as `key=default`, wrapped under its line."""
+    import dataclasses
+    import textwrap
+
+    def default(f):
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+
+    options = [f"{f.name}={default(f)!r}" if isinstance(default(f), str) else f"{f.name}={default(f)}"
+               for f in dataclasses.fields(entry.load().Config) if not f.name.startswith("_")]
+    return textwrap.fill("  ".join(options) or "(no options)", width=110, initial_indent=" " * 27, subsequent_indent=" " * 27,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 @app.command()
@@ -61,16 +108,18 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
         from obliviate.methods.common import instantiate
         from obliviate.registry import lookup_method
 
+        from obliviate.tracking import check as check_report_to
+
         cfg = load_config(config, overrides or [])
         family = get(cfg.family)
+        check_report_to(cfg)  # train.report_to names a package that is installed
         instantiate(lookup_method(cfg.family, cfg.method), cfg.method_args)
         family.load("check")(cfg)  # the model folder, data files, split or concept, run folder: what `run` rejects
         from obliviate.runs import resolve_device
         resolve_device(cfg.device)  # a CUDA device on a machine without one
     except ObliviateError as e:
         _fail(e)
-    typer.echo(f"ok: {config} ({family.title} run, method {cfg.method}, {family.subject} "
-               f"{getattr(cfg, family.subject)})")
+    typer.echo(f"ok: {config} ({family.title} run, method {cfg.method}, {family.describe(cfg)})")
 
 
 @app.command()
@@ -170,8 +219,11 @@ def world_build(name: str = typer.Argument("profiles"), split: str = typer.Optio
     _quiet(quiet)
     try:
         from obliviate.config import WorldConfig
+        from obliviate.families import family_of_world, require_extra
         from obliviate.registry import WORLDS, lookup
         entry = lookup(WORLDS, name, "world")
+        family = family_of_world(entry.name)
+        require_extra(family.extra, *family.needs)
         if entry.name == "canvas":
             world = entry.load().from_config(WorldConfig(name="canvas", seed=seed))
             world.build()
@@ -219,14 +271,21 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="output folder"),
 
 @app.command()
 def export(run_dir: Path, out: Path, base: Optional[Path] = typer.Option(None, help="base model folder (default: "
-                                                                         "the one recorded in the run)")):
-    """Write a full transformers folder: the run's base model with its changed tensors applied."""
+                                                                         "the one recorded in the run)"),
+           push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="USER/NAME",
+                                                     help="upload the exported folder to this Hugging Face Hub "
+                                                          "repository (huggingface_hub's token: HF_TOKEN or "
+                                                          "`huggingface-cli login`)"),
+           private: bool = typer.Option(False, "--private", help="with --push-to-hub: a new repository is private")):
+    """Write a full model folder (transformers, or a diffusers pipeline): the run's base model with its changed
+    tensors applied, and a model card (README.md) recording the base, what was forgotten, the method and settings
+    and the headline metrics."""
     try:
         from obliviate.api import export_run
-        export_run(run_dir, out, base)
+        export_run(run_dir, out, base, push_to_hub=push_to_hub, private=private)
     except ObliviateError as e:
         _fail(e)
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {out}" + (f" and pushed it to https://huggingface.co/{push_to_hub}" if push_to_hub else ""))
 
 
 @app.command()

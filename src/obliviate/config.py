@@ -82,6 +82,9 @@ class TrainConfig(_Strict):
     # slice at a time under activation checkpointing (the likelihood-based methods; KL-based terms still hold the
     # batch's logits). None: the whole batch at once
     max_logit_tokens: int | None = Field(None, ge=16)
+    # training curves besides history.json, as HF Trainer's report_to: TensorBoard event files in
+    # OUTPUT_DIR/tensorboard/<run>, or a Weights & Biases run (obliviate/tracking.py)
+    report_to: Literal["none", "tensorboard", "wandb"] | list[Literal["tensorboard", "wandb"]] = "none"
 
 
 class LoraConfig(_Strict):
@@ -300,15 +303,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_config_file(path: str | Path) -> dict:
-    import tomllib
+def _toml():
+    try:
+        import tomllib  # novermin (tomli below on 3.10)
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (a dependency there)
+        import tomli as tomllib
+    return tomllib
 
+
+def read_config_file(path: str | Path) -> dict:
     import yaml
 
     from obliviate.data import read_text_file
 
     path = Path(path)
     text = read_text_file(path, "config file")
+    tomllib = _toml()
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

@@ -7,9 +7,22 @@ so reading this table is instant."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from obliviate.errors import ObliviateError
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """One line naming the pip extra that brings `modules` when one is not installed (the core install serves
+    language models; pyproject.toml's extras add the rest). Looks for the modules without importing them."""
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            raise ObliviateError(f"{module.split('.')[0]} is not installed: pip install 'obliviate[{extra}]'")
 
 
 @dataclass(frozen=True)
@@ -30,9 +43,21 @@ class Family:
     reuses: tuple[str, ...] = ()  # families whose loop and methods it runs through its own adapter
     evaluate: str = ""  # (RunConfig, out file) -> evaluation, for `obliviate eval` (empty: the language-model one)
     attack: str = ""  # (run folder, attack name, options, log) -> result, for `obliviate attack` (empty: none yet)
+    forgets: str = ""  # RunConfig -> what the run forgets, in words (empty: "<subject> <value>", e.g. "concept star")
+    extra: str = ""  # the pip extra that installs `needs` (pyproject.toml); empty: the core install serves it
+    needs: tuple[str, ...] = ()  # modules the family imports beyond the core install
+    hub: tuple[str, str] = ("transformers", "text-generation")  # an export's library and pipeline tag on the Hub
+
+    def describe(self, config) -> str:
+        """What a run of this family forgets, in words: `obliviate validate`'s and the model card's."""
+        if self.forgets:
+            return self.load("forgets")(config)
+        return f"{self.subject} {getattr(config, self.subject)}"
 
     def load(self, part: str):
-        """The object behind one of the contract's parts, e.g. family.load("runner")."""
+        """The object behind one of the contract's parts, e.g. family.load("runner"); a family whose extra is not
+        installed stops here with one line naming it."""
+        require_extra(self.extra, *self.needs)
         module, _, attr = getattr(self, part).partition(":")
         mod = importlib.import_module(module)
         return getattr(mod, attr) if attr else mod
@@ -45,7 +70,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
            fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval", "template", "tofu_dir",
                    "muse_dir", "eval_sets", "retrain_model", "retrain_eval"), subject="split",
-           attack="obliviate.runners.lm_attack:attack_run"),
+           attack="obliviate.runners.lm_attack:attack_run", forgets="obliviate.runners.lm_data:forgets"),
     # reuses the language-model loop and methods through its own adapter (the loop takes an adapter)
     Family("mllm", "vision-language model", adapter="obliviate.models.vlm", loop="obliviate.loops.lm:unlearn",
            make_method="obliviate.runners.mllm:make_method", method_base="obliviate.methods.lm.base:Method",
@@ -53,14 +78,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            check="obliviate.runners.mllm_checks:check_mllm", demo="obliviate.demo.mllm:run_part",
            worlds=("portraits",), fields=("split", "idk_file", "lora", "eval", "template", "retrain_model", "mllm",
                                           "mllmu_dir"), subject="split", reuses=("lm",),
-           evaluate="obliviate.runners.mllm:evaluate_model"),
+           evaluate="obliviate.runners.mllm:evaluate_model", extra="mllm", needs=("pyarrow", "torchmetrics"),
+           hub=("transformers", "image-text-to-text")),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
            make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
            check="obliviate.runners.t2i_checks:check_t2i",
            demo="obliviate.demo.t2i:run_part", worlds=("canvas",),
            fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept",
-           attack="obliviate.runners.t2i_attack:attack_run"),
+           attack="obliviate.runners.t2i_attack:attack_run", extra="t2i", needs=("diffusers", "torchmetrics"),
+           hub=("diffusers", "text-to-image")),
 )}
 
 

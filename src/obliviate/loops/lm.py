@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from obliviate import progress
+from obliviate import progress, tracking
 from obliviate.config import LoraConfig, TrainConfig
 from obliviate.data import QAItem, TextItem, check_disjoint
 from obliviate.errors import ObliviateError
@@ -223,6 +223,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
                 stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)
                 break
             history.append(logs)
+            tracking.log(logs)  # train.report_to
             checkpoints.save(step, params, opt, sched, history)
             advance(loss=logs["loss"])
         if not stopped and history:  # the last update has no later loss to prove it: probe it

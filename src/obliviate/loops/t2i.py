@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from obliviate import progress
+from obliviate import progress, tracking
 from obliviate.config import TrainConfig
 from obliviate.errors import ObliviateError
 from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, gradient_step,
@@ -163,6 +163,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                     stopped = guard.restore(stopped, probe=lambda: method.losses(ctx, unet, f, r).total)
                     break
                 history.append(logs)
+                tracking.log(logs)  # train.report_to
                 checkpoints.save(step, params, opt, sched, history, {"generator": gen.get_state()})
                 advance(loss=logs["loss"])
             if not stopped and history:  # the last update has no later loss to prove it: probe it

@@ -37,6 +37,18 @@ def uses_user_data(config: RunConfig) -> bool:
     return bool(config.forget_file or config.retain_file or config.tofu_dir or config.muse_dir)
 
 
+def forgets(config: RunConfig) -> str:
+    """What a run forgets, in words: the world's split, or the user's data (TOFU's split, a MUSE corpus, a file), by
+    name only (it goes on a published model card, where the user's folders have no place)."""
+    if config.tofu_dir:
+        return f"TOFU's {config.split}"
+    if config.muse_dir:
+        return f"the MUSE corpus {Path(config.muse_dir).name}"
+    if config.forget_file:
+        return f"forget file {Path(config.forget_file).name}"
+    return f"split {config.split}"
+
+
 def subject_of(config: RunConfig) -> str:
     """What a run forgets, in its folder name: the world's split, TOFU's split, the MUSE corpus or the forget file."""
     if config.tofu_dir:

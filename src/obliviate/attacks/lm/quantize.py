@@ -80,6 +80,10 @@ class Quantize(QuestionAttack):
     Config = QuantizeConfig
     bits = 4
 
+    def check(self, target: Target) -> None:
+        from obliviate.families import require_extra
+        require_extra("attacks", "optimum.quanto")
+
     def prompts(self, target: Target, model, tokenizer):
         return {f"int{self.bits}": ([i.question for i in target.forget], None)}
 
