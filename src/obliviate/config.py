@@ -77,6 +77,10 @@ class TrainConfig(_Strict):
     # slice at a time under activation checkpointing (the likelihood-based methods; KL-based terms still hold the
     # batch's logits). None: the whole batch at once
     max_logit_tokens: int | None = Field(None, ge=16)
+    # language models under several processes: "fsdp" shards the parameters, their gradients and the AdamW state
+    # over the processes (PyTorch FSDP2, obliviate/sharding.py), so a model too big for one device trains; "no": data
+    # parallel, every process holds the whole model
+    shard: Literal["no", "fsdp"] = "no"
 
 
 class LoraConfig(_Strict):

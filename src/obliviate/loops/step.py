@@ -96,10 +96,17 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
     method when it says how, e.g. the restricted gradient), an optional 0/1 mask per parameter (SalUn), clipping.
     Returns why the loop must stop (a non-finite loss, gradient or update), else None; the loop then calls
     `guard.restore`."""
-    from obliviate import distributed
+    from obliviate import distributed, sharding
 
+    sharded = sharding.is_sharded(params[0])  # FSDP2 (train.shard): its reduce-scatter has averaged the gradients
     opt.zero_grad(set_to_none=True)
-    if method.combine_gradients is not None and parts.retain is not None:
+    if method.combine_gradients is not None and parts.retain is not None and sharded:
+        g_f, g_r = sharding.two_backward_gradients(parts, params)
+        combined, extra = method.combine_gradients(g_f, g_r)  # dot products and norms summed over the shards
+        logs.update(extra)
+        for p, g in zip(params, combined):
+            p.grad = g
+    elif method.combine_gradients is not None and parts.retain is not None:
         g_f = torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True)
         g_r = torch.autograd.grad(parts.retain, params, allow_unused=True)
         g_f = [torch.zeros_like(p) if g is None else g for g, p in zip(g_f, params)]
@@ -112,7 +119,8 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
             p.grad = g
     else:
         parts.total.backward()
-        distributed.average([p.grad for p in params])
+        if not sharded:
+            distributed.average([p.grad for p in params])
     if distributed.active():  # every process logs, checks and stops on the global loss
         loss = torch.tensor([logs["loss"]], dtype=torch.float64, device=params[0].device)
         distributed.average([loss])
@@ -123,7 +131,8 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
                 p.grad.mul_(m)
     if not math.isfinite(logs["loss"]):
         return f"non-finite loss at step {step}"
-    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+    if not (sharding.all_finite([p.grad for p in params]) if sharded
+            else all(p.grad is None or torch.isfinite(p.grad).all() for p in params)):
         return f"non-finite gradient at step {step}"
     guard.mark_good(step)
     if train.max_grad_norm:
@@ -141,7 +150,7 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
             for p, s, m in zip(params, before, grad_mask):
                 if m is not None:
                     p.copy_(torch.where(m.bool(), p, s))
-    if guard.enabled and not all(torch.isfinite(p).all() for p in params):
+    if guard.enabled and not (sharding.all_finite(params) if sharded else all(torch.isfinite(p).all() for p in params)):
         return f"parameters became non-finite at step {step}"
     return None
 
