@@ -217,10 +217,10 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             advance(loss=logs["loss"])
         if not stopped and history:  # the last update has no later loss to prove it: probe it
             stopped = guard.check_final(lambda: method.losses(model, reference, f, r).total)
+    for p in params:  # the last step's gradients would stay alive through evaluation and saving: one more model
+        p.grad = None
     if sharded:  # every process gathers the full tensors into an ordinary model (evaluation, the changed tensors)
         opt.state.clear()
-        for p in params:
-            p.grad = None
         model = sharding.gather(model, plain, device)
         was_trainable = {id(p): p.requires_grad for p in model.parameters()}  # the skeleton kept the given flags
     model.eval()
