@@ -62,3 +62,29 @@ def test_the_unlearned_model_carries_no_gradients(tiny_lm):
     result = unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", TrainConfig(max_steps=2, lr=1e-3))
     assert all(p.grad is None for p in result.model.parameters())
     assert all(p.requires_grad for p in result.model.parameters())  # trainable again, as it was given
+
+
+_FRAGMENTS = r"""
+import sys, torch
+if sys.argv[1] == "cli":
+    import obliviate.cli  # noqa: F401  (what the `obliviate` command runs first)
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+big = torch.ones(16 * 2**20 // 4); del big   # freeing a mapped 16 MB block raises glibc's threshold to 16 MB
+base = rss_mib()
+kept = [torch.ones(4 * 2**20 // 4) for _ in range(100)]  # 400 MB of 4 MB blocks, like a step's activations
+last = kept[-1]
+del kept  # all freed but the last, which pins the top of the heap
+print(round(rss_mib() - base))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc")
+def test_the_command_line_gives_freed_tensor_memory_back():
+    import subprocess
+    import sys
+
+    held = {how: int(subprocess.run([sys.executable, "-c", _FRAGMENTS, how], capture_output=True, text=True,
+                                    check=True).stdout.strip()) for how in ("plain", "cli")}
+    assert held["plain"] > 300  # the heap kept what was freed: glibc's default behaviour
+    assert held["cli"] < 50

@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 
 from obliviate.errors import ObliviateError
+from obliviate.memory import return_freed_memory
 
+return_freed_memory()  # the command line's runs give freed tensor memory back to the system (memory.py)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Machine unlearning for generative models, with honest evidence.")
 world_app = typer.Typer(no_args_is_help=True, help="Build the built-in worlds.")
