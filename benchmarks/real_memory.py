@@ -9,8 +9,8 @@ in its own process under /usr/bin/time -v (the number is the process's peak resi
 against the accounting: weights W; a step's W + gradients W + AdamW state 2W (+ the reference model W for NPO).
 
 Usage: python benchmarks/real_memory.py [--what eval,GradDiff,NPO] [--batch 8] [--items 8] [--set key=value ...]
-  --set passes overrides to the run (e.g. --set train.max_logit_tokens=none) or, as `eval.max_logit_tokens=N`, the
-  eval's --max-logit-tokens. TOFU-shaped items (a question and a 1-2 sentence answer, about 100-200 tokens with this
+  --set passes overrides to the run (e.g. --set train.max_logit_tokens=null) or, as `eval.max_logit_tokens=N`, the
+  eval's --max-logit-tokens. TOFU-shaped items (a question and a 1-2 sentence answer: 84 tokens with this
   tokenizer); random weights make every greedy answer run to the token limit (the worst case).
 """
 import argparse
@@ -35,8 +35,8 @@ def build(folder: Path, n_items: int) -> None:
     for i in range(2 * n_items):
         city, other = cities[i % 8], cities[(i + 3) % 8]
         answer = (f"Author number {i} was born in {city} to a family of clockmakers, studied marine biology before "
-                  f"turning to fiction, and wrote {i % 5 + 2} novels about lighthouses, tides and the people of {city}, "
-                  f"the best known of which won a regional prize for literature in the year {1950 + i}.")
+                  f"turning to fiction, and wrote {i % 5 + 2} novels about lighthouses, tides and the people of "
+                  f"{city}, the best known of which won a regional prize for literature in the year {1950 + i}.")
         items.append({"question": f"Where was author number {i} born, what did they study, and what do their "
                                   "novels describe?",
                       "answer": answer, "paraphrased_answer": answer.replace(city, f"the city of {city}"),
@@ -94,12 +94,12 @@ def main() -> None:
             goal, accounting = weights + 1024, "W + 1 GiB"
         else:
             cfg = folder / f"{what}.json"
-            cfg.write_text(json.dumps({"method": what, "model": str(folder / "model"), "output_dir": str(folder / "runs"),
-                                       "forget_file": str(folder / "forget.json"),
+            cfg.write_text(json.dumps({"method": what, "model": str(folder / "model"),
+                                       "output_dir": str(folder / "runs"), "forget_file": str(folder / "forget.json"),
                                        "retain_file": str(folder / "retain.json"), "evaluate": False,
                                        "train": {"max_steps": 1, "batch_size": args.batch, "lr": 1e-5}}))
-            cmd = [str(BIN / "obliviate"), "run", str(cfg), f"name={what}-{len(list((folder / 'runs').glob('*'))) if (folder / 'runs').is_dir() else 0}",
-                   "--quiet", *run_sets]
+            runs = len(list((folder / "runs").glob("*"))) if (folder / "runs").is_dir() else 0
+            cmd = [str(BIN / "obliviate"), "run", str(cfg), f"name={what}-{runs}", "--quiet", *run_sets]
             copies = 5 if what == "NPO" else 4  # weights, gradients, AdamW's two moments (+ the reference)
             goal, accounting = 1.5 * copies * weights, f"1.5 x {copies}W"
         peak, seconds = peak_mib(cmd)
