@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 
 from obliviate.errors import ObliviateError
+from obliviate.memory import return_freed_memory
 
+return_freed_memory()  # the command line's runs give freed tensor memory back to the system (memory.py)
 HELP = {"help_option_names": ["-h", "--help"]}
 # typer's completion options: --install-completion / --show-completion (bash, zsh, fish, PowerShell)
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP,

@@ -80,8 +80,13 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     # language models: tokens of logits a forward pass of the loop may hold; a bigger batch runs the output head a
     # slice at a time under activation checkpointing (the likelihood-based methods; KL-based terms still hold the
-    # batch's logits). None: the whole batch at once
-    max_logit_tokens: int | None = Field(None, ge=16)
+    # batch's logits). None: the whole batch at once. The default holds 1024 tokens of logits (0.2 GB with a 49k
+    # vocabulary, 0.5 GB with 128k, plus their gradient) however big the batch (benchmarks/README.md (p))
+    max_logit_tokens: int | None = Field(1024, ge=16)
+    # language models under several processes: "fsdp" shards the parameters, their gradients and the AdamW state
+    # over the processes (PyTorch FSDP2, obliviate/sharding.py), so a model too big for one device trains; "no": data
+    # parallel, every process holds the whole model
+    shard: Literal["no", "fsdp"] = "no"
     # training curves besides history.json, as HF Trainer's report_to: TensorBoard event files in
     # OUTPUT_DIR/tensorboard/<run>, or a Weights & Biases run (obliviate/tracking.py)
     report_to: Literal["none", "tensorboard", "wandb"] | list[Literal["tensorboard", "wandb"]] = "none"

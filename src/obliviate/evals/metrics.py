@@ -38,17 +38,31 @@ class ForwardCounter:
 @contextmanager
 def count_forward_passes(model):
     """Count calls of `model` (a forward hook on the top module, so nested submodules do not count; every decoding
-    step of `generate` counts as one call)."""
+    step of `generate` counts as one call). A call of its decoder alone (a likelihood pass whose output head runs a
+    slice at a time, `_pass_stats`) counts as one too."""
     counter = ForwardCounter()
+    inside = [0]
+
+    def enter(_module, _args):
+        inside[0] += 1
 
     def hook(_module, _args, _output):
+        inside[0] -= 1
         counter.n += 1
 
-    handle = model.register_forward_hook(hook)
+    def decoder_alone(_module, _args, _output):
+        if not inside[0]:
+            counter.n += 1
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(hook)]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        handles.append(decoder.register_forward_hook(decoder_alone))
     try:
         yield counter
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------- token statistics
@@ -82,7 +96,7 @@ class TokenStats:
         return self.mask if self.answer_mask is None else self.answer_mask
 
 
-SLICE_TOKENS = 512  # positions whose full-vocabulary float32 temporaries exist at once inside token_stats
+SLICE_TOKENS = 256  # positions whose full-vocabulary float32 temporaries exist at once inside token_stats
 MOMENT_TOKENS = 64  # positions whose float64 next-token distribution exists at once (the Min-K%++ moments)
 
 
@@ -304,6 +318,28 @@ def _groups(encoded: list[lm.Encoded], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+def _pass_stats(model, batch: dict, moments: bool | Sequence[int]) -> TokenStats:
+    """token_stats of one forward pass. With a plain linear head (`causal_lm.head_splits`) the decoder runs once and
+    the head a few sequences (about SLICE_TOKENS positions) at a time, so the full-vocabulary logits of the whole pass
+    never exist: the peak is one slice's logits and its temporaries (a 49k vocabulary: 4096 tokens of logits are
+    0.8 GB, a 512-position slice 0.1 GB). Otherwise the model's own forward gives the pass's logits."""
+    if not lm.head_splits(model, batch):
+        return token_stats(lm.forward_logits(model, batch), batch["labels"], moments=moments)
+    hidden = lm.decoder_hidden(model, batch)
+    head, labels = model.get_output_embeddings(), batch["labels"]
+    n, width = labels.shape
+    step = max(1, SLICE_TOKENS // max(1, width))
+    parts = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = moments if isinstance(moments, bool) else [r - start for r in moments if start <= r < stop]
+        parts.append(token_stats(head(hidden[start:stop]), labels[start:stop], moments=rows))
+    if len(parts) == 1:
+        return parts[0]
+    return TokenStats(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                        for f in ("logprobs", "mask", "preds", "targets", "mu", "sigma")))
+
+
 @torch.no_grad()
 def _stats(model, encoded: list[lm.Encoded], pad_id: int, moments: bool | Sequence[int] = True,
            max_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> TokenStats:
@@ -317,7 +353,7 @@ def _stats(model, encoded: list[lm.Encoded], pad_id: int, moments: bool | Sequen
     for group in _groups(encoded, max_tokens):
         batch = lm.to_device(lm.collate([encoded[i] for i in group], pad_id), device)
         rows = [r for r, i in enumerate(group) if i in wanted] if moments is not False else False
-        stats = token_stats(lm.forward_logits(model, batch), batch["labels"], moments=rows)
+        stats = _pass_stats(model, batch, rows)
         answer = lm.collate([encoded[i].answer_only() for i in group], pad_id)["labels"].to(stats.mask.device)
         stats.answer_mask = answer[:, 1:] != lm.IGNORE
         parts.append(stats)

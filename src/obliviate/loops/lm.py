@@ -104,7 +104,13 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     adapter.prepare_tokenizer(tokenizer)
     rng = random.Random(train.seed)
     torch.manual_seed(train.seed)
-    device = adapter.model_device(model)
+    sharded = train.shard == "fsdp"
+    if sharded:
+        from obliviate import sharding
+
+        sharding.check(train, lora)
+    # sharded: the processes' device (the model may wait on the CPU, each process keeping only its shard)
+    device = sharding.device() if sharded else adapter.model_device(model)
 
     if method.needs_reference and reference is None:
         reference = copy.deepcopy(model)
@@ -112,6 +118,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         reference.eval().requires_grad_(False)
     if not method.needs_reference:
         reference = None  # never hand a reference to a method that did not ask for one
+    if sharded:
+        plain = sharding.skeleton(model)  # filled with the gathered tensors after the loop
+        sharding.shard(model, device)
+        if reference is not None:
+            sharding.shard(reference, device)
     if train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ObliviateError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -181,7 +192,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.mixed_precision == "bf16")
     stopped, t0 = None, time.time()
     budget = getattr(adapter, "logit_budget", None)
-    budget = budget(train.max_logit_tokens) if budget is not None else contextlib.nullcontext()
+    # sharded, the output head lives in FSDP's root unit, which only the whole model's forward gathers: no slicing
+    budget = budget(train.max_logit_tokens) if budget is not None and not sharded else contextlib.nullcontext()
     select = getattr(method, "select_forget", None)  # drops forget rows before the step's counts (RGD)
 
     def micro_batches() -> list[tuple[dict, dict]]:
@@ -228,6 +240,12 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             advance(loss=logs["loss"])
         if not stopped and history:  # the last update has no later loss to prove it: probe it
             stopped = guard.check_final(lambda: method.losses(model, reference, f, r).total)
+    for p in params:  # the last step's gradients would stay alive through evaluation and saving: one more model
+        p.grad = None
+    if sharded:  # every process gathers the full tensors into an ordinary model (evaluation, the changed tensors)
+        opt.state.clear()
+        model = sharding.gather(model, plain, device)
+        was_trainable = {id(p): p.requires_grad for p in model.parameters()}  # the skeleton kept the given flags
     model.eval()
     if train.gradient_checkpointing:
         _checkpointing(model, False)

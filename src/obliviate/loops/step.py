@@ -102,8 +102,9 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
     share of a mean over the step's global batch), then the combination's logs.
     Returns why the loop must stop (a non-finite loss, gradient or update), else None; the loop then calls
     `guard.restore`."""
-    from obliviate import distributed
+    from obliviate import distributed, sharding
 
+    sharded = sharding.is_sharded(params[0])  # FSDP2 (train.shard): its reduce-scatter has averaged the gradients
     opt.zero_grad(set_to_none=True)
     surgery, g_f, g_r = None, None, None
     loss, sums = 0.0, {}
@@ -111,8 +112,11 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
         if surgery is None:
             surgery = method.combine_gradients is not None and part.retain is not None
         if surgery:
-            grads_f = torch.autograd.grad(part.forget, params, retain_graph=True, allow_unused=True)
-            grads_r = torch.autograd.grad(part.retain, params, allow_unused=True)
+            if sharded:  # autograd.grad cannot reach FSDP2's sharded parameters: two backward passes
+                grads_f, grads_r = sharding.two_backward_gradients(part, params)
+            else:
+                grads_f = torch.autograd.grad(part.forget, params, retain_graph=True, allow_unused=True)
+                grads_r = torch.autograd.grad(part.retain, params, allow_unused=True)
             g_f = _accumulated(g_f, grads_f, params)
             g_r = _accumulated(g_r, grads_r, params)
         else:
@@ -127,21 +131,24 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
         distributed.average([values])
         logs.update(zip(keys, values.tolist()))
     if surgery:
-        distributed.average(g_f)  # the surgery's dot products and norms are taken on the global gradients
-        distributed.average(g_r)
+        if not sharded:  # the surgery's dot products and norms are taken on the global gradients
+            distributed.average(g_f)
+            distributed.average(g_r)
         combined, extra = method.combine_gradients(g_f, g_r)
         logs.update(extra)
         for p, g in zip(params, combined):
             p.grad = g
     else:
-        distributed.average([p.grad for p in params])
+        if not sharded:
+            distributed.average([p.grad for p in params])
     if grad_mask is not None:
         for p, m in zip(params, grad_mask):
             if p.grad is not None and m is not None:
                 p.grad.mul_(m)
     if not math.isfinite(logs["loss"]):
         return f"non-finite loss at step {step}"
-    if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+    if not (sharding.all_finite([p.grad for p in params]) if sharded
+            else all(p.grad is None or torch.isfinite(p.grad).all() for p in params)):
         return f"non-finite gradient at step {step}"
     guard.mark_good(step)
     if train.max_grad_norm:
@@ -159,7 +166,7 @@ def gradient_step(method, parts, params: list, opt, sched, train: TrainConfig, l
             for p, s, m in zip(params, before, grad_mask):
                 if m is not None:
                     p.copy_(torch.where(m.bool(), p, s))
-    if guard.enabled and not all(torch.isfinite(p).all() for p in params):
+    if guard.enabled and not (sharding.all_finite(params) if sharded else all(torch.isfinite(p).all() for p in params)):
         return f"parameters became non-finite at step {step}"
     return None
 

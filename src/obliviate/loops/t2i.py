@@ -95,7 +95,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     if train.group_by_length:  # prompts are all short: nothing to group, and a silent no-op would mislead
         raise ObliviateError("train.group_by_length applies to language models only")
     for key in ("forget_tokens", "retain_tokens", "mixed_precision", "gradient_checkpointing", "max_logit_tokens",
-                "grad_accum_steps"):
+                "grad_accum_steps", "shard"):
         if key in train.model_fields_set and getattr(train, key) != TrainConfig.model_fields[key].default:
             raise ObliviateError(f"train.{key} applies to language models only")
     method = make_t2i_method(method) if isinstance(method, str) else method

@@ -13,6 +13,10 @@ from obliviate.methods.common import check_number
 
 
 def _dot(a: list, b: list, device) -> torch.Tensor:
+    from obliviate import sharding
+
+    if any(sharding.is_sharded(x) for x in a):  # FSDP2 shards: local sums, then summed over the processes
+        return sharding.local_dot(a, b, device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in zip(a, b):
         if x is not None and y is not None:

@@ -144,7 +144,7 @@ def logit_budget(max_tokens: int | None):
         _logit_budget = previous
 
 
-def _head_splits(model, batch: dict) -> bool:
+def head_splits(model, batch: dict) -> bool:
     """Whether the logits can be made from the decoder's hidden states a slice at a time: a plain linear head (no
     final soft-capping or logit scale after it) and only token inputs."""
     config = getattr(model, "config", None)
@@ -152,6 +152,12 @@ def _head_splits(model, batch: dict) -> bool:
         return False
     return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
             and set(model_inputs(batch)) <= {"input_ids", "attention_mask"})
+
+
+def decoder_hidden(model, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states ([B, T, H]): what the output head turns into logits. No key-value cache is
+    kept (nothing is generated from it)."""
+    return model.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
 
 
 def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,12 +168,12 @@ def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     in the backward pass instead of being kept, so training holds one slice's logits, not the batch's."""
     budget = _logit_budget
     n, width = batch["input_ids"].shape
-    if budget is None or n * width <= budget or not _head_splits(model, batch):
+    if budget is None or n * width <= budget or not head_splits(model, batch):
         lp, mask = token_logprobs(forward_logits(model, batch), batch["labels"])
         return lp.sum(-1), mask.sum(-1)
     from torch.utils.checkpoint import checkpoint
 
-    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state
+    hidden = decoder_hidden(model, batch)
     head = model.get_output_embeddings()
 
     def slice_logprob(h, labels):

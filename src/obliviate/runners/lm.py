@@ -252,7 +252,8 @@ def _unlearned(config: RunConfig, method, model_dir: Path, world, forget, retain
             raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
         model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
         return model, tokenizer, None
-    model, tokenizer = load_model(model_dir, config, device)
+    # sharded, the model waits on the CPU and each process moves only its shard to the device
+    model, tokenizer = load_model(model_dir, config, "cpu" if config.train.shard == "fsdp" else device)
     refusals = load_lines(config.idk_file) if config.idk_file else None
     result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
                      checkpoints=checkpoints)

@@ -54,4 +54,7 @@ def check_lm(config: RunConfig) -> None:
                               t.system_prompt, t.tags())
     if config.idk_file:
         load_lines(config.idk_file)
+    from obliviate import sharding
+
+    sharding.check(config.train, config.lora)
     check_run_folder(config)
