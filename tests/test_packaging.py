@@ -195,8 +195,10 @@ def test_export_writes_a_model_card(user_run, tmp_path):
     assert "learning rate 0.001" in text and "2 steps" in text and "`beta = 0.2`" in text
     shown = [m for m in METRICS.values() if m.header and m.better and isinstance(metrics.get(m.name), (int, float))]
     assert {"forget_accuracy", "retain_accuracy"} <= {m.name for m in shown}
-    for m in shown:  # the run's own numbers, as the scorecard formats them
-        assert f"| {m.header} | {cell(metrics, m.name, m.fmt)} |" in text, m.name
+    assert "| metric | this model | original |" in text  # the original model's row beside the unlearned one's
+    for m in shown:  # the run's own numbers, as the scorecard formats them, then the original's
+        assert f"| {m.header} | {cell(metrics, m.name, m.fmt)} | {cell(metrics['original'], m.name, m.fmt)} |" \
+            in text, m.name
 
 
 def test_the_card_names_the_base_models_hub_id(user_run, tmp_path, tiny_lm_dir):

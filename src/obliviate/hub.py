@@ -38,15 +38,20 @@ def _settings(config) -> list[str]:
 
 
 def _metric_rows(metrics: dict) -> list[str]:
-    """The scorecard's metrics that the run measured, as table rows (the registry's headers and formats)."""
-    from obliviate.bench.scorecard import cell
+    """The scorecard's metrics that the run measured, as a table: this model's value beside the original's and the
+    retrain reference's when the run scored them (the registry's headers and formats)."""
+    from obliviate.bench.scorecard import cell, run_rows
     from obliviate.registry import ARROWS, scorecard_metrics
 
-    rows = []
+    models = run_rows(metrics)
+    order = [next(reversed(models)), *(n for n in models if n in ("original", "retrain"))]
+    rows = ["| metric | " + " | ".join("this model" if i == 0 else n for i, n in enumerate(order))
+            + " | better | what it measures |", "|" + " --- |" * (len(order) + 3)]
     for m in scorecard_metrics():
         if isinstance(metrics.get(m.name), (int, float)) and m.better is not None:
-            rows.append(f"| {m.header} | {cell(metrics, m.name, m.fmt)} | {ARROWS[m.better]} | {m.description} |")
-    return rows
+            values = " | ".join(cell(models[n], m.name, m.fmt) for n in order)
+            rows.append(f"| {m.header} | {values} | {ARROWS[m.better]} | {m.description} |")
+    return rows if len(rows) > 2 else []
 
 
 def model_card(run_dir: Path, base: Path, export_name: str):
@@ -90,7 +95,7 @@ def model_card(run_dir: Path, base: Path, export_name: str):
         "## Headline metrics", "",
     ]
     if rows:
-        lines += ["| metric | value | better | what it measures |", "| --- | --- | --- | --- |", *rows, ""]
+        lines += [*rows, ""]
         if metrics.get("retrain_reference"):
             lines += [f"Compared with the retrain reference: {metrics['retrain_reference']}.", ""]
     else:
