@@ -95,8 +95,8 @@ def _attack_options(entry) -> str:
 
     options = [f"{f.name}={default(f)!r}" if isinstance(default(f), str) else f"{f.name}={default(f)}"
                for f in dataclasses.fields(entry.load().Config) if not f.name.startswith("_")]
-    return textwrap.fill("  ".join(options) or "(no options)", width=110, initial_indent=" " * 27, subsequent_indent=" " * 27,
-                         break_long_words=False, break_on_hyphens=False)
+    return textwrap.fill("  ".join(options) or "(no options)", width=110, initial_indent=" " * 27,
+                         subsequent_indent=" " * 27, break_long_words=False, break_on_hyphens=False)
 
 
 @app.command()
@@ -109,7 +109,7 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
         from obliviate.families import get
         from obliviate.methods.common import instantiate
         from obliviate.registry import lookup_method
-
+        from obliviate.runs import resolve_device
         from obliviate.tracking import check as check_report_to
 
         cfg = load_config(config, overrides or [])
@@ -117,7 +117,6 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
         check_report_to(cfg)  # train.report_to names a package that is installed
         instantiate(lookup_method(cfg.family, cfg.method), cfg.method_args)
         family.load("check")(cfg)  # the model folder, data files, split or concept, run folder: what `run` rejects
-        from obliviate.runs import resolve_device
         resolve_device(cfg.device)  # a CUDA device on a machine without one
     except ObliviateError as e:
         _fail(e)
