@@ -67,6 +67,7 @@ def test_tiny_build_writes_a_loadable_pipeline(tiny_world):
     assert again == record
 
 
+@pytest.mark.slow  # 15-70 s on 2 cores: kept out of the 5-minute default suite; CI runs it
 def test_run_on_the_tiny_world(tiny_world, tmp_path):
     from obliviate.config import build_config
     from obliviate.runners import run
@@ -96,6 +97,7 @@ def test_run_on_the_tiny_world(tiny_world, tmp_path):
     assert torch.isfinite(torch.stack([v.float().abs().sum() for v in changed.values()])).all()
 
 
+@pytest.mark.slow  # 15-70 s on 2 cores: kept out of the 5-minute default suite; CI runs it
 def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
     """`obliviate attack RUN_DIR --attack ...` attacks the forget prompts of the erased pipeline, the original and
     the retrain reference, writes attacks/<name>.json and .png, and caches the references' results in the world."""

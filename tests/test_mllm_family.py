@@ -186,6 +186,7 @@ TINY_WORLD = {"model": {"epochs": 1, "hidden_size": 32, "intermediate_size": 64,
                         "vision_hidden": 16, "vision_layers": 1, "vocab_size": 400}}
 
 
+@pytest.mark.slow  # 15-70 s on 2 cores: kept out of the 5-minute default suite; CI runs it
 def test_the_portraits_world_runs_from_the_cli(tmp_path):
     model = "\n".join(f"{k} = {v}" for k, v in TINY_WORLD["model"].items())
     (tmp_path / "run.toml").write_text(

@@ -42,6 +42,7 @@ def test_pictures_of_one_person_differ_as_photographs_do(names):
     assert all(np.abs(images[0] - im).mean() > 1.0 for im in images[1:])
 
 
+@pytest.mark.slow  # 15-70 s on 2 cores: kept out of the 5-minute default suite; CI runs it
 def test_a_linear_model_tells_people_apart_on_held_out_pictures(names):
     """Trained on 4 pictures of each of 40 people, a logistic regression on the pixels names the person in 2 pictures
     it never saw (chance: 2.5 %). A proxy for the world's real vision tower, which is much stronger."""
