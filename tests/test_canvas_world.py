@@ -148,6 +148,7 @@ def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
     assert missing.exit_code == 2 and "not a run folder" in missing.output
 
 
+@pytest.mark.slow  # 10-15 s on 2 cores: kept out of the 5-minute default suite; CI runs it
 def test_the_build_is_deterministic(tiny_world, tmp_path):
     """Two builds of the same recipe give byte-identical models (every user gets the same world)."""
     import hashlib

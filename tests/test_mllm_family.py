@@ -220,6 +220,7 @@ def test_bad_vision_language_configs_fail_in_one_line(tmp_path, override, messag
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # 10-15 s on 2 cores: kept out of the 5-minute default suite; CI runs it
 def test_obliviate_eval_scores_a_users_llava_on_mllmu_files(tmp_path, llava_dir):
     """`obliviate eval` on a LLaVA folder and MLLMU-Bench's files writes the table's numbers, with forget quality
     against a retrain folder; a missing file is one line naming it."""

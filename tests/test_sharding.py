@@ -24,15 +24,18 @@ def _torchrun(*args, env=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
-def test_two_sharded_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
+@pytest.mark.parametrize("method,batch", [("GradDiff", 4), ("NPO", 4), ("RGD", 4),
+                                          # uneven: 4 forget items in batches of 3 split 2 + 1, then a tail of 1 that
+                                          # leaves the second process no item (it still takes part in every gather)
+                                          ("NPO", 3), ("RGD", 3)])
+def test_two_sharded_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method, batch):
     from safetensors import safe_open
 
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    single = subprocess.run([sys.executable, str(HERE / "fsdp_worker.py"), str(tiny_lm_dir), str(one), method, "no"],
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run([sys.executable, str(HERE / "fsdp_worker.py"), str(tiny_lm_dir), str(one), method, "no",
+                             str(batch)], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    double = _torchrun(HERE / "fsdp_worker.py", tiny_lm_dir, two, method, "fsdp")
+    double = _torchrun(HERE / "fsdp_worker.py", tiny_lm_dir, two, method, "fsdp", batch)
     assert double.returncode == 0, double.stderr[-2000:]
     with safe_open(str(one), "pt") as a, safe_open(str(two), "pt") as b:
         for field in ("losses", "cosines"):
