@@ -26,16 +26,42 @@ class Entry:
 
 
 ARROWS = {"higher": "↑", "lower": "↓", "zero": "→0", None: ""}
+MEAN = "mean over items"  # an item metric with this aggregation has its mean (None and NaN left out) in its set's block
+PER_ITEM = "per item only"  # kept in per_item.json, not averaged
+SCOPES = ("item", "set", "run")
+# The shared inputs a metric can need; an evaluation computes each once and only the metrics whose inputs all exist.
+NEEDS = {"logprobs": "the one likelihood pass over each item's answer, paraphrase and perturbed answers",
+         "generations": "one greedy answer per question",
+         "paraphrased_generations": "greedy answers to the forget set's paraphrased questions",
+         "forget_set": "the forget question-answer set", "retain_set": "the retain question-answer set",
+         "utility_sets": "the sets in model utility (retain and utility sets)",
+         "membership": "membership scores of forget (member) vs holdout texts",
+         "reference_model": "a reference model for the Reference attack",
+         "verbmem": "greedy continuations of the forget texts' prefixes",
+         "retrain": "the retrain reference's evaluation (compare_to_retrain)",
+         "original": "the original model's evaluation (the runner)"}
+# A reference model's value of a metric, written beside the run's own (t2i: original_ua, retrain_ira, ...).
+REFERENCE_PREFIXES = ("original_", "retrain_")
 
 
 @dataclass(frozen=True)
 class Metric(Entry):
     """A metric, declared once. `better`: "higher", "lower", "zero" (closest to 0 is best) or None (a per-item
-    score that is read through other metrics). `aggregate`: how per-item values become the reported number."""
+    score that is read through other metrics, a count or a setting). `aggregate`: how per-item values become the
+    reported number. `target` is the function that computes it; a language-model metric is computed by calling it
+    (`evals/lm_metrics.py`: an item metric takes the item's share of an input, a set metric the set's rows, a run
+    metric the evaluation); the text-to-image and vision-language aggregates are written by their protocol's function,
+    which `target` names. `scope`: "item" (a value per question-answer item, in per_item.json), "set" (a value per
+    set, in the set's block) or "run" (a top-level key of the aggregate, of metrics.json). `needs`: the inputs it
+    reads (NEEDS). `also`: other families whose evaluation writes the same key."""
     better: str | None = None
-    aggregate: str = "mean over items"
+    aggregate: str = MEAN
     header: str = ""  # the scorecard's column title (no column when empty)
     fmt: str = "{:.3f}"
+    scope: str = "run"
+    needs: tuple[str, ...] = ()
+    also: tuple[str, ...] = ()
+    label: str = ""  # its name where it is shown outside the scorecard's columns (default: the header)
 
     @property
     def higher_is_better(self) -> bool | None:
@@ -43,7 +69,11 @@ class Metric(Entry):
 
     @property
     def column_title(self) -> str:
-        return f"{self.header} {ARROWS[self.better]}".strip()
+        return f"{self.header or self.label} {ARROWS[self.better]}".strip()
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return (self.family, *self.also)
 
 
 def _table(*entries: Entry) -> dict[str, Entry]:
@@ -122,28 +152,37 @@ MLLMU_HEADERS = {("forget", "classification", "image"): "forget MC img", ("forge
                  "forget MC text", ("test", "classification", "image"): "test MC img",
                  ("retain", "classification", "image"): "retain MC img", ("retain", "classification", "text"):
                  "retain MC text", ("public", "classification", "image"): "public MC img"}
-# Scorecard columns first, in the order they are shown; then the per-item scores they are built from.
+L = "obliviate.evals.lm_metrics:"
+FROM_RETRAIN = ("retrain",)
+MIA_DOC = "obliviate.evals.mia:"
+# Scorecard columns first, in the order they are shown; then the other aggregates, the set and the per-item scores.
+# A language-model evaluation computes the lm metrics in this order (`evals/evaluate.py`): items, then sets, then the
+# run's, then (compare_to_retrain) those that need the retrain reference.
 METRICS = _table(
-    Metric("forget_quality", E + "tofu:forget_quality", "KS-test p-value of forget truth ratios vs the retrain model.",
-           TOFU, "lm", "higher", "KS test of the forget items' truth ratios", "forget quality", "{:.3g}"),
-    Metric("model_utility", E + "tofu:model_utility", "Harmonic mean of probability, ROUGE-L and truth-ratio scores on "
-           "retain and utility sets.", TOFU, "lm", "higher", "harmonic mean of 9 set means", "model utility"),
-    Metric("utility_ratio", E + "tofu:model_utility", "Model utility divided by the original model's.", TOFU, "lm",
-           "higher", "ratio of two aggregates", "MU / original", "{:.2f}"),
-    Metric("forget_accuracy", E + "metrics:exact_answer", "Share of forget questions whose greedy answer is the true "
-           "answer.", "", "lm", "lower", SHARE, "forget acc", "{:.1%}"),
-    Metric("retain_accuracy", E + "metrics:exact_answer", "Share of retain questions answered exactly.", "", "lm",
-           "higher", SHARE, "retain acc", "{:.1%}"),
-    Metric("forget_paraphrased_accuracy", E + "metrics:exact_answer", "Share of paraphrased forget questions answered "
-           "exactly.", "", "lm", "lower", SHARE, "paraphrased forget acc", "{:.1%}"),
-    Metric("privleak", E + "muse:privleak", "(AUC - AUC_retrain) / AUC_retrain * 100 of Min-K% forget vs holdout; 0 is "
-           "ideal.", MUSE, "lm", "zero", "AUC over items, relative to the retrain model's", "PrivLeak", "{:+.1f}"),
-    Metric("verbmem", E + "muse:verbmem", "ROUGE-L F1 of the greedy continuation of forget texts (MUSE VerbMem).", MUSE,
-           "lm", "lower", "mean over texts", "VerbMem"),
-    Metric("knowmem_forget", E + "muse:knowmem", "ROUGE-L of greedy answers on forget QA (MUSE KnowMem).", MUSE, "lm",
-           "lower", "mean over items", "KnowMem forget"),
-    Metric("knowmem_retain", E + "muse:knowmem", "ROUGE-L of greedy answers on retain QA (MUSE KnowMem).", MUSE, "lm",
-           "higher", "mean over items", "KnowMem retain"),
+    Metric("forget_quality", L + "forget_quality", "KS-test p-value of forget truth ratios vs the retrain model.",
+           TOFU, "lm", "higher", "KS test of the forget items' truth ratios", "forget quality", "{:.3g}",
+           needs=FROM_RETRAIN, also=("mllm",)),
+    Metric("model_utility", L + "model_utility", "Harmonic mean of probability, ROUGE-L and truth-ratio scores on "
+           "retain and utility sets.", TOFU, "lm", "higher", "harmonic mean of 9 set means", "model utility",
+           needs=("utility_sets",)),
+    Metric("utility_ratio", "obliviate.runners.lm:with_utility_ratio", "Model utility divided by the original "
+           "model's.", TOFU, "lm", "higher", "ratio of two aggregates", "MU / original", "{:.2f}", needs=("original",)),
+    Metric("forget_accuracy", L + "forget_accuracy", "Share of forget questions whose greedy answer is the true "
+           "answer.", "", "lm", "lower", SHARE, "forget acc", "{:.1%}", needs=("forget_set", "generations")),
+    Metric("retain_accuracy", L + "retain_accuracy", "Share of retain questions answered exactly.", "", "lm",
+           "higher", SHARE, "retain acc", "{:.1%}", needs=("retain_set", "generations")),
+    Metric("forget_paraphrased_accuracy", L + "forget_paraphrased_accuracy", "Share of paraphrased forget questions "
+           "answered exactly.", "", "lm", "lower", SHARE, "paraphrased forget acc", "{:.1%}",
+           needs=("forget_set", "paraphrased_generations")),
+    Metric("privleak", L + "privleak", "(AUC - AUC_retrain) / AUC_retrain * 100 of Min-K% forget vs holdout; 0 is "
+           "ideal.", MUSE, "lm", "zero", "AUC over items, relative to the retrain model's", "PrivLeak", "{:+.1f}",
+           needs=FROM_RETRAIN, also=("mllm",)),
+    Metric("verbmem", L + "verbmem", "ROUGE-L F1 of the greedy continuation of forget texts (MUSE VerbMem).", MUSE,
+           "lm", "lower", "mean over texts", "VerbMem", needs=("verbmem",)),
+    Metric("knowmem_forget", L + "knowmem_forget", "ROUGE-L of greedy answers on forget QA (MUSE KnowMem).", MUSE,
+           "lm", "lower", "mean over items", "KnowMem forget", needs=("forget_set", "generations")),
+    Metric("knowmem_retain", L + "knowmem_retain", "ROUGE-L of greedy answers on retain QA (MUSE KnowMem).", MUSE,
+           "lm", "higher", "mean over items", "KnowMem retain", needs=("retain_set", "generations")),
     # text-to-image (evals/canvas.py; formulas in docs/t2i.md)
     Metric("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier "
            "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),
@@ -185,34 +224,179 @@ METRICS = _table(
              else "{:.3f}")
       for s in MLLMU_SETS for t in MLLMU_TASKS for f in ("image", "text")],
     Metric("mia_loss_auc", E + "mllmu:evaluate", "ROC AUC of the LOSS attack (answer NLL), forget vs holdout people.",
-           "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "mllm", None, "AUC over items"),
+           "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "mllm", None, "AUC over items", label="MIA AUC (LOSS)"),
     Metric("unlearn_seconds", "obliviate.loops.step:UnlearnResult", "Wall time of the unlearning or erasure loop.", "",
            "any", None, "one number per run", "unlearn seconds", "{:.1f}"),
-    # per-item scores (kept in per_item.json; the aggregates above are built from them)
-    Metric("answer_prob", E + "metrics:answer_prob", "Per item P(answer | question) = exp(-mean answer-token NLL).",
-           TOFU, "lm"),
-    Metric("truth_ratio", E + "metrics:truth_ratio", "exp(mean perturbed NLL - paraphrased NLL) per item.", TOFU, "lm"),
-    Metric("rouge_l_recall", E + "metrics:rouge_l_recall", "ROUGE-L recall of the greedy answer against the true "
-           "answer.", TOFU, "lm"),
-    Metric("exact_answer", E + "metrics:exact_answer", "Greedy answer equals the true answer (normalised).", "", "lm"),
-    Metric("exact_memorization", E + "metrics:exact_memorization", "Fraction of answer tokens whose teacher-forced "
-           "argmax is the true token.", "Tirumala et al. 2022, https://arxiv.org/abs/2205.10770", "lm"),
-    Metric("extraction_strength", E + "metrics:extraction_strength", "1 - k*/|y|, k* the shortest answer prefix from "
-           "which greedy decoding reproduces the rest.", "Carlini et al. 2021; OpenUnlearning", "lm"),
-    Metric("mia_loss", E + "mia:loss_score", "Membership score: answer/text NLL (LOSS attack).",
-           "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "lm"),
-    Metric("mia_zlib", E + "mia:zlib_score", "Membership score: NLL / zlib-compressed length.",
-           "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", "lm"),
-    Metric("mia_min_k", E + "mia:min_k_score", "Membership score: mean of the lowest k% token log-probs (Min-K%).",
-           "Shi et al. 2023, https://arxiv.org/abs/2310.16789", "lm"),
-    Metric("mia_min_k_plus_plus", E + "mia:min_k_plus_plus_score", "Membership score: Min-K% on log-probs standardised "
-           "by the model's own next-token distribution.", "Zhang et al. 2024, Min-K%++, https://arxiv.org/abs/2404.02936",
-           "lm"),
-    Metric("mia_reference", E + "mia:reference_score", "Membership score: NLL_target - NLL_reference.",
-           "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", "lm"),
-    Metric("mia_gradnorm", E + "mia:gradnorm_score", "Membership score: norm of the loss gradient w.r.t. the "
-           "parameters.", "Maini et al. 2024 / OpenUnlearning", "lm"),
+
+    # ---- the other language-model aggregates (top-level keys of the evaluation's aggregate), in computing order
+    Metric("mia", L + "mia", "ROC AUC of each membership attack (mia_*), forget texts (members) vs holdout texts "
+           "(non-members), member-positive.", "", "lm", None, "AUC over texts, per attack", needs=("membership",)),
+    Metric("privleak_auc", L + "privleak_auc", "1 - the Min-K% attack's AUC (MUSE's convention), for PrivLeak.", MUSE,
+           "lm", None, "AUC over texts", needs=("membership",)),
+    Metric("model_utility_components", L + "model_utility_components", "The numbers model utility is the harmonic "
+           "mean of: {set/prob, set/rouge, set/truth_ratio}.", TOFU, "lm", None, "set scores",
+           needs=("utility_sets",)),
+    Metric("model_utility_error", L + "model_utility_error", "Why model utility is None (e.g. a set without "
+           "perturbed answers has no truth ratio).", TOFU, "lm", None, "one line", needs=("utility_sets",)),
+    Metric("forget_truth_ratio_score", L + "forget_truth_ratio_score", "The forget set's truth-ratio score, "
+           "mean(min(R, 1/R)).", TOFU, "lm", None, "mean over items", needs=("forget_set", "logprobs")),
+    Metric("forget_paraphrased_rouge_l_recall", L + "forget_paraphrased_rouge_l_recall", "ROUGE-L recall of the "
+           "greedy answers to the paraphrased forget questions.", TOFU, "lm", "lower", "mean over items",
+           needs=("forget_set", "paraphrased_generations")),
+    Metric("answers_generated", L + "answers_generated", "Greedy answers generated (every set's and the paraphrased "
+           "questions').", "", "lm", None, "count", needs=("generations",)),
+    Metric("answers_at_token_limit", L + "answers_at_token_limit", "Greedy answers that ran to max_new_tokens "
+           "without an end id (warned of above 5 %).", "", "lm", None, "count", needs=("generations",)),
+    Metric("forget_quality_items", L + "forget_quality_items", "The forget items forget quality rests on (the "
+           "smaller of the two models').", TOFU, "lm", None, "count", needs=FROM_RETRAIN, also=("mllm",)),
+    Metric("forget_quality_low_power", L + "forget_quality_low_power", "Present (true) when forget quality rests on "
+           "fewer than 25 items (docs/metrics.md, 'Few forget items').", TOFU, "lm", None, "flag",
+           needs=FROM_RETRAIN, also=("mllm",)),
+    Metric("forget_quality_min_pvalue", L + "forget_quality_min_pvalue", "The smallest p-value the KS test can give "
+           "at these sizes (with the low-power flag).", TOFU, "lm", None, "one number", needs=FROM_RETRAIN,
+           also=("mllm",)),
+    Metric("retrain_comparison", L + "retrain_comparison", "The retrain reference's numbers beside the model's: "
+           "forget quality, the PrivLeak AUCs, <metric>_retrain.", "", "lm", None, "one block", needs=FROM_RETRAIN),
+    # ---- per question-answer set (each set's block of the aggregate), beside the means of the item metrics
+    Metric("n_items", L + "n_items", "Items in the set.", "", "lm", None, "count", scope="set"),
+    Metric("normalised_prob", L + "normalised_prob", "Whether the set's probability score is normalised against "
+           "the perturbed answers (TOFU's world facts / real authors).", TOFU, "lm", None, "setting", scope="set"),
+    Metric("probability_score", L + "probability_score", "Mean P(y|x), or mean normalised probability.", TOFU, "lm",
+           "higher", "mean over items", scope="set", needs=("logprobs",)),
+    Metric("truth_ratio_score", L + "truth_ratio_score", "Forget set: mean(min(R, 1/R)); other sets: "
+           "mean(max(0, 1 - 1/R)).", TOFU, "lm", None, "mean over items", scope="set", needs=("logprobs",)),
+    Metric("paraphrased_rouge_l_recall", L + "paraphrased_rouge_l_recall", "ROUGE-L recall of the answers to the "
+           "paraphrased questions.", TOFU, "lm", None, "mean over items", scope="set",
+           needs=("paraphrased_generations",)),
+    Metric("paraphrased_accuracy", L + "paraphrased_accuracy", "Share of paraphrased questions answered exactly.", "",
+           "lm", None, SHARE, scope="set", needs=("paraphrased_generations",)),
+    # ---- per item (kept in per_item.json); MEAN: the set's block holds the mean
+    Metric("answer_nll", L + "answer_nll", "Mean negative log-likelihood of the answer (and end) tokens.", TOFU, "lm",
+           scope="item", needs=("logprobs",)),
+    Metric("answer_prob", L + "answer_prob", "Per item P(answer | question) = exp(-mean answer-token NLL).",
+           TOFU, "lm", scope="item", needs=("logprobs",)),
+    Metric("paraphrase_nll", L + "paraphrase_nll", "NLL of the paraphrased answer (the answer's when it has none).",
+           TOFU, "lm", aggregate=PER_ITEM, scope="item", needs=("logprobs",)),
+    Metric("perturbed_nlls", L + "perturbed_nlls", "NLL of each perturbed answer.", TOFU, "lm", aggregate=PER_ITEM,
+           scope="item", needs=("logprobs",)),
+    Metric("truth_ratio", L + "truth_ratio", "exp(mean perturbed NLL - paraphrased NLL) per item.", TOFU, "lm",
+           scope="item", needs=("logprobs",)),
+    Metric("answer_prob_normalised", L + "answer_prob_normalised", "P(y) / (P(y) + sum_j P(perturbed_j)).", TOFU,
+           "lm", scope="item", needs=("logprobs",)),
+    Metric("exact_memorization", L + "exact_memorization", "Fraction of answer tokens whose teacher-forced "
+           "argmax is the true token.", "Tirumala et al. 2022, https://arxiv.org/abs/2205.10770", "lm", scope="item",
+           needs=("logprobs",)),
+    Metric("extraction_strength", L + "extraction_strength", "1 - k*/|y|, k* the shortest answer prefix from "
+           "which greedy decoding reproduces the rest.", "Carlini et al. 2021; OpenUnlearning", "lm", scope="item",
+           needs=("logprobs",)),
+    Metric("min_k", L + "min_k", "Mean of the lowest k% answer-token log-probs (Min-K% of the answer).",
+           "Shi et al. 2023, https://arxiv.org/abs/2310.16789", "lm", scope="item", needs=("logprobs",)),
+    Metric("min_k_plus_plus", L + "min_k_plus_plus", "Min-K% of the answer on log-probs standardised by the model's "
+           "next-token distribution.", "Zhang et al. 2024, Min-K%++, https://arxiv.org/abs/2404.02936", "lm",
+           scope="item", needs=("logprobs",)),
+    Metric("n_answer_tokens", L + "n_answer_tokens", "Answer tokens scored (end tokens left out).", "", "lm",
+           aggregate=PER_ITEM, scope="item", needs=("logprobs",)),
+    Metric("n_end_tokens", L + "n_end_tokens", "The format's end tokens scored after the answer.", "", "lm",
+           aggregate=PER_ITEM, scope="item", needs=("logprobs",)),
+    Metric("at_token_limit", L + "at_token_limit", "The greedy answer ran to max_new_tokens without an end id.", "",
+           "lm", scope="item", needs=("generations",)),
+    Metric("rouge_l_recall", L + "rouge_l_recall", "ROUGE-L recall of the greedy answer against the true "
+           "answer.", TOFU, "lm", scope="item", needs=("generations",)),
+    Metric("rouge_l_f1", L + "rouge_l_f1", "ROUGE-L F1 of the greedy answer (MUSE's scorer, no stemming).", MUSE,
+           "lm", scope="item", needs=("generations",)),
+    Metric("exact_answer", L + "exact_answer", "Greedy answer equals the true answer (normalised).", "", "lm",
+           scope="item", needs=("generations",)),
+    Metric("at_token_limit_paraphrased", L + "at_token_limit", "at_token_limit of the paraphrased question's answer.",
+           "", "lm", aggregate=PER_ITEM, scope="item", needs=("paraphrased_generations",)),
+    Metric("rouge_l_recall_paraphrased", L + "rouge_l_recall", "ROUGE-L recall of the paraphrased question's "
+           "answer.", TOFU, "lm", aggregate=PER_ITEM, scope="item", needs=("paraphrased_generations",)),
+    Metric("exact_answer_paraphrased", L + "exact_answer", "Exact answer to the paraphrased question.", "", "lm",
+           aggregate=PER_ITEM, scope="item", needs=("paraphrased_generations",)),
+    # membership scores of texts (per_text.json's mia_forget / mia_holdout; evals/mia.py, attack by attack)
+    Metric("mia_loss", MIA_DOC + "loss_score", "Membership score: answer/text NLL (LOSS attack).",
+           "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "lm", scope="item", needs=("membership",)),
+    Metric("mia_zlib", MIA_DOC + "zlib_score", "Membership score: NLL / zlib-compressed length.",
+           "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", "lm", scope="item", needs=("membership",)),
+    Metric("mia_min_k", MIA_DOC + "min_k_score", "Membership score: mean of the lowest k% token log-probs (Min-K%).",
+           "Shi et al. 2023, https://arxiv.org/abs/2310.16789", "lm", scope="item", needs=("membership",)),
+    Metric("mia_min_k_plus_plus", MIA_DOC + "min_k_plus_plus_score", "Membership score: Min-K% on log-probs "
+           "standardised by the model's own next-token distribution.",
+           "Zhang et al. 2024, Min-K%++, https://arxiv.org/abs/2404.02936", "lm", scope="item", needs=("membership",)),
+    Metric("mia_reference", MIA_DOC + "reference_score", "Membership score: NLL_target - NLL_reference.",
+           "Carlini et al. 2021, https://arxiv.org/abs/2012.07805", "lm", scope="item",
+           needs=("membership", "reference_model")),
+    Metric("mia_gradnorm", MIA_DOC + "gradnorm_score", "Membership score: norm of the loss gradient w.r.t. the "
+           "parameters.", "Maini et al. 2024 / OpenUnlearning", "lm", scope="item", needs=("membership",)),
+
+    # ---- the other text-to-image aggregates (evals/canvas.py: evaluate_samples, evaluate_erasure; user_pipeline.py)
+    Metric("object_accuracy", E + "canvas:attribute_accuracy", "Classifier accuracy on the object over all images.",
+           CANVAS, "t2i", "higher", "share of images"),
+    Metric("style_accuracy", E + "canvas:attribute_accuracy", "Classifier accuracy on the style over all images.",
+           CANVAS, "t2i", "higher", "share of images"),
+    Metric("ira_vs_original", E + "canvas:evaluate_erasure", "IRA divided by the original pipeline's.", CANVAS, "t2i",
+           "higher", "ratio of two aggregates"),
+    Metric("cra_vs_original", E + "canvas:evaluate_erasure", "CRA divided by the original pipeline's.", CANVAS, "t2i",
+           "higher", "ratio of two aggregates"),
+    Metric("kid_real", E + "canvas:fid_kid", "Kernel distance of classifier features to real pictures.",
+           "Binkowski et al. 2018, https://arxiv.org/abs/1801.01401", "t2i", "lower", "over the image set"),
+    Metric("kid_real_std", E + "canvas:fid_kid", "Spread of kid_real over the KID subsets.", "", "t2i", None,
+           "over the KID subsets"),
+    Metric("kid_original_std", E + "canvas:fid_kid", "Spread of kid_original over the KID subsets.", "", "t2i", None,
+           "over the KID subsets"),
+    Metric("kid_subset_size", E + "user_pipeline:evaluate_user_pipeline", "Images per KID subset.", "", "t2i", None,
+           "setting"),
+    Metric("n_images", E + "canvas:evaluate_samples", "Images scored per pipeline.", "", "t2i", None, "count"),
+    Metric("n_forget", E + "canvas:canvas_scores", "Forget-prompt images UA is taken over.", "", "t2i", None, "count"),
+    Metric("n_forget_paraphrase", E + "canvas:canvas_scores", "Paraphrased forget-prompt images.", "", "t2i", None,
+           "count"),
+    Metric("n_retain", E + "canvas:canvas_scores", "Retain-prompt images IRA and CRA are taken over.", "", "t2i",
+           None, "count"),
+    Metric("eval_prompts_forget", E + "user_pipeline:evaluate_user_pipeline", "Forget prompts sampled.", "", "t2i",
+           None, "setting"),
+    Metric("eval_prompts_retain", E + "user_pipeline:evaluate_user_pipeline", "Retain prompts sampled.", "", "t2i",
+           None, "setting"),
+    Metric("eval_seeds", E + "user_pipeline:evaluate_user_pipeline", "Seeds per prompt.", "", "t2i", None, "setting"),
+    Metric("detector", E + "user_pipeline:evaluate_user_pipeline", "What judged whether the concept is in a picture.",
+           "", "t2i", None, "a description"),
+    # ---- the other vision-language aggregates (evals/mllmu.py)
+    Metric("forget_truth_ratio", E + "mllmu:truth_ratios", "Mean truth ratio of the forget items asked with their "
+           "picture (the cloze sentence filled with the true vs the wrong options).", TOFU, "mllm", None,
+           "mean over items"),
 )
+
+
+def declaration(key: str, family: str, scopes: tuple[str, ...] = ("run",)) -> Metric | None:
+    """The declaration of an aggregate key that `family` writes at one of `scopes` (a reference model's value,
+    "original_ua", is its metric's), or None."""
+    for name in (key, *(key[len(p):] for p in REFERENCE_PREFIXES if key.startswith(p))):
+        m = METRICS.get(name)
+        if m is not None and m.scope in scopes and (family in m.families or m.family == "any"):
+            return m
+    return None
+
+
+def undeclared(aggregate, family: str, sets=()) -> list[str]:
+    """The keys of an evaluation's aggregate (a run's metrics.json numbers) without a declaration of `family`; the
+    blocks named in `sets` (a language model's question-answer sets) are checked key by key against the set and
+    averaged item metrics."""
+    out = []
+    for key, value in aggregate.items():
+        if key in sets and isinstance(value, dict):
+            out += [f"{key}.{k}" for k in value if not _in_set_block(k)]
+        elif declaration(key, family) is None:
+            out.append(key)
+    return out
+
+
+def _in_set_block(key: str) -> bool:
+    m = METRICS.get(key)
+    return m is not None and (m.scope == "set" or (m.scope == "item" and m.aggregate == MEAN))
+
+
+def lm_metrics(scope: str, available) -> list[Metric]:
+    """The language-model metrics of `scope` whose inputs are all in `available`, in declaration order."""
+    return [m for m in METRICS.values() if m.family == "lm" and m.scope == scope and set(m.needs) <= set(available)]
+
 
 WORLDS = _table(
     Entry("profiles", "obliviate.worlds.profiles:ProfilesWorld",

@@ -3,8 +3,10 @@
 `evaluate_lm` runs, per question-answer set: one batched forward pass per chunk of items for all likelihood metrics,
 one batched greedy generation for ROUGE-L / exact answer / KnowMem; for the forget set one more batched generation on
 paraphrased questions; membership inference on forget vs holdout texts; VerbMem on forget texts.
-`compare_to_retrain` adds the two numbers that need the retrain model (forget quality, PrivLeak), so the retrain model
-is evaluated once and every method's result is compared with it. Formulas: docs/metrics.md."""
+`compare_to_retrain` adds the numbers that need the retrain model (forget quality, PrivLeak), so the retrain model
+is evaluated once and every method's result is compared with it. What is computed from those shared inputs is the
+language-model metrics declared in `registry.METRICS` (each with its function in `evals/lm_metrics.py`), those whose
+inputs exist: adding a metric is one declaration and one function. Formulas: docs/metrics.md."""
 from __future__ import annotations
 
 import copy
@@ -16,28 +18,43 @@ import numpy as np
 
 from obliviate import distributed
 from obliviate import progress as progress_bars
+from obliviate import registry
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
+from obliviate.evals import lm_metrics as LM
 from obliviate.evals import metrics as M
 from obliviate.evals import mia as MIA
 from obliviate.evals import muse as MUSE
 from obliviate.evals import tofu as TOFU
 
-# per-item keys averaged into each set's aggregate
-_MEAN_KEYS = ("answer_prob", "answer_prob_normalised", "truth_ratio", "rouge_l_recall", "rouge_l_f1", "exact_answer",
-              "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus", "answer_nll", "at_token_limit")
 # more greedy answers than this fraction running to max_new_tokens without an end id is warned about: the model
 # likely does not stop where generation expects it to (an end-of-turn token no one declared), or the limit is short
 AT_LIMIT_WARN_FRACTION = 0.05
 
 
-def _mean(values) -> float | None:
-    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(v)) if v else None
+def _scored(metrics, value, into: dict | None = None) -> dict:
+    """{name: metric(value)} of declared metrics (their functions), leaving out those that answer SKIP; written into
+    `into` (a run's aggregate) as they come, so a metric can read those before it."""
+    out = {} if into is None else into
+    for m in metrics:
+        v = m.load()(value)
+        if v is not LM.SKIP:
+            out[m.name] = v
+    return out
 
 
-def _finite_or_none(x):
-    return x if x is None or math.isfinite(x) else None
+def _inputs_present(per_item: Mapping, aggregate: Mapping, config: Mapping) -> set[str]:
+    """The shared inputs (registry.NEEDS) an evaluation's results hold, for its run metrics."""
+    forget, retain = config.get("forget_set_name"), config.get("retain_set_name")
+    present = {"logprobs", "generations"}
+    present |= {"forget_set"} if forget in per_item else set()
+    present |= {"retain_set"} if retain in per_item else set()
+    if isinstance(aggregate.get(forget), dict) and "paraphrased_accuracy" in aggregate[forget]:
+        present.add("paraphrased_generations")
+    if any(per_item.get(n) for n in config.get("utility_set_names", ())):
+        present.add("utility_sets")
+    present |= {"membership"} if "mia" in aggregate else set()
+    return present | ({"verbmem"} if "verbmem" in aggregate else set())
 
 
 def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
@@ -109,6 +126,8 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         if progress is not None:
             progress(name, done, len(stages))
 
+    answer_metrics = registry.lm_metrics("item", ("generations",))
+    inputs: dict[str, dict] = {}  # the raw results of the shared inputs the run metrics read
     was_training = model.training
     model.eval()
     per_item: dict[str, list[dict]] = {}
@@ -128,9 +147,9 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                     gen = M.greedy_answers(model, tokenizer, [it.question for it in items], max_new_tokens, batch_size,
                                            on_batch=advance, at_limit=at_limit)
                 stage(f"{name}:generation", c)
-                gm = M.generation_metrics(gen, [it.answer for it in items])
-                per_item[name] = [{"question": it.question, "answer": it.answer, "generated": g, "at_token_limit": a,
-                                   **l, **m} for it, g, a, l, m in zip(items, gen, at_limit, lik, gm)]
+                per_item[name] = [{"question": it.question, "answer": it.answer, "generated": g, **lik_row,
+                                   **_scored(answer_metrics, LM.Generation(g, it.answer, a))}
+                                  for it, g, a, lik_row in zip(items, gen, at_limit, lik)]
 
             forget_items = share(qa_sets.get(forget_set_name, ()))
             para = [(i, it) for i, it in enumerate(forget_items) if it.paraphrased_question]
@@ -140,12 +159,11 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                     pgen = M.greedy_answers(model, tokenizer, [it.paraphrased_question for _, it in para],
                                             max_new_tokens, batch_size, on_batch=advance, at_limit=para_at_limit)
                 stage(f"{forget_set_name}:paraphrased_generation", c)
+                para_metrics = registry.lm_metrics("item", ("paraphrased_generations",))
                 for (i, it), g, a in zip(para, pgen, para_at_limit):
-                    row = per_item[forget_set_name][i]
-                    row.update(paraphrased_question=it.paraphrased_question, generated_paraphrased=g,
-                               at_token_limit_paraphrased=a,
-                               rouge_l_recall_paraphrased=M.rouge_l_recall(g, it.answer),
-                               exact_answer_paraphrased=M.exact_answer(g, it.answer))
+                    per_item[forget_set_name][i].update(
+                        paraphrased_question=it.paraphrased_question, generated_paraphrased=g,
+                        **_scored(para_metrics, LM.Generation(g, it.answer, a)))
 
             if run_mia:
                 mia_args = dict(reference_model=reference_model, reference_tokenizer=reference_tokenizer, k=min_k,
@@ -161,9 +179,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                                "nonmembers": others}
                 advance(len(share(forget_texts)) + len(share(holdout_texts)))
                 stage("mia", c)
-                aggregate["mia"] = res["auc"]
-                if "min_k" in res["auc"]:
-                    aggregate["privleak_auc"] = MIA.muse_auc(res["auc"]["min_k"])  # MUSE convention, for PrivLeak
+                inputs["membership"] = res
                 per_text["mia_forget"] = res["members"]
                 per_text["mia_holdout"] = res["nonmembers"]
 
@@ -175,46 +191,30 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                         vm["per_item"] = _interleaved(vm["per_item"])
                         vm["value"] = float(np.mean([r["rouge_l_f1"] for r in vm["per_item"]]))
                 stage("verbmem", c)
-                aggregate["verbmem"] = vm["value"]
+                inputs["verbmem"] = vm
                 per_text["verbmem"] = vm["per_item"]
         if sharding:
             per_item = {name: _interleaved(rows) for name, rows in per_item.items()}
     finally:
         model.train(was_training)
 
-    # ---- aggregates
+    config = {"forget_set_name": forget_set_name, "retain_set_name": retain_set_name,
+              "holdout_set_name": holdout_set_name, "utility_set_names": list(utility_set_names),
+              "normalised_prob_sets": list(normalised_prob_sets), "mia_attacks": attacks if run_mia else [],
+              "min_k": min_k, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+              "verbmem_max_new_tokens": verbmem_max_new_tokens, "max_length": max_length,
+              "max_logit_tokens": max_logit_tokens, "processes": distributed.world_size() if sharding else 1}
+    # ---- aggregates: each set's block (the means of its item metrics, then its set metrics), then the run's
     for name, rows in per_item.items():
-        is_forget = name == forget_set_name
-        normalised = name in normalised_prob_sets
-        agg = {k: _mean(r.get(k) for r in rows) for k in _MEAN_KEYS}
-        scores = TOFU.set_scores(rows, forget=is_forget, normalised_prob=normalised)
-        agg.update(n_items=len(rows), normalised_prob=normalised, probability_score=_finite_or_none(scores["prob"]),
-                   truth_ratio_score=_finite_or_none(scores["truth_ratio"]))
-        if is_forget and any("generated_paraphrased" in r for r in rows):
-            agg["paraphrased_rouge_l_recall"] = _mean(r.get("rouge_l_recall_paraphrased") for r in rows)
-            agg["paraphrased_accuracy"] = _mean(r.get("exact_answer_paraphrased") for r in rows)
-        aggregate[name] = agg
-
-    util_scores = {n: TOFU.set_scores(per_item[n], forget=False, normalised_prob=n in normalised_prob_sets)
-                   for n in utility_set_names if per_item.get(n)}
-    if util_scores:
-        try:
-            mu, comps = TOFU.model_utility(util_scores, return_components=True)
-            aggregate["model_utility"], aggregate["model_utility_components"] = mu, comps
-        except ValueError as e:  # e.g. a set without perturbed answers has no truth ratio
-            aggregate["model_utility"], aggregate["model_utility_error"] = None, str(e)
-    if forget_set_name in per_item:
-        f = aggregate[forget_set_name]
-        aggregate["forget_truth_ratio_score"] = f["truth_ratio_score"]
-        aggregate["forget_accuracy"] = f["exact_answer"]
-        aggregate["knowmem_forget"] = _mean(r["rouge_l_f1"] for r in per_item[forget_set_name])
-        if "paraphrased_accuracy" in f:
-            aggregate["forget_paraphrased_accuracy"] = f["paraphrased_accuracy"]
-            aggregate["forget_paraphrased_rouge_l_recall"] = f["paraphrased_rouge_l_recall"]
-    if retain_set_name in per_item:
-        aggregate["retain_accuracy"] = aggregate[retain_set_name]["exact_answer"]
-        aggregate["knowmem_retain"] = _mean(r["rouge_l_f1"] for r in per_item[retain_set_name])
-    _count_answers_at_limit(per_item, aggregate, max_new_tokens)
+        scored = LM.SetRows(name, rows, forget=name == forget_set_name, normalised=name in normalised_prob_sets)
+        present = {"logprobs", "generations"} | (
+            {"paraphrased_generations"} if scored.forget and any("generated_paraphrased" in r for r in rows) else set())
+        block = {m.name: LM.mean(r.get(m.name) for r in rows) for m in registry.lm_metrics("item", present)
+                 if m.aggregate == registry.MEAN}
+        aggregate[name] = {**block, **_scored(registry.lm_metrics("set", present), scored)}
+    present = _inputs_present(per_item, aggregate, config) | set(inputs)
+    _scored(registry.lm_metrics("run", present), LM.Evaluation(per_item, aggregate, config, inputs), into=aggregate)
+    _warn_answers_at_limit(aggregate, max_new_tokens)
 
     return {
         "per_item": per_item,
@@ -222,26 +222,17 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         "aggregate": aggregate,
         "forward_passes": total.n,  # this process's (each of several processes scores its share)
         "forward_passes_by_stage": by_stage,
-        "config": {"forget_set_name": forget_set_name, "retain_set_name": retain_set_name,
-                   "holdout_set_name": holdout_set_name, "utility_set_names": list(utility_set_names),
-                   "normalised_prob_sets": list(normalised_prob_sets), "mia_attacks": attacks if run_mia else [],
-                   "min_k": min_k, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                   "verbmem_max_new_tokens": verbmem_max_new_tokens, "max_length": max_length,
-                   "max_logit_tokens": max_logit_tokens,
-                   "processes": distributed.world_size() if sharding else 1},
+        "config": config,
     }
 
 
-def _count_answers_at_limit(per_item: Mapping[str, list[dict]], aggregate: dict, max_new_tokens: int) -> None:
-    """aggregate.answers_at_token_limit of aggregate.answers_generated: the greedy answers (every set's, the
-    paraphrased questions' too) that ran to max_new_tokens without an end id; more than AT_LIMIT_WARN_FRACTION is
-    warned about, as a cut input is, since their ROUGE and accuracy then measure the limit, not the model."""
-    flags = [r[k] for rows in per_item.values() for r in rows
-             for k in ("at_token_limit", "at_token_limit_paraphrased") if k in r]
-    hit = sum(bool(f) for f in flags)
-    aggregate["answers_generated"], aggregate["answers_at_token_limit"] = len(flags), hit
-    if flags and hit > AT_LIMIT_WARN_FRACTION * len(flags) and distributed.is_main():
-        warnings.warn(f"{hit} of {len(flags)} greedy answers ({hit / len(flags):.0%}) ran to max_new_tokens "
+def _warn_answers_at_limit(aggregate: Mapping, max_new_tokens: int) -> None:
+    """More than AT_LIMIT_WARN_FRACTION of the greedy answers (every set's, the paraphrased questions' too) ran to
+    max_new_tokens without an end id (aggregate.answers_at_token_limit of answers_generated): warned about, as a cut
+    input is, since their ROUGE and accuracy then measure the limit, not the model."""
+    n, hit = aggregate.get("answers_generated"), aggregate.get("answers_at_token_limit")
+    if n and hit > AT_LIMIT_WARN_FRACTION * n and distributed.is_main():
+        warnings.warn(f"{hit} of {n} greedy answers ({hit / n:.0%}) ran to max_new_tokens "
                       f"({max_new_tokens}) without an end token: the model may end its turn with a token no one "
                       "declared (prompt_format.stop_tokens in metrics.json lists those generation stops on), or "
                       "its answers are longer than the limit", stacklevel=3)
@@ -271,28 +262,12 @@ def _gathered(scores: dict[str, list[float]]) -> dict[str, list[float]]:
 
 
 def compare_to_retrain(result: Mapping, retrain_result: Mapping) -> dict:
-    """A copy of `result` whose aggregate gains forget_quality (KS p-value of the forget-set truth ratios against the
-    retrain model's) and privleak (from each model's Min-K% AUC, MUSE convention), plus a retrain_comparison block."""
+    """A copy of `result` whose aggregate gains the declared metrics that need the retrain reference: forget quality
+    (KS p-value of the forget-set truth ratios against the retrain model's, with its power keys), privleak (from each
+    model's Min-K% AUC, MUSE convention), and a retrain_comparison block."""
     out = copy.deepcopy(dict(result))
     agg = out["aggregate"]
-    forget = result["config"]["forget_set_name"]
-    cmp: dict[str, object] = {}
-    if forget in result["per_item"] and forget in retrain_result["per_item"]:
-        tr = [r["truth_ratio"] for r in result["per_item"][forget] if r["truth_ratio"] is not None]
-        tr_ref = [r["truth_ratio"] for r in retrain_result["per_item"][forget] if r["truth_ratio"] is not None]
-        if tr and tr_ref:
-            agg["forget_quality"] = cmp["forget_quality"] = TOFU.forget_quality(tr, tr_ref)
-            agg.update(TOFU.forget_quality_power(len(tr), len(tr_ref)))  # too few items: flagged, and warned of
-    auc = result["aggregate"].get("privleak_auc")
-    auc_ref = retrain_result["aggregate"].get("privleak_auc")
-    if auc is not None and auc_ref is not None:
-        cmp["privleak_auc"], cmp["privleak_auc_retrain"] = auc, auc_ref
-        if auc_ref > 0:
-            agg["privleak"] = cmp["privleak"] = MUSE.privleak(auc, auc_ref)
-        else:  # PrivLeak is undefined when the retrain model's AUC is 0 (tiny holdout sets)
-            agg["privleak"] = cmp["privleak"] = None
-    for key in ("verbmem", "knowmem_forget", "knowmem_retain", "forget_truth_ratio_score", "model_utility"):
-        if result["aggregate"].get(key) is not None and retrain_result["aggregate"].get(key) is not None:
-            cmp[f"{key}_retrain"] = retrain_result["aggregate"][key]
-    agg["retrain_comparison"] = cmp
+    present = _inputs_present(out["per_item"], agg, result["config"]) | {"retrain"}
+    against = [m for m in registry.lm_metrics("run", present) if "retrain" in m.needs]
+    _scored(against, LM.Evaluation(out["per_item"], agg, result["config"], retrain=retrain_result), into=agg)
     return out

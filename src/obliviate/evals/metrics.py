@@ -7,7 +7,7 @@ real authors, without being run twice) and its perturbed answers to one right-pa
 naive=True)` computes the same numbers with one pass per metric per item, for the benchmark and the equivalence test;
 `count_forward_passes` counts calls of the model's top module.
 
-Generation metrics (ROUGE-L, exact answer) take strings; batched greedy generation lives in the adapter
+Text metrics (ROUGE-L, exact answer) take strings; batched greedy generation lives in the adapter
 (`causal_lm.generate`). Formulas: docs/metrics.md.
 """
 from __future__ import annotations
@@ -276,27 +276,32 @@ def _roles(item: QAItem) -> list[tuple[str, str]]:
     return roles
 
 
+@dataclass
+class ItemLikelihood:
+    """One item's share of the likelihood pass, what every likelihood item metric reads (`evals/lm_metrics.py`): its
+    answer row's token statistics (with the Min-K%++ moments), the answer's mean NLL, the paraphrase's (the answer's
+    when the item has none, as TOFU does), the perturbed answers', and Min-K%'s k."""
+    answer: TokenStats
+    nll: float
+    paraphrase_nll: float
+    perturbed_nlls: list[float]
+    k: float
+
+
+def likelihood_item_metrics() -> list[tuple[str, object]]:
+    """(name, function) of every declared item metric that reads the likelihood pass (`registry.METRICS`)."""
+    from obliviate.registry import lm_metrics
+
+    return [(m.name, m.load()) for m in lm_metrics("item", ("logprobs",))]
+
+
 def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nlls: list[float],
-                 k: float) -> dict:
-    """All likelihood metrics of one item from the token statistics of its sequences (answer row carries moments)."""
+                 k: float, declared: list[tuple[str, object]] | None = None) -> dict:
+    """All likelihood metrics of one item from the token statistics of its sequences (answer row carries moments):
+    each declared item metric (`declared`: likelihood_item_metrics()) on the item's ItemLikelihood."""
     nll = float(sequence_nll(answer.logprobs, answer.mask)[0])
-    para = nll if paraphrase_nll is None else paraphrase_nll
-    only = answer.answer  # the answer's own tokens: memorisation and Min-K% do not read the end-of-turn token
-    rec = {
-        "answer_nll": nll,
-        "answer_prob": answer_prob(nll),
-        "paraphrase_nll": para,
-        "perturbed_nlls": perturbed_nlls,
-        "truth_ratio": truth_ratio(para, perturbed_nlls) if perturbed_nlls else None,
-        "answer_prob_normalised": normalised_prob(nll, perturbed_nlls) if perturbed_nlls else None,
-        "exact_memorization": float(exact_memorization(answer.preds, answer.targets, only)[0]),
-        "extraction_strength": float(extraction_strength(answer.preds, answer.targets, only)[0]),
-        "min_k": float(min_k(answer.logprobs, only, k)[0]),
-        "min_k_plus_plus": float(min_k_plus_plus(answer.logprobs, answer.mu, answer.sigma, only, k)[0]),
-        "n_answer_tokens": int(only.sum()),
-        "n_end_tokens": int(answer.mask.sum() - only.sum()),
-    }
-    return rec
+    item = ItemLikelihood(answer, nll, nll if paraphrase_nll is None else paraphrase_nll, perturbed_nlls, k)
+    return {name: compute(item) for name, compute in (declared or likelihood_item_metrics())}
 
 
 DEFAULT_MAX_LOGIT_TOKENS = 4096  # tokens of full-vocabulary logits one forward pass may hold (eval.max_logit_tokens)
@@ -383,6 +388,7 @@ def likelihood_metrics(model, tokenizer, items: Sequence[QAItem], batch_size: in
     if naive:
         return [_naive_item(model, tokenizer, it, k, max_length) for it in items]
     pad = _pad_id(tokenizer)
+    declared = likelihood_item_metrics()
     out: list[dict] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -402,7 +408,7 @@ def likelihood_metrics(model, tokenizer, items: Sequence[QAItem], batch_size: in
                 per[i]["paraphrase"] = nlls[row]
             else:
                 per[i]["perturbed"].append(nlls[row])
-        out += [_item_record(p["answer"], p["paraphrase"], p["perturbed"], k) for p in per]
+        out += [_item_record(p["answer"], p["paraphrase"], p["perturbed"], k, declared) for p in per]
         if progress is not None:
             progress(len(out), len(items))
     return out
@@ -442,12 +448,6 @@ def _naive_item(model, tokenizer, item: QAItem, k: float, max_length: int) -> di
         "min_k": mk, "min_k_plus_plus": mkpp, "n_answer_tokens": int(s.answer.sum()),
         "n_end_tokens": int(s.mask.sum() - s.answer.sum()),
     }
-
-
-def generation_metrics(generated: Sequence[str], references: Sequence[str]) -> list[dict]:
-    """Per-item ROUGE-L recall (TOFU), ROUGE-L F1 (MUSE KnowMem) and exact answer, of greedy answers."""
-    return [{"rouge_l_recall": rouge_l_recall(g, r), "rouge_l_f1": rouge_l_f1(g, r), "exact_answer": exact_answer(g, r)}
-            for g, r in zip(generated, references)]
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
