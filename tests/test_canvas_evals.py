@@ -212,9 +212,10 @@ def test_evaluate_samples_end_to_end(tiny_clip):
         k: canvas.canvas_scores(rows, "striped", "style")[k] for k in ("ua", "ira", "cra", "ua_paraphrase")}
     assert agg["alignment"] == pytest.approx(sum(r["alignment"] for r in rows) / len(rows))
     assert abs(agg["fid_original"]) < 1e-6 and agg["fid_real"] > agg["fid_original"]
-    from obliviate.registry import METRICS  # the scorecard's metrics are declared once, with their family
+    from obliviate.registry import METRICS, undeclared  # the metrics are declared once, with their family
     for key in ("ua", "ua_paraphrase", "ira", "cra", "fid_real", "fid_original", "kid_original", "alignment"):
         assert key in agg and METRICS[key].family == "t2i" and METRICS[key].better is not None, key
+    assert undeclared(agg, "t2i") == []  # and every other key it writes too
     base, _ = canvas.evaluate_samples(clf, model, tokenizer, images, prompts, seeds)
     assert "ua" not in base and "fid_real" not in base and base["style_accuracy"] == agg["style_accuracy"]
     with pytest.raises(ObliviateError, match="no style class 'wavy'"):

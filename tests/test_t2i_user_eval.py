@@ -64,6 +64,9 @@ def test_user_pipeline_run_is_scored(tmp_path, tiny_pipeline_dir, detector_dirs)
     assert [(r["text"], r["seed"], r["set"]) for r in rows] == \
         [(p, s, n) for n, ps in (("forget", forget), ("retain", retain)) for p in ps for s in (0, 1)]
     assert metrics["n_images"] == 8 and metrics["eval_prompts_forget"] == 2
+    from obliviate.registry import undeclared  # every number the run writes has its metric's declaration
+    record = ("method", "concept", "status", "stopped", "notes")
+    assert undeclared({k: v for k, v in metrics.items() if k not in record}, "t2i") == []
 
     # every number is the rows' and the rows are the pipelines': re-sampled here from the base folder and the run
     texts, seeds = [r["text"] for r in rows], [r["seed"] for r in rows]

@@ -145,6 +145,8 @@ def test_a_user_vision_language_run_scores_its_original_and_caches_it(tmp_path, 
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["original"]["forget_classification_image"] is not None
     assert metrics["retrain"]["forget_quality"] == 1.0
+    from obliviate.registry import undeclared  # every aggregate the evaluation writes has its declaration
+    assert undeclared(metrics["retrain"], "mllm") == [] and undeclared(metrics["original"], "mllm") == []
     page = (first / "report.html").read_text()
     assert all(f"<tr><td>{row}</td>" in page for row in ("original", "retrain", "GradDiff"))
     terminal = capsys.readouterr().out

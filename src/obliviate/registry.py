@@ -227,6 +227,8 @@ METRICS = _table(
            "Yeom et al. 2018, https://arxiv.org/abs/1709.01604", "mllm", None, "AUC over items", label="MIA AUC (LOSS)"),
     Metric("unlearn_seconds", "obliviate.loops.step:UnlearnResult", "Wall time of the unlearning or erasure loop.", "",
            "any", None, "one number per run", "unlearn seconds", "{:.1f}"),
+    Metric("eval_seconds", "obliviate.runs:write_run_record", "Wall time of the run's evaluation.", "", "any", None,
+           "one number per run", fmt="{:.1f}"),
 
     # ---- the other language-model aggregates (top-level keys of the evaluation's aggregate), in computing order
     Metric("mia", L + "mia", "ROC AUC of each membership attack (mia_*), forget texts (members) vs holdout texts "

@@ -55,7 +55,7 @@ def print_scorecard(rows: dict[str, dict], title: str = "scorecard") -> None:
 
 def mllmu_rows(rows: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """MLLMU-Bench's table turned so that models are columns: one line per (set, task), each cell "image / text"."""
-    from obliviate.registry import MLLMU_SETS, MLLMU_TASKS
+    from obliviate.registry import METRICS, MLLMU_SETS, MLLMU_TASKS
 
     lines = []
     for s in MLLMU_SETS:
@@ -73,10 +73,9 @@ def mllmu_rows(rows: dict[str, dict]) -> list[tuple[str, list[str]]]:
             ratios = [{k: r[k] / original[k] for k in keys if r.get(k) is not None and original.get(k)}
                       for r in rows.values()]
             lines.append((f"{s} MC / original", [" / ".join(cell(r, k, "{:.2f}") for k in keys) for r in ratios]))
-    for key, label, fmt in (("forget_quality", "forget quality", "{:.3g}"), ("privleak", "PrivLeak", "{:+.1f}"),
-                            ("mia_loss_auc", "MIA AUC (LOSS)", "{:.3f}")):
+    for key in ("forget_quality", "privleak", "mia_loss_auc"):  # titled and formatted as declared
         if any(key in r for r in rows.values()):
-            lines.append((label, [cell(r, key, fmt) for r in rows.values()]))
+            lines.append((METRICS[key].column_title, [cell(r, key, METRICS[key].fmt) for r in rows.values()]))
     return lines
 
 
