@@ -10,7 +10,6 @@ inputs exist: adding a metric is one declaration and one function. Formulas: doc
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Callable, Collection, Mapping, Sequence
 
@@ -72,8 +71,9 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     per_item: {set: [{question, answer, generated, answer_prob, truth_ratio, rouge_l_recall, exact_answer,
                exact_memorization, extraction_strength, min_k, min_k_plus_plus, ...}]}
     per_text: membership scores of forget/holdout texts, VerbMem generations
-    aggregate: {set: {means}, model_utility, model_utility_components, forget_truth_ratio_score, mia: {attack: AUC},
-                verbmem, knowmem_forget, knowmem_retain, forget_accuracy, retain_accuracy, ...}
+    aggregate: {set: {means of its item metrics, its set metrics}, model_utility, model_utility_components,
+                forget_truth_ratio_score, mia: {attack: AUC}, verbmem, knowmem_forget, knowmem_retain, forget_accuracy,
+                retain_accuracy, ...}: the lm metrics of registry.METRICS whose inputs exist, in declaration order
     forward_passes: calls of `model` (every decoding step counts one), forward_passes_by_stage: the split.
 
     utility_set_names: sets in model utility (default: every set but the forget and holdout sets).
