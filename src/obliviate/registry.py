@@ -395,9 +395,10 @@ def _in_set_block(key: str) -> bool:
     return m is not None and (m.scope == "set" or (m.scope == "item" and m.aggregate == MEAN))
 
 
-def lm_metrics(scope: str, available) -> list[Metric]:
-    """The language-model metrics of `scope` whose inputs are all in `available`, in declaration order."""
-    return [m for m in METRICS.values() if m.family == "lm" and m.scope == scope and set(m.needs) <= set(available)]
+def computed(family: str, scope: str, available) -> list[Metric]:
+    """The metrics that `family`'s evaluation computes through their functions at `scope`, those whose inputs are
+    all in `available`, in declaration order (only the language-model evaluation does so today)."""
+    return [m for m in METRICS.values() if m.family == family and m.scope == scope and set(m.needs) <= set(available)]
 
 
 WORLDS = _table(

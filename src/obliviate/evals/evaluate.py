@@ -126,7 +126,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         if progress is not None:
             progress(name, done, len(stages))
 
-    answer_metrics = registry.lm_metrics("item", ("generations",))
+    answer_metrics = registry.computed("lm", "item", ("generations",))
     inputs: dict[str, dict] = {}  # the raw results of the shared inputs the run metrics read
     was_training = model.training
     model.eval()
@@ -159,7 +159,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                     pgen = M.greedy_answers(model, tokenizer, [it.paraphrased_question for _, it in para],
                                             max_new_tokens, batch_size, on_batch=advance, at_limit=para_at_limit)
                 stage(f"{forget_set_name}:paraphrased_generation", c)
-                para_metrics = registry.lm_metrics("item", ("paraphrased_generations",))
+                para_metrics = registry.computed("lm", "item", ("paraphrased_generations",))
                 for (i, it), g, a in zip(para, pgen, para_at_limit):
                     per_item[forget_set_name][i].update(
                         paraphrased_question=it.paraphrased_question, generated_paraphrased=g,
@@ -209,11 +209,11 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         scored = LM.SetRows(name, rows, forget=name == forget_set_name, normalised=name in normalised_prob_sets)
         present = {"logprobs", "generations"} | (
             {"paraphrased_generations"} if scored.forget and any("generated_paraphrased" in r for r in rows) else set())
-        block = {m.name: LM.mean(r.get(m.name) for r in rows) for m in registry.lm_metrics("item", present)
+        block = {m.name: LM.mean(r.get(m.name) for r in rows) for m in registry.computed("lm", "item", present)
                  if m.aggregate == registry.MEAN}
-        aggregate[name] = {**block, **_scored(registry.lm_metrics("set", present), scored)}
+        aggregate[name] = {**block, **_scored(registry.computed("lm", "set", present), scored)}
     present = _inputs_present(per_item, aggregate, config) | set(inputs)
-    _scored(registry.lm_metrics("run", present), LM.Evaluation(per_item, aggregate, config, inputs), into=aggregate)
+    _scored(registry.computed("lm", "run", present), LM.Evaluation(per_item, aggregate, config, inputs), into=aggregate)
     _warn_answers_at_limit(aggregate, max_new_tokens)
 
     return {
@@ -268,6 +268,6 @@ def compare_to_retrain(result: Mapping, retrain_result: Mapping) -> dict:
     out = copy.deepcopy(dict(result))
     agg = out["aggregate"]
     present = _inputs_present(out["per_item"], agg, result["config"]) | {"retrain"}
-    against = [m for m in registry.lm_metrics("run", present) if "retrain" in m.needs]
+    against = [m for m in registry.computed("lm", "run", present) if "retrain" in m.needs]
     _scored(against, LM.Evaluation(out["per_item"], agg, result["config"], retrain=retrain_result), into=agg)
     return out

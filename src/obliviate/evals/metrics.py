@@ -290,9 +290,9 @@ class ItemLikelihood:
 
 def likelihood_item_metrics() -> list[tuple[str, object]]:
     """(name, function) of every declared item metric that reads the likelihood pass (`registry.METRICS`)."""
-    from obliviate.registry import lm_metrics
+    from obliviate.registry import computed
 
-    return [(m.name, m.load()) for m in lm_metrics("item", ("logprobs",))]
+    return [(m.name, m.load()) for m in computed("lm", "item", ("logprobs",))]
 
 
 def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nlls: list[float],
