@@ -1,7 +1,8 @@
 """One table of everything a user can choose by name: methods, metrics and worlds, each with its family ("lm",
-"t2i", "mllm") and what a user needs to choose it. Metrics carry their metadata here, once: the aggregate keys
-they fill, which way is better, how per-item values aggregate, the scorecard's header and format; the scorecard, the
-report and the leaderboard read it from here. Nothing here imports torch or transformers, so `obliviate ls`
+"t2i", "mllm") and what a user needs to choose it. Metrics are declared here, once: the aggregate key each fills,
+the function that computes it, what it needs, which way is better, how per-item values aggregate, the scorecard's
+header and format; the language-model evaluation computes through these declarations, and the scorecard, the report
+and the leaderboard read directions and titles from them. Nothing here imports torch or transformers, so `obliviate ls`
 answers at once; objects are imported only when a run asks for them."""
 from __future__ import annotations
 
