@@ -128,11 +128,25 @@ def make_bench(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
+    """The bench folder and its leaderboard's tables (no figure: the tests of numbers stay fast)."""
     from obliviate.bench.leaderboard import write_leaderboard
 
     out = make_bench(tmp_path_factory.mktemp("lb"))
-    paths = write_leaderboard(out)
+    paths = write_leaderboard(out, figures=False)
     return out, paths
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """The same with every figure, as `obliviate bench` writes it, here through `obliviate report OUT`."""
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+
+    out = make_bench(tmp_path_factory.mktemp("lb-drawn"))
+    r = CliRunner().invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    return out, [Path(line.removeprefix("wrote ")) for line in r.output.splitlines() if line.startswith("wrote ")]
 
 
 def _md_rows(md: str, title: str) -> list[list[str]]:
@@ -226,3 +240,175 @@ def test_noise_floor_is_a_line_and_forget_quality_is_never_one_by_definition(ben
     assert "forget_quality" not in near["NPO"]  # 0.30 vs 1: 0.70 away, the floor 0.44
     npo_row = next(r for r in _md_rows(md, "the profiles world, lm: forgetting forget10") if r[1] == "NPO")
     assert any(c.endswith("≈") for c in npo_row)
+
+
+def test_each_family_ranks_by_its_own_rule_and_shows_its_image_grid(bench):
+    md = (bench[0] / "leaderboard.md").read_text()
+    rows = _md_rows(md, "the canvas world, t2i: forgetting striped")
+    assert rows[0][4] == "UA ↑" and "forget quality ↑" not in rows[0]
+    esd = next(r for r in rows if r[1] == "ESD-x")
+    assert esd[0] == "1" and esd[4] == "85.0% ± 7.1%"  # ranked by UA: the language-model rule is not its rule
+    assert "meets the bar" not in rows[0]
+
+
+def test_the_chosen_settings_their_margin_and_the_runners_up(bench):
+    rows = _md_rows((bench[0] / "leaderboard.md").read_text(), "Settings chosen on the validation target")
+    npo = next(r for r in rows if r[0] == "NPO")
+    assert npo[1:4] == ["lr=1e-05", "0.31", "0.07"]
+    assert "lr=3e-05: 0.24" in npo[4] and "lr=0.0001: failed" in npo[4]
+    assert next(r for r in rows if r[0] == "GradDiff")[3] == "–"  # no runner-up, no margin
+
+
+def test_scalability_and_sustainability_tables(bench):
+    md = (bench[0] / "leaderboard.md").read_text()
+    rows = _md_rows(md, "Scalability: forget sets of growing size")
+    assert rows[0][1:] == ["1", "5", "10"]
+    npo = next(r for r in rows if r[0].startswith("NPO"))
+    assert npo[1] == f"{np.mean([0.5, 0.51]):.3g} ± {np.std([0.5, 0.51], ddof=1):.3g}"
+    rows = _md_rows(md, "Sustainability: sequential deletion requests")
+    npo = next(r for r in rows if r[0].startswith("NPO"))
+    assert npo[1].startswith("0.4") and "failed: out of memory" in npo[1] and npo[3].startswith("0.133")
+
+
+def test_published_evaluations_are_labelled_rows(tmp_path):
+    from obliviate.bench.leaderboard import write_leaderboard
+
+    out = make_bench(tmp_path)
+    openunlearning = tmp_path / "TOFU_EVAL.json"  # OpenUnlearning's shape: {metric: {"agg_value": ...}}
+    openunlearning.write_text(json.dumps({"forget_quality": {"agg_value": 0.0123},
+                                          "model_utility": {"agg_value": 0.591},
+                                          "forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {}}}))
+    write_leaderboard(out, published={"OpenUnlearning NPO (Llama-3.2-1B)": openunlearning}, figures=False)
+    rows = _md_rows((out / "leaderboard.md").read_text(), "the profiles world, lm: forgetting forget10")
+    header = rows[0]
+    published = next(r for r in rows if r[1] == "published: OpenUnlearning NPO (Llama-3.2-1B)")
+    assert published[header.index("forget quality ↑")] == "0.0123" and published[0] == ""  # not ranked
+    assert published[header.index("model utility ↑")] == "0.591"
+    assert rows[-1][1].startswith("original") and rows[-2] == published
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"something": 1}))
+    from obliviate.errors import ObliviateError
+    with pytest.raises(ObliviateError, match="bad.json: no aggregate"):
+        write_leaderboard(out, published={"x": bad}, figures=False)
+
+
+def test_not_a_bench_folder_or_a_bad_cell_record_is_one_line(tmp_path):
+    from obliviate.bench.leaderboard import write_leaderboard
+    from obliviate.errors import ObliviateError
+
+    with pytest.raises(ObliviateError, match="not a bench folder"):
+        write_leaderboard(tmp_path)
+    out = make_bench(tmp_path)
+    cell = next((out / "cells").glob("*.json"))
+    record = json.loads(cell.read_text())
+    del record["status"]
+    cell.write_text(json.dumps(record))
+    with pytest.raises(ObliviateError, match=f"{cell.name}: cell record lacks the key 'status'"):
+        write_leaderboard(out, figures=False)
+    assert not (out / "leaderboard.md").exists()
+
+
+def _run_folders(out: Path, method: str) -> list[Path]:
+    records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    return [out / "cells" / r["run"] for r in records if r["method"] == method and r["kind"] == "reported"
+            and r["status"] == "done"]
+
+
+def test_report_compares_run_folders_side_by_side(bench, tmp_path):
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+
+    npo, graddiff = _run_folders(bench[0], "NPO")[0], _run_folders(bench[0], "GradDiff")[0]
+    page = tmp_path / "compare.html"
+    r = CliRunner().invoke(app, ["report", str(npo), str(graddiff), "--out", str(page), "--no-figures"])
+    assert r.exit_code == 0, r.output
+    text = page.read_text()
+    assert f"{npo.name}: NPO" in text and f"{graddiff.name}: GradDiff" in text  # both runs in one scorecard
+    assert f"{npo.name}: retrain" in text and f"{graddiff.name}: original" in text
+    assert r.output.strip() == f"wrote {page}"
+    r = CliRunner().invoke(app, ["report", str(npo), str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no such folder" in r.output
+
+
+def test_report_puts_bench_folders_side_by_side(bench, tmp_path):
+    from obliviate.bench.leaderboard import write_comparison
+
+    other = make_bench(tmp_path)  # a second grid, its NPO worse
+    for path in (other / "cells").glob("*.json"):
+        record = json.loads(path.read_text())
+        if record["method"] == "NPO" and record["status"] == "done" and record["kind"] == "reported":
+            metrics = json.loads((other / "cells" / record["run"] / "metrics.json").read_text())
+            metrics["forget_quality"] = 0.001
+            (other / "cells" / record["run"] / "metrics.json").write_text(json.dumps(metrics))
+    page = write_comparison([bench[0], other, _run_folders(bench[0], "NPO")[0]], tmp_path / "both.html",
+                            figures=False)
+    text = page.read_text()
+    columns = text.split("<div class='side'>")[1].split("<div>")[1:]
+    assert len(columns) == 2 and all("the profiles world, lm: forgetting forget10" in c for c in columns)
+    assert "0.3 ± 0.1" in columns[0] and "0.001 ± 0" in columns[1]
+    assert ": NPO</td>" in text.split("<div class='side'>")[0]  # the run folder in the scorecard above
+
+
+@pytest.mark.slow  # draws every figure: about 10 s on 2 shared cores
+def test_the_leaderboard_page_renders_whole_in_chromium(drawn):
+    from browser import render
+
+    out, paths = drawn
+    grid = out / "figures" / "grid-the-canvas-world-t2i-striped-esd-x.png"
+    assert {p.name for p in paths} >= {"leaderboard.md", "leaderboard.html", "tradeoff-the-profiles-world-lm-"
+                                       "forget10.png", "evaluations-the-profiles-world-lm-forget10.png",
+                                       "curves-the-profiles-world-lm-forget10.png", "scalability.png",
+                                       "sustainability.png", grid.name}
+    md = (out / "leaderboard.md").read_text()
+    assert all(f"](figures/{p.name})" in md for p in paths if p.suffix == ".png")
+    page = out / "leaderboard.html"
+    shots = Path(os.environ.get("OBLIVIATE_SCREENSHOTS") or page.parent)
+    text = page.read_text()
+    seen = render(page, screenshot=shots / "leaderboard-page.png")
+    assert seen["images"] == text.count("<img") >= 8 and seen["broken"] == [], seen
+    assert seen["tables"] == text.count("<table") >= 6 and seen["empty_tables"] == 0, seen
+    assert seen["console"] == []
+    assert seen["wrapped"] == [], "numbers wrap onto a second line"
+    assert "src='figures/" not in text and "src='/" not in text  # the page stands alone: its pictures inline
+    assert (shots / "leaderboard-page.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # draws the plots: about 5 s on 2 shared cores
+def test_the_comparison_page_renders_whole_in_chromium(drawn, tmp_path):
+    from typer.testing import CliRunner
+
+    from browser import render
+    from obliviate.cli import app
+
+    page = tmp_path / "compare.html"
+    runs = [*_run_folders(drawn[0], "NPO")[:1], *_run_folders(drawn[0], "GradDiff")[:1]]
+    r = CliRunner().invoke(app, ["report", *map(str, runs), str(drawn[0]), "--out", str(page)])
+    assert r.exit_code == 0, r.output
+    text = page.read_text()
+    assert "alt='forgetting against utility'" in text and "alt='unlearning curves'" in text
+    assert "alt='forget-utility trade-off'" in text  # the bench's own, in its column
+    shots = Path(os.environ.get("OBLIVIATE_SCREENSHOTS") or tmp_path)
+    seen = render(page, screenshot=shots / "comparison-page.png")
+    assert seen["images"] == text.count("<img") >= 6 and seen["broken"] == [], seen
+    assert seen["tables"] == text.count("<table") and seen["empty_tables"] == 0, seen
+    assert seen["console"] == [] and seen["wrapped"] == [], seen
+
+
+def test_the_trade_off_plot_marks_the_retrain_point_and_the_noise_floor(bench):
+    from obliviate.bench.leaderboard import board, read_bench, tradeoff_figure
+    from obliviate.bench.report import _matplotlib
+
+    b = board(read_bench(bench[0]), "the profiles world", "lm", "forget10")
+    fig = tradeoff_figure(b)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    assert len(bars) == 2  # NPO and GradDiff; RMU failed: no point
+    npo_x, npo_y = bars[0].lines[0].get_data()
+    assert npo_x[0] == pytest.approx(np.mean([s[1] for s in LM_CELLS["NPO"]]))
+    assert npo_y[0] == pytest.approx(np.mean([s[0] for s in LM_CELLS["NPO"]]))
+    floor = [line for line in ax.lines if "noise floor" in str(line.get_label())]
+    assert floor and floor[0].get_ydata()[0] == pytest.approx(FLOOR["forget_quality"] + 0.01)
+    assert ax.get_ylabel().startswith("forget quality ↑") and ax.get_xlabel().startswith("model utility ↑")
+    assert any(t.get_text() == "retrain" for t in ax.texts)  # the retrain point, labelled
+    _matplotlib().close(fig)

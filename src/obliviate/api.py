@@ -73,10 +73,11 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     return result
 
 
-def report_folders(folders: list[Path], out: Path | None = None) -> list[Path]:
+def report_folders(folders: list[Path], out: Path | None = None, figures: bool = True) -> list[Path]:
     """`obliviate report`: one folder's page (a run or demo folder's report.html; a bench folder's leaderboard.md,
     leaderboard.html and figures), or for several run and bench folders one page side by side at `out` (default
-    ./obliviate-report.html). Returns the paths written."""
+    ./obliviate-report.html). `figures` False: a bench's or a comparison's tables without plots. Returns the paths
+    written."""
     folders = [Path(f) for f in folders]
     if not folders:
         raise ObliviateError("report needs at least one run, demo or bench folder")
@@ -86,11 +87,11 @@ def report_folders(folders: list[Path], out: Path | None = None) -> list[Path]:
     if len(folders) == 1 and out is None:
         if (folders[0] / "bench.json").is_file():
             from obliviate.bench.leaderboard import write_leaderboard
-            return write_leaderboard(folders[0])
+            return write_leaderboard(folders[0], figures=figures)
         from obliviate.bench.report import rewrite_report
         return [rewrite_report(folders[0])]
     from obliviate.bench.leaderboard import write_comparison
-    return [write_comparison(folders, Path(out or "obliviate-report.html"))]
+    return [write_comparison(folders, Path(out or "obliviate-report.html"), figures)]
 
 
 def is_run_folder(folder: Path) -> bool:

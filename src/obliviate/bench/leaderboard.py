@@ -374,7 +374,7 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
     if floor_rows:
         seeds = sorted({retrain_seed(c) for c in floors})
         lines.append(Line(FLOOR_LABEL.format(s="/".join(map(str, seeds))), "floor", floor,
-                          seeds=f"{len(floor_rows)} seed{'s' if len(floor_rows) > 1 else ''}"))
+                          seeds=_seeds(len(floor_rows))))
         reference = {k: stat([r.get(k) for r in retrain_rows]) for k in names}
         for k in names:  # how far one retrain is from another: the gap a method may have and still be noise
             ref = reference.get(k)
@@ -387,7 +387,7 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
         done = [c for c in cells if c.done]
         failed = [c for c in cells if not c.done]
         line = Line(method, "method", stats([row_of(c) for c in done]), _settings(cells[0].record.get("params")))
-        line.seeds = f"{len(done)} of {len(cells)} seeds" if failed else f"{len(done)} seed{'s' if len(done) > 1 else ''}"
+        line.seeds = f"{len(done)} of {len(cells)} seeds" if failed else _seeds(len(done))
         if failed:
             reasons = _reasons(failed)
             if not done:
@@ -422,8 +422,13 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
                           seeds="as published"))
     lines.append(Line("original (before unlearning)", "original", one_model(original_rows)))
     if failed_floor:
-        lines.insert(1, Line("retrain seed >= 1 (the noise floor)", "floor", failed=f"failed ({_reasons(failed_floor)})"))
+        lines.insert(1, Line("retrain seed >= 1 (the noise floor)", "floor",
+                             failed=f"failed ({_reasons(failed_floor)})"))
     return Board(task, family, target, metric, bars, rule, columns, lines, floor_gap, ties, methods)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n > 1 else ''}"
 
 
 def _reasons(failed: list[Cell]) -> str:
@@ -482,8 +487,8 @@ def _legend(b: Board) -> list[str]:
 
     m = METRICS[b.metric]
     notes = [f"Each method: its chosen settings on {b.target}, mean ± std (sample standard deviation, n - 1) over "
-             f"its seeds; ranked by {m.column_title} ({m.name}). Arrows: ↑ higher is better, ↓ lower is better, →0 "
-             "closest to zero is best (each metric's declaration)."]
+             f"its seeds; ranked by {m.column_title} ({m.name}). Arrows: ↑ higher is better, ↓ lower is better, "
+             "→0 closest to zero is best (each metric's declaration)."]
     if b.floor_gap:
         notes.append(f"{NOISE_MARK}: within the noise floor: the method is no farther from the retrain reference than "
                      "a second retrain model (another training seed) is.")
@@ -525,7 +530,7 @@ def board_html(b: Board) -> str:
     width = len(b.columns) + bool(b.bars)
     for ln in b.lines:
         first = (f"<td>{ln.rank or ''}</td><td class='text'>{html.escape(ln.label)}</td><td class='text'>"
-                 f"{html.escape(ln.settings)}</td><td>{html.escape(ln.seeds)}</td>")
+                 f"{html.escape(ln.settings)}</td><td class='text'>{html.escape(ln.seeds)}</td>")
         if ln.failed:
             cells = f"<td class='text failed' colspan='{width}'>{html.escape(ln.failed)}</td>"
         else:
@@ -784,7 +789,8 @@ def evaluations_figure(b: Board):
 LEADERBOARD_STYLE = ("tr.retrain td{font-weight:600;border-top:2px solid #333}tr.floor td{background:#f6f6ff;"
                      "font-style:italic}tr.original td{border-top:2px solid #333;color:#555}"
                      "td.noise{background:#eef6ee}td.failed{color:#b00020}tr.published td{color:#345}"
-                     ".side{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}.side>div{flex:1;min-width:420px}")
+                     ".side{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}"
+                     ".side>div{flex:1;min-width:420px}")
 
 
 class Figures:
@@ -807,9 +813,39 @@ def _slug(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")[:80]
 
 
-def sections(bench: Bench, figures: Figures, published: dict[str, Path] | None = None) -> tuple[list[str], list[str]]:
-    """(Markdown parts, HTML parts) of a bench's leaderboards, choices, figures, robustness and image grids."""
-    from obliviate.bench.report import curves_figure, robustness_html
+def _board_figures(b: Board, figures: Figures, md: list[str], page: list[str]) -> None:
+    """A leaderboard's trade-off plot, its metrics along the unlearning, its unlearning curves (the first seed's
+    history) and, for text-to-image, each method's image grid (the first seed's)."""
+    from obliviate.bench.report import curves_figure
+
+    slug = _slug(b.task, b.family, b.target)
+    for name, alt, fig in ((f"tradeoff-{slug}.png", "forget-utility trade-off", tradeoff_figure(b)),
+                           (f"evaluations-{slug}.png", "metrics along the unlearning", evaluations_figure(b))):
+        if fig is not None:
+            rel, uri = figures.add(name, _fig_bytes(fig))
+            md.append(f"\n![{alt}]({rel})")
+            page.append(f"<p><img alt='{alt}' src='{uri}'></p>")
+    histories = {m: next((c.history for c in cells if c.done and c.history), []) for m, cells in b.cells.items()}
+    fig = curves_figure(histories, f"Unlearning curves: {b.task}, {b.target} (first seed)")
+    if fig is not None:
+        rel, uri = figures.add(f"curves-{slug}.png", _fig_bytes(fig))
+        md.append(f"\n![unlearning curves]({rel})")
+        page.append(f"<p><img alt='unlearning curves' src='{uri}'></p>")
+    for method, cells in b.cells.items():
+        grid = next((c.folder / "grid.png" for c in cells if c.done and (c.folder / "grid.png").is_file()), None)
+        if grid is not None:
+            rel, uri = figures.add(f"grid-{slug}-{_slug(method)}.png", grid.read_bytes())
+            caption = f"{method} on {b.target}: original, retrain, {method} (first seed)"
+            md.append(f"\n![{caption}]({rel})")
+            page.append(f"<h3>{html.escape(caption)}</h3><p><img class='grid' alt='{html.escape(caption)}' "
+                        f"src='{uri}'></p>")
+
+
+def sections(bench: Bench, figures: Figures | None, published: dict[str, Path] | None = None
+             ) -> tuple[list[str], list[str]]:
+    """(Markdown parts, HTML parts) of a bench's leaderboards, choices, figures, robustness and image grids; with
+    `figures` None, the tables alone."""
+    from obliviate.bench.report import robustness_html
 
     md, page = [], []
     bs = boards(bench, published)
@@ -819,32 +855,13 @@ def sections(bench: Bench, figures: Figures, published: dict[str, Path] | None =
     for b in bs:
         md.append(board_markdown(b))
         page.append(board_html(b))
-        slug = _slug(b.task, b.family, b.target)
-        for name, alt, fig in ((f"tradeoff-{slug}.png", "forget-utility trade-off", tradeoff_figure(b)),
-                               (f"evaluations-{slug}.png", "metrics along the unlearning", evaluations_figure(b))):
-            if fig is not None:
-                rel, uri = figures.add(name, _fig_bytes(fig))
-                md.append(f"\n![{alt}]({rel})")
-                page.append(f"<p><img alt='{alt}' src='{uri}'></p>")
-        histories = {m: next((c.history for c in cells if c.done and c.history), []) for m, cells in b.cells.items()}
-        fig = curves_figure(histories, f"Unlearning curves: {b.task}, {b.target} (first seed)")
-        if fig is not None:
-            rel, uri = figures.add(f"curves-{slug}.png", _fig_bytes(fig))
-            md.append(f"\n![unlearning curves]({rel})")
-            page.append(f"<p><img alt='unlearning curves' src='{uri}'></p>")
+        if figures is not None:
+            _board_figures(b, figures, md, page)
         attacks = {m: next((c.attacks for c in cells if c.done and c.attacks), {}) for m, cells in b.cells.items()}
         attacks = {m: a for m, a in attacks.items() if a}
-        if attacks:
-            page.append(robustness_html(attacks))
+        if attacks:  # the first seed's attacks (a relearning attack draws its curves)
             md.append(_robustness_md(attacks))
-        for method, cells in b.cells.items():
-            grid = next((c.folder / "grid.png" for c in cells if c.done and (c.folder / "grid.png").is_file()), None)
-            if grid is not None:
-                rel, uri = figures.add(f"grid-{slug}-{_slug(method)}.png", grid.read_bytes())
-                caption = f"{method} on {b.target}: original, retrain, {method} (first seed)"
-                md.append(f"\n![{caption}]({rel})")
-                page.append(f"<h3>{html.escape(caption)}</h3><p><img class='grid' alt='{html.escape(caption)}' "
-                            f"src='{uri}'></p>")
+            page.append(robustness_html(attacks))
     md.append(_selection_md(bench))
     page.append(_selection_html(bench))
     for kind, axis in (("scalability", "size"), ("sustainability", "request")):
@@ -854,7 +871,7 @@ def sections(bench: Bench, figures: Figures, published: dict[str, Path] | None =
         names = [n for n in TRADEOFF_AXES.get(family, ())[::-1]]
         md.append(_series_table(bench, kind, axis, names, md=True))
         page.append(_series_table(bench, kind, axis, names, md=False))
-        fig = series_figure(bench, kind, axis, names)
+        fig = series_figure(bench, kind, axis, names) if figures is not None else None
         if fig is not None:
             rel, uri = figures.add(f"{kind}.png", _fig_bytes(fig))
             md.append(f"\n![{kind}]({rel})")
@@ -890,22 +907,23 @@ def _published(bench: Bench, published: dict | None) -> dict[str, Path]:
     return out
 
 
-def write_leaderboard(out_dir: Path, published: dict[str, str | Path] | None = None) -> list[Path]:
+def write_leaderboard(out_dir: Path, published: dict[str, str | Path] | None = None, figures: bool = True
+                      ) -> list[Path]:
     """OUT/leaderboard.md, OUT/leaderboard.html (static, its figures inlined) and OUT/figures/*.png from a bench
     folder; returns the paths written. `published`: {label: path} of published evaluations to place as labelled
-    rows (besides the spec's "published")."""
+    rows (besides the spec's "published"). `figures` False: the tables alone (seconds faster: no plot is drawn)."""
     from obliviate.runs import atomic_write
 
     out_dir = Path(out_dir)
     bench = read_bench(out_dir)
-    figures = Figures(out_dir / "figures")
-    md, page = sections(bench, figures, _published(bench, published))
+    drawn = Figures(out_dir / "figures") if figures else None
+    md, page = sections(bench, drawn, _published(bench, published))
     title = f"obliviate bench: {bench.info.get('name') or out_dir.name}"
     head = _header(bench)
     md_path = atomic_write(out_dir / "leaderboard.md", "\n\n".join([f"# {title}", head, *md]) + "\n")
     html_path = atomic_write(out_dir / "leaderboard.html",
                              _html_page(title, [f"<p class='note'>{html.escape(head)}</p>", *page]))
-    return [md_path, html_path, *figures.written]
+    return [md_path, html_path, *(drawn.written if drawn else [])]
 
 
 def _header(bench: Bench) -> str:
@@ -920,7 +938,7 @@ def _header(bench: Bench) -> str:
 
 # ---- several folders side by side -----------------------------------------------------------------------------------
 
-def write_comparison(folders: list[Path], out: Path) -> Path:
+def write_comparison(folders: list[Path], out: Path, figures: bool = True) -> Path:
     """One page with several run folders and bench folders side by side: the run folders' models in one scorecard
     (each labelled by its folder) with one trade-off plot and their curves; each bench's leaderboards in a column."""
     from obliviate.bench.report import _read, curves_plot, scorecard_html, tradeoff_plot
@@ -934,7 +952,7 @@ def write_comparison(folders: list[Path], out: Path) -> Path:
     columns = []
     for folder, label in zip(folders, labels):
         if (folder / "bench.json").is_file():
-            _, page = sections(read_bench(folder), Figures(None))
+            _, page = sections(read_bench(folder), Figures(None) if figures else None)
             columns.append(f"<div><h2>{html.escape(label)} (bench)</h2>" + "\n".join(page) + "</div>")
         elif (folder / "metrics.json").is_file():
             metrics = _read(folder / "metrics.json", "metrics")
@@ -947,7 +965,7 @@ def write_comparison(folders: list[Path], out: Path) -> Path:
     body = []
     if rows:
         body += ["<h2>Run folders</h2>", scorecard_html(rows)]
-        for alt, img in (("forgetting against utility", tradeoff_plot(rows)),
+        for alt, img in () if not figures else (("forgetting against utility", tradeoff_plot(rows)),
                          ("unlearning curves", curves_plot(histories, "Unlearning curves"))):
             if img:
                 body.append(f"<p><img alt='{alt}' src='{img}'></p>")
