@@ -412,3 +412,55 @@ def test_the_trade_off_plot_marks_the_retrain_point_and_the_noise_floor(bench):
     assert ax.get_ylabel().startswith("forget quality ↑") and ax.get_xlabel().startswith("model utility ↑")
     assert any(t.get_text() == "retrain" for t in ax.texts)  # the retrain point, labelled
     _matplotlib().close(fig)
+
+
+@pytest.mark.slow  # two real runs on a tiny model: about 30 s on 2 shared cores
+def test_a_leaderboard_from_real_tiny_runs(tmp_path, monkeypatch, tiny_lm_dir):
+    """Two seeds of a real run on a tiny user model, placed as the bench places cells: the leaderboard reads their
+    metrics.json as written (the retrain and original rows, the aggregates) and history.json."""
+    import shutil
+
+    from conftest import tiny_items
+
+    from obliviate.bench.leaderboard import board, read_bench, write_leaderboard
+    from obliviate.config import build_config
+    from obliviate.runners import run
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    items = tiny_items()
+    forget, retain = tmp_path / "forget.json", tmp_path / "retain.json"
+    for path, part in ((forget, items[:2]), (retain, items[2:])):
+        path.write_text("".join(json.dumps({"question": i.question, "answer": i.answer,
+                                            "paraphrased_answer": i.paraphrased_answer,
+                                            "perturbed_answer": list(i.perturbed_answers)}) + "\n" for i in part))
+    out = tmp_path / "bench"
+    (out / "cells").mkdir(parents=True)
+    (out / "bench.json").write_text(json.dumps({"name": "real", "family": "lm", "spec": {}}))
+    folders = []
+    for seed in (0, 1):
+        settings = {"method": "GradDiff", "model": str(tiny_lm_dir), "output_dir": str(tmp_path / "runs"),
+                    "forget_file": str(forget), "retain_file": str(retain), "retrain_model": str(tiny_lm_dir),
+                    "name": f"seed{seed}", "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "seed": seed},
+                    "eval": {"batch_size": 8}}
+        folder = run(build_config(settings), log=lambda *_: None)
+        key = f"{seed:016x}"
+        shutil.copytree(folder, out / "cells" / key)
+        config = json.loads((folder / "config.json").read_text())
+        (out / "cells" / f"{key}.json").write_text(json.dumps({
+            "key": key, "kind": "reported", "method": "GradDiff", "params": {"train.lr": 1e-3}, "target": "forget",
+            "seed": seed, "request": None, "size": None, "status": "done", "reason": None, "seconds": 1.0,
+            "host": "here", "run": key, "config": config}))
+        folders.append(out / "cells" / key)
+    write_leaderboard(out, figures=False)
+    metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+    b = board(read_bench(out), f"your model {tiny_lm_dir.name}", "lm", "forget")
+    graddiff = next(ln for ln in b.lines if ln.label == "GradDiff")
+    for name in ("forget_quality", "model_utility", "forget_accuracy"):
+        values = np.array([m[name] for m in metrics])
+        assert graddiff.stats[name].mean == pytest.approx(values.mean())
+        assert graddiff.stats[name].std == pytest.approx(values.std(ddof=1))
+    assert b.lines[0].kind == "retrain" and b.lines[-1].kind == "original"
+    assert b.lines[-1].stats["model_utility"].mean == pytest.approx(metrics[0]["original"]["model_utility"])
+    assert b.lines[0].stats["forget_quality"] is None  # 1 by definition in metrics.json; no floor was run
+    md = (out / "leaderboard.md").read_text()
+    assert "not measured" in md and "| 1 | GradDiff | lr=0.001 | 2 seeds |" in md
