@@ -121,6 +121,7 @@ def make_bench(tmp_path: Path) -> Path:
                      "status": "failed"}]},
         "GradDiff": {"rule": "best forget_quality with model_utility >= 0.9x original",
                      "chosen": {"train.lr": 3e-5}, "chosen_cell": "dddd", "score": 0.09, "margin": None,
+                     "note": "no candidate met the rule's constraints; the best score among all was taken",
                      "candidates": [{"params": {"train.lr": 3e-5}, "cell": "dddd", "score": 0.09, "eligible": True,
                                      "status": "done"}]}}))
     return out
@@ -204,9 +205,10 @@ def test_failed_cells_show_as_failed_with_their_reason(bench):
     assert rmu[4].startswith("failed") and REASON in rmu[4] and not re.search(r"\d\.\d{3}", rmu[4].split("(")[0])
     graddiff = next(r for r in rows if r[1] == "GradDiff")
     assert graddiff[3].startswith("2 of 3 seeds") and REASON in graddiff[3]
+    assert "Fewer than 3 seeds done for GradDiff:" in md
     html = (bench[0] / "leaderboard.html").read_text()
     assert "class='text failed'" in html and REASON in html
-    assert "failed: out of memory" in md  # a sustainability cell
+    assert "failed (seed 1: out of memory)" in md  # a sustainability cell
 
 
 def test_bar_met_on_k_of_n_seeds(bench):
@@ -257,6 +259,8 @@ def test_the_chosen_settings_their_margin_and_the_runners_up(bench):
     assert npo[1:4] == ["lr=1e-05", "0.31", "0.07"]
     assert "lr=3e-05: 0.24" in npo[4] and "lr=0.0001: failed" in npo[4]
     assert next(r for r in rows if r[0] == "GradDiff")[3] == "–"  # no runner-up, no margin
+    md = (bench[0] / "leaderboard.md").read_text()
+    assert "- GradDiff: no candidate met the rule's constraints" in md
 
 
 def test_scalability_and_sustainability_tables(bench):
@@ -267,7 +271,7 @@ def test_scalability_and_sustainability_tables(bench):
     assert npo[1] == f"{np.mean([0.5, 0.51]):.3g} ± {np.std([0.5, 0.51], ddof=1):.3g}"
     rows = _md_rows(md, "Sustainability: sequential deletion requests")
     npo = next(r for r in rows if r[0].startswith("NPO"))
-    assert npo[1].startswith("0.4") and "failed: out of memory" in npo[1] and npo[3].startswith("0.133")
+    assert npo[1].startswith("0.4") and "failed (seed 1: out of memory)" in npo[1] and npo[3].startswith("0.133")
 
 
 def test_published_evaluations_are_labelled_rows(tmp_path):

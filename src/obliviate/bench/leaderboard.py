@@ -164,8 +164,12 @@ def metric_columns(family: str, rows: list[dict]) -> list:
     """The registry's scorecard metrics of the family that any row holds, in the registry's order."""
     from obliviate.registry import scorecard_metrics
 
-    return [m for m in scorecard_metrics() if m.family in (family, "any") and any(_is_number(r.get(m.name))
-                                                                                   for r in rows)]
+    return [m for m in scorecard_metrics() if serves(m, family) and any(_is_number(r.get(m.name)) for r in rows)]
+
+
+def serves(metric, family: str) -> bool:
+    """The metric is one of the family's (its own family, the families that also write it, or any)."""
+    return family in getattr(metric, "families", (metric.family,)) or metric.family == "any"
 
 
 def fmt_stat(s: Stat | None, fmt: str) -> str:
@@ -244,7 +248,7 @@ def parse_rule(rule, family: str) -> tuple[str | None, list[Bar]]:
         texts = [rule]
     else:
         texts = []
-    ours = {n for n, m in METRICS.items() if m.family in (family, "any")}  # a rule speaks of its family's metrics
+    ours = {n for n, m in METRICS.items() if serves(m, family)}  # a rule speaks of its family's metrics
     for text in texts:
         for name, op, value, rel in _CONSTRAINT.findall(text.lower()):
             if name in ours:
@@ -258,7 +262,7 @@ def bench_rule(bench: Bench, family: str) -> tuple[str, list[Bar], str]:
     """The rank metric, the bars, and the rule as written: the spec's, else the first that selection.json records,
     else TOFU's convention for language models (forget quality >= 0.05)."""
     spec = bench.spec
-    rule = spec.get("selection") or spec.get("rule")
+    rule = spec.get("select") or spec.get("selection") or spec.get("rule")
     if isinstance(rule, dict) and family in rule and isinstance(rule[family], (dict, str)):
         rule = rule[family]
     if rule is None:
@@ -323,8 +327,11 @@ def retrain_seed(cell: Cell) -> int:
 
 
 def _by_definition(retrain: list[dict]) -> set[str]:
-    """The metrics a retrain row scores against itself (1 or 0 by definition): its retrain_comparison's keys."""
-    keys = set()
+    """The metrics a retrain row scores against itself (1 or 0 by definition): those declared to need the retrain
+    reference, and its retrain_comparison's keys."""
+    from obliviate.registry import METRICS
+
+    keys = {n for n, m in METRICS.items() if "retrain" in getattr(m, "needs", ())} if retrain else set()
     for row in retrain:
         comparison = row.get("retrain_comparison")
         if isinstance(comparison, dict):
@@ -501,6 +508,10 @@ def _legend(b: Board) -> list[str]:
                      "retrain model (seed >= 1) scores against the reference, not the reference against itself.")
     if b.bars:
         notes.append(f"Bar: {b.rule}; 'k of n seeds' counts the seeds that meet every part of it.")
+    few = [ln.label for ln in b.lines if ln.kind == "method" and not ln.failed and ln.stats and
+           max((s.n for s in ln.stats.values() if s), default=0) < 3]
+    if few:
+        notes.append(f"Fewer than 3 seeds done for {', '.join(few)}: their spread is a rough estimate.")
     notes += b.ties
     return notes
 
@@ -540,8 +551,8 @@ def board_html(b: Board) -> str:
             cells += f"<td>{html.escape(ln.bar)}</td>" if b.bars else ""
         body.append(f"<tr class='{ln.kind}'>{first}{cells}</tr>")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in _legend(b))
-    return (f"<h2>{html.escape(_title(b))}</h2><table class='leaderboard'><tr>{head}</tr>{''.join(body)}</table>"
-            + notes)
+    return (f"<h2>{html.escape(_title(b))}</h2><div class='wide'><table class='leaderboard'><tr>{head}</tr>"
+            f"{''.join(body)}</table></div>" + notes)
 
 
 def selection_rows(bench: Bench) -> list[tuple[str, str, str, str, str]]:
@@ -559,9 +570,18 @@ def selection_rows(bench: Bench) -> list[tuple[str, str, str, str, str]]:
         runners = "; ".join(
             f"{_settings(c.get('params'))}: " + (f"failed" if c.get("status") == "failed" else
                                                  f"{c['score']:.3g}" if _is_number(c.get("score")) else "–")
-            + ("" if c.get("eligible") or c.get("status") == "failed" else " (not eligible)") for c in others[:3])
+            + ("" if c.get("eligible") or c.get("status") == "failed" else
+               f" (not eligible: {c['reason']})" if c.get("reason") else " (not eligible)") for c in others[:3])
         rows.append((method, chosen or "(none eligible)", score, margin, runners or "–"))
     return rows
+
+
+def selection_notes(bench: Bench) -> list[str]:
+    """What selection.json says beside a choice: no candidate met the rule, the step was chosen too."""
+    notes = [f"{method}: {s['note']}" for method, s in bench.selection.items() if isinstance(s, dict)
+             and s.get("note")]
+    return notes + list(dict.fromkeys(s["step_note"] for s in bench.selection.values() if isinstance(s, dict)
+                                      and s.get("step_note")))
 
 
 def _selection_md(bench: Bench) -> str:
@@ -572,6 +592,7 @@ def _selection_md(bench: Bench) -> str:
     out = ["## Settings chosen on the validation target", "", f"Rule: {rule}", "",
            "| method | chosen | score | margin over the runner-up | runners-up |", "|---|---|---|---|---|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += [""] + [f"- {n}" for n in selection_notes(bench)]
     return "\n".join(out)
 
 
@@ -583,7 +604,8 @@ def _selection_html(bench: Bench) -> str:
     body = "".join("<tr>" + "".join(f"<td class='text'>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return ("<h2>Settings chosen on the validation target</h2>"
             f"<p class='note'>Rule: {html.escape(str(rule))}</p><table><tr><th>method</th><th>chosen</th>"
-            f"<th>score</th><th>margin over the runner-up</th><th>runners-up</th></tr>{body}</table>")
+            f"<th>score</th><th>margin over the runner-up</th><th>runners-up</th></tr>{body}</table>"
+            + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in selection_notes(bench)))
 
 
 # ---- scalability and sustainability -----------------------------------------------------------------------------
@@ -601,38 +623,58 @@ def series(bench: Bench, kind: str, axis: str) -> dict[tuple[str, str, str], dic
     return out
 
 
+def floor_rows(bench: Bench, task: str, family: str, targets: set[str]) -> list[dict]:
+    """The noise floor's rows on these targets: done reference cells with a retrain seed >= 1."""
+    return [row_of(c) for c in bench.cells if c.kind == "reference" and c.done and retrain_seed(c) >= 1
+            and c.task == task and c.family == family and _target(c) in targets]
+
+
+def _series_lines(bench: Bench, kind: str, axis: str, name: str) -> tuple[list, list[tuple[str, list[Stat | None],
+                                                                                            list[str]]]]:
+    """(xs, [(label, a Stat per x, failure text per x)]): each method's cells of `kind` at each x, then per task the
+    retrain reference of each x (where it is not the reference against itself) and the noise floor at each x."""
+    data = series(bench, kind, axis)
+    xs = sorted({x for points in data.values() for x in points})
+    lines, tasks = [], {}
+    for (task, family, method), points in data.items():
+        stats, failures = [], []
+        for x in xs:
+            cs = points.get(x, [])
+            stats.append(stat([row_of(c).get(name) for c in cs if c.done]))
+            failures.append(_reasons([c for c in cs if not c.done]) if any(not c.done for c in cs) else "")
+            tasks.setdefault((task, family), {}).setdefault(x, []).extend(cs)
+        lines.append((method if len(data) == len({k[2] for k in data}) else f"{method} ({task})", stats, failures))
+    for (task, family), by_x in tasks.items():
+        done = {x: [row_of(c) for c in by_x.get(x, []) if c.done] for x in xs}
+        retrain = {x: [r for r in (reference_row(row, "retrain") for row in done[x]) if r] for x in xs}
+        if name not in _by_definition([r for rs in retrain.values() for r in rs]):
+            stats = [stat(list(dict.fromkeys(r.get(name) for r in retrain[x] if _is_number(r.get(name)))))
+                     for x in xs]
+            if any(stats):
+                lines.append((f"retrain reference of each {axis}", stats, [""] * len(xs)))
+        floors = [stat([r.get(name) for r in floor_rows(bench, task, family, {_target(c) for c in by_x.get(x, [])})])
+                  for x in xs]
+        if any(floors):
+            lines.append(("noise floor: retrain seed >= 1 vs seed 0", floors, [""] * len(xs)))
+    return xs, lines
+
+
 def _series_table(bench: Bench, kind: str, axis: str, metric_names: list[str], md: bool) -> str:
     from obliviate.registry import METRICS
 
-    data = series(bench, kind, axis)
-    if not data:
+    if not series(bench, kind, axis):
         return ""
-    xs = sorted({x for points in data.values() for x in points})
     what = {"size": "forget set size (% of the people)", "request": "deletion request"}[axis]
     title = {"scalability": "Scalability: forget sets of growing size",
              "sustainability": "Sustainability: sequential deletion requests"}[kind]
     parts = [f"## {title}" if md else f"<h2>{html.escape(title)}</h2>"]
     for name in metric_names:
         m = METRICS[name]
+        xs, lines = _series_lines(bench, kind, axis, name)
         header = [f"{m.column_title} / {what}", *map(str, xs)]
-        rows = []
-        for (task, family, method), points in data.items():
-            cells, refs = [], []
-            for x in xs:
-                cs = points.get(x, [])
-                done = [row_of(c) for c in cs if c.done]
-                failed = [c for c in cs if not c.done]
-                text = fmt_stat(stat([r.get(name) for r in done]), m.fmt) if done else ""
-                if failed:
-                    text += (" " if text else "") + "failed: " + "; ".join(str(c.reason) for c in failed)
-                cells.append(text or "–")
-                ref = stat([(reference_row(r, "retrain") or {}).get(name) for r in done])
-                refs.append(fmt_stat(ref, m.fmt))
-            rows.append([f"{method} ({task})", *cells])
-            if name not in _by_definition([reference_row(row_of(c), "retrain") or {} for cs in points.values()
-                                           for c in cs if c.done]) and any(r != "–" for r in refs):
-                rows.append([f"retrain reference of each size ({method}'s cells)" if axis == "size" else
-                             f"retrain reference of each request ({method}'s cells)", *refs])
+        rows = [[label, *[" ".join(t for t in (fmt_stat(st, m.fmt) if st else "", f"failed ({f})" if f else "")
+                                   if t) or "–" for st, f in zip(stats, failures)]]
+                for label, stats, failures in lines]
         if md:
             parts += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             parts += ["| " + " | ".join(r) + " |" for r in rows]
@@ -712,33 +754,28 @@ def tradeoff_figure(b: Board):
 
 
 def series_figure(bench: Bench, kind: str, axis: str, metric_names: list[str]):
+    """Each metric against forget size or request: each method's mean with error bars over seeds, the retrain
+    reference of each point (dashed) and the noise floor at each point (dotted)."""
     from obliviate.bench.report import _matplotlib
     from obliviate.registry import METRICS
 
-    data = series(bench, kind, axis)
-    names = [n for n in metric_names if any(_is_number(row_of(c).get(n)) for points in data.values()
-                                            for cs in points.values() for c in cs if c.done)]
-    if not data or not names:
+    drawn = [(name, *_series_lines(bench, kind, axis, name)) for name in metric_names]
+    drawn = [(name, xs, lines) for name, xs, lines in drawn if any(any(st) for _, st, _ in lines)]
+    if not drawn:
         return None
     plt = _matplotlib()
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.5 * len(drawn), 3.8), squeeze=False)
     colours = plt.get_cmap("tab10")
-    for ax, name in zip(axes[0], names):
-        for i, ((task, family, method), points) in enumerate(data.items()):
-            xs = sorted(points)
-            st = [stat([row_of(c).get(name) for c in points[x] if c.done]) for x in xs]
-            keep = [(x, s) for x, s in zip(xs, st) if s is not None]
-            if keep:
-                ax.errorbar([x for x, _ in keep], [s.mean for _, s in keep], yerr=[s.std or 0 for _, s in keep],
-                            marker="o", capsize=3, color=colours(i % 10), label=method)
-            refs = [(x, stat([(reference_row(row_of(c), "retrain") or {}).get(name) for c in points[x] if c.done]))
-                    for x in xs]
-            refs = [(x, s) for x, s in refs if s is not None]
-            defined = _by_definition([reference_row(row_of(c), "retrain") or {} for cs in points.values()
-                                      for c in cs if c.done])
-            if refs and name not in defined:
-                ax.plot([x for x, _ in refs], [s.mean for _, s in refs], ls="--", c="black", lw=0.9,
-                        label="retrain reference" if i == 0 else None)
+    for ax, (name, xs, lines) in zip(axes[0], drawn):
+        for i, (label, stats, _) in enumerate(lines):
+            keep = [(x, st) for x, st in zip(xs, stats) if st is not None]
+            if not keep:
+                continue
+            style = ({"ls": "--", "c": "black", "lw": 0.9} if label.startswith("retrain") else
+                     {"ls": ":", "c": "grey", "lw": 1.2} if label.startswith("noise floor") else
+                     {"marker": "o", "capsize": 3, "color": colours(i % 10)})
+            ax.errorbar([x for x, _ in keep], [st.mean for _, st in keep], yerr=[st.std or 0 for _, st in keep],
+                        label=label, **style)
         ax.set_xlabel({"size": "forget set size (% of the people)", "request": "deletion request"}[axis])
         ax.set_ylabel(METRICS[name].column_title)
         if name == "forget_quality":
@@ -790,7 +827,7 @@ LEADERBOARD_STYLE = ("tr.retrain td{font-weight:600;border-top:2px solid #333}tr
                      "font-style:italic}tr.original td{border-top:2px solid #333;color:#555}"
                      "td.noise{background:#eef6ee}td.failed{color:#b00020}tr.published td{color:#345}"
                      ".side{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}"
-                     ".side>div{flex:1;min-width:420px}")
+                     ".side>div{flex:1;min-width:420px;overflow-x:auto}.wide{overflow-x:auto}")
 
 
 class Figures:
