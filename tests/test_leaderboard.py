@@ -70,8 +70,8 @@ def make_bench(tmp_path: Path) -> Path:
 
     out = tmp_path / "bench"
     out.mkdir()
-    spec = {"name": "test grid", "selection": {"metric": "forget_quality", "constraints": [
-        "forget_quality >= 0.05", "model_utility >= 0.9x original"]}}
+    spec = {"name": "test grid", "select": {"maximize": "forget_quality", "constraints": [
+        "forget_quality >= 0.05", "model_utility >= 0.9 * original"]}}  # the bench spec's rule, as written
     (out / "bench.json").write_text(json.dumps({"name": "test grid", "family": "lm", "spec": spec,
                                                 "created": "2026-12-03T00:00:00", "obliviate_version": "0.1.0"}))
     for method, seeds in LM_CELLS.items():
@@ -100,7 +100,10 @@ def make_bench(tmp_path: Path) -> Path:
             key = _record(out, "scalability", "NPO", seed, size=size, target=f"forget{size:02d}")
             _run_folder(out, key, lm_metrics("NPO", fq + 0.01 * seed, 0.6 - 0.01 * size, 0.1))
     for request in (1, 2, 3):
-        key = _record(out, "sustainability", "NPO", 0, request=request, target="forget10")
+        # a later request starts from the earlier one's export: still the same task (the profiles world)
+        later = {"model": str(out / "cells" / "earlier" / "export"), "forgotten_before": "forget05"}
+        key = _record(out, "sustainability", "NPO", 0, request=request, target="forget10",
+                      config=later if request > 1 else None)
         _run_folder(out, key, lm_metrics("NPO", 0.4 / request, 0.6 - 0.03 * request, 0.1))
     _record(out, "sustainability", "NPO", 1, "failed", "out of memory", request=1, target="forget10")
     # text-to-image: the canvas runner's metrics.json keeps the references as prefixed keys
@@ -220,6 +223,20 @@ def test_bar_met_on_k_of_n_seeds(bench):
     assert next(r for r in rows if r[1] == "GradDiff")[bar] == "0 of 2 seeds"
 
 
+def test_the_rule_is_read_in_each_shape_a_spec_or_selection_json_writes_it():
+    from obliviate.bench.leaderboard import Bar, parse_rule
+
+    want = ("forget_quality", [Bar("utility_ratio", ">=", 0.9, False), Bar("ira", ">=", 0.9, True)])
+    assert parse_rule({"maximize": "forget_quality", "constraints": ["utility_ratio >= 0.9", "ira >= 0.9 * original"]},
+                      "lm") == (want[0], want[1][:1])  # ira is not a language-model metric
+    assert parse_rule({"maximize": "ua", "constraints": ["ira >= 0.9 * original"]}, "t2i") == ("ua", want[1][1:])
+    assert parse_rule("the highest forget_quality on the validation target among the settings with utility_ratio "
+                      "at least 0.9", "lm")[0] == "forget_quality"
+    row = {"model_utility": 0.55, "original": {"model_utility": 0.64}}
+    assert Bar("model_utility", ">=", 0.9, True).met(row) is False  # 0.55 < 0.576
+    assert Bar("model_utility", ">=", 0.85, True).met(row) is True
+
+
 def test_noise_floor_is_a_line_and_forget_quality_is_never_one_by_definition(bench):
     from obliviate.bench.leaderboard import board, read_bench
 
@@ -271,6 +288,10 @@ def test_scalability_and_sustainability_tables(bench):
     assert npo[1] == f"{np.mean([0.5, 0.51]):.3g} ± {np.std([0.5, 0.51], ddof=1):.3g}"
     rows = _md_rows(md, "Sustainability: sequential deletion requests")
     npo = next(r for r in rows if r[0].startswith("NPO"))
+    floor = "noise floor: retrain seed >= 1 vs seed 0"
+    # one NPO row across the chain; the retrain's forget quality against itself is no row, its utility is
+    assert [r[0] for r in rows] == ["forget quality ↑ / deletion request", "NPO", floor, "model utility ↑ / deletion "
+                                    "request", "NPO", "retrain reference of each request", floor]
     assert npo[1].startswith("0.4") and "failed (seed 1: out of memory)" in npo[1] and npo[3].startswith("0.133")
 
 

@@ -35,6 +35,7 @@ class Cell:
     history: list = field(default_factory=list)
     evaluations: list = field(default_factory=list)
     attacks: dict = field(default_factory=dict)
+    base_model: str | None = None  # the bench spec's base model, when it names one
 
     def __getattr__(self, name):  # record keys read as attributes: cell.method, cell.seed, cell.kind, ...
         if name in ("record",):
@@ -51,10 +52,12 @@ class Cell:
 
     @property
     def task(self) -> str:
-        """The world or user model the cell's run unlearns from."""
+        """The world or user model the grid unlearns from: the spec's base model (a later sustainability request
+        starts from the earlier one's export, still the same task), else the cell's world, else its model."""
         config = self.record.get("config") or {}
-        if config.get("model"):
-            return f"your model {Path(str(config['model'])).name}"
+        model = self.base_model or (None if config.get("forgotten_before") else config.get("model"))
+        if model:
+            return f"your model {Path(str(model)).name}"
         world = config.get("world")
         name = world.get("name") if isinstance(world, dict) else world
         return f"the {name} world" if name else "your model"
@@ -96,7 +99,7 @@ def read_bench(out_dir: Path) -> Bench:
         for key in ("kind", "method", "status"):
             if key not in record:
                 raise ObliviateError(f"{path}: cell record lacks the key '{key}'")
-        cell = Cell(record, path)
+        cell = Cell(record, path, base_model=((info.get("spec") or {}).get("base") or {}).get("model"))
         if record["status"] == "done":
             folder = out_dir / "cells" / str(record.get("run") or record.get("key") or path.stem)
             cell.folder = folder
@@ -496,7 +499,11 @@ def _legend(b: Board) -> list[str]:
     notes = [f"Each method: its chosen settings on {b.target}, mean ± std (sample standard deviation, n - 1) over "
              f"its seeds; ranked by {m.column_title} ({m.name}). Arrows: ↑ higher is better, ↓ lower is better, "
              "→0 closest to zero is best (each metric's declaration)."]
-    if b.floor_gap:
+    has_floor = any(ln.kind == "floor" and not ln.failed for ln in b.lines)
+    if has_floor and not b.floor_gap:
+        notes.append("The noise floor line shows a second retrain model's scores; the reference's own row is not in "
+                     "the cells' metrics.json, so no gap is marked as within it.")
+    elif b.floor_gap:
         notes.append(f"{NOISE_MARK}: within the noise floor: the method is no farther from the retrain reference than "
                      "a second retrain model (another training seed) is.")
     else:
@@ -671,7 +678,7 @@ def _series_table(bench: Bench, kind: str, axis: str, metric_names: list[str], m
     for name in metric_names:
         m = METRICS[name]
         xs, lines = _series_lines(bench, kind, axis, name)
-        header = [f"{m.column_title} / {what}", *map(str, xs)]
+        header = [f"{m.column_title} / {what}", *(f"{x:g}" if _is_number(x) else str(x) for x in xs)]
         rows = [[label, *[" ".join(t for t in (fmt_stat(st, m.fmt) if st else "", f"failed ({f})" if f else "")
                                    if t) or "–" for st, f in zip(stats, failures)]]
                 for label, stats, failures in lines]
