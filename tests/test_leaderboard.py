@@ -317,6 +317,34 @@ def test_published_evaluations_are_labelled_rows(tmp_path):
         write_leaderboard(out, published={"x": bad}, figures=False)
 
 
+def test_a_published_per_item_log_is_scored_against_the_tasks_retrain_evaluation(tmp_path):
+    """TOFU's eval_log_forget.json holds per-item losses, no forget quality: the leaderboard scores its truth ratios
+    against the retrain evaluation the task's runs use (retrain_eval), with the same KS test."""
+    from scipy.stats import ks_2samp
+
+    from obliviate.bench.leaderboard import board, read_bench
+
+    out = make_bench(tmp_path)
+    retrain = tmp_path / "retain_TOFU_EVAL.json"  # OpenUnlearning's orientation: false/true = 1 / R
+    ours = [0.5, 0.8, 1.1, 1.3, 0.9, 0.7]
+    retrain.write_text(json.dumps({"forget_truth_ratio": {"value_by_index": {
+        str(i): {"score": 1 / r} for i, r in enumerate(ours)}}}))
+    for path in (out / "cells").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["config"]["retrain_eval"] = str(retrain)
+        path.write_text(json.dumps(record))
+    para = [2.0, 2.2, 1.9, 2.5, 2.1, 2.4]
+    pert = [[2.1, 2.3], [2.0, 2.6], [2.2, 2.2], [2.4, 2.9], [2.0, 2.3], [2.8, 2.6]]
+    log = tmp_path / "eval_log_forget.json"
+    log.write_text(json.dumps({"avg_paraphrased_loss": {str(i): p for i, p in enumerate(para)},
+                               "average_perturb_loss": {str(i): q for i, q in enumerate(pert)}}))
+    b = board(read_bench(out), "the profiles world", "lm", "forget10", published={"TOFU's grad_ascent": log})
+    line = next(ln for ln in b.lines if ln.label == "published: TOFU's grad_ascent")
+    theirs = [np.exp(np.mean(q) - p) for p, q in zip(para, pert)]
+    assert line.stats["forget_quality"].mean == pytest.approx(ks_2samp(theirs, ours).pvalue)
+    assert line.rank is None and line.seeds == "as published"
+
+
 def test_not_a_bench_folder_or_a_bad_cell_record_is_one_line(tmp_path):
     from obliviate.bench.leaderboard import write_leaderboard
     from obliviate.errors import ObliviateError

@@ -358,7 +358,9 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
     retrain_rows = [r for r in (reference_row(row, "retrain") for row in done_rows) if r]
     original_rows = [r for r in (reference_row(row, "original") for row in done_rows) if r]
     floor_rows = [row_of(c) for c in floors]
-    pub_rows = {label: read_published(path) for label, path in (published or {}).items()}
+    retrain_eval = next(((c.record.get("config") or {}).get("retrain_eval") for c in reported
+                         if (c.record.get("config") or {}).get("retrain_eval")), None)
+    pub_rows = {label: read_published(path, retrain_eval) for label, path in (published or {}).items()}
     columns = metric_columns(family, done_rows + retrain_rows + original_rows + floor_rows + list(pub_rows.values()))
     names = [m.name for m in columns]
 
@@ -455,25 +457,39 @@ def boards(bench: Bench, published: dict[str, Path] | None = None) -> list[Board
     return [board(bench, *key, published=published) for key in keys]
 
 
-def read_published(path: str | Path) -> dict:
+def read_published(path: str | Path, retrain_eval: str | Path | None = None) -> dict:
     """A published evaluation's aggregates under the registry's names: OpenUnlearning's TOFU_EVAL.json ({metric:
-    {"agg_value": x}}) or TOFU_SUMMARY.json ({metric: x}), an obliviate metrics.json, a TOFU aggregate log."""
+    {"agg_value": x}}) or TOFU_SUMMARY.json ({metric: x}), an obliviate evaluation. A file of per-item truth ratios
+    (TOFU's eval_log_forget.json, a TOFU_EVAL.json without forget_quality) gets its forget quality against
+    `retrain_eval` (the task's retrain evaluation, `retrain_eval` of its run config), the KS test a run uses."""
     from obliviate.registry import METRICS
 
     path = Path(path)
     data = _json(path, "published evaluation")
-    if isinstance(data.get("aggregate"), dict):  # an obliviate evaluation
-        data = data["aggregate"]
+    aggregate = data["aggregate"] if isinstance(data.get("aggregate"), dict) else data  # an obliviate evaluation
     row = {}
     for name in METRICS:
-        v = data.get(name)
+        v = aggregate.get(name)
         if isinstance(v, dict):
             v = v.get("agg_value")
         if _is_number(v):
             row[name] = float(v)
+    if "forget_quality" not in row and retrain_eval is not None:
+        from obliviate.evals.reference_logs import read_retrain_eval
+        from obliviate.evals.tofu import forget_quality
+
+        try:
+            published = read_retrain_eval(path)
+        except ObliviateError:
+            published = None  # no per-item truth ratios: the aggregates alone
+        if published is not None:
+            ours = read_retrain_eval(retrain_eval)
+            row["forget_quality"] = forget_quality([r["truth_ratio"] for r in published["per_item"]["forget"]],
+                                                   [r["truth_ratio"] for r in ours["per_item"]["forget"]])
     if not row:
         raise ObliviateError(f"{path}: no aggregate the leaderboard shows (e.g. forget_quality, model_utility, as "
-                             "numbers or {'agg_value': x})")
+                             "numbers or {'agg_value': x}), and no per-item truth ratios with a retrain evaluation "
+                             "to score them against")
     return row
 
 
