@@ -22,6 +22,8 @@ ORIGINAL = {"forget_quality": 1e-5, "model_utility": 0.64, "forget_accuracy": 0.
 RETRAIN = {"forget_quality": 1.0, "model_utility": 0.62, "forget_accuracy": 0.05, "privleak": 0.0}
 FLOOR = {"forget_quality": 0.55, "model_utility": 0.615, "forget_accuracy": 0.10}  # retrain seed 1 vs seed 0
 REASON = "non-finite loss at step 7 (lr 1e-3): the last good state is kept"
+OOM = "out of memory | tried to allocate 2.00 GiB"  # a '|' that must not split a Markdown cell
+PARAPHRASE = [0.12, 0.2]  # NPO's paraphrase-attack recall on seeds 0 and 1
 
 
 def lm_metrics(method: str, fq: float, mu: float, facc: float) -> dict:
@@ -85,11 +87,19 @@ def make_bench(tmp_path: Path) -> Path:
                                                                    "model_utility": 0.64 - s * 0.004}}
                            for s in (0, 4, 8)]
             folder = _run_folder(out, key, lm_metrics(method, *numbers), evaluations=evaluations)
-            if method == "NPO" and seed == 0:
+            if method == "NPO" and seed < 2:  # attacks on two of its seeds; a relearning attack on the first
                 (folder / "attacks").mkdir()
                 (folder / "attacks" / "paraphrase.json").write_text(json.dumps({
                     "family": "lm", "method": "NPO", "headline": "recall", "label": "paraphrase recall",
-                    "models": {"NPO": {"recall": 0.12}, "original": {"recall": 0.9}, "retrain": {"recall": 0.05}}}))
+                    "models": {"NPO": {"recall": PARAPHRASE[seed]}, "original": {"recall": 0.9},
+                               "retrain": {"recall": 0.05}}}))
+                if seed == 0:
+                    curve = [{"step": s, "recall": r} for s, r in ((0, 0.1), (5, 0.4), (10, 0.7))]
+                    (folder / "attacks" / "relearn.json").write_text(json.dumps({
+                        "family": "lm", "method": "NPO", "headline": "recall_after", "label": "relearn recall",
+                        "models": {"NPO": {"recall_after": 0.7}, "retrain": {"recall_after": 0.3}},
+                        "curves": {"NPO": curve, "retrain": [{"step": 0, "recall": 0.0}, {"step": 10, "recall": 0.3}]},
+                        "config": {"data": "forget", "lr": 1e-4}}))
     for seed in (1, 2):
         key = _record(out, "reference", "Retrain", seed, config={"method_args": {"seed": seed}})
         floor = {k: v + (seed - 1) * 0.02 for k, v in FLOOR.items()}
@@ -105,7 +115,7 @@ def make_bench(tmp_path: Path) -> Path:
         key = _record(out, "sustainability", "NPO", 0, request=request, target="forget10",
                       config=later if request > 1 else None)
         _run_folder(out, key, lm_metrics("NPO", 0.4 / request, 0.6 - 0.03 * request, 0.1))
-    _record(out, "sustainability", "NPO", 1, "failed", "out of memory", request=1, target="forget10")
+    _record(out, "sustainability", "NPO", 1, "failed", OOM, request=1, target="forget10")
     # text-to-image: the canvas runner's metrics.json keeps the references as prefixed keys
     for seed, ua in enumerate((0.9, 0.8)):
         key = _record(out, "reported", "ESD-x", seed, target="striped", family="t2i", params={"train.lr": 1e-4})
@@ -154,10 +164,15 @@ def drawn(tmp_path_factory):
 
 
 def _md_rows(md: str, title: str) -> list[list[str]]:
-    """The rows of the first table under the section `title`."""
-    section = md.split(f"## {title}")[1].split("\n\n- ")[0]
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("|") and not line.startswith("|---")]
+    """The rows of the first table under the heading `title` (cells split at unescaped '|')."""
+    rows = []
+    for line in md.split(f"# {title}\n", 1)[1].splitlines():
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                rows.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
+        elif rows:
+            break
+    return rows
 
 
 def test_mean_and_std_over_seeds_match_numpy(bench):
@@ -211,7 +226,7 @@ def test_failed_cells_show_as_failed_with_their_reason(bench):
     assert "Fewer than 3 seeds done for GradDiff:" in md
     html = (bench[0] / "leaderboard.html").read_text()
     assert "class='text failed'" in html and REASON in html
-    assert "failed (seed 1: out of memory)" in md  # a sustainability cell
+    assert f"failed (seed 1: {OOM.replace('|', '[PIPE]')})".replace("[PIPE]", "\\|") in md  # sustainability
 
 
 def test_bar_met_on_k_of_n_seeds(bench):
@@ -270,6 +285,16 @@ def test_each_family_ranks_by_its_own_rule_and_shows_its_image_grid(bench):
     assert "meets the bar" not in rows[0]
 
 
+def test_robustness_over_seeds(bench):
+    md = (bench[0] / "leaderboard.md").read_text()
+    rows = _md_rows(md, "Robustness: what the attacks recover (mean ± std over seeds; lower is safer)")
+    assert rows[0] == ["model", "paraphrase recall", "relearn recall"]
+    npo = next(r for r in rows if r[0] == "NPO")
+    assert npo[1] == f"{np.mean(PARAPHRASE):.1%} ± {np.std(PARAPHRASE, ddof=1):.1%}" and npo[2] == "70.0%"
+    assert next(r for r in rows if r[0] == "retrain")[1:] == ["5.0%", "30.0%"]
+    assert next(r for r in rows if r[0] == "original")[1:] == ["90.0%", "–"]
+
+
 def test_the_chosen_settings_their_margin_and_the_runners_up(bench):
     rows = _md_rows((bench[0] / "leaderboard.md").read_text(), "Settings chosen on the validation target")
     npo = next(r for r in rows if r[0] == "NPO")
@@ -290,9 +315,11 @@ def test_scalability_and_sustainability_tables(bench):
     npo = next(r for r in rows if r[0].startswith("NPO"))
     floor = "noise floor: retrain seed >= 1 vs seed 0"
     # one NPO row across the chain; the retrain's forget quality against itself is no row, its utility is
-    assert [r[0] for r in rows] == ["forget quality ↑ / deletion request", "NPO", floor, "model utility ↑ / deletion "
-                                    "request", "NPO", "retrain reference of each request", floor]
-    assert npo[1].startswith("0.4") and "failed (seed 1: out of memory)" in npo[1] and npo[3].startswith("0.133")
+    assert [r[0] for r in rows] == ["forget quality ↑ / deletion request", "NPO", floor]
+    utility = md.split("| model utility ↑ / deletion request |")[1]
+    assert "| retrain reference of each request | 0.620 | 0.620 | 0.620 |" in utility
+    assert npo[1].startswith("0.4") and f"failed (seed 1: {OOM})" in npo[1] and npo[3].startswith("0.133")
+    assert len(npo) == 4
 
 
 def test_published_evaluations_are_labelled_rows(tmp_path):

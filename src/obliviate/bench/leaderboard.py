@@ -549,8 +549,8 @@ def board_markdown(b: Board) -> str:
             cells = [ln.failed] + [""] * (len(b.columns) - 1 + bool(b.bars))
         else:
             cells = [_cell_text(ln, m, b.floor_gap) for m in b.columns] + ([ln.bar] if b.bars else [])
-        out.append("| " + " | ".join([str(ln.rank or ""), ln.label, ln.settings, ln.seeds, *cells]).replace(
-            "\n", " ") + " |")
+        out.append("| " + " | ".join(map(_md_cell, [str(ln.rank or ""), ln.label, ln.settings, ln.seeds, *cells]))
+                   + " |")
     out.append("")
     out += [f"- {n}" for n in _legend(b)]
     return "\n".join(out)
@@ -614,7 +614,7 @@ def _selection_md(bench: Bench) -> str:
     rule = next((s.get("rule") for s in bench.selection.values() if isinstance(s, dict) and s.get("rule")), "")
     out = ["## Settings chosen on the validation target", "", f"Rule: {rule}", "",
            "| method | chosen | score | margin over the runner-up | runners-up |", "|---|---|---|---|---|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
     out += [""] + [f"- {n}" for n in selection_notes(bench)]
     return "\n".join(out)
 
@@ -700,7 +700,7 @@ def _series_table(bench: Bench, kind: str, axis: str, metric_names: list[str], m
                 for label, stats, failures in lines]
         if md:
             parts += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            parts += ["| " + " | ".join(r) + " |" for r in rows]
+            parts += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
         else:
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
                 "<tr>" + "".join(f"<td class='{'text' if i == 0 or 'failed' in c else ''}'>{html.escape(c)}</td>"
@@ -905,8 +905,6 @@ def sections(bench: Bench, figures: Figures | None, published: dict[str, Path] |
              ) -> tuple[list[str], list[str]]:
     """(Markdown parts, HTML parts) of a bench's leaderboards, choices, figures, robustness and image grids; with
     `figures` None, the tables alone."""
-    from obliviate.bench.report import robustness_html
-
     md, page = [], []
     bs = boards(bench, published)
     if not bs:
@@ -917,11 +915,17 @@ def sections(bench: Bench, figures: Figures | None, published: dict[str, Path] |
         page.append(board_html(b))
         if figures is not None:
             _board_figures(b, figures, md, page)
-        attacks = {m: next((c.attacks for c in cells if c.done and c.attacks), {}) for m, cells in b.cells.items()}
-        attacks = {m: a for m, a in attacks.items() if a}
-        if attacks:  # the first seed's attacks (a relearning attack draws its curves)
-            md.append(_robustness_md(attacks))
-            page.append(robustness_html(attacks))
+        if any(c.done and c.attacks for cells in b.cells.values() for c in cells):
+            md.append(robustness_table(b, md=True))
+            page.append(robustness_table(b, md=False))
+            first = {m: next((c.attacks for c in cells if c.done and c.attacks), {}) for m, cells in b.cells.items()}
+            relearn = {m: r for m, by_attack in first.items() for r in by_attack.values() if "curves" in r}
+            if relearn and figures is not None:  # the first seed's relearning curves
+                from obliviate.bench.report import relearn_figure
+                rel, uri = figures.add(f"relearn-{_slug(b.task, b.family, b.target)}.png",
+                                       _fig_bytes(relearn_figure(relearn)))
+                md.append(f"\n![relearning curves]({rel})")
+                page.append(f"<p><img alt='relearning curves' src='{uri}'></p>")
     md.append(_selection_md(bench))
     page.append(_selection_html(bench))
     for kind, axis in (("scalability", "size"), ("sustainability", "request")):
@@ -939,14 +943,44 @@ def sections(bench: Bench, figures: Figures | None, published: dict[str, Path] |
     return [p for p in md if p], [p for p in page if p]
 
 
-def _robustness_md(attacks: dict[str, dict]) -> str:
-    from obliviate.bench.scorecard import cell, robustness_rows
+def robustness_table(b: Board, md: bool) -> str:
+    """What the attacks recover, per method mean ± std over its seeds' attacks (each attack's headline), then the
+    original and the retrain reference as the attacks measured them (the first result that has them)."""
+    from obliviate.bench.report import ROBUSTNESS_CAPTIONS
 
-    labels, rows = robustness_rows(attacks)
-    out = ["### Robustness: what the attacks recover (first seed; lower is safer)", "",
-           "| model | " + " | ".join(labels.values()) + " |", "|---|" + "---|" * len(labels)]
-    out += ["| " + m + " | " + " | ".join(cell(r, a, "{:.1%}") for a in labels) + " |" for m, r in rows.items()]
-    return "\n".join(out)
+    labels: dict[str, str] = {}
+    values: dict[str, dict[str, list]] = {}
+    references: dict[str, dict[str, float]] = {}
+    family = b.family
+    for method, cells in b.cells.items():
+        for c in cells:
+            for attack, result in (c.attacks if c.done else {}).items():
+                labels.setdefault(attack, result.get("label") or attack)
+                family = result.get("family", family)
+                for model, aggregate in result["models"].items():
+                    value = aggregate.get(result["headline"])
+                    if model == result["method"]:
+                        values.setdefault(method, {}).setdefault(attack, []).append(value)
+                    else:
+                        references.setdefault(model, {}).setdefault(attack, value)
+    rows = [(m, [fmt_stat(stat(v.get(a, [])), "{:.1%}") for a in labels]) for m, v in values.items()]
+    rows += [(m, [fmt_stat(stat([v.get(a)]), "{:.1%}") for a in labels]) for m, v in references.items()]
+    title = "Robustness: what the attacks recover (mean ± std over seeds; lower is safer)"
+    caption = ROBUSTNESS_CAPTIONS.get(family, ROBUSTNESS_CAPTIONS["lm"])
+    if md:
+        out = [f"### {title}", "", "| model | " + " | ".join(labels.values()) + " |", "|---|" + "---|" * len(labels)]
+        out += ["| " + " | ".join(_md_cell(x) for x in (m, *cells)) + " |" for m, cells in rows]
+        return "\n".join(out + ["", caption])
+    body = "".join(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>"
+                   for m, cells in rows)
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels.values())
+    return (f"<h3>{html.escape(title)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>"
+            f"<p class='note'>{html.escape(caption)}</p>")
+
+
+def _md_cell(text: str) -> str:
+    """A Markdown table cell: a '|' in a reason or a label would split it."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _html_page(title: str, body: list[str]) -> str:
