@@ -388,10 +388,25 @@ def test_not_a_bench_folder_or_a_bad_cell_record_is_one_line(tmp_path):
     assert not (out / "leaderboard.md").exists()
 
 
+def test_a_done_cell_whose_run_folder_is_unreadable_shows_as_failed(tmp_path):
+    from obliviate.bench.leaderboard import board, read_bench
+
+    out = make_bench(tmp_path)
+    npo = _run_folders(out, "NPO")
+    metrics = json.loads((npo[0] / "metrics.json").read_text())
+    (npo[0] / "metrics.json").write_text(json.dumps({**metrics, "forget_quality": "high"}))
+    (npo[1] / "metrics.json").unlink()
+    b = board(read_bench(out), "the profiles world", "lm", "forget10")
+    line = next(ln for ln in b.lines if ln.label == "NPO")
+    assert line.seeds.startswith("1 of 3 seeds (failed") and "key 'forget_quality'" in line.seeds
+    assert "no metrics.json" in line.seeds
+    assert line.stats["forget_quality"].n == 1 and line.stats["forget_quality"].mean == LM_CELLS["NPO"][2][0]
+
+
 def _run_folders(out: Path, method: str) -> list[Path]:
     records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    return [out / "cells" / r["run"] for r in records if r["method"] == method and r["kind"] == "reported"
-            and r["status"] == "done"]
+    return [out / "cells" / r["run"] for r in sorted(records, key=lambda r: r["seed"]) if r["method"] == method
+            and r["kind"] == "reported" and r["status"] == "done"]
 
 
 def test_report_compares_run_folders_side_by_side(bench, tmp_path):

@@ -37,10 +37,21 @@ class Cell:
     attacks: dict = field(default_factory=dict)
     base_model: str | None = None  # the bench spec's base model, when it names one
 
-    def __getattr__(self, name):  # record keys read as attributes: cell.method, cell.seed, cell.kind, ...
-        if name in ("record",):
-            raise AttributeError(name)
-        return self.record.get(name)
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    @property
+    def method(self) -> str:
+        return str(self.record["method"])
+
+    @property
+    def seed(self):
+        return self.record.get("seed")
+
+    @property
+    def reason(self) -> str | None:
+        return self.record.get("reason")
 
     @property
     def done(self) -> bool:
@@ -87,8 +98,6 @@ def _json(path: Path, what: str, kind: type = dict):
 def read_bench(out_dir: Path) -> Bench:
     """The bench folder's records and each done cell's run folder; a done cell whose run folder lacks metrics.json
     reads as failed with that reason (never as a number)."""
-    from obliviate.bench.report import read_attacks
-
     out_dir = Path(out_dir)
     if not (out_dir / "bench.json").is_file():
         raise ObliviateError(f"not a bench folder (no bench.json): {out_dir}")
@@ -101,22 +110,37 @@ def read_bench(out_dir: Path) -> Bench:
                 raise ObliviateError(f"{path}: cell record lacks the key '{key}'")
         cell = Cell(record, path, base_model=((info.get("spec") or {}).get("base") or {}).get("model"))
         if record["status"] == "done":
-            folder = out_dir / "cells" / str(record.get("run") or record.get("key") or path.stem)
-            cell.folder = folder
-            if not (folder / "metrics.json").is_file():
-                record = cell.record = {**record, "status": "failed",
-                                        "reason": f"done, but its run folder has no metrics.json ({folder})"}
-            else:
-                cell.metrics = _json(folder / "metrics.json", "metrics")
-                if (folder / "history.json").is_file():
-                    cell.history = _json(folder / "history.json", "history", list)
-                if (folder / "evaluations.json").is_file():
-                    cell.evaluations = _json(folder / "evaluations.json", "evaluations", list)
-                if (folder / "attacks").is_dir():
-                    cell.attacks = read_attacks(folder)
+            cell.folder = out_dir / "cells" / str(record.get("run") or record.get("key") or path.stem)
+            try:
+                _read_run_folder(cell)
+            except ObliviateError as e:  # one unreadable run folder is that cell's failure, not the leaderboard's
+                cell.metrics = None
+                cell.record = {**record, "status": "failed", "reason": f"done, but its run folder is unreadable: {e}"}
         cells.append(cell)
     selection = _json(out_dir / "selection.json", "selection") if (out_dir / "selection.json").is_file() else {}
     return Bench(out_dir, info, cells, selection)
+
+
+def _read_run_folder(cell: Cell) -> None:
+    """A done cell's metrics.json, history.json, evaluations.json and attacks/, each checked as the run report
+    checks them (one line naming the file and the key)."""
+    from obliviate.bench.report import _read, read_attacks
+
+    folder = cell.folder
+    if not (folder / "metrics.json").is_file():
+        raise ObliviateError(f"no metrics.json in {folder}")
+    cell.metrics = _read(folder / "metrics.json", "metrics")
+    if (folder / "history.json").is_file():
+        cell.history = _read(folder / "history.json", "history", list)
+    if (folder / "evaluations.json").is_file():
+        cell.evaluations = _json(folder / "evaluations.json", "evaluations", list)
+        bad = next((i for i, e in enumerate(cell.evaluations) if not isinstance(e, dict) or not isinstance(
+            e.get("step"), int) or not isinstance(e.get("metrics"), dict)), None)
+        if bad is not None:
+            raise ObliviateError(f"{folder / 'evaluations.json'}: row {bad + 1} is not {{'step': int, 'metrics': "
+                                 "{...}}")
+    if (folder / "attacks").is_dir():
+        cell.attacks = read_attacks(folder)
 
 
 # ---- numbers ---------------------------------------------------------------------------------------------------
@@ -352,8 +376,8 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
     floors = [c for c in references if c.done and retrain_seed(c) >= 1]
     metric, bars, rule = bench_rule(bench, family)
     methods: dict[str, list[Cell]] = {}
-    for c in sorted(reported, key=lambda c: (str(c.method), c.seed or 0)):
-        methods.setdefault(str(c.method), []).append(c)
+    for c in sorted(reported, key=lambda c: (c.method, c.seed or 0)):
+        methods.setdefault(c.method, []).append(c)
     done_rows = [row_of(c) for c in reported if c.done]
     retrain_rows = [r for r in (reference_row(row, "retrain") for row in done_rows) if r]
     original_rows = [r for r in (reference_row(row, "original") for row in done_rows) if r]
@@ -641,7 +665,7 @@ def series(bench: Bench, kind: str, axis: str) -> dict[tuple[str, str, str], dic
         if c.kind != kind or c.record.get(axis) is None:
             continue
         x = c.record[axis]
-        points = out.setdefault((c.task, c.family, str(c.method)), {})
+        points = out.setdefault((c.task, c.family, c.method), {})
         points.setdefault(x, []).append(c)
     return out
 
@@ -849,6 +873,7 @@ def evaluations_figure(b: Board):
 LEADERBOARD_STYLE = ("tr.retrain td{font-weight:600;border-top:2px solid #333}tr.floor td{background:#f6f6ff;"
                      "font-style:italic}tr.original td{border-top:2px solid #333;color:#555}"
                      "td.noise{background:#eef6ee}td.failed{color:#b00020}tr.published td{color:#345}"
+                     "table.leaderboard th:nth-child(-n+4){text-align:left}"
                      ".side{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}"
                      ".side>div{flex:1;min-width:420px;overflow-x:auto}.wide{overflow-x:auto}")
 
