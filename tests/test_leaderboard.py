@@ -403,6 +403,17 @@ def test_a_done_cell_whose_run_folder_is_unreadable_shows_as_failed(tmp_path):
     assert line.stats["forget_quality"].n == 1 and line.stats["forget_quality"].mean == LM_CELLS["NPO"][2][0]
 
 
+def test_a_failed_noise_floor_is_a_failed_line_naming_its_retrain_seed(tmp_path):
+    from obliviate.bench.leaderboard import board, read_bench
+
+    out = make_bench(tmp_path)
+    _record(out, "reference", "Retrain", None, "failed", "out of memory", config={"method_args": {"seed": 3}})
+    b = board(read_bench(out), "the profiles world", "lm", "forget10")
+    failed = [ln for ln in b.lines if ln.kind == "floor" and ln.failed]
+    assert len(failed) == 1 and failed[0].failed == "failed (seed 3: out of memory)"
+    assert [ln.kind for ln in b.lines[:3]] == ["retrain", "floor", "floor"]  # the measured floor stays beside it
+
+
 def _run_folders(out: Path, method: str) -> list[Path]:
     records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     return [out / "cells" / r["run"] for r in sorted(records, key=lambda r: r["seed"]) if r["method"] == method

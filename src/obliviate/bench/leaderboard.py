@@ -468,10 +468,12 @@ def _seeds(n: int) -> str:
 
 
 def _reasons(failed: list[Cell]) -> str:
-    """'seeds 0, 2: reason; seed 1: another': each reason once, with the seeds it stopped."""
+    """'seeds 0, 2: reason; seed 1: another': each reason once, with the seeds it stopped (a reference cell's: its
+    retrain seed)."""
     by_reason: dict[str, list] = {}
     for c in failed:
-        by_reason.setdefault(c.reason or "no reason recorded", []).append(str(c.seed))
+        seed = retrain_seed(c) if c.kind == "reference" else c.seed
+        by_reason.setdefault(c.reason or "no reason recorded", []).append(str(seed))
     return "; ".join(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}: {reason}"
                      for reason, seeds in by_reason.items())
 
