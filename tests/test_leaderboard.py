@@ -570,3 +570,19 @@ def test_a_leaderboard_from_real_tiny_runs(tmp_path, monkeypatch, tiny_lm_dir):
     assert b.lines[0].stats["forget_quality"] is None  # 1 by definition in metrics.json; no floor was run
     md = (out / "leaderboard.md").read_text()
     assert "not measured" in md and "| 1 | GradDiff | lr=0.001 | 2 seeds |" in md
+
+
+def test_an_unchanged_bench_keeps_its_leaderboard_and_a_changed_cell_rewrites_it(tmp_path):
+    """A resumed grid whose cells were all done must finish in seconds: the leaderboard is not drawn again."""
+    from obliviate.bench.leaderboard import write_leaderboard
+
+    out = make_bench(tmp_path)
+    first = write_leaderboard(out, figures=False)
+    page = (out / "leaderboard.html").read_text()
+    os.utime(out / "leaderboard.md", ns=(1, 1))  # a rewrite would change this
+    assert write_leaderboard(out, figures=False) == first and (out / "leaderboard.md").stat().st_mtime_ns == 1
+    npo = _run_folders(out, "NPO")[0]
+    metrics = json.loads((npo / "metrics.json").read_text())
+    (npo / "metrics.json").write_text(json.dumps({**metrics, "forget_quality": 0.9}))
+    write_leaderboard(out, figures=False)
+    assert (out / "leaderboard.md").stat().st_mtime_ns != 1 and (out / "leaderboard.html").read_text() != page

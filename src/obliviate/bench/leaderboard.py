@@ -1018,33 +1018,77 @@ def _html_page(title: str, body: list[str]) -> str:
             + "\n".join(body) + "\n</body></html>")
 
 
-def _published(bench: Bench, published: dict | None) -> dict[str, Path]:
+def _published(folder: Path, spec: dict, published: dict | None) -> dict[str, Path]:
     """The spec's published rows and the caller's (the caller's win), paths relative to the bench folder."""
-    merged = {**(bench.spec.get("published") or {}), **(published or {})}
+    merged = {**(spec.get("published") or {}), **(published or {})}
     out = {}
     for label, path in merged.items():
         path = Path(path)
-        out[str(label)] = path if path.is_absolute() or path.exists() else bench.folder / path
+        out[str(label)] = path if path.is_absolute() or path.exists() else folder / path
     return out
 
 
 def write_leaderboard(out_dir: Path, published: dict[str, str | Path] | None = None, figures: bool = True
                       ) -> list[Path]:
     """OUT/leaderboard.md, OUT/leaderboard.html (static, its figures inlined) and OUT/figures/*.png from a bench
-    folder; returns the paths written. `published`: {label: path} of published evaluations to place as labelled
-    rows (besides the spec's "published"). `figures` False: the tables alone (seconds faster: no plot is drawn)."""
+    folder; returns their paths. `published`: {label: path} of published evaluations to place as labelled rows
+    (besides the spec's "published"). `figures` False: the tables alone (seconds faster: no plot is drawn). When
+    nothing it reads changed since it last wrote them (a resumed grid whose cells were all done), they stay as
+    they are."""
     from obliviate.runs import atomic_write
 
     out_dir = Path(out_dir)
+    if not (out_dir / "bench.json").is_file():
+        raise ObliviateError(f"not a bench folder (no bench.json): {out_dir}")
+    extra = _published(out_dir, _json(out_dir / "bench.json", "bench record").get("spec") or {}, published)
+    stamp = f"<!-- obliviate leaderboard inputs {_fingerprint(out_dir, extra, figures)} -->"
+    unchanged = _unchanged(out_dir, stamp)
+    if unchanged is not None:
+        return unchanged
     bench = read_bench(out_dir)
     drawn = Figures(out_dir / "figures") if figures else None
-    md, page = sections(bench, drawn, _published(bench, published))
+    md, page = sections(bench, drawn, extra)
     title = f"obliviate bench: {bench.info.get('name') or out_dir.name}"
     head = _header(bench)
     md_path = atomic_write(out_dir / "leaderboard.md", "\n\n".join([f"# {title}", head, *md]) + "\n")
     html_path = atomic_write(out_dir / "leaderboard.html",
-                             _html_page(title, [f"<p class='note'>{html.escape(head)}</p>", *page]))
+                             _html_page(title, [f"<p class='note'>{html.escape(head)}</p>", *page]) + "\n" + stamp)
     return [md_path, html_path, *(drawn.written if drawn else [])]
+
+
+def _fingerprint(out_dir: Path, published: dict[str, Path], figures: bool) -> str:
+    """What the leaderboard is made of, as file sizes and times: the bench's records, each done cell's run folder
+    files, the published files, this module and the flags."""
+    import hashlib
+    import json
+
+    def seen(path: Path):
+        try:
+            st = path.stat()
+            return [str(path), st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [str(path), None]
+
+    files = [out_dir / "bench.json", out_dir / "selection.json", Path(__file__), *published.values()]
+    for record in sorted((out_dir / "cells").glob("*.json")):
+        files.append(record)
+        run = out_dir / "cells" / record.stem
+        files += [run / name for name in ("metrics.json", "history.json", "evaluations.json", "grid.png")]
+        files += sorted((run / "attacks").glob("*.json")) if (run / "attacks").is_dir() else []
+    data = [figures, sorted(published), [seen(f) for f in files]]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:32]
+
+
+def _unchanged(out_dir: Path, stamp: str) -> list[Path] | None:
+    """The paths of a leaderboard written from the same inputs, all still there; else None."""
+    md, page = out_dir / "leaderboard.md", out_dir / "leaderboard.html"
+    try:
+        if not page.read_text(encoding="utf-8").endswith("\n" + stamp):
+            return None
+        figures = [out_dir / f for f in re.findall(r"\]\((figures/[^)]+\.png)\)", md.read_text(encoding="utf-8"))]
+    except OSError:
+        return None
+    return [md, page, *figures] if all(f.is_file() for f in figures) else None
 
 
 def _header(bench: Bench) -> str:
