@@ -432,6 +432,9 @@ def test_report_compares_run_folders_side_by_side(bench, tmp_path):
     text = page.read_text()
     assert f"{npo.name}: NPO" in text and f"{graddiff.name}: GradDiff" in text  # both runs in one scorecard
     assert f"{npo.name}: retrain" in text and f"{graddiff.name}: original" in text
+    retrain_row = text.split(f"<td>{npo.name}: retrain</td>")[1].split("</tr>")[0]
+    assert "<td>1</td>" not in retrain_row and "<td>–</td>" in retrain_row  # no forget quality 1 by definition
+    assert "leaves out what it would score against itself (forget_quality" in text
     assert r.output.strip() == f"wrote {page}"
     r = CliRunner().invoke(app, ["report", str(npo), str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no such folder" in r.output

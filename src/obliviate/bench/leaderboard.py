@@ -1114,7 +1114,7 @@ def write_comparison(folders: list[Path], out: Path, figures: bool = True) -> Pa
     labels = _labels(folders)
     rows: dict[str, dict] = {}
     histories: dict[str, list] = {}
-    columns = []
+    columns, notes = [], set()
     for folder, label in zip(folders, labels):
         if (folder / "bench.json").is_file():
             _, page = sections(read_bench(folder), Figures(None) if figures else None)
@@ -1122,6 +1122,11 @@ def write_comparison(folders: list[Path], out: Path, figures: bool = True) -> Pa
         elif (folder / "metrics.json").is_file():
             metrics = _read(folder / "metrics.json", "metrics")
             for name, row in run_rows(metrics).items():
+                if name == "retrain":  # the reference against itself is no result: 1 and 0 by definition
+                    defined = _by_definition([row])
+                    row = {k: v for k, v in row.items() if k not in defined}
+                    notes.add("A retrain row leaves out what it would score against itself (" + ", ".join(
+                        sorted(defined)) + "); a bench's noise floor measures it with a second retrain seed.")
                 rows[f"{label}: {name}"] = row
             if (folder / "history.json").is_file():
                 histories[f"{label}: {metrics.get('method')}"] = _read(folder / "history.json", "history", list)
@@ -1129,7 +1134,8 @@ def write_comparison(folders: list[Path], out: Path, figures: bool = True) -> Pa
             raise ObliviateError(f"not a run folder or a bench folder (no metrics.json or bench.json): {folder}")
     body = []
     if rows:
-        body += ["<h2>Run folders</h2>", scorecard_html(rows)]
+        body += ["<h2>Run folders</h2>", scorecard_html(rows), *(f"<p class='note'>{html.escape(n)}</p>"
+                                                                 for n in sorted(notes))]
         for alt, img in () if not figures else (("forgetting against utility", tradeoff_plot(rows)),
                          ("unlearning curves", curves_plot(histories, "Unlearning curves"))):
             if img:
