@@ -589,3 +589,19 @@ def test_an_unchanged_bench_keeps_its_leaderboard_and_a_changed_cell_rewrites_it
     (npo / "metrics.json").write_text(json.dumps({**metrics, "forget_quality": 0.9}))
     write_leaderboard(out, figures=False)
     assert (out / "leaderboard.md").stat().st_mtime_ns != 1 and (out / "leaderboard.html").read_text() != page
+
+
+@pytest.mark.parametrize("goal, chosen, order", [("maximize", 3, ["lr=2", "lr=1"]), ("minimize", 1, ["lr=2", "lr=3"])])
+def test_runners_up_are_listed_best_first_by_the_rules_goal(goal, chosen, order):
+    from obliviate.bench.leaderboard import Bench, selection_rows
+
+    candidates = [{"params": {"train.lr": lr}, "cell": f"c{lr}", "score": score, "eligible": True, "status": "done"}
+                  for lr, score in ((1, 0.1), (2, 0.2), (3, 0.5))]
+    # another step of the winner's own cell is not a runner-up
+    candidates.append({"params": {"train.lr": chosen}, "cell": f"c{chosen}", "score": 0.3, "eligible": True,
+                       "status": "done"})
+    selection = {"NPO": {"rule": "r", "chosen": {"train.lr": chosen}, "chosen_cell": f"c{chosen}", "score": 0.1,
+                         "margin": 0.1, "candidates": candidates}}
+    bench = Bench(Path("."), {"spec": {"select": {goal: "forget_quality"}}}, [], selection)
+    runners = selection_rows(bench)[0][4]
+    assert [part.split(":")[0] for part in runners.split("; ")] == order

@@ -606,6 +606,8 @@ def board_html(b: Board) -> str:
 
 def selection_rows(bench: Bench) -> list[tuple[str, str, str, str, str]]:
     """(method, chosen settings, score, margin over the runner-up, the runners-up) from selection.json."""
+    select = bench.spec.get("select")
+    minimize = isinstance(select, dict) and bool(select.get("minimize"))
     rows = []
     for method, s in bench.selection.items():
         if not isinstance(s, dict):
@@ -613,11 +615,13 @@ def selection_rows(bench: Bench) -> list[tuple[str, str, str, str, str]]:
         chosen = _settings(s.get("chosen"))
         score = "–" if not _is_number(s.get("score")) else f"{s['score']:.3g}"
         margin = "–" if not _is_number(s.get("margin")) else f"{s['margin']:.3g}"
-        others = [c for c in s.get("candidates") or [] if c.get("cell") != s.get("chosen_cell")]
+        # the other candidates (another setting, or with eval_every another step of the same cell), best first
+        others = [c for c in s.get("candidates") or [] if c.get("params") != s.get("chosen")]
+        sign = 1 if minimize else -1
         others.sort(key=lambda c: (c.get("status") != "done", not c.get("eligible"),
-                                   -(c["score"]) if _is_number(c.get("score")) else 0))
+                                   sign * c["score"] if _is_number(c.get("score")) else 0))
         runners = "; ".join(
-            f"{_settings(c.get('params'))}: " + (f"failed" if c.get("status") == "failed" else
+            f"{_settings(c.get('params'))}: " + ("failed" if c.get("status") == "failed" else
                                                  f"{c['score']:.3g}" if _is_number(c.get("score")) else "–")
             + ("" if c.get("eligible") or c.get("status") == "failed" else
                f" (not eligible: {c['reason']})" if c.get("reason") else " (not eligible)") for c in others[:3])
