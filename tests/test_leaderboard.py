@@ -4,7 +4,6 @@ std over seeds, the retrain reference on top and the original at the bottom, dir
 cells shown as failed, "k of n seeds", the measured noise floor, `obliviate report A B`, and the page in Chromium."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
