@@ -521,7 +521,7 @@ def read_published(path: str | Path, retrain_eval: str | Path | None = None) -> 
 
 # ---- text -----------------------------------------------------------------------------------------------------------
 
-def _cell_text(line: Line, metric, floor_gap: dict) -> str:
+def _cell_text(line: Line, metric) -> str:
     text = fmt_stat(line.stats.get(metric.name), metric.fmt)
     if metric.name in line.near:
         text += " " + NOISE_MARK
@@ -574,7 +574,7 @@ def board_markdown(b: Board) -> str:
         if ln.failed:
             cells = [ln.failed] + [""] * (len(b.columns) - 1 + bool(b.bars))
         else:
-            cells = [_cell_text(ln, m, b.floor_gap) for m in b.columns] + ([ln.bar] if b.bars else [])
+            cells = [_cell_text(ln, m) for m in b.columns] + ([ln.bar] if b.bars else [])
         out.append("| " + " | ".join(map(_md_cell, [str(ln.rank or ""), ln.label, ln.settings, ln.seeds, *cells]))
                    + " |")
     out.append("")
@@ -596,7 +596,7 @@ def board_html(b: Board) -> str:
         else:
             cells = "".join(
                 f"<td class='{'noise' if m.name in ln.near else ''}' title='{html.escape(ln.notes.get(m.name, ''))}'>"
-                f"{html.escape(_cell_text(ln, m, b.floor_gap))}</td>" for m in b.columns)
+                f"{html.escape(_cell_text(ln, m))}</td>" for m in b.columns)
             cells += f"<td>{html.escape(ln.bar)}</td>" if b.bars else ""
         body.append(f"<tr class='{ln.kind}'>{first}{cells}</tr>")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in _legend(b))
