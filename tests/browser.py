@@ -17,7 +17,10 @@ PROBE = ("<script>window.addEventListener('load',()=>{const im=[...document.imag
          "document.body.setAttribute('data-wrapped',[...document.querySelectorAll('td')].filter(td=>{"
          "const r=document.createRange();r.selectNodeContents(td);const tops=new Set([...r.getClientRects()]"
          ".map(x=>Math.round(x.top)));return tops.size>1&&!td.classList.contains('text')}).map(td=>td.textContent)"
-         ".join('|'))});</script>")
+         ".join('|'));"
+         # tables as laid out: how many, and how many show no row (zero height)
+         "const tb=[...document.querySelectorAll('table')];document.body.setAttribute('data-tables',tb.length+':'+"
+         "tb.filter(t=>!(t.getBoundingClientRect().height>0&&t.rows.length>0)).length)});</script>")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0", "--hide-scrollbars"]
 
 
@@ -29,8 +32,8 @@ def chromium() -> str:
 
 
 def render(page: Path, screenshot: Path | None = None) -> dict:
-    """{"images": n, "broken": [alt, ...], "wrapped": [text of a cell that wraps], "console": [message, ...]} of the
-    page loaded in Chromium; the probe runs
+    """{"images": n, "broken": [alt, ...], "wrapped": [text of a cell that wraps], "tables": n, "empty_tables": n
+    (laid out with no height or no row), "console": [message, ...]} of the page loaded in Chromium; the probe runs
     in a copy beside the page (so its relative links resolve), removed afterwards."""
     browser, page = chromium(), Path(page).resolve()
     probe = page.with_name(".probe-" + page.name)
@@ -49,5 +52,7 @@ def render(page: Path, screenshot: Path | None = None) -> dict:
         shot = subprocess.run([browser, *FLAGS, "--window-size=1280,4000", f"--screenshot={Path(screenshot).resolve()}",
                                page.as_uri()], capture_output=True, text=True, timeout=120)
         assert Path(screenshot).is_file(), shot.stderr[-1500:]
+    tables = re.search(r"<body[^>]*data-tables=\"(\d+):(\d+)\"", run.stdout)
     return {"images": int(body.group(1)), "broken": [b for b in body.group(2).split("|") if b],
+            "tables": int(tables.group(1)), "empty_tables": int(tables.group(2)),
             "wrapped": [w for w in body.group(3).split("|") if w], "console": console}

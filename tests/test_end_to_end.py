@@ -114,7 +114,7 @@ def test_eval_on_user_files_and_report_rewrite(tiny_world, tmp_path):
     r = runner.invoke(app, ["report", str(run_dir)])
     assert r.exit_code == 0 and (run_dir / "report.html").is_file()
     r = runner.invoke(app, ["report", str(tmp_path)])
-    assert r.exit_code == 2 and "not a run or demo folder" in r.stderr
+    assert r.exit_code == 2 and "not a run, demo or bench folder" in r.stderr
 
 
 def test_export_applies_the_changed_tensors_to_the_base(tiny_world, tmp_path):

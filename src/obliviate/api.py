@@ -73,6 +73,27 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     return result
 
 
+def report_folders(folders: list[Path], out: Path | None = None, figures: bool = True) -> list[Path]:
+    """`obliviate report`: one folder's page (a run or demo folder's report.html; a bench folder's leaderboard.md,
+    leaderboard.html and figures), or for several run and bench folders one page side by side at `out` (default
+    ./obliviate-report.html). `figures` False: a bench's or a comparison's tables without plots. Returns the paths
+    written."""
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ObliviateError("report needs at least one run, demo or bench folder")
+    for folder in folders:
+        if not folder.is_dir():
+            raise ObliviateError(f"no such folder: {folder}")
+    if len(folders) == 1 and out is None:
+        if (folders[0] / "bench.json").is_file():
+            from obliviate.bench.leaderboard import write_leaderboard
+            return write_leaderboard(folders[0], figures=figures)
+        from obliviate.bench.report import rewrite_report
+        return [rewrite_report(folders[0])]
+    from obliviate.bench.leaderboard import write_comparison
+    return [write_comparison(folders, Path(out or "obliviate-report.html"), figures)]
+
+
 def is_run_folder(folder: Path) -> bool:
     """A run folder (its run config and changed tensors), as opposed to a model folder."""
     return (folder / "config.json").is_file() and (folder / "changed.safetensors").is_file()

@@ -325,14 +325,20 @@ def attack(run_dir: Path = typer.Argument(..., help="a run folder (language mode
 
 
 @app.command()
-def report(run_dir: Path):
-    """(Re)write the HTML report of a run or demo folder."""
+def report(folders: List[Path] = typer.Argument(..., help="Run, demo or bench folders."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="The comparison page, for several folders "
+                                              "(default: ./obliviate-report.html)."),
+           figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the plots (bench and comparison "
+                                        "pages; without them, the tables in seconds).")):
+    """(Re)write the HTML report of a run, demo or bench folder (a bench's leaderboard); with several run or bench
+    folders, one page that compares them side by side."""
     try:
-        from obliviate.bench.report import rewrite_report
-        path = rewrite_report(run_dir)
+        from obliviate.api import report_folders
+        paths = report_folders(folders, out, figures)
     except ObliviateError as e:
         _fail(e)
-    typer.echo(f"wrote {path}")
+    for path in paths:
+        typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

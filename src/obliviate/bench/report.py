@@ -383,4 +383,4 @@ def rewrite_report(folder: Path) -> Path:
         notes = metrics.get("notes")  # what the run's evaluation left out or found meaningless, one line each
         notes = [str(n) for n in notes] if isinstance(notes, list) else []
         return write_run_report(folder, metrics, history, grids, notes)
-    raise ObliviateError(f"not a run or demo folder (no metrics.json or summary.json): {folder}")
+    raise ObliviateError(f"not a run, demo or bench folder (no metrics.json, summary.json or bench.json): {folder}")
