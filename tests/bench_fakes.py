@@ -15,7 +15,7 @@ from pathlib import Path
 class FakeConfig:
     def __init__(self, data: dict):
         self.data = copy.deepcopy(data)
-        self.family = "lm"
+        self.family = self.data["family"] = "lm"
         for key in ("output_dir", "name"):
             self.data.setdefault(key, None)
 

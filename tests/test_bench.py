@@ -427,3 +427,22 @@ methods:
     started = time.perf_counter()
     again = bench(spec, out)
     assert time.perf_counter() - started < 5 and again["cells"] == result["cells"]
+
+
+def test_a_resumed_bench_whose_cells_are_done_imports_no_torch(tmp_path, fake):
+    """Resolving a world's run config imports its training code (torch); resolutions are remembered in
+    OUT/resolved.json, so a finished grid resumes without them (the fake resolver stood in the first time)."""
+    out = tmp_path / "out"
+    spec = fake_spec(tmp_path)
+    spec.write_text(spec.read_text().replace('base = {model = "/nowhere", ',
+                                             'base = {model = "/nowhere", world = {model = {epochs = 1}}, '))
+    bench(spec, out)
+    assert (out / "resolved.json").is_file()
+    script = ("import sys; from obliviate.bench.engine import run_bench; "
+              f"r = run_bench({str(spec)!r}, {str(out)!r}, log=lambda *_: None); "
+              "assert all(c['status'] == 'done' for c in r['cells']) and len(r['cells']) == 11; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FAKE_RUN_LOG": str(tmp_path / "calls.txt")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]" and len(calls(tmp_path)) == 11

@@ -85,11 +85,14 @@ class Cell:
         return {"key": self.key, "out": str(out), "record": self.record(), "export": self.export}
 
 
-def make_cell(kind: str, method: str, params: dict, target: str, seed, data: dict, out: Path, source: str,
-              **extra) -> Cell:
-    config = resolve(data, source).dump()
+def content_hash(data, salt: str = "") -> str:
+    return hashlib.sha256((json.dumps(data, sort_keys=True, default=str) + salt).encode()).hexdigest()
+
+
+def make_cell(kind: str, method: str, params: dict, target: str, seed, config: dict, out: Path, **extra) -> Cell:
+    """A cell of the resolved run config `config` (RunConfig.dump()); its run folder goes to OUT/cells/<key>."""
     key = cell_key(config, kind, out)
-    config["output_dir"], config["name"] = str(out / "cells"), key
+    config["output_dir"], config["name"] = str(Path(out).absolute() / "cells"), key
     return Cell(kind, method, params, target, seed, config, key, **extra)
 
 

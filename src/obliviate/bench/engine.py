@@ -5,6 +5,7 @@ Cells run through `obliviate.bench.execute`; finished cells are skipped, so a ki
 it stopped (docs/bench.md)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -36,9 +37,17 @@ class Bench:
 
     def __init__(self, spec: BenchSpec, data: dict, source: str, out: Path):
         self.spec, self.data, self.source, self.out = spec, data, source, Path(out).absolute()
-        probe = C.resolve(C.merge(spec.base, {"method": spec.methods[0].name}), f"{source}: base")
-        self.family = probe.family
         from obliviate.families import get
+
+        self.resolved = _read_json(self.out / "resolved.json") or {}  # see _resolve
+        self.resolved_changed = False
+        # the family decides what a bare target names (a split, a concept); the base alone may lack that subject
+        probe = C.merge(spec.base, {"method": spec.methods[0].name})
+        target = spec.validation
+        if isinstance(target, str):
+            as_concept = self._resolve(C.merge(probe, {"concept": target}), None, quiet=True)
+            target = {"concept" if as_concept and as_concept["family"] == "t2i" else "split": target}
+        self.family = self._resolve(C.merge(probe, target), f"{source}: base")["family"]
         self.subject = get(self.family).subject
 
     # ---- targets ----
@@ -61,9 +70,30 @@ class Bench:
             C.set_dotted(data, "train.seed", seed)
         return data
 
+    def _resolve(self, data: dict, source: str | None, quiet: bool = False) -> dict | None:
+        """The resolved run config (RunConfig.dump()) of config data. Resolving a world config imports the world's
+        training code (torch: seconds), so resolutions are remembered in OUT/resolved.json, keyed by the data and
+        the config code itself: a resumed bench whose cells are all done starts in well under a second."""
+        key = C.content_hash(data, _config_fingerprint())
+        if key not in self.resolved:
+            try:
+                self.resolved[key] = C.resolve(data, source or "config").dump()
+            except ObliviateError:
+                if quiet:
+                    return None
+                raise
+            self.resolved_changed = True
+        return copy.deepcopy(self.resolved[key])
+
+    def save_resolved(self) -> None:
+        if self.resolved_changed:
+            from obliviate.runs import write_json
+            write_json(self.out / "resolved.json", self.resolved)
+            self.resolved_changed = False
+
     def _cell(self, kind, row, params, target, seed, data, **extra) -> C.Cell:
-        return C.make_cell(kind, row, params, self.label(target), seed, data, self.out,
-                           f"{self.source}: {kind} cell of {row}", **extra)
+        config = self._resolve(data, f"{self.source}: {kind} cell of {row}")
+        return C.make_cell(kind, row, params, self.label(target), seed, config, self.out, **extra)
 
     # ---- the cells ----
     def validation_cells(self) -> list[C.Cell]:
@@ -154,6 +184,31 @@ class Bench:
                                        "eligible": not why, "status": "done", "reason": "; ".join(why) or None})
             selection[m.row] = _choose(candidates, rule, steps)
         return selection
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+_FINGERPRINT: list = []
+
+
+def _config_fingerprint() -> str:
+    """The code that resolves a run config (its defaults): a resolution remembered under another one is not used."""
+    if not _FINGERPRINT:
+        import hashlib
+        import importlib.util
+
+        from obliviate import __version__
+        digest = hashlib.sha256(__version__.encode())
+        for module in ("obliviate.config", "obliviate.families"):
+            origin = importlib.util.find_spec(module).origin
+            digest.update(Path(origin).read_bytes())
+        _FINGERPRINT.append(digest.hexdigest())
+    return _FINGERPRINT[0]
 
 
 def _finite(x) -> bool:
@@ -339,6 +394,7 @@ def run_bench(spec_path: str | Path, out: str | Path | None = None, *, workers: 
     if dry_run:
         return _dry_run(bench, validation, references, log)
     (bench.out / "cells").mkdir(parents=True, exist_ok=True)
+    bench.save_resolved()
     _write_bench_json(bench)
     retried: set = set()
     run_cells(bench, validation + references, opts, log, retried)
@@ -350,6 +406,7 @@ def run_bench(spec_path: str | Path, out: str | Path | None = None, *, workers: 
             + ("" if entry["met_rule"] else f" — {entry.get('note')}"))
     reported = bench.reported_cells(selection)
     requests = bench.sustainability_cells(selection)
+    bench.save_resolved()
     run_cells(bench, reported + bench.scalability_cells(selection) + (requests[0] if requests else []), opts, log,
               retried)
     for later in requests[1:]:

@@ -58,7 +58,8 @@ class Constraint(_Strict):
         value = metrics.get(self.metric)
         bound = self.value
         if self.relative:
-            reference = (metrics.get("original") or {}).get(self.metric)
+            # the original's row in metrics.json (language models), or its flat original_<metric> (text-to-image)
+            reference = (metrics.get("original") or {}).get(self.metric, metrics.get(f"original_{self.metric}"))
             if not _number(reference):
                 return False, f"no original {self.metric} to compare with"
             bound = self.value * reference
