@@ -423,7 +423,8 @@ methods:
         assert "model_utility" in metrics and "original" in metrics
     reported = [r for r in result["cells"] if r["kind"] == "reported"]
     assert {Path(r["config"]["forget_file"]).name for r in reported} == {"forget.json"}
-    assert "GradDiff" in (out / "leaderboard.md").read_text()
+    board = (out / "leaderboard.md").read_text()
+    assert "| GradDiff | 2 | 0 |" in board and "2 seed(s) only" in board
     started = time.perf_counter()
     again = bench(spec, out)
     assert time.perf_counter() - started < 5 and again["cells"] == result["cells"]
@@ -446,3 +447,38 @@ def test_a_resumed_bench_whose_cells_are_done_imports_no_torch(tmp_path, fake):
                           env={**os.environ, "FAKE_RUN_LOG": str(tmp_path / "calls.txt")})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]" and len(calls(tmp_path)) == 11
+
+
+def test_attacks_run_once_on_each_reported_cell_and_failures_are_recorded(tmp_path, fake, monkeypatch):
+    import obliviate.api as api
+
+    attacked = []
+
+    def fake_attack(run_dir, names, options, log=print):
+        attacked.append((Path(run_dir).name, tuple(names), dict(options)))
+        if names == ["quantize_int8"]:
+            raise ObliviateError("the model has no int8 kernels here")
+        (Path(run_dir) / "attacks").mkdir(exist_ok=True)
+        (Path(run_dir) / "attacks" / f"{names[0]}.json").write_text("{}")
+        return {}
+    monkeypatch.setattr(api, "attack_run", fake_attack)
+    out = tmp_path / "out"
+    spec = fake_spec(tmp_path, extra='attacks = {relearn = {steps = 4}, quantize_int8 = {}}')
+    result = bench(spec, out)
+    reported = {r["key"] for r in result["cells"] if r["kind"] == "reported"}
+    assert {a[0] for a in attacked} == reported and len(attacked) == 2 * 6
+    assert ("relearn", ) in {a[1] for a in attacked} and {"steps": 4} in [a[2] for a in attacked]
+    for key in reported:
+        assert records(out)[key]["attacks"] == {"relearn": "done",
+                                                "quantize_int8": "failed: the model has no int8 kernels here"}
+    bench(spec, out)
+    assert len(attacked) == 12  # done and failed attacks are settled
+    bench(spec, out, retry_failed=True)
+    assert len(attacked) == 18 and {a[1] for a in attacked[12:]} == {("quantize_int8",)}
+
+
+def test_unknown_attack_in_a_spec_is_named(tmp_path):
+    from obliviate.bench.spec import read_spec
+
+    with pytest.raises(ObliviateError, match="attacks: unknown attack 'relarn'"):
+        read_spec(fake_spec(tmp_path, extra="attacks = {relarn = {}}"))

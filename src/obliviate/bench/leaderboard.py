@@ -49,7 +49,15 @@ def write_leaderboard(out: str | Path) -> Path:
                          if len(xs) > 1 else f"{xs[0]:.3g}")
         failed = sum(1 for r in rows[name] if r["status"] == "failed")
         lines.append(f"| {name} | {len(values[name])} | {failed} | " + " | ".join(cells) + " |")
+    notes = []
+    try:
+        spec = json.loads((out / "bench.json").read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        spec = {}
+    if spec and len(spec.get("seeds", [])) < 3:
+        notes.append(f"Reported over {len(spec['seeds'])} seed(s) only (the spec's allow_fewer_seeds).")
     path = out / "leaderboard.md"
     from obliviate.runs import atomic_write
-    atomic_write(path, "# Leaderboard (reported target, mean ± std over seeds)\n\n" + "\n".join(lines) + "\n")
+    atomic_write(path, "# Leaderboard (reported target, mean ± std over seeds)\n\n" + "\n".join(lines) + "\n"
+                 + "".join(f"\n{n}\n" for n in notes))
     return path

@@ -142,23 +142,38 @@ class BenchSpec(_Strict):
     sustainability: list[Target] = Field(default_factory=list)  # ordered, cumulative requests
     attacks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # attack name -> options, on reported cells
 
+    @field_validator("seeds", "noise_floor")
+    @classmethod
+    def _distinct(cls, seeds):
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{seeds} repeats a seed")
+        return seeds
+
+    @field_validator("sustainability")
+    @classmethod
+    def _requests(cls, requests):
+        if len(requests) == 1:
+            raise ValueError("needs at least two requests")
+        return requests
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, attacks):
+        from obliviate.registry import ATTACKS
+
+        for name in attacks:
+            if name not in ATTACKS:
+                raise ValueError(f"unknown attack {name!r} (obliviate ls attacks)")
+        return attacks
+
     @model_validator(mode="after")
     def _checks(self):
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds {self.seeds} repeat a seed")
         if len(self.seeds) < 3 and not self.allow_fewer_seeds:
-            raise ValueError(f"seeds {self.seeds}: reported cells need at least 3 seeds (set allow_fewer_seeds = "
+            raise ValueError(f"seeds = {self.seeds}: reported cells need at least 3 seeds (set allow_fewer_seeds = "
                              "true to report fewer; the leaderboard then says so)")
         rows = [m.row for m in self.methods]
         if len(set(rows)) != len(rows):
             raise ValueError(f"methods: {rows} name a row twice; give one a `label`")
-        if len(self.sustainability) == 1:
-            raise ValueError("sustainability needs at least two requests")
-        if self.attacks:
-            from obliviate.registry import ATTACKS
-            for name in self.attacks:
-                if name not in ATTACKS:
-                    raise ValueError(f"unknown attack {name!r} (obliviate ls attacks)")
         return self
 
 
