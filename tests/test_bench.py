@@ -266,7 +266,7 @@ def test_a_sustainability_request_exports_the_previous_one_and_a_failed_request_
     exported = []
 
     def fake_export(run_dir, out, *a, **k):
-        exported.append((Path(run_dir).name, out.parent.name))
+        exported.append((Path(run_dir).name, out.parent.parent.name))
         out.mkdir()
         (out / "README.md").write_text("card")
         return out
@@ -425,6 +425,12 @@ methods:
     assert {Path(r["config"]["forget_file"]).name for r in reported} == {"forget.json"}
     board = (out / "leaderboard.md").read_text()
     assert "| GradDiff | 2 | 0 |" in board and "2 seed(s) only" in board
+    # a sustainability request starts from the previous request's export: the family's export, into its cell folder
+    from obliviate.bench.cells import _export
+    first = out / "cells" / reported[0]["run"]
+    _export(first, first / "export")
+    assert (first / "export" / "config.json").is_file() and (first / "export" / "README.md").is_file()
+    assert sorted(p.name for p in first.iterdir() if p.name.startswith(".")) == []
     started = time.perf_counter()
     again = bench(spec, out)
     assert time.perf_counter() - started < 5 and again["cells"] == result["cells"]

@@ -251,8 +251,12 @@ def _export(run_dir: Path, to: Path) -> None:
         return
     from obliviate.api import export_run
 
-    tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")
+    tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")  # tmp/<name>: the model card names the folder `to.name`
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(to, ignore_errors=True)
-    export_run(run_dir, tmp)
-    os.replace(tmp, to)
+    tmp.mkdir()
+    try:
+        export_run(run_dir, tmp / to.name)
+        os.replace(tmp / to.name, to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
