@@ -488,3 +488,39 @@ def test_unknown_attack_in_a_spec_is_named(tmp_path):
 
     with pytest.raises(ObliviateError, match="attacks: unknown attack 'relarn'"):
         read_spec(fake_spec(tmp_path, extra="attacks = {relarn = {}}"))
+
+
+@pytest.mark.parametrize("name, module, methods", [
+    ("profiles", "obliviate.demo.lm", ["GradDiff", "NPO", "SimNPO", "RG", "RGD"]),
+    ("canvas-style", "obliviate.demo.t2i", ["ESD-x", "UCE", "RGD", "AdvUnlearn"]),
+    ("canvas-object", "obliviate.demo.t2i", ["ESD-x", "UCE", "RGD", "AdvUnlearn"]),
+    ("portraits", "obliviate.demo.mllm", ["GradDiff", "NPO", "SimNPO", "RGD", "MMUnlearner", "PromptDecouple"]),
+])
+def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(name, module, methods):
+    """The same world config as the demo (so the same cached world), the demo's methods, and each preset inside its
+    method's grid or fixed settings; at most 3 grid points per method."""
+    import importlib
+
+    from obliviate.bench.engine import _grid_points
+    from obliviate.bench.spec import read_spec
+    from obliviate.config import WorldConfig
+
+    demo = importlib.import_module(module)
+    spec, _ = read_spec(HERE.parent / "configs" / "bench" / f"{name}.toml")
+    assert [m.name for m in spec.methods] == methods and len(spec.seeds) >= 3 and spec.noise_floor
+    world = WorldConfig(**spec.base["world"]).model_dump()
+    if name == "profiles":
+        assert world == WorldConfig(**demo.WORLDS["demo"]).model_dump()
+        assert spec.base["eval"] == {"retain_people": demo.RETAIN_PEOPLE["demo"]}
+        assert spec.scalability == ["forget05", "forget10", "forget20"] == spec.sustainability
+    elif module.endswith("t2i"):
+        assert world == WorldConfig(name="canvas").model_dump() and spec.base["t2i"] == demo.SAMPLING["demo"]
+        assert spec.reported in ("striped", "star") and spec.validation in ("dotted", "heart")
+    else:
+        assert world == WorldConfig(name="portraits").model_dump()
+        assert spec.base["eval"] == {"retain_people": demo.RETAIN_PEOPLE}
+    for m in spec.methods:
+        assert len(_grid_points(m.grid)) <= 3
+        preset = {f"{section}.{k}": v for section, values in demo.PRESETS[m.name].items() for k, v in values.items()}
+        for key, value in preset.items():
+            assert value in m.grid[key] if key in m.grid else m.overrides[key] == value, (m.name, key)
