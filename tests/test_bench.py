@@ -378,6 +378,9 @@ def test_dry_run_lists_the_cells_and_which_are_done(tmp_path, fake):
     bench(spec, out)
     result = CliRunner().invoke(app, ["bench", str(spec), "--out", str(out), "--dry-run"])
     assert "11 cells listed, 11 done" in result.output, result.output
+    # key=value overrides go to the base config: every cell is another cell
+    result = CliRunner().invoke(app, ["bench", str(spec), "train.batch_size=8", "--out", str(out), "--dry-run"])
+    assert "5 cells listed, 0 done" in result.output, result.output
 
 
 # ---- one real grid -------------------------------------------------------------------------------------------------
