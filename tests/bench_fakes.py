@@ -41,6 +41,8 @@ def fake_run(config, log=print, resume=False):
     if calls:
         with open(calls, "a") as f:
             f.write(data["name"] + "\n")
+        with open(calls + ".pids", "a") as f:
+            f.write(f"{os.getpid()}\n")
     if os.environ.get("FAKE_RUN_SLEEP"):
         time.sleep(float(os.environ["FAKE_RUN_SLEEP"]))
     fail = data["train"].get("fail")

@@ -303,11 +303,13 @@ def _bench_process(tmp_path, spec, out, **env):
 def test_two_bench_processes_never_run_the_same_cell_twice(tmp_path):
     out = tmp_path / "out"
     spec = fake_spec(tmp_path, noise="[]")
-    procs = [_bench_process(tmp_path, spec, out, FAKE_RUN_SLEEP="0.2") for _ in range(2)]
+    procs = [_bench_process(tmp_path, spec, out, FAKE_RUN_SLEEP="0.5") for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     ran = calls(tmp_path)
     assert len(ran) == len(set(ran)) == 11, ran
+    # both took part (each cell takes 0.5 s: the second starts well before the first could finish alone)
+    assert {int(p) for p in (tmp_path / "calls.txt.pids").read_text().split()} == {p.pid for p in procs}
     assert all(r["status"] == "done" for r in records(out).values())
     assert not list((out / "cells").glob("*.lock"))
 
@@ -527,3 +529,29 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
         preset = {f"{section}.{k}": v for section, values in demo.PRESETS[m.name].items() for k, v in values.items()}
         for key, value in preset.items():
             assert value in m.grid[key] if key in m.grid else m.overrides[key] == value, (m.name, key)
+
+
+def test_a_worker_that_dies_gives_a_failed_cell_and_leaves_no_lock(tmp_path, fake, monkeypatch):
+    """execute() reports a worker that died (killed, out of memory) as a failed result; its cell is recorded failed
+    with that line and the lock the worker held is removed (it may have held it on another host)."""
+    import obliviate.bench.cells as C
+    import obliviate.bench.execute as ex
+
+    died = []
+
+    def execute(tasks, run_one, **options):
+        for task in tasks:
+            if not died:  # the first worker takes its lock, then is killed
+                C.try_lock(Path(task["out"]), task["key"], task["token"])
+                lock = Path(task["out"]) / "cells" / f"{task['key']}.lock"
+                lock.write_text(json.dumps({**json.loads(lock.read_text()), "host": "elsewhere"}))
+                died.append(task["key"])
+                yield {"task": task, "status": "failed", "reason": "the worker died (signal 9)"}
+            else:
+                yield run_one(task)
+    monkeypatch.setattr(ex, "execute", execute)
+    out = tmp_path / "out"
+    bench(fake_spec(tmp_path), out)
+    record = records(out)[died[0]]
+    assert record["status"] == "failed" and record["reason"] == "the worker died (signal 9)"
+    assert not list((out / "cells").glob("*.lock")) and len(calls(tmp_path)) == 4 + 6

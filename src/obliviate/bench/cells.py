@@ -145,11 +145,12 @@ def lock_is_stale(holder: dict | None) -> bool:
         not _pid_alive(holder["pid"])
 
 
-def try_lock(out: Path, key: str) -> bool:
+def try_lock(out: Path, key: str, token: str | None = None) -> bool:
     """Take the cell's lock file (O_EXCL); a stale lock (its process on this host is gone) is taken over, under a
-    second O_EXCL file so that two processes never both take it over."""
+    second O_EXCL file so that two processes never both take it over. `token`: the bench process's mark on the task,
+    so that it can remove the lock of a worker that died on another host."""
     path = Path(out) / "cells" / f"{key}.lock"
-    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "token": token})
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -193,6 +194,14 @@ def unlock(out: Path, key: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_lock_of(out: Path, key: str, token: str) -> None:
+    """Remove the cell's lock if the task marked `token` took it (its worker died without releasing it)."""
+    path = Path(out) / "cells" / f"{key}.lock"
+    holder = _read_lock(path)
+    if holder and holder.get("token") == token:
+        path.unlink(missing_ok=True)
+
+
 def lock_holder(out: Path, key: str) -> dict | None:
     return _read_lock(Path(out) / "cells" / f"{key}.lock")
 
@@ -217,31 +226,46 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
 
 
+def settled(record: dict | None, retry_failed: bool) -> bool:
+    """A cell that needs no run: done, or failed and not retried."""
+    return record is not None and (record["status"] == "done" or not retry_failed)
+
+
 def run_one(task: dict) -> dict:
-    """Run one cell: export the previous sustainability request if asked, run the config, and return (and write)
-    the cell's record, done or failed with a one-line reason. Never raises for the cell's own failure."""
-    out, record = Path(task["out"]), dict(task["record"])
-    log_path = out / "cells" / f"{task['key']}.log"
-    start = time.time()
-
-    def log(*parts):
-        with open(log_path, "a") as f:
-            f.write(" ".join(str(p) for p in parts) + "\n")
+    """Run one cell under its lock: export the previous sustainability request if asked, run the config, and return
+    (and write) the cell's record, done or failed with a one-line reason. Never raises for the cell's own failure.
+    A cell that another process holds returns {"key", "status": "busy"}; one finished meanwhile, its record."""
+    out, key, record = Path(task["out"]), task["key"], dict(task["record"])
+    if not try_lock(out, key, task.get("token")):
+        return {"key": key, "status": "busy"}
     try:
-        if task.get("export"):
-            _export(Path(task["export"]["run"]), Path(task["export"]["to"]))
-        from obliviate import progress
-        from obliviate.runners import run
+        existing = read_record(out, key)
+        if settled(existing, task.get("retry", False)):  # finished by another process since the bench looked
+            return existing
+        clear_run_folder(out, key)  # what a killed or failed earlier attempt left
+        log_path = out / "cells" / f"{key}.log"
+        start = time.time()
 
-        progress.set_enabled(False)
-        run(resolve(record["config"], f"cell {task['key']}"), log=log)
-        record.update(status="done", reason=None)
-    except Exception as e:  # ObliviateError, NonFiniteLoss, MemoryError, CUDA out of memory, anything: recorded
-        log(f"failed: {e!r}")
-        record.update(status="failed", reason=one_line(e))
-    record.update(seconds=round(time.time() - start, 3), host=socket.gethostname())
-    write_record(out, record)
-    return record
+        def log(*parts):
+            with open(log_path, "a") as f:
+                f.write(" ".join(str(p) for p in parts) + "\n")
+        try:
+            if task.get("export"):
+                _export(Path(task["export"]["run"]), Path(task["export"]["to"]))
+            from obliviate import progress
+            from obliviate.runners import run
+
+            progress.set_enabled(False)
+            run(resolve(record["config"], f"cell {key}"), log=log)
+            record.update(status="done", reason=None)
+        except Exception as e:  # ObliviateError, NonFiniteLoss, MemoryError, CUDA out of memory, anything: recorded
+            log(f"failed: {e!r}")
+            record.update(status="failed", reason=one_line(e))
+        record.update(seconds=round(time.time() - start, 3), host=socket.gethostname())
+        write_record(out, record)
+        return record
+    finally:
+        unlock(out, key)
 
 
 def _export(run_dir: Path, to: Path) -> None:

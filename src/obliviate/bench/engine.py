@@ -254,18 +254,15 @@ def _choose(candidates: list[dict], rule, steps: bool) -> dict:
 
 # ---- running cells -------------------------------------------------------------------------------------------------
 
-def _settled(record: dict | None, retry_failed: bool) -> bool:
-    return record is not None and (record["status"] == "done" or not retry_failed)
-
-
 def run_cells(bench: Bench, cells: list[C.Cell], opts: dict, log, retried: set) -> None:
-    """Run every cell that has no record (or a failed one, with retry_failed), under its lock; a cell another
-    bench process holds is waited for; a failed earlier request fails its later ones."""
+    """Run every cell that has no record (or a failed one, with retry_failed); each worker takes its cell's lock
+    before it runs it, so that a cell another bench process holds comes back "busy" and is waited for. A failed
+    earlier request fails its later ones."""
     out = bench.out
-    todo, busy = [], []
+    todo = []
     for cell in cells:
         retry = opts["retry_failed"] and cell.key not in retried
-        if _settled(C.read_record(out, cell.key), retry):
+        if C.settled(C.read_record(out, cell.key), retry):
             continue
         failed_before = [k for k in cell.after if (r := C.read_record(out, k)) is None or r["status"] != "done"]
         if failed_before:
@@ -273,55 +270,53 @@ def run_cells(bench: Bench, cells: list[C.Cell], opts: dict, log, retried: set) 
             C.write_record(out, cell.record(status="failed", reason=f"the previous request failed: {reason}",
                                             seconds=0.0))
             continue
-        if not C.try_lock(out, cell.key):
-            busy.append(cell)
-            continue
-        if _settled(C.read_record(out, cell.key), retry):  # finished by another process in between
-            C.unlock(out, cell.key)
-            continue
-        C.clear_run_folder(out, cell.key)
         retried.add(cell.key)
-        todo.append(cell)
-    if todo:
-        _execute(bench, todo, opts, log)
+        todo.append((cell, retry))
+    busy = _execute(bench, todo, opts, log) if todo else []
     for cell in busy:
         while C.read_record(out, cell.key) is None:
             holder = C.lock_holder(out, cell.key)
-            if holder is None or C.lock_is_stale(holder):
+            if holder is None or C.lock_is_stale(holder):  # released without a record, or its process died
                 run_cells(bench, [cell], opts, log, retried)
                 break
             time.sleep(POLL_S)
 
 
-def _execute(bench: Bench, todo: list[C.Cell], opts: dict, log) -> None:
+def _execute(bench: Bench, todo: list[tuple[C.Cell, bool]], opts: dict, log) -> list[C.Cell]:
+    """Run the cells through obliviate.bench.execute; returns those another process holds."""
+    import secrets
+
     from obliviate.bench.execute import execute
 
-    out, by_key, seen = bench.out, {c.key: c for c in todo}, set()
-    log(f"running {len(todo)} cell(s): " + ", ".join(f"{c.kind} {c.method} {c.target}" for c in todo[:4])
+    out, by_key, seen, busy = bench.out, {c.key: c for c, _ in todo}, set(), []
+    token = secrets.token_hex(8)  # marks this run's locks: a lock left by a worker that died is removed
+    log(f"running {len(todo)} cell(s): " + ", ".join(f"{c.kind} {c.method} {c.target}" for c, _ in todo[:4])
         + (" ..." if len(todo) > 4 else ""))
-    try:
-        for result in execute([c.task(out) for c in todo], C.run_one, workers=opts["workers"],
-                              ray_address=opts["ray_address"], use_ray=opts["use_ray"], threads=opts["threads"]):
-            key = (result.get("key") or (result.get("task") or {}).get("key")) if isinstance(result, dict) else None
-            cell = by_key.get(key)
-            if cell is None:
-                continue
-            seen.add(key)
-            record = C.read_record(out, key)
-            if record is None:  # the worker died before it wrote the record: the result says why
-                record = cell.record(status="failed", reason=result.get("reason") or "the cell's worker ended "
-                                     "without a result", seconds=result.get("seconds"))
-                C.write_record(out, record)
-            C.unlock(out, key)
-            log(f"  {record['status']:<6} {cell.kind:<14} {cell.method:<12} {cell.target:<10} {cell.params}"
-                + (f": {record['reason']}" if record["reason"] else ""))
-        for key in by_key.keys() - seen:  # execute ended without a result for these: their workers died
-            if C.read_record(out, key) is None:
-                C.write_record(out, by_key[key].record(status="failed", reason="the cell's worker ended without "
-                                                                                "a result"))
-    finally:  # an interrupted bench leaves unfinished cells without a record: they run next time
-        for key in by_key:
-            C.unlock(out, key)
+    tasks = [{**c.task(out), "retry": retry, "token": token} for c, retry in todo]
+    for result in execute(tasks, C.run_one, workers=opts["workers"], ray_address=opts["ray_address"],
+                          use_ray=opts["use_ray"], threads=opts["threads"]):
+        key = (result.get("key") or (result.get("task") or {}).get("key")) if isinstance(result, dict) else None
+        cell = by_key.get(key)
+        if cell is None:
+            continue
+        seen.add(key)
+        if result.get("status") == "busy":
+            busy.append(cell)
+            continue
+        record = C.read_record(out, key)
+        if record is None:  # the worker died before it wrote the record: the result says why
+            record = cell.record(status="failed", reason=result.get("reason") or "the cell's worker ended "
+                                 "without a result", seconds=result.get("seconds"))
+            C.write_record(out, record)
+            C.remove_lock_of(out, key, token)
+        log(f"  {record['status']:<6} {cell.kind:<14} {cell.method:<12} {cell.target:<10} {cell.params}"
+            + (f": {record['reason']}" if record["reason"] else ""))
+    for key in by_key.keys() - seen:  # execute ended without a result for these: their workers died
+        if C.read_record(out, key) is None:
+            C.write_record(out, by_key[key].record(status="failed", reason="the cell's worker ended without a "
+                                                                            "result"))
+            C.remove_lock_of(out, key, token)
+    return busy
 
 
 def attack_one(task: dict) -> dict:
