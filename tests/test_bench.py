@@ -152,6 +152,11 @@ def test_resume_skips_done_cells_and_reruns_only_a_changed_one(tmp_path, fake):
     new = calls(tmp_path)[11:]
     # GradDiff's changed grid point, and GradDiff's reported cells (its winner changed from 2e-4 to 2.5e-4)
     assert len(new) == 1 + 3, new
+    # the earlier cells stay (a spec changed back reuses them) but the grid, and its leaderboard, are the new cells
+    assert len(records(out)) == 11 + 4
+    current = json.loads((out / "bench.json").read_text())["cells"]
+    assert len(current) == 11 and set(new) <= set(current)
+    assert "| GradDiff | 3 | 0 |" in (out / "leaderboard.md").read_text()
 
 
 def test_a_failing_cell_is_recorded_with_its_reason_and_the_grid_goes_on(tmp_path, fake):

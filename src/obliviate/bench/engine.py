@@ -408,16 +408,19 @@ def run_bench(spec_path: str | Path, out: str | Path | None = None, *, workers: 
         run_cells(bench, later, opts, log, retried)
     if spec.attacks:
         _run_attacks(bench, reported, opts, log)
+    every = validation + references + reported + bench.scalability_cells(selection) + [c for r in requests for c in r]
+    # the cells of this grid: a changed spec leaves its earlier cells in cells/ (a spec changed back reuses them),
+    # and the leaderboard must not count them
+    _write_bench_json(bench, [c.key for c in every])
     from obliviate.bench.leaderboard import write_leaderboard
     write_leaderboard(bench.out)
-    every = validation + references + reported + bench.scalability_cells(selection) + [c for r in requests for c in r]
     records = [C.read_record(bench.out, c.key) for c in every]
     failed = sum(1 for r in records if r and r["status"] == "failed")
     log(f"bench {bench.out}: {len(records)} cells, {failed} failed; leaderboard {bench.out / 'leaderboard.md'}")
     return {"out": bench.out, "cells": records, "selection": selection}
 
 
-def _write_bench_json(bench: Bench) -> None:
+def _write_bench_json(bench: Bench, cells: list[str] | None = None) -> None:
     from obliviate import __version__
     from obliviate.runs import write_json
 
@@ -431,7 +434,7 @@ def _write_bench_json(bench: Bench) -> None:
     write_json(path, {"name": bench.spec.name or Path(bench.source).stem, "family": bench.family,
                       "spec": bench.spec.model_dump(), "source": bench.source,
                       "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "obliviate_version": __version__})
+                      "obliviate_version": __version__, "cells": cells})
 
 
 def _dry_run(bench: Bench, validation: list, references: list, log) -> dict:
