@@ -204,7 +204,7 @@ def _config_fingerprint() -> str:
 
         from obliviate import __version__
         digest = hashlib.sha256(__version__.encode())
-        for module in ("obliviate.config", "obliviate.families"):
+        for module in ("obliviate.config", "obliviate.families", "obliviate.registry"):
             origin = importlib.util.find_spec(module).origin
             digest.update(Path(origin).read_bytes())
         _FINGERPRINT.append(digest.hexdigest())
