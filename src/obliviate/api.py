@@ -310,3 +310,16 @@ def _describe(hint) -> str:
         return f"a list of {_describe(args[0]) if args else 'values'}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def bench(spec: str | Path, out: str | Path | None = None, *, workers: int = 1, use_ray: bool = False,
+          ray_address: str | None = None, threads: int | None = None, retry_failed: bool = False,
+          dry_run: bool = False, overrides: list[str] = (), log=print) -> dict:
+    """`obliviate bench SPEC`: the spec's validation grid, a selection per method by its declared rule, the chosen
+    settings on the reported target over seeds, the noise floor's retrain references, scalability and
+    sustainability, into the bench folder `out` (docs/bench.md). Resumable: finished cells are skipped. Returns
+    {"out", "cells", "selection"}."""
+    from obliviate.bench.engine import run_bench
+
+    return run_bench(spec, out, workers=workers, use_ray=use_ray, ray_address=ray_address, threads=threads,
+                     retry_failed=retry_failed, dry_run=dry_run, overrides=list(overrides), log=log)

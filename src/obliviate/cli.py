@@ -209,6 +209,29 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def bench(spec: Path = typer.Argument(..., help="a bench spec (TOML or YAML; docs/bench.md)"),
+          overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the spec's base config"),
+          out: Optional[Path] = typer.Option(None, help="the bench folder (default: runs/bench-NAME)"),
+          workers: int = typer.Option(1, help="cells run side by side in this many local processes"),
+          ray: bool = typer.Option(False, "--ray", help="run the cells as Ray tasks (a local Ray instance unless "
+                                                       "--ray-address)"),
+          ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster (implies --ray)"),
+          retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed cells again"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and which are done; run nothing"),
+          quiet: bool = typer.Option(False, help="no progress bars")):
+    """Compare methods: a validation grid, settings chosen per method by the spec's rule, the chosen settings on
+    the reported target over seeds, the retrain noise floor, scalability and sustainability; a leaderboard.
+    Resumable: run it again to go on where it stopped."""
+    _quiet(quiet)
+    try:
+        from obliviate.api import bench as run_bench
+        run_bench(spec, out, workers=workers, use_ray=ray or ray_address is not None, ray_address=ray_address,
+                  retry_failed=retry_failed, dry_run=dry_run, overrides=overrides or [], log=typer.echo)
+    except ObliviateError as e:
+        _fail(e)
+
+
 @world_app.command("build")
 def world_build(name: str = typer.Argument("profiles"), split: str = typer.Option("forget10"),
                 tofu_dir: Optional[Path] = typer.Option(None, help="add TOFU's real utility files from this folder"),
