@@ -141,6 +141,9 @@ class BenchSpec(_Strict):
     scalability: list[Target] = Field(default_factory=list)
     sustainability: list[Target] = Field(default_factory=list)  # ordered, cumulative requests
     attacks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # attack name -> options, on reported cells
+    # published evaluations placed on the leaderboard as labelled, unranked rows: label -> file (OpenUnlearning's
+    # TOFU_EVAL.json, TOFU's eval logs; evals/reference_logs.py reads them)
+    published: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("seeds", "noise_floor")
     @classmethod
