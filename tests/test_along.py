@@ -62,6 +62,7 @@ def test_the_loop_evaluates_at_0_every_n_and_the_last_step_without_changing_the_
     assert any(not torch.equal(plain[n], load(tiny_lm_dir)[0].state_dict()[n]) for n in plain)  # it trained
 
 
+@pytest.mark.slow  # 30-70 s on 2 cores: two runs, each evaluated five times
 def test_a_language_model_run_writes_its_evaluations_and_the_same_final_numbers(chat_lm_dir, chat_retrain_dir,
                                                                                  tmp_path):
     from obliviate.runners import run
@@ -93,6 +94,44 @@ def test_a_language_model_run_writes_its_evaluations_and_the_same_final_numbers(
     assert first["forget_quality"] != last["forget_quality"] or first["model_utility"] != last["model_utility"]
 
 
+def test_the_text_to_image_loop_evaluates_along_the_way_without_changing_the_training(tiny_pipeline_dir):
+    from conftest import tiny_task
+    from obliviate.loops.t2i import changed_pipeline_tensors, erase
+    from obliviate.models.diffusion import load_pipeline
+
+    seen = []
+
+    def greedy(step, epoch, pipe):
+        seen.append((step, epoch, pipe.unet.training))
+        torch.rand(3), random.random(), np.random.rand()
+        pipe.unet.train()
+
+    tensors = []
+    for on_eval in (None, greedy):
+        result = erase(load_pipeline(tiny_pipeline_dir), tiny_task(), "ESD-x",
+                       TrainConfig(max_steps=3, batch_size=2, lr=1e-2, eval_every=2), images_per_prompt=1,
+                       sample_steps=2, on_eval=on_eval)
+        tensors.append(changed_pipeline_tensors(result))
+    assert seen == [(0, 0.0, False), (2, 4 / 3, False), (3, 2.0, False)]  # 3 forget images, 2 a step
+    assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_evaluations_json_holds_each_step_with_its_finished_metrics(tmp_path):
+    from obliviate.runners.along import Along
+
+    along = Along(lambda model, scale: {"aggregate": {"score": model * scale}, "per_item": []})
+    on_eval = along.bind(10)
+    for step, model in ((0, 1.0), (2, 0.5), (3, 0.25)):
+        on_eval(step, step / 3, model)
+    along.write(tmp_path, lambda evaluation: {**evaluation["aggregate"], "ratio": evaluation["aggregate"]["score"] / 10})
+    assert json.loads((tmp_path / "evaluations.json").read_text()) == [
+        {"step": 0, "epoch": 0.0, "metrics": {"score": 10.0, "ratio": 1.0}},
+        {"step": 2, "epoch": 0.6667, "metrics": {"score": 5.0, "ratio": 0.5}},
+        {"step": 3, "epoch": 1.0, "metrics": {"score": 2.5, "ratio": 0.25}}]
+    Along(lambda model: {}).write(tmp_path / "none")  # a method without steps: no file
+    assert not (tmp_path / "none" / "evaluations.json").exists()
+
+
 def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, monkeypatch):
     from obliviate import distributed
     from obliviate.loops.lm import unlearn
@@ -106,6 +145,7 @@ def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, mon
         unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", TrainConfig(max_steps=1, eval_every=1))
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: two runs, a user-pipeline evaluation at each step
 def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(tiny_pipeline_dir, tmp_path):
     from test_t2i_runs import _config
     from typer.testing import CliRunner
@@ -128,7 +168,40 @@ def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(t
     assert _untimed(metrics) == _untimed(json.loads((plain / "metrics.json").read_text()))
     evaluations = json.loads((along / "evaluations.json").read_text())
     assert [e["step"] for e in evaluations] == [0, 1, 2]
-    numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in TIMINGS}
-    assert numbers and all(set(e["metrics"]) <= set(metrics) for e in evaluations)
-    assert {k: evaluations[-1]["metrics"][k] for k in numbers if k in evaluations[-1]["metrics"]} == {
-        k: metrics[k] for k in numbers if k in evaluations[-1]["metrics"]}
+    assert all(set(e["metrics"]) <= set(metrics) for e in evaluations)
+    last = evaluations[-1]["metrics"]  # the last step's pipeline is the run's
+    numbers = {k for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers and {k: last[k] for k in numbers} == {k: metrics[k] for k in numbers}
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: two vision-language runs, five MLLMU-Bench evaluations
+def test_a_vision_language_run_writes_its_evaluations_and_the_same_final_numbers(tmp_path):
+    from test_mllm_family import _profile, write_mllmu
+    from vlm_models import tiny_llava
+
+    from obliviate.runners import run
+    from obliviate.worlds.portraits import portraits_data
+
+    llava = tiny_llava(tmp_path / "llava", portraits_data(10, 2, 2, seed=0))
+    mllmu = write_mllmu(tmp_path / "mllmu", {"forget_10": [_profile(0), _profile(1)],
+                                             "retain_90": [_profile(2), _profile(3)],
+                                             "Retain_Set": [_profile(10)],
+                                             "Test_Set": [_profile(0, test=True), _profile(1, test=True)]})
+    folders = {}
+    for name, every in (("plain", None), ("along", 1)):
+        config = build_config({"family": "mllm", "method": "GradDiff", "model": str(llava), "mllmu_dir": str(mllmu),
+                               "retrain_model": str(llava), "mllm": {"train_parts": "all", "max_new_tokens": 2},
+                               "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2, "eval_every": every},
+                               "world": {"cache_dir": str(tmp_path / "cache")}, "output_dir": str(tmp_path / "runs"),
+                               "name": name})
+        folders[name] = run(config, log=lambda *_: None)
+    plain, along = folders["plain"], folders["along"]
+    assert (plain / "changed.safetensors").read_bytes() == (along / "changed.safetensors").read_bytes()
+    metrics = json.loads((along / "metrics.json").read_text())
+    assert _untimed(metrics) == _untimed(json.loads((plain / "metrics.json").read_text()))
+    evaluations = json.loads((along / "evaluations.json").read_text())
+    assert [(e["step"], e["epoch"]) for e in evaluations] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    last = evaluations[-1]["metrics"]
+    assert "forget_quality" in last and last == {k: metrics[k] for k in last}
+    assert evaluations[0]["metrics"]["forget_classification_image"] == metrics["original"][
+        "forget_classification_image"]
