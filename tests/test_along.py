@@ -62,7 +62,7 @@ def test_the_loop_evaluates_at_0_every_n_and_the_last_step_without_changing_the_
     assert any(not torch.equal(plain[n], load(tiny_lm_dir)[0].state_dict()[n]) for n in plain)  # it trained
 
 
-@pytest.mark.slow  # 30-70 s on 2 cores: two runs, each evaluated five times
+@pytest.mark.slow  # 10-70 s on 2 cores (alone / shared): two runs, one evaluated five times
 def test_a_language_model_run_writes_its_evaluations_and_the_same_final_numbers(chat_lm_dir, chat_retrain_dir,
                                                                                  tmp_path):
     from obliviate.runners import run
@@ -132,6 +132,26 @@ def test_evaluations_json_holds_each_step_with_its_finished_metrics(tmp_path):
     assert not (tmp_path / "none" / "evaluations.json").exists()
 
 
+def test_a_canvas_run_evaluates_along_the_way_as_it_evaluates_at_the_end(monkeypatch):
+    """The canvas world's evaluation (`evaluate_erasure`, stubbed here: a world is hours of CPU), its numbers kept
+    without its images."""
+    from obliviate.evals import canvas
+    from obliviate.runners.along import t2i_along
+
+    calls = []
+
+    def evaluate_erasure(world, pipe, concept, t2i, label):
+        calls.append((world, pipe, concept, t2i.eval_seeds, label))
+        return {"aggregate": {"ua": 0.5}, "per_item": [{"image": 1}], "grid": object()}
+    monkeypatch.setattr(canvas, "evaluate_erasure", evaluate_erasure)
+    config = build_config({"method": "ESD-x", "concept": "star", "train": {"eval_every": 3}})
+    along = t2i_along(config, "world", None, None, "cpu")
+    along.bind()(0, 0.0, "pipe")
+    assert calls == [("world", "pipe", "star", config.t2i.eval_seeds, "ESD-x")]
+    assert along.entries == [(0, 0.0, {"aggregate": {"ua": 0.5}})]
+    assert t2i_along(build_config({"method": "ESD-x", "concept": "star"}), "world", None, None, "cpu") is None
+
+
 def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, monkeypatch):
     from obliviate import distributed
     from obliviate.loops.lm import unlearn
@@ -145,7 +165,6 @@ def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, mon
         unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", TrainConfig(max_steps=1, eval_every=1))
 
 
-@pytest.mark.slow  # about 20 s on 2 cores: two runs, a user-pipeline evaluation at each step
 def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(tiny_pipeline_dir, tmp_path):
     from test_t2i_runs import _config
     from typer.testing import CliRunner
@@ -174,7 +193,7 @@ def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(t
     assert numbers and {k: last[k] for k in numbers} == {k: metrics[k] for k in numbers}
 
 
-@pytest.mark.slow  # about 30 s on 2 cores: two vision-language runs, five MLLMU-Bench evaluations
+@pytest.mark.slow  # 10-50 s on 2 cores (alone / shared): two runs, seven MLLMU-Bench evaluations
 def test_a_vision_language_run_writes_its_evaluations_and_the_same_final_numbers(tmp_path):
     from test_mllm_family import _profile, write_mllmu
     from vlm_models import tiny_llava
