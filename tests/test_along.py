@@ -163,6 +163,9 @@ def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, mon
     with pytest.raises(ObliviateError, match=r"^train.eval_every: evaluation along the way runs in one process, not "
                                              r"in 2 \(torchrun"):
         unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", TrainConfig(max_steps=1, eval_every=1))
+    from obliviate import sharding
+    with pytest.raises(ObliviateError, match='^train.shard = "fsdp" with train.eval_every is not supported'):
+        sharding.check(TrainConfig(shard="fsdp", eval_every=1))  # `obliviate validate` says it before any work
 
 
 def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(tiny_pipeline_dir, tmp_path):
