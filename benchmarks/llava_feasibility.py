@@ -19,7 +19,7 @@ from vlm_models import tiny_llava
 from obliviate.worlds.portraits import portraits_data
 from obliviate.worlds.portraits_draw import draw, picture
 from obliviate.models import vlm
-from obliviate.models.causal_lm import mean_nll
+from obliviate.models.sequences import mean_nll
 from obliviate.evals import mllmu
 d = portraits_data(n_people=100, n_public=10, n_holdout=10, seed=0)
 path = tiny_llava("/tmp/llava_w", d)

@@ -23,6 +23,7 @@ def main(model_dir: str, out: str, method: str, batch_size: str = "4", accumulat
     from obliviate.loops.lm import make_method, unlearn
     from obliviate.loops.step import changed_tensors
     from obliviate.models import causal_lm as lm
+    from obliviate.models import sequences
 
     progress.set_enabled(False)
     model, tok = lm.load(model_dir)
@@ -31,7 +32,7 @@ def main(model_dir: str, out: str, method: str, batch_size: str = "4", accumulat
     args = {}
     if method == "RGD":  # a cap between the forget answers' NLLs: some sequences are dropped, some kept
         with torch.no_grad():
-            nll = lm.answer_nll(model, lm.collate([lm.encode_item(tok, i) for i in forget], tok.pad_token_id))
+            nll = sequences.answer_nll(model, lm.collate([lm.encode_item(tok, i) for i in forget], tok.pad_token_id))
         nll = nll.sort().values
         args = {"diverse_retain_size": 3, "forget_loss_cap": float(nll[1] + nll[2]) / 2}
     result = unlearn(model, tok, forget, items[4:] + tiny_texts()[:2], make_method(method, args),

@@ -1,6 +1,7 @@
 import torch
 
 from obliviate.models import causal_lm as lm
+from obliviate.models import sequences
 from conftest import tiny_items
 
 
@@ -23,8 +24,8 @@ def test_padding_does_not_change_answer_logprob(tiny_lm):
     encs = [lm.encode_qa(tok, i.question, i.answer) for i in items]
     batch = lm.collate(encs, tok.pad_token_id)
     with torch.no_grad():
-        together, _ = lm.sequence_logprob(model, batch)
-        alone = torch.stack([lm.sequence_logprob(model, lm.collate([e], tok.pad_token_id))[0][0] for e in encs])
+        together, _ = sequences.sequence_logprob(model, batch)
+        alone = torch.stack([sequences.sequence_logprob(model, lm.collate([e], tok.pad_token_id))[0][0] for e in encs])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
 
 

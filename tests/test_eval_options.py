@@ -110,6 +110,7 @@ def test_a_training_logit_budget_gives_the_same_losses_and_gradients(chat_lm_dir
 
 def test_the_training_budget_bounds_the_logits_each_pass_holds(chat_lm_dir):
     from obliviate.models import causal_lm as lm
+    from obliviate.models import sequences
 
     model, tok = lm.load(chat_lm_dir)
     batch = lm.collate([lm.encode_qa(tok, i.question, i.answer) for i in tiny_items()], tok.pad_token_id)
@@ -117,7 +118,7 @@ def test_the_training_budget_bounds_the_logits_each_pass_holds(chat_lm_dir):
     handle = model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: shapes.append(out.shape))
     try:
         with lm.logit_budget(2 * batch["input_ids"].shape[1]):
-            lm.mean_nll(model, batch).backward()
+            sequences.mean_nll(model, batch).backward()
     finally:
         handle.remove()
     assert shapes and all(s[0] * s[1] <= 2 * batch["input_ids"].shape[1] for s in shapes)

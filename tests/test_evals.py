@@ -17,6 +17,7 @@ from obliviate.evals import muse as MUSE
 from obliviate.evals import tofu as TOFU
 from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
 from obliviate.models import causal_lm as lm
+from obliviate.models import sequences
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def trained_lm(tiny_lm_dir):
     batch = lm.collate([lm.encode_qa(tok, i.question, i.answer) for i in tiny_items()], tok.pad_token_id)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
-        loss = lm.mean_nll(model, batch)
+        loss = sequences.mean_nll(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -27,6 +27,17 @@ LM_ONLY = ("obliviate.models.causal_lm", "obliviate.loops.lm", "obliviate.runner
 T2I_ONLY = ("obliviate.models.diffusion", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.runners.t2i_checks",
             "obliviate.methods.t2i", "obliviate.demo.t2i", "obliviate.runners.t2i_attack", "obliviate.attacks.t2i",
             "diffusers")
+MLLM_ONLY = ("obliviate.models.vlm", "obliviate.runners.mllm", "obliviate.runners.mllm_checks", "obliviate.methods.mllm",
+             "obliviate.demo.mllm", "obliviate.evals.mllmu")
+# the vision-language family runs the language-model loop and methods (its row's `reuses`), nothing else of that family
+LM_REUSED = ("obliviate.loops.lm", "obliviate.methods.lm")
+OWN = {"lm": LM_ONLY, "t2i": T2I_ONLY, "mllm": MLLM_ONLY}
+
+
+def _foreign(family: str) -> tuple[str, ...]:
+    """The modules a run of `family` must not load or import: every other family's own, but what it reuses."""
+    return tuple(p for f, ps in OWN.items() if f != family for p in ps
+                 if not (family == "mllm" and any(p == r or p.startswith(r + ".") for r in LM_REUSED)))
 
 
 def _run_and_list_modules(code: str) -> set[str]:
@@ -54,7 +65,7 @@ result = erase(pipe, task, "ESD-x", TrainConfig(max_steps=1, batch_size=1), imag
 assert result.history
 """)
     assert "obliviate.loops.step" in modules  # the shared gradient step serves both families
-    assert not _loaded(modules, LM_ONLY), _loaded(modules, LM_ONLY)
+    assert not _loaded(modules, _foreign("t2i")), _loaded(modules, _foreign("t2i"))
 
 
 def test_a_text_to_image_run_from_the_cli_loads_nothing_of_the_language_model_family(tiny_pipeline_dir, tmp_path):
@@ -78,7 +89,7 @@ except SystemExit as e:
     assert not e.code, e.code
 """)
     assert (tmp_path / "runs" / "esd" / "changed.safetensors").is_file()
-    assert not _loaded(modules, LM_ONLY), _loaded(modules, LM_ONLY)
+    assert not _loaded(modules, _foreign("t2i")), _loaded(modules, _foreign("t2i"))
 
 
 def test_a_language_model_unlearning_loads_nothing_of_the_text_to_image_family(tiny_lm_dir):
@@ -93,7 +104,7 @@ retain = [QAItem("Where was Bo born?", "Oslo.", subject="Bo")]
 result = unlearn(model, tok, forget, retain, "GradDiff", TrainConfig(max_steps=1, batch_size=1))
 assert result.history
 """)
-    assert not _loaded(modules, T2I_ONLY), _loaded(modules, T2I_ONLY)
+    assert not _loaded(modules, _foreign("lm")), _loaded(modules, _foreign("lm"))
 
 
 def _imports(path: Path) -> set[str]:
@@ -108,9 +119,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_family_file_imports_another_familys_loop_runner_adapter_or_methods():
-    own = {"lm": LM_ONLY, "t2i": T2I_ONLY}
-    for family, prefixes in own.items():
-        others = tuple(p for f, ps in own.items() if f != family for p in ps)
+    for family, prefixes in OWN.items():
+        others = _foreign(family)
         files = []
         for p in prefixes:
             if not p.startswith("obliviate."):
@@ -223,31 +233,69 @@ def test_the_language_model_loop_runs_through_the_adapter_it_is_given(tiny_lm):
         assert result.history and wrapped.seen, name  # the extra input reached every forward pass
 
 
-def test_a_vision_language_run_loads_nothing_of_the_text_to_image_family_nor_the_language_model_runner(tmp_path):
+def test_vision_language_unlearning_and_evaluation_load_nothing_of_another_family_but_what_they_reuse(tmp_path):
     """The vision-language family runs the language-model loop and methods through its own adapter (its row's
-    `reuses`), and nothing else of another family: no language-model runner, world or demo, nothing of diffusers."""
+    `reuses`), and nothing else of another family: unlearning and MLLMU-Bench's evaluation load no language-model
+    adapter (`causal_lm`: the text scoring they share is `sequences.py`'s), runner or demo, nothing of diffusers."""
     modules = _run_and_list_modules(f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from vlm_models import tiny_llava
 from obliviate.worlds.portraits import portraits_data
-from obliviate.runners.mllm import load_model, make_method
+from obliviate.runners.mllm import evaluation_of, load_model, make_method
 from obliviate.config import build_config
+from obliviate.evals.mllmu import compare_to_retrain
 from obliviate.loops.lm import unlearn
 from obliviate.models.vlm import VisionLanguageAdapter
+from obliviate.registry import METHODS
 import numpy as np
 data = portraits_data(10, 2, 2, seed=0)
 folder = tiny_llava({str(tmp_path / "llava")!r}, data)
-config = build_config({{"family": "mllm", "method": "NPO", "model": folder, "mllmu_dir": "unused"}})
+config = build_config({{"family": "mllm", "method": "NPO", "model": folder, "mllmu_dir": "unused",
+                        "mllm": {{"max_new_tokens": 2}}}})
 model, processor = load_model(folder, config, "cpu")
-adapter = VisionLanguageAdapter(processor, lambda image: np.zeros((32, 32, 3), dtype=np.uint8))
+picture = lambda image: np.zeros((32, 32, 3), dtype=np.uint8)
+adapter = VisionLanguageAdapter(processor, picture)
 forget = data.train[data.people[0].name][:4]
 retain = data.train[data.people[1].name][:4]
 from obliviate.config import TrainConfig
 unlearn(model, processor.tokenizer, forget, retain, make_method("NPO"), TrainConfig(max_steps=1, batch_size=2),
         adapter=adapter)
+for entry in METHODS["mllm"].values():  # every method a vision-language run may name
+    entry.load()
+result = evaluation_of(model, processor, {{"forget": forget[:2], "holdout": retain[:2]}}, picture, config)
+assert compare_to_retrain(result, result)["aggregate"]
 """)
-    assert not _loaded(modules, T2I_ONLY), _loaded(modules, T2I_ONLY)
-    lm_own = ("obliviate.runners.lm", "obliviate.runners.lm_checks", "obliviate.demo.lm")  # the people are shared
-    assert not _loaded(modules, lm_own), _loaded(modules, lm_own)
-    assert "obliviate.loops.lm" in modules and "obliviate.models.vlm" in modules
+    assert not _loaded(modules, _foreign("mllm")), _loaded(modules, _foreign("mllm"))
+    assert "obliviate.models.causal_lm" not in modules
+    assert "obliviate.loops.lm" in modules and "obliviate.models.vlm" in modules and "obliviate.evals.mia" in modules
+
+
+@pytest.mark.slow  # about 25 s on 2 cores (the run evaluates the unlearned and the original model)
+def test_a_vision_language_run_from_the_cli_loads_no_language_model_adapter(tmp_path):
+    """A whole `obliviate run` on a user's LLaVA with MLLMU-Bench's files (unlearning, evaluation of the run and of
+    the original, the report) loads nothing of another family but the loop and methods it reuses."""
+    from test_mllm_family import _profile, write_mllmu
+
+    mllmu = write_mllmu(tmp_path / "mllmu", {"forget_10": [_profile(0)], "retain_90": [_profile(2), _profile(3)],
+                                             "Retain_Set": [_profile(10)], "Test_Set": [_profile(0, test=True)]})
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'family = "mllm"\nmethod = "NPO"\nmodel = "{tmp_path / "llava"}"\nmllmu_dir = "{mllmu}"\n'
+                   f'output_dir = "{tmp_path / "runs"}"\nname = "npo"\n[train]\nmax_steps = 1\nbatch_size = 2\n'
+                   f'[mllm]\nmax_new_tokens = 2\n[world]\ncache_dir = "{tmp_path / "cache"}"\n')
+    modules = _run_and_list_modules(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from vlm_models import tiny_llava
+from obliviate.worlds.portraits import portraits_data
+tiny_llava({str(tmp_path / "llava")!r}, portraits_data(10, 2, 2, seed=0))
+from obliviate.cli import app
+sys.argv = ["obliviate", "run", {str(cfg)!r}, "--quiet"]
+try:
+    app()
+except SystemExit as e:
+    assert not e.code, e.code
+""")
+    assert json.loads((tmp_path / "runs" / "npo" / "metrics.json").read_text())["forget_classification_image"] is not None
+    assert not _loaded(modules, _foreign("mllm")), _loaded(modules, _foreign("mllm"))
+    assert "obliviate.models.causal_lm" not in modules

@@ -64,7 +64,7 @@ def _method(name, model, reference, tok):
     if name == "RGD":  # a cap that keeps some sequences and drops others, so the kept count matters
         f, _ = _batch(tok, tiny_items()[:3], tiny_items()[3:], tiny_items()[3:6])
         with torch.no_grad():
-            nll = lm.answer_nll(model, f).sort().values
+            nll = seq.answer_nll(model, f).sort().values
         method.config.forget_loss_cap = float(nll[1] + nll[2]) / 2
     return method
 
@@ -109,7 +109,7 @@ def test_an_empty_share_is_one_row_that_counts_nothing(tiny_lm):
     empty = lm.collate([], tok.pad_token_id)
     assert empty["input_ids"].shape == (1, 1) and float(seq.items(empty).sum()) == 0
     assert int(seq.scored_tokens(empty)) == 0 and "item_mask" not in lm.model_inputs(empty)
-    loss = lm.mean_nll(model, empty)
+    loss = seq.mean_nll(model, empty)
     loss.backward()  # the padding row still reaches every parameter, so the process joins every collective
     assert float(loss) == 0 and all(p.grad is not None and float(p.grad.abs().max()) == 0
                                     for p in model.parameters())

@@ -12,6 +12,7 @@ from conftest import tiny_items
 def test_evaluation_runs_the_head_a_slice_at_a_time_with_the_same_numbers(chat_lm_dir, monkeypatch):
     from obliviate.evals import metrics as M
     from obliviate.models import causal_lm as lm
+    from obliviate.models import sequences
 
     model, tok = lm.load(chat_lm_dir)
     items = tiny_items()
@@ -28,7 +29,7 @@ def test_evaluation_runs_the_head_a_slice_at_a_time_with_the_same_numbers(chat_l
         handle.remove()
     assert passes.n == 1  # one pass of the decoder over the 30 sequences: the slices are the head's alone
     assert len(positions) > 1 and max(positions) <= 2 * longest
-    monkeypatch.setattr(lm, "head_splits", lambda *_: False)  # the model's own forward: the whole pass's logits
+    monkeypatch.setattr(sequences, "head_splits", lambda *_: False)  # the model's own forward: the whole pass's logits
     whole = M.likelihood_metrics(model, tok, items, batch_size=32, max_logit_tokens=10**6)
     for a, b in zip(sliced, whole):
         for key in ("answer_nll", "truth_ratio", "min_k", "min_k_plus_plus", "extraction_strength",

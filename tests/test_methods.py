@@ -14,6 +14,7 @@ from conftest import tiny_items
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts
 from obliviate.models import causal_lm as lm
+from obliviate.models import sequences
 from obliviate.registry import LM_METHODS as METHODS
 
 LM_METHODS = [n for n in METHODS if n != "Retrain"]
@@ -43,7 +44,7 @@ def trained(tiny_lm_dir):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(40):
         opt.zero_grad()
-        (lm.mean_nll(model, data) + 0.1 * lm.mean_nll(model, idk)).backward()
+        (sequences.mean_nll(model, data) + 0.1 * sequences.mean_nll(model, idk)).backward()
         opt.step()
     model.eval()
     return model, tok
@@ -97,7 +98,7 @@ def test_method_contract(name, trained):
         p.requires_grad_(n in train_names)
     before = {n: p.detach().clone() for n, p in named}
     with torch.no_grad():
-        nll_before = float(lm.mean_nll(model, forget))
+        nll_before = float(sequences.mean_nll(model, forget))
 
     parts = method.losses(model, reference, forget, retain)
     assert torch.isfinite(parts.forget) and parts.forget.requires_grad
@@ -115,7 +116,7 @@ def test_method_contract(name, trained):
     assert set(changed) <= train_names, f"non-trainable weights changed: {set(changed) - train_names}"
     assert len(changed) >= len(train_names) / 2, f"only {len(changed)} of {len(train_names)} trainable changed"
     with torch.no_grad():
-        nll_after = float(lm.mean_nll(model, forget))
+        nll_after = float(sequences.mean_nll(model, forget))
     print(f"{name}: forget NLL {nll_before:.3f} -> {nll_after:.3f}")
     assert nll_after > nll_before, f"{name}: forget NLL {nll_before:.3f} -> {nll_after:.3f}"
 
@@ -169,8 +170,8 @@ def test_npo_equals_formula(trained):
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
-        lp, _ = lm.sequence_logprob(model, forget)
-        lp_ref, _ = lm.sequence_logprob(ref, forget)
+        lp, _ = sequences.sequence_logprob(model, forget)
+        lp_ref, _ = sequences.sequence_logprob(ref, forget)
         expected = -(2 / 0.1) * torch.nn.functional.logsigmoid(-0.1 * (lp - lp_ref)).mean()
         got = build("NPO", beta=0.1, retain="none").losses(model, ref, forget, retain).forget
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
@@ -180,7 +181,7 @@ def test_simnpo_and_undial_formulas(trained):
     model, tok = trained
     forget, retain = batches(tok)
     with torch.no_grad():
-        nll = lm.answer_nll(model, forget)
+        nll = sequences.answer_nll(model, forget)
         got = build("SimNPO", alpha=0.0).losses(model, None, forget, retain)
         expected = -(2 / 4.5) * torch.nn.functional.logsigmoid(4.5 * nll - 0.0).mean()
         assert got.retain is None and float(got.forget) == pytest.approx(float(expected), rel=1e-5)
@@ -255,7 +256,7 @@ def test_rgd_truncates_forget_loss(trained):
     model, tok = trained
     forget, retain = batches(tok)
     with torch.no_grad():
-        nll = lm.answer_nll(model, forget)
+        nll = sequences.answer_nll(model, forget)
     method = build("RGD", forget_loss_cap=float(nll.max()) + 1)
     assert method.losses(model, None, forget, retain).logs["forget_active"] == 1.0
     method = build("RGD", forget_loss_cap=float(nll.sort().values[1]))  # only the easiest sequence stays
@@ -263,7 +264,7 @@ def test_rgd_truncates_forget_loss(trained):
     assert parts.logs["forget_active"] == pytest.approx(1 / 3)
     keep = int(nll.argmin())
     one = {k: v[keep:keep + 1] for k, v in forget.items() if k != "idk"}
-    assert float(parts.forget) == pytest.approx(-float(lm.mean_nll(model, one)), rel=1e-5)
+    assert float(parts.forget) == pytest.approx(-float(sequences.mean_nll(model, one)), rel=1e-5)
     method = build("RGD", forget_loss_cap=float(nll.min()) / 2)  # everything forgotten: retain-only step
     parts = method.losses(model, None, forget, retain)
     assert parts.logs["forget_active"] == 0.0 and float(parts.forget) == 0.0 and parts.forget.requires_grad

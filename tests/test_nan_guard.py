@@ -14,6 +14,7 @@ from obliviate import progress
 from obliviate.config import TrainConfig
 from obliviate.loops.step import StateGuard, gradient_step, make_optimizer
 from obliviate.models import causal_lm as adapter
+from obliviate.models import sequences
 
 KEPT = re.compile(r"at step (\d+); kept the state before step (\d+), whose loss was finite$")
 
@@ -40,7 +41,7 @@ def all_finite(module) -> bool:
 def lm_logits(model, tokenizer) -> torch.Tensor:
     batch = adapter.collate([adapter.encode_item(tokenizer, i) for i in tiny_items()], tokenizer.pad_token_id)
     with torch.no_grad():
-        return adapter.forward_logits(model, batch)
+        return sequences.forward_logits(model, batch)
 
 
 def lm_unlearn(tiny_lm_dir, train: TrainConfig):

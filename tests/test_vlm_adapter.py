@@ -44,7 +44,7 @@ def test_an_item_with_its_picture_is_encoded_as_the_processor_encodes_it(llava_d
     assert adapter.encode_item(processor.tokenizer, text_only).pixel_values is None
     batch = adapter.collate([enc, adapter.encode_item(processor.tokenizer, text_only)], processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
-    from obliviate.models.causal_lm import answer_nll
+    from obliviate.models.sequences import answer_nll
     assert torch.isfinite(answer_nll(model, batch)).all()  # the model takes the batch as it is
 
 

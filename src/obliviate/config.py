@@ -72,6 +72,7 @@ class TrainConfig(_Strict):
     forget_tokens: Literal["answer", "answer+end"] = "answer"
     retain_tokens: Literal["answer", "answer+end"] = "answer+end"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints (`obliviate run --resume`)
+    eval_every: int | None = Field(None, ge=1)  # steps between evaluations along the way (evaluations.json)
     # language models, for real checkpoints: the forward passes under autocast in bf16 while the weights and
     # the optimiser stay in the model's dtype (float32 master weights, as HF Trainer's bf16=True); `dtype` at the top
     # of a run loads the weights themselves in bf16 ("pure bf16"). Gradient checkpointing recomputes activations

@@ -42,6 +42,9 @@ def check(train, lora=None) -> None:
                              'one device (drop [lora] to shard the full model, or drop train.shard)')
     if train.checkpoint_every:
         raise ObliviateError('train.shard = "fsdp" with train.checkpoint_every is not supported yet')
+    if train.eval_every:
+        raise ObliviateError('train.shard = "fsdp" with train.eval_every is not supported: evaluation along the way '
+                             'runs in one process')
 
 
 def _layer_classes(model) -> set[str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.data import QAItem
-from obliviate.models import causal_lm as lm
+from obliviate.models import sequences as seq
 
 DEFAULT_MIN_K = 0.4  # MUSE PrivLeak uses Min-40%
 SIGMA_FLOOR = 1e-6  # guards Min-K%++ against a one-hot next-token distribution (sigma = 0)
@@ -128,7 +128,7 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool | Sequ
     products never exist for the whole batch: the peak is the logits themselves plus one slice. The rows with
     moments take their log-probs, mu and sigma from `_moments` (float64), so Min-K%++'s (log p - mu) / sigma does
     not lose its digits to cancellation either."""
-    logits, targets, mask = lm.shifted(logits, labels)
+    logits, targets, mask = seq.shifted(logits, labels)
     n, width = targets.shape
     wide = torch.float32 if logits.device.type == "mps" else torch.float64
     lp = torch.zeros((n, width), dtype=wide, device=logits.device)
@@ -307,7 +307,7 @@ def _item_record(answer: TokenStats, paraphrase_nll: float | None, perturbed_nll
 DEFAULT_MAX_LOGIT_TOKENS = 4096  # tokens of full-vocabulary logits one forward pass may hold (eval.max_logit_tokens)
 
 
-def _groups(encoded: list[lm.Encoded], max_tokens: int) -> list[list[int]]:
+def _groups(encoded: list[seq.Encoded], max_tokens: int) -> list[list[int]]:
     """Consecutive runs of sequences whose padded batch (sequences x longest) holds at most max_tokens tokens (a
     longer single sequence goes alone)."""
     groups: list[list[int]] = []
@@ -324,13 +324,13 @@ def _groups(encoded: list[lm.Encoded], max_tokens: int) -> list[list[int]]:
 
 
 def _pass_stats(model, batch: dict, moments: bool | Sequence[int]) -> TokenStats:
-    """token_stats of one forward pass. With a plain linear head (`causal_lm.head_splits`) the decoder runs once and
+    """token_stats of one forward pass. With a plain linear head (`sequences.head_splits`) the decoder runs once and
     the head a few sequences (about SLICE_TOKENS positions) at a time, so the full-vocabulary logits of the whole pass
     never exist: the peak is one slice's logits and its temporaries (a 49k vocabulary: 4096 tokens of logits are
     0.8 GB, a 512-position slice 0.1 GB). Otherwise the model's own forward gives the pass's logits."""
-    if not lm.head_splits(model, batch):
-        return token_stats(lm.forward_logits(model, batch), batch["labels"], moments=moments)
-    hidden = lm.decoder_hidden(model, batch)
+    if not seq.head_splits(model, batch):
+        return token_stats(seq.forward_logits(model, batch), batch["labels"], moments=moments)
+    hidden = seq.decoder_hidden(model, batch)
     head, labels = model.get_output_embeddings(), batch["labels"]
     n, width = labels.shape
     step = max(1, SLICE_TOKENS // max(1, width))
@@ -346,21 +346,21 @@ def _pass_stats(model, batch: dict, moments: bool | Sequence[int]) -> TokenStats
 
 
 @torch.no_grad()
-def _stats(model, encoded: list[lm.Encoded], pad_id: int, moments: bool | Sequence[int] = True,
+def _stats(model, encoded: list[seq.Encoded], pad_id: int, moments: bool | Sequence[int] = True,
            max_tokens: int = DEFAULT_MAX_LOGIT_TOKENS) -> TokenStats:
     """Token statistics of the encoded sequences, computed in forward passes of at most `max_tokens` tokens each:
     each pass's logits are reduced to per-token numbers (log-prob, argmax, moments) before the next pass, so the peak
     grows with max_tokens x vocabulary, not with sequences x vocabulary."""
-    device = lm.model_device(model)
+    device = seq.model_device(model)
     width = max(len(e.input_ids) for e in encoded) - 1
     wanted = set(range(len(encoded))) if moments is True else set(moments or ())
     parts: list[TokenStats] = []
     for group in _groups(encoded, max_tokens):
-        batch = lm.to_device(lm.collate([encoded[i] for i in group], pad_id), device)
+        batch = seq.to_device(seq.collate([encoded[i] for i in group], pad_id), device)
         rows = [r for r, i in enumerate(group) if i in wanted] if moments is not False else False
         stats = _pass_stats(model, batch, rows)
-        answer = lm.collate([encoded[i].answer_only() for i in group], pad_id)["labels"].to(stats.mask.device)
-        stats.answer_mask = answer[:, 1:] != lm.IGNORE
+        answer = seq.collate([encoded[i].answer_only() for i in group], pad_id)["labels"].to(stats.mask.device)
+        stats.answer_mask = answer[:, 1:] != seq.IGNORE
         parts.append(stats)
 
     def joined(name: str):
@@ -385,6 +385,8 @@ def likelihood_metrics(model, tokenizer, items: Sequence[QAItem], batch_size: in
     naive=True: one forward pass per metric per item, as a metric-per-loop evaluator would do (answer probability,
     exact memorization, extraction strength, Min-K%, Min-K%++: one pass each on the answer; truth ratio: one pass per
     paraphrase and perturbed answer; normalised probability: one pass per answer and perturbed answer). Same numbers."""
+    from obliviate.models import causal_lm as lm
+
     if naive:
         return [_naive_item(model, tokenizer, it, k, max_length) for it in items]
     pad = _pad_id(tokenizer)
@@ -415,6 +417,8 @@ def likelihood_metrics(model, tokenizer, items: Sequence[QAItem], batch_size: in
 
 
 def _naive_item(model, tokenizer, item: QAItem, k: float, max_length: int) -> dict:
+    from obliviate.models import causal_lm as lm
+
     pad = _pad_id(tokenizer)
 
     def run(text: str) -> TokenStats:
@@ -454,6 +458,8 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: i
                    batch_size: int = 32, on_batch=None, at_limit: list | None = None) -> list[str]:
     """Batched greedy answers to questions asked in the tokenizer's prompt format (stopping where the model stops:
     `causal_lm.generate`); `at_limit` gets a flag per answer that ran to max_new_tokens."""
+    from obliviate.models import causal_lm as lm
+
     prompts = [lm.question_prompt(tokenizer, q) for q in questions]
     if not prompts:
         return []

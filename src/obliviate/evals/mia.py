@@ -16,7 +16,7 @@ from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
 from obliviate.evals.metrics import (DEFAULT_MAX_LOGIT_TOKENS, DEFAULT_MIN_K, TokenStats, _pad_id, _stats, min_k,
                                      min_k_plus_plus, sequence_nll)
-from obliviate.models import causal_lm as lm
+from obliviate.models import sequences as seq
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference", "gradnorm")
 DEFAULT_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")  # need no extra model and no backward pass
@@ -29,6 +29,8 @@ def _text(t) -> str:
 def _encode(tokenizer, t, max_length: int):
     """A text (every token after the first scored), or a question-answer item in the run's prompt format with its
     answer and end tokens scored (as OpenUnlearning scores TOFU's forget and holdout sets)."""
+    from obliviate.models import causal_lm as lm
+
     if isinstance(t, QAItem):
         return lm.encode_qa(tokenizer, t.question, t.answer, max_length)
     return lm.encode_text(tokenizer, _text(t), max_length)
@@ -38,7 +40,7 @@ def scored_text(tokenizer, t, max_length: int = 512) -> str:
     """The text ZLib compresses: the scored tokens decoded without special tokens (OpenUnlearning's
     `extract_target_texts_from_processed_data`): a text after its first token, an answer with its end text."""
     labels = _encode(tokenizer, t, max_length).labels[1:]
-    return tokenizer.decode([x for x in labels if x != lm.IGNORE], skip_special_tokens=True)
+    return tokenizer.decode([x for x in labels if x != seq.IGNORE], skip_special_tokens=True)
 
 
 def zlib_length(text: str) -> int:
@@ -86,13 +88,13 @@ def gradnorm_score(model, tokenizer, texts: Sequence, max_length: int = 512) -> 
     for p in params:
         p.requires_grad_(True)
     pad = _pad_id(tokenizer)
-    device = lm.model_device(model)
+    device = seq.model_device(model)
     out = []
     try:
         for t in texts:
-            batch = lm.to_device(lm.collate([_encode(tokenizer, t, max_length).answer_only()], pad), device)
+            batch = seq.to_device(seq.collate([_encode(tokenizer, t, max_length).answer_only()], pad), device)
             with torch.enable_grad():
-                loss = lm.mean_nll(model, batch)
+                loss = seq.mean_nll(model, batch)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             sq = sum(float(g.detach().float().square().sum()) for g in grads if g is not None)
             out.append(-(sq ** 0.5))

@@ -11,7 +11,6 @@ import numpy as np
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
 from obliviate.evals.metrics import rouge_l_f1
-from obliviate.models import causal_lm as lm
 
 
 def split_text(item: TextItem) -> tuple[str, str]:
@@ -27,6 +26,8 @@ def verbmem(model, tokenizer, texts: Sequence[TextItem], max_new_tokens: int = 1
             on_batch=None) -> dict:
     """VerbMem: mean ROUGE-L F1 between the greedy continuation (max_new_tokens tokens, batched) of each text's prefix
     text[:prefix_chars] and its true continuation text[prefix_chars:]. Returns {"value", "per_item"}."""
+    from obliviate.models import causal_lm as lm
+
     pairs = [split_text(t) for t in texts]
     if not pairs:
         return {"value": float("nan"), "per_item": []}

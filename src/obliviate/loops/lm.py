@@ -21,7 +21,8 @@ from obliviate import progress, tracking
 from obliviate.config import LoraConfig, TrainConfig
 from obliviate.data import QAItem, TextItem, check_disjoint
 from obliviate.errors import ObliviateError
-from obliviate.loops.step import Checkpoints, StateGuard, UnlearnResult, gradient_step, make_optimizer
+from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, evaluate_along, evaluation_steps,
+                                  gradient_step, make_optimizer)
 from obliviate.models.sequences import link_micro_batches
 
 # Refusals for IdkPO when the user gives no file (TOFU ships its own idontknow.jsonl; pass it with idk_file).
@@ -86,12 +87,15 @@ def _batches(encoded: list, size: int, rng: random.Random, lengths: list[int] | 
 
 def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
             train: TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
-            refusals: list[str] | None = None, adapter=None, checkpoints: Checkpoints | None = None) -> UnlearnResult:
+            refusals: list[str] | None = None, adapter=None, checkpoints: Checkpoints | None = None,
+            on_eval=None) -> UnlearnResult:
     """Unlearn `forget` from `model` (changed in place) while keeping `retain`: question-answer items (answer tokens
     count) and/or texts (every token counts). `method` is a Method instance or a registered name. `reference` is the
     frozen original, needed only by methods that declare it; by default a copy of `model` is taken before any step
     (and only for those methods). `adapter` encodes and batches the items (default: the causal-LM adapter).
-    `checkpoints` saves the loop's state every few steps and resumes from the last one.
+    `checkpoints` saves the loop's state every few steps and resumes from the last one. `on_eval(step, epoch, model)`
+    evaluates the model along the way (train.eval_every: before the first step, every eval_every steps, after the
+    last), in evaluation mode and without changing the training (`step.evaluate_along`).
     On return every parameter is trainable again (as it was given), so the result can be unlearned again."""
     from obliviate import distributed
 
@@ -99,6 +103,9 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         from obliviate.models import causal_lm as adapter
     distributed.setup()
     train = train or TrainConfig()
+    if train.eval_every and distributed.active():  # every process refuses: none is left waiting for the others
+        raise ObliviateError(f"train.eval_every: evaluation along the way runs in one process, not in "
+                             f"{distributed.world_size()} (torchrun / accelerate launch); run without it")
     method = make_method(method) if isinstance(method, str) else method
     check_disjoint(forget, retain)
     adapter.prepare_tokenizer(tokenizer)
@@ -195,6 +202,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     # sharded, the output head lives in FSDP's root unit, which only the whole model's forward gathers: no slicing
     budget = budget(train.max_logit_tokens) if budget is not None and not sharded else contextlib.nullcontext()
     select = getattr(method, "select_forget", None)  # drops forget rows before the step's counts (RGD)
+    evaluated = evaluation_steps(train, steps, start) if on_eval is not None else set()
+
+    def evaluate(done: int) -> None:  # after `done` optimiser steps
+        if done in evaluated:
+            evaluate_along(on_eval, done, done * train.batch_size * accumulation / len(forget), model, [model])
 
     def micro_batches() -> list[tuple[dict, dict]]:
         """The (forget, retain) batches of one optimiser step, this process's share of each global batch, linked so
@@ -226,6 +238,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             yield parts
     with progress.bar(f"unlearn {method.name}", steps) as advance, distributed.unlearning_loop(), budget:
         advance(start)
+        evaluate(start)
         for step in range(start, steps):
             batches = micro_batches()
             f, r = batches[0]  # the guard's probe
@@ -238,6 +251,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             tracking.log(logs)  # train.report_to
             checkpoints.save(step, params, opt, sched, history)
             advance(loss=logs["loss"])
+            evaluate(step + 1)
         if not stopped and history:  # the last update has no later loss to prove it: probe it
             stopped = guard.check_final(lambda: method.losses(model, reference, f, r).total)
     for p in params:  # the last step's gradients would stay alive through evaluation and saving: one more model

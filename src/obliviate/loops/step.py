@@ -22,6 +22,37 @@ class UnlearnResult:
     truncated: int = 0  # items longer than the model's context, cut to fit it
 
 
+def evaluation_steps(train: TrainConfig, steps: int, start: int = 0) -> set[int]:
+    """The optimiser steps after which the model is evaluated along the way (train.eval_every): 0 (before any
+    change), every eval_every, and the last; none before `start` (a resumed loop) and none without eval_every."""
+    if not train.eval_every:
+        return set()
+    return {s for s in (0, *range(train.eval_every, steps, train.eval_every), steps) if s >= start}
+
+
+def evaluate_along(on_eval: Callable, step: int, epoch: float, model, modules: list) -> None:
+    """`on_eval(step, epoch, model)` in evaluation mode, leaving the training exactly as it was: every module of
+    `modules` back in its own train/eval mode, and the random state (torch's, CUDA's, Python's, NumPy's) as before,
+    so the later batches, noise and dropout are those of a run without the evaluations."""
+    import random
+
+    import numpy as np
+
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for module in modules:
+                module.eval()
+            on_eval(step, epoch, model)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for m, mode in modes:
+            m.train(mode)
+
+
 def make_optimizer(params: list, train: TrainConfig, steps: int):
     """The optimiser the config names and a linear warm-up over `train.warmup_fraction` of the steps."""
     opt = (torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay) if train.optimizer == "adamw"

@@ -15,8 +15,8 @@ import torch
 from obliviate import progress, tracking
 from obliviate.config import TrainConfig
 from obliviate.errors import ObliviateError
-from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, gradient_step,
-                                  make_optimizer)
+from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, evaluate_along,
+                                  evaluation_steps, gradient_step, make_optimizer)
 from obliviate.methods.t2i.base import EraseContext, EraseTask
 from obliviate.models.diffusion import Pipeline, check_concept_known, denoise, encode_prompts
 
@@ -87,10 +87,13 @@ def draw_latents(ctx: EraseContext, texts: list[str], seed: int, batch_size: int
 
 
 def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = None, images_per_prompt: int = 2,
-          sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None) -> EraseResult:
+          sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None,
+          on_eval=None) -> EraseResult:
     """Erase `task.concept` from `pipe.unet` (changed in place), or from `pipe.text_encoder` for a method that trains
     it (an optional hook `text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or
-    a registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one."""
+    a registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one.
+    `on_eval(step, epoch, pipe)` evaluates the pipeline along the way (train.eval_every: before the first step, every
+    eval_every steps, after the last; an epoch is a pass over the forget images), without changing the training."""
     train = train or TrainConfig()
     if train.group_by_length:  # prompts are all short: nothing to group, and a silent no-op would mislead
         raise ObliviateError("train.group_by_length applies to language models only")
@@ -148,8 +151,15 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
         guard = StateGuard(params)
         for module in trained:
             module.train()
+        evaluated = evaluation_steps(train, steps, start) if on_eval is not None else set()
+
+        def evaluate(done: int) -> None:  # after `done` optimiser steps
+            if done in evaluated:
+                evaluate_along(on_eval, done, done * min(train.batch_size, len(forget_texts)) / len(forget_texts),
+                               pipe, [unet, text_encoder])
         with progress.bar(f"erase {task.concept!r} with {method.name}", steps) as advance:
             advance(start)
+            evaluate(start)
             for step in range(start, steps):
                 f = _rows(forget, torch.randint(0, len(forget_texts), (min(train.batch_size, len(forget_texts)),),
                                                 generator=gen))
@@ -166,6 +176,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                 tracking.log(logs)  # train.report_to
                 checkpoints.save(step, params, opt, sched, history, {"generator": gen.get_state()})
                 advance(loss=logs["loss"])
+                evaluate(step + 1)
             if not stopped and history:  # the last update has no later loss to prove it: probe it
                 stopped = guard.check_final(lambda: method.losses(ctx, unet, f, r).total)
     for module in (unet, text_encoder):

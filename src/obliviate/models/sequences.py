@@ -1,10 +1,13 @@
 """Token sequences and their batches, shared by the families whose models write text (the causal-LM adapter and the
-vision-language adapter): an encoded item with its scored labels and end tokens, right-padded batches, devices."""
+vision-language adapter): an encoded item with its scored labels and end tokens, right-padded batches, devices, and
+the scoring of a batch's answer tokens (log-probs, NLLs) that every method and metric of these families uses."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100
 
@@ -170,3 +173,94 @@ def to_device(batch: dict, device) -> dict:
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+# ---- scoring: the log-probs of a batch's scored tokens, its NLLs ------------------------------------------------------
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align logits at position t with the label at t+1. Returns (logits [B,T-1,V], targets [B,T-1], mask)."""
+    logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    return logits, targets.clamp(min=0), mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label_t) per scored token ([B,T-1], zero where unscored) and the scored-token mask."""
+    logits, targets, mask = shifted(logits, labels)
+    lp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return lp * mask, mask
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    return model(**model_inputs(batch)).logits
+
+
+_logit_budget: int | None = None  # tokens of logits a training forward pass may hold (train.max_logit_tokens)
+
+
+@contextmanager
+def logit_budget(max_tokens: int | None):
+    """Within it, `sequence_logprob` holds the logits of at most `max_tokens` tokens at a time (the unlearning loop
+    sets it from train.max_logit_tokens)."""
+    global _logit_budget
+    previous, _logit_budget = _logit_budget, max_tokens
+    try:
+        yield
+    finally:
+        _logit_budget = previous
+
+
+def head_splits(model, batch: dict) -> bool:
+    """Whether the logits can be made from the decoder's hidden states a slice at a time: a plain linear head (no
+    final soft-capping or logit scale after it) and only token inputs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return False
+    return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+            and set(model_inputs(batch)) <= {"input_ids", "attention_mask"})
+
+
+def decoder_hidden(model, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states ([B, T, H]): what the output head turns into logits. No key-value cache is
+    kept (nothing is generated from it)."""
+    return model.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
+
+
+def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of answer-token log-probs per sequence, and the number of answer tokens.
+
+    Under a logit budget (`logit_budget`) a batch with more tokens than the budget runs the decoder once and the
+    output head on a few sequences at a time, each slice under activation checkpointing: its logits are made again
+    in the backward pass instead of being kept, so training holds one slice's logits, not the batch's."""
+    budget = _logit_budget
+    n, width = batch["input_ids"].shape
+    if budget is None or n * width <= budget or not head_splits(model, batch):
+        lp, mask = token_logprobs(forward_logits(model, batch), batch["labels"])
+        return lp.sum(-1), mask.sum(-1)
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = decoder_hidden(model, batch)
+    head = model.get_output_embeddings()
+
+    def slice_logprob(h, labels):
+        return token_logprobs(head(h), labels)[0].sum(-1)
+
+    step = max(1, budget // width)
+    labels = batch["labels"]
+    sums = [checkpoint(slice_logprob, hidden[i:i + step], labels[i:i + step], use_reentrant=False)
+            for i in range(0, n, step)]
+    return torch.cat(sums), (labels[:, 1:] != IGNORE).sum(-1)
+
+
+def answer_nll(model, batch: dict) -> torch.Tensor:
+    """Mean answer-token NLL per sequence ([B])."""
+    total, count = sequence_logprob(model, batch)
+    return -total / count.clamp(min=1)
+
+
+def mean_nll(model, batch: dict) -> torch.Tensor:
+    """Mean NLL over all answer tokens of the batch (the usual LM loss, prompt and padding excluded); in the
+    unlearning loop, over the answer tokens of the step's global batch (`sequences.step_total`: every process's
+    share, every micro-batch of gradient accumulation)."""
+    total, _ = sequence_logprob(model, batch)
+    return token_mean(-total.sum(), batch)

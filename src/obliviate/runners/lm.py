@@ -161,6 +161,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.step import Checkpoints, changed_tensors
     from obliviate.methods.common import instantiate
     from obliviate.registry import lookup_method
+    from obliviate.runners.along import lm_along, lm_metrics
     from obliviate.runners.lm_checks import check_lm
 
     check_lm(config)  # what can be checked in a moment fails before the claim, the world and the training
@@ -181,7 +182,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         base = base_record(model_dir)
         retrain_eval = None
         truncated = 0
-        model, tokenizer, result = _unlearned(config, method, model_dir, world, forget, retain, device, checkpoints)
+        along = lm_along(config, method, world, qa_sets, texts, roles, device)  # train.eval_every
+        model, tokenizer, result = _unlearned(config, method, model_dir, world, forget, retain, device, checkpoints,
+                                              along)
         if result is None:  # Retrain: the world's recipe trained it without the forget set
             result_history, seconds, stopped, tensors = [], 0.0, None, {}
         else:
@@ -222,6 +225,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
 
         tmp = folder.tmp
         write_run_record(tmp, config, started, base, device, result_history, metrics)
+        if along is not None:
+            along.write(tmp, lambda e: lm_metrics(e, retrain_eval, metrics.get("original")))
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
         if config.retrain_model and retrain_eval is not None:  # reusable as `retrain_eval` by the next run
@@ -243,7 +248,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     return out
 
 
-def _unlearned(config: RunConfig, method, model_dir: Path, world, forget, retain, device: str, checkpoints=None):
+def _unlearned(config: RunConfig, method, model_dir: Path, world, forget, retain, device: str, checkpoints=None,
+               along=None):
     """(model, tokenizer, UnlearnResult) after the method; for Retrain, the world's retrain model and no result."""
     from obliviate.loops.lm import unlearn
 
@@ -256,7 +262,7 @@ def _unlearned(config: RunConfig, method, model_dir: Path, world, forget, retain
     model, tokenizer = load_model(model_dir, config, "cpu" if config.train.shard == "fsdp" else device)
     refusals = load_lines(config.idk_file) if config.idk_file else None
     result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
-                     checkpoints=checkpoints)
+                     checkpoints=checkpoints, on_eval=along and along.bind(tokenizer))
     return result.model, tokenizer, result
 
 

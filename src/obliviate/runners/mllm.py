@@ -145,6 +145,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate import distributed
     from obliviate.loops.lm import unlearn
     from obliviate.loops.step import Checkpoints, changed_tensors
+    from obliviate.runners.along import mllm_along, mllm_metrics
     from obliviate.runners.mllm_checks import check_mllm
 
     check_mllm(config)  # what can be checked in a moment fails before the claim, the world and the training
@@ -162,14 +163,15 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             if world is None:
                 raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
             model, processor = load_model(world.retrain_dir(config.split), config, device)
-            history, seconds, stopped, tensors = [], 0.0, None, {}
+            history, seconds, stopped, tensors, along = [], 0.0, None, {}, None
         else:
             model, processor = load_model(model_dir, config, device)
             adapter = vlm.VisionLanguageAdapter(processor, pictures)
             lora = config.lora and config.lora.model_copy(update={"target_modules": vlm.lora_targets(
                 model, config.lora.target_modules, config.mllm.train_parts)})
+            along = mllm_along(config, sets, pictures)  # train.eval_every
             result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, lora,
-                             adapter=adapter, checkpoints=checkpoints)
+                             adapter=adapter, checkpoints=checkpoints, on_eval=along and along.bind(processor))
             model, history, seconds, stopped = result.model, result.history, result.seconds, result.stopped
             tensors = changed_tensors(model, result.trainable_names)
         metrics: dict = {"method": config.method, "split": config.split, "forget_set": label,
@@ -202,6 +204,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
             metrics.update(evaluation["aggregate"])
         tmp = folder.tmp
         write_run_record(tmp, config, started, base, device, history, metrics)
+        if along is not None:
+            along.write(tmp, lambda e: mllm_metrics(e, retrain_eval))
         if evaluation is not None:
             write_json(tmp / "per_item.json", evaluation["per_item"])
         if tensors:

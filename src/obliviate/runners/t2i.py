@@ -57,6 +57,7 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
     from obliviate.loops.step import Checkpoints
     from obliviate.loops.t2i import changed_pipeline_tensors, erase, make_t2i_method
     from obliviate.models.diffusion import load_pipeline
+    from obliviate.runners.along import t2i_along
     from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder
     from obliviate.runners.t2i_checks import check_t2i
 
@@ -76,8 +77,9 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
         if config.evaluate and world is None:  # the user's CLIP and detector load before the training: a bad
             from obliviate.evals.user_pipeline import UserEvaluators  # folder fails before it, not after
             evaluators = UserEvaluators(t, config.concept, device)
+        along = t2i_along(config, world, task, pipeline_dir, device, evaluators)  # train.eval_every
         result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, on_eval=along and along.bind())
         tensors = changed_pipeline_tensors(result)
         metrics: dict = {"method": config.method, "concept": config.concept,
                          "unlearn_seconds": round(result.seconds, 2),
@@ -105,6 +107,8 @@ def run(config: RunConfig, log=print, resume: bool = False) -> Path:
 
         tmp = folder.tmp
         write_run_record(tmp, config, started, base, device, result.history, metrics)
+        if along is not None:
+            along.write(tmp)
         from safetensors.torch import save_file
         save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
         grids = {}

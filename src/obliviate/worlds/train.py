@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from obliviate import progress
-from obliviate.models import causal_lm as lm
+from obliviate.models import sequences as seq
 
 
 @dataclass
@@ -40,7 +40,7 @@ def new_model(recipe: LMRecipe, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def length_batches(examples: list[lm.Encoded], batch_size: int, rng: random.Random) -> list[list[lm.Encoded]]:
+def length_batches(examples: list[seq.Encoded], batch_size: int, rng: random.Random) -> list[list[seq.Encoded]]:
     """Shuffle, then batch neighbours of similar length (less padding), then shuffle the batch order."""
     order = examples[:]
     rng.shuffle(order)
@@ -53,11 +53,11 @@ def length_batches(examples: list[lm.Encoded], batch_size: int, rng: random.Rand
     return batches
 
 
-def train(model, tokenizer, examples: list[lm.Encoded], recipe: LMRecipe, description: str = "train",
+def train(model, tokenizer, examples: list[seq.Encoded], recipe: LMRecipe, description: str = "train",
           collate=None) -> dict:
     """`recipe` needs epochs, lr, batch_size, warmup_fraction, weight_decay and seed. `collate(encoded, pad_id)` makes
     a batch the model takes as keywords (default: the causal-LM batch; a vision-language adapter adds pictures)."""
-    collate = collate or lm.collate
+    collate = collate or seq.collate
     rng = random.Random(recipe.seed)
     torch.manual_seed(recipe.seed)
     steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
@@ -73,7 +73,7 @@ def train(model, tokenizer, examples: list[lm.Encoded], recipe: LMRecipe, descri
         for _ in range(recipe.epochs):
             for chunk in length_batches(examples, recipe.batch_size, rng):
                 batch = collate(chunk, tokenizer.pad_token_id)
-                loss = model(**lm.model_inputs(batch), labels=batch["labels"]).loss
+                loss = model(**seq.model_inputs(batch), labels=batch["labels"]).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,6 +91,8 @@ def normalise(text: str) -> str:
 
 def exact_answer_accuracy(model, tokenizer, items, batch_size: int = 128) -> float:
     """Fraction of questions whose greedy answer equals the true answer (case, spacing and final period ignored)."""
+    from obliviate.models import causal_lm as lm
+
     if not items:
         return float("nan")
     prompts = [lm.question_prompt(tokenizer, i.question) for i in items]

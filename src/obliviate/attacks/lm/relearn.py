@@ -117,7 +117,7 @@ class Relearn(Attack):
         """Fine-tune `model` in place; returns the curve (step 0 = before) and the answers at each point."""
         from obliviate.evals.metrics import likelihood_metrics
         from obliviate.models import causal_lm as lm
-        from obliviate.models.sequences import collate, model_device, to_device
+        from obliviate.models.sequences import collate, mean_nll, model_device, to_device
 
         c = self.config
 
@@ -146,7 +146,7 @@ class Relearn(Attack):
             picked, order = order[:c.batch_size], order[c.batch_size:]
             model.train()
             batch = to_device(collate([encoded[i] for i in picked], tokenizer.pad_token_id), model_device(model))
-            loss = lm.mean_nll(model, batch)
+            loss = mean_nll(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -53,13 +53,13 @@ class Method:
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From logits already computed: the sum of answer-token log-probs per sequence ([B]) and the answer-token count."""
-    from obliviate.models.causal_lm import token_logprobs
+    from obliviate.models.sequences import token_logprobs
     lp, mask = token_logprobs(logits, labels)
     return lp.sum(-1), mask.sum(-1)
 
 
 def nll_from_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Mean NLL over all answer tokens of the batch (as `causal_lm.mean_nll`, from logits already computed)."""
+    """Mean NLL over all answer tokens of the batch (as `sequences.mean_nll`, from logits already computed)."""
     total, _ = answer_logprob(logits, batch["labels"])
     return token_mean(-total.sum(), batch)
 
@@ -67,14 +67,14 @@ def nll_from_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def reference_logits(reference, batch: dict) -> torch.Tensor:
     """Logits of the frozen reference model (no graph)."""
-    from obliviate.models.causal_lm import forward_logits
+    from obliviate.models.sequences import forward_logits
     return forward_logits(reference, batch)
 
 
 def kl_on_answer_tokens(logits: torch.Tensor, ref_logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """KL(p_ref || p_theta) of the next-token distributions, averaged over the positions that predict an answer token
     (prompt and padding excluded); summed over the vocabulary."""
-    from obliviate.models.causal_lm import shifted
+    from obliviate.models.sequences import shifted
     logits, _, mask = shifted(logits, batch["labels"])
     ref_logits = ref_logits[:, :-1, :]
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -87,7 +87,7 @@ def retain_nll_term(model, retain: dict, alpha: float, logs: dict):
     """alpha * NLL on the retain answers (None when alpha is 0, so no retain pass runs); logs retain_nll."""
     if alpha == 0:
         return None
-    from obliviate.models.causal_lm import mean_nll
+    from obliviate.models.sequences import mean_nll
     nll_r = mean_nll(model, retain)
     logs["retain_nll"] = float(nll_r.detach())
     return alpha * nll_r
@@ -97,7 +97,7 @@ def retain_kl_term(model, reference, retain: dict, alpha: float, logs: dict):
     """alpha * KL(p_ref || p_theta) on the retain answer tokens (None when alpha is 0); logs retain_kl, retain_nll."""
     if alpha == 0:
         return None
-    from obliviate.models.causal_lm import forward_logits
+    from obliviate.models.sequences import forward_logits
     logits_r = forward_logits(model, retain)
     kl = kl_on_answer_tokens(logits_r, reference_logits(reference, retain), retain)
     logs["retain_kl"] = float(kl.detach())

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from obliviate.methods.lm.base import LossParts, Method
-from obliviate.models.causal_lm import mean_nll
+from obliviate.models.sequences import mean_nll
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.lm.base import LossParts, Method, check_number, item_mean, retain_nll_term, token_mean
-from obliviate.models.causal_lm import sequence_logprob
+from obliviate.models.sequences import sequence_logprob
 
 
 @dataclass

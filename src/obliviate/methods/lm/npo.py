@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from obliviate.methods.lm.base import (LossParts, Method, check_choice, check_number, item_mean, retain_kl_term,
                                        retain_nll_term, token_mean)
-from obliviate.models.causal_lm import sequence_logprob
+from obliviate.models.sequences import sequence_logprob
 
 RETAIN_CHOICES = ("none", "gd", "kl")
 

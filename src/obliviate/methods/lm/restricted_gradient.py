@@ -141,7 +141,7 @@ class RGD(RG):
         """The forget batch with the sequences already forgotten (mean answer NLL at or above the cap) dropped from
         every sum and count (`keep_rows`), and the share of items kept. The loop calls it on each micro-batch of a
         step before taking the step's counts, so that the base's means are over the rows kept in the whole step."""
-        from obliviate.models.causal_lm import answer_nll
+        from obliviate.models.sequences import answer_nll
 
         if self.config.forget_loss_cap is None:
             return forget

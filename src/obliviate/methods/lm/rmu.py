@@ -38,7 +38,7 @@ import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, items, nll_from_logits, token_mean
-from obliviate.models.causal_lm import model_inputs
+from obliviate.models.sequences import model_inputs
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.mlp\.")
 

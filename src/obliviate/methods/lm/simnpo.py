@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from obliviate.methods.lm.base import LossParts, Method, check_number, item_mean, retain_nll_term, token_mean
-from obliviate.models.causal_lm import sequence_logprob
+from obliviate.models.sequences import sequence_logprob
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from obliviate.methods.lm.base import (LossParts, Method, check_number, nll_from_logits, reference_logits,
                                        retain_nll_term, token_mean)
-from obliviate.models.causal_lm import forward_logits, shifted
+from obliviate.models.sequences import forward_logits, shifted
 
 
 @dataclass

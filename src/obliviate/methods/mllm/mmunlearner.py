@@ -23,7 +23,7 @@ import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.lm.base import LossParts, Method, check_number
-from obliviate.models.causal_lm import mean_nll
+from obliviate.models.sequences import mean_nll
 
 EPS = 1e-15
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.lm.base import LossParts, Method, check_number, retain_nll_term
-from obliviate.models.causal_lm import mean_nll
+from obliviate.models.sequences import mean_nll
 
 
 @dataclass
