@@ -117,13 +117,14 @@ def test_an_empty_share_is_one_row_that_counts_nothing(tiny_lm):
 
 def _unlearn(tiny_lm_dir, method, batch_size, accumulation, args=None):
     from obliviate import progress
-    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
     from obliviate.loops.step import changed_tensors
 
     progress.set_enabled(False)
     model, tok = lm.load(tiny_lm_dir)
     items = tiny_items()
-    result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method(method, args),
+    result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method("lm", method, args),
                      TrainConfig(max_steps=2, batch_size=batch_size, grad_accum_steps=accumulation, lr=1e-3,
                                  max_grad_norm=1.0))
     progress.set_enabled(True)
