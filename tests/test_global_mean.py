@@ -84,9 +84,8 @@ def test_a_loss_split_into_uneven_and_empty_shares_sums_to_the_whole_batch_loss(
     forgets, retains = [f for f, _ in shares], [r for _, r in shares]
     seq.link_micro_batches(forgets)
     seq.link_micro_batches(retains)
-    if hasattr(method, "select_forget"):  # as the loop does: drop rows first, then count the kept ones
-        forgets = [method.select_forget(model, f) for f in forgets]
-        seq.link_micro_batches(forgets)
+    forgets = [method.select_forget(model, f) for f in forgets]  # as the loop does: drop rows (RGD), then count
+    seq.link_micro_batches(forgets)
     whole = method.losses(model, reference, whole_f, whole_r)
     parts = [method.losses(model, reference, f, r) for f, r in zip(forgets, retains)]
     assert not (whole.forget.detach() == 0).all() or name == "RMU", "a zero forget loss would prove nothing"

@@ -177,6 +177,7 @@ class LanguageModelRun(FamilyRun):
         return Prepared(model_dir, world, (forget, retain, evaluation))
 
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate import distributed
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
 
@@ -187,8 +188,9 @@ class LanguageModelRun(FamilyRun):
         refusals = load_lines(config.idk_file) if config.idk_file else None
         result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
                          checkpoints=checkpoints)
-        return Trained((result.model, tokenizer), result.history, result.seconds, result.stopped,
-                       changed_tensors(result.model, result.trainable_names), result.truncated)
+        tensors = changed_tensors(result.model, result.trainable_names) if distributed.is_main() else {}  # saved once
+        return Trained((result.model, tokenizer), result.history, result.seconds, result.stopped, tensors,
+                       result.truncated)
 
     def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
         return Trained(lm.load(folder, self.config.dtype, device), truncated=0)
