@@ -41,11 +41,11 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.time()
 import inspect
 if sys.argv[2] == "train":
-    from obliviate.loops.lm import make_method
+    from obliviate.methods.common import make_method
     from obliviate.models import causal_lm as lm
     enc = [lm.encode_qa(tok, i.question, a) for i in items for a in (i.answer, i.paraphrased_answer)]
     forget, retain = lm.collate(enc[::2], tok.pad_token_id), lm.collate(enc[1::2], tok.pad_token_id)
-    method = make_method("GradDiff")
+    method = make_method("lm", "GradDiff")
     method.setup(model, None)
     with lm.logit_budget(int(sys.argv[1]) or None):
         parts = method.losses(model, None, forget, retain)

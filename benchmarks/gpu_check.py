@@ -45,7 +45,8 @@ def report(row: dict) -> None:
 def t2i_checks(root: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from obliviate.loops.t2i import erase, make_t2i_method
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.common import make_method
     from obliviate.methods.t2i.base import EraseTask, RetainPrompt
     from obliviate.models.diffusion import Pipeline, load_pipeline, sample, save_pipeline
     from obliviate.registry import T2I_METHODS
@@ -75,7 +76,7 @@ def t2i_checks(root: Path) -> None:
             reset_peak()
             t0 = time.time()
             try:
-                result = erase(pipe, task, make_t2i_method(name), TrainConfig(max_steps=5, lr=1e-4, batch_size=8),
+                result = erase(pipe, task, make_method("t2i", name), TrainConfig(max_steps=5, lr=1e-4, batch_size=8),
                                images_per_prompt=1, sample_steps=10)
                 images = sample(pipe, prompts[:4], [0, 1, 2, 3], steps=5)
                 changed = sum(not torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())

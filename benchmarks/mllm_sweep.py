@@ -18,7 +18,8 @@ from obliviate.config import RunConfig, TrainConfig, WorldConfig
 from obliviate.evals.mllmu import classification_accuracy
 from obliviate.loops.lm import unlearn
 from obliviate.models import vlm
-from obliviate.runners.mllm import load_model, make_method
+from obliviate.methods.common import make_method
+from obliviate.runners.mllm import load_model
 from obliviate.worlds.portraits import PortraitsWorld
 
 if __name__ == "__main__":  # the world's build starts worker processes (spawn): they import this file
@@ -42,7 +43,7 @@ if __name__ == "__main__":  # the world's build starts worker processes (spawn):
         name, lr, epochs, *rest = spec.split(":", 3)
         model, processor = load_model(world.full_model_dir, config, "cpu")
         t0 = time.time()
-        result = unlearn(model, processor.tokenizer, forget, retain, make_method(name, json.loads(rest[0]) if rest
+        result = unlearn(model, processor.tokenizer, forget, retain, make_method("mllm", name, json.loads(rest[0]) if rest
                                                                                   else {}),
                          TrainConfig(lr=float(lr), epochs=float(epochs)),
                          adapter=vlm.VisionLanguageAdapter(processor, world.pictures))

@@ -21,7 +21,8 @@ from obliviate.demo.lm import RETAIN_PEOPLE, WORLDS
 from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
 from obliviate.models import causal_lm as lm
 from obliviate.runners.lm import retrain_evaluation
-from obliviate.loops.lm import make_method, unlearn
+from obliviate.loops.lm import unlearn
+from obliviate.methods.common import make_method
 from obliviate.worlds.profiles import ProfilesWorld
 
 torch.set_num_threads(1)  # as the demo runs each part: its seconds compare with the demo's
@@ -39,7 +40,7 @@ for spec in sys.argv[1:]:
     name, lr, epochs, *rest = spec.split(":", 3)
     model, tok = lm.load(world.full_model_dir)
     t0 = time.time()
-    result = unlearn(model, tok, forget, retain, make_method(name, json.loads(rest[0]) if rest else {}),
+    result = unlearn(model, tok, forget, retain, make_method("lm", name, json.loads(rest[0]) if rest else {}),
                      TrainConfig(lr=float(lr), epochs=float(epochs), group_by_length=grouped))
     a = compare_to_retrain(evaluate_lm(result.model, tok, qa_sets, texts["forget"], texts["holdout"]),
                            retrain)["aggregate"]

@@ -18,7 +18,8 @@ from diffusers import UNet2DConditionModel
 from obliviate import progress
 from obliviate.config import TrainConfig, T2IConfig
 from obliviate.demo.t2i import PRESETS
-from obliviate.loops.t2i import erase, make_t2i_method
+from obliviate.loops.t2i import erase
+from obliviate.methods.common import make_method
 from obliviate.models.diffusion import load_pipeline
 from obliviate.runners.t2i import canvas_task
 from obliviate.worlds.canvas import CanvasWorld
@@ -35,7 +36,7 @@ def counted(self, *a, **k):
     return forward(self, *a, **k)
 UNet2DConditionModel.forward = counted
 preset = PRESETS.get(name, {})
-method = make_t2i_method(name, preset.get("method_args", {}))
+method = make_method("t2i", name, preset.get("method_args", {}))
 if not method.closed_form:
     losses = method.losses
     def timed(*a, **k):

@@ -14,7 +14,8 @@ import torch
 
 from obliviate import progress
 from obliviate.config import T2IConfig, TrainConfig
-from obliviate.loops.t2i import erase, make_t2i_method
+from obliviate.loops.t2i import erase
+from obliviate.methods.common import make_method
 from obliviate.evals.canvas import evaluate_erasure
 from obliviate.models.diffusion import load_pipeline
 from obliviate.runners.t2i import canvas_task
@@ -41,7 +42,7 @@ world.require_built()
 t2i = T2IConfig(eval_seeds=seeds, sample_steps=steps)
 pipe = load_pipeline(world.pipeline_dir)
 t0 = time.time()
-erase(pipe, canvas_task(world, concept), make_t2i_method(method, args), TrainConfig(**train), t2i.images_per_prompt,
+erase(pipe, canvas_task(world, concept), make_method("t2i", method, args), TrainConfig(**train), t2i.images_per_prompt,
       t2i.sample_steps, t2i.guidance)
 t1 = time.time()
 evaluation = evaluate_erasure(world, pipe, concept, t2i, method)

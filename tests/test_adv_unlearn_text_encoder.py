@@ -18,7 +18,8 @@ from conftest import tiny_prompts, tiny_task
 from obliviate.cli import app
 from obliviate.config import TrainConfig
 from obliviate.errors import ObliviateError
-from obliviate.loops.t2i import changed_pipeline_tensors, erase, make_t2i_method
+from obliviate.loops.t2i import changed_pipeline_tensors, erase
+from obliviate.methods.common import make_method
 
 FAST = dict(images_per_prompt=1, sample_steps=3, guidance=2.0)
 TEXT = {"train": "text_encoder", "attack_steps": 3, "attack_lr": 1e-2, "warmup_steps": 1}
@@ -47,7 +48,7 @@ def test_text_encoder_mode_trains_the_text_encoder_only(tiny_pipe):
     unet_before, text_before = _state(tiny_pipe.unet), _state(tiny_pipe.text_encoder)
     original_text = copy.deepcopy(tiny_pipe.text_encoder)
     start = _distance_to_esd_target(tiny_pipe, original_text, tiny_pipe.unet, original_text, task.forget_prompts)
-    result = erase(tiny_pipe, task, make_t2i_method("AdvUnlearn", TEXT),
+    result = erase(tiny_pipe, task, make_method("t2i", "AdvUnlearn", TEXT),
                    TrainConfig(max_steps=6, lr=5e-3, batch_size=3), **FAST)
     assert result.stopped is None and "attack_mse" in result.history[-1] and "retain_mse" in result.history[-1]
     assert result.trainable_names == [] and all(torch.equal(t, unet_before[n])
@@ -66,18 +67,18 @@ def test_text_encoder_mode_trains_the_text_encoder_only(tiny_pipe):
 
 
 def test_first_k_layers_and_bad_settings(tiny_pipe):
-    method = make_t2i_method("AdvUnlearn", {"train": "text_encoder", "text_encoder_layers": 1})
+    method = make_method("t2i", "AdvUnlearn", {"train": "text_encoder", "text_encoder_layers": 1})
     picked = [n for n, p in tiny_pipe.text_encoder.named_parameters() if method.text_encoder_trainable(n, p)]
     assert picked and all("encoder.layers.0." in n for n in picked)  # no final norm with the first k layers
-    cross = make_t2i_method("AdvUnlearn")
+    cross = make_method("t2i", "AdvUnlearn")
     assert not any(cross.text_encoder_trainable(n, p) for n, p in tiny_pipe.text_encoder.named_parameters())
-    too_many = make_t2i_method("AdvUnlearn", {"train": "text_encoder", "text_encoder_layers": 2})
+    too_many = make_method("t2i", "AdvUnlearn", {"train": "text_encoder", "text_encoder_layers": 2})
     with pytest.raises(ObliviateError, match="text_encoder_layers = 2 but the text encoder has 1 layer"):
         erase(tiny_pipe, tiny_task("striped"), too_many, TrainConfig(max_steps=1, batch_size=3), **FAST)
     for args, message in [({"train": "vae"}, "train"), ({"text_encoder_layers": 1}, "applies to train"),
                           ({"train": "text_encoder", "text_encoder_layers": 1.5}, "whole number")]:
         with pytest.raises(ObliviateError, match=message):
-            make_t2i_method("AdvUnlearn", args)
+            make_method("t2i", "AdvUnlearn", args)
 
 
 def _digest(folder: Path) -> dict:

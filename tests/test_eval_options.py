@@ -85,7 +85,7 @@ def test_a_training_logit_budget_gives_the_same_losses_and_gradients(chat_lm_dir
 
     import torch
 
-    from obliviate.loops.lm import make_method
+    from obliviate.methods.common import make_method
     from obliviate.models import causal_lm as lm
 
     model, tok = lm.load(chat_lm_dir)
@@ -94,7 +94,7 @@ def test_a_training_logit_budget_gives_the_same_losses_and_gradients(chat_lm_dir
     forget["idk"] = lm.collate([lm.encode_qa(tok, i.question, "I don't know.") for i in items[:4]], tok.pad_token_id)
     retain = lm.collate([lm.encode_qa(tok, i.question, i.answer) for i in items[4:]], tok.pad_token_id)
     reference = copy.deepcopy(model).requires_grad_(False)
-    m = make_method(method)
+    m = make_method("lm", method)
     m.setup(model, reference)
     results = []
     for budget in (None, forget["input_ids"].shape[1]):  # whole batch; one sequence per slice

@@ -135,7 +135,7 @@ def test_no_family_file_imports_another_familys_loop_runner_adapter_or_methods()
 
 def test_every_family_fills_the_whole_contract():
     for family in FAMILIES.values():
-        for part in ("adapter", "loop", "make_method", "method_base", "runner", "export", "check", "demo"):
+        for part in ("adapter", "loop", "method_base", "runner", "export", "check", "demo"):
             assert family.load(part) is not None, (family.name, part)
         from obliviate.registry import ATTACKS, DEFAULT_ATTACKS
         if family.attack:  # an attack runner, and registered attacks of the family, each with its options
@@ -151,7 +151,8 @@ def test_api_names_stay_the_functions_whatever_was_imported_first():
     for mod in pkgutil.walk_packages(obliviate.__path__, "obliviate."):
         importlib.import_module(mod.name)
     from obliviate.evals.evaluate import evaluate_lm
-    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
     from obliviate.runners import run
     assert obliviate.unlearn is unlearn and obliviate.make_method is make_method
     assert obliviate.evaluate is evaluate_lm and obliviate.run is run
@@ -242,7 +243,8 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from vlm_models import tiny_llava
 from obliviate.worlds.portraits import portraits_data
-from obliviate.runners.mllm import evaluation_of, load_model, make_method
+from obliviate.runners.mllm import evaluation_of, load_model
+from obliviate.methods.common import make_method
 from obliviate.config import build_config
 from obliviate.evals.mllmu import compare_to_retrain
 from obliviate.loops.lm import unlearn
@@ -259,7 +261,7 @@ adapter = VisionLanguageAdapter(processor, picture)
 forget = data.train[data.people[0].name][:4]
 retain = data.train[data.people[1].name][:4]
 from obliviate.config import TrainConfig
-unlearn(model, processor.tokenizer, forget, retain, make_method("NPO"), TrainConfig(max_steps=1, batch_size=2),
+unlearn(model, processor.tokenizer, forget, retain, make_method("mllm", "NPO"), TrainConfig(max_steps=1, batch_size=2),
         adapter=adapter)
 for entry in METHODS["mllm"].values():  # every method a vision-language run may name
     entry.load()

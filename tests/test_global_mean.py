@@ -84,9 +84,8 @@ def test_a_loss_split_into_uneven_and_empty_shares_sums_to_the_whole_batch_loss(
     forgets, retains = [f for f, _ in shares], [r for _, r in shares]
     seq.link_micro_batches(forgets)
     seq.link_micro_batches(retains)
-    if hasattr(method, "select_forget"):  # as the loop does: drop rows first, then count the kept ones
-        forgets = [method.select_forget(model, f) for f in forgets]
-        seq.link_micro_batches(forgets)
+    forgets = [method.select_forget(model, f) for f in forgets]  # as the loop does: drop rows (RGD), then count
+    seq.link_micro_batches(forgets)
     whole = method.losses(model, reference, whole_f, whole_r)
     parts = [method.losses(model, reference, f, r) for f, r in zip(forgets, retains)]
     assert not (whole.forget.detach() == 0).all() or name == "RMU", "a zero forget loss would prove nothing"
@@ -117,13 +116,14 @@ def test_an_empty_share_is_one_row_that_counts_nothing(tiny_lm):
 
 def _unlearn(tiny_lm_dir, method, batch_size, accumulation, args=None):
     from obliviate import progress
-    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
     from obliviate.loops.step import changed_tensors
 
     progress.set_enabled(False)
     model, tok = lm.load(tiny_lm_dir)
     items = tiny_items()
-    result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method(method, args),
+    result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method("lm", method, args),
                      TrainConfig(max_steps=2, batch_size=batch_size, grad_accum_steps=accumulation, lr=1e-3,
                                  max_grad_norm=1.0))
     progress.set_enabled(True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from obliviate.config import TrainConfig
-from obliviate.loops.t2i import erase, make_t2i_method
+from obliviate.loops.t2i import erase
+from obliviate.methods.common import make_method
 from obliviate.errors import ObliviateError
 from obliviate.registry import T2I_METHODS
 from conftest import tiny_task
@@ -52,7 +53,7 @@ def test_method_contract(name, tiny_pipe):
     before = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
     original = __import__("copy").deepcopy(tiny_pipe.unet)
     _ORIGINAL[0] = original
-    result = erase(tiny_pipe, task, make_t2i_method(name, ARGS.get(name)), SETTINGS[name], **FAST)
+    result = erase(tiny_pipe, task, make_method("t2i", name, ARGS.get(name)), SETTINGS[name], **FAST)
     assert result.stopped is None
     assert result.history and all(torch.isfinite(torch.tensor(h["loss"] if "loss" in h else 0.0))
                                   for h in result.history)
@@ -91,24 +92,24 @@ def _objective(name, pipe, unet, task) -> float:
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_config_round_trips(name):
-    method = make_t2i_method(name)
-    again = make_t2i_method(name, dataclasses.asdict(method.config))
+    method = make_method("t2i", name)
+    again = make_method("t2i", name, dataclasses.asdict(method.config))
     assert again.config == method.config
 
 
 def test_bad_method_args_name_the_key():
     with pytest.raises(ObliviateError, match="eta"):
-        make_t2i_method("ESD-x", {"eta": -1})
+        make_method("t2i", "ESD-x", {"eta": -1})
     with pytest.raises(ObliviateError, match="unknown key"):
-        make_t2i_method("ESD-x", {"etaa": 1})
+        make_method("t2i", "ESD-x", {"etaa": 1})
     with pytest.raises(ObliviateError, match="Did you mean 'ESD-x'"):
-        make_t2i_method("ESDx")
+        make_method("t2i", "ESDx")
 
 
 def test_rg_projection_removes_the_conflict(tiny_pipe):
     """RG's step: when the forget and retain gradients conflict, the combined direction has a non-negative inner
     product with both (the seed paper's first-order guarantee)."""
-    method = make_t2i_method("RG", {"retain_weight": 1.0})
+    method = make_method("t2i", "RG", {"retain_weight": 1.0})
     g_f = [torch.tensor([1.0, 0.0]), torch.tensor([0.5])]
     g_r = [torch.tensor([-1.0, 1.0]), torch.tensor([0.0])]
     combined, logs = method.combine_gradients(g_f, g_r)
@@ -119,7 +120,7 @@ def test_rg_projection_removes_the_conflict(tiny_pipe):
 
 def test_rgd_balances_and_truncates(tiny_pipe):
     task = tiny_task("striped")
-    method = make_t2i_method("RGD", {"diverse_retain_size": 4, "forget_loss_cap": 1e-9})
+    method = make_method("t2i", "RGD", {"diverse_retain_size": 4, "forget_loss_cap": 1e-9})
     pool = method.retain_pool(task.retain_prompts, __import__("random").Random(0))
     assert len(pool) == 4 and len({p.source for p in pool}) == 2  # both remaining styles
     result = erase(tiny_pipe, task, method, TrainConfig(max_steps=2, lr=1e-3, batch_size=3), **FAST)
@@ -141,12 +142,12 @@ def test_bad_tasks_are_one_line_errors(tiny_pipe):
 def test_adv_unlearn_inner_attack_brings_the_concept_closer(tiny_pipe):
     """Each step's inner attack moves the model's prediction on the prefixed concept prompt towards the original's
     concept noise, before the outer step erases under that prefix."""
-    method = make_t2i_method("AdvUnlearn", {"attack_steps": 8, "attack_lr": 5e-2})
+    method = make_method("t2i", "AdvUnlearn", {"attack_steps": 8, "attack_lr": 5e-2})
     result = erase(tiny_pipe, tiny_task("star"), method, TrainConfig(max_steps=3, lr=1e-3, batch_size=3), **FAST)
     assert len(result.history) == 3
     assert all(h["attack_mse"] < h["attack_mse_start"] for h in result.history)
     with pytest.raises(ObliviateError, match="prefix_tokens"):
-        make_t2i_method("AdvUnlearn", {"prefix_tokens": 0})
+        make_method("t2i", "AdvUnlearn", {"prefix_tokens": 0})
 
 
 def test_group_by_length_is_refused_for_erasures(tiny_pipe):

@@ -227,16 +227,16 @@ def test_salun_guided_mask_and_pseudo_prompts(tiny_pipe):
     ("SalUn", {"mask_guidance": -1}, "mask_guidance"), ("SalUn", {"nope": 1}, "nope"),
 ])
 def test_bad_config_names_the_key(name, args, key):
-    from obliviate.loops.t2i import make_t2i_method
+    from obliviate.methods.common import make_method
 
     with pytest.raises(ObliviateError, match=key):
-        make_t2i_method(name, args)
+        make_method("t2i", name, args)
 
 
 def test_defaults_and_registry():
-    from obliviate.loops.t2i import make_t2i_method
+    from obliviate.methods.common import make_method
 
-    uce, salun = make_t2i_method("UCE"), make_t2i_method("SalUn")
+    uce, salun = make_method("t2i", "UCE"), make_method("t2i", "SalUn")
     assert (uce.config.lam, uce.config.erase_scale, uce.config.preserve_scale) == (0.5, 1.0, None)
     assert uce.closed_form and not uce.needs_images and not uce.needs_frozen
     assert (salun.config.mask_fraction, salun.config.alpha) == (0.5, 0.5)
@@ -244,5 +244,5 @@ def test_defaults_and_registry():
     assert not uce.trainable("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight", None)
     assert not uce.trainable("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight", None)
     assert uce.trainable("mid_block.attentions.0.transformer_blocks.0.attn2.to_v.weight", None)
-    assert not make_t2i_method("UCE", {"with_to_k": False}).trainable(
+    assert not make_method("t2i", "UCE", {"with_to_k": False}).trainable(
         "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", None)

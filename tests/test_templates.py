@@ -103,10 +103,11 @@ def test_the_config_names_the_template_and_refuses_an_unknown_one(tmp_path):
 # ------------------------------------------------------------------------------------------ which tokens count
 def _scored_in_forget_batch(monkeypatch, tok, model, **train_args):
     from obliviate.config import TrainConfig
-    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
 
     seen = {}
-    method = make_method("GradDiff")
+    method = make_method("lm", "GradDiff")
     original = method.losses
 
     def spy(model_, reference, forget, retain):

@@ -51,7 +51,8 @@ def test_an_item_with_its_picture_is_encoded_as_the_processor_encodes_it(llava_d
 @pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
 def test_language_model_methods_run_on_the_vision_language_model(llava_dir, world, method):
     from obliviate.config import TrainConfig
-    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
     from obliviate.models import vlm
 
     model, processor = vlm.load(llava_dir)
@@ -62,7 +63,7 @@ def test_language_model_methods_run_on_the_vision_language_model(llava_dir, worl
     forget = [i for p in forget_people for i in world.train[p.name]]
     retain = [i for p in retain_people[:3] for i in world.train[p.name]]
     args = {"diverse_retain_size": 8} if method == "RGD" else {}
-    result = unlearn(model, processor.tokenizer, forget, retain, make_method(method, args),
+    result = unlearn(model, processor.tokenizer, forget, retain, make_method("lm", method, args),
                      TrainConfig(lr=1e-3, max_steps=2, batch_size=4), adapter=_adapter(processor, world))
     assert result.stopped is None and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert calls  # the pictures reached the vision tower

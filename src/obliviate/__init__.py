@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "unlearn": "obliviate.loops.lm:unlearn",
-    "make_method": "obliviate.loops.lm:make_method",
+    "make_method": "obliviate.methods.common:make_method",
     "erase": "obliviate.loops.t2i:erase",
     "evaluate": "obliviate.evals.evaluate:evaluate_lm",
     "compare_to_retrain": "obliviate.evals.evaluate:compare_to_retrain",

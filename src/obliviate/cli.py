@@ -68,7 +68,7 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | mllm-meth
                                               "all", autocompletion=_kinds)):
     """List registered methods, metrics, attacks and worlds, one line each with the paper; `ls attacks` also lists
     each attack's options with their defaults (`obliviate attack RUN -a NAME key=value`)."""
-    from obliviate.registry import KINDS
+    from obliviate.registry import KINDS, METHODS, RETRAIN
 
     kinds = list(KINDS) if kind == "all" else [kind]
     for k in kinds:
@@ -79,6 +79,8 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | mllm-meth
             typer.echo(f"  {e.name:<22} {e.description}" + (f"  [{e.paper}]" if e.paper else ""))
             if kind == "attacks":  # asked for alone: worth importing the attacks (torch) for their options
                 typer.echo(_attack_options(e))
+        if any(KINDS[k] is table for table in METHODS.values()):  # what a run's `method` may name besides them
+            typer.echo(f"  {RETRAIN.name + ' (reference)':<22} {RETRAIN.description}  [{RETRAIN.paper}]")
     if kind == "all":
         typer.echo("(each attack's options: obliviate ls attacks)")
 
@@ -107,15 +109,14 @@ def validate(config: Path, overrides: Optional[List[str]] = typer.Argument(None,
 
     try:
         from obliviate.families import get
-        from obliviate.methods.common import instantiate
-        from obliviate.registry import lookup_method
+        from obliviate.runners.common import method_of
         from obliviate.runs import resolve_device
         from obliviate.tracking import check as check_report_to
 
         cfg = load_config(config, overrides or [])
         family = get(cfg.family)
         check_report_to(cfg)  # train.report_to names a package that is installed
-        instantiate(lookup_method(cfg.family, cfg.method), cfg.method_args)
+        method_of(cfg)  # the method and its method_args (or the retrain reference's seed)
         family.load("check")(cfg)  # the model folder, data files, split or concept, run folder: what `run` rejects
         resolve_device(cfg.device)  # a CUDA device on a machine without one
     except ObliviateError as e:

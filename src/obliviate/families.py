@@ -31,7 +31,6 @@ class Family:
     title: str
     adapter: str  # module: how metrics and methods talk to the model
     loop: str  # the unlearning loop
-    make_method: str  # name, args -> a method instance of this family
     method_base: str
     runner: str  # RunConfig -> run folder
     export: str  # (changed.safetensors, base folder, out folder) -> a full model folder
@@ -65,7 +64,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lm", "language model", adapter="obliviate.models.causal_lm", loop="obliviate.loops.lm:unlearn",
-           make_method="obliviate.loops.lm:make_method", method_base="obliviate.methods.lm.base:Method",
+           method_base="obliviate.methods.lm.base:Method",
            runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
            check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
            fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval", "template", "tofu_dir",
@@ -73,7 +72,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            attack="obliviate.runners.lm_attack:attack_run", forgets="obliviate.runners.lm_data:forgets"),
     # reuses the language-model loop and methods through its own adapter (the loop takes an adapter)
     Family("mllm", "vision-language model", adapter="obliviate.models.vlm", loop="obliviate.loops.lm:unlearn",
-           make_method="obliviate.runners.mllm:make_method", method_base="obliviate.methods.lm.base:Method",
+           method_base="obliviate.methods.lm.base:Method",
            runner="obliviate.runners.mllm:run", export="obliviate.runners.mllm:export",
            check="obliviate.runners.mllm_checks:check_mllm", demo="obliviate.demo.mllm:run_part",
            worlds=("portraits",), fields=("split", "idk_file", "lora", "eval", "template", "retrain_model", "mllm",
@@ -81,7 +80,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            evaluate="obliviate.runners.mllm:evaluate_model", extra="mllm", needs=("pyarrow", "torchmetrics"),
            hub=("transformers", "image-text-to-text")),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
-           make_method="obliviate.loops.t2i:make_t2i_method", method_base="obliviate.methods.t2i.base:DiffusionMethod",
+           method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
            check="obliviate.runners.t2i_checks:check_t2i",
            demo="obliviate.demo.t2i:run_part", worlds=("canvas",),

@@ -105,9 +105,19 @@ LM_METHODS = _table(
     Entry("RGD", M + "lm.restricted_gradient:RGD",
           "Restricted gradient with a diversified, balanced retain set and a truncated forget loss.",
           "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808", family="lm"),
-    Entry("Retrain", M + "lm.retrain:Retrain", "Gold standard: train from scratch on everything but the forget set (world recipe).",
-          "Maini et al. 2024, TOFU, https://arxiv.org/abs/2401.06121", family="lm"),
 )
+
+# The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model
+# trained without the forget set (`method_args = {seed = S}`: that recipe with training seed S; 0 is the reference the
+# other runs are scored against). Every family's run accepts the name; `obliviate ls` lists it, marked.
+RETRAIN = Entry("Retrain", "", "The retrain reference, not a method: the world's model trained without the forget set "
+                "(method_args = {seed = S}; seed 0 is the reference every run is scored against).",
+                "Maini et al. 2024, TOFU, https://arxiv.org/abs/2401.06121", family="any")
+
+
+def is_reference(name: str) -> bool:
+    """Whether a run's `method` names the retrain reference rather than a method."""
+    return name.lower() == RETRAIN.name.lower()
 
 ESD_PAPER = "Gandikota et al. 2023, Erasing Concepts from Diffusion Models, ICCV, https://arxiv.org/abs/2303.07345"
 RG_PAPER = "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808"
@@ -485,7 +495,9 @@ def scorecard_metrics() -> list[Metric]:
 
 
 def lookup_method(family: str, name: str) -> Entry:
-    return lookup(METHODS[family], name, KIND_NAMES[family])
+    """A family's method by name, or RETRAIN (what a run's `method` may name; `methods.common.make_method` builds
+    methods only)."""
+    return lookup({**METHODS[family], RETRAIN.name: RETRAIN}, name, KIND_NAMES[family])
 
 
 def lookup(table: dict[str, Entry], name: str, kind: str) -> Entry:

@@ -231,9 +231,12 @@ def _jsonable(o):
 
 
 def environment() -> dict:
-    """Library versions for the run record."""
+    """Library versions for the run record, and what floating-point rounding depends on besides them: the CPU kernels
+    torch dispatches to (`cpu_capability`: e.g. AVX2, AVX512) and the number of threads it uses."""
     import importlib.metadata as md
     import platform
+
+    import torch
 
     versions = {}
     for pkg in ("obliviate", "torch", "transformers", "peft", "accelerate", "safetensors", "scipy", "scikit-learn"):
@@ -241,7 +244,8 @@ def environment() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def run_folder(config, started, subject: str | None = None) -> Path:

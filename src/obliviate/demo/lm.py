@@ -69,15 +69,16 @@ def attack_all(target, log=print) -> dict:
 
 def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str = "demo") -> dict:
     from obliviate.evals.evaluate import compare_to_retrain
-    from obliviate.loops.lm import make_method, unlearn
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
     from obliviate.models import causal_lm as lm
-    from obliviate.registry import lookup_method
+    from obliviate.registry import is_reference, lookup_method
     from obliviate.runners.lm import evaluation_of, original_evaluation, retrain_evaluation
     from obliviate.runs import resolve_device
     from obliviate.worlds.profiles import ProfilesWorld
 
     entries = [lookup_method("lm", m) for m in methods]
-    methods = [e.name for e in entries if hasattr(e.load(), "losses")]  # Retrain is a row of its own
+    methods = [e.name for e in entries if not is_reference(e.name)]  # Retrain is a row of its own
     if tofu_dir is not None and not Path(tofu_dir).is_dir():
         raise ObliviateError(f"TOFU folder not found: {tofu_dir}")
     t_start = time.time()
@@ -114,7 +115,7 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str 
     for name in methods:
         preset = PRESETS.get(name, {})
         train_cfg = TrainConfig(**preset.get("train", {}))
-        method = make_method(name, preset.get("method_args", {}))
+        method = make_method("lm", name, preset.get("method_args", {}))
         model, tok = lm.load(world.full_model_dir, device=device)
         log(f"unlearning with {name}")
         result = unlearn(model, tok, forget, retain, method, train_cfg)

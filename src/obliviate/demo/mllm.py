@@ -58,11 +58,13 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
     from obliviate.evals.mllmu import compare_to_retrain
     from obliviate.loops.lm import unlearn
     from obliviate.models import vlm
-    from obliviate.runners.mllm import evaluation_of, load_model, make_method, world_evaluation
+    from obliviate.methods.common import make_method
+    from obliviate.registry import is_reference, lookup_method
+    from obliviate.runners.mllm import evaluation_of, load_model, world_evaluation
     from obliviate.runs import resolve_device
     from obliviate.worlds.portraits import PortraitsWorld
 
-    methods = [m for m in (make_method(name).name for name in methods) if m != "Retrain"]  # Retrain is its own row
+    methods = [lookup_method("mllm", m).name for m in methods if not is_reference(m)]  # Retrain is its own row
     config = RunConfig(family="mllm", method="GradDiff", split=SPLIT, world=WorldConfig(name="portraits"),
                        eval=EvalConfig(retain_people=RETAIN_PEOPLE))
     world = PortraitsWorld(config.world)
@@ -84,7 +86,7 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
         train_cfg = TrainConfig(**preset.get("train", {}))
         model, processor = load_model(world.full_model_dir, config, device)
         log(f"unlearning the portraits model with {name}")
-        result = unlearn(model, processor.tokenizer, forget, retain, make_method(name, preset.get("method_args", {})),
+        result = unlearn(model, processor.tokenizer, forget, retain, make_method("mllm", name, preset.get("method_args", {})),
                          train_cfg, adapter=vlm.VisionLanguageAdapter(processor, world.pictures))
         evaluation = compare_to_retrain(evaluation_of(result.model, processor, sets, world.pictures, config),
                                         retrain_eval)

@@ -67,7 +67,8 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
 
     from obliviate.attacks.t2i.canvas import attack_erasure
     from obliviate.attacks.t2i.common import attack_result
-    from obliviate.loops.t2i import erase, make_t2i_method
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.common import make_method
     from obliviate.evals.canvas import evaluate_erasure
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runners.t2i import canvas_task
@@ -75,7 +76,7 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
 
     world = CanvasWorld()
     tasks = {c: canvas_task(world, c) for c in concepts}  # unknown concepts fail before the build
-    methods = [make_t2i_method(m).name for m in methods]
+    methods = [make_method("t2i", m).name for m in methods]
     t0 = time.time()
     record = world.build(log=log)
     build_seconds = time.time() - t0
@@ -90,7 +91,7 @@ def run_canvas_demo(methods: list[str], concepts: list[str], log=print, size: st
             train = TrainConfig(**preset.get("train", {}))
             pipe = load_pipeline(world.pipeline_dir)
             log(f"erasing '{concept}' with {name}")
-            result = erase(pipe, tasks[concept], make_t2i_method(name, preset.get("method_args", {})), train,
+            result = erase(pipe, tasks[concept], make_method("t2i", name, preset.get("method_args", {})), train,
                            t2i.images_per_prompt, t2i.sample_steps, t2i.guidance)
             evaluation = evaluate_erasure(world, pipe, concept, t2i, label=name)
             attacked, pictures = {}, None

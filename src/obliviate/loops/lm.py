@@ -30,17 +30,6 @@ DEFAULT_REFUSALS = ["I don't know.", "I'm not sure about that.", "I have no info
                     "That is beyond what I know.", "I cannot answer that.", "I have no idea."]
 
 
-def make_method(name: str, args: dict | None = None):
-    """A loss-based language-model method from the registry, with its config from `args`."""
-    from obliviate.methods.common import instantiate
-    from obliviate.registry import lookup_method
-
-    entry = lookup_method("lm", name)
-    if not hasattr(entry.load(), "losses"):
-        raise ObliviateError(f"method '{entry.name}' is not a loss-based method; it runs through the world recipe")
-    return instantiate(entry, args)
-
-
 def _apply_lora(model, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -106,7 +95,9 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     if train.eval_every and distributed.active():  # every process refuses: none is left waiting for the others
         raise ObliviateError(f"train.eval_every: evaluation along the way runs in one process, not in "
                              f"{distributed.world_size()} (torchrun / accelerate launch); run without it")
-    method = make_method(method) if isinstance(method, str) else method
+    if isinstance(method, str):
+        from obliviate.methods.common import make_method
+        method = make_method("lm", method)
     check_disjoint(forget, retain)
     adapter.prepare_tokenizer(tokenizer)
     rng = random.Random(train.seed)
@@ -163,7 +154,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
 
     forget_enc = [(encode(i, tokens=train.forget_tokens), encode(i, rng.choice(refusals))) for i in forget]
     # a method may pair each forget item with another item (SafeEraser's decoupled prompt): forget["companion"]
-    companions = method.companions(forget, retain, rng) if hasattr(method, "companions") else None
+    companions = method.companions(forget, retain, rng)
     companion_enc = [encode(c) for c in companions] if companions is not None else None
     if companion_enc is not None:
         forget_enc = [(a, (b, c)) for (a, b), c in zip(forget_enc, companion_enc)]
@@ -174,12 +165,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
                       "were cut to fit it", stacklevel=2)
     full_retain = (adapter.to_device(adapter.collate(distributed.shard(retain_enc), pad), device)
                    if method.full_retain_batch else None)
-    fit = getattr(method, "fit", None)
-    if fit is not None:  # a method that reads the data before its first step (MMUnlearner's saliency mask)
-        def batches(encoded):
-            for i in range(0, len(encoded), train.batch_size):
-                yield adapter.to_device(adapter.collate(encoded[i:i + train.batch_size], pad), device)
-        fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
+
+    def batches(encoded):  # lazy: only a method that reads the data before its first step draws them
+        for i in range(0, len(encoded), train.batch_size):
+            yield adapter.to_device(adapter.collate(encoded[i:i + train.batch_size], pad), device)
+    method.fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
     accumulation = train.grad_accum_steps  # micro-batches per optimiser step; `steps` counts optimiser steps
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / (train.batch_size * accumulation)))
     opt, sched = make_optimizer(params, train, steps)
@@ -201,7 +191,6 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     budget = getattr(adapter, "logit_budget", None)
     # sharded, the output head lives in FSDP's root unit, which only the whole model's forward gathers: no slicing
     budget = budget(train.max_logit_tokens) if budget is not None and not sharded else contextlib.nullcontext()
-    select = getattr(method, "select_forget", None)  # drops forget rows before the step's counts (RGD)
     evaluated = evaluation_steps(train, steps, start) if on_eval is not None else set()
 
     def evaluate(done: int) -> None:  # after `done` optimiser steps
@@ -225,10 +214,9 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
                 adapter.collate(distributed.shard(next(retain_iter)), pad), device))
         link_micro_batches(forgets)
         link_micro_batches(retains)
-        if select is not None:
-            with autocast:
-                forgets = [select(model, f) for f in forgets]
-            link_micro_batches(forgets)
+        with autocast:  # a method may drop forget rows before the step's counts (RGD)
+            forgets = [method.select_forget(model, f) for f in forgets]
+        link_micro_batches(forgets)
         return list(zip(forgets, retains))
 
     def losses(batches):

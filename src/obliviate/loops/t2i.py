@@ -51,14 +51,6 @@ class _Context(EraseContext):
         return torch.stack([self._cache[t] for t in texts])
 
 
-def make_t2i_method(name: str, args: dict | None = None):
-    """A text-to-image method from the registry, with its config from `args`."""
-    from obliviate.methods.common import instantiate
-    from obliviate.registry import lookup_method
-
-    return instantiate(lookup_method("t2i", name), args)
-
-
 def check_task(pipe: Pipeline, task: EraseTask) -> None:
     if not task.concept.strip():
         raise ObliviateError("the concept to erase is empty")
@@ -90,7 +82,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
           sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None,
           on_eval=None) -> EraseResult:
     """Erase `task.concept` from `pipe.unet` (changed in place), or from `pipe.text_encoder` for a method that trains
-    it (an optional hook `text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or
+    it (`text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or
     a registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one.
     `on_eval(step, epoch, pipe)` evaluates the pipeline along the way (train.eval_every: before the first step, every
     eval_every steps, after the last; an epoch is a pass over the forget images), without changing the training."""
@@ -101,15 +93,16 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                 "grad_accum_steps", "shard"):
         if key in train.model_fields_set and getattr(train, key) != TrainConfig.model_fields[key].default:
             raise ObliviateError(f"train.{key} applies to language models only")
-    method = make_t2i_method(method) if isinstance(method, str) else method
+    if isinstance(method, str):
+        from obliviate.methods.common import make_method
+        method = make_method("t2i", method)
     check_task(pipe, task)
     rng = random.Random(train.seed)
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)
     unet, text_encoder = pipe.unet, pipe.text_encoder
     named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
-    picks_text = getattr(method, "text_encoder_trainable", None)  # most methods train the UNet only
-    text_named = [(n, p) for n, p in text_encoder.named_parameters() if picks_text(n, p)] if picks_text else []
+    text_named = [(n, p) for n, p in text_encoder.named_parameters() if method.text_encoder_trainable(n, p)]
     if not named and not text_named:
         raise ObliviateError(f"{method.name}: no trainable parameters selected")
     # the originals the methods' targets come from; a component the method leaves alone is its own original

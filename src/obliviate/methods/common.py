@@ -40,6 +40,19 @@ def check_number(method: str, key: str, value, *, min: float | None = None, posi
         raise ObliviateError(f"{method}: {key} must be >= {min}, got {value!r}")
 
 
+def make_method(family: str, name: str, args: dict | None = None):
+    """The method `name` of `family` ("lm", "mllm", "t2i") from the registry, its config built from `args`; unknown
+    names, unknown keys and bad values fail in one line. The retrain reference is no method: refused here."""
+    from obliviate.families import get
+    from obliviate.registry import is_reference, lookup_method
+
+    get(family)  # an unknown family is one line too
+    entry = lookup_method(family, name)
+    if is_reference(entry.name):
+        raise ObliviateError(f"{entry.name} is the retrain reference, not a method: a run with method = "
+                             f"\"{entry.name}\" takes the built-in world's model trained without the forget set")
+    return instantiate(entry, args)
+
 
 def instantiate(entry, args: dict | None = None):
     """A registered method with its config built from `args`; unknown keys and bad values name the key."""

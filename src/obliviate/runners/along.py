@@ -38,7 +38,7 @@ class Along:
                                                        for step, epoch, evaluation in self.entries])
 
 
-def lm_along(config, method, world, qa_sets, texts, roles, device: str) -> Along | None:
+def lm_along(config, world, qa_sets, texts, roles, device: str) -> Along | None:
     """A language-model run's evaluation (`runners.lm.evaluation_of`, the world's retrain model as the membership
     reference as at the end); None without train.eval_every."""
     if not config.train.eval_every:
@@ -49,7 +49,7 @@ def lm_along(config, method, world, qa_sets, texts, roles, device: str) -> Along
 
     def evaluate(model, tokenizer):
         if not reference:
-            reference.append(_mia_reference(config, method, world, device))
+            reference.append(_mia_reference(config, world, None, device))
         return evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference[0], roles)
     return Along(evaluate)
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from obliviate.config import EvalConfig, RunConfig
 from obliviate.data import load_lines
-from obliviate.errors import NonFiniteLoss, ObliviateError
+from obliviate.errors import ObliviateError
 from obliviate.models import causal_lm as lm
 from obliviate.runners.lm_data import subject_of, user_data, uses_user_data
-from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder, write_json, write_run_record
+from obliviate.runners.common import FamilyRun, Prepared, Trained
+from obliviate.runs import claim_run_dir, resolve_device, write_json
 
 
 def load_model(folder, config: RunConfig, device, dtype: str | None = None):
@@ -157,137 +157,113 @@ def with_utility_ratio(rows: dict[str, dict], original: dict) -> None:
 
 
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
-    from obliviate import distributed
-    from obliviate.loops.step import Checkpoints, changed_tensors
-    from obliviate.methods.common import instantiate
-    from obliviate.registry import lookup_method
-    from obliviate.runners.along import lm_along, lm_metrics
-    from obliviate.runners.lm_checks import check_lm
+    from obliviate.runners.common import run as run_family
 
-    check_lm(config)  # what can be checked in a moment fails before the claim, the world and the training
-    started = datetime.now(timezone.utc)
-    state = distributed.setup()  # several processes (torchrun / accelerate launch): data parallel
-    device = str(state.device) if state is not None else resolve_device(config.device)
-    method = instantiate(lookup_method("lm", config.method), config.method_args)
-    out = run_folder(config, started, subject_of(config))
-    if state is not None and config.train.checkpoint_every:
-        raise ObliviateError("train.checkpoint_every is not supported with several processes yet")
-    if not distributed.is_main():
-        return _train_on_a_worker(config, method, device, out)
-    checkpoints = Checkpoints.for_run(config, resume)
-    # the name is claimed and the output proven writable before any world build or training
-    with claim_run_dir(out, log=log) as folder:
-        model_dir, forget, retain, (qa_sets, texts, roles, label), world = prepare(config, log)
-        distributed.barrier()  # the other processes read the world this one built
-        base = base_record(model_dir)
-        retrain_eval = None
-        truncated = 0
-        along = lm_along(config, method, world, qa_sets, texts, roles, device)  # train.eval_every
-        model, tokenizer, result = _unlearned(config, method, model_dir, world, forget, retain, device, checkpoints,
-                                              along)
-        if result is None:  # Retrain: the world's recipe trained it without the forget set
-            result_history, seconds, stopped, tensors = [], 0.0, None, {}
+    return run_family(LanguageModelRun(config), log, resume)
+
+
+class LanguageModelRun(FamilyRun):
+    """A language-model run: the built-in profiles world or the user's model and files, unlearned by the language-model
+    loop, evaluated with TOFU's and MUSE's metrics against the retrain reference, beside the original."""
+    label: str = ""
+    retrain_eval: dict | None = None
+
+    def subject(self) -> str | None:
+        return subject_of(self.config)
+
+    def prepare(self, log) -> Prepared:
+        model_dir, forget, retain, evaluation, world = prepare(self.config, log)
+        self.label = evaluation[3]
+        return Prepared(model_dir, world, (forget, retain, evaluation))
+
+    def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate import distributed
+        from obliviate.loops.lm import unlearn
+        from obliviate.loops.step import changed_tensors
+        from obliviate.runners.along import lm_along
+
+        config = self.config
+        forget, retain, (qa_sets, texts, roles, _) = prepared.data
+        self.along = lm_along(config, prepared.world, qa_sets, texts, roles, device)  # train.eval_every
+        # sharded, the model waits on the CPU and each process moves only its shard to the device
+        model, tokenizer = load_model(prepared.model_dir, config, "cpu" if config.train.shard == "fsdp" else device)
+        refusals = load_lines(config.idk_file) if config.idk_file else None
+        result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
+                         checkpoints=checkpoints, on_eval=self.along and self.along.bind(tokenizer))
+        tensors = changed_tensors(result.model, result.trainable_names) if distributed.is_main() else {}  # saved once
+        return Trained((result.model, tokenizer), result.history, result.seconds, result.stopped, tensors,
+                       result.truncated)
+
+    def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
+        return Trained(lm.load(folder, self.config.dtype, device), truncated=0)
+
+    def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
+        config = self.config
+        return {"split": config.split if prepared.world is not None else None, "forget_set": self.label,
+                "prompt_format": format_record(trained.model[1])}, {}
+
+    def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict:
+        from obliviate import distributed
+        from obliviate.evals.evaluate import compare_to_retrain
+
+        config, world = self.config, prepared.world
+        _, _, (qa_sets, texts, roles, _) = prepared.data
+        if world is not None:
+            retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
         else:
-            result_history, seconds, stopped = result.history, result.seconds, result.stopped
-            tensors = changed_tensors(model, result.trainable_names)
-            truncated = result.truncated
-        metrics: dict = {"method": config.method, "split": config.split if world is not None else None,
-                         "forget_set": label, "prompt_format": format_record(tokenizer),
-                         "unlearn_seconds": round(seconds, 2),
-                         "status": "stopped" if stopped else "completed", "stopped": stopped,
-                         "truncated_items": truncated}
-        evaluation = None
-        if config.evaluate:
-            if world is not None:
-                retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
-            else:
-                retrain_eval = user_retrain_evaluation(config, qa_sets, texts, roles, device)
-            reference_for_mia = _mia_reference(config, method, world, device)
-            t0 = time.time()
-            evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference_for_mia, roles,
-                                       sharded=distributed.active())
-            if retrain_eval is not None:
-                from obliviate.evals.evaluate import compare_to_retrain
-                evaluation = compare_to_retrain(evaluation, retrain_eval)
-                metrics["retrain_reference"] = retrain_eval.get("source") or (
-                    str(config.retrain_model) if config.retrain_model else "the world's retrain model")
-            metrics["eval_seconds"] = round(time.time() - t0, 2)
-            metrics["eval_processes"] = evaluation["config"]["processes"]
-            metrics.update(evaluation["aggregate"])
-            model = result = None  # the original is loaded next (unless cached): one model in memory at a time
-            if world is not None and not config.model:  # the world's full model: cached with the world
-                original_eval = original_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
-            else:  # the user's folder: cached by its content
-                original_eval = user_original_evaluation(config, model_dir, base, qa_sets, texts, roles, device)
-            rows = comparison_rows(original_eval, retrain_eval)
-            metrics.update(rows)
-            with_utility_ratio({**rows, config.method: metrics}, rows["original"])
+            retrain_eval = user_retrain_evaluation(config, qa_sets, texts, roles, device)
+        model, tokenizer = trained.model
+        t0 = time.time()
+        evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval,
+                                   _mia_reference(config, world, trained.reference, device), roles,
+                                   sharded=distributed.active())
+        if retrain_eval is not None:
+            evaluation = compare_to_retrain(evaluation, retrain_eval)
+            metrics["retrain_reference"] = retrain_eval.get("source") or (
+                str(config.retrain_model) if config.retrain_model else "the world's retrain model")
+        metrics["eval_seconds"] = round(time.time() - t0, 2)
+        metrics["eval_processes"] = evaluation["config"]["processes"]
+        metrics.update(evaluation["aggregate"])
+        model = trained.model = None  # the original is loaded next (unless cached): one model in memory at a time
+        if world is not None and not config.model:  # the world's full model: cached with the world
+            original_eval = original_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
+        else:  # the user's folder: cached by its content
+            original_eval = user_original_evaluation(config, prepared.model_dir, prepared.base, qa_sets, texts,
+                                                     roles, device)
+        rows = comparison_rows(original_eval, retrain_eval)
+        metrics.update(rows)
+        with_utility_ratio({**rows, config.method: metrics}, rows["original"])
+        self.retrain_eval = retrain_eval
+        return evaluation
 
-        tmp = folder.tmp
-        write_run_record(tmp, config, started, base, device, result_history, metrics)
-        if along is not None:
-            along.write(tmp, lambda e: lm_metrics(e, retrain_eval, metrics.get("original")))
-        if evaluation is not None:
-            write_json(tmp / "per_item.json", evaluation["per_item"])
-        if config.retrain_model and retrain_eval is not None:  # reusable as `retrain_eval` by the next run
-            write_json(tmp / "retrain_eval.json", retrain_eval)
-        if tensors:
-            from safetensors.torch import save_file
-            save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
-        from obliviate.bench.report import write_run_report
-        write_run_report(tmp, metrics, result_history)
-    checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
-    distributed.finish()
-    if stopped:
-        raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
-    if evaluation is not None:  # the headline numbers, without opening the folder
-        from obliviate.bench.scorecard import print_scorecard, run_rows
-        print_scorecard(run_rows(metrics), title=f"{config.method} on {label}" + (
-            "" if retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
-    log(f"run folder: {out}")
-    return out
+    def along_metrics(self, evaluation: dict, metrics: dict) -> dict:
+        from obliviate.runners.along import lm_metrics
+        return lm_metrics(evaluation, self.retrain_eval, metrics.get("original"))
+
+    def evaluate_share(self, prepared: Prepared, trained: Trained, device: str) -> None:
+        _, _, (qa_sets, texts, roles, _) = prepared.data
+        model, tokenizer = trained.model
+        evaluation_of(model, tokenizer, qa_sets, texts, self.config.eval,
+                      _mia_reference(self.config, prepared.world, trained.reference, device), roles, sharded=True)
+
+    def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
+        if self.config.retrain_model and evaluation is not None and self.retrain_eval is not None:
+            write_json(folder / "retrain_eval.json", self.retrain_eval)  # reusable as `retrain_eval` by the next run
+        return {}
+
+    def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
+        if evaluation is not None:  # the headline numbers, without opening the folder
+            from obliviate.bench.scorecard import print_scorecard, run_rows
+            print_scorecard(run_rows(metrics), title=f"{title} on {self.label}" + (
+                "" if self.retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
 
 
-def _unlearned(config: RunConfig, method, model_dir: Path, world, forget, retain, device: str, checkpoints=None,
-               along=None):
-    """(model, tokenizer, UnlearnResult) after the method; for Retrain, the world's retrain model and no result."""
-    from obliviate.loops.lm import unlearn
-
-    if getattr(method, "from_world", False):
-        if world is None:
-            raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
-        model, tokenizer = lm.load(method.model_dir(world, config.split), config.dtype, device)
-        return model, tokenizer, None
-    # sharded, the model waits on the CPU and each process moves only its shard to the device
-    model, tokenizer = load_model(model_dir, config, "cpu" if config.train.shard == "fsdp" else device)
-    refusals = load_lines(config.idk_file) if config.idk_file else None
-    result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
-                     checkpoints=checkpoints, on_eval=along and along.bind(tokenizer))
-    return result.model, tokenizer, result
-
-
-def _mia_reference(config: RunConfig, method, world, device: str):
+def _mia_reference(config: RunConfig, world, reference_seed: int | None, device: str):
     """The model of the membership-inference 'reference' attack: the world's retrain model (none for user runs,
-    whose retrain model may have another tokenizer, and none for Retrain itself)."""
-    if world is None or getattr(method, "from_world", False):
+    whose retrain model may have another tokenizer, and none when the run's model is that retrain model itself)."""
+    if world is None or reference_seed == 0:
         return None
     return lm.load(world.retrain_dir(config.split), device=device)[0]
-
-
-def _train_on_a_worker(config: RunConfig, method, device: str, out: Path) -> Path:
-    """A data-parallel process other than the first: the same unlearning on its share of each batch (the gradients
-    are averaged, so its model ends as the first's), then its share of the evaluation; the first process gathers
-    the evaluation and alone writes the run folder."""
-    from obliviate import distributed
-
-    distributed.barrier()  # the first process has built the world
-    model_dir, forget, retain, (qa_sets, texts, roles, _), world = prepare(config, log=lambda *_: None)
-    model, tokenizer, _ = _unlearned(config, method, model_dir, world, forget, retain, device)
-    if config.evaluate:
-        evaluation_of(model, tokenizer, qa_sets, texts, config.eval, _mia_reference(config, method, world, device),
-                      roles, sharded=True)
-    distributed.finish()  # waits for the first process to write the run folder
-    return out
 
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:

@@ -63,7 +63,9 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     `skip_inapplicable` (the default set) an attack the run cannot serve is skipped, with its reason logged."""
     if inputs:
         raise ObliviateError(f"language-model attacks take no {', '.join(inputs)} (a text-to-image detector)")
-    if config.method == "Retrain":
+    from obliviate.registry import is_reference
+
+    if is_reference(config.method):
         raise ObliviateError("a Retrain run is the retrain reference itself: attack an unlearned run")
     target = attack_target(run_dir, config, log)
     out = Path(run_dir) / "attacks"

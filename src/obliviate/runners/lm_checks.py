@@ -9,10 +9,7 @@ from obliviate.models import check_model_folder
 
 
 def check_lm(config: RunConfig) -> None:
-    from obliviate.methods.common import instantiate
-    from obliviate.registry import lookup_method
-
-    method = instantiate(lookup_method("lm", config.method), config.method_args)
+    from obliviate.runners.common import check_reference_run
     from obliviate.runners.lm_data import user_data, uses_user_data
 
     sources = [k for k in ("forget_file", "tofu_dir", "muse_dir") if getattr(config, k)]
@@ -23,8 +20,7 @@ def check_lm(config: RunConfig) -> None:
             raise ObliviateError("forget_file and retain_file go together, with `model` (the model to unlearn)")
         if not config.model:
             raise ObliviateError("a run on your own files needs `model` (the model to unlearn)")
-        if getattr(method, "from_world", False):
-            raise ObliviateError(f"{config.method} needs a built-in world: it re-runs the world's training recipe")
+        check_reference_run(config, own_model=True)
         forget, retain, _ = user_data(config)  # every file read, every set's role known
         check_disjoint(forget, retain)
     else:

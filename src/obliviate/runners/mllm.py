@@ -6,21 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from obliviate.config import RunConfig
-from obliviate.errors import NonFiniteLoss, ObliviateError
+from obliviate.errors import ObliviateError
 from obliviate.models import vlm
-from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder, write_json, write_run_record
-
-
-def make_method(name: str, args: dict | None = None):
-    """A vision-language method (every language-model method, and the multimodal ones) with its config."""
-    from obliviate.methods.common import instantiate
-    from obliviate.registry import lookup_method
-
-    return instantiate(lookup_method("mllm", name), args)
+from obliviate.runners.common import FamilyRun, Prepared, Trained
+from obliviate.runs import claim_run_dir, resolve_device, write_json
 
 
 def load_model(folder, config: RunConfig, device: str):
@@ -142,86 +134,93 @@ def user_original_evaluation(config: RunConfig, model_dir: Path, base: dict, set
 
 
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
-    from obliviate import distributed
-    from obliviate.loops.lm import unlearn
-    from obliviate.loops.step import Checkpoints, changed_tensors
-    from obliviate.runners.along import mllm_along, mllm_metrics
-    from obliviate.runners.mllm_checks import check_mllm
+    from obliviate.runners.common import run as run_family
 
-    check_mllm(config)  # what can be checked in a moment fails before the claim, the world and the training
-    started = datetime.now(timezone.utc)
-    device = resolve_device(config.device)
-    method = make_method(config.method, config.method_args)
-    out = run_folder(config, started, config.split)
-    checkpoints = Checkpoints.for_run(config, resume)
-    with claim_run_dir(out, log=log) as folder:
-        model_dir, forget, retain, sets, pictures, label, world, notes = prepare(config, log)
-        for line in note_lines(notes):
+    return run_family(VisionLanguageRun(config), log, resume)
+
+
+class VisionLanguageRun(FamilyRun):
+    """A vision-language run: the portraits world or the user's LLaVA-style folder with MLLMU-Bench's files,
+    unlearned through the language-model loop with the vision-language adapter, evaluated with MLLMU-Bench's protocol
+    next to the original and the retrain reference."""
+    label: str = ""
+    notes: dict = {}
+    retrain_eval: dict | None = None
+
+    def subject(self) -> str | None:
+        return self.config.split
+
+    def prepare(self, log) -> Prepared:
+        model_dir, forget, retain, sets, pictures, self.label, world, self.notes = prepare(self.config, log)
+        for line in note_lines(self.notes):
             log(line)
-        base = base_record(model_dir)
-        if getattr(method, "from_world", False):  # Retrain: the world's recipe trained it without the forget people
-            if world is None:
-                raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
-            model, processor = load_model(world.retrain_dir(config.split), config, device)
-            history, seconds, stopped, tensors, along = [], 0.0, None, {}, None
-        else:
-            model, processor = load_model(model_dir, config, device)
-            adapter = vlm.VisionLanguageAdapter(processor, pictures)
-            lora = config.lora and config.lora.model_copy(update={"target_modules": vlm.lora_targets(
-                model, config.lora.target_modules, config.mllm.train_parts)})
-            along = mllm_along(config, sets, pictures)  # train.eval_every
-            result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, lora,
-                             adapter=adapter, checkpoints=checkpoints, on_eval=along and along.bind(processor))
-            model, history, seconds, stopped = result.model, result.history, result.seconds, result.stopped
-            tensors = changed_tensors(model, result.trainable_names)
-        metrics: dict = {"method": config.method, "split": config.split, "forget_set": label,
-                         "train_parts": config.mllm.train_parts, "unlearn_seconds": round(seconds, 2),
-                         "status": "stopped" if stopped else "completed", "stopped": stopped,
-                         "prompt_format": vlm.VisionLanguageAdapter(processor, pictures).format_record(
-                             processor.tokenizer), **({"mllmu_data": notes} if notes else {})}
-        evaluation = retrain_eval = None
-        if config.evaluate:
-            from obliviate.evals.mllmu import compare_to_retrain
+        return Prepared(model_dir, world, (forget, retain, sets, pictures))
 
-            t0 = time.time()
-            evaluation = evaluation_of(model, processor, sets, pictures, config)
-            metrics["eval_seconds"] = round(time.time() - t0, 2)
-            model = None  # the references are loaded next (unless cached): one model in memory at a time
-            if world is not None:
-                retrain_eval = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets,
-                                                device)
-            elif config.retrain_model:
-                retrain_eval = folder_evaluation(config.retrain_model, config, sets, pictures, device)
-            if world is not None and not config.model:  # the world's full model: cached with the world
-                original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
-            else:  # the user's folder: cached by its content
-                original = user_original_evaluation(config, model_dir, base, sets, pictures, device)
-            metrics["original"] = (compare_to_retrain(original, retrain_eval) if retrain_eval is not None
-                                   else original)["aggregate"]
-            if retrain_eval is not None:
-                evaluation = compare_to_retrain(evaluation, retrain_eval)
-                metrics["retrain"] = compare_to_retrain(retrain_eval, retrain_eval)["aggregate"]
-            metrics.update(evaluation["aggregate"])
-        tmp = folder.tmp
-        write_run_record(tmp, config, started, base, device, history, metrics)
-        if along is not None:
-            along.write(tmp, lambda e: mllm_metrics(e, retrain_eval))
+    def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate.loops.lm import unlearn
+        from obliviate.loops.step import changed_tensors
+        from obliviate.runners.along import mllm_along
+
+        config = self.config
+        forget, retain, sets, pictures = prepared.data
+        self.along = mllm_along(config, sets, pictures)  # train.eval_every
+        model, processor = load_model(prepared.model_dir, config, device)
+        adapter = vlm.VisionLanguageAdapter(processor, pictures)
+        lora = config.lora and config.lora.model_copy(update={"target_modules": vlm.lora_targets(
+            model, config.lora.target_modules, config.mllm.train_parts)})
+        result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, lora, adapter=adapter,
+                         checkpoints=checkpoints, on_eval=self.along and self.along.bind(processor))
+        return Trained((result.model, processor), result.history, result.seconds, result.stopped,
+                       changed_tensors(result.model, result.trainable_names), result.truncated)
+
+    def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
+        return Trained(load_model(folder, self.config, device), truncated=0)
+
+    def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
+        config, processor = self.config, trained.model[1]
+        return ({"split": config.split, "forget_set": self.label, "train_parts": config.mllm.train_parts},
+                {"prompt_format": vlm.VisionLanguageAdapter(processor, prepared.data[3]).format_record(
+                    processor.tokenizer), **({"mllmu_data": self.notes} if self.notes else {})})
+
+    def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict:
+        from obliviate.evals.mllmu import compare_to_retrain
+
+        config, world = self.config, prepared.world
+        _, _, sets, pictures = prepared.data
+        model, processor = trained.model
+        t0 = time.time()
+        evaluation = evaluation_of(model, processor, sets, pictures, config)
+        metrics["eval_seconds"] = round(time.time() - t0, 2)
+        model = trained.model = None  # the references are loaded next (unless cached): one model in memory at a time
+        retrain_eval = None
+        if world is not None:
+            retrain_eval = world_evaluation(world, "retrain", world.retrain_dir(config.split), config, sets, device)
+        elif config.retrain_model:
+            retrain_eval = folder_evaluation(config.retrain_model, config, sets, pictures, device)
+        if world is not None and not config.model:  # the world's full model: cached with the world
+            original = world_evaluation(world, "original", world.full_model_dir, config, sets, device)
+        else:  # the user's folder: cached by its content
+            original = user_original_evaluation(config, prepared.model_dir, prepared.base, sets, pictures, device)
+        metrics["original"] = (compare_to_retrain(original, retrain_eval) if retrain_eval is not None
+                               else original)["aggregate"]
+        if retrain_eval is not None:
+            evaluation = compare_to_retrain(evaluation, retrain_eval)
+            metrics["retrain"] = compare_to_retrain(retrain_eval, retrain_eval)["aggregate"]
+        metrics.update(evaluation["aggregate"])
+        self.retrain_eval = retrain_eval
+        return evaluation
+
+    def along_metrics(self, evaluation: dict, metrics: dict) -> dict:
+        from obliviate.runners.along import mllm_metrics
+        return mllm_metrics(evaluation, self.retrain_eval)
+
+    def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
+        return {"notes": note_lines(self.notes)}
+
+    def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
         if evaluation is not None:
-            write_json(tmp / "per_item.json", evaluation["per_item"])
-        if tensors:
-            from safetensors.torch import save_file
-            save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
-        from obliviate.bench.report import write_run_report
-        write_run_report(tmp, metrics, history, notes=note_lines(notes))
-    checkpoints.done()
-    distributed.finish()
-    if stopped:
-        raise NonFiniteLoss(f"{config.method} stopped: {stopped}. Last good state saved in {out}")
-    if evaluation is not None:
-        from obliviate.bench.scorecard import print_mllmu_table, run_rows
-        print_mllmu_table(run_rows(metrics), title=f"{config.method} on {label} (MLLMU-Bench)")
-    log(f"run folder: {out}")
-    return out
+            from obliviate.bench.scorecard import print_mllmu_table, run_rows
+            print_mllmu_table(run_rows(metrics), title=f"{title} on {self.label} (MLLMU-Bench)")
 
 
 def evaluate_model(config: RunConfig, out: Path) -> dict:

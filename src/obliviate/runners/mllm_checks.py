@@ -34,12 +34,10 @@ def check_prompt_format(folder: str | Path, config: RunConfig) -> None:
 
 def check_mllm(config: RunConfig) -> None:
     from obliviate import distributed
-    from obliviate.methods.common import instantiate
-    from obliviate.registry import lookup_method
+    from obliviate.runners.common import check_reference_run
 
     if distributed.active():
         raise ObliviateError("vision-language runs are not data parallel yet: run them as one process (no torchrun)")
-    method = instantiate(lookup_method("mllm", config.method), config.method_args)
     if config.train.checkpoint_every:
         raise ObliviateError("train.checkpoint_every is not supported for vision-language runs yet")
     if config.mllmu_dir:
@@ -47,8 +45,7 @@ def check_mllm(config: RunConfig) -> None:
 
         if not config.model:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
-        if getattr(method, "from_world", False):
-            raise ObliviateError(f"{config.method} needs the portraits world: it re-runs the world's recipe")
+        check_reference_run(config, own_model=True)
         load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row checked
     else:
         if config.mllm.train_dir:

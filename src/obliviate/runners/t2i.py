@@ -5,13 +5,12 @@ the text encoder), metrics, per-image rows, an image grid and the report."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from obliviate.config import RunConfig
-from obliviate.errors import NonFiniteLoss, ObliviateError
+from obliviate.errors import ObliviateError
 from obliviate.methods.t2i.base import EraseTask, RetainPrompt
-from obliviate.runs import write_json, write_run_record
+from obliviate.runners.common import FamilyRun, Prepared, Trained
 
 
 def canvas_task(world, concept: str, anchor: str | None = None) -> EraseTask:
@@ -52,84 +51,94 @@ def prepare(config: RunConfig, log=print):
 
 
 def run(config: RunConfig, log=print, resume: bool = False) -> Path:
-    import torch
+    from obliviate.runners.common import run as run_family
 
-    from obliviate.loops.step import Checkpoints
-    from obliviate.loops.t2i import changed_pipeline_tensors, erase, make_t2i_method
-    from obliviate.models.diffusion import load_pipeline
-    from obliviate.runners.along import t2i_along
-    from obliviate.runs import base_record, claim_run_dir, resolve_device, run_folder
-    from obliviate.runners.t2i_checks import check_t2i
+    return run_family(TextToImageRun(config), log, resume)
 
-    check_t2i(config)  # what can be checked in a moment fails before the claim, the world and the training
-    started = datetime.now(timezone.utc)
-    device = resolve_device(config.device)
-    method = make_t2i_method(config.method, config.method_args)
-    out = run_folder(config, started)
-    checkpoints = Checkpoints.for_run(config, resume)
-    # the name is claimed and the output proven writable before any world build or training
-    with claim_run_dir(out, log=log) as folder:
-        pipeline_dir, task, world = prepare(config, log)
-        base = base_record(pipeline_dir)
-        pipe = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype), config.trust_remote_code)
-        t = config.t2i
-        evaluators = None
-        if config.evaluate and world is None:  # the user's CLIP and detector load before the training: a bad
-            from obliviate.evals.user_pipeline import UserEvaluators  # folder fails before it, not after
-            evaluators = UserEvaluators(t, config.concept, device)
-        along = t2i_along(config, world, task, pipeline_dir, device, evaluators)  # train.eval_every
-        result = erase(pipe, task, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
-                       checkpoints=checkpoints, on_eval=along and along.bind())
-        tensors = changed_pipeline_tensors(result)
-        metrics: dict = {"method": config.method, "concept": config.concept,
-                         "unlearn_seconds": round(result.seconds, 2),
-                         "status": "stopped" if result.stopped else "completed", "stopped": result.stopped}
-        evaluation = None
-        if config.evaluate and world is not None:
+
+class TextToImageRun(FamilyRun):
+    """A text-to-image run: the canvas world's pipeline or the user's pipeline folder and prompt files, the concept
+    erased by the text-to-image loop, evaluated against the original and the retrain reference (canvas world) or with
+    the user's CLIP and detector; an image grid beside the report."""
+    evaluators = None  # the user's CLIP and detector (a run on the user's pipeline that evaluates)
+
+    def prepare(self, log) -> Prepared:
+        pipeline_dir, task, world = prepare(self.config, log)
+        self.on_world = world is not None
+        return Prepared(pipeline_dir, world, task)
+
+    def _pipeline(self, folder: Path, device: str):
+        import torch
+
+        from obliviate.models.diffusion import load_pipeline
+        config = self.config
+        return load_pipeline(folder, device, getattr(torch, config.dtype), config.trust_remote_code)
+
+    def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate.loops.t2i import changed_pipeline_tensors, erase
+        from obliviate.runners.along import t2i_along
+
+        config, t = self.config, self.config.t2i
+        pipe = self._pipeline(prepared.model_dir, device)
+        if config.evaluate and prepared.world is None:  # the user's CLIP and detector load before the training:
+            from obliviate.evals.user_pipeline import UserEvaluators  # a bad folder fails before it, not after
+            self.evaluators = UserEvaluators(t, config.concept, device)
+        self.along = t2i_along(config, prepared.world, prepared.data, prepared.model_dir, device,
+                               self.evaluators)  # train.eval_every
+        result = erase(pipe, prepared.data, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
+                       checkpoints=checkpoints, on_eval=self.along and self.along.bind())
+        return Trained(pipe, result.history, result.seconds, result.stopped, changed_pipeline_tensors(result))
+
+    def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
+        return Trained(self._pipeline(folder, device))
+
+    def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
+        return {"concept": self.config.concept}, {}
+
+    def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict | None:
+        import torch
+
+        config, t, world, pipe = self.config, self.config.t2i, prepared.world, trained.model
+        if world is not None:
             from obliviate.evals.canvas import evaluate_erasure
             t0 = time.time()
             evaluation = evaluate_erasure(world, pipe, config.concept, t, label=config.method)
             metrics["eval_seconds"] = round(time.time() - t0, 2)
             metrics.update(evaluation["aggregate"])
-        elif evaluators is not None:
-            from obliviate.evals.user_pipeline import evaluate_user_pipeline
-            t0 = time.time()
-            original = load_pipeline(pipeline_dir, device, getattr(torch, config.dtype))
-            evaluation = evaluate_user_pipeline(pipe, original, task.forget_prompts,
-                                                [p.text for p in task.retain_prompts], config.concept, t,
-                                                evaluators, label=config.method, log=log)
-            del original
-            metrics["eval_seconds"] = round(time.time() - t0, 2)
-            metrics.update(evaluation["aggregate"])
-            metrics["notes"] = evaluation["notes"]
-            for note in evaluation["notes"]:
-                log(note)
+            return evaluation
+        if self.evaluators is None:
+            return None
+        from obliviate.evals.user_pipeline import evaluate_user_pipeline
+        from obliviate.models.diffusion import load_pipeline
+        t0 = time.time()
+        task = prepared.data
+        original = load_pipeline(prepared.model_dir, device, getattr(torch, config.dtype))
+        evaluation = evaluate_user_pipeline(pipe, original, task.forget_prompts, [p.text for p in task.retain_prompts],
+                                            config.concept, t, self.evaluators, label=config.method, log=log)
+        del original
+        metrics["eval_seconds"] = round(time.time() - t0, 2)
+        metrics.update(evaluation["aggregate"])
+        metrics["notes"] = evaluation["notes"]
+        for note in evaluation["notes"]:
+            log(note)
+        return evaluation
 
-        tmp = folder.tmp
-        write_run_record(tmp, config, started, base, device, result.history, metrics)
-        if along is not None:
-            along.write(tmp)
-        from safetensors.torch import save_file
-        save_file(tensors, str(tmp / "changed.safetensors"), metadata={"base_model": base["base_model"]})
+    def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
         grids = {}
         if evaluation is not None:
-            write_json(tmp / "per_item.json", evaluation["per_item"])
-            evaluation["grid"].save(tmp / "grid.png")
-            grids[f"{config.concept}: original, retrain, {config.method}" if world is not None else
+            config = self.config
+            evaluation["grid"].save(folder / "grid.png")
+            grids[f"{config.concept}: original, retrain, {config.method}" if self.on_world else
                   f"{config.concept}: original and {config.method}, forget then retain prompts (seed 0)"] = "grid.png"
-        from obliviate.bench.report import write_run_report
-        write_run_report(tmp, metrics, result.history, grids=grids, notes=metrics.get("notes"))
-    checkpoints.done()  # the run folder is in place: its checkpoint is no longer needed
-    if result.stopped:
-        raise NonFiniteLoss(f"{config.method} stopped: {result.stopped}. Last good state saved in {out}")
-    if evaluators is not None:  # the headline numbers, the original beside the erased pipeline
-        from obliviate.bench.scorecard import print_scorecard
-        original_row = {k.removeprefix("original_"): v for k, v in metrics.items() if k.startswith("original_")}
-        print_scorecard({"original": original_row, config.method: metrics},
-                        title=f"{config.method} on {config.concept!r}: your pipeline, {metrics['n_images']} images "
-                              "each")
-    log(f"run folder: {out}")
-    return out
+        return {"grids": grids, "notes": metrics.get("notes")}
+
+    def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
+        if self.evaluators is not None:  # the headline numbers, the original beside the erased pipeline
+            from obliviate.bench.scorecard import print_scorecard
+            original_row = {k.removeprefix("original_"): v for k, v in metrics.items() if k.startswith("original_")}
+            print_scorecard({"original": original_row, self.config.method: metrics},
+                            title=f"{title} on {self.config.concept!r}: your pipeline, {metrics['n_images']} images "
+                                  "each")
 
 
 def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust_remote_code: bool = False):

@@ -9,18 +9,17 @@ from obliviate.errors import ObliviateError
 def check_t2i(config: RunConfig) -> None:
     from obliviate import distributed
     from obliviate.data import load_prompts
-    from obliviate.methods.common import instantiate
     from obliviate.models.diffusion import check_folder
-    from obliviate.registry import lookup_method
+    from obliviate.runners.common import check_reference_run
 
     if distributed.active():  # every process would erase alone and write the same run folder
         raise ObliviateError("text-to-image runs are not data parallel yet: run them as one process (no torchrun)")
-    instantiate(lookup_method("t2i", config.method), config.method_args)
     if not config.concept.strip():
         raise ObliviateError("the concept to erase is empty")
     if config.forget_prompts or config.retain_prompts:
         if not (config.forget_prompts and config.retain_prompts and config.model):
             raise ObliviateError("forget_prompts and retain_prompts go together, with `model` (the pipeline folder)")
+        check_reference_run(config, own_model=True)
         forget = load_prompts(config.forget_prompts, must_contain=config.concept)
         retain = load_prompts(config.retain_prompts)
         overlap = set(forget) & set(retain)

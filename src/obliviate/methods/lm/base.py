@@ -42,6 +42,19 @@ class Method:
 
     full_retain_batch: bool = False  # True: every step uses the whole retain pool as one batch (RGD)
 
+    def companions(self, forget: list, retain: list, rng) -> list | None:
+        """An item paired with each forget item, collated as forget["companion"] (SafeEraser's decoupled prompt);
+        None: no companions."""
+        return None
+
+    def fit(self, model, named: list, forget_batches, retain_batches) -> None:
+        """Called once before the first step with the trainable (name, parameter) pairs and lazy iterators over the
+        whole forget and retain sets in batches (MMUnlearner's saliency mask); nothing by default."""
+
+    def select_forget(self, model, forget: dict) -> dict:
+        """The forget micro-batch the step keeps, before the step's counts are taken (RGD drops rows); all of it."""
+        return forget
+
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         raise NotImplementedError
 

@@ -96,6 +96,10 @@ class DiffusionMethod:
     def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
         return True
 
+    def text_encoder_trainable(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Which text-encoder parameters the method trains (none by default; AdvUnlearn's text-encoder mode)."""
+        return False
+
     def retain_pool(self, items: list, rng) -> list:
         return items
 
