@@ -96,8 +96,8 @@ def test_the_config_names_the_template_and_refuses_an_unknown_one(tmp_path):
     assert cfg.template.name == "llama3" and cfg.dump()["template"]["system_prompt"] == "Be brief."
     with pytest.raises(ObliviateError, match="template.name"):
         build_config({"method": "GradDiff", "template": {"name": "vicuna"}})
-    with pytest.raises(ObliviateError, match="template is a language model key"):
-        build_config({"method": "ESD-x", "concept": "star", "template": {"name": "chatml"}})
+    with pytest.raises(ObliviateError, match="template is a language model / vision-language model key"):
+        build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "template": {"name": "chatml"}})
 
 
 # ------------------------------------------------------------------------------------------ which tokens count

@@ -681,7 +681,7 @@ def evaluation_cache(family: str, base: dict, settings, cache_dir: str | None = 
     import hashlib
 
     from obliviate import __version__
-    from obliviate.config import cache_root
+    from obliviate.worlds import cache_root
     from obliviate.evals import PROTOCOL
 
     folder = Path(base["base_model"])

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from obliviate import progress, tracking
-from obliviate.config import LoraConfig, TrainConfig
+from obliviate.config import LMTrainConfig, LoraConfig, TrainConfig
 from obliviate.data import QAItem, TextItem, check_disjoint
 from obliviate.errors import ObliviateError
 from obliviate.loops.step import Checkpoints, StateGuard, UnlearnResult, gradient_step, make_optimizer
@@ -85,20 +85,21 @@ def _batches(encoded: list, size: int, rng: random.Random, lengths: list[int] | 
 
 
 def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
-            train: TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
+            train: LMTrainConfig | TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
             refusals: list[str] | None = None, adapter=None, checkpoints: Checkpoints | None = None) -> UnlearnResult:
     """Unlearn `forget` from `model` (changed in place) while keeping `retain`: question-answer items (answer tokens
     count) and/or texts (every token counts). `method` is a Method instance or a registered name. `reference` is the
     frozen original, needed only by methods that declare it; by default a copy of `model` is taken before any step
     (and only for those methods). `adapter` encodes and batches the items (default: the causal-LM adapter).
-    `checkpoints` saves the loop's state every few steps and resumes from the last one.
+    `checkpoints` saves the loop's state every few steps and resumes from the last one. A plain TrainConfig takes the
+    language-model keys (LMTrainConfig's) at their defaults.
     On return every parameter is trainable again (as it was given), so the result can be unlearned again."""
     from obliviate import distributed
 
     if adapter is None:
         from obliviate.models import causal_lm as adapter
     distributed.setup()
-    train = train or TrainConfig()
+    train = LMTrainConfig.of(train)
     method = make_method(method) if isinstance(method, str) else method
     check_disjoint(forget, retain)
     adapter.prepare_tokenizer(tokenizer)
