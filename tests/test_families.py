@@ -255,9 +255,10 @@ def test_a_language_model_training_key_is_refused_for_text_to_image_at_validatio
                    "train.shard is a language-model key; this is a text-to-image run")
 
 
-def test_an_older_run_record_with_every_key_at_its_default_still_reads():
-    """Runs recorded before one class per family held every family's keys (and every training key) at their
-    defaults; such a config.json reads back as its family's config, the same as today's record of it."""
+def test_an_older_run_record_with_every_key_still_reads():
+    """Runs recorded before one class per family held every training key (a text-to-image run: at values that never
+    applied, such as an older default max_logit_tokens = null), and older ones every family's keys; such a
+    config.json reads back as its family's config. A config the user writes may not mix them."""
     from obliviate.config import LMRunConfig, MLLMRunConfig, T2IRunConfig
 
     def every_key(*classes):
@@ -268,13 +269,16 @@ def test_an_older_run_record_with_every_key_at_its_default_still_reads():
         return out
 
     everything = every_key(T2IRunConfig, MLLMRunConfig, LMRunConfig)  # the language-model training keys last
-    t2i = {**everything, "family": "t2i", "method": "UCE", "concept": "star", "world": {"name": "canvas"}}
+    t2i = {**everything, "family": "t2i", "method": "UCE", "concept": "star", "world": {"name": "canvas"},
+           "train": {**everything["train"], "max_logit_tokens": None}}
     assert "grad_accum_steps" in t2i["train"] and "mllmu_dir" in t2i and "forget_file" in t2i
-    assert build_config(t2i) == build_config({"family": "t2i", "method": "UCE", "concept": "star"})
+    assert build_config(t2i, recorded=True) == build_config({"family": "t2i", "method": "UCE", "concept": "star"})
     lm = {**everything, "family": "lm", "concept": None, "world": {"name": "profiles"}}
-    assert build_config(lm) == build_config({"method": "GradDiff"})
+    assert build_config(lm, recorded=True) == build_config({"method": "GradDiff"})
+    with pytest.raises(ObliviateError, match="split is a language model / vision-language model key"):
+        build_config(t2i)
     with pytest.raises(ObliviateError, match="train.grad_accum_steps is a language-model key"):
-        build_config({**t2i, "train": {**t2i["train"], "grad_accum_steps": 2}})
+        build_config({"family": "t2i", "method": "UCE", "concept": "star", "train": {"grad_accum_steps": 1}})
 
 
 def test_old_run_folders_config_json_still_loads(tmp_path):

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES, family_of_world
@@ -337,42 +337,40 @@ def family_of_keys(keys) -> str | None:
     return owners.pop() if len(owners) == 1 else None
 
 
-def _at_default(model: type[BaseModel], key: str, value) -> bool:
-    field = model.model_fields[key]
-    try:
-        return TypeAdapter(field.annotation).validate_python(value) == field.get_default(call_default_factory=True)
-    except ValidationError:
-        return False
-
-
 def _without_other_families_keys(cls: type[RunConfig], data: dict) -> dict:
-    """`data` for family class `cls`: a key of another family (top level, or a language-model key in a text-to-image
-    run's `train`) is an error naming it, unless it holds its default: older runs recorded every family's keys."""
+    """`data` for family class `cls`; a key of another family (at the top level, or a language-model training key in
+    a text-to-image run's `train`) is an error that names it and the family that has it."""
     family = FAMILIES[cls.model_fields["family"].default]
-    data = dict(data)
     for key in [k for k in data if k not in cls.model_fields]:
-        owners = [c for c in RUN_CONFIGS.values() if key in c.model_fields]
-        if not owners:
-            continue  # not a key of any family: pydantic's "unknown key"
-        if _at_default(owners[0], key, data[key]):
-            del data[key]
-            continue
-        others = [FAMILIES[c.model_fields["family"].default] for c in owners]
-        hint = f"; set family = {others[0].name!r} for a {others[0].title} run" if len(others) == 1 else ""
-        raise ValueError(f"{key} is a {' / '.join(f.title for f in others)} key; this is a {family.title} run "
-                         f"(family = {family.name!r}){hint}")
+        owners = [FAMILIES[name] for name, c in RUN_CONFIGS.items() if key in c.model_fields]
+        if owners:  # a key of no family is pydantic's "unknown key"
+            hint = f"; set family = {owners[0].name!r} for a {owners[0].title} run" if len(owners) == 1 else ""
+            raise ValueError(f"{key} is a {' / '.join(f.title for f in owners)} key; this is a {family.title} run "
+                             f"(family = {family.name!r}){hint}")
     own_train = cls.model_fields["train"].annotation
     train = data.get("train")
     if isinstance(train, TrainConfig) and type(train) is not own_train:  # e.g. a plain TrainConfig for LMTrainConfig
-        train = {k: getattr(train, k) for k in train.model_fields_set}
-    if isinstance(train, dict):
-        train = dict(train)
-        for key in [k for k in train if k not in own_train.model_fields and k in LMTrainConfig.model_fields]:
-            if not _at_default(LMTrainConfig, key, train[key]):
+        data = {**data, "train": {k: getattr(train, k) for k in train.model_fields_set}}
+    if isinstance(data.get("train"), dict):
+        for key in data["train"]:
+            if key not in own_train.model_fields and key in LMTrainConfig.model_fields:
                 raise ValueError(f"train.{key} is a language-model key; this is a {family.title} run "
                                  f"(family = {family.name!r})")
-            del train[key]
-        data["train"] = train
+    return data
+
+
+def _recorded_family_keys(data: dict) -> dict:
+    """A run's config.json as any version wrote it, with its own family's keys only: before one class per family, a
+    run recorded every training key, and older ones every family's keys, at values that never applied to it."""
+    cls = _family_class(RunConfig, data)
+    if cls is RunConfig:
+        return data  # an unknown family: validation names it
+    others = {k for c in RUN_CONFIGS.values() for k in c.model_fields} - set(cls.model_fields)
+    data = {k: v for k, v in data.items() if k not in others}
+    own_train = cls.model_fields["train"].annotation
+    if isinstance(data.get("train"), dict):
+        data["train"] = {k: v for k, v in data["train"].items()
+                         if k in own_train.model_fields or k not in LMTrainConfig.model_fields}
     return data
 
 
@@ -449,9 +447,11 @@ def _yaml_problem(e, text: str) -> str:
     return str(e).splitlines()[0]
 
 
-def build_config(data: dict, source: str = "config") -> RunConfig:
+def build_config(data: dict, source: str = "config", recorded: bool = False) -> RunConfig:
+    """The run config of `data` (its family's class), or one line naming the bad key. `recorded`: `data` is a run's
+    config.json, whose keys of other families, as older versions recorded them, are dropped rather than refused."""
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(_recorded_family_keys(data) if recorded else data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])

@@ -747,4 +747,4 @@ def read_run_config(run_dir: Path):
     data = read_json_file(path, "run config")
     if not isinstance(data, dict):
         raise ObliviateError(f"{path}: a run config must be a JSON object")
-    return build_config(data, str(path))
+    return build_config(data, str(path), recorded=True)
