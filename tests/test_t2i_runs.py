@@ -33,7 +33,8 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:
     forget, retain = _prompt_files(tmp_path)
-    lines = ['family = "t2i"', f'method = "{method}"', 'concept = "striped"', f'model = "{pipeline}"', f'forget_prompts = "{forget}"',
+    lines = ['family = "t2i"', f'method = "{method}"', 'concept = "striped"', f'model = "{pipeline}"',
+             f'forget_prompts = "{forget}"',
              f'retain_prompts = "{retain}"', f'output_dir = "{tmp_path / "runs"}"', 'name = "r1"',
              "[train]", "max_steps = 2", "lr = 1e-3", "batch_size = 2",
              "[t2i]", "images_per_prompt = 1", "sample_steps = 3"]

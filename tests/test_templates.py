@@ -102,7 +102,7 @@ def test_the_config_names_the_template_and_refuses_an_unknown_one(tmp_path):
 
 # ------------------------------------------------------------------------------------------ which tokens count
 def _scored_in_forget_batch(monkeypatch, tok, model, **train_args):
-    from obliviate.config import TrainConfig
+    from obliviate.config import LMTrainConfig
     from obliviate.loops.lm import make_method, unlearn
 
     seen = {}
@@ -116,7 +116,7 @@ def _scored_in_forget_batch(monkeypatch, tok, model, **train_args):
 
     monkeypatch.setattr(method, "losses", spy)
     items = tiny_items()
-    unlearn(model, tok, items[:1], items[1:2], method, TrainConfig(max_steps=1, batch_size=1, lr=1e-5, **train_args))
+    unlearn(model, tok, items[:1], items[1:2], method, LMTrainConfig(max_steps=1, batch_size=1, lr=1e-5, **train_args))
     return seen
 
 
