@@ -375,3 +375,50 @@ unlearn(model, processor.tokenizer, forget, retain, make_method("NPO"), TrainCon
     lm_own = ("obliviate.runners.lm", "obliviate.runners.lm_checks", "obliviate.demo.lm")  # the people are shared
     assert not _loaded(modules, lm_own), _loaded(modules, lm_own)
     assert "obliviate.loops.lm" in modules and "obliviate.models.vlm" in modules
+
+
+def test_the_cli_and_the_api_branch_on_no_family_or_world_name():
+    """cli.py and api.py look families and worlds up (families.py, the worlds' table); no comparison in them names
+    one."""
+    names = {*FAMILIES, *(w for f in FAMILIES.values() for w in f.worlds)}
+    for file in ("cli.py", "api.py"):
+        for node in ast.walk(ast.parse((SRC / file).read_text())):
+            if isinstance(node, (ast.Compare, ast.Match)):
+                named = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names}
+                assert not named, f"{file}:{node.lineno} compares with {sorted(named)}"
+
+
+def test_world_build_goes_through_the_worlds_table(monkeypatch):
+    from typer.testing import CliRunner
+
+    import obliviate.worlds
+    from obliviate.cli import app
+
+    built = []
+
+    class Built:
+        root = Path("/cache/world")
+
+    monkeypatch.setattr(obliviate.worlds, "build_world",
+                        lambda config, split: built.append((config.name, config.seed, split)) or Built())
+    for name in ("canvas", "profiles"):
+        r = CliRunner().invoke(app, ["world", "build", name, "--seed", "3", "--quiet"])
+        assert r.exit_code == 0 and "world ready: /cache/world" in r.output, r.output
+    assert built == [("canvas", 3, "forget10"), ("profiles", 3, "forget10")]
+
+
+def test_the_config_imports_no_world_recipe():
+    """cache_root and the recipe-key checks live in obliviate.worlds; the config calls them and imports no world's
+    training code (a recipe is imported only to check `world.model`'s keys)."""
+    from obliviate.worlds import RECIPES, cache_root
+
+    imported = {i for i in _imports(SRC / "config.py") if i.startswith("obliviate.worlds")}
+    assert imported <= {"obliviate.worlds", "obliviate.worlds.cache_root", "obliviate.worlds.check_recipe_keys"}
+    assert set(RECIPES) == {w for f in FAMILIES.values() for w in f.worlds}
+    assert cache_root("/x") == Path("/x")
+    for world, key in (("profiles", "num_layers"), ("canvas", "unet_steps"), ("portraits", "vision_layers")):
+        with pytest.raises(ObliviateError, match=rf"world.model: unknown recipe key\(s\) \['nope'\]; valid: .*{key}"):
+            build_config({"method": "GradDiff" if world != "canvas" else "UCE", "world": {"name": world, "model": {
+                "nope": 1}}, **({"concept": "star"} if world == "canvas" else {})})
+        assert build_config({"method": "GradDiff" if world != "canvas" else "UCE", "world": {"name": world, "model": {
+            key: 2}}, **({"concept": "star"} if world == "canvas" else {})}).world.model == {key: 2}
