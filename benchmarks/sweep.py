@@ -16,7 +16,7 @@ import time
 import torch
 
 from obliviate import progress
-from obliviate.config import EvalConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, LMTrainConfig, WorldConfig
 from obliviate.demo.lm import RETAIN_PEOPLE, WORLDS
 from obliviate.evals.evaluate import compare_to_retrain, evaluate_lm
 from obliviate.models import causal_lm as lm
@@ -41,7 +41,7 @@ for spec in sys.argv[1:]:
     model, tok = lm.load(world.full_model_dir)
     t0 = time.time()
     result = unlearn(model, tok, forget, retain, make_method("lm", name, json.loads(rest[0]) if rest else {}),
-                     TrainConfig(lr=float(lr), epochs=float(epochs), group_by_length=grouped))
+                     LMTrainConfig(lr=float(lr), epochs=float(epochs), group_by_length=grouped))
     a = compare_to_retrain(evaluate_lm(result.model, tok, qa_sets, texts["forget"], texts["holdout"]),
                            retrain)["aggregate"]
     print(f"{spec:40s} FQ {a['forget_quality']:.3g} MU {a['model_utility']:.3f} forget_acc {a['forget_accuracy']:.2f} "

@@ -19,7 +19,7 @@ def main(model_dir: str, out: str, method: str, batch_size: str = "4", accumulat
 
     from conftest import tiny_items, tiny_texts
     from obliviate import distributed, progress
-    from obliviate.config import TrainConfig
+    from obliviate.config import LMTrainConfig
     from obliviate.loops.lm import unlearn
     from obliviate.methods.common import make_method
     from obliviate.loops.step import changed_tensors
@@ -37,7 +37,7 @@ def main(model_dir: str, out: str, method: str, batch_size: str = "4", accumulat
         nll = nll.sort().values
         args = {"diverse_retain_size": 3, "forget_loss_cap": float(nll[1] + nll[2]) / 2}
     result = unlearn(model, tok, forget, items[4:] + tiny_texts()[:2], make_method("lm", method, args),
-                     TrainConfig(max_steps=3, batch_size=int(batch_size), grad_accum_steps=int(accumulation),
+                     LMTrainConfig(max_steps=3, batch_size=int(batch_size), grad_accum_steps=int(accumulation),
                                  lr=1e-3, max_grad_norm=None))
     if distributed.is_main():
         tensors = changed_tensors(result.model, result.trainable_names)

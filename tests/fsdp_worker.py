@@ -14,7 +14,7 @@ def main(model_dir: str, out: str, method: str, shard: str, batch_size: str = "4
 
     from conftest import tiny_items, tiny_texts
     from obliviate import distributed, progress
-    from obliviate.config import TrainConfig
+    from obliviate.config import LMTrainConfig
     from obliviate.loops.lm import unlearn
     from obliviate.methods.common import make_method
     from obliviate.loops.step import changed_tensors
@@ -26,7 +26,7 @@ def main(model_dir: str, out: str, method: str, shard: str, batch_size: str = "4
     # no forget-loss cap: the untrained model's NLL is above it, which would leave the surgery nothing to do
     args = {"diverse_retain_size": 4, "forget_loss_cap": None} if method == "RGD" else {}
     result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method("lm", method, args),
-                     TrainConfig(max_steps=3, batch_size=int(batch_size), lr=1e-3, max_grad_norm=1.0, shard=shard))
+                     LMTrainConfig(max_steps=3, batch_size=int(batch_size), lr=1e-3, max_grad_norm=1.0, shard=shard))
     assert not any(type(p).__name__ == "DTensor" for p in result.model.parameters())  # gathered: an ordinary model
     if distributed.is_main():
         tensors = changed_tensors(result.model, result.trainable_names)

@@ -90,7 +90,8 @@ def _run_config(tmp_path: Path, pipeline: Path) -> Path:
     forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
     forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p) + "\n")
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
-    lines = ['method = "AdvUnlearn"', 'concept = "striped"', f'model = "{pipeline}"', f'forget_prompts = "{forget}"',
+    lines = ['family = "t2i"', 'method = "AdvUnlearn"', 'concept = "striped"', f'model = "{pipeline}"',
+             f'forget_prompts = "{forget}"',
              f'retain_prompts = "{retain}"', f'output_dir = "{tmp_path / "runs"}"', 'name = "r1"',
              "[train]", "max_steps = 3", "lr = 5e-3", "batch_size = 2",
              "[t2i]", "images_per_prompt = 1", "sample_steps = 3",

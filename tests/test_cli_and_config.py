@@ -94,3 +94,26 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     assert not (tmp_path / "runs").exists()
     r = runner.invoke(app, ["validate", str(tmp_path / "missing.toml")])
     assert r.exit_code == 2 and "config file not found" in r.output
+
+
+def test_every_shipped_config_states_its_family_and_validates():
+    """The configs in configs/ (and the README's user-pipeline one) load as their family's config, each stating its
+    family (`family`, or the world it names; "lm" is the documented default), and those on a built-in world pass
+    `obliviate validate` (the others name files the user supplies)."""
+    from pathlib import Path
+
+    from obliviate.config import read_config_file
+
+    root = Path(__file__).resolve().parents[1]
+    families = {"esd_x_sd": "t2i", "uce_canvas": "t2i", "npo": "lm", "rgd": "lm", "portraits_graddiff": "mllm",
+                "mllmu_llava_graddiff_lora": "mllm", "muse_news_npo": "lm", "tofu_graddiff_lora": "lm",
+                "tofu_npo": "lm", "run": "t2i"}
+    files = sorted((root / "configs").rglob("*.toml")) + [root / "docs" / "user_pipeline" / "run.toml"]
+    assert {f.stem for f in files} == set(families)
+    for f in files:
+        data = read_config_file(f)
+        assert data.get("family") or data.get("world", {}).get("name") or families[f.stem] == "lm", f
+        assert load_config(f).family == families[f.stem], f
+    for name in ("npo", "rgd", "uce_canvas", "portraits_graddiff"):
+        r = runner.invoke(app, ["validate", str(root / "configs" / f"{name}.toml")])
+        assert r.exit_code == 0 and r.output.startswith("ok: "), r.output

@@ -116,7 +116,7 @@ def test_a_text_to_image_run_under_several_processes_is_refused_in_one_line(monk
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group is made
     with pytest.raises(ObliviateError, match="not data parallel yet"):
-        check_t2i(build_config({"method": "ESD-x", "concept": "star", "output_dir": str(tmp_path)}))
+        check_t2i(build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "output_dir": str(tmp_path)}))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import obliviate
 from obliviate.config import build_config
@@ -75,7 +76,7 @@ def test_a_text_to_image_run_from_the_cli_loads_nothing_of_the_language_model_fa
     forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p))
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p))
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'method = "ESD-x"\nconcept = "striped"\nmodel = "{tiny_pipeline_dir}"\n'
+    cfg.write_text(f'family = "t2i"\nmethod = "ESD-x"\nconcept = "striped"\nmodel = "{tiny_pipeline_dir}"\n'
                    f'forget_prompts = "{forget}"\nretain_prompts = "{retain}"\nevaluate = false\n'
                    f'output_dir = "{tmp_path / "runs"}"\nname = "esd"\n'
                    '[train]\nmax_steps = 1\nbatch_size = 1\n[t2i]\nimages_per_prompt = 1\nsample_steps = 2\n')
@@ -161,37 +162,160 @@ def test_api_names_stay_the_functions_whatever_was_imported_first():
 
 
 def test_a_run_states_its_family_once_and_mixing_is_an_error_naming_the_key():
-    assert build_config({"method": "NPO"}).family == "lm"
-    assert build_config({"method": "UCE", "concept": "star"}).family == "t2i"
-    t2i = build_config({"method": "UCE", "concept": "star"})
-    assert t2i.world.name == "canvas"
+    assert build_config({"method": "NPO"}).family == "lm"  # the documented default
+    t2i = build_config({"method": "UCE", "world": {"name": "canvas"}, "concept": "star"})  # the named world's family
+    assert t2i.family == "t2i" and t2i.world.name == "canvas"
     explicit = build_config({"family": "t2i", "method": "RGD", "concept": "star"})
-    assert explicit.method == "RGD" and explicit.family == "t2i"
+    assert explicit.method == "RGD" and explicit.family == "t2i" and explicit.world.name == "canvas"
+    assert build_config({"method": "NPO", "world": {"name": "portraits"}}).family == "mllm"
     with pytest.raises(ObliviateError, match="concept is a text-to-image key"):
         build_config({"family": "lm", "method": "NPO", "concept": "star"})
     with pytest.raises(ObliviateError, match="forget_file is a language model key"):
-        build_config({"method": "UCE", "concept": "star", "forget_file": "f.jsonl"})
-    with pytest.raises(ObliviateError, match="lora is a language model key"):
-        build_config({"method": "ESD-x", "concept": "star", "lora": {"r": 4}})
+        build_config({"family": "t2i", "method": "UCE", "concept": "star", "forget_file": "f.jsonl"})
+    with pytest.raises(ObliviateError, match="lora is a language model / vision-language model key"):
+        build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "lora": {"r": 4}})
     with pytest.raises(ObliviateError, match="world.name = 'profiles' is a language model world"):
-        build_config({"method": "UCE", "concept": "star", "world": {"name": "profiles"}})
+        build_config({"family": "t2i", "method": "UCE", "concept": "star", "world": {"name": "profiles"}})
     with pytest.raises(ObliviateError, match="needs `concept`"):
         build_config({"family": "t2i", "method": "UCE"})
     with pytest.raises(ObliviateError, match="unknown text-to-image method 'NPO'"):
         build_config({"family": "t2i", "method": "NPO", "concept": "star"})
-    # what a run records reads back to the same config, without the other family's keys
-    for cfg in (t2i, build_config({"method": "NPO", "split": "forget05"})):
+    with pytest.raises(ObliviateError, match=r"^config: family: Input should be 'lm', 't2i' or 'mllm'$"):
+        build_config({"family": "diffusion", "method": "UCE"})
+    # what a run records reads back to the same config, with its own family's keys only
+    for cfg in (t2i, build_config({"method": "NPO", "split": "forget05"}),
+                build_config({"family": "mllm", "method": "NPO", "mllm": {"max_new_tokens": 4}})):
         dumped = cfg.dump()
         assert build_config(json.loads(json.dumps(dumped))) == cfg
-        own = set(FAMILIES[cfg.family].fields)
-        for other in FAMILIES.values():  # no key of another family, but those this one shares
-            if other.name != cfg.family:
-                assert not (set(other.fields) - own) & set(dumped), other.name
+        assert set(dumped) == set(type(cfg).model_fields)
+        assert set(dumped["train"]) == set(type(cfg.train).model_fields)
 
 
-def test_an_older_run_record_with_every_key_at_its_default_still_reads():
-    full = build_config({"method": "UCE", "concept": "star"}).model_dump()  # how runs were recorded before
-    assert build_config(full).family == "t2i"
+@pytest.mark.parametrize("keys, family", [({"concept": "star"}, "t2i"), ({"concept": "star", "anchor": "dot"}, "t2i"),
+                                          ({"mllmu_dir": "MLLMU-Bench"}, "mllm"),
+                                          ({"mllm": {"max_new_tokens": 4}}, "mllm")])
+def test_the_family_is_never_guessed_from_another_familys_key(keys, family):
+    """A concept (or mllmu_dir) without `family` is a language-model run that refuses it, in one line that says
+    which family has the key and how to state it."""
+    from obliviate.families import FAMILIES
+
+    with pytest.raises(ObliviateError) as e:
+        build_config({"method": "GradDiff", **keys})
+    message = str(e.value)
+    key = next(iter(keys))
+    assert message == (f"config: {key} is a {FAMILIES[family].title} key; this is a language model run "
+                       f"(family = 'lm'); set family = '{family}' for a {FAMILIES[family].title} run")
+    assert build_config({"method": "GradDiff" if family == "mllm" else "ESD-x", "family": family, **keys}).family \
+        == family
+
+
+def test_each_family_has_its_config_class_and_runconfig_returns_it():
+    from obliviate.config import (LMRunConfig, LMTrainConfig, MLLMRunConfig, RunConfig, T2IRunConfig, TrainConfig,
+                                  WorldConfig)
+
+    lm = RunConfig(method="NPO", train=TrainConfig(lr=1e-3))  # a plain TrainConfig: the LM keys at their defaults
+    assert type(lm) is LMRunConfig and type(lm.train) is LMTrainConfig and lm.train.lr == 1e-3
+    assert lm.train.model_fields_set == {"lr"}
+    t2i = RunConfig(family="t2i", method="UCE", concept="star", train=LMTrainConfig(lr=1e-3))
+    assert type(t2i) is T2IRunConfig and type(t2i.train) is TrainConfig and t2i.train.lr == 1e-3
+    mllm = RunConfig(method="GradDiff", world=WorldConfig(name="portraits"))
+    assert type(mllm) is MLLMRunConfig and type(mllm.train) is LMTrainConfig
+    assert all(isinstance(c, RunConfig) for c in (lm, t2i, mllm))
+    assert RunConfig.model_validate({"family": "t2i", "method": "UCE", "concept": "star"}) == t2i.model_copy(
+        update={"train": TrainConfig()})
+    assert LMRunConfig(method="NPO") == lm.model_copy(update={"train": LMTrainConfig()})
+    # a family's class takes its own keys only, and says which family has the others
+    assert not {"concept", "mllmu_dir", "forget_file", "grad_accum_steps"} & set(T2IRunConfig.model_fields) - {
+        "concept"}
+    assert "forget_file" not in MLLMRunConfig.model_fields and "concept" not in LMRunConfig.model_fields
+    with pytest.raises(ValidationError, match="concept is a text-to-image key"):
+        LMRunConfig(method="NPO", concept="star")
+    with pytest.raises(ValidationError, match="family"):
+        LMRunConfig(family="t2i", method="UCE", concept="star")
+    # copies, pickles and round trips keep the class
+    import copy
+    import pickle
+
+    for cfg in (lm, t2i, mllm):
+        assert type(copy.deepcopy(cfg)) is type(cfg) and pickle.loads(pickle.dumps(cfg)) == cfg
+        assert type(build_config(cfg.dump())) is type(cfg)
+
+
+def test_a_language_model_training_key_is_refused_for_text_to_image_at_validation(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import one_line_error
+    from obliviate.cli import app
+
+    for key, value in (("grad_accum_steps", 2), ("group_by_length", True), ("forget_tokens", "answer+end"),
+                       ("retain_tokens", "answer"), ("mixed_precision", "bf16"), ("gradient_checkpointing", True),
+                       ("max_logit_tokens", 64), ("shard", "fsdp")):
+        with pytest.raises(ObliviateError, match=rf"^config: train.{key} is a language-model key; this is a "
+                                                 rf"text-to-image run \(family = 't2i'\)$"):
+            build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "train": {key: value}})
+        # a language-model (or vision-language) run takes it
+        assert getattr(build_config({"method": "NPO", "train": {key: value}}).train, key) == value
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('family = "t2i"\nmethod = "ESD-x"\nconcept = "star"\n[train]\ngrad_accum_steps = 4\n')
+    one_line_error(CliRunner().invoke(app, ["validate", str(cfg)]),
+                   f"{cfg}: train.grad_accum_steps is a language-model key; this is a text-to-image run")
+    one_line_error(CliRunner().invoke(app, ["validate", str(cfg.with_name("ok.toml")), "train.shard=fsdp"]),
+                   "config file not found")
+    cfg.write_text('family = "t2i"\nmethod = "ESD-x"\nconcept = "star"\n')
+    one_line_error(CliRunner().invoke(app, ["validate", str(cfg), "train.shard=fsdp"]),
+                   "train.shard is a language-model key; this is a text-to-image run")
+
+
+def test_an_older_run_record_with_every_key_still_reads():
+    """Runs recorded before one class per family held every training key (a text-to-image run: at values that never
+    applied, such as an older default max_logit_tokens = null), and older ones every family's keys; such a
+    config.json reads back as its family's config. A config the user writes may not mix them."""
+    from obliviate.config import LMRunConfig, MLLMRunConfig, T2IRunConfig
+
+    def every_key(*classes):
+        out = {}
+        for cls in classes:
+            out.update(cls(method="GradDiff" if cls is not T2IRunConfig else "UCE",
+                           **({"concept": "star"} if cls is T2IRunConfig else {})).model_dump())
+        return out
+
+    everything = every_key(T2IRunConfig, MLLMRunConfig, LMRunConfig)  # the language-model training keys last
+    t2i = {**everything, "family": "t2i", "method": "UCE", "concept": "star", "world": {"name": "canvas"},
+           "train": {**everything["train"], "max_logit_tokens": None}}
+    assert "grad_accum_steps" in t2i["train"] and "mllmu_dir" in t2i and "forget_file" in t2i
+    assert build_config(t2i, recorded=True) == build_config({"family": "t2i", "method": "UCE", "concept": "star"})
+    lm = {**everything, "family": "lm", "concept": None, "world": {"name": "profiles"}}
+    assert build_config(lm, recorded=True) == build_config({"method": "GradDiff"})
+    with pytest.raises(ObliviateError, match="split is a language model / vision-language model key"):
+        build_config(t2i)
+    with pytest.raises(ObliviateError, match="train.grad_accum_steps is a language-model key"):
+        build_config({"family": "t2i", "method": "UCE", "concept": "star", "train": {"grad_accum_steps": 1}})
+
+
+def test_old_run_folders_config_json_still_loads(tmp_path):
+    """config.json as runs recorded it before (copied from a run folder of each family) reads through
+    runs.read_run_config as that family's config, with the same values."""
+    from obliviate.runs import read_run_config
+
+    records = json.loads((Path(__file__).parent / "data" / "old_run_configs.json").read_text())
+    assert {r["family"] for r in records} == {"lm", "t2i", "mllm"}
+    for i, record in enumerate(records):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(record))
+        cfg = read_run_config(folder)
+        assert cfg.family == record["family"]
+        dumped = cfg.dump()
+        for key, value in record.items():
+            if key == "train":
+                assert {k: v for k, v in value.items() if k in dumped["train"]} == {
+                    k: v for k, v in dumped["train"].items() if k in value}
+                assert set(value) - set(dumped["train"]) <= ({"grad_accum_steps", "group_by_length", "forget_tokens",
+                                                               "retain_tokens", "mixed_precision",
+                                                               "gradient_checkpointing", "max_logit_tokens", "shard"}
+                                                              if cfg.family == "t2i" else set())
+            else:
+                assert dumped[key] == value, key
 
 
 class _NeedsExtraInput(torch.nn.Module):
@@ -301,3 +425,50 @@ except SystemExit as e:
     assert json.loads((tmp_path / "runs" / "npo" / "metrics.json").read_text())["forget_classification_image"] is not None
     assert not _loaded(modules, _foreign("mllm")), _loaded(modules, _foreign("mllm"))
     assert "obliviate.models.causal_lm" not in modules
+
+
+def test_the_cli_and_the_api_branch_on_no_family_or_world_name():
+    """cli.py and api.py look families and worlds up (families.py, the worlds' table); no comparison in them names
+    one."""
+    names = {*FAMILIES, *(w for f in FAMILIES.values() for w in f.worlds)}
+    for file in ("cli.py", "api.py"):
+        for node in ast.walk(ast.parse((SRC / file).read_text())):
+            if isinstance(node, (ast.Compare, ast.Match)):
+                named = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names}
+                assert not named, f"{file}:{node.lineno} compares with {sorted(named)}"
+
+
+def test_world_build_goes_through_the_worlds_table(monkeypatch):
+    from typer.testing import CliRunner
+
+    import obliviate.worlds
+    from obliviate.cli import app
+
+    built = []
+
+    class Built:
+        root = Path("/cache/world")
+
+    monkeypatch.setattr(obliviate.worlds, "build_world",
+                        lambda config, split: built.append((config.name, config.seed, split)) or Built())
+    for name in ("canvas", "profiles"):
+        r = CliRunner().invoke(app, ["world", "build", name, "--seed", "3", "--quiet"])
+        assert r.exit_code == 0 and "world ready: /cache/world" in r.output, r.output
+    assert built == [("canvas", 3, "forget10"), ("profiles", 3, "forget10")]
+
+
+def test_the_config_imports_no_world_recipe():
+    """cache_root and the recipe-key checks live in obliviate.worlds; the config calls them and imports no world's
+    training code (a recipe is imported only to check `world.model`'s keys)."""
+    from obliviate.worlds import RECIPES, cache_root
+
+    imported = {i for i in _imports(SRC / "config.py") if i.startswith("obliviate.worlds")}
+    assert imported <= {"obliviate.worlds", "obliviate.worlds.cache_root", "obliviate.worlds.check_recipe_keys"}
+    assert set(RECIPES) == {w for f in FAMILIES.values() for w in f.worlds}
+    assert cache_root("/x") == Path("/x")
+    for world, key in (("profiles", "num_layers"), ("canvas", "unet_steps"), ("portraits", "vision_layers")):
+        with pytest.raises(ObliviateError, match=rf"world.model: unknown recipe key\(s\) \['nope'\]; valid: .*{key}"):
+            build_config({"method": "GradDiff" if world != "canvas" else "UCE", "world": {"name": world, "model": {
+                "nope": 1}}, **({"concept": "star"} if world == "canvas" else {})})
+        assert build_config({"method": "GradDiff" if world != "canvas" else "UCE", "world": {"name": world, "model": {
+            key: 2}}, **({"concept": "star"} if world == "canvas" else {})}).world.model == {key: 2}

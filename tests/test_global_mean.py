@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_items, tiny_texts
-from obliviate.config import TrainConfig
+from obliviate.config import LMTrainConfig
 from obliviate.models import causal_lm as lm
 from obliviate.models import sequences as seq
 from obliviate.registry import MLLM_METHODS
@@ -124,7 +124,7 @@ def _unlearn(tiny_lm_dir, method, batch_size, accumulation, args=None):
     model, tok = lm.load(tiny_lm_dir)
     items = tiny_items()
     result = unlearn(model, tok, items[:4], items[4:] + tiny_texts()[:2], make_method("lm", method, args),
-                     TrainConfig(max_steps=2, batch_size=batch_size, grad_accum_steps=accumulation, lr=1e-3,
+                     LMTrainConfig(max_steps=2, batch_size=batch_size, grad_accum_steps=accumulation, lr=1e-3,
                                  max_grad_norm=1.0))
     progress.set_enabled(True)
     return result.history, changed_tensors(result.model, result.trainable_names)
@@ -157,7 +157,7 @@ def test_the_steps_count_optimiser_steps_of_the_effective_batch(tiny_lm_dir):
     items = tiny_items()
     # 4 forget items, 2 epochs, an effective batch of 2 x 2: 2 optimiser steps (not 4)
     result = unlearn(model, tok, items[:4], items[4:], "GradDiff",
-                     TrainConfig(epochs=2, batch_size=2, grad_accum_steps=2, lr=1e-3))
+                     LMTrainConfig(epochs=2, batch_size=2, grad_accum_steps=2, lr=1e-3))
     progress.set_enabled(True)
     assert [h["step"] for h in result.history] == [0, 1]
 
@@ -168,7 +168,6 @@ def test_grad_accum_steps_is_checked_and_refused_where_it_does_not_apply(tmp_pat
 
     with pytest.raises(ObliviateError, match="grad_accum_steps"):
         build_config({"method": "NPO", "train": {"grad_accum_steps": 0}})
-    from obliviate.loops.t2i import erase
-
-    with pytest.raises(ObliviateError, match="train.grad_accum_steps applies to language models only"):
-        erase(None, None, "ESD-x", TrainConfig(grad_accum_steps=2))
+    with pytest.raises(ObliviateError, match="train.grad_accum_steps is a language-model key; this is a "
+                                             "text-to-image run"):
+        build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "train": {"grad_accum_steps": 2}})

@@ -38,11 +38,11 @@ def test_evaluation_runs_the_head_a_slice_at_a_time_with_the_same_numbers(chat_l
 
 
 def test_training_holds_a_logit_budget_by_default(tiny_lm, monkeypatch):
-    from obliviate.config import TrainConfig
+    from obliviate.config import LMTrainConfig, TrainConfig
     from obliviate.loops.lm import unlearn
     from obliviate.models import causal_lm as lm
 
-    assert TrainConfig().max_logit_tokens == 1024
+    assert LMTrainConfig().max_logit_tokens == LMTrainConfig.of(TrainConfig()).max_logit_tokens == 1024
     budgets = []
     real = lm.logit_budget
 

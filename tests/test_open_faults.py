@@ -337,7 +337,7 @@ def test_validate_refuses_a_concept_the_pipelines_tokenizer_does_not_know(tiny_p
     forget.write_text("\n".join(p.replace("striped", concept) for p in tiny_prompts() if "striped" in p) + "\n")
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
     cfg = tmp_path / "erase.toml"
-    cfg.write_text(f'method = "ESD-x"\nconcept = "{concept}"\nmodel = "{tiny_pipeline_dir}"\n'
+    cfg.write_text(f'family = "t2i"\nmethod = "ESD-x"\nconcept = "{concept}"\nmodel = "{tiny_pipeline_dir}"\n'
                    f'forget_prompts = "{forget}"\nretain_prompts = "{retain}"\noutput_dir = "{tmp_path / "runs"}"\n'
                    "evaluate = false\n[train]\nmax_steps = 1\n[t2i]\nimages_per_prompt = 1\nsample_steps = 2\n")
     for command in (["validate", str(cfg)], ["run", str(cfg), "--quiet"]):

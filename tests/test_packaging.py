@@ -90,7 +90,7 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
     with pytest.raises(ObliviateError, match=r"^diffusers is not installed: pip install 'obliviate\[t2i\]'$"):
         get("t2i").load("runner")
     cfg = tmp_path / "t2i.toml"
-    cfg.write_text(f'method = "ESD-x"\nconcept = "star"\noutput_dir = "{tmp_path / "runs"}"\n')
+    cfg.write_text(f'family = "t2i"\nmethod = "ESD-x"\nconcept = "star"\noutput_dir = "{tmp_path / "runs"}"\n')
     one_line_error(runner.invoke(app, ["validate", str(cfg)]), "pip install 'obliviate[t2i]'")
     one_line_error(runner.invoke(app, ["world", "build", "canvas"]), "pip install 'obliviate[t2i]'")
 

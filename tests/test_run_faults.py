@@ -213,7 +213,7 @@ def test_an_interrupted_erasure_resumes_to_the_same_tensors(tiny_pipeline_dir, t
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p))
 
     def config(name):
-        return build_config({"method": "ESD-x", "concept": "striped", "model": str(tiny_pipeline_dir),
+        return build_config({"family": "t2i", "method": "ESD-x", "concept": "striped", "model": str(tiny_pipeline_dir),
                              "forget_prompts": str(forget), "retain_prompts": str(retain), "evaluate": False,
                              "output_dir": str(tmp_path / "runs"), "name": name,
                              "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},

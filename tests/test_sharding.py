@@ -89,14 +89,14 @@ def test_obliviate_run_sharded_under_torchrun_writes_one_run_folder(tiny_lm_dir,
 
 def test_sharding_in_one_process_is_refused_in_one_line(tiny_lm):
     from conftest import tiny_items
-    from obliviate.config import TrainConfig
+    from obliviate.config import LMTrainConfig
     from obliviate.errors import ObliviateError
     from obliviate.loops.lm import unlearn
 
     model, tok = tiny_lm
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ObliviateError, match="needs several processes.*torchrun"):
-        unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", TrainConfig(max_steps=1, shard="fsdp"))
+        unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", LMTrainConfig(max_steps=1, shard="fsdp"))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model untouched
 
 
@@ -121,9 +121,8 @@ def test_validate_refuses_what_sharding_cannot_go_with(tiny_lm_dir, tmp_path, ex
 
 
 def test_text_to_image_refuses_train_shard():
-    from obliviate.config import TrainConfig
+    from obliviate.config import build_config
     from obliviate.errors import ObliviateError
-    from obliviate.loops.t2i import erase
 
-    with pytest.raises(ObliviateError, match="train.shard applies to language models only"):
-        erase(None, None, "ESD-x", TrainConfig(shard="fsdp"))
+    with pytest.raises(ObliviateError, match="train.shard is a language-model key; this is a text-to-image run"):
+        build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "train": {"shard": "fsdp"}})

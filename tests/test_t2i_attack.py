@@ -114,7 +114,7 @@ def test_attack_refuses_runs_it_cannot_judge(tmp_path):
 
     with pytest.raises(ObliviateError, match="language model run; the prompt_attack attack is for text-to-image"):
         attack_run(run_folder("lm", method="GradDiff"), "prompt_attack")
-    user = run_folder("sd", method="UCE", concept="striped", model=str(tmp_path), forget_prompts="f.txt",
+    user = run_folder("sd", family="t2i", method="UCE", concept="striped", model=str(tmp_path), forget_prompts="f.txt",
                       retain_prompts="r.txt")
     with pytest.raises(ObliviateError, match="needs a detector for the concept: pass --detector FOLDER"):
         attack_run(user)

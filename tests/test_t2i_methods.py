@@ -150,7 +150,14 @@ def test_adv_unlearn_inner_attack_brings_the_concept_closer(tiny_pipe):
         make_method("t2i", "AdvUnlearn", {"prefix_tokens": 0})
 
 
-def test_group_by_length_is_refused_for_erasures(tiny_pipe):
-    """A language-model batching option given to a text-to-image erasure is an error, not a silent no-op."""
-    with pytest.raises(ObliviateError, match="group_by_length applies to language models only"):
-        erase(tiny_pipe, tiny_task(), "ESD-x", TrainConfig(max_steps=1, group_by_length=True))
+def test_group_by_length_is_refused_for_erasures():
+    """A language-model batching option given to a text-to-image erasure is an error, not a silent no-op: the
+    run config refuses it, and an erasure's TrainConfig has no such key."""
+    from pydantic import ValidationError
+
+    from obliviate.config import build_config
+
+    with pytest.raises(ObliviateError, match="train.group_by_length is a language-model key"):
+        build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "train": {"group_by_length": True}})
+    with pytest.raises(ValidationError, match="group_by_length"):
+        TrainConfig(max_steps=1, group_by_length=True)

@@ -33,7 +33,8 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:
     forget, retain = _prompt_files(tmp_path)
-    lines = [f'method = "{method}"', 'concept = "striped"', f'model = "{pipeline}"', f'forget_prompts = "{forget}"',
+    lines = ['family = "t2i"', f'method = "{method}"', 'concept = "striped"', f'model = "{pipeline}"',
+             f'forget_prompts = "{forget}"',
              f'retain_prompts = "{retain}"', f'output_dir = "{tmp_path / "runs"}"', 'name = "r1"',
              "[train]", "max_steps = 2", "lr = 1e-3", "batch_size = 2",
              "[t2i]", "images_per_prompt = 1", "sample_steps = 3"]
@@ -128,7 +129,7 @@ def test_unknown_canvas_concept_fails_before_any_build(tmp_path):
 
 def test_t2i_config_checks(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text('method = "NPO"\nconcept = "striped"\n')
+    config.write_text('family = "t2i"\nmethod = "NPO"\nconcept = "striped"\n')
     result = runner.invoke(app, ["validate", str(config)])
     assert result.exit_code == 2 and "unknown text-to-image method 'NPO'" in result.output
     config.write_text('method = "ESD-x"\n[world]\nname = "canvas"\n')

@@ -96,13 +96,13 @@ def test_the_config_names_the_template_and_refuses_an_unknown_one(tmp_path):
     assert cfg.template.name == "llama3" and cfg.dump()["template"]["system_prompt"] == "Be brief."
     with pytest.raises(ObliviateError, match="template.name"):
         build_config({"method": "GradDiff", "template": {"name": "vicuna"}})
-    with pytest.raises(ObliviateError, match="template is a language model key"):
-        build_config({"method": "ESD-x", "concept": "star", "template": {"name": "chatml"}})
+    with pytest.raises(ObliviateError, match="template is a language model / vision-language model key"):
+        build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "template": {"name": "chatml"}})
 
 
 # ------------------------------------------------------------------------------------------ which tokens count
 def _scored_in_forget_batch(monkeypatch, tok, model, **train_args):
-    from obliviate.config import TrainConfig
+    from obliviate.config import LMTrainConfig
     from obliviate.loops.lm import unlearn
     from obliviate.methods.common import make_method
 
@@ -117,7 +117,7 @@ def _scored_in_forget_batch(monkeypatch, tok, model, **train_args):
 
     monkeypatch.setattr(method, "losses", spy)
     items = tiny_items()
-    unlearn(model, tok, items[:1], items[1:2], method, TrainConfig(max_steps=1, batch_size=1, lr=1e-5, **train_args))
+    unlearn(model, tok, items[:1], items[1:2], method, LMTrainConfig(max_steps=1, batch_size=1, lr=1e-5, **train_args))
     return seen
 
 

@@ -35,7 +35,7 @@ def t2i_files(tmp_path, tiny_pipeline_dir):
     forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
     forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p) + "\n")
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
-    return {"concept": "striped", "model": str(tiny_pipeline_dir), "forget_prompts": str(forget),
+    return {"family": "t2i", "concept": "striped", "model": str(tiny_pipeline_dir), "forget_prompts": str(forget),
             "retain_prompts": str(retain), "output_dir": str(tmp_path / "runs")}
 
 

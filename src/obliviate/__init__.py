@@ -16,6 +16,7 @@ _LAZY = {
     "run": "obliviate.runners:run",
     "RunConfig": "obliviate.config:RunConfig",
     "TrainConfig": "obliviate.config:TrainConfig",
+    "LMTrainConfig": "obliviate.config:LMTrainConfig",
     "LoraConfig": "obliviate.config:LoraConfig",
     "WorldConfig": "obliviate.config:WorldConfig",
     "load_config": "obliviate.config:load_config",

@@ -13,10 +13,11 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     """Evaluate a transformers folder: on the user's files (forget_file + retain_file, tofu_dir or muse_dir, plus
     eval_sets with their roles, against retrain_model or retrain_eval when given), or on the profiles world's sets
     against its retrain model; a vision-language folder with `mllmu_dir` (MLLMU-Bench's files) or `world =
-    "portraits"` through its family's evaluation. `options` are run-config keys (batch_size, max_logit_tokens and
+    "portraits"` through its family's evaluation (the family is the world's, or the one whose inputs the options
+    name, else the language model's). `options` are run-config keys (batch_size, max_logit_tokens and
     retain_people go under `eval`, `template` is a name or a mapping, device, dtype, trust_remote_code), checked as a
     run config is. An existing `out` is replaced only with `force`; an input file never is."""
-    from obliviate.config import build_config
+    from obliviate.config import build_config, family_of_keys
     from obliviate.evals.evaluate import compare_to_retrain
     from obliviate.runners.lm import (evaluation_of, format_record, load_model, prepare, retrain_evaluation,
                                       user_retrain_evaluation)
@@ -41,12 +42,17 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
         data["world"] = {"tofu_dir": str(world_tofu_dir)}
     if world:
         data["world"] = {**data.get("world", {}), "name": world}
+    elif family_of_keys(data):  # the options name one family's inputs (--mllmu-dir: a vision-language model's)
+        data["family"] = family_of_keys(data)
     config = build_config(data, "eval options")
-    inputs = [Path(f) for f in (config.forget_file, config.retain_file, config.retrain_eval) if f]
-    folders = {"the model folder": model_dir, "--tofu-dir": config.tofu_dir, "--muse-dir": config.muse_dir,
-               "--mllmu-dir": config.mllmu_dir, "--world-tofu-dir": config.world.tofu_dir,
-               "--retrain-model": config.retrain_model}
-    _check_out_file(Path(out), inputs + [Path(s.file) for s in config.eval_sets],
+
+    def given(key: str):  # a key of the config's family, or None
+        return getattr(config, key, None)
+    inputs = [Path(f) for f in (given("forget_file"), given("retain_file"), given("retrain_eval")) if f]
+    folders = {"the model folder": model_dir, "--tofu-dir": given("tofu_dir"), "--muse-dir": given("muse_dir"),
+               "--mllmu-dir": given("mllmu_dir"), "--world-tofu-dir": config.world.tofu_dir,
+               "--retrain-model": given("retrain_model")}
+    _check_out_file(Path(out), inputs + [Path(s.file) for s in given("eval_sets") or []],
                     {k: Path(v) for k, v in folders.items() if v}, force)
     from obliviate.families import get
 

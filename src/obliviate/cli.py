@@ -246,17 +246,13 @@ def world_build(name: str = typer.Argument("profiles"), split: str = typer.Optio
         from obliviate.config import WorldConfig
         from obliviate.families import family_of_world, require_extra
         from obliviate.registry import WORLDS, lookup
+        from obliviate.worlds import build_world
         entry = lookup(WORLDS, name, "world")
         family = family_of_world(entry.name)
         require_extra(family.extra, *family.needs)
-        if entry.name == "canvas":
-            world = entry.load().from_config(WorldConfig(name="canvas", seed=seed))
-            world.build()
-        else:
-            sizes = {"n_people": n_people} if n_people else {}
-            extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
-            world = entry.load()(WorldConfig(name=entry.name, seed=seed, **sizes, **extra))
-            world.build(split)
+        sizes = {"n_people": n_people} if n_people else {}
+        extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
+        world = build_world(WorldConfig(name=entry.name, seed=seed, **sizes, **extra), split)
     except ObliviateError as e:
         _fail(e)
     typer.echo(f"world ready: {world.root}")

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from obliviate.errors import ObliviateError
+from obliviate.families import FAMILIES, family_of_world
+from obliviate.worlds import cache_root  # noqa: F401 (the worlds' cache folder; older code imports it from here)
 
 
 class _Strict(BaseModel):
@@ -28,69 +30,74 @@ class WorldConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_recipe_keys(self):
-        import dataclasses
+        if self.model:  # nothing to check otherwise, and no world's training code to import
+            from obliviate.worlds import check_recipe_keys
 
-        if not self.model:  # nothing to check, and no world's training code to import
-            return self
-
-        if self.name == "canvas":
-            from obliviate.worlds.canvas_train import CanvasRecipe as recipe
-        elif self.name == "portraits":
-            from obliviate.worlds.portraits_train import VLMRecipe as recipe
-        else:
-            from obliviate.worlds.train import LMRecipe as recipe
-        known = {f.name for f in dataclasses.fields(recipe)}
-        bad = set(self.model) - known
-        if bad:
-            raise ValueError(f"world.model: unknown recipe key(s) {sorted(bad)}; valid: {sorted(known)}")
+            check_recipe_keys(self.name, self.model)
         return self
 
 
 class TrainConfig(_Strict):
+    """The training keys of every family. The language-model loop (which vision-language runs share) has more:
+    LMTrainConfig."""
     epochs: float = Field(5.0, gt=0)  # passes over the forget set
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(32, ge=1)  # forget batch size; the retain batch has the same size
-    # language models: micro-batches of `batch_size` whose gradients are summed before each optimiser step (HF
-    # Trainer's gradient_accumulation_steps). The effective batch is batch_size x grad_accum_steps, whatever the
-    # number of processes (batch_size is the global batch of one forward pass; each process takes its share); every
-    # loss is a mean over the effective batch, so 2 x 2 takes the step 1 x 4 does. Steps count optimiser steps.
-    grad_accum_steps: int = Field(1, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    # batch items of similar length together (language models; HF Trainer's option of the same name): much less
-    # padding when short answers and long documents share a set, at the cost of less mixed batches
-    group_by_length: bool = False
-    # which scored tokens of a language-model answer each term counts: the answer's own tokens, or those plus the
-    # format's end-of-turn / EOS tokens. Ascending the forget set's end token teaches the model never to stop (an
-    # instruct model then rambles instead of answering empty), which is not forgetting the fact, so the forget term
-    # counts the answer only; the retain term keeps the end, so the model keeps stopping. "answer+end" on both is
-    # what TOFU's and OpenUnlearning's code do (docs/metrics.md, "Which tokens count").
-    forget_tokens: Literal["answer", "answer+end"] = "answer"
-    retain_tokens: Literal["answer", "answer+end"] = "answer+end"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints (`obliviate run --resume`)
-    eval_every: int | None = Field(None, ge=1)  # steps between evaluations along the way (evaluations.json)
-    # language models, for real checkpoints: the forward passes under autocast in bf16 while the weights and
-    # the optimiser stay in the model's dtype (float32 master weights, as HF Trainer's bf16=True); `dtype` at the top
-    # of a run loads the weights themselves in bf16 ("pure bf16"). Gradient checkpointing recomputes activations
-    # in the backward pass (transformers' gradient_checkpointing_enable): less memory, about a third more time.
-    mixed_precision: Literal["no", "bf16"] = "no"  # (no fp16: it would need loss scaling)
-    gradient_checkpointing: bool = False
-    # language models: tokens of logits a forward pass of the loop may hold; a bigger batch runs the output head a
-    # slice at a time under activation checkpointing (the likelihood-based methods; KL-based terms still hold the
-    # batch's logits). None: the whole batch at once. The default holds 1024 tokens of logits (0.2 GB with a 49k
-    # vocabulary, 0.5 GB with 128k, plus their gradient) however big the batch (benchmarks/README.md (p))
-    max_logit_tokens: int | None = Field(1024, ge=16)
-    # language models under several processes: "fsdp" shards the parameters, their gradients and the AdamW state
-    # over the processes (PyTorch FSDP2, obliviate/sharding.py), so a model too big for one device trains; "no": data
-    # parallel, every process holds the whole model
-    shard: Literal["no", "fsdp"] = "no"
     # training curves besides history.json, as HF Trainer's report_to: TensorBoard event files in
     # OUTPUT_DIR/tensorboard/<run>, or a Weights & Biases run (obliviate/tracking.py)
     report_to: Literal["none", "tensorboard", "wandb"] | list[Literal["tensorboard", "wandb"]] = "none"
+    # optimiser steps between evaluations along the way (evaluations.json in the run folder); None: only at the end
+    eval_every: int | None = Field(None, ge=1)
+
+
+class LMTrainConfig(TrainConfig):
+    """The training keys of the language-model loop (language-model and vision-language runs): TrainConfig's and
+    these. A text-to-image run refuses them at validation."""
+    # micro-batches of `batch_size` whose gradients are summed before each optimiser step (HF Trainer's
+    # gradient_accumulation_steps). The effective batch is batch_size x grad_accum_steps, whatever the number of
+    # processes (batch_size is the global batch of one forward pass; each process takes its share); every loss is a
+    # mean over the effective batch, so 2 x 2 takes the step 1 x 4 does. Steps count optimiser steps.
+    grad_accum_steps: int = Field(1, ge=1)
+    # batch items of similar length together (HF Trainer's option of the same name): much less padding when short
+    # answers and long documents share a set, at the cost of less mixed batches
+    group_by_length: bool = False
+    # which scored tokens of an answer each term counts: the answer's own tokens, or those plus the format's
+    # end-of-turn / EOS tokens. Ascending the forget set's end token teaches the model never to stop (an instruct
+    # model then rambles instead of answering empty), which is not forgetting the fact, so the forget term counts the
+    # answer only; the retain term keeps the end, so the model keeps stopping. "answer+end" on both is what TOFU's
+    # and OpenUnlearning's code do (docs/metrics.md, "Which tokens count").
+    forget_tokens: Literal["answer", "answer+end"] = "answer"
+    retain_tokens: Literal["answer", "answer+end"] = "answer+end"
+    # for real checkpoints: the forward passes under autocast in bf16 while the weights and the optimiser stay in the
+    # model's dtype (float32 master weights, as HF Trainer's bf16=True); `dtype` at the top of a run loads the
+    # weights themselves in bf16 ("pure bf16"). Gradient checkpointing recomputes activations in the backward pass
+    # (transformers' gradient_checkpointing_enable): less memory, about a third more time.
+    mixed_precision: Literal["no", "bf16"] = "no"  # (no fp16: it would need loss scaling)
+    gradient_checkpointing: bool = False
+    # tokens of logits a forward pass of the loop may hold; a bigger batch runs the output head a slice at a time
+    # under activation checkpointing (the likelihood-based methods; KL-based terms still hold the batch's logits).
+    # None: the whole batch at once. The default holds 1024 tokens of logits (0.2 GB with a 49k vocabulary, 0.5 GB
+    # with 128k, plus their gradient) however big the batch (benchmarks/README.md (p))
+    max_logit_tokens: int | None = Field(1024, ge=16)
+    # under several processes: "fsdp" shards the parameters, their gradients and the AdamW state over the processes
+    # (PyTorch FSDP2, obliviate/sharding.py), so a model too big for one device trains; "no": data parallel, every
+    # process holds the whole model
+    shard: Literal["no", "fsdp"] = "no"
+
+    @classmethod
+    def of(cls, train: TrainConfig | None) -> LMTrainConfig:
+        """`train` as the language-model loop takes it: a plain TrainConfig (the keys every family has) with the
+        language-model keys at their defaults."""
+        if isinstance(train, cls):
+            return train
+        return cls(**{k: getattr(train, k) for k in train.model_fields_set}) if train is not None else cls()
 
 
 class LoraConfig(_Strict):
@@ -190,41 +197,34 @@ class T2IConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """A run. Its family ("lm": a transformers causal LM, the profiles world; "t2i": a diffusers pipeline, the canvas
-    world; "mllm": a LLaVA-style vision-language model, the portraits world) is stated once: the `family` key, or by
-    default "t2i" when a `concept` is given, the named world's family, "mllm" when `mllmu_dir` is given, else "lm".
-    Keys of another family are an error that names them (obliviate.families lists each family's keys)."""
-    family: Literal["lm", "t2i", "mllm"] | None = None
+    """A run, of one family: "lm" (a transformers causal LM; the profiles world), "t2i" (a diffusers pipeline; the
+    canvas world) or "mllm" (a LLaVA-style vision-language model; the portraits world). Each family has its class
+    over these shared keys: LMRunConfig, T2IRunConfig, MLLMRunConfig. The family is stated: the `family` key, or the
+    family of the named world (world.name), or "lm" when neither is given; it is never guessed from other keys.
+    `RunConfig(**keys)` and `RunConfig.model_validate(keys)` return the family's class; a key of another family is
+    an error that names it and the family that has it."""
+    family: Literal["lm", "t2i", "mllm"]
     method: str
     method_args: dict[str, Any] = Field(default_factory=dict)
-    split: str = "forget10"  # lm
     model: str | None = None  # a transformers or diffusers folder; None: the world's full model
     world: WorldConfig = Field(default_factory=WorldConfig)
-    concept: str | None = None  # text-to-image: the concept to erase (a canvas style/object, or any words)
-    anchor: str | None = None  # text-to-image: what the concept becomes (default: the world's anchor, or "")
-    forget_prompts: str | None = None  # text-to-image, with `model`: prompts with the concept, one per line
-    retain_prompts: str | None = None  # text-to-image, with `model`: prompts to keep, one per line
-    t2i: T2IConfig = Field(default_factory=T2IConfig)
-    mllm: MLLMConfig = Field(default_factory=MLLMConfig)
-    mllmu_dir: str | None = None  # mllm, with `model`: MLLMU-Bench's release folder (parquet files)
-    forget_file: str | None = None  # lm: TOFU-format JSON lines; with `model`, replaces the world's data
-    retain_file: str | None = None  # lm
-    tofu_dir: str | None = None  # lm, with `model`: TOFU's release folder; `split` picks forget01/05/10
-    muse_dir: str | None = None  # lm, with `model`: a MUSE corpus folder (the MUSE repository's data/<corpus> layout)
-    eval_sets: list[EvalSetConfig] = Field(default_factory=list)  # lm: more evaluation sets, each with its role
-    retrain_model: str | None = None  # lm: a model folder never trained on the forget set (forget quality, PrivLeak)
-    retrain_eval: str | None = None  # lm: that model's evaluation (obliviate eval output, TOFU or OpenUnlearning logs)
-    idk_file: str | None = None  # lm: refusal sentences, one per line (IdkPO)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig | None = None  # lm
-    template: TemplateConfig = Field(default_factory=TemplateConfig)  # lm: the prompt format
-    eval: EvalConfig = Field(default_factory=EvalConfig)  # lm
     evaluate: bool = True
     output_dir: str = "runs"
     name: str | None = None
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+
+    def __new__(cls, *args, **data):
+        # RunConfig(**keys) builds the family's class; pydantic's __init__ then validates the keys as that class
+        return super().__new__(_family_class(cls, data))
+
+    @classmethod
+    def model_validate(cls, obj, **kwargs):
+        if isinstance(obj, dict) and (family_class := _family_class(cls, obj)) is not cls:
+            return family_class.model_validate(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
 
     @field_validator("name")
     @classmethod
@@ -235,50 +235,143 @@ class RunConfig(_Strict):
                              "or absolute path)")
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _own_keys_only(cls, data):
+        if cls not in RUN_CONFIGS.values() or not isinstance(data, dict):
+            return data
+        return _without_other_families_keys(cls, data)
+
     @model_validator(mode="after")
     def _one_family(self):
-        from obliviate.families import FAMILIES, family_of_world
         from obliviate.registry import lookup_method
 
-        world_given = "world" in self.model_fields_set and "name" in self.world.model_fields_set
-        if self.family is None:
-            if self.concept is not None:
-                self.family = "t2i"
-            elif world_given:
-                self.family = family_of_world(self.world.name).name
-            else:
-                self.family = "mllm" if self.mllmu_dir else "lm"
         family = FAMILIES[self.family]
+        world_given = "world" in self.model_fields_set and "name" in self.world.model_fields_set
         if world_given and family_of_world(self.world.name).name != self.family:
             raise ValueError(f"world.name = {self.world.name!r} is a {family_of_world(self.world.name).title} "
                              f"world; this is a {family.title} run")
         if not world_given and self.world.name not in family.worlds:
             self.world.name = family.worlds[0]
-        for other in FAMILIES.values():
-            if other.name == self.family:
-                continue
-            # keys this family shares are its own; a dump of an older run holds every key at its default: not mixing
-            for key in [k for k in other.fields if k not in family.fields]:
-                if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].get_default(
-                        call_default_factory=True):
-                    raise ValueError(f"{key} is a {other.title} key; this is a {family.title} run "
-                                     f"(family = {self.family!r})")
         if getattr(self, family.subject) is None:
             raise ValueError(f"a {family.title} run needs `{family.subject}`")
         self.method = lookup_method(self.family, self.method).name
         return self
 
     def dump(self) -> dict:
-        """The config as a run records it: the keys of its own family and the shared ones."""
-        from obliviate.families import FAMILIES
-
-        other = {k for f in FAMILIES.values() if f.name != self.family for k in f.fields} - set(FAMILIES[
-            self.family].fields)
-        return self.model_dump(exclude=other)
+        """The config as a run records it (config.json): its family's keys and the shared ones."""
+        return self.model_dump()
 
 
-def cache_root(explicit: str | None = None) -> Path:
-    return Path(explicit or os.environ.get("OBLIVIATE_CACHE") or Path.home() / ".cache" / "obliviate")
+class LMLoopRunConfig(RunConfig):
+    """The keys of the runs that train through the language-model loop and score answers: language-model and
+    vision-language runs (the latter through their own adapter)."""
+    family: Literal["lm", "mllm"]
+    split: str = "forget10"  # the built-in world's forget split, or a benchmark's (TOFU's, MLLMU-Bench's)
+    # the split an earlier request already forgot (MUSE's sustainability): the run trains on the people of `split`
+    # without those, with `model` the earlier request's exported model; evaluation, retrain reference and retain set
+    # are those of `split`
+    forgotten_before: str | None = None
+    retrain_model: str | None = None  # a model folder never trained on the forget set (forget quality, PrivLeak)
+    idk_file: str | None = None  # refusal sentences, one per line (IdkPO)
+    train: LMTrainConfig = Field(default_factory=LMTrainConfig)
+    lora: LoraConfig | None = None
+    template: TemplateConfig = Field(default_factory=TemplateConfig)  # the prompt format
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class LMRunConfig(LMLoopRunConfig):
+    """A language-model run: a transformers causal LM, on the profiles world or the user's files."""
+    family: Literal["lm"] = "lm"
+    forget_file: str | None = None  # TOFU-format JSON lines; with `model`, replaces the world's data
+    retain_file: str | None = None
+    tofu_dir: str | None = None  # with `model`: TOFU's release folder; `split` picks forget01/05/10
+    muse_dir: str | None = None  # with `model`: a MUSE corpus folder (the MUSE repository's data/<corpus> layout)
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list)  # more evaluation sets, each with its role
+    retrain_eval: str | None = None  # retrain_model's evaluation (obliviate eval output, TOFU or OpenUnlearning logs)
+
+
+class MLLMRunConfig(LMLoopRunConfig):
+    """A vision-language run: a LLaVA-style model, on the portraits world or MLLMU-Bench's files."""
+    family: Literal["mllm"] = "mllm"
+    mllm: MLLMConfig = Field(default_factory=MLLMConfig)
+    mllmu_dir: str | None = None  # with `model`: MLLMU-Bench's release folder (parquet files)
+
+
+class T2IRunConfig(RunConfig):
+    """A text-to-image run: a diffusers pipeline, on the canvas world or the user's prompts."""
+    family: Literal["t2i"] = "t2i"
+    concept: str | None = None  # the concept to erase (a canvas style/object, or any words)
+    anchor: str | None = None  # what the concept becomes (default: the world's anchor, or "")
+    forget_prompts: str | None = None  # with `model`: prompts with the concept, one per line
+    retain_prompts: str | None = None  # with `model`: prompts to keep, one per line
+    t2i: T2IConfig = Field(default_factory=T2IConfig)
+
+
+RUN_CONFIGS: dict[str, type[RunConfig]] = {"lm": LMRunConfig, "t2i": T2IRunConfig, "mllm": MLLMRunConfig}
+
+
+def _family_class(cls: type[RunConfig], data: dict) -> type[RunConfig]:
+    """The family class that validates `data` given to `cls`: `cls` itself when it is one, else the family `data`
+    states (`family`, else the named world's, else "lm"). An unknown family, or one that is not a `cls`, gives `cls`,
+    whose validation of `family` names the valid ones."""
+    if cls in RUN_CONFIGS.values():
+        return cls
+    family = data.get("family")
+    if family is None:
+        world = data.get("world")
+        name = (world.get("name") if isinstance(world, dict) else
+                world.name if isinstance(world, WorldConfig) and "name" in world.model_fields_set else None)
+        known = any(name == w for f in FAMILIES.values() for w in f.worlds)
+        family = family_of_world(name).name if known else "lm"  # an unknown world: WorldConfig names the valid ones
+    chosen = RUN_CONFIGS.get(family) if isinstance(family, str) else None
+    return chosen if chosen is not None and issubclass(chosen, cls) else cls
+
+
+def family_of_keys(keys) -> str | None:
+    """The family whose run config alone has some of `keys` (mllmu_dir: "mllm"; forget_file: "lm"), or None when
+    none of them, or keys of several families, say it. For commands whose options are one family's inputs
+    (`obliviate eval --mllmu-dir`); a run config states its family."""
+    owners = {name for key in keys for name, cls in RUN_CONFIGS.items()
+              if key in cls.model_fields and sum(key in c.model_fields for c in RUN_CONFIGS.values()) == 1}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _without_other_families_keys(cls: type[RunConfig], data: dict) -> dict:
+    """`data` for family class `cls`; a key of another family (at the top level, or a language-model training key in
+    a text-to-image run's `train`) is an error that names it and the family that has it."""
+    family = FAMILIES[cls.model_fields["family"].default]
+    for key in [k for k in data if k not in cls.model_fields]:
+        owners = [FAMILIES[name] for name, c in RUN_CONFIGS.items() if key in c.model_fields]
+        if owners:  # a key of no family is pydantic's "unknown key"
+            hint = f"; set family = {owners[0].name!r} for a {owners[0].title} run" if len(owners) == 1 else ""
+            raise ValueError(f"{key} is a {' / '.join(f.title for f in owners)} key; this is a {family.title} run "
+                             f"(family = {family.name!r}){hint}")
+    own_train = cls.model_fields["train"].annotation
+    train = data.get("train")
+    if isinstance(train, TrainConfig) and type(train) is not own_train:  # e.g. a plain TrainConfig for LMTrainConfig
+        data = {**data, "train": {k: getattr(train, k) for k in train.model_fields_set}}
+    if isinstance(data.get("train"), dict):
+        for key in data["train"]:
+            if key not in own_train.model_fields and key in LMTrainConfig.model_fields:
+                raise ValueError(f"train.{key} is a language-model key; this is a {family.title} run "
+                                 f"(family = {family.name!r})")
+    return data
+
+
+def _recorded_family_keys(data: dict) -> dict:
+    """A run's config.json as any version wrote it, with its own family's keys only: before one class per family, a
+    run recorded every training key, and older ones every family's keys, at values that never applied to it."""
+    cls = _family_class(RunConfig, data)
+    if cls is RunConfig:
+        return data  # an unknown family: validation names it
+    others = {k for c in RUN_CONFIGS.values() for k in c.model_fields} - set(cls.model_fields)
+    data = {k: v for k, v in data.items() if k not in others}
+    own_train = cls.model_fields["train"].annotation
+    if isinstance(data.get("train"), dict):
+        data["train"] = {k: v for k, v in data["train"].items()
+                         if k in own_train.model_fields or k not in LMTrainConfig.model_fields}
+    return data
 
 
 def parse_value(text: str):
@@ -354,16 +447,19 @@ def _yaml_problem(e, text: str) -> str:
     return str(e).splitlines()[0]
 
 
-def build_config(data: dict, source: str = "config") -> RunConfig:
+def build_config(data: dict, source: str = "config", recorded: bool = False) -> RunConfig:
+    """The run config of `data` (its family's class), or one line naming the bad key. `recorded`: `data` is a run's
+    config.json, whose keys of other families, as older versions recorded them, are dropped rather than refused."""
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(_recorded_family_keys(data) if recorded else data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise ObliviateError(f"{source}: {loc}: {msg}") from None
+        # a check of the whole config names its keys itself
+        raise ObliviateError(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}") from None
 
 
 # the keys that name files or folders: (section, key), section None for the top level; "eval_sets" holds a list of

@@ -37,7 +37,6 @@ class Family:
     check: str  # RunConfig -> None, or an ObliviateError for what `run` would reject (cheap: `obliviate validate`)
     demo: str  # the demo part: (folder, log, **options) -> its JSON-ready part of the demo's summary
     worlds: tuple[str, ...]  # the built-in worlds that serve it
-    fields: tuple[str, ...]  # RunConfig keys of this family (another family's run may not set them, unless shared)
     subject: str  # the RunConfig key that says what is forgotten
     reuses: tuple[str, ...] = ()  # families whose loop and methods it runs through its own adapter
     evaluate: str = ""  # (RunConfig, out file) -> evaluation, for `obliviate eval` (empty: the language-model one)
@@ -67,24 +66,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            method_base="obliviate.methods.lm.base:Method",
            runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
            check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
-           fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval", "template", "tofu_dir",
-                   "muse_dir", "eval_sets", "retrain_model", "retrain_eval"), subject="split",
+           subject="split",
            attack="obliviate.runners.lm_attack:attack_run", forgets="obliviate.runners.lm_data:forgets"),
     # reuses the language-model loop and methods through its own adapter (the loop takes an adapter)
     Family("mllm", "vision-language model", adapter="obliviate.models.vlm", loop="obliviate.loops.lm:unlearn",
            method_base="obliviate.methods.lm.base:Method",
            runner="obliviate.runners.mllm:run", export="obliviate.runners.mllm:export",
            check="obliviate.runners.mllm_checks:check_mllm", demo="obliviate.demo.mllm:run_part",
-           worlds=("portraits",), fields=("split", "idk_file", "lora", "eval", "template", "retrain_model", "mllm",
-                                          "mllmu_dir"), subject="split", reuses=("lm",),
+           worlds=("portraits",), subject="split", reuses=("lm",),
            evaluate="obliviate.runners.mllm:evaluate_model", extra="mllm", needs=("pyarrow", "torchmetrics"),
            hub=("transformers", "image-text-to-text")),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
            method_base="obliviate.methods.t2i.base:DiffusionMethod",
            runner="obliviate.runners.t2i:run", export="obliviate.runners.t2i:export",
            check="obliviate.runners.t2i_checks:check_t2i",
-           demo="obliviate.demo.t2i:run_part", worlds=("canvas",),
-           fields=("concept", "anchor", "forget_prompts", "retain_prompts", "t2i"), subject="concept",
+           demo="obliviate.demo.t2i:run_part", worlds=("canvas",), subject="concept",
            attack="obliviate.runners.t2i_attack:attack_run", extra="t2i", needs=("diffusers", "torchmetrics"),
            hub=("diffusers", "text-to-image")),
 )}

@@ -685,7 +685,7 @@ def evaluation_cache(family: str, base: dict, settings, cache_dir: str | None = 
     import hashlib
 
     from obliviate import __version__
-    from obliviate.config import cache_root
+    from obliviate.worlds import cache_root
     from obliviate.evals import PROTOCOL
 
     folder = Path(base["base_model"])
@@ -751,4 +751,4 @@ def read_run_config(run_dir: Path):
     data = read_json_file(path, "run config")
     if not isinstance(data, dict):
         raise ObliviateError(f"{path}: a run config must be a JSON object")
-    return build_config(data, str(path))
+    return build_config(data, str(path), recorded=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from obliviate.config import EvalConfig, RunConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, LMTrainConfig, RunConfig, WorldConfig
 from obliviate.errors import ObliviateError
 
 SPLIT = "forget10"
@@ -114,7 +114,7 @@ def run_lm_demo(tofu_dir: Path | None, methods: list[str], log=print, size: str 
     rows["retrain"] = retrain_row
     for name in methods:
         preset = PRESETS.get(name, {})
-        train_cfg = TrainConfig(**preset.get("train", {}))
+        train_cfg = LMTrainConfig(**preset.get("train", {}))
         method = make_method("lm", name, preset.get("method_args", {}))
         model, tok = lm.load(world.full_model_dir, device=device)
         log(f"unlearning with {name}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from obliviate.config import EvalConfig, RunConfig, TrainConfig, WorldConfig
+from obliviate.config import EvalConfig, LMTrainConfig, RunConfig, WorldConfig
 
 SPLIT = "forget10"
 METHODS = ("GradDiff", "NPO", "SimNPO", "RGD", "MMUnlearner", "PromptDecouple")
@@ -83,7 +83,7 @@ def run_mllm_demo(methods: list[str], log=print) -> dict:
     per_method, histories = {}, {}
     for name in methods:
         preset = PRESETS.get(name, {})
-        train_cfg = TrainConfig(**preset.get("train", {}))
+        train_cfg = LMTrainConfig(**preset.get("train", {}))
         model, processor = load_model(world.full_model_dir, config, device)
         log(f"unlearning the portraits model with {name}")
         result = unlearn(model, processor.tokenizer, forget, retain, make_method("mllm", name, preset.get("method_args", {})),

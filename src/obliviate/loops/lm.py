@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from obliviate import progress, tracking
-from obliviate.config import LoraConfig, TrainConfig
+from obliviate.config import LMTrainConfig, LoraConfig, TrainConfig
 from obliviate.data import QAItem, TextItem, check_disjoint
 from obliviate.errors import ObliviateError
 from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, evaluate_along, evaluation_steps,
@@ -75,7 +75,7 @@ def _batches(encoded: list, size: int, rng: random.Random, lengths: list[int] | 
 
 
 def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
-            train: TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
+            train: LMTrainConfig | TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
             refusals: list[str] | None = None, adapter=None, checkpoints: Checkpoints | None = None,
             on_eval=None) -> UnlearnResult:
     """Unlearn `forget` from `model` (changed in place) while keeping `retain`: question-answer items (answer tokens
@@ -84,14 +84,15 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     (and only for those methods). `adapter` encodes and batches the items (default: the causal-LM adapter).
     `checkpoints` saves the loop's state every few steps and resumes from the last one. `on_eval(step, epoch, model)`
     evaluates the model along the way (train.eval_every: before the first step, every eval_every steps, after the
-    last), in evaluation mode and without changing the training (`step.evaluate_along`).
+    last), in evaluation mode and without changing the training (`step.evaluate_along`). A plain TrainConfig takes
+    the language-model keys (LMTrainConfig's) at their defaults.
     On return every parameter is trainable again (as it was given), so the result can be unlearned again."""
     from obliviate import distributed
 
     if adapter is None:
         from obliviate.models import causal_lm as adapter
     distributed.setup()
-    train = train or TrainConfig()
+    train = LMTrainConfig.of(train)
     if train.eval_every and distributed.active():  # every process refuses: none is left waiting for the others
         raise ObliviateError(f"train.eval_every: evaluation along the way runs in one process, not in "
                              f"{distributed.world_size()} (torchrun / accelerate launch); run without it")

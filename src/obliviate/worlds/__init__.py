@@ -1,0 +1,44 @@
+"""The built-in worlds (profiles, portraits, canvas): generators and the recipes that train small models on them,
+cached on disk. Here what the rest of obliviate needs to know of them without importing their training code: where
+the cache lives, which recipe keys a world takes (`world.model` of a run config), and how a world is built by name."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# each world's recipe: the dataclass whose fields `world.model` overrides ("module:class", imported when checked)
+RECIPES = {"profiles": "obliviate.worlds.train:LMRecipe", "portraits": "obliviate.worlds.portraits_train:VLMRecipe",
+           "canvas": "obliviate.worlds.canvas_train:CanvasRecipe"}
+
+
+def cache_root(explicit: str | None = None) -> Path:
+    """The folder of the worlds' caches: `explicit` (world.cache_dir), else $OBLIVIATE_CACHE, else
+    ~/.cache/obliviate."""
+    return Path(explicit or os.environ.get("OBLIVIATE_CACHE") or Path.home() / ".cache" / "obliviate")
+
+
+def check_recipe_keys(world: str, keys) -> None:
+    """A ValueError naming the keys that `world`'s recipe does not have, with the valid ones."""
+    import dataclasses
+    import importlib
+
+    module, _, name = RECIPES[world].partition(":")
+    known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    bad = set(keys) - known
+    if bad:
+        raise ValueError(f"world.model: unknown recipe key(s) {sorted(bad)}; valid: {sorted(known)}")
+
+
+def build_world(config, split: str = "forget10", log=print):
+    """Build (or reuse from the cache) the world a WorldConfig names, and return it: the full model and the retrain
+    reference of forget split `split` (the canvas world: of its default concepts, whatever `split`)."""
+    from obliviate.registry import WORLDS, lookup
+
+    world_class = lookup(WORLDS, config.name, "world").load()
+    if config.name == "canvas":  # made from its recipe; its retrain references are of concepts, not splits
+        world = world_class.from_config(config)
+        world.build(log=log)
+    else:
+        world = world_class(config)
+        world.build(split, log=log)
+    return world
