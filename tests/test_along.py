@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_items
-from obliviate.config import TrainConfig, build_config
+from obliviate.config import LMTrainConfig, TrainConfig, build_config
 from obliviate.errors import ObliviateError
 
 TIMINGS = ("unlearn_seconds", "eval_seconds")
@@ -144,12 +144,12 @@ def test_a_canvas_run_evaluates_along_the_way_as_it_evaluates_at_the_end(monkeyp
         calls.append((world, pipe, concept, t2i.eval_seeds, label))
         return {"aggregate": {"ua": 0.5}, "per_item": [{"image": 1}], "grid": object()}
     monkeypatch.setattr(canvas, "evaluate_erasure", evaluate_erasure)
-    config = build_config({"method": "ESD-x", "concept": "star", "train": {"eval_every": 3}})
+    config = build_config({"family": "t2i", "method": "ESD-x", "concept": "star", "train": {"eval_every": 3}})
     along = t2i_along(config, "world", None, None, "cpu")
     along.bind()(0, 0.0, "pipe")
     assert calls == [("world", "pipe", "star", config.t2i.eval_seeds, "ESD-x")]
     assert along.entries == [(0, 0.0, {"aggregate": {"ua": 0.5}})]
-    assert t2i_along(build_config({"method": "ESD-x", "concept": "star"}), "world", None, None, "cpu") is None
+    assert t2i_along(build_config({"family": "t2i", "method": "ESD-x", "concept": "star"}), "world", None, None, "cpu") is None
 
 
 def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, monkeypatch):
@@ -165,7 +165,7 @@ def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, mon
         unlearn(model, tok, tiny_items()[:2], tiny_items()[2:], "GradDiff", TrainConfig(max_steps=1, eval_every=1))
     from obliviate import sharding
     with pytest.raises(ObliviateError, match='^train.shard = "fsdp" with train.eval_every is not supported'):
-        sharding.check(TrainConfig(shard="fsdp", eval_every=1))  # `obliviate validate` says it before any work
+        sharding.check(LMTrainConfig(shard="fsdp", eval_every=1))  # `obliviate validate` says it before any work
 
 
 def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(tiny_pipeline_dir, tmp_path):

@@ -156,7 +156,8 @@ def test_resume_skips_done_cells_and_reruns_only_a_changed_one(tmp_path, fake):
     assert len(records(out)) == 11 + 4
     current = json.loads((out / "bench.json").read_text())["cells"]
     assert len(current) == 11 and set(new) <= set(current)
-    assert "| GradDiff | 3 | 0 |" in (out / "leaderboard.md").read_text()
+    board = (out / "leaderboard.md").read_text()  # the changed grid's cells only: 3 seeds, not the old grid's too
+    assert "| GradDiff | lr=0.00025 | 3 seeds |" in board and "6 seeds" not in board
 
 
 def test_a_failing_cell_is_recorded_with_its_reason_and_the_grid_goes_on(tmp_path, fake):

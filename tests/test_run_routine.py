@@ -155,7 +155,7 @@ def test_a_retrain_run_on_your_own_model_fails_in_one_line(tmp_path, tiny_pipeli
     forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p) + "\n")
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
     t2i = tmp_path / "t2i.toml"
-    t2i.write_text(f'method = "Retrain"\nconcept = "striped"\nmodel = "{tiny_pipeline_dir}"\n'
+    t2i.write_text(f'family = "t2i"\nmethod = "Retrain"\nconcept = "striped"\nmodel = "{tiny_pipeline_dir}"\n'
                    f'forget_prompts = "{forget}"\nretain_prompts = "{retain}"\noutput_dir = "{tmp_path}"\n')
     one_line_error(CliRunner().invoke(app, ["validate", str(t2i)]), "Retrain needs a built-in world (canvas)")
     one_line_error(CliRunner().invoke(app, ["run", str(t2i), "--quiet"]), "Retrain needs a built-in world")
@@ -196,7 +196,7 @@ def test_a_text_to_image_run_finishes_its_processes_and_records_the_cpu(tmp_path
     forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
     forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p) + "\n")
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
-    out = run(build_config({"method": "UCE", "concept": "striped", "model": str(tiny_pipeline_dir),
+    out = run(build_config({"family": "t2i", "method": "UCE", "concept": "striped", "model": str(tiny_pipeline_dir),
                             "forget_prompts": str(forget), "retain_prompts": str(retain), "evaluate": False,
                             "output_dir": str(tmp_path / "runs"), "name": "uce"}), log=_quiet)
     assert finished == [True]

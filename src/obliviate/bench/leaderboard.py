@@ -102,8 +102,12 @@ def read_bench(out_dir: Path) -> Bench:
     if not (out_dir / "bench.json").is_file():
         raise ObliviateError(f"not a bench folder (no bench.json): {out_dir}")
     info = _json(out_dir / "bench.json", "bench record")
+    # the grid's current cells: a changed spec leaves the cells of its older grid in cells/, not on the leaderboard
+    current = set(info["cells"]) if info.get("cells") is not None else None
     cells = []
     for path in sorted((out_dir / "cells").glob("*.json")):
+        if current is not None and path.stem not in current:
+            continue
         record = _json(path, "cell record")
         for key in ("kind", "method", "status"):
             if key not in record:
@@ -336,7 +340,7 @@ class Board:
 
 
 def _settings(params: dict | None) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v:g}" if _is_number(v) else f"{k.split('.')[-1]}={v}"
+    return ", ".join(f"{k.split('.')[-1]}={v:.6g}" if _is_number(v) else f"{k.split('.')[-1]}={v}"
                      for k, v in (params or {}).items())
 
 
