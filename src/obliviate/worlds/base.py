@@ -15,9 +15,11 @@ from pathlib import Path
 
 
 class World:
-    """Subclasses give `kind` (the folder's prefix), `cache_dir`, `key_data()`, `check_target()` and the training."""
+    """Subclasses give `kind` (the folder's prefix), `cache_dir` (None: the default cache), `key_data()`,
+    `check_target()` and `ensure_retrain()`."""
 
     kind: str
+    cache_dir: str | None
 
     # -- identity and paths ----------------------------------------------------------------------------------------
     def key_data(self) -> dict:
@@ -26,10 +28,6 @@ class World:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.key_data(), sort_keys=True).encode()).hexdigest()[:12]
-
-    @property
-    def cache_dir(self) -> str | None:
-        raise NotImplementedError
 
     @property
     def root(self) -> Path:

@@ -136,29 +136,29 @@ SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10, "forget20": 20, "val10":
 VALIDATION_SPLITS = {"val10"}
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
+def check_split(split: str, splits: dict = SPLITS) -> None:
+    if split not in splits:
         from obliviate.errors import ObliviateError
-        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(SPLITS)}")
+        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(splits)}")
 
 
-def people_of_split(people: list, split: str) -> tuple[list, list]:
+def people_of_split(people: list, split: str, splits: dict = SPLITS) -> tuple[list, list]:
     """(forget people, retain people) of a list of trained people: a forget split's block from the start, a
-    validation split's from the end (so val10 never meets forget01..forget20), the others retained."""
-    check_split(split)
-    k = max(1, round(len(people) * SPLITS[split] / 100))
+    validation split's from the end (so val10 never meets the forget splits), the others retained."""
+    check_split(split, splits)
+    k = max(1, round(len(people) * splits[split] / 100))
     if split in VALIDATION_SPLITS:
         return people[-k:], people[:-k]
     return people[:k], people[k:]
 
 
-def check_forgotten_before(split: str, forgotten_before: str | None, people: list) -> None:
+def check_forgotten_before(split: str, forgotten_before: str | None, people: list, splits: dict = SPLITS) -> None:
     """A sequential request (MUSE's sustainability) forgets `split` after `forgotten_before`: the earlier split must
     lie strictly inside it."""
     if forgotten_before is None:
         return
-    check_split(forgotten_before)
-    earlier, later = ({p.name for p in people_of_split(people, s)[0]} for s in (forgotten_before, split))
+    check_split(forgotten_before, splits)
+    earlier, later = ({p.name for p in people_of_split(people, s, splits)[0]} for s in (forgotten_before, split))
     if not earlier < later:
         from obliviate.errors import ObliviateError
         raise ObliviateError(f"forgotten_before = {forgotten_before!r} must be a split inside split = {split!r} "
