@@ -197,6 +197,7 @@ class RunConfig(_Strict):
     method: str
     method_args: dict[str, Any] = Field(default_factory=dict)
     split: str = "forget10"  # lm
+    forgotten_before: str | None = None  # lm, mllm: a world split inside `split` an earlier request forgot (MUSE)
     model: str | None = None  # a transformers or diffusers folder; None: the world's full model
     world: WorldConfig = Field(default_factory=WorldConfig)
     concept: str | None = None  # text-to-image: the concept to erase (a canvas style/object, or any words)

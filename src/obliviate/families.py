@@ -69,7 +69,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            runner="obliviate.runners.lm:run", export="obliviate.runners.lm:export",
            check="obliviate.runners.lm_checks:check_lm", demo="obliviate.demo.lm:run_part", worlds=("profiles",),
            fields=("split", "forget_file", "retain_file", "idk_file", "lora", "eval", "template", "tofu_dir",
-                   "muse_dir", "eval_sets", "retrain_model", "retrain_eval"), subject="split",
+                   "muse_dir", "eval_sets", "retrain_model", "retrain_eval", "forgotten_before"), subject="split",
            attack="obliviate.runners.lm_attack:attack_run", forgets="obliviate.runners.lm_data:forgets"),
     # reuses the language-model loop and methods through its own adapter (the loop takes an adapter)
     Family("mllm", "vision-language model", adapter="obliviate.models.vlm", loop="obliviate.loops.lm:unlearn",
@@ -77,7 +77,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            runner="obliviate.runners.mllm:run", export="obliviate.runners.mllm:export",
            check="obliviate.runners.mllm_checks:check_mllm", demo="obliviate.demo.mllm:run_part",
            worlds=("portraits",), fields=("split", "idk_file", "lora", "eval", "template", "retrain_model", "mllm",
-                                          "mllmu_dir"), subject="split", reuses=("lm",),
+                                          "mllmu_dir", "forgotten_before"), subject="split", reuses=("lm",),
            evaluate="obliviate.runners.mllm:evaluate_model", extra="mllm", needs=("pyarrow", "torchmetrics"),
            hub=("transformers", "image-text-to-text")),
     Family("t2i", "text-to-image", adapter="obliviate.models.diffusion", loop="obliviate.loops.t2i:erase",
