@@ -178,3 +178,25 @@ def test_canvas_validation_concepts_are_one_style_and_one_object_besides_the_rep
         world.retrain_dir("dotted")
     with pytest.raises(ObliviateError, match="no concept 'plaid'"):
         world.ensure_retrain("plaid")
+
+
+@pytest.mark.parametrize("family", ["lm", "mllm"])
+def test_a_run_with_forgotten_before_trains_on_the_rest_of_its_split(tmp_path, monkeypatch, family):
+    """The runners hand `forgotten_before` to the world: the forget set is split's people minus the earlier
+    request's, the retain set and the evaluation stay split's (no model is trained here: the build is stubbed)."""
+    from obliviate.config import RunConfig
+    from obliviate.runners import lm, mllm
+
+    runner, world_class = (lm, ProfilesWorld) if family == "lm" else (mllm, PortraitsWorld)
+    monkeypatch.setattr(world_class, "build", lambda self, *a, **k: self.full_model_dir.mkdir(parents=True,
+                                                                                              exist_ok=True))
+    world = {"name": "portraits"} if family == "mllm" else {"n_people": 20}
+    config = RunConfig(family=family, method="GradDiff", split="forget20", forgotten_before="forget10",
+                       world={**world, "cache_dir": str(tmp_path)})
+    out = runner.prepare(config, log=lambda *a: None)
+    forget, retain = out[1], out[2]
+    w = runner.world_for(config)
+    people = w.data().split_people
+    assert {i.subject for i in forget} == {p.name for p in people("forget20")[0]} - {
+        p.name for p in people("forget10")[0]}
+    assert {i.subject for i in retain} == {p.name for p in people("forget20")[1]}
