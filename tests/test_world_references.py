@@ -200,3 +200,21 @@ def test_a_run_with_forgotten_before_trains_on_the_rest_of_its_split(tmp_path, m
     assert {i.subject for i in forget} == {p.name for p in people("forget20")[0]} - {
         p.name for p in people("forget10")[0]}
     assert {i.subject for i in retain} == {p.name for p in people("forget20")[1]}
+
+
+def test_world_build_treats_every_world_alike(tmp_path, monkeypatch):
+    """`obliviate world build NAME [--split TARGET]`: the world from its config, then its build or the target's
+    retrain reference, with no branch on the world's name (the training is stubbed)."""
+    from obliviate.cli import app
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path))
+    calls = []
+    for cls in (ProfilesWorld, PortraitsWorld, CanvasWorld):
+        monkeypatch.setattr(cls, "build", lambda self, *a, **k: calls.append((self.kind, "build", a)))
+        monkeypatch.setattr(cls, "ensure_retrain", lambda self, t, *a, **k: calls.append((self.kind, "retrain", t)))
+    runner = CliRunner()
+    for args in (["canvas"], ["canvas", "--split", "dotted"], ["profiles", "--split", "val10"], ["portraits"]):
+        result = runner.invoke(app, ["world", "build", *args, "--quiet"])
+        assert result.exit_code == 0 and "world ready: " + str(tmp_path) in result.output, result.output
+    assert calls == [("canvas", "build", ()), ("canvas", "retrain", "dotted"), ("profiles", "retrain", "val10"),
+                     ("portraits", "build", ())]

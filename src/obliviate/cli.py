@@ -210,7 +210,10 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
 
 
 @world_app.command("build")
-def world_build(name: str = typer.Argument("profiles"), split: str = typer.Option("forget10"),
+def world_build(name: str = typer.Argument("profiles"),
+                split: Optional[str] = typer.Option(None, help="the target whose retrain reference to build: a split "
+                                                         "(profiles, portraits; default forget10) or a canvas "
+                                                         "concept (default: striped and star)"),
                 tofu_dir: Optional[Path] = typer.Option(None, help="add TOFU's real utility files from this folder"),
                 n_people: Optional[int] = typer.Option(None, help="people of the world (default: the world's own: "
                                                                "profiles 200, portraits 24)"),
@@ -225,14 +228,13 @@ def world_build(name: str = typer.Argument("profiles"), split: str = typer.Optio
         entry = lookup(WORLDS, name, "world")
         family = family_of_world(entry.name)
         require_extra(family.extra, *family.needs)
-        if entry.name == "canvas":
-            world = entry.load().from_config(WorldConfig(name="canvas", seed=seed))
-            world.build()
+        sizes = {"n_people": n_people} if n_people else {}
+        extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
+        world = entry.load().from_config(WorldConfig(name=entry.name, seed=seed, **sizes, **extra))
+        if split:
+            world.ensure_retrain(split)
         else:
-            sizes = {"n_people": n_people} if n_people else {}
-            extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
-            world = entry.load()(WorldConfig(name=entry.name, seed=seed, **sizes, **extra))
-            world.build(split)
+            world.build()
     except ObliviateError as e:
         _fail(e)
     typer.echo(f"world ready: {world.root}")

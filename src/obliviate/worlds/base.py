@@ -21,6 +21,11 @@ class World:
     kind: str
     cache_dir: str | None
 
+    @classmethod
+    def from_config(cls, config) -> "World":
+        """The world a `WorldConfig` describes."""
+        return cls(config)
+
     # -- identity and paths ----------------------------------------------------------------------------------------
     def key_data(self) -> dict:
         """Everything that determines the world's models; its hash names the cache folder."""
