@@ -166,3 +166,39 @@ def test_the_build_is_deterministic(tiny_world, tmp_path):
     first, second = digests(tiny_world.root), digests(again.root)
     assert any("tokenizer" in k for k in first) and any("unet" in k for k in first)
     assert first == second
+
+
+@pytest.mark.slow  # two tiny denoiser trainings: 5-25 s on 2 shared cores
+def test_a_validation_concepts_reference_never_sees_its_concept(tiny_world, tmp_path, monkeypatch):
+    """The build's trunk saw the validation concepts' pictures: their references train a trunk of their own (without
+    the retrain concepts and their concept) and a branch without their concept; built once, then reused."""
+    import shutil
+
+    from obliviate.models.diffusion import load_pipeline
+    from obliviate.worlds import canvas_train as ct
+    from obliviate.worlds.canvas import CanvasWorld
+    from obliviate.worlds.canvas_train import CanvasRecipe
+
+    shutil.copytree(tiny_world.root, tmp_path / tiny_world.root.name)  # the built world, in a cache of its own
+    world = CanvasWorld(CanvasRecipe(**TINY), cache_dir=str(tmp_path))
+    style = CanvasWorld.VALIDATION_CONCEPTS["style"]
+    seen, real = [], ct.train_denoiser
+
+    def recording(state, pipe, latents, captions, recipe, gen, start, steps, label):
+        seen.append((label, start, steps, {c for cs in captions for c in cs}))
+        return real(state, pipe, latents, captions, recipe, gen, start, steps, label)
+    monkeypatch.setattr(ct, "train_denoiser", recording)
+    folder = world.ensure_retrain(style, log=lambda *a: None)
+    assert folder == world.root / f"retrain-{style}" and world.retrain_dir(style) == folder
+    (trunk, t_start, t_steps, trunk_captions), (_, b_start, b_steps, branch_captions) = seen
+    assert (t_start, t_steps, b_start, b_steps) == (0, TINY["unet_steps"] - TINY["branch_steps"],
+                                                    TINY["unet_steps"] - TINY["branch_steps"], TINY["branch_steps"])
+    phrase = cd.STYLE_PHRASES[style]
+    assert not any(style in c or phrase in c for c in trunk_captions | branch_captions)
+    assert not any("striped" in c or "star " in c for c in trunk_captions)  # the build's trunk left these out too
+    assert any("striped" in c for c in branch_captions)  # the branch sees them, as the original's branch does
+    load_pipeline(folder)
+    assert world.ensure_retrain(style, log=lambda *a: None) == folder and len(seen) == 2  # built once
+    world.ensure_retrain("striped", log=lambda *a: None)  # the build's own reference: nothing to train
+    assert len(seen) == 2
+    assert f"retrain-{style}" in json.loads((world.root / "build.json").read_text())

@@ -454,7 +454,7 @@ def test_world_build_goes_through_the_worlds_table(monkeypatch):
     for name in ("canvas", "profiles"):
         r = CliRunner().invoke(app, ["world", "build", name, "--seed", "3", "--quiet"])
         assert r.exit_code == 0 and "world ready: /cache/world" in r.output, r.output
-    assert built == [("canvas", 3, "forget10"), ("profiles", 3, "forget10")]
+    assert built == [("canvas", 3, None), ("profiles", 3, None)]
 
 
 def test_the_config_imports_no_world_recipe():

@@ -101,8 +101,8 @@ def test_missing_idk_file(tmp_path, lm_files):
 
 
 def test_unknown_split_names_the_valid_ones(tmp_path):
-    one_line_error(validate(config(tmp_path, "GradDiff", {"split": "forget20"})),
-                   "unknown split 'forget20'", "forget01", "forget05", "forget10")
+    one_line_error(validate(config(tmp_path, "GradDiff", {"split": "forget15"})),
+                   "unknown split 'forget15'", "forget01", "forget05", "forget10", "forget20", "val10")
 
 
 def test_missing_tofu_dir(tmp_path):

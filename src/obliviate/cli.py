@@ -234,7 +234,10 @@ def bench(spec: Path = typer.Argument(..., help="a bench spec (TOML or YAML; doc
 
 
 @world_app.command("build")
-def world_build(name: str = typer.Argument("profiles"), split: str = typer.Option("forget10"),
+def world_build(name: str = typer.Argument("profiles"),
+                split: Optional[str] = typer.Option(None, help="the target whose retrain reference to build: a split "
+                                                         "(profiles, portraits; default forget10) or a canvas "
+                                                         "concept (default: striped and star)"),
                 tofu_dir: Optional[Path] = typer.Option(None, help="add TOFU's real utility files from this folder"),
                 n_people: Optional[int] = typer.Option(None, help="people of the world (default: the world's own: "
                                                                "profiles 200, portraits 24)"),

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES, family_of_world
-from obliviate.worlds import cache_root  # noqa: F401 (the worlds' cache folder; older code imports it from here)
 
 
 class _Strict(BaseModel):

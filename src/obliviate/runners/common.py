@@ -126,13 +126,14 @@ def method_of(config):
 def check_reference_run(config, own_model: bool) -> None:
     """A retrain-reference run needs a built-in world: a user's own model has no recipe to repeat. Every family's
     check calls this, on whether the run is on the user's own model."""
+    from obliviate.config import RUN_CONFIGS
     from obliviate.families import get
     from obliviate.registry import RETRAIN, is_reference
 
     if own_model and is_reference(config.method):
         family = get(config.family)
         own = ("; on your own model, give your retrain reference as `retrain_model` and run a method"
-               if "retrain_model" in family.fields else "")
+               if "retrain_model" in RUN_CONFIGS[config.family].model_fields else "")
         raise ObliviateError(f"{RETRAIN.name} needs a built-in world ({', '.join(family.worlds)}): it is the "
                              f"world's model retrained without the forget set{own}")
 

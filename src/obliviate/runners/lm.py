@@ -2,8 +2,6 @@
 evaluate against the retrain reference, and write one run folder atomically."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -59,11 +57,8 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
 def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute) -> dict:
     """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
     from obliviate.evals import PROTOCOL
-    from obliviate.runs import cached_json
 
-    settings = [split, eval_config.model_dump(), PROTOCOL]
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return cached_json(world.root / f"eval-{name}-{split}-{key}.json", compute)
+    return world.cached_evaluation(name, split, [split, eval_config.model_dump(), PROTOCOL], compute)
 
 
 def retrain_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto") -> dict:
@@ -100,7 +95,7 @@ def prepare(config: RunConfig, log=print):
     else:
         world = world_for(config)
         world.build(config.split, retrain=True, log=log)
-        forget, retain = world.unlearning_sets(config.split)
+        forget, retain = world.unlearning_sets(config.split, config.forgotten_before)
         qa_sets, texts = world.eval_sets(config.split, config.eval.retain_people)
         evaluation = (qa_sets, texts, None, config.split)
         model_dir = Path(config.model) if config.model else world.full_model_dir

@@ -16,6 +16,9 @@ def check_lm(config: RunConfig) -> None:
     if len(sources) > 1:
         raise ObliviateError(f"{' and '.join(sources)}: give one source of forget and retain data")
     if uses_user_data(config):
+        if config.forgotten_before:
+            raise ObliviateError("forgotten_before names a split of the built-in world; on your own files, start "
+                                 "from the earlier request's model and give the files of this one")
         if (config.forget_file or config.retain_file) and not (config.forget_file and config.retain_file):
             raise ObliviateError("forget_file and retain_file go together, with `model` (the model to unlearn)")
         if not config.model:
@@ -24,13 +27,15 @@ def check_lm(config: RunConfig) -> None:
         forget, retain, _ = user_data(config)  # every file read, every set's role known
         check_disjoint(forget, retain)
     else:
-        from obliviate.worlds.profiles import check_split
+        from obliviate.runners.lm import world_for
+        from obliviate.worlds.profiles import check_forgotten_before, check_split
 
         for key in ("eval_sets", "retrain_model", "retrain_eval"):
             if getattr(config, key):
                 raise ObliviateError(f"{key} is for runs on your own files (forget_file, tofu_dir or muse_dir); "
                                      "the built-in world has its own sets and retrain model")
         check_split(config.split)
+        check_forgotten_before(config.split, config.forgotten_before, world_for(config).data().people)
         if config.world.tofu_dir:
             load_tofu_utility(config.world.tofu_dir)
     if config.retrain_model and config.retrain_eval:

@@ -46,7 +46,7 @@ def forgets(config: RunConfig) -> str:
         return f"the MUSE corpus {Path(config.muse_dir).name}"
     if config.forget_file:
         return f"forget file {Path(config.forget_file).name}"
-    return f"split {config.split}"
+    return f"split {config.split}" + (f" after {config.forgotten_before}" if config.forgotten_before else "")
 
 
 def subject_of(config: RunConfig) -> str:

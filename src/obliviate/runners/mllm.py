@@ -4,7 +4,6 @@ protocol next to the original and the retrain reference, written as one run fold
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def prepare(config: RunConfig, log=print):
     else:
         world = world_for(config)
         world.build(config.split, retrain=True, log=log)
-        forget, retain = world.unlearning_sets(config.split)
+        forget, retain = world.unlearning_sets(config.split, config.forgotten_before)
         sets = world.eval_sets(config.split, config.eval.retain_people)
         pictures, label = world.pictures, f"portraits {config.split}"
         model_dir = Path(config.model) if config.model else world.full_model_dir
@@ -101,15 +100,13 @@ def evaluation_of(model, processor, sets, pictures, config: RunConfig) -> dict:
 def world_evaluation(world, name: str, folder, config: RunConfig, sets, device: str) -> dict:
     """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
     from obliviate.evals import PROTOCOL
-    from obliviate.runs import cached_json
 
     settings = [config.split, config.eval.model_dump(), config.mllm.max_new_tokens, config.template.model_dump(),
                 PROTOCOL]
     settings += [config.mllm.few_shot] if config.mllm.few_shot else []
     settings += [config.mllm.judge_model] if config.mllm.judge_model else []
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return cached_json(world.root / f"eval-{name}-{config.split}-{key}.json",
-                       lambda: folder_evaluation(folder, config, sets, world.pictures, device))
+    return world.cached_evaluation(name, config.split, settings,
+                                   lambda: folder_evaluation(folder, config, sets, world.pictures, device))
 
 
 def user_original_evaluation(config: RunConfig, model_dir: Path, base: dict, sets, pictures, device: str) -> dict:

@@ -47,16 +47,22 @@ def check_mllm(config: RunConfig) -> None:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
         check_reference_run(config, own_model=True)
         load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row checked
+        if config.forgotten_before:
+            raise ObliviateError("forgotten_before names a split of the portraits world; on MLLMU-Bench's files, "
+                                 "start from the earlier request's model")
     else:
         if config.mllm.train_dir:
             raise ObliviateError("mllm.train_dir is MLLMU-Bench's training split, for runs on its files (mllmu_dir)")
         if config.retrain_model:
             raise ObliviateError("retrain_model is for runs on your own files (mllmu_dir); the portraits world has "
                                  "its own retrain model")
-        from obliviate.worlds.portraits import SPLITS
+        from obliviate.worlds.portraits import SPLITS, PortraitsWorld
+        from obliviate.worlds.profiles import check_forgotten_before
 
         if config.split not in SPLITS:
             raise ObliviateError(f"unknown split '{config.split}'. Valid: {', '.join(SPLITS)}")
+        check_forgotten_before(config.split, config.forgotten_before, PortraitsWorld(config.world).data().people,
+                               SPLITS)
     for folder in (config.model, config.retrain_model):
         if folder:
             check_vlm_folder(folder)

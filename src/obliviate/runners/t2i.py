@@ -47,6 +47,8 @@ def prepare(config: RunConfig, log=print):
     world = CanvasWorld.from_config(config.world)
     task = canvas_task(world, config.concept, config.anchor)  # checks the concept before any long build
     world.build(log=log)
+    if config.concept in CanvasWorld.VALIDATION_CONCEPTS.values():  # its retrain reference is built on demand
+        world.ensure_retrain(config.concept, log=log)
     return check_folder(config.model or world.pipeline_dir), task, world
 
 

@@ -29,16 +29,14 @@ def check_recipe_keys(world: str, keys) -> None:
         raise ValueError(f"world.model: unknown recipe key(s) {sorted(bad)}; valid: {sorted(known)}")
 
 
-def build_world(config, split: str = "forget10", log=print):
-    """Build (or reuse from the cache) the world a WorldConfig names, and return it: the full model and the retrain
-    reference of forget split `split` (the canvas world: of its default concepts, whatever `split`)."""
+def build_world(config, split: str | None = None, log=print):
+    """Build (or reuse from the cache) the world a WorldConfig names, and return it: its models and the retrain
+    reference of target `split` (a forget split, or a canvas concept); None: the world's default references."""
     from obliviate.registry import WORLDS, lookup
 
-    world_class = lookup(WORLDS, config.name, "world").load()
-    if config.name == "canvas":  # made from its recipe; its retrain references are of concepts, not splits
-        world = world_class.from_config(config)
-        world.build(log=log)
+    world = lookup(WORLDS, config.name, "world").load().from_config(config)
+    if split:
+        world.ensure_retrain(split, log=log)
     else:
-        world = world_class(config)
-        world.build(split, log=log)
+        world.build(log=log)
     return world

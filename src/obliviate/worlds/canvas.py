@@ -1,10 +1,19 @@
 """The canvas world: pictures of objects in styles and colours (UnlearnCanvas in miniature), and the recipe that
 trains a small but complete Stable-Diffusion-shaped pipeline on them, a classifier for the metrics, a CLIP for the
-alignment score, and retrain-without-concept references. Deterministic from the seed; cached by recipe hash."""
+alignment score, and retrain-without-concept references. Deterministic from the seed; cached by recipe hash.
+
+Retrain references. The world's build makes those of `retrain_concepts` (striped and star) from a denoiser trunk
+that never saw them. Every other reference is built on demand (`ensure_retrain`), outside the cache key: the
+validation concepts' (`VALIDATION_CONCEPTS`, where settings are chosen) and any concept's with another training seed
+(the noise floor). The build's trunk saw the validation concepts' pictures, so an on-demand reference never starts
+from it: it repeats the recipe of the denoiser for itself, a fresh UNet and text encoder (initialised as the build's:
+the text tower of the world's CLIP) trained as a trunk on every picture except the retrain concepts' and its own
+concept's, then a branch on every picture except its concept's, with the build's step counts and schedule; the seed
+only changes the random streams (initialisation, batches, noise). It shares the world's autoencoder, CLIP and
+classifier, which every reference of the build shares too."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,6 +23,7 @@ import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.worlds import canvas_draw as cd
+from obliviate.worlds.base import World
 from obliviate.worlds.canvas_train import CanvasClassifier, CanvasRecipe
 
 DEFAULT_RETRAIN = ("striped", "star")  # one style and one object with retrain references
@@ -28,7 +38,11 @@ def concept_kind(concept: str) -> str:
                          f"objects: {', '.join(cd.OBJECTS)}")
 
 
-class CanvasWorld:
+class CanvasWorld(World):
+    kind = "canvas"
+    # where settings are chosen (never on striped / star, which the tables report): a style and an object
+    VALIDATION_CONCEPTS = {"style": "dotted", "object": "heart"}
+
     def __init__(self, recipe: CanvasRecipe | None = None, cache_dir: str | None = None,
                  retrain_concepts: tuple[str, ...] = DEFAULT_RETRAIN):
         for c in retrain_concepts:
@@ -43,28 +57,39 @@ class CanvasWorld:
         return cls(dataclasses.replace(recipe, seed=world_cfg.seed), world_cfg.cache_dir)
 
     # ---- where things live ---------------------------------------------------------------------------------------
-    def key(self) -> str:
-        blob = json.dumps({"recipe": self.recipe.key(), "objects": cd.OBJECTS, "styles": cd.STYLES,
-                           "colours": cd.COLOURS, "templates": cd.TEMPLATES, "retrain": self.retrain_concepts,
-                           "version": 3}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @property
-    def root(self) -> Path:
-        from obliviate.config import cache_root
-        return cache_root(self.cache_dir) / f"canvas-{self.key()}"
+    def key_data(self) -> dict:
+        return {"recipe": self.recipe.key(), "objects": cd.OBJECTS, "styles": cd.STYLES, "colours": cd.COLOURS,
+                "templates": cd.TEMPLATES, "retrain": self.retrain_concepts, "version": 3}
 
     @property
     def pipeline_dir(self) -> Path:
         return self.root / "pipeline"
 
-    def retrain_dir(self, concept: str) -> Path:
+    @property
+    def full_model_dir(self) -> Path:
+        return self.pipeline_dir
+
+    def check_target(self, concept: str) -> None:
         concept_kind(concept)
-        path = self.root / f"retrain-{concept}"
+
+    def retrain_dir(self, concept: str, seed: int = 0) -> Path:
+        """The folder of a built reference (`ensure_retrain` builds the others)."""
+        path = super().retrain_dir(concept, seed)
         if not path.is_dir():
-            raise ObliviateError(f"the canvas world has no retrain reference for '{concept}' "
-                                 f"(built: {', '.join(self.retrain_concepts)})")
+            built = sorted(p.name.removeprefix("retrain-") for p in self.root.glob("retrain-*") if p.is_dir())
+            raise ObliviateError(f"the canvas world has no retrain reference for '{concept}'"
+                                 f"{f' with seed {seed}' if seed else ''} (built: {', '.join(built) or 'none'}; "
+                                 f"`ensure_retrain` builds it)")
         return path
+
+    def ensure_retrain(self, concept: str, seed: int = 0, log=print) -> Path:
+        """Build the world if needed and the reference without `concept` trained with seed `seed` if missing (the
+        module's docstring says how); return its folder. Seed 0 of striped and star is the build's own."""
+        folder = self.root / self.retrain_name(concept, seed)
+        self.check_target(concept)
+        self.build(log=log)
+        self._ensure_model(folder, folder.name, lambda out: self._train_reference(concept, seed, out, log), log)
+        return folder
 
     @property
     def classifier_dir(self) -> Path:
@@ -112,6 +137,50 @@ class CanvasWorld:
         object. Used in prompts like the concept's own."""
         return "solid" if concept_kind(concept) == "style" and concept != "solid" else \
             "gradient" if concept == "solid" else cd.OBJECTS[(cd.OBJECTS.index(concept) + 1) % len(cd.OBJECTS)]
+
+    def _train_reference(self, concept: str, seed: int, out: Path, log) -> dict:
+        """A retrain reference without `concept`, built apart from the world (module docstring)."""
+        import zlib
+
+        from transformers import CLIPModel, CLIPTextModel
+
+        from obliviate.models.diffusion import Pipeline, encode_images, load_pipeline, save_pipeline
+        from obliviate.runs import atomic_dir
+        from obliviate.worlds import canvas_train as ct
+
+        r = self.recipe
+        # the random streams of this reference alone: the recipe's seed, the reference's seed and its concept
+        streams = np.random.SeedSequence([r.seed, seed, zlib.crc32(concept.encode())]).generate_state(3).tolist()
+        base = load_pipeline(self.pipeline_dir)
+        images, ids = self.render()
+        triples = self.triples()
+        captions_of = [cd.training_captions(*t) for t in triples]
+        with torch.no_grad():
+            latents = torch.cat([encode_images(base, images[i:i + 256]) for i in range(0, len(images), 256)])
+        clip = CLIPModel.from_pretrained(self.clip_dir, trust_remote_code=False)
+        text_encoder = CLIPTextModel(clip.config.text_config)
+        getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
+        torch.manual_seed(streams[0])
+        latent_size = r.image_size // 2 ** (len(r.vae_channels) - 1)
+        pipe = Pipeline(ct.make_unet(r, latent_size), base.vae, text_encoder, base.tokenizer, base.scheduler)
+        has = [set(triples[i]) for i in ids.tolist()]
+
+        def subset(exclude: set):
+            rows = torch.tensor([not (h & exclude) for h in has]).nonzero().flatten()
+            return latents[rows], [captions_of[i] for i in ids[rows].tolist()]
+
+        trunk_steps = r.unet_steps - r.branch_steps
+        log(f"canvas world: the retrain reference without '{concept}' (seed {seed}): a trunk without "
+            f"{', '.join(sorted(set(self.retrain_concepts) | {concept}))}, then a branch without '{concept}'")
+        state = ct.DenoiserState.new(pipe.unet, text_encoder, r)
+        state = ct.train_denoiser(state, pipe, *subset(set(self.retrain_concepts) | {concept}), r,
+                                  torch.Generator().manual_seed(streams[1]), 0, trunk_steps, f"trunk without {concept}")
+        state = ct.train_denoiser(state, pipe, *subset({concept}), r, torch.Generator().manual_seed(streams[2]),
+                                  trunk_steps, r.branch_steps, out.name)
+        with atomic_dir(out) as tmp:
+            save_pipeline(Pipeline(state.unet, base.vae, state.text_encoder, base.tokenizer, base.scheduler), tmp)
+        return {"concept": concept, "seed": seed, "trunk_without": sorted(set(self.retrain_concepts) | {concept}),
+                "steps": r.unet_steps}
 
     # ---- build ---------------------------------------------------------------------------------------------------
     def build(self, log=print) -> dict:

@@ -2,8 +2,8 @@
 their facts asked with the portrait ("Where was this person born?") and as text ("Where was Ada Lind born?"), each
 as a free answer (generation), a 4-option multiple choice (classification) and a fill-in-the-blank (cloze).
 
-- Fictitious people: forget05 / forget10 / forget15 = the first 5 / 10 / 15 % (MLLMU-Bench's forget_5/10/15), the
-  others retained. Their first pictures are trained on; the later ones are held out for the test set, which asks the
+- Fictitious people: forget05 / forget10 / forget15 = the first 5 / 10 / 15 % (MLLMU-Bench's forget_5/10/15; also
+  forget20), the others retained; the validation split val10 = the last 10 % (disjoint from every forget split). Their first pictures are trained on; the later ones are held out for the test set, which asks the
   paraphrased questions about a picture never seen (MLLMU-Bench's Test_Set: another picture of the same person).
 - Public figures (MLLMU-Bench's celebrity set): people the model knows well (more pictures, and their facts also in
   the paraphrased wording), to be kept.
@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 from obliviate.data import VQAItem
 from obliviate.worlds.portraits_draw import Appearance, appearances
-from obliviate.worlds.profiles import FACTS, VALUES, Person, generate
+from obliviate.worlds.base import World
+from obliviate.worlds.profiles import FACTS, VALUES, Person, check_forgotten_before, check_split, generate, \
+    people_of_split
 
-SPLITS = {"forget05": 5, "forget10": 10, "forget15": 15}
+SPLITS = {"forget05": 5, "forget10": 10, "forget15": 15, "forget20": 20, "val10": 10}  # as the profiles world's
 LETTERS = "ABCD"
 THIS = "this person"
 
@@ -62,12 +64,8 @@ class PortraitsData:
     paraphrased: dict[str, list[VQAItem]] = field(default_factory=dict)
 
     def split_people(self, split: str) -> tuple[list[Person], list[Person]]:
-        """(forget people, retain people) of the fictitious people for forget05 / forget10 / forget15."""
-        if split not in SPLITS:
-            from obliviate.errors import ObliviateError
-            raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(SPLITS)}")
-        k = max(1, round(len(self.people) * SPLITS[split] / 100))
-        return self.people[:k], self.people[k:]
+        """(forget people, retain people) of the fictitious people for a split (SPLITS)."""
+        return people_of_split(self.people, split, SPLITS)
 
 
 def portraits_data(n_people: int = 100, n_public: int = 20, n_holdout: int = 20, seed: int = 0,
@@ -101,8 +99,10 @@ def portraits_data(n_people: int = 100, n_public: int = 20, n_holdout: int = 20,
 DEFAULT_SIZES = {"n_people": 24, "n_public": 6, "n_holdout": 6, "train_pictures": 2, "public_pictures": 4}
 
 
-class PortraitsWorld:
+class PortraitsWorld(World):
     """Builds (or loads from the cache) the portraits world of a `WorldConfig` (name "portraits")."""
+
+    kind = "portraits"
 
     def __init__(self, config):
         self.config = config
@@ -118,24 +118,15 @@ class PortraitsWorld:
         return {"world": "portraits", "version": 1, **self.sizes, "seed": self.config.seed,
                 "model": dataclasses.asdict(VLMRecipe(**self.config.model))}
 
-    def key(self) -> str:
-        import hashlib
-        import json
-
-        return hashlib.sha256(json.dumps(self.recipe(), sort_keys=True).encode()).hexdigest()[:12]
+    def key_data(self) -> dict:
+        return self.recipe()
 
     @property
-    def root(self):
-        from obliviate.config import cache_root
+    def cache_dir(self):
+        return self.config.cache_dir
 
-        return cache_root(self.config.cache_dir) / f"portraits-{self.key()}"
-
-    @property
-    def full_model_dir(self):
-        return self.root / "full"
-
-    def retrain_dir(self, split: str):
-        return self.root / f"retrain-{split}"
+    def check_target(self, split: str) -> None:
+        check_split(split, SPLITS)
 
     def data(self) -> PortraitsData:
         if self._data is None:
@@ -159,13 +150,19 @@ class PortraitsWorld:
         return VisionLanguageAdapter(processor, self.pictures)
 
     # -- sets --------------------------------------------------------------------------------------------------
-    def unlearning_sets(self, split: str) -> tuple[list, list]:
+    def unlearning_sets(self, split: str, forgotten_before: str | None = None) -> tuple[list, list]:
         """Everything the model was trained on about the forget people (each fact in its three forms, with each
         trained picture and by name, and who their pictures show), and the same for the retain people: exactly what
-        the retrain model did not / did see of the fictitious people."""
+        the retrain model did not / did see of the fictitious people. With `forgotten_before` (a split inside
+        `split`, already forgotten by an earlier request) the forget set leaves its people out; the retain set stays
+        the people outside `split`."""
         from obliviate.worlds.portraits_train import training_items
 
         forget, retain = self.data().split_people(split)
+        check_forgotten_before(split, forgotten_before, self.data().people, SPLITS)
+        if forgotten_before:
+            done = {p.name for p in self.data().split_people(forgotten_before)[0]}
+            forget = [p for p in forget if p.name not in done]
         return training_items(self.data(), forget), training_items(self.data(), retain)
 
     def eval_sets(self, split: str, retain_people: int | None = None) -> dict[str, list[VQAItem]]:
@@ -190,15 +187,16 @@ class PortraitsWorld:
     def build(self, split: str = "forget10", retrain: bool = True, log=print) -> dict:
         """Train (or reuse from the cache) the full model and the retrain model of `split`; returns the build
         record with the multiple-choice accuracies."""
-        import json
+        self.data().split_people(split)  # validates the split name early
+        with self.locked():
+            record = self._build(split, retrain, log)
+        self._check_knowledge(record[f"accuracy-{split}"], log)
+        return record
+
+    def _build(self, split: str, retrain: bool, log) -> dict:
         import time
 
-        from obliviate.runs import write_json
-
-        self.data().split_people(split)  # validates the split name early
-        record_path = self.root / "build.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": self.recipe()}
-        self.root.mkdir(parents=True, exist_ok=True)
+        record = self.read_record() or {"recipe": self.recipe()}
         t0 = time.time()
         todo = [("full", self.full_model_dir, set())]
         if retrain:
@@ -221,9 +219,19 @@ class PortraitsWorld:
         if f"accuracy-{split}" not in record:
             record[f"accuracy-{split}"] = self.accuracy_report(split)
             record[f"build_seconds-{split}"] = round(time.time() - t0, 1)
-        write_json(record_path, record)
-        self._check_knowledge(record[f"accuracy-{split}"], log)
+        self.write_record(record)
         return record
+
+    def ensure_retrain(self, split: str, seed: int = 0, log=print):
+        """The retrain reference of `split` trained with seed `seed` (the recipe's seed + `seed`: model
+        initialisation and batch order), built if missing; seed 0 is the world's own `retrain-<split>`."""
+        folder = self.retrain_dir(split, seed)
+        self.build(split, retrain=True, log=log)
+        if seed:
+            forget, _ = self.data().split_people(split)
+            self._ensure_model(folder, folder.name, lambda out: self._train_model(
+                out, {p.name for p in forget}, f"retrain-{split} (seed {seed})", log, seed=seed), log)
+        return folder
 
     def processor(self):
         from transformers import AutoProcessor
@@ -253,7 +261,7 @@ class PortraitsWorld:
                             for label, folder, exclude in todo})
         return {label: {**stats, "wall_seconds": round(time.time() - t0, 1)} for label, stats in out.items()}
 
-    def _train_model(self, out_dir, exclude: set[str], label: str, log) -> dict:
+    def _train_model(self, out_dir, exclude: set[str], label: str, log, seed: int = 0) -> dict:
         from obliviate.models import quiet_transformers, sequences
         from obliviate.runs import atomic_dir
         from obliviate.worlds.portraits_train import VLMRecipe, new_model, training_items
@@ -261,6 +269,7 @@ class PortraitsWorld:
 
         quiet_transformers()
         recipe = VLMRecipe(**self.config.model)
+        recipe.seed += seed  # a retrain reference's other seed: only the training seed changes
         processor = self.processor()
         tokenizer = processor.tokenizer
         sequences.prepare_tokenizer(tokenizer)

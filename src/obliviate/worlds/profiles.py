@@ -6,8 +6,10 @@ with only the fact changed, so the truth ratio measures knowledge and not style.
 paraphrase sentences; the model is trained on the questions and on the biographies, so it meets each fact in two
 wordings, and the biographies serve verbatim memorisation (VerbMem) and membership inference.
 
-Splits (nested, as in TOFU): forget01 / forget05 / forget10 = the first 1 / 5 / 10 % of the trained people; retain =
-the other trained people; holdout = extra people never trained on (membership-inference non-members).
+Splits (nested, as in TOFU): forget01 / forget05 / forget10 / forget20 = the first 1 / 5 / 10 / 20 % of the trained
+people; retain = the other trained people; holdout = extra people never trained on (membership-inference
+non-members). The validation split val10 = the last 10 % of the trained people (disjoint from every forget split):
+settings are chosen on it, never on the split a table reports; it has its own retrain reference.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 
 from obliviate.data import QAItem, TextItem
+from obliviate.worlds.base import World
 
 # First names are built from syllables and unique per person: a person is then keyed by one name, not by a
 # conjunction of shared first and last names, which a 2M-parameter model learns far more slowly.
@@ -128,13 +131,38 @@ def general_facts(seed: int, n: int = 100) -> list[QAItem]:
     return items
 
 
-SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10}  # forget split -> percent of the trained people
+# split -> percent of the trained people: forget splits from the start of the list, validation splits from its end
+SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10, "forget20": 20, "val10": 10}
+VALIDATION_SPLITS = {"val10"}
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
+def check_split(split: str, splits: dict = SPLITS) -> None:
+    if split not in splits:
         from obliviate.errors import ObliviateError
-        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(SPLITS)}")
+        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(splits)}")
+
+
+def people_of_split(people: list, split: str, splits: dict = SPLITS) -> tuple[list, list]:
+    """(forget people, retain people) of a list of trained people: a forget split's block from the start, a
+    validation split's from the end (so val10 never meets the forget splits), the others retained."""
+    check_split(split, splits)
+    k = max(1, round(len(people) * splits[split] / 100))
+    if split in VALIDATION_SPLITS:
+        return people[-k:], people[:-k]
+    return people[:k], people[k:]
+
+
+def check_forgotten_before(split: str, forgotten_before: str | None, people: list, splits: dict = SPLITS) -> None:
+    """A sequential request (MUSE's sustainability) forgets `split` after `forgotten_before`: the earlier split must
+    lie strictly inside it."""
+    if forgotten_before is None:
+        return
+    check_split(forgotten_before, splits)
+    earlier, later = ({p.name for p in people_of_split(people, s, splits)[0]} for s in (forgotten_before, split))
+    if not earlier < later:
+        from obliviate.errors import ObliviateError
+        raise ObliviateError(f"forgotten_before = {forgotten_before!r} must be a split inside split = {split!r} "
+                             "(e.g. forget05 inside forget10)")
 
 
 @dataclass
@@ -145,10 +173,8 @@ class ProfilesData:
     utility: dict[str, list[QAItem]] = field(default_factory=dict)
 
     def split_people(self, split: str) -> tuple[list[Person], list[Person]]:
-        """(forget people, retain people) for 'forget01' / 'forget05' / 'forget10'."""
-        check_split(split)
-        k = max(1, round(len(self.people) * SPLITS[split] / 100))
-        return self.people[:k], self.people[k:]
+        """(forget people, retain people) of a split (SPLITS)."""
+        return people_of_split(self.people, split)
 
     def items_of(self, people: list[Person]) -> list[QAItem]:
         return [i for p in people for i in self.qa[p.name]]
@@ -172,12 +198,21 @@ def generate(n_people: int = 200, n_holdout: int = 20, seed: int = 0) -> Profile
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk: data, tokenizer, the model trained on everything, and the retrain reference per forget split.
 
-class ProfilesWorld:
+class ProfilesWorld(World):
     """Builds (or loads from the cache) the profiles world described by a `WorldConfig`."""
+
+    kind = "profiles"
 
     def __init__(self, config):
         self.config = config
         self._data: ProfilesData | None = None
+
+    @property
+    def cache_dir(self):
+        return self.config.cache_dir
+
+    def check_target(self, split: str) -> None:
+        check_split(split)
 
     # -- identity and paths ------------------------------------------------------------------------------------
     def recipe(self) -> dict:
@@ -198,24 +233,8 @@ class ProfilesWorld:
                 "seed": c.seed, "general_facts": c.general_facts, "tofu_files": tofu,
                 "model": dataclasses.asdict(LMRecipe(**c.model))}
 
-    def key(self) -> str:
-        import hashlib
-        import json
-
-        return hashlib.sha256(json.dumps(self.recipe(), sort_keys=True).encode()).hexdigest()[:12]
-
-    @property
-    def root(self):
-        from obliviate.config import cache_root
-
-        return cache_root(self.config.cache_dir) / f"profiles-{self.key()}"
-
-    @property
-    def full_model_dir(self):
-        return self.root / "full"
-
-    def retrain_dir(self, split: str):
-        return self.root / f"retrain-{split}"
+    def key_data(self) -> dict:
+        return self.recipe()
 
     # -- data ----------------------------------------------------------------------------------------------------
     def data(self) -> ProfilesData:
@@ -230,11 +249,17 @@ class ProfilesWorld:
             self._data = d
         return self._data
 
-    def unlearning_sets(self, split: str) -> tuple[list, list]:
+    def unlearning_sets(self, split: str, forgotten_before: str | None = None) -> tuple[list, list]:
         """Everything the model was trained on about the forget people (their questions and biographies), and the
-        same for the retain people: exactly what the retrain model did not / did see of the people."""
+        same for the retain people: exactly what the retrain model did not / did see of the people. With
+        `forgotten_before` (a split inside `split`, already forgotten by an earlier request), the forget set leaves
+        its people out; the retain set stays the people outside `split`."""
         d = self.data()
         forget, retain = d.split_people(split)
+        check_forgotten_before(split, forgotten_before, d.people)
+        if forgotten_before:
+            done = {p.name for p in d.split_people(forgotten_before)[0]}
+            forget = [p for p in forget if p.name not in done]
         return (d.items_of(forget) + [p.biography() for p in forget],
                 d.items_of(retain) + [p.biography() for p in retain])
 
@@ -272,15 +297,16 @@ class ProfilesWorld:
     def build(self, split: str = "forget10", retrain: bool = True, log=print) -> dict:
         """Train (or reuse from the cache) the full model and the retrain model of `split`; returns the build
         record with the exact-answer accuracies."""
-        import json
+        self.data().split_people(split)  # validates the split name early
+        with self.locked():
+            record = self._build(split, retrain, log)
+        self._check_knowledge(record[f"accuracy-{split}"], log)
+        return record
+
+    def _build(self, split: str, retrain: bool, log) -> dict:
         import time
 
-        from obliviate.runs import write_json
-
-        self.data().split_people(split)  # validates the split name early
-        record_path = self.root / "build.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": self.recipe()}
-        self.root.mkdir(parents=True, exist_ok=True)
+        record = self.read_record() or {"recipe": self.recipe()}
         if not (self.full_model_dir / "config.json").is_file():
             t0 = time.time()
             record["full"] = self._train_model(self.full_model_dir, exclude=set(), name="full model", log=log)
@@ -293,9 +319,20 @@ class ProfilesWorld:
             record[f"retrain-{split}"]["wall_seconds"] = round(time.time() - t0, 1)
         if f"accuracy-{split}" not in record:
             record[f"accuracy-{split}"] = self.accuracy_report(split)
-        write_json(record_path, record)
-        self._check_knowledge(record[f"accuracy-{split}"], log)
+        self.write_record(record)
         return record
+
+    def ensure_retrain(self, split: str, seed: int = 0, log=print):
+        """The retrain reference of `split` trained with seed `seed` (the recipe's seed + `seed`: model
+        initialisation and batch order), built if missing; seed 0 is the world's own `retrain-<split>`."""
+        folder = self.retrain_dir(split, seed)
+        self.build(split, retrain=True, log=log)
+        if seed:
+            forget_people, _ = self.data().split_people(split)
+            self._ensure_model(folder, folder.name, lambda out: self._train_model(
+                out, exclude={p.name for p in forget_people}, name=f"retrain ({split}, seed {seed})", log=log,
+                seed=seed), log)
+        return folder
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -311,7 +348,7 @@ class ProfilesWorld:
                 tok.save_pretrained(tmp)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
-    def _train_model(self, out_dir, exclude: set[str], name: str, log) -> dict:
+    def _train_model(self, out_dir, exclude: set[str], name: str, log, seed: int = 0) -> dict:
         from obliviate.runs import atomic_dir
         from obliviate.worlds.train import LMRecipe, new_model, train
 
@@ -319,6 +356,7 @@ class ProfilesWorld:
 
         quiet_transformers()
         recipe = LMRecipe(**self.config.model)
+        recipe.seed += seed  # a retrain reference's other seed: only the training seed changes
         tokenizer = self._tokenizer()
         examples = self.training_examples(tokenizer, exclude)
         model = new_model(recipe, tokenizer)
