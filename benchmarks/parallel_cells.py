@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,51 +72,90 @@ def nothing(task):
     return task
 
 
-def main() -> None:
+def spin(_=None) -> float:
+    start = time.time()
+    x = 0
+    for i in range(20_000_000):
+        x += i
+    return time.time() - start
+
+
+def spin_speedup() -> float:
+    """What this machine gives two processes now (other sessions share its cores): 2 x one loop's time / the time of
+    two loops at once."""
+    import multiprocessing
+
+    one = spin()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        start = time.time()
+        pool.map(spin, [0, 1])
+        two = time.time() - start
+    return round(2 * one / two, 2)
+
+
+def run_mode(args) -> None:
+    """One mode in this fresh process, as `obliviate bench` runs it: the imports (torch, transformers) are part of
+    the time, once serially, once in each worker."""
     from obliviate.bench.execute import execute
 
+    options = {"serial": {"workers": 1}, "workers2": {"workers": 2}, "ray2": {"workers": 2, "use_ray": True}}
+    grid = json.loads(Path(args.dir, "grid.json").read_text())
+    tasks = [{**cell, "root": args.dir, "mode": args.mode, "steps": args.steps,
+              "name": f"{cell['method']}-{cell['lr']:g}"} for cell in grid]
+    start = time.time()
+    out = list(execute(tasks, run_cell, threads=1, **options[args.mode]))
+    wall = time.time() - start
+    assert all("metrics" in r for r in out), [r.get("reason") for r in out if "metrics" not in r]
+    Path(args.dir, f"{args.mode}.json").write_text(json.dumps({r["name"]: r["metrics"] for r in out}, sort_keys=True))
+    report({"mode": args.mode, "wall_s": round(wall, 2), "cell_s_sum": round(sum(r["seconds"] for r in out), 2),
+            "load": [round(x, 1) for x in os.getloadavg()]})
+
+
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", default="/tmp/parallel-cells")
     parser.add_argument("--cells", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--ray", action="store_true", help="also the grid on a local Ray instance (2 CPUs)")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = parser.parse_args()
+    if args.mode:
+        return run_mode(args)
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     grid = build(root)[:args.cells]
-    report({"load_before": os.getloadavg(), "cores": os.cpu_count(), "cells": len(grid), "steps": args.steps})
-
-    modes = [("serial", {"workers": 1}), ("workers2", {"workers": 2})] + \
-        ([("ray2", {"workers": 2, "use_ray": True})] if args.ray else [])
-    results = {}
-    for mode, options in modes:
-        tasks = [{**cell, "root": str(root), "mode": mode, "steps": args.steps,
-                  "name": f"{cell['method']}-{cell['lr']:g}"} for cell in grid]
-        start = time.time()
-        out = list(execute(tasks, run_cell, threads=1, **options))
-        wall = time.time() - start
-        assert all("metrics" in r for r in out), [r.get("reason") for r in out if "metrics" not in r]
-        results[mode] = {r["name"]: r["metrics"] for r in out}
-        report({"mode": mode, "wall_s": round(wall, 2), "cell_s_sum": round(sum(r["seconds"] for r in out), 2),
-                "load": os.getloadavg()})
-    for mode in results:
-        assert results[mode] == results["serial"], f"{mode}: other metrics than serially"
+    (root / "grid.json").write_text(json.dumps(grid))
+    report({"load_before": [round(x, 1) for x in os.getloadavg()], "cores": os.cpu_count(), "cells": len(grid),
+            "steps": args.steps, "machine_parallel_speedup": spin_speedup()})
+    modes = ["serial", "workers2"] + (["ray2"] if args.ray else [])
+    for mode in modes:
+        subprocess.run([sys.executable, __file__, "--dir", str(root), "--steps", str(args.steps), "--mode", mode],
+                       check=True, stderr=subprocess.DEVNULL)
+    serial = (root / "serial.json").read_text()
+    for mode in modes:
+        assert (root / f"{mode}.json").read_text() == serial, f"{mode}: other metrics than serially"
     report({"same_metrics_in_every_mode": True})
 
-    # the executor's own cost: a cell that does nothing, so all that is measured is the executor
-    n = 200
-    start = time.time()
-    list(execute(list(range(n)), nothing, threads=1))
-    report({"overhead": "serial", "per_cell_ms": round((time.time() - start) / n * 1000, 3)})
-    start = time.time()
-    list(execute([0, 1], nothing, workers=2, threads=1))
-    first = time.time() - start  # spawning 2 processes that import torch
-    start = time.time()
-    list(execute(list(range(n)), nothing, workers=2, threads=1))
-    report({"overhead": "workers2", "start_s": round(first, 2),
-            "per_cell_ms": round((time.time() - start - first) / n * 1000, 3)})
-    report({"load_after": os.getloadavg()})
+    # the executor's own cost per cell: cells that do nothing, so all that is measured is the executor (the best of
+    # 3; many cells, so that the seconds of starting the workers, which vary, cancel out)
+    from obliviate.bench.execute import execute
+
+    def best(tasks, **options):
+        times = []
+        for _ in range(3):
+            start = time.time()
+            list(execute(tasks, nothing, threads=1, **options))
+            times.append(time.time() - start)
+        return min(times)
+
+    n = 2000
+    report({"overhead": "serial", "per_cell_ms": round(best(list(range(n))) / n * 1000, 4)})
+    two, many = best([0, 1], workers=2), best(list(range(n)), workers=2)
+    report({"overhead": "workers2", "start_s": round(two, 2), "per_cell_ms": round((many - two) / (n - 2) * 1000, 3)})
+    report({"machine": "two pure-Python loops at once, against one (2.0: two free cores)",
+            "parallel_speedup": spin_speedup()})
+    report({"load_after": [round(x, 1) for x in os.getloadavg()]})
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def test_workers_survive_a_killed_cell_and_name_it():
     assert reasons["raise"] == "task 'raise': ValueError: no such setting"
 
 
+def test_inside_a_pool_worker_the_cells_run_here(monkeypatch):
+    """A daemon process (a pool's worker, a demo part) may not start processes: workers > 1 runs the cells serially."""
+    monkeypatch.setattr("obliviate.workers.can_start_processes", lambda: False)
+    results = list(execute(["a", "b"], work, workers=2, threads=1))
+    assert [(r["task"], r["pid"]) for r in results] == [("a", os.getpid()), ("b", os.getpid())]
+
+
 def test_bad_arguments_and_a_missing_ray_are_one_line(monkeypatch):
     with pytest.raises(ObliviateError, match="--workers must be at least 1"):
         execute(["a"], work, workers=0)

@@ -38,7 +38,9 @@ def execute(tasks: list, run_one: Callable, workers: int = 1, ray_address: str |
         return iter(())
     if use_ray or ray_address:
         return _on_ray(tasks, run_one, workers, threads, ray_address)
-    if workers == 1:
+    from obliviate.workers import can_start_processes
+
+    if workers == 1 or not can_start_processes():  # a pool's worker may not start processes: the same cells here
         return _serially(tasks, run_one, threads)
     return _in_workers(tasks, run_one, workers, threads)
 
