@@ -88,6 +88,22 @@ def test_bad_arguments_and_a_missing_ray_are_one_line(monkeypatch):
         list(execute(["a"], work, use_ray=True))
 
 
+def test_a_ray_cluster_that_is_not_there_is_one_line(monkeypatch):
+    import importlib.machinery
+    import types
+
+    def init(**options):
+        raise ConnectionError("Could not find any running Ray instance.\nPlease specify the one to connect to.")
+
+    fake = types.SimpleNamespace(__spec__=importlib.machinery.ModuleSpec("ray", None), is_initialized=lambda: False,
+                                 init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(ObliviateError) as e:
+        list(execute(["a"], work, ray_address="auto"))
+    assert str(e.value) == ("--ray-address auto: cannot join a Ray cluster there (ConnectionError: Could not find "
+                            "any running Ray instance.)")
+
+
 @pytest.fixture(scope="module")
 def cell_config(tmp_path_factory, tiny_lm_dir):
     tmp = tmp_path_factory.mktemp("cells")

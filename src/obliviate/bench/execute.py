@@ -205,12 +205,14 @@ def _on_ray(tasks: list, run_one: Callable, workers: int, threads: int, address:
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        if address:
+    if started and address:
+        try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, object_store_memory=100 * 2**20)  # results are small records
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ObliviateError(f"--ray-address {address}: cannot join a Ray cluster there ({_ray_line(e)})") from e
+    elif started:
+        ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 object_store_memory=100 * 2**20)  # the results are small records
     try:
         biggest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if threads > biggest:
