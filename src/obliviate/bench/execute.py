@@ -46,7 +46,7 @@ def execute(tasks: list, run_one: Callable, workers: int = 1, ray_address: str |
 
 
 def cpu_count() -> int:
-    """The cores this process may use (a cgroup or taskset limit counts, as in a Slurm allocation)."""
+    """The cores this process may use (a cpuset or taskset limit counts, as in a Slurm allocation)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
