@@ -218,6 +218,8 @@ def bench(spec: Path = typer.Argument(..., help="a bench spec (TOML or YAML; doc
           ray: bool = typer.Option(False, "--ray", help="run the cells as Ray tasks (a local Ray instance unless "
                                                        "--ray-address)"),
           ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster (implies --ray)"),
+          threads: Optional[int] = typer.Option(None, help="torch threads per cell (default: cores // workers); "
+                                                             "a cell's numbers depend on it, so keep it when comparing"),
           retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed cells again"),
           dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and which are done; run nothing"),
           quiet: bool = typer.Option(False, help="no progress bars")):
@@ -228,7 +230,7 @@ def bench(spec: Path = typer.Argument(..., help="a bench spec (TOML or YAML; doc
     try:
         from obliviate.api import bench as run_bench
         run_bench(spec, out, workers=workers, use_ray=ray or ray_address is not None, ray_address=ray_address,
-                  retry_failed=retry_failed, dry_run=dry_run, overrides=overrides or [], log=typer.echo)
+                  threads=threads, retry_failed=retry_failed, dry_run=dry_run, overrides=overrides or [], log=typer.echo)
     except ObliviateError as e:
         _fail(e)
 
