@@ -113,3 +113,29 @@ class World:
             record[label] = {**stats, "wall_seconds": round(time.time() - t0, 1)}
             self.write_record(record)
             log(f"{self.kind} world: {label} built in {time.time() - t0:.0f} s ({folder})")
+
+
+class PeopleWorld(World):
+    """A world of people whose targets are forget splits (profiles, portraits): the full model and one retrain
+    reference per split and seed. Subclasses give `data()` (with `split_people`), `_build(split, retrain, log)`,
+    `_train_model(out, exclude, label, log, seed=0)` and `_check_knowledge(accuracy report, log)`."""
+
+    def build(self, split: str = "forget10", retrain: bool = True, log=print) -> dict:
+        """Train (or reuse from the cache) the full model and the retrain model of `split`; returns the build
+        record with the models' accuracies."""
+        self.data().split_people(split)  # validates the split name early
+        with self.locked():
+            record = self._build(split, retrain, log)
+        self._check_knowledge(record[f"accuracy-{split}"], log)
+        return record
+
+    def ensure_retrain(self, split: str, seed: int = 0, log=print) -> Path:
+        """The retrain reference of `split` trained with seed `seed` (the recipe's seed + `seed`: model
+        initialisation and batch order), built if missing; seed 0 is the world's own `retrain-<split>`."""
+        folder = self.retrain_dir(split, seed)
+        self.build(split, retrain=True, log=log)
+        if seed:
+            forget, _ = self.data().split_people(split)
+            self._ensure_model(folder, folder.name, lambda out: self._train_model(
+                out, {p.name for p in forget}, f"retrain ({split}, seed {seed})", log, seed=seed), log)
+        return folder

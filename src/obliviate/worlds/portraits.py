@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from obliviate.data import VQAItem
 from obliviate.worlds.portraits_draw import Appearance, appearances
-from obliviate.worlds.base import World
+from obliviate.worlds.base import PeopleWorld
 from obliviate.worlds.profiles import FACTS, VALUES, Person, check_forgotten_before, check_split, generate, \
     people_of_split
 
@@ -99,7 +99,7 @@ def portraits_data(n_people: int = 100, n_public: int = 20, n_holdout: int = 20,
 DEFAULT_SIZES = {"n_people": 24, "n_public": 6, "n_holdout": 6, "train_pictures": 2, "public_pictures": 4}
 
 
-class PortraitsWorld(World):
+class PortraitsWorld(PeopleWorld):
     """Builds (or loads from the cache) the portraits world of a `WorldConfig` (name "portraits")."""
 
     kind = "portraits"
@@ -184,15 +184,6 @@ class PortraitsWorld(World):
                 "holdout": asked(d.holdout, d.train, d.train_pictures)}
 
     # -- building ------------------------------------------------------------------------------------------------
-    def build(self, split: str = "forget10", retrain: bool = True, log=print) -> dict:
-        """Train (or reuse from the cache) the full model and the retrain model of `split`; returns the build
-        record with the multiple-choice accuracies."""
-        self.data().split_people(split)  # validates the split name early
-        with self.locked():
-            record = self._build(split, retrain, log)
-        self._check_knowledge(record[f"accuracy-{split}"], log)
-        return record
-
     def _build(self, split: str, retrain: bool, log) -> dict:
         import time
 
@@ -221,17 +212,6 @@ class PortraitsWorld(World):
             record[f"build_seconds-{split}"] = round(time.time() - t0, 1)
         self.write_record(record)
         return record
-
-    def ensure_retrain(self, split: str, seed: int = 0, log=print):
-        """The retrain reference of `split` trained with seed `seed` (the recipe's seed + `seed`: model
-        initialisation and batch order), built if missing; seed 0 is the world's own `retrain-<split>`."""
-        folder = self.retrain_dir(split, seed)
-        self.build(split, retrain=True, log=log)
-        if seed:
-            forget, _ = self.data().split_people(split)
-            self._ensure_model(folder, folder.name, lambda out: self._train_model(
-                out, {p.name for p in forget}, f"retrain-{split} (seed {seed})", log, seed=seed), log)
-        return folder
 
     def processor(self):
         from transformers import AutoProcessor

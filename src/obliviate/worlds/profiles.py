@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 
 from obliviate.data import QAItem, TextItem
-from obliviate.worlds.base import World
+from obliviate.worlds.base import PeopleWorld
 
 # First names are built from syllables and unique per person: a person is then keyed by one name, not by a
 # conjunction of shared first and last names, which a 2M-parameter model learns far more slowly.
@@ -198,7 +198,7 @@ def generate(n_people: int = 200, n_holdout: int = 20, seed: int = 0) -> Profile
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk: data, tokenizer, the model trained on everything, and the retrain reference per forget split.
 
-class ProfilesWorld(World):
+class ProfilesWorld(PeopleWorld):
     """Builds (or loads from the cache) the profiles world described by a `WorldConfig`."""
 
     kind = "profiles"
@@ -294,15 +294,6 @@ class ProfilesWorld(World):
         return [t for t in texts if t] + [p.biography().text for p in d.people + d.holdout]
 
     # -- building ------------------------------------------------------------------------------------------------
-    def build(self, split: str = "forget10", retrain: bool = True, log=print) -> dict:
-        """Train (or reuse from the cache) the full model and the retrain model of `split`; returns the build
-        record with the exact-answer accuracies."""
-        self.data().split_people(split)  # validates the split name early
-        with self.locked():
-            record = self._build(split, retrain, log)
-        self._check_knowledge(record[f"accuracy-{split}"], log)
-        return record
-
     def _build(self, split: str, retrain: bool, log) -> dict:
         import time
 
@@ -321,18 +312,6 @@ class ProfilesWorld(World):
             record[f"accuracy-{split}"] = self.accuracy_report(split)
         self.write_record(record)
         return record
-
-    def ensure_retrain(self, split: str, seed: int = 0, log=print):
-        """The retrain reference of `split` trained with seed `seed` (the recipe's seed + `seed`: model
-        initialisation and batch order), built if missing; seed 0 is the world's own `retrain-<split>`."""
-        folder = self.retrain_dir(split, seed)
-        self.build(split, retrain=True, log=log)
-        if seed:
-            forget_people, _ = self.data().split_people(split)
-            self._ensure_model(folder, folder.name, lambda out: self._train_model(
-                out, exclude={p.name for p in forget_people}, name=f"retrain ({split}, seed {seed})", log=log,
-                seed=seed), log)
-        return folder
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
