@@ -168,6 +168,7 @@ def test_evaluation_along_the_way_is_refused_with_several_processes(tiny_lm, mon
         sharding.check(LMTrainConfig(shard="fsdp", eval_every=1))  # `obliviate validate` says it before any work
 
 
+@pytest.mark.slow  # two CLI runs with evaluations: 4-11 s
 def test_a_text_to_image_run_writes_its_evaluations_and_the_same_final_numbers(tiny_pipeline_dir, tmp_path):
     from test_t2i_runs import _config
     from typer.testing import CliRunner

@@ -306,6 +306,7 @@ def _bench_process(tmp_path, spec, out, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # two bench processes, each importing torch: 5-25 s
 def test_two_bench_processes_never_run_the_same_cell_twice(tmp_path):
     out = tmp_path / "out"
     spec = fake_spec(tmp_path, noise="[]")

@@ -56,6 +56,7 @@ def test_serially_a_failing_cell_is_a_failed_result_and_threads_are_restored():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # spawned workers, each importing torch: 4-15 s
 def test_workers_survive_a_killed_cell_and_name_it():
     """Spawned workers with one thread each; a worker that is SIGKILLed mid-cell gives a failed result
     naming its cell, and the other cells (before and after it, on a fresh process) complete."""
