@@ -136,7 +136,7 @@ def test_a_canvas_run_evaluates_along_the_way_as_it_evaluates_at_the_end(monkeyp
     """The canvas world's evaluation (`evaluate_erasure`, stubbed here: a world is hours of CPU), its numbers kept
     without its images."""
     from obliviate.evals import canvas
-    from obliviate.runners.along import t2i_along
+    from obliviate.runners.t2i import t2i_along
 
     calls = []
 

@@ -175,7 +175,6 @@ class LanguageModelRun(FamilyRun):
         from obliviate import distributed
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
-        from obliviate.runners.along import lm_along
 
         config = self.config
         forget, retain, (qa_sets, texts, roles, _) = prepared.data
@@ -232,7 +231,6 @@ class LanguageModelRun(FamilyRun):
         return evaluation
 
     def along_metrics(self, evaluation: dict, metrics: dict) -> dict:
-        from obliviate.runners.along import lm_metrics
         return lm_metrics(evaluation, self.retrain_eval, metrics.get("original"))
 
     def evaluate_share(self, prepared: Prepared, trained: Trained, device: str) -> None:
@@ -283,3 +281,31 @@ def export(changed_path: Path, base: Path, out: Path) -> Path:
         model.save_pretrained(folder.tmp)
         tokenizer.save_pretrained(folder.tmp)
     return out
+
+
+def lm_along(config, world, qa_sets, texts, roles, device: str):
+    """A language-model run's evaluation (`runners.lm.evaluation_of`, the world's retrain model as the membership
+    reference as at the end); None without train.eval_every."""
+    from obliviate.runners.along import Along
+
+    if not config.train.eval_every:
+        return None
+    reference = []  # loaded at the first evaluation, kept for the next ones
+
+    def evaluate(model, tokenizer):
+        if not reference:
+            reference.append(_mia_reference(config, world, None, device))
+        return evaluation_of(model, tokenizer, qa_sets, texts, config.eval, reference[0], roles)
+    return Along(evaluate)
+
+
+def lm_metrics(evaluation: dict, retrain_eval: dict | None, original: dict | None) -> dict:
+    """metrics.json's aggregate of a language-model evaluation: compared to the retrain reference when there is one,
+    its model utility relative to the original's when known."""
+    from obliviate.evals.evaluate import compare_to_retrain
+
+    aggregate = dict((compare_to_retrain(evaluation, retrain_eval) if retrain_eval is not None
+                      else evaluation)["aggregate"])
+    if original:
+        with_utility_ratio({"along": aggregate}, original)
+    return aggregate

@@ -156,7 +156,6 @@ class VisionLanguageRun(FamilyRun):
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
-        from obliviate.runners.along import mllm_along
 
         config = self.config
         forget, retain, sets, pictures = prepared.data
@@ -208,7 +207,6 @@ class VisionLanguageRun(FamilyRun):
         return evaluation
 
     def along_metrics(self, evaluation: dict, metrics: dict) -> dict:
-        from obliviate.runners.along import mllm_metrics
         return mllm_metrics(evaluation, self.retrain_eval)
 
     def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
@@ -255,3 +253,18 @@ def export(changed_path: Path, base: Path, out: Path) -> Path:
         model.save_pretrained(folder.tmp)
         processor.save_pretrained(folder.tmp)
     return out
+
+
+def mllm_along(config, sets, pictures):
+    """A vision-language run's MLLMU-Bench evaluation (`runners.mllm.evaluation_of`); None without eval_every."""
+    if not config.train.eval_every:
+        return None
+    from obliviate.runners.along import Along
+
+    return Along(lambda model, processor: evaluation_of(model, processor, sets, pictures, config))
+
+
+def mllm_metrics(evaluation: dict, retrain_eval: dict | None) -> dict:
+    from obliviate.evals.mllmu import compare_to_retrain
+
+    return (compare_to_retrain(evaluation, retrain_eval) if retrain_eval is not None else evaluation)["aggregate"]

@@ -78,7 +78,6 @@ class TextToImageRun(FamilyRun):
 
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
         from obliviate.loops.t2i import changed_pipeline_tensors, erase
-        from obliviate.runners.along import t2i_along
 
         config, t = self.config, self.config.t2i
         pipe = self._pipeline(prepared.model_dir, device)
@@ -167,3 +166,32 @@ def export(changed_path: Path, base: Path, out: Path) -> Path:
     with claim_run_dir(out) as folder:
         save_pipeline(pipe, folder.tmp)
     return out
+
+
+def t2i_along(config, world, task, pipeline_dir, device: str, evaluators=None):
+    """A text-to-image run's evaluation: the canvas world's (`evaluate_erasure`), or on a user's pipeline the one
+    beside its original (`evaluate_user_pipeline`, the original loaded once); None without eval_every."""
+    if not config.train.eval_every:
+        return None
+    from obliviate.runners.along import Along
+
+    t = config.t2i
+    only_numbers = lambda evaluation: {"aggregate": evaluation["aggregate"]}  # noqa: E731 (no images kept)
+    if world is not None:
+        from obliviate.evals.canvas import evaluate_erasure
+
+        return Along(lambda pipe: evaluate_erasure(world, pipe, config.concept, t, label=config.method), only_numbers)
+    import torch
+
+    from obliviate.evals.user_pipeline import UserEvaluators, evaluate_user_pipeline
+    from obliviate.models.diffusion import load_pipeline
+
+    evaluators = evaluators or UserEvaluators(t, config.concept, device)
+    original = []
+
+    def evaluate(pipe):
+        if not original:
+            original.append(load_pipeline(pipeline_dir, device, getattr(torch, config.dtype)))
+        return evaluate_user_pipeline(pipe, original[0], task.forget_prompts, [p.text for p in task.retain_prompts],
+                                      config.concept, t, evaluators, label=config.method, log=lambda *_: None)
+    return Along(evaluate, only_numbers)
