@@ -113,6 +113,40 @@ def tiny_pipeline_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """A random SDXL-shaped pipeline (two CLIP text encoders, the second with a projection; a UNet with
+    addition_embed_type "text_time"; AutoencoderKL; DDIM), written with save_pretrained as diffusers' own SDXL tests
+    build theirs: the folder layout of a user's StableDiffusionXLPipeline checkpoint."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from obliviate.models.diffusion import Pipeline, SDXLBackbone, save_pipeline
+    from obliviate.worlds import canvas_train as ct
+    from obliviate.worlds.tokenizer import train_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_clip_tokenizer(tiny_prompts() * 3, max_length=12)
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=12, bos_token_id=ids("<|startoftext|>"),
+                eos_token_id=ids("<|endoftext|>"), pad_token_id=ids("<|endoftext|>"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=16))
+    time_dim = 4  # addition_time_embed_dim: 6 time ids of 4 features, beside the 16 pooled ones
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=16, addition_embed_type="text_time",
+                                addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + 16)
+    recipe = ct.CanvasRecipe(image_size=16, text_hidden=32, vae_channels=(16, 16), unet_channels=(16, 32))
+    pipe = Pipeline(unet, ct.make_vae(recipe), text_encoder, tokenizer, ct.make_scheduler(),
+                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, backbone=SDXLBackbone())
+    path = tmp_path_factory.mktemp("tiny_sdxl") / "pipeline"
+    save_pipeline(pipe, path)
+    return path
+
+
 @pytest.fixture
 def tiny_pipe(tiny_pipeline_dir):
     from obliviate.models.diffusion import load_pipeline

@@ -136,7 +136,7 @@ def test_uce_edits_only_cross_attention_keys_and_values(tiny_pipe):
     # the edit did what it claims: the concept's last-token state now maps near the anchor's; the preserved texts (the
     # empty prompt, another style) barely move (about 5 % here; about 27 % with preserve_scale=0)
     ctx = EraseContext(tiny_pipe, None, task, torch.Generator().manual_seed(0))
-    concept, anchor, empty, dotted = (ctx.encode([t])[0].double() for t in ("striped", "solid", "", "dotted"))
+    concept, anchor, empty, dotted = (ctx.encode([t]).states[0].double() for t in ("striped", "solid", "", "dotted"))
     _, (last_c, last_a) = UCE()._states(ctx, ["striped", "solid"])
     c, g = concept[last_c:last_c + 1], anchor[last_a:last_a + 1]
     for n in allowed:

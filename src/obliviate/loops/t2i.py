@@ -1,8 +1,9 @@
 """The text-to-image erasure loop: short and visible, like the language-model one (obliviate.loops.lm). A method
 supplies the losses (or a closed-form edit); this loop owns the images drawn by the original pipeline, batching,
 the optimiser, the gradient step (shared with the language-model loop: restricted gradients, masks, NaN guard)
-and the history. The UNet is changed in place, and so is the text encoder for a method that trains it (AdvUnlearn's
-text-encoder mode); the VAE stays frozen."""
+and the history. The denoiser (pipe.denoiser: a UNet for SD and SDXL) is changed in place, and so is the text encoder
+for a method that trains it (AdvUnlearn's text-encoder mode, on one-text-encoder pipelines); the VAE stays frozen.
+The loop and the methods reach the pipeline only through its backbone (models/diffusion.py), never its shape."""
 from __future__ import annotations
 
 import copy
@@ -18,11 +19,11 @@ from obliviate.errors import ObliviateError
 from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, changed_tensors, evaluate_along,
                                   evaluation_steps, gradient_step, make_optimizer)
 from obliviate.methods.t2i.base import EraseContext, EraseTask
-from obliviate.models.diffusion import Pipeline, check_concept_known, denoise, encode_prompts
+from obliviate.models.diffusion import Pipeline, check_concept_known, denoise
 
-# The pipeline components a run's changed tensors come from, by the prefix that names them in changed.safetensors
-# (the folder's own subfolder names; runs before the text encoder could be trained hold "unet." tensors only).
-CHANGED_COMPONENTS = ("unet", "text_encoder")
+# The pipeline components a run's changed tensors come from, by the prefix that names them in changed.safetensors:
+# the folder's own subfolder names (`Pipeline.components()`: "unet", "text_encoder", ...); runs before the text
+# encoder could be trained hold "unet." tensors only.
 
 
 @dataclass
@@ -31,24 +32,17 @@ class EraseResult(UnlearnResult):
     encoder's trained tensors when the method trains it."""
     text_encoder: torch.nn.Module | None = None
     text_encoder_names: list[str] = field(default_factory=list)
+    denoiser_folder: str = "unet"  # the denoiser's sub-folder in the pipeline folder (its tensors' prefix)
 
 
 class _Context(EraseContext):
-    """The methods' context, whose prompt states (cached: targets and batch contexts) always come from the original
-    text encoder, kept apart from the pipeline's own while a method trains that one."""
+    """The methods' context, whose prompt conditioning (cached: targets and batch contexts) always comes from the
+    original text encoder, kept apart from the pipeline's own while a method trains that one."""
 
     def __init__(self, *args, frozen_text_encoder, **kwargs):
         super().__init__(*args, **kwargs)
         self.frozen_text_encoder = frozen_text_encoder
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        missing = sorted({t for t in texts if t not in self._cache})
-        for i in range(0, len(missing), 256):
-            chunk = missing[i:i + 256]
-            for t, e in zip(chunk, encode_prompts(self.pipe, chunk, self.frozen_text_encoder)):
-                self._cache[t] = e
-        return torch.stack([self._cache[t] for t in texts])
+        self.text_encoders = [frozen_text_encoder] + self.pipe.text_encoders[1:]
 
 
 def check_task(pipe: Pipeline, task: EraseTask) -> None:
@@ -71,17 +65,16 @@ def check_task(pipe: Pipeline, task: EraseTask) -> None:
 def draw_latents(ctx: EraseContext, texts: list[str], seed: int, batch_size: int = 64) -> torch.Tensor:
     """Clean latents the original UNet draws for these prompts (the images forget/retain losses train on)."""
     seeds = [seed * 100_003 + i for i in range(len(texts))]
-    unet = ctx.frozen if ctx.frozen is not None else ctx.pipe.unet
-    text_encoder = getattr(ctx, "frozen_text_encoder", None)
+    denoiser = ctx.frozen if ctx.frozen is not None else ctx.pipe.denoiser
     out = [denoise(ctx.pipe, texts[i:i + batch_size], seeds[i:i + batch_size], ctx.sample_steps, ctx.guidance,
-                   unet=unet, text_encoder=text_encoder)[0] for i in range(0, len(texts), batch_size)]
+                   denoiser=denoiser, text_encoders=ctx.text_encoders)[0] for i in range(0, len(texts), batch_size)]
     return torch.cat(out)
 
 
 def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = None, images_per_prompt: int = 2,
           sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None,
           on_eval=None) -> EraseResult:
-    """Erase `task.concept` from `pipe.unet` (changed in place), or from `pipe.text_encoder` for a method that trains
+    """Erase `task.concept` from `pipe.denoiser` (changed in place), or from `pipe.text_encoder` for a method that trains
     it (`text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or
     a registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one.
     `on_eval(step, epoch, pipe)` evaluates the pipeline along the way (train.eval_every: before the first step, every
@@ -94,9 +87,13 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     rng = random.Random(train.seed)
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet, text_encoder = pipe.denoiser, pipe.text_encoder
     named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
     text_named = [(n, p) for n, p in text_encoder.named_parameters() if method.text_encoder_trainable(n, p)]
+    if text_named and len(pipe.text_encoders) > 1:  # the soft-prompt attack and the training are one encoder's
+        raise ObliviateError(f"{method.name}: training the text encoder is for pipelines with one text encoder (SD "
+                             f"1.x/2.x); this {pipe.backbone.pipeline_class} has {len(pipe.text_encoders)}: train the "
+                             "denoiser instead")
     if not named and not text_named:
         raise ObliviateError(f"{method.name}: no trainable parameters selected")
     # the originals the methods' targets come from; a component the method leaves alone is its own original
@@ -171,7 +168,8 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     return EraseResult(model=unet, trainable_names=[n for n, _ in named], history=history,
                        seconds=time.time() - t0, stopped=stopped,
                        text_encoder=text_encoder if text_named else None,
-                       text_encoder_names=[n for n, _ in text_named])
+                       text_encoder_names=[n for n, _ in text_named],
+                       denoiser_folder=pipe.backbone.denoiser_folder)
 
 
 def _rows(batch: dict, idx: torch.Tensor) -> dict:
@@ -184,7 +182,8 @@ def _rows(batch: dict, idx: torch.Tensor) -> dict:
 def changed_pipeline_tensors(result: UnlearnResult) -> dict[str, torch.Tensor]:
     """The tensors the method could change, named by component as in the pipeline folder ("unet.<name>",
     "text_encoder.<name>"): what a run saves and `obliviate export` applies to the base pipeline."""
-    out = {f"unet.{k}": v for k, v in changed_tensors(result.model, result.trainable_names).items()}
+    prefix = getattr(result, "denoiser_folder", "unet")
+    out = {f"{prefix}.{k}": v for k, v in changed_tensors(result.model, result.trainable_names).items()}
     if getattr(result, "text_encoder", None) is not None:
         out.update({f"text_encoder.{k}": v
                     for k, v in changed_tensors(result.text_encoder, result.text_encoder_names).items()})

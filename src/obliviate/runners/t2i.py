@@ -144,16 +144,16 @@ class TextToImageRun(FamilyRun):
 
 def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust_remote_code: bool = False):
     """The base pipeline with a run's changed tensors applied, each onto the component its prefix names ("unet.",
-    "text_encoder."; older runs hold "unet." tensors only). The base folder is only read."""
+    "text_encoder.", ...: `Pipeline.components()`; older runs hold "unet." tensors only). The base folder is only
+    read."""
     from torch import nn
 
-    from obliviate.loops.t2i import CHANGED_COMPONENTS
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import apply_changed
 
     pipe = load_pipeline(base, device, trust_remote_code=trust_remote_code)
     # the components under their folder names: their state-dict names are the changed tensors' own
-    apply_changed(nn.ModuleDict({c: getattr(pipe, c) for c in CHANGED_COMPONENTS}), changed_path)
+    apply_changed(nn.ModuleDict(pipe.components()), changed_path)
     return pipe
 
 

@@ -1,7 +1,7 @@
 """What every text-to-image attack is given (`AttackTask`) and the parts they share: the plain check (pre-ASR), token
 ids with attack tokens in them, soft tokens through the text encoder's own forward, and the summary (pre-ASR, ASR,
-robust UA). Only the diffusion adapter's functions are used, so every attack runs on any Stable-Diffusion-shaped
-pipeline."""
+robust UA). Only the diffusion adapter's functions and the pipeline's backbone are used; the attacks choose tokens
+of one text encoder, so pipelines with more (SDXL) are refused in one line (`require_one_text_encoder`)."""
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +46,14 @@ def summarize(rows: Sequence[dict]) -> dict:
     asr = sum(r["success"] for r in rows) / n
     return {"pre_asr": sum(r["pre_success"] for r in rows) / n, "asr": asr, "ua_attacked": 1 - asr,
             "n_attacked": n}
+
+
+def require_one_text_encoder(pipe, attack: str) -> None:
+    """The token attacks search one tokenizer's ids through one text encoder's embedding table; a pipeline with two
+    text encoders (SDXL) would need the search over both at once: refused in one line until it is ported."""
+    if len(pipe.text_encoders) > 1:
+        raise ObliviateError(f"{attack}: the attack chooses tokens for one text encoder; this "
+                             f"{pipe.backbone.pipeline_class} has {len(pipe.text_encoders)} (not ported yet)")
 
 
 def plain_check(pipe, task: AttackTask) -> tuple[Tensor, list[bool]]:

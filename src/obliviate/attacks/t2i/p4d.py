@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, draw_ids, framed_ids, plain_check,
-                                          prompt_tokens, readable_prompt, soft_tokens)
+                                          prompt_tokens, readable_prompt, require_one_text_encoder, soft_tokens)
 from obliviate.errors import ObliviateError
 
 
@@ -106,6 +106,7 @@ class P4D:
         tokens (loss_before) and the final ones (loss_after)."""
         if task.original is None:
             raise ObliviateError("P4D needs the original pipeline: it matches the original's noise predictions")
+        require_one_text_encoder(pipe, type(self).__name__)
         rows, images = [], []
         for i in range(0, len(task.prompts), self.config.batch_size):
             batch_rows, batch_images = self._attack_batch(pipe, task.part(slice(i, i + self.config.batch_size)), i)
@@ -114,7 +115,7 @@ class P4D:
         return rows, torch.cat(images)
 
     def _attack_batch(self, pipe, task: AttackTask, offset: int):
-        from obliviate.models.diffusion import add_noise, encode_prompts, predict_noise
+        from obliviate.models.diffusion import Cond, encode
 
         config, original, encoder = self.config, task.original, pipe.text_encoder
         n = len(task.prompts)
@@ -127,10 +128,10 @@ class P4D:
         vocab = attack_vocabulary(pipe.tokenizer).to(table.device)
         unit_table = torch.nn.functional.normalize(table[vocab].float(), dim=-1)
         gen = torch.Generator().manual_seed(config.seed + offset)
-        n_t = pipe.scheduler.config.num_train_timesteps
-        targets = task.targets.to(pipe.device, pipe.unet.dtype)
+        backbone = pipe.backbone
+        targets = task.targets.to(pipe.device, pipe.denoiser.dtype)
         with torch.no_grad():
-            reference_context = encode_prompts(original, task.prompts)
+            reference_context = encode(original, task.prompts)
 
         def nearest(soft: Tensor) -> Tensor:
             """The ids whose embeddings are nearest (cosine) each soft token; the prompt's own tokens elsewhere.
@@ -142,13 +143,14 @@ class P4D:
 
         def objective(context: Tensor, t: Tensor, noise: Tensor) -> Tensor:
             """Per prompt: the erased model's noise prediction under `context` against the original's under P."""
-            noisy = add_noise(pipe, targets, noise, t)
+            noisy = backbone.noisy(pipe, targets, noise, t)
             with torch.no_grad():
-                wanted = predict_noise(original.unet, noisy.to(original.unet.dtype), t, reference_context)
-            pred = predict_noise(pipe.unet, noisy, t, context)
+                wanted = original.backbone.predict(original, original.denoiser, noisy.to(original.denoiser.dtype), t,
+                                                   reference_context)
+            pred = backbone.predict(pipe, pipe.denoiser, noisy, t, Cond(context))
             return ((pred.float() - wanted.float()) ** 2).flatten(1).mean(1)
 
-        fixed_t = torch.randint(0, n_t, (n,), generator=gen).to(pipe.device)
+        fixed_t = backbone.train_timesteps(pipe, n, gen)
         fixed_noise = torch.randn(targets.shape, generator=gen).to(targets)
         shown, pre = plain_check(pipe, task)
         success, found = list(pre), [0 if s else None for s in pre]
@@ -164,7 +166,7 @@ class P4D:
             projected = soft + (table[chosen].float() - soft).detach()  # straight-through: forward sees the tokens
             with soft_tokens(encoder, projected, learn):
                 context = encoder(ids)[0]
-            t = torch.randint(0, n_t, (n,), generator=gen).to(pipe.device)
+            t = backbone.train_timesteps(pipe, n, gen)
             noise = torch.randn(targets.shape, generator=gen).to(targets)
             loss = objective(context, t, noise).sum()  # each prompt its own tokens: independent gradients
             opt.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, draw_ids, encoder_digest, plain_check,
-                                         readable_prompt)
+                                         readable_prompt, require_one_text_encoder)
 from obliviate.errors import ObliviateError
 
 DISTANCES = ("mse", "cosine")
@@ -87,6 +87,7 @@ class RingABell:
         """One row per prompt (text, seed, pre_success, success, iteration (0: without attack, 1: the found prompt,
         None: failed), adversarial_prompt, token_ids, distance: the found prompt's to the target) and the picture each
         ended with (the plain one when it already shows the concept, else the found prompt's)."""
+        require_one_text_encoder(pipe, "Ring-A-Bell")
         key = (encoder_digest(pipe.text_encoder), tuple(task.prompts), tuple(task.concept_pairs))
         if key not in self._found:
             self._found[key] = self.search(pipe, task.prompts, task.concept_pairs)

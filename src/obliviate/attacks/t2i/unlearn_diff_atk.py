@@ -17,8 +17,8 @@ already shows the concept succeeds without attack, as in the paper:
     pre-ASR = share of prompts whose plain image shows the concept     (= 1 - UA on those prompts)
     ASR     = share of prompts that succeed with or without the attack;  robust UA = 1 - ASR
 
-Only the adapter's functions are used (tokenize, encode_prompts, predict_noise, add_noise, denoise, decode), so the
-attack runs on any Stable-Diffusion-shaped pipeline; the detector is the task's (the canvas world's classifier, or the
+Only the adapter's functions and the pipeline's backbone are used (tokenize, predict, noisy, target, denoise,
+decode), so the attack runs on any pipeline with one text encoder (SD 1.x/2.x; SDXL's two are refused in one line); the detector is the task's (the canvas world's classifier, or the
 user's: attacks/t2i/detectors.py).
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from obliviate.attacks.t2i.common import AttackTask, attack_vocabulary, readable_prompt, summarize
+from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, readable_prompt, require_one_text_encoder,
+                                          summarize)
 from obliviate.errors import ObliviateError
 
 __all__ = ["PromptAttackConfig", "UnlearnDiffAtk", "attack_prompts", "prefix_embeddings", "prefixed_ids",
@@ -112,6 +113,7 @@ def attack_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int], targets: 
     timesteps and noise: loss_before (start tokens), loss_after (prefix_ids), loss_relaxed (the final relaxed
     tokens; the gap to loss_after is what the discrete projection costs)."""
     config = config or PromptAttackConfig()
+    require_one_text_encoder(pipe, "UnlearnDiffAtk")
     if not (len(prompts) == len(seeds) == len(targets)):
         raise ObliviateError(f"{len(prompts)} prompts, {len(seeds)} seeds and {len(targets)} targets")
     rows, images = [], []
@@ -125,7 +127,7 @@ def attack_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int], targets: 
 
 
 def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, guidance, offset):
-    from obliviate.models.diffusion import add_noise, decode, denoise, predict_noise
+    from obliviate.models.diffusion import Cond, decode, denoise
 
     n, k = len(prompts), config.prefix_tokens
     encoder = pipe.text_encoder
@@ -140,18 +142,19 @@ def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, g
         latents, _ = denoise(pipe, prompts, seeds, sample_steps, guidance, context=context)
         return decode(pipe, latents)
 
-    n_t = pipe.scheduler.config.num_train_timesteps
-    targets = targets.to(pipe.device, pipe.unet.dtype)
+    backbone = pipe.backbone
+    targets = targets.to(pipe.device, pipe.denoiser.dtype)
 
     def objective(prefix: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Per-prompt denoising loss of the erased model on the targets, prompted with `prefix` + prompt."""
         with prefix_embeddings(encoder, prefix):
-            context = encoder(ids)[0]
-        pred = predict_noise(pipe.unet, add_noise(pipe, targets, noise, t), t, context)
-        return ((pred.float() - noise.float()) ** 2).flatten(1).mean(1)
+            context = Cond(encoder(ids)[0])
+        pred = backbone.predict(pipe, pipe.denoiser, backbone.noisy(pipe, targets, noise, t), t, context)
+        wanted = backbone.target(pipe, targets, noise, t)
+        return ((pred.float() - wanted.float()) ** 2).flatten(1).mean(1)
 
     # the loss reported before and after is measured on one fixed draw of timesteps and noise, so they compare
-    fixed_t = torch.randint(0, n_t, (n,), generator=gen).to(pipe.device)
+    fixed_t = backbone.train_timesteps(pipe, n, gen)
     fixed_noise = torch.randn(targets.shape, generator=gen).to(targets)
     plain, _ = denoise(pipe, prompts, seeds, sample_steps, guidance)
     shown = decode(pipe, plain)
@@ -166,7 +169,7 @@ def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, g
     with torch.no_grad():
         loss_before = objective(table[best], fixed_t, fixed_noise)
     for it in range(1, config.iterations + 1):
-        t = torch.randint(0, n_t, (n,), generator=gen).to(pipe.device)
+        t = backbone.train_timesteps(pipe, n, gen)
         noise = torch.randn(targets.shape, generator=gen).to(targets)
         loss = objective(weights.to(table.dtype) @ table[vocab], t, noise).sum()  # each prompt its own gradient
         opt.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.models.diffusion import denoise, predict_noise, tokenize
+from obliviate.models.diffusion import Cond, denoise, encode
 
 TRAINS = ("cross_attention", "text_encoder")
 
@@ -102,6 +102,10 @@ class AdvUnlearn(DiffusionMethod):
         return not self.config.text_encoder_layers or layer < self.config.text_encoder_layers
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
+        if len(ctx.pipe.text_encoders) > 1:
+            raise ObliviateError(f"AdvUnlearn: its attack optimises soft tokens in one text encoder's embedding table; "
+                                 f"this {ctx.pipe.backbone.pipeline_class} has {len(ctx.pipe.text_encoders)} text "
+                                 "encoders (not ported: use ESD-x, which AdvUnlearn extends)")
         layers = ctx.pipe.text_encoder.config.num_hidden_layers if self.trains_text_encoder else 0
         if self.config.text_encoder_layers > layers:
             raise ObliviateError(f"AdvUnlearn: text_encoder_layers = {self.config.text_encoder_layers} but the text "
@@ -111,35 +115,35 @@ class AdvUnlearn(DiffusionMethod):
         self.prefix = table[pick.to(table.device)].clone()  # one shared prefix, carried from step to step
         self.step = 0
 
-    def _live(self, ctx: EraseContext, texts: list[str], states: torch.Tensor) -> torch.Tensor:
-        """The prompts' states as the model being erased reads them: the batch's (original) states, or those of the
+    def _live(self, ctx: EraseContext, texts: list[str], cond: Cond) -> Cond:
+        """The prompts' conditioning as the model being erased reads it: the batch's (original) one, or that of the
         text encoder being trained."""
-        return ctx.pipe.text_encoder(tokenize(ctx.pipe, texts))[0] if self.trains_text_encoder else states
+        return encode(ctx.pipe, texts) if self.trains_text_encoder else cond
 
-    def _context(self, ctx: EraseContext, ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    def _context(self, ctx: EraseContext, ids: torch.Tensor, prefix: torch.Tensor) -> Cond:
         """Text states of the prompts (`prefixed_ids`) with `prefix` in the placeholder positions, by the text
         encoder being erased (the pipeline's)."""
         from obliviate.attacks.t2i.unlearn_diff_atk import prefix_embeddings
 
         encoder = ctx.pipe.text_encoder
         with prefix_embeddings(encoder, prefix.unsqueeze(0).expand(len(ids), -1, -1)):
-            return encoder(ids)[0]
+            return Cond(encoder(ids)[0])
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         texts, cond = forget["texts"], forget["context"]
         stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
         seeds = torch.randint(0, 2 ** 31 - 1, (len(texts),), generator=ctx.generator).tolist()
-        original_text = getattr(ctx, "frozen_text_encoder", None)  # the loop keeps the original apart when it trains
-        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, unet=ctx.frozen,
-                         stop_after=stop, text_encoder=original_text)
-        empty = ctx.encode([""]).expand_as(cond)
-        with torch.no_grad():  # the frozen conditional and unconditional passes: one UNet call
-            eps_c, eps_u = predict_noise(ctx.frozen, torch.cat([x_t, x_t]), t, torch.cat([cond, empty])).chunk(2)
+        # the original text encoders (the loop keeps the original apart when it trains the pipeline's)
+        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, denoiser=ctx.frozen,
+                         stop_after=stop, text_encoders=ctx.text_encoders)
+        empty = ctx.unconditional(len(cond))
+        with torch.no_grad():  # the frozen conditional and unconditional passes: one denoiser call
+            eps_c, eps_u = ctx.predict(ctx.frozen, torch.cat([x_t, x_t]), t, Cond.cat([cond, empty])).chunk(2)
             target = eps_u - self.config.eta * (eps_c - eps_u)
 
         step, self.step = self.step, self.step + 1
         if step < self.config.warmup_steps:  # plain ESD on the concept prompt
-            erase = F.mse_loss(predict_noise(unet, x_t, t, self._live(ctx, texts, cond)).float(), target.float())
+            erase = F.mse_loss(ctx.predict(unet, x_t, t, self._live(ctx, texts, cond)).float(), target.float())
             return self._with_retain(ctx, unet, retain, erase, {"esd_mse": float(erase.detach()), "t": float(t)})
 
         # inner step: the prefix that makes the current model draw the concept again
@@ -150,7 +154,7 @@ class AdvUnlearn(DiffusionMethod):
         opt = torch.optim.Adam([prefix], lr=self.config.attack_lr)
         attack_mse = []
         for _ in range(self.config.attack_steps if attack_now else 0):
-            attack_loss = F.mse_loss(predict_noise(unet, x_t, t, self._context(ctx, ids, prefix)).float(),
+            attack_loss = F.mse_loss(ctx.predict(unet, x_t, t, self._context(ctx, ids, prefix)).float(),
                                      eps_c.float())
             grad, = torch.autograd.grad(attack_loss, prefix)  # the model's own gradients are left untouched
             prefix.grad = grad
@@ -160,7 +164,7 @@ class AdvUnlearn(DiffusionMethod):
 
         with torch.set_grad_enabled(self.trains_text_encoder):  # the outer step trains through it, or not
             adversarial = self._context(ctx, ids, self.prefix)
-        pred = predict_noise(unet, x_t, t, adversarial)
+        pred = ctx.predict(unet, x_t, t, adversarial)
         erase = F.mse_loss(pred.float(), target.float())
         # the attack's distance to the original's concept noise after the inner steps (it started at the first)
         attacked = F.mse_loss(pred.detach().float(), eps_c.float())
@@ -175,9 +179,9 @@ class AdvUnlearn(DiffusionMethod):
         if self.config.retain_weight > 0 and retain:
             x_r, t_r, _ = ctx.noisy(retain["latents"])
             with torch.no_grad():
-                keep = predict_noise(ctx.frozen, x_r, t_r, retain["context"])
+                keep = ctx.predict(ctx.frozen, x_r, t_r, retain["context"])
             live = self._live(ctx, retain["texts"], retain["context"])
-            retain_mse = F.mse_loss(predict_noise(unet, x_r, t_r, live).float(), keep.float())
+            retain_mse = F.mse_loss(ctx.predict(unet, x_r, t_r, live).float(), keep.float())
             logs["retain_mse"] = float(retain_mse.detach())
             retain_term = self.config.retain_weight * retain_mse
         return LossParts(forget=erase, retain=retain_term, logs=logs)

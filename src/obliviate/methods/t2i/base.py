@@ -1,12 +1,13 @@
-"""What a text-to-image erasure method is: a config dataclass with the paper's defaults, which UNet parameters it
-trains, and a `losses` function over a forget and a retain batch (or, for closed-form methods, an `edit`).
+"""What a text-to-image erasure method is: a config dataclass with the paper's defaults, which denoiser parameters
+it trains, and a `losses` function over a forget and a retain batch (or, for closed-form methods, an `edit`).
 
 The loop (obliviate.loops.t2i) owns the optimiser and the steps. A batch is a dict:
   texts    list[str]        the prompts
-  context  [B, L, D]        their text-encoder states (the text encoder stays frozen)
+  context  Cond             their text conditioning (states [B, L, D], and pooled where the shape has one; the text
+                            encoders stay frozen)
   latents  [B, C, h, w]     clean latents the original pipeline drew for those prompts (methods with needs_images)
-The EraseContext gives the pipeline, the frozen original UNet (methods with needs_frozen), the task and a cached
-prompt encoder.
+The EraseContext gives the pipeline, the frozen original denoiser (methods with needs_frozen), the task, a cached
+prompt encoder and the pipeline shape's calls (`predict`, `noisy`): a method never branches on the shape.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.methods.common import LossParts  # noqa: F401  (re-exported for the diffusion methods)
+from obliviate.models.diffusion import Cond, encode
 
 
 @dataclass
@@ -45,36 +47,50 @@ class EraseContext:
                  guidance: float = 4.0):
         self.pipe, self.frozen, self.task, self.generator = pipe, frozen, task, generator
         self.sample_steps, self.guidance = sample_steps, guidance
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, Cond] = {}
+
+    text_encoders = None  # the text encoders prompts are encoded with (None: the pipeline's own)
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        from obliviate.models.diffusion import encode_prompts
+    def encode(self, texts: list[str]) -> Cond:
+        """The prompts' conditioning by the original text encoders, cached per text."""
         missing = sorted({t for t in texts if t not in self._cache})
         for i in range(0, len(missing), 256):
             chunk = missing[i:i + 256]
-            for t, e in zip(chunk, encode_prompts(self.pipe, chunk)):
-                self._cache[t] = e
-        return torch.stack([self._cache[t] for t in texts])
+            cond = encode(self.pipe, chunk, self.text_encoders)
+            for j, t in enumerate(chunk):
+                self._cache[t] = cond[j]
+        return Cond.stack([self._cache[t] for t in texts])
+
+    def unconditional(self, n: int) -> Cond:
+        """The unconditional branch of guidance for n pictures (the empty prompt's encoding, or the shape's own)."""
+        fixed = self.pipe.backbone.unconditional(self.pipe, 1, self.text_encoders)
+        return (self.encode([""]) if fixed is None else fixed).expand(n)
+
+    def predict(self, denoiser, x_t: torch.Tensor, t, cond: Cond) -> torch.Tensor:
+        """The denoiser's raw output (noise for SD/SDXL) for latents x_t at timesteps t under `cond`."""
+        return self.pipe.backbone.predict(self.pipe, denoiser, x_t, t, cond)
 
     def noisy(self, latents: torch.Tensor):
-        """(x_t, t, eps) for random training timesteps, drawn from the loop's generator."""
-        from obliviate.models.diffusion import add_noise
-        n_t = self.pipe.scheduler.config.num_train_timesteps
-        t = torch.randint(0, n_t, (len(latents),), generator=self.generator).to(latents.device)
+        """(x_t, t, target) for random training timesteps, drawn from the loop's generator: `target` is what the
+        denoiser's prediction is trained towards (the noise eps for epsilon-prediction shapes)."""
+        backbone = self.pipe.backbone
+        t = backbone.train_timesteps(self.pipe, len(latents), self.generator).to(latents.device)
         eps = torch.randn(latents.shape, generator=self.generator).to(latents.device, latents.dtype)
-        return add_noise(self.pipe, latents, eps, t), t, eps
+        return backbone.noisy(self.pipe, latents, eps, t), t, backbone.target(self.pipe, latents, eps, t)
 
 
 def denoising_loss(unet, ctx: EraseContext, batch: dict, reduce: bool = True) -> torch.Tensor:
-    """The DDPM loss ||eps - eps_theta(x_t, c, t)||^2 on the batch's latents and prompts (per item when not reduce)."""
-    x_t, t, eps = ctx.noisy(batch["latents"])
-    pred = unet(x_t, t, encoder_hidden_states=batch["context"]).sample
-    err = F.mse_loss(pred.float(), eps.float(), reduction="none").flatten(1).mean(1)
+    """The denoising loss ||target - pred_theta(x_t, c, t)||^2 (DDPM's ||eps - eps_theta||^2) on the batch's latents
+    and prompts (per item when not reduce)."""
+    x_t, t, target = ctx.noisy(batch["latents"])
+    pred = ctx.predict(unet, x_t, t, batch["context"])
+    err = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     return err.mean() if reduce else err
 
 
 def is_cross_attention(name: str) -> bool:
+    """A UNet's cross-attention (SD, SDXL: `attn2`; `backbone.text_projections` names its key/value maps)."""
     return ".attn2." in name
 
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from obliviate.methods.common import check_choice, check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.models.diffusion import predict_noise
 
 
 @dataclass
@@ -60,13 +59,13 @@ class ConceptAblation(DiffusionMethod):
         anchor_context = ctx.encode([self.anchor_texts[i] for i in idx.tolist()])
         x_t, t, eps = ctx.noisy(x0)
         with torch.no_grad():
-            target = predict_noise(unet, x_t, t, anchor_context)
-        pred = predict_noise(unet, x_t, t, forget["context"])
+            target = ctx.predict(unet, x_t, t, anchor_context)
+        pred = ctx.predict(unet, x_t, t, forget["context"])
         loss = F.mse_loss(pred.float(), target.float())
         logs = {"ablation_mse": float(loss.detach())}
         retain_term = None
         if self.config.retain_weight > 0:
-            anchor_loss = F.mse_loss(predict_noise(unet, x_t, t, anchor_context).float(), eps.float())
+            anchor_loss = F.mse_loss(ctx.predict(unet, x_t, t, anchor_context).float(), eps.float())
             logs["anchor_mse"] = float(anchor_loss.detach())
             retain_term = self.config.retain_weight * anchor_loss
         return LossParts(forget=loss, retain=retain_term, logs=logs)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from obliviate.methods.common import check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.models.diffusion import denoise, predict_noise
+from obliviate.models.diffusion import Cond, denoise
 
 
 @dataclass
@@ -54,11 +54,11 @@ class ESDx(DiffusionMethod):
         x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, unet=ctx.frozen,
                          stop_after=stop)
         cond = forget["context"]
-        empty = ctx.encode([""]).expand_as(cond)
-        with torch.no_grad():  # the frozen conditional and unconditional passes: one UNet call
-            eps_c, eps_u = predict_noise(ctx.frozen, torch.cat([x_t, x_t]), t, torch.cat([cond, empty])).chunk(2)
+        empty = ctx.unconditional(len(cond))
+        with torch.no_grad():  # the frozen conditional and unconditional passes: one denoiser call
+            eps_c, eps_u = ctx.predict(ctx.frozen, torch.cat([x_t, x_t]), t, Cond.cat([cond, empty])).chunk(2)
             target = eps_u - self.config.eta * (eps_c - eps_u)
-        pred = predict_noise(unet, x_t, t, cond)
+        pred = ctx.predict(unet, x_t, t, cond)
         loss = F.mse_loss(pred.float(), target.float())
         return LossParts(forget=loss, logs={"esd_mse": float(loss.detach()), "t": float(t)})
 

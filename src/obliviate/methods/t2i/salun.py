@@ -93,13 +93,13 @@ class SalUn(DiffusionMethod):
 
     def _mask_loss(self, ctx: EraseContext, batch: dict) -> torch.Tensor:
         w = self.config.mask_guidance
-        unet = ctx.pipe.unet  # the UNet being erased (setup runs before any change)
+        unet = ctx.pipe.denoiser  # the denoiser being erased (setup runs before any change)
         if w == 0:
             return denoising_loss(unet, ctx, batch)
         x_t, t, eps = ctx.noisy(batch["latents"])
-        empty = ctx.encode([""]).expand_as(batch["context"])
-        pred_c = unet(x_t, t, encoder_hidden_states=batch["context"]).sample
-        pred_u = unet(x_t, t, encoder_hidden_states=empty).sample
+        empty = ctx.unconditional(len(batch["context"]))
+        pred_c = ctx.predict(unet, x_t, t, batch["context"])
+        pred_u = ctx.predict(unet, x_t, t, empty)
         guided = (1 + w) * pred_c - w * pred_u
         return F.mse_loss(guided.float(), eps.float())
 
@@ -118,9 +118,9 @@ class SalUn(DiffusionMethod):
         pseudo = self.pseudo_texts(ctx, forget["texts"])
         c_pseudo = ctx.encode(pseudo).to(forget["context"].device, forget["context"].dtype)
         x_t, t, _ = ctx.noisy(forget["latents"])
-        pred = unet(x_t, t, encoder_hidden_states=forget["context"]).sample
+        pred = ctx.predict(unet, x_t, t, forget["context"])
         with torch.no_grad():
-            target = unet(x_t, t, encoder_hidden_states=c_pseudo).sample
+            target = ctx.predict(unet, x_t, t, c_pseudo)
         forget_term = F.mse_loss(pred.float(), target.float())
         logs = {"forget_mse": float(forget_term.detach()), **self.mask_logs}
         retain_term = None

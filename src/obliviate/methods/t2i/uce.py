@@ -107,7 +107,7 @@ class UCE(DiffusionMethod):
         for an empty text)."""
         tok = ctx.pipe.tokenizer
         lengths = [len(tok(t, truncation=True, max_length=tok.model_max_length).input_ids) for t in texts]
-        return ctx.encode(texts).double(), [max(n - 2, 0) for n in lengths]
+        return ctx.encode(texts).states.double(), [max(n - 2, 0) for n in lengths]
 
     def edit_matrix(self, ctx: EraseContext) -> tuple[torch.Tensor, dict]:
         """M (D x D, float64) with W* = W M for every edited projection, and counts to log."""
@@ -125,7 +125,7 @@ class UCE(DiffusionMethod):
             guide_c.append(new_states[i, new_last[i]:new_last[i] + n])
         C, G = torch.cat(erase_c), torch.cat(guide_c)  # [Ne, D] each, row e: c_e and c_guide(e)
         keep = self.preserve_texts(task)
-        P = ctx.encode(keep).double().reshape(-1, D)  # [Np, D]: every position of every preserved text
+        P = ctx.encode(keep).states.double().reshape(-1, D)  # [Np, D]: every position of every preserved text
         ps = c.preserve_scale if c.preserve_scale is not None else max(0.1, 1 / len(keep))
         M = uce_matrix(C, G, P, c.lam, c.erase_scale, ps)
         counts = {"erase_texts": len(pairs), "erase_vectors": len(C), "preserve_texts": len(keep),
@@ -142,7 +142,7 @@ class UCE(DiffusionMethod):
                 continue
             if p.dim() != 2 or p.shape[1] != M.shape[0]:
                 raise ObliviateError(f"UCE: {name} has shape {tuple(p.shape)}, but the text encoder's states have "
-                                     f"{M.shape[0]} features (a UNet that projects its text states first?)")
+                                     f"{M.shape[0]} features (a denoiser that projects its text states first?)")
             W = p.detach().double()
             new = W @ M.to(W.device)
             rel.append(float((new - W).norm() / W.norm().clamp(min=1e-30)))
