@@ -1,0 +1,159 @@
+"""SDXL-shaped pipelines (the tiny StableDiffusionXLPipeline folder of conftest.py): the backbone's conditioning
+agrees with diffusers' own pipeline, every registered method runs on it through the CLI (or is refused in one line),
+the run exports to a folder StableDiffusionXLPipeline loads, and the attacks run or are refused in one line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import one_line_error, tiny_prompts, tiny_task
+from obliviate.cli import app
+from obliviate.errors import ObliviateError
+from obliviate.registry import T2I_METHODS
+
+runner = CliRunner()
+
+# refused on SDXL by design, with the words of their one-line refusal
+REFUSED = {"AdvUnlearn": "soft tokens in one text encoder's embedding table"}
+
+
+def _config(tmp_path: Path, pipeline: Path, method: str, method_args: dict | None = None) -> Path:
+    forget, retain = tmp_path / "forget.txt", tmp_path / "retain.txt"
+    forget.write_text("\n".join(p for p in tiny_prompts() if "striped" in p) + "\n")
+    retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p) + "\n")
+    lines = ['family = "t2i"', f'method = "{method}"', 'concept = "striped"', f'model = "{pipeline}"',
+             f'forget_prompts = "{forget}"', f'retain_prompts = "{retain}"', f'output_dir = "{tmp_path / "runs"}"',
+             'name = "r1"', "[train]", "max_steps = 2", "lr = 1e-3", "batch_size = 2",
+             "[t2i]", "images_per_prompt = 1", "sample_steps = 3"]
+    if method_args:
+        lines += ["[method_args]"] + [f"{k} = {json.dumps(v)}" for k, v in method_args.items()]
+    path = tmp_path / "run.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_sdxl(tiny_sdxl_pipeline_dir):
+    from obliviate.models.diffusion import load_pipeline
+
+    return load_pipeline(tiny_sdxl_pipeline_dir)
+
+
+def test_sdxl_sampling_is_diffusers_own(tiny_sdxl, tiny_sdxl_pipeline_dir):
+    """Two encoders' penultimate states concatenated, the pooled projection and the time ids in added_cond_kwargs,
+    zeros as the unconditional branch: our DDIM sampler gives StableDiffusionXLPipeline's pictures."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    from obliviate.models.diffusion import initial_noise, sample
+
+    pipe = tiny_sdxl
+    assert pipe.backbone.kind == "sdxl" and pipe.unet is pipe.denoiser and len(pipe.text_encoders) == 2
+    prompts, seeds = tiny_prompts()[:2], [3, 4]
+    ours = sample(pipe, prompts, seeds, steps=3, guidance=4.0)
+    xl = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
+    xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    theirs = xl(prompts, latents=initial_noise(pipe, seeds), num_inference_steps=3, guidance_scale=4.0,
+                height=16, width=16, output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    # the pooled embedding and the time ids matter: without them the UNet refuses, with others it draws otherwise
+    cond = pipe.backbone.encode(pipe, prompts)
+    assert cond.states.shape[-1] == 64 and cond.pooled.shape == (2, 16)
+    x = initial_noise(pipe, seeds)
+    base = pipe.backbone.predict(pipe, pipe.denoiser, x, 500, cond)
+    other = type(cond)(cond.states, cond.pooled.flip(0))
+    assert not torch.allclose(base, pipe.backbone.predict(pipe, pipe.denoiser, x, 500, other))
+    with pytest.raises(ObliviateError, match="needs pooled text embeddings"):
+        pipe.backbone.predict(pipe, pipe.denoiser, x, 500, type(cond)(cond.states))
+
+
+def test_unknown_pipeline_class_is_refused_in_one_line(tmp_path, tiny_sdxl_pipeline_dir):
+    from obliviate.models.diffusion import check_folder, load_pipeline
+
+    folder = tmp_path / "kandinsky"
+    shutil.copytree(tiny_sdxl_pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ObliviateError, match="pipeline class 'KandinskyV22Pipeline' is not supported"):
+        load_pipeline(folder)
+    shutil.rmtree(folder / "text_encoder_2")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ObliviateError, match=r"missing component\(s\) text_encoder_2"):
+        check_folder(folder)
+
+
+def test_uce_edits_sdxl_cross_attention_towards_the_anchor(tiny_sdxl):
+    """The closed form on SDXL's concatenated states: the concept's last-token state maps near the anchor's."""
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.t2i.base import EraseContext
+    from obliviate.methods.t2i.uce import UCE
+
+    pipe = tiny_sdxl
+    projections = dict(pipe.backbone.text_projections(pipe.denoiser))
+    before = {n: m.weight.detach().clone() for n, m in projections.items()}
+    task = tiny_task()
+    erase(pipe, task, "UCE", None, images_per_prompt=1, sample_steps=2)
+    ctx = EraseContext(pipe, None, task, torch.Generator().manual_seed(0))
+    states, (last_c, last_a) = UCE()._states(ctx, ["striped", "solid"])
+    c, g = states[0, last_c:last_c + 1], states[1, last_a:last_a + 1]
+    assert projections and all(n.endswith((".attn2.to_k", ".attn2.to_v")) for n in projections)
+    for n, m in projections.items():
+        W, W_new = before[n].double(), m.weight.detach().double()
+        assert (c @ W_new.T - g @ W.T).norm() < 0.35 * (c @ W.T - g @ W.T).norm(), n
+
+
+# a run is ~5 s on 2 shared cores: the default suite keeps the refusals (ESD-x and UCE run in the export test below)
+@pytest.mark.parametrize("method", [m if m in REFUSED else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(T2I_METHODS)])
+def test_every_method_runs_on_sdxl_or_is_refused(tmp_path, tiny_sdxl_pipeline_dir, method):
+    result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, method)), "--quiet"])
+    run = tmp_path / "runs" / "r1"
+    if method in REFUSED:
+        one_line_error(result, method, REFUSED[method], "StableDiffusionXLPipeline")
+        assert not run.exists()
+        return
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["method"] == method
+    from safetensors.torch import load_file
+    changed = load_file(str(run / "changed.safetensors"))
+    assert changed and all(k.startswith("unet.") for k in changed)
+
+
+def test_text_encoder_training_is_refused_on_two_encoders(tmp_path, tiny_sdxl_pipeline_dir):
+    config = _config(tmp_path, tiny_sdxl_pipeline_dir, "AdvUnlearn", {"train": "text_encoder"})
+    one_line_error(runner.invoke(app, ["run", str(config), "--quiet"]),
+                   "training the text encoder is for pipelines with one text encoder", "has 2")
+
+
+@pytest.mark.parametrize("method", ["ESD-x", "UCE"])
+def test_sdxl_run_exports_a_folder_diffusers_loads(tmp_path, tiny_sdxl_pipeline_dir, method):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sdxl_pipeline_dir, base)
+    result = runner.invoke(app, ["run", str(_config(tmp_path, base, method)), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    from safetensors.torch import load_file
+    changed = load_file(str(run / "changed.safetensors"))
+    assert changed and all(k.startswith("unet.") and ".attn2." in k for k in changed)
+    result = runner.invoke(app, ["export", str(run), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+
+    from diffusers import StableDiffusionXLPipeline
+    xl = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "exported"))
+    original = StableDiffusionXLPipeline.from_pretrained(str(base))
+    key = next(iter(changed))[len("unet."):]
+    assert torch.equal(xl.unet.state_dict()[key], changed["unet." + key])
+    assert not torch.equal(original.unet.state_dict()[key], changed["unet." + key])
+    for name in ("text_encoder", "text_encoder_2"):  # the rest is the base's, unchanged
+        ours, theirs = getattr(xl, name).state_dict(), getattr(original, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    xl.set_progress_bar_config(disable=True)
+    images = xl(tiny_prompts()[0], num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
