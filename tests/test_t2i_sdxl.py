@@ -18,8 +18,8 @@ from obliviate.registry import T2I_METHODS
 
 runner = CliRunner()
 
-# refused on SDXL by design, with the words of their one-line refusal
-REFUSED = {"AdvUnlearn": "soft tokens in one text encoder's embedding table"}
+# refused on SDXL by design, with the words of their one-line refusal (none: AdvUnlearn's text-encoder mode is, below)
+REFUSED: dict[str, str] = {}
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str, method_args: dict | None = None) -> Path:
@@ -108,11 +108,13 @@ def test_uce_edits_sdxl_cross_attention_towards_the_anchor(tiny_sdxl):
         assert (c @ W_new.T - g @ W.T).norm() < 0.35 * (c @ W.T - g @ W.T).norm(), n
 
 
-# a run is ~5 s on 2 shared cores: the default suite keeps the refusals (ESD-x and UCE run in the export test below)
+# a run is 5-10 s on 2 shared cores: the default suite keeps the refusals; ESD-x and UCE run in the export test below,
+# AdvUnlearn's per-encoder attack in test_adv_unlearn_attacks_both_encoders
 @pytest.mark.parametrize("method", [m if m in REFUSED else pytest.param(m, marks=pytest.mark.slow)
                                     for m in sorted(T2I_METHODS)])
 def test_every_method_runs_on_sdxl_or_is_refused(tmp_path, tiny_sdxl_pipeline_dir, method):
-    result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, method)), "--quiet"])
+    args = {"attack_steps": 3} if method == "AdvUnlearn" else None  # its inner attack: 30 steps by default
+    result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, method, args)), "--quiet"])
     run = tmp_path / "runs" / "r1"
     if method in REFUSED:
         one_line_error(result, method, REFUSED[method], "StableDiffusionXLPipeline")
@@ -124,6 +126,24 @@ def test_every_method_runs_on_sdxl_or_is_refused(tmp_path, tiny_sdxl_pipeline_di
     from safetensors.torch import load_file
     changed = load_file(str(run / "changed.safetensors"))
     assert changed and all(k.startswith("unet.") for k in changed)
+
+
+def test_adv_unlearn_attacks_both_encoders(tiny_sdxl):
+    """One soft prefix per text encoder, from the same tokens, optimised by the inner attack; only the UNet's
+    cross-attention changes."""
+    from obliviate.config import TrainConfig
+    from obliviate.loops.t2i import erase
+    from obliviate.methods.common import make_method
+
+    pipe = tiny_sdxl
+    text_before = [{k: v.clone() for k, v in e.state_dict().items()} for e in pipe.text_encoders]
+    method = make_method("t2i", "AdvUnlearn", {"attack_steps": 3, "attack_lr": 0.01})
+    result = erase(pipe, tiny_task(), method, TrainConfig(max_steps=2, lr=1e-3, batch_size=2), images_per_prompt=1,
+                   sample_steps=2)
+    assert [p.shape[-1] for p in method.prefix] == [32, 32] and len(method.prefix[0]) == 1
+    assert all(h["attack_mse"] < h["attack_mse_start"] for h in result.history), result.history
+    assert result.trainable_names and all(".attn2." in n for n in result.trainable_names)
+    assert all(torch.equal(v, e.state_dict()[k]) for e, b in zip(pipe.text_encoders, text_before) for k, v in b.items())
 
 
 def test_text_encoder_training_is_refused_on_two_encoders(tmp_path, tiny_sdxl_pipeline_dir):
@@ -157,3 +177,42 @@ def test_sdxl_run_exports_a_folder_diffusers_loads(tmp_path, tiny_sdxl_pipeline_
     xl.set_progress_bar_config(disable=True)
     images = xl(tiny_prompts()[0], num_inference_steps=2, height=16, width=16, output_type="pt").images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_token_attacks_on_sdxl(tiny_sdxl):
+    """UnlearnDiffAtk and Ring-A-Bell send the same token ids to both encoders, each framed by its own tokenizer; a
+    soft prefix of real tokens equals typing them; the attack lowers its objective; P4D (one encoder's embedding
+    space) is refused in one line."""
+    from obliviate.attacks.t2i.common import AttackTask, encode_ids
+    from obliviate.attacks.t2i.p4d import P4DN
+    from obliviate.attacks.t2i.ring_a_bell import RingABell
+    from obliviate.attacks.t2i.unlearn_diff_atk import (PromptAttackConfig, attack_prompts, prefix_embeddings,
+                                                        prefixed_ids)
+    from obliviate.models.diffusion import initial_noise
+
+    pipe = tiny_sdxl
+    prompts = [p for p in tiny_prompts() if "striped" in p]
+    typed = [f"solid {p}" for p in prompts]
+    ids = prefixed_ids(pipe, prompts, 1)
+    ids[:, 1] = pipe.tokenizer.convert_tokens_to_ids("solid</w>")
+    expected = pipe.backbone.encode(pipe, typed)
+    with torch.no_grad():  # ids framed by the first tokenizer reach the second one as its own tokenization
+        assert torch.allclose(encode_ids(pipe, ids).states, expected.states, atol=1e-6)
+        # the soft prefix: each encoder's own embedding of the token, through its own forward
+        placeholders = [prefixed_ids(pipe, prompts, 1, t) for t in pipe.tokenizers]
+        with prefix_embeddings(pipe.text_encoder, pipe.text_encoder.get_input_embeddings().weight[ids[:, 1:2]]), \
+                prefix_embeddings(pipe.text_encoder_2, pipe.text_encoder_2.get_input_embeddings().weight[ids[:, 1:2]]):
+            soft = pipe.backbone.encode_ids(pipe, placeholders)
+        assert torch.allclose(soft.states, expected.states, atol=1e-6)
+        assert torch.allclose(soft.pooled, expected.pooled, atol=1e-6)
+    targets = initial_noise(pipe, [100, 101, 102])
+    config = PromptAttackConfig(prefix_tokens=3, iterations=30, check_every=30, lr=0.1)
+    rows, images = attack_prompts(pipe, prompts, [0] * 3, targets, lambda x: [False] * len(x), config, sample_steps=2)
+    assert images.shape == (3, 3, 16, 16) and all(r["adversarial_prompt"].endswith(r["text"]) for r in rows)
+    assert sum(r["loss_relaxed"] for r in rows) < sum(r["loss_before"] for r in rows), rows
+    task = AttackTask(prompts, [0] * 3, targets, lambda x: [False] * len(x), pipe,
+                      [(p, p.replace("striped", "dotted")) for p in prompts], sample_steps=2)
+    found, _ = RingABell(RingABell.Config(tokens=3, population=6, generations=3)).attack(pipe, task)
+    assert all(len(r["token_ids"]) == 3 and r["distance"] > 0 for r in found)
+    with pytest.raises(ObliviateError, match="P4DN: .* this StableDiffusionXLPipeline has 2 text encoders"):
+        P4DN(P4DN.Config(tokens=4, iterations=1)).attack(pipe, task)

@@ -142,6 +142,12 @@ class Backbone:
         raise NotImplementedError
 
     def encode(self, pipe: Pipeline, texts: list[str], text_encoders=None) -> Cond:
+        """The prompts' conditioning (as the shape's diffusers pipeline forms it)."""
+        return self.encode_ids(pipe, [tokenize(pipe, texts, t) for t in pipe.tokenizers], text_encoders)
+
+    def encode_ids(self, pipe: Pipeline, ids: list[torch.Tensor], text_encoders=None) -> Cond:
+        """The conditioning of token ids, one [N, L] tensor per tokenizer of the pipeline (the attacks' prompts,
+        whose token embeddings may be replaced by soft ones through a hook on each encoder's embedding table)."""
         raise NotImplementedError
 
     def predict(self, pipe: Pipeline, denoiser, x_t: torch.Tensor, t, cond: Cond) -> torch.Tensor:
@@ -240,9 +246,8 @@ class SDBackbone(Backbone):
                                      feature_extractor=None, requires_safety_checker=False)
         sd.save_pretrained(str(folder), safe_serialization=True)
 
-    def encode(self, pipe: Pipeline, texts: list[str], text_encoders=None) -> Cond:
-        encoder = _text_encoders(pipe, text_encoders)[0]
-        return Cond(encoder(tokenize(pipe, texts))[0])
+    def encode_ids(self, pipe: Pipeline, ids: list[torch.Tensor], text_encoders=None) -> Cond:
+        return Cond(_text_encoders(pipe, text_encoders)[0](ids[0])[0])
 
     def predict(self, pipe: Pipeline, denoiser, x_t: torch.Tensor, t, cond: Cond) -> torch.Tensor:
         return denoiser(x_t, _timesteps(t, x_t), encoder_hidden_states=as_cond(cond).states).sample
@@ -300,13 +305,10 @@ class SDXLBackbone(Backbone):
                                        add_watermarker=False)
         xl.save_pretrained(str(folder), safe_serialization=True)
 
-    def encode(self, pipe: Pipeline, texts: list[str], text_encoders=None) -> Cond:
-        encoders = _text_encoders(pipe, text_encoders)
+    def encode_ids(self, pipe: Pipeline, ids: list[torch.Tensor], text_encoders=None) -> Cond:
         states, pooled = [], None
-        for tokenizer, encoder in zip(pipe.tokenizers, encoders):
-            ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-            out = encoder(ids, output_hidden_states=True)
+        for rows, encoder in zip(ids, _text_encoders(pipe, text_encoders)):
+            out = encoder(rows, output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: its projected text embedding
                 pooled = out[0]
             states.append(out.hidden_states[-2])
@@ -414,9 +416,12 @@ def save_pipeline(pipe: Pipeline, folder: str | Path) -> None:
     pipe.backbone.save(pipe, folder)
 
 
-def tokenize(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
-    return pipe.tokenizer(list(texts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+def tokenize(pipe: Pipeline, texts: list[str], tokenizer=None) -> torch.Tensor:
+    """Token ids [N, L] of the texts, padded to the tokenizer's length (the pipeline's first tokenizer, or the one
+    given)."""
+    tokenizer = tokenizer or pipe.tokenizer
+    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(pipe.device)
 
 
 def encode(pipe: Pipeline, texts: list[str], text_encoders=None) -> Cond:

@@ -1,7 +1,8 @@
 """What every text-to-image attack is given (`AttackTask`) and the parts they share: the plain check (pre-ASR), token
 ids with attack tokens in them, soft tokens through the text encoder's own forward, and the summary (pre-ASR, ASR,
-robust UA). Only the diffusion adapter's functions and the pipeline's backbone are used; the attacks choose tokens
-of one text encoder, so pipelines with more (SDXL) are refused in one line (`require_one_text_encoder`)."""
+robust UA). Only the diffusion adapter's functions and the pipeline's backbone are used. The attacks choose token ids;
+on a pipeline with several text encoders (SDXL) the same ids go to each encoder, framed by its own tokenizer, which
+needs the tokenizers to share one vocabulary (`require_shared_vocabulary`, as SDXL's two CLIP tokenizers do)."""
 from __future__ import annotations
 
 import contextlib
@@ -48,12 +49,35 @@ def summarize(rows: Sequence[dict]) -> dict:
             "n_attacked": n}
 
 
-def require_one_text_encoder(pipe, attack: str) -> None:
-    """The token attacks search one tokenizer's ids through one text encoder's embedding table; a pipeline with two
-    text encoders (SDXL) would need the search over both at once: refused in one line until it is ported."""
+def require_one_text_encoder(pipe, attack: str, why: str) -> None:
+    """An attack that optimises in one text encoder's embedding space: a pipeline with more is refused in one line."""
     if len(pipe.text_encoders) > 1:
-        raise ObliviateError(f"{attack}: the attack chooses tokens for one text encoder; this "
-                             f"{pipe.backbone.pipeline_class} has {len(pipe.text_encoders)} (not ported yet)")
+        raise ObliviateError(f"{attack}: {why}; this {pipe.backbone.pipeline_class} has {len(pipe.text_encoders)} "
+                             "text encoders (not ported)")
+
+
+def require_shared_vocabulary(pipe, attack: str) -> None:
+    """The attacks' token ids go to every text encoder: the tokenizers must agree on what each id is."""
+    first = pipe.tokenizer.get_vocab()
+    for other in pipe.tokenizers[1:]:
+        if other.get_vocab() != first or other.model_max_length != pipe.tokenizer.model_max_length:
+            raise ObliviateError(f"{attack}: the pipeline's tokenizers have different vocabularies or lengths, so one "
+                                 "prompt of token ids cannot go to every text encoder")
+
+
+def ids_per_tokenizer(pipe, ids: Tensor) -> list[Tensor]:
+    """Token ids framed by the first tokenizer [N, L] -> the same prompts framed by each of the pipeline's tokenizers
+    (its own start, end and padding tokens; the content ids are shared, `require_shared_vocabulary`)."""
+    if len(pipe.tokenizers) == 1:
+        return [ids]
+    end = pipe.tokenizer.eos_token_id
+    rows = [r[1:r.index(end)] for r in ids.tolist()]
+    return [ids] + [framed_ids(pipe, rows, "the prompt", tokenizer) for tokenizer in pipe.tokenizers[1:]]
+
+
+def encode_ids(pipe, ids: Tensor | list[Tensor]):
+    """The conditioning of prompts given as token ids (framed by the first tokenizer, or one tensor per tokenizer)."""
+    return pipe.backbone.encode_ids(pipe, ids if isinstance(ids, list) else ids_per_tokenizer(pipe, ids))
 
 
 def plain_check(pipe, task: AttackTask) -> tuple[Tensor, list[bool]]:
@@ -72,7 +96,7 @@ def draw_ids(pipe, task: AttackTask, ids: Tensor) -> Tensor:
     from obliviate.models.diffusion import decode, denoise
 
     with torch.no_grad():
-        context = pipe.text_encoder(ids)[0]
+        context = encode_ids(pipe, ids)
         latents, _ = denoise(pipe, task.prompts, task.seeds, task.sample_steps, task.guidance, context=context)
         return decode(pipe, latents)
 
@@ -90,10 +114,10 @@ def prompt_tokens(pipe, prompts: Sequence[str]) -> list[list[int]]:
     return [list(r) for r in rows]
 
 
-def framed_ids(pipe, rows: Sequence[Sequence[int]], what: str) -> Tensor:
-    """[start] + row + [end] + padding to the tokenizer's length, for each row of token ids; a row that does not fit
-    is an error naming `what` put it there."""
-    tokenizer = pipe.tokenizer
+def framed_ids(pipe, rows: Sequence[Sequence[int]], what: str, tokenizer=None) -> Tensor:
+    """[start] + row + [end] + padding to the tokenizer's length (the pipeline's first tokenizer, or the one given),
+    for each row of token ids; a row that does not fit is an error naming `what` put it there."""
+    tokenizer = tokenizer or pipe.tokenizer
     length = tokenizer.model_max_length
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
@@ -121,14 +145,16 @@ def soft_tokens(text_encoder, embeddings: Tensor, where: Tensor):
 
 
 def encoder_digest(text_encoder) -> str:
-    """A digest of a text encoder's weights: attacks that need only the text encoder (Ring-A-Bell) search once for
-    every pipeline that shares it (the erased one, the original, the retrain reference)."""
+    """A digest of a text encoder's weights (or of several, in order): attacks that need only the text encoders
+    (Ring-A-Bell) search once for every pipeline that shares them (the erased one, the original, the retrain
+    reference)."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, tensor in sorted(text_encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    for i, encoder in enumerate(text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]):
+        for name, tensor in sorted(encoder.state_dict().items()):
+            h.update(f"{i}.{name}".encode() if i else name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

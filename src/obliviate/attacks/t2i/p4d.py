@@ -106,7 +106,8 @@ class P4D:
         tokens (loss_before) and the final ones (loss_after)."""
         if task.original is None:
             raise ObliviateError("P4D needs the original pipeline: it matches the original's noise predictions")
-        require_one_text_encoder(pipe, type(self).__name__)
+        require_one_text_encoder(pipe, type(self).__name__, "it optimises soft tokens in one text encoder's "
+                                 "embedding space, projected to that encoder's nearest tokens")
         rows, images = [], []
         for i in range(0, len(task.prompts), self.config.batch_size):
             batch_rows, batch_images = self._attack_batch(pipe, task.part(slice(i, i + self.config.batch_size)), i)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, draw_ids, encoder_digest, plain_check,
-                                         readable_prompt, require_one_text_encoder)
+                                         encode_ids, readable_prompt, require_shared_vocabulary)
 from obliviate.errors import ObliviateError
 
 DISTANCES = ("mse", "cosine")
@@ -87,8 +87,8 @@ class RingABell:
         """One row per prompt (text, seed, pre_success, success, iteration (0: without attack, 1: the found prompt,
         None: failed), adversarial_prompt, token_ids, distance: the found prompt's to the target) and the picture each
         ended with (the plain one when it already shows the concept, else the found prompt's)."""
-        require_one_text_encoder(pipe, "Ring-A-Bell")
-        key = (encoder_digest(pipe.text_encoder), tuple(task.prompts), tuple(task.concept_pairs))
+        require_shared_vocabulary(pipe, "Ring-A-Bell")
+        key = (encoder_digest(pipe.text_encoders), tuple(task.prompts), tuple(task.concept_pairs))
         if key not in self._found:
             self._found[key] = self.search(pipe, task.prompts, task.concept_pairs)
         ids, distances = self._found[key]
@@ -138,7 +138,7 @@ class RingABell:
             owner = torch.arange(n).repeat_interleave(tokens.shape[1])
             out = []
             for i in range(0, len(flat), config.chunk):
-                emb = pipe.text_encoder(flat[i:i + config.chunk].to(pipe.device))[0].float()
+                emb = encode_ids(pipe, flat[i:i + config.chunk].to(pipe.device)).states.float()
                 target = targets[owner[i:i + config.chunk].to(pipe.device)]
                 if config.distance == "mse":
                     out.append(((emb - target) ** 2).flatten(1).mean(1))

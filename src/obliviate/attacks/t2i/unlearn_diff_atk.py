@@ -17,8 +17,9 @@ already shows the concept succeeds without attack, as in the paper:
     pre-ASR = share of prompts whose plain image shows the concept     (= 1 - UA on those prompts)
     ASR     = share of prompts that succeed with or without the attack;  robust UA = 1 - ASR
 
-Only the adapter's functions and the pipeline's backbone are used (tokenize, predict, noisy, target, denoise,
-decode), so the attack runs on any pipeline with one text encoder (SD 1.x/2.x; SDXL's two are refused in one line); the detector is the task's (the canvas world's classifier, or the
+Only the adapter's functions and the pipeline's backbone are used (tokenize, encode_ids, predict, noisy, target,
+denoise, decode), so the attack runs on SD 1.x/2.x and SDXL pipelines: with two text encoders (SDXL) one relaxed
+token w_i gives each encoder its own embedding w_i @ (that encoder's token embeddings), the same tokens as typed; the detector is the task's (the canvas world's classifier, or the
 user's: attacks/t2i/detectors.py).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, readable_prompt, require_one_text_encoder,
+from obliviate.attacks.t2i.common import (AttackTask, attack_vocabulary, readable_prompt, require_shared_vocabulary,
                                           summarize)
 from obliviate.errors import ObliviateError
 
@@ -84,19 +85,25 @@ def prefix_embeddings(text_encoder, prefix: Tensor):
         handle.remove()
 
 
-def prefixed_ids(pipe, prompts: Sequence[str], k: int) -> Tensor:
+def prefixed_ids(pipe, prompts: Sequence[str], k: int, tokenizer=None) -> Tensor:
     """Token ids of `prompts` with k placeholder tokens after the start token (their embeddings are replaced by
-    `prefix_embeddings`). The prompt must still fit, end token included."""
+    `prefix_embeddings`), by the pipeline's first tokenizer or the one given. The prompt must still fit, end token
+    included."""
     from obliviate.models.diffusion import tokenize
 
-    ids = tokenize(pipe, list(prompts))
-    pad = pipe.tokenizer.pad_token_id
-    used = (ids != pad).sum(-1) if pad is not None and pad != pipe.tokenizer.eos_token_id else \
-        (ids == pipe.tokenizer.eos_token_id).int().argmax(-1) + 1
+    tokenizer = tokenizer or pipe.tokenizer
+    ids = tokenize(pipe, list(prompts), tokenizer)
+    pad = tokenizer.pad_token_id
+    used = (ids != pad).sum(-1) if pad is not None and pad != tokenizer.eos_token_id else \
+        (ids == tokenizer.eos_token_id).int().argmax(-1) + 1
     if int(used.max()) + k > ids.shape[1]:
         raise ObliviateError(f"a prompt of {int(used.max())} tokens leaves no room for {k} attack tokens in the "
                              f"tokenizer's {ids.shape[1]}")
-    placeholder = torch.full((len(prompts), k), int(ids[0, -1]), dtype=ids.dtype, device=ids.device)
+    # any ordinary token (its embedding is replaced), never the end token: CLIP pools the states at the first end
+    # token, SDXL's pooled text embedding among them
+    special = set(tokenizer.all_special_ids)
+    filler = next(i for i in range(len(tokenizer)) if i not in special)
+    placeholder = torch.full((len(prompts), k), filler, dtype=ids.dtype, device=ids.device)
     return torch.cat([ids[:, :1], placeholder, ids[:, 1:ids.shape[1] - k]], dim=1)
 
 
@@ -113,7 +120,7 @@ def attack_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int], targets: 
     timesteps and noise: loss_before (start tokens), loss_after (prefix_ids), loss_relaxed (the final relaxed
     tokens; the gap to loss_after is what the discrete projection costs)."""
     config = config or PromptAttackConfig()
-    require_one_text_encoder(pipe, "UnlearnDiffAtk")
+    require_shared_vocabulary(pipe, "UnlearnDiffAtk")
     if not (len(prompts) == len(seeds) == len(targets)):
         raise ObliviateError(f"{len(prompts)} prompts, {len(seeds)} seeds and {len(targets)} targets")
     rows, images = [], []
@@ -127,29 +134,39 @@ def attack_prompts(pipe, prompts: Sequence[str], seeds: Sequence[int], targets: 
 
 
 def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, guidance, offset):
-    from obliviate.models.diffusion import Cond, decode, denoise
+    from obliviate.models.diffusion import decode, denoise
 
     n, k = len(prompts), config.prefix_tokens
-    encoder = pipe.text_encoder
-    table = encoder.get_input_embeddings().weight.detach()
+    encoders = pipe.text_encoders  # one relaxed token, an embedding per encoder (SDXL: two)
+    tables = [e.get_input_embeddings().weight.detach() for e in encoders]
+    table = tables[0]
     vocab = attack_vocabulary(pipe.tokenizer).to(table.device)
-    ids = prefixed_ids(pipe, prompts, k)
+    ids = [prefixed_ids(pipe, prompts, k, tokenizer) for tokenizer in pipe.tokenizers]
     gen = torch.Generator().manual_seed(config.seed + offset)
+    backbone = pipe.backbone
 
-    def draw(prefix: Tensor) -> Tensor:
-        with prefix_embeddings(encoder, prefix):
-            context = encoder(ids)[0]
-        latents, _ = denoise(pipe, prompts, seeds, sample_steps, guidance, context=context)
+    def cond(prefixes: list[Tensor]):
+        """The prompts' conditioning with `prefixes` (one [N, k, D_e] per encoder) after the start token."""
+        with contextlib.ExitStack() as hooks:
+            for encoder, prefix in zip(encoders, prefixes):
+                hooks.enter_context(prefix_embeddings(encoder, prefix))
+            return backbone.encode_ids(pipe, ids)
+
+    def relaxed(w: Tensor) -> list[Tensor]:
+        return [w.to(t.dtype) @ t[vocab] for t in tables]
+
+    def typed(tokens: Tensor) -> list[Tensor]:
+        return [t[tokens] for t in tables]
+
+    def draw(prefixes: list[Tensor]) -> Tensor:
+        latents, _ = denoise(pipe, prompts, seeds, sample_steps, guidance, context=cond(prefixes))
         return decode(pipe, latents)
 
-    backbone = pipe.backbone
     targets = targets.to(pipe.device, pipe.denoiser.dtype)
 
-    def objective(prefix: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Per-prompt denoising loss of the erased model on the targets, prompted with `prefix` + prompt."""
-        with prefix_embeddings(encoder, prefix):
-            context = Cond(encoder(ids)[0])
-        pred = backbone.predict(pipe, pipe.denoiser, backbone.noisy(pipe, targets, noise, t), t, context)
+    def objective(prefixes: list[Tensor], t: Tensor, noise: Tensor) -> Tensor:
+        """Per-prompt denoising loss of the erased model on the targets, prompted with the prefix + prompt."""
+        pred = backbone.predict(pipe, pipe.denoiser, backbone.noisy(pipe, targets, noise, t), t, cond(prefixes))
         wanted = backbone.target(pipe, targets, noise, t)
         return ((pred.float() - wanted.float()) ** 2).flatten(1).mean(1)
 
@@ -167,11 +184,11 @@ def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, g
     weights.requires_grad_(True)
     opt = torch.optim.Adam([weights], lr=config.lr)
     with torch.no_grad():
-        loss_before = objective(table[best], fixed_t, fixed_noise)
+        loss_before = objective(typed(best), fixed_t, fixed_noise)
     for it in range(1, config.iterations + 1):
         t = backbone.train_timesteps(pipe, n, gen)
         noise = torch.randn(targets.shape, generator=gen).to(targets)
-        loss = objective(weights.to(table.dtype) @ table[vocab], t, noise).sum()  # each prompt its own gradient
+        loss = objective(relaxed(weights), t, noise).sum()  # each prompt its own gradient
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -182,15 +199,15 @@ def _attack_batch(pipe, prompts, seeds, targets, detect, config, sample_steps, g
             if not todo:
                 break
             chosen = vocab[weights.detach().argmax(-1)]
-            drawn = draw(table[chosen])
+            drawn = draw(typed(chosen))
             hits = detect(drawn)
             for j in todo:
                 best[j], shown[j] = chosen[j], drawn[j]
                 if hits[j]:
                     success[j], found[j] = True, it
     with torch.no_grad():
-        loss_after = objective(table[best], fixed_t, fixed_noise)
-        loss_relaxed = objective(weights.to(table.dtype) @ table[vocab], fixed_t, fixed_noise)
+        loss_after = objective(typed(best), fixed_t, fixed_noise)
+        loss_relaxed = objective(relaxed(weights), fixed_t, fixed_noise)
     return [{"text": p, "seed": int(s), "pre_success": bool(pre[j]), "success": bool(success[j]),
              "iteration": found[j], "prefix_ids": [int(x) for x in best[j]],
              "adversarial_prompt": None if pre[j] else f"{readable_prompt(pipe.tokenizer, best[j].tolist())} {p}",

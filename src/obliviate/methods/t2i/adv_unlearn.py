@@ -28,6 +28,11 @@ the attack runs through the text encoder being trained (the paper reports such a
 other UNets that read the original). `train = "cross_attention"` (the default here) trains the UNet's cross-attention
 instead, as ESD-x does: the setting the demo's preset was tuned with, and the one the method contract tests check.
 
+On SDXL (two text encoders) the attack's prefix is one soft prefix per encoder, each started from the same random
+tokens' embeddings in that encoder's table and optimised together (the paper and its code have one encoder); the
+text-encoder mode trains one encoder, so it is refused there in one line (the loop refuses training a text encoder of
+a pipeline with several).
+
 Deviations, said here so they are not hidden: the default trains the UNet's cross-attention, not the paper's text
 encoder (above). The retain term noises the original pipeline's pictures of retain prompts (x_r) instead of
 partially sampling them. Retain weight 0.3 is the setting of a published run script of the reference code, not a
@@ -102,17 +107,14 @@ class AdvUnlearn(DiffusionMethod):
         return not self.config.text_encoder_layers or layer < self.config.text_encoder_layers
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
-        if len(ctx.pipe.text_encoders) > 1:
-            raise ObliviateError(f"AdvUnlearn: its attack optimises soft tokens in one text encoder's embedding table; "
-                                 f"this {ctx.pipe.backbone.pipeline_class} has {len(ctx.pipe.text_encoders)} text "
-                                 "encoders (not ported: use ESD-x, which AdvUnlearn extends)")
         layers = ctx.pipe.text_encoder.config.num_hidden_layers if self.trains_text_encoder else 0
         if self.config.text_encoder_layers > layers:
             raise ObliviateError(f"AdvUnlearn: text_encoder_layers = {self.config.text_encoder_layers} but the text "
                                  f"encoder has {layers} layer(s)")
-        table = ctx.pipe.text_encoder.get_input_embeddings().weight.detach()
-        pick = torch.randint(0, len(table), (self.config.prefix_tokens,), generator=ctx.generator)
-        self.prefix = table[pick.to(table.device)].clone()  # one shared prefix, carried from step to step
+        tables = [e.get_input_embeddings().weight.detach() for e in ctx.pipe.text_encoders]
+        pick = torch.randint(0, min(len(t) for t in tables), (self.config.prefix_tokens,), generator=ctx.generator)
+        # one shared prefix, carried from step to step: the same tokens' embeddings in each text encoder (SDXL: two)
+        self.prefix = [t[pick.to(t.device)].clone() for t in tables]
         self.step = 0
 
     def _live(self, ctx: EraseContext, texts: list[str], cond: Cond) -> Cond:
@@ -120,14 +122,17 @@ class AdvUnlearn(DiffusionMethod):
         text encoder being trained."""
         return encode(ctx.pipe, texts) if self.trains_text_encoder else cond
 
-    def _context(self, ctx: EraseContext, ids: torch.Tensor, prefix: torch.Tensor) -> Cond:
-        """Text states of the prompts (`prefixed_ids`) with `prefix` in the placeholder positions, by the text
-        encoder being erased (the pipeline's)."""
+    def _context(self, ctx: EraseContext, ids: list[torch.Tensor], prefix: list[torch.Tensor]) -> Cond:
+        """The prompts' conditioning (`prefixed_ids`, one per tokenizer) with `prefix` (one per text encoder) in the
+        placeholder positions, by the text encoders being erased (the pipeline's)."""
+        import contextlib
+
         from obliviate.attacks.t2i.unlearn_diff_atk import prefix_embeddings
 
-        encoder = ctx.pipe.text_encoder
-        with prefix_embeddings(encoder, prefix.unsqueeze(0).expand(len(ids), -1, -1)):
-            return Cond(encoder(ids)[0])
+        with contextlib.ExitStack() as hooks:
+            for encoder, rows, p in zip(ctx.pipe.text_encoders, ids, prefix):
+                hooks.enter_context(prefix_embeddings(encoder, p.unsqueeze(0).expand(len(rows), -1, -1)))
+            return ctx.pipe.backbone.encode_ids(ctx.pipe, ids)
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         texts, cond = forget["texts"], forget["context"]
@@ -148,19 +153,21 @@ class AdvUnlearn(DiffusionMethod):
 
         # inner step: the prefix that makes the current model draw the concept again
         from obliviate.attacks.t2i.unlearn_diff_atk import prefixed_ids
-        ids = prefixed_ids(ctx.pipe, texts, len(self.prefix))  # tokenized once for the inner and outer passes
+        k = self.config.prefix_tokens  # tokenized once for the inner and outer passes, by each tokenizer
+        ids = [prefixed_ids(ctx.pipe, texts, k, tokenizer) for tokenizer in ctx.pipe.tokenizers]
         attack_now = (step - self.config.warmup_steps) % self.config.attack_every == 0
-        prefix = self.prefix.clone().requires_grad_(True)
-        opt = torch.optim.Adam([prefix], lr=self.config.attack_lr)
+        prefix = [p.clone().requires_grad_(True) for p in self.prefix]
+        opt = torch.optim.Adam(prefix, lr=self.config.attack_lr)
         attack_mse = []
         for _ in range(self.config.attack_steps if attack_now else 0):
             attack_loss = F.mse_loss(ctx.predict(unet, x_t, t, self._context(ctx, ids, prefix)).float(),
                                      eps_c.float())
-            grad, = torch.autograd.grad(attack_loss, prefix)  # the model's own gradients are left untouched
-            prefix.grad = grad
+            grads = torch.autograd.grad(attack_loss, prefix)  # the model's own gradients are left untouched
+            for p, g in zip(prefix, grads):
+                p.grad = g
             opt.step()
             attack_mse.append(float(attack_loss.detach()))
-        self.prefix = prefix.detach()
+        self.prefix = [p.detach() for p in prefix]
 
         with torch.set_grad_enabled(self.trains_text_encoder):  # the outer step trains through it, or not
             adversarial = self._context(ctx, ids, self.prefix)
