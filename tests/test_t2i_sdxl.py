@@ -216,3 +216,38 @@ def test_token_attacks_on_sdxl(tiny_sdxl):
     assert all(len(r["token_ids"]) == 3 and r["distance"] > 0 for r in found)
     with pytest.raises(ObliviateError, match="P4DN: .* this StableDiffusionXLPipeline has 2 text encoders"):
         P4DN(P4DN.Config(tokens=4, iterations=1)).attack(pipe, task)
+
+
+@pytest.mark.parametrize("shape", ["tiny_pipe", "tiny_sdxl"])
+def test_guard_replaces_the_guidance_line(request, shape):
+    """denoise(guard=...): a guard that returns plain CFG changes nothing; its extra prompts' predictions reach it;
+    install/remove wrap the sampling once."""
+    from obliviate.models.diffusion import sample
+
+    pipe = request.getfixturevalue(shape)
+    prompts, seeds, other = tiny_prompts()[:2], [0, 1], "a red star in solid style"
+    calls = []
+
+    class CFG:
+        def combine(self, i, t, x, u, c, extra):
+            return u + 4.0 * (c - u)
+
+    class Other(CFG):
+        def extra_prompts(self):
+            return [other]
+
+        def combine(self, i, t, x, u, c, extra):
+            assert list(extra) == [other] and extra[other].shape == x.shape
+            return extra[other]
+
+        def install(self, p):
+            calls.append("install")
+
+        def remove(self, p):
+            calls.append("remove")
+
+    plain = sample(pipe, prompts, seeds, steps=3)
+    assert torch.equal(sample(pipe, prompts, seeds, steps=3, guard=CFG()), plain)
+    steered = sample(pipe, prompts, seeds, steps=3, guard=Other())
+    assert torch.allclose(steered, sample(pipe, [other] * 2, seeds, steps=3, guidance=1.0), atol=1e-5)
+    assert calls == ["install", "remove"]

@@ -472,13 +472,27 @@ def initial_noise(pipe: Pipeline, seeds: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
             denoiser=None, stop_after: int | None = None, latents: torch.Tensor | None = None,
-            text_encoders=None, context: Cond | torch.Tensor | None = None, *, unet=None,
+            text_encoders=None, context: Cond | torch.Tensor | None = None, *, guard=None, unet=None,
             text_encoder=None) -> tuple[torch.Tensor, int]:
     """The shape's sampler (DDIM, eta 0, for SD and SDXL) with classifier-free guidance u + g (c - u), the conditional
     and unconditional passes in one denoiser call. Stops after `stop_after` of the `steps` steps when given (ESD's
     partial sampling). `context`, when given, is the prompts' own conditioning (an attack's soft prompt); the
-    unconditional one is still encoded here. `unet` and `text_encoder` are the older names of `denoiser` and
-    `text_encoders`. Returns the latents and the training timestep they are at (0 after a full run)."""
+    unconditional one is still encoded here. `guard` (a generation-time guard, with guidance) replaces the guidance
+    line: `guard.combine(step_index, t, x_t, pred_uncond, pred_cond, extra)` gives the prediction, `extra` holding the
+    predictions for its `extra_prompts()` (when it has any) by prompt, all in the same denoiser call; a guard with
+    `install(pipe)` / `remove(pipe)` has them called around the sampling. `unet` and `text_encoder` are the older
+    names of `denoiser` and `text_encoders`. Returns the latents and the training timestep they are at (0 after a
+    full run)."""
+    if guard is not None:
+        if guidance == 1:
+            raise ObliviateError("a guard acts on classifier-free guidance: sample with guidance != 1")
+        if hasattr(guard, "install"):
+            guard.install(pipe)
+            try:
+                return denoise(pipe, prompts, seeds, steps, guidance, denoiser or unet, stop_after, latents,
+                               text_encoders or text_encoder, context, guard=_Installed(guard))
+            finally:
+                guard.remove(pipe)
     backbone = pipe.backbone
     denoiser = denoiser or unet or pipe.denoiser
     text_encoders = text_encoders or text_encoder
@@ -497,11 +511,17 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
             Cond.cat([encode(pipe, list(prompts), text_encoders), uncond])
     else:
         cond = encode(pipe, list(prompts), text_encoders)
+    extra = list(getattr(guard, "extra_prompts", lambda: [])()) if guard is not None else []
+    if extra:  # each extra prompt for every picture, after the conditional and unconditional rows
+        cond = Cond.cat([cond] + [e.expand(n) for e in (encode(pipe, [p], text_encoders) for p in extra)])
     last_t = int(sched.timesteps[0])
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:
             return x, int(t)
-        if guidance != 1:
+        if guard is not None:
+            preds = backbone.predict(pipe, denoiser, torch.cat([x] * (2 + len(extra))), t, cond).chunk(2 + len(extra))
+            pred = guard.combine(i, t, x, preds[1], preds[0], dict(zip(extra, preds[2:])))
+        elif guidance != 1:
             pred_c, pred_u = backbone.predict(pipe, denoiser, torch.cat([x, x]), t, cond).chunk(2)
             pred = pred_u + guidance * (pred_c - pred_u)
         else:
@@ -511,13 +531,25 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
     return x, 0 if stop_after is None or stop_after >= len(sched.timesteps) else last_t
 
 
+class _Installed:
+    """A guard whose install/remove the caller has already done (the guard's other calls pass through)."""
+
+    def __init__(self, guard):
+        self.guard = guard
+
+    def __getattr__(self, name):
+        if name in ("install", "remove"):
+            raise AttributeError(name)
+        return getattr(self.guard, name)
+
+
 @torch.no_grad()
 def sample(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
-           batch_size: int = 128, denoiser=None, *, unet=None) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched."""
+           batch_size: int = 128, denoiser=None, *, guard=None, unet=None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched (through `guard`, when given: `denoise`)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         x, _ = denoise(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance,
-                       denoiser=denoiser or unet)
+                       denoiser=denoiser or unet, guard=guard)
         out.append(decode(pipe, x).cpu())
     return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
