@@ -1,6 +1,8 @@
-"""SDXL-shaped pipelines (the tiny StableDiffusionXLPipeline folder of conftest.py): the backbone's conditioning
-agrees with diffusers' own pipeline, every registered method runs on it through the CLI (or is refused in one line),
-the run exports to a folder StableDiffusionXLPipeline loads, and the attacks run or are refused in one line."""
+"""The pipeline backbones (models/diffusion.py). SDXL-shaped pipelines (the tiny StableDiffusionXLPipeline folder of
+conftest.py): the backbone's conditioning agrees with diffusers' own pipeline, every registered method runs on it
+through the CLI (or is refused in one line), the run exports to a folder StableDiffusionXLPipeline loads, and the
+attacks run or are refused in one line. SD 1.x: the backbone is the plain diffusers calls, bit for bit. Both: a
+generation-time guard replaces the guidance line."""
 from __future__ import annotations
 
 import json
@@ -251,3 +253,39 @@ def test_guard_replaces_the_guidance_line(request, shape):
     steered = sample(pipe, prompts, seeds, steps=3, guard=Other())
     assert torch.allclose(steered, sample(pipe, [other] * 2, seeds, steps=3, guidance=1.0), atol=1e-5)
     assert calls == ["install", "remove"]
+
+
+def test_sd_backbone_is_the_plain_diffusers_calls(tiny_pipe):
+    """On SD 1.x the backbone adds nothing: its encoding, prediction, noising and sampling are the direct calls the
+    code made before backbones, bit for bit (so no number of an SD 1.x run moves)."""
+    from diffusers import DDIMScheduler
+
+    from obliviate.methods.t2i.base import EraseContext
+    from obliviate.models.diffusion import denoise, encode
+
+    pipe = tiny_pipe
+    assert pipe.backbone.kind == "sd" and pipe.unet is pipe.denoiser
+    prompts, seeds = tiny_prompts()[:2], [5, 6]
+    with torch.no_grad():
+        ids = pipe.tokenizer(prompts + ["", ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        states = pipe.text_encoder(ids)[0]
+        cond = encode(pipe, prompts + ["", ""])
+        assert cond.pooled is None and torch.equal(cond.states, states)
+        sched = DDIMScheduler.from_config(pipe.scheduler.config)
+        sched.set_timesteps(3)
+        x = torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        for t in sched.timesteps:
+            t_batch = torch.full((4,), int(t), dtype=torch.long)
+            c, u = pipe.unet(torch.cat([x, x]), t_batch, encoder_hidden_states=states).sample.chunk(2)
+            x = sched.step(u + 4.0 * (c - u), t, x).prev_sample
+        assert torch.equal(denoise(pipe, prompts, seeds, steps=3, guidance=4.0)[0], x)
+    ctx = EraseContext(pipe, None, tiny_task(), torch.Generator().manual_seed(3))
+    latents = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(4))
+    x_t, t, target = ctx.noisy(latents)
+    gen = torch.Generator().manual_seed(3)
+    t_direct = torch.randint(0, 1000, (2,), generator=gen)
+    eps = torch.randn(latents.shape, generator=gen)
+    abar = pipe.scheduler.alphas_cumprod[t_direct].view(-1, 1, 1, 1)
+    assert torch.equal(t, t_direct) and torch.equal(target, eps)
+    assert torch.equal(x_t, abar.sqrt() * latents + (1 - abar).sqrt() * eps)
