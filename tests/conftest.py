@@ -138,7 +138,8 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
                                 attention_head_dim=8, norm_num_groups=16, addition_embed_type="text_time",
-                                addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + 16)
+                                addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=6 * time_dim + 16)
     recipe = ct.CanvasRecipe(image_size=16, text_hidden=32, vae_channels=(16, 16), unet_channels=(16, 32))
     pipe = Pipeline(unet, ct.make_vae(recipe), text_encoder, tokenizer, ct.make_scheduler(),
                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, backbone=SDXLBackbone())

@@ -74,9 +74,9 @@ def draw_latents(ctx: EraseContext, texts: list[str], seed: int, batch_size: int
 def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = None, images_per_prompt: int = 2,
           sample_steps: int = 25, guidance: float = 4.0, checkpoints: Checkpoints | None = None,
           on_eval=None) -> EraseResult:
-    """Erase `task.concept` from `pipe.denoiser` (changed in place), or from `pipe.text_encoder` for a method that trains
-    it (`text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or
-    a registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one.
+    """Erase `task.concept` from `pipe.denoiser` (changed in place), or from `pipe.text_encoder` for a method that
+    trains it (`text_encoder_trainable(name, param)` next to `trainable`). `method` is a DiffusionMethod or a
+    registered name. `checkpoints` saves the loop's state every few steps and resumes from the last one.
     `on_eval(step, epoch, pipe)` evaluates the pipeline along the way (train.eval_every: before the first step, every
     eval_every steps, after the last; an epoch is a pass over the forget images), without changing the training."""
     train = train or TrainConfig()  # the keys every family has (a run config refuses the language-model ones)

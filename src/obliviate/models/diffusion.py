@@ -82,6 +82,8 @@ class Pipeline:
     tokenizer_2: object = None
     backbone: Backbone | None = None  # the shape; None: Stable Diffusion 1.x/2.x (pipelines built in code)
     config: dict = field(default_factory=dict)  # the folder's pipeline options (SDXL: force_zeros_for_empty_prompt)
+    text_encoder_3: torch.nn.Module | None = None  # a third text encoder, for shapes that have one (SD3's T5)
+    tokenizer_3: object = None
 
     def __post_init__(self):
         if self.backbone is None:
@@ -97,17 +99,19 @@ class Pipeline:
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        """The text encoders in their folders' order (text_encoder, text_encoder_2, ...)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
     @property
     def tokenizers(self) -> list:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     def components(self) -> dict[str, torch.nn.Module]:
         """The trainable components by their folder names (the prefixes of a run's changed tensors)."""
-        out = {self.backbone.denoiser_folder: self.denoiser, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            out["text_encoder_2"] = self.text_encoder_2
+        out = {self.backbone.denoiser_folder: self.denoiser}
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     @property
@@ -183,9 +187,11 @@ class Backbone:
 
 
 def cross_attention_projections(denoiser) -> list[tuple[str, torch.nn.Linear]]:
-    """Every cross-attention key/value map of a UNet (`attn2.to_k`, `attn2.to_v`): the linear maps that read the text
-    states (Stable Diffusion's and SDXL's transformer blocks: attn1 is self-attention, attn2 cross-attention), the
-    weights UCE (Gandikota et al. 2024) and ESD-x edit."""
+    """Every cross-attention key/value map of a UNet (`attn2.to_k`, `attn2.to_v`): the only linear maps that read the
+    text states (in Stable Diffusion's and SDXL's transformer blocks attn1 is self-attention, attn2 cross-attention).
+    They are what UCE edits in closed form (Gandikota et al. 2024, arXiv 2308.14761, and its reference code
+    rohitgandikota/unified-concept-editing, whose README's later update edits SDXL as SD v1.4: a UNet with the same
+    cross-attention blocks); ESD-x trains all of attn2 (Gandikota et al. 2023)."""
     return [(name, m) for name, m in denoiser.named_modules()
             if ".attn2." in f".{name}." and name.endswith((".to_k", ".to_v")) and isinstance(m, torch.nn.Linear)]
 

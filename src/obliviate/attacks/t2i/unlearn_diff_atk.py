@@ -19,8 +19,8 @@ already shows the concept succeeds without attack, as in the paper:
 
 Only the adapter's functions and the pipeline's backbone are used (tokenize, encode_ids, predict, noisy, target,
 denoise, decode), so the attack runs on SD 1.x/2.x and SDXL pipelines: with two text encoders (SDXL) one relaxed
-token w_i gives each encoder its own embedding w_i @ (that encoder's token embeddings), the same tokens as typed; the detector is the task's (the canvas world's classifier, or the
-user's: attacks/t2i/detectors.py).
+token w_i gives each encoder its own embedding w_i @ (that encoder's token embeddings), the same tokens as typed.
+The detector is the task's (the canvas world's classifier, or the user's: attacks/t2i/detectors.py).
 """
 from __future__ import annotations
 

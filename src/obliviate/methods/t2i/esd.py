@@ -51,7 +51,7 @@ class ESDx(DiffusionMethod):
         n = len(texts)
         stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
         seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=ctx.generator).tolist()
-        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, unet=ctx.frozen,
+        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, denoiser=ctx.frozen,
                          stop_after=stop)
         cond = forget["context"]
         empty = ctx.unconditional(len(cond))
