@@ -289,3 +289,32 @@ def test_sd_backbone_is_the_plain_diffusers_calls(tiny_pipe):
     abar = pipe.scheduler.alphas_cumprod[t_direct].view(-1, 1, 1, 1)
     assert torch.equal(t, t_direct) and torch.equal(target, eps)
     assert torch.equal(x_t, abar.sqrt() * latents + (1 - abar).sqrt() * eps)
+
+
+def test_attack_an_sdxl_run_through_the_cli(tmp_path, tiny_sdxl_pipeline_dir):
+    """`obliviate attack` on a run on a user's SDXL folder, judged by a (tiny) image classifier: the erased pipeline
+    and the base one are attacked by UnlearnDiffAtk and Ring-A-Bell; P4D is refused in one line."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    labels = ["striped", "dotted", "solid"]
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, id2label=dict(enumerate(labels)),
+                                              label2id={n: i for i, n in enumerate(labels)}, hidden_size=16,
+                                              intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    vit.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, "UCE")), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    detector = ["--detector", str(tmp_path / "vit"), "--detector-label", "striped", "--quiet"]
+    result = runner.invoke(app, ["attack", str(run), "--attack", "prompt_attack", "--attack", "ring_a_bell",
+                                 "iterations=2", "check_every=1", "prefix_tokens=2", "tokens=3", "population=4",
+                                 "generations=2", *detector])
+    assert result.exit_code == 0, result.output
+    for name in ("prompt_attack", "ring_a_bell"):
+        saved = json.loads((run / "attacks" / f"{name}.json").read_text())
+        assert list(saved["models"]) == ["UCE", "original"] and saved["models"]["UCE"]["n_attacked"] == 3
+    refused = runner.invoke(app, ["attack", str(run), "--attack", "p4d_n", "tokens=4", *detector])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert refused.output.strip().splitlines()[-1].startswith("error: P4DN: ") and "2 text encoders" in refused.output
+    assert not (run / "attacks" / "p4d_n.json").exists()
