@@ -22,6 +22,7 @@ class Pipeline:
     tokenizer: object
     scheduler: object  # a DDIMScheduler: its config gives the training noise schedule, its step() the sampler
     folder: str | None = None
+    guard: object = None  # a generation-time guard (obliviate.guards.t2i) every sampling call goes through
 
     @property
     def device(self) -> torch.device:
@@ -166,32 +167,45 @@ def initial_noise(pipe: Pipeline, seeds: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
             unet=None, stop_after: int | None = None, latents: torch.Tensor | None = None,
-            text_encoder=None, context: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+            text_encoder=None, context: torch.Tensor | None = None, guard=None) -> tuple[torch.Tensor, int]:
     """DDIM (eta 0) with classifier-free guidance, the conditional and unconditional passes in one UNet call.
     Stops after `stop_after` of the `steps` steps when given (ESD's partial sampling). `context`, when given, is
     the prompts' own text embeddings (an attack's soft prompt); the unconditional ones are still encoded here.
+    `guard` (default: the pipeline's own, `pipe.guard`): a generation-time guard that adds its rows and prompts to
+    the same UNet call and combines the predictions instead of CFG (obliviate.guards.t2i).
     Returns the latents and the training timestep they are at (0 after a full run)."""
     unet = unet or pipe.unet
+    guard = guard if guard is not None else pipe.guard
     sched = _fresh_scheduler(pipe, steps)
     x = initial_noise(pipe, seeds) if latents is None else latents
     n = x.shape[0]
+    cfg = guidance != 1 or guard is not None  # a guard reads both predictions
     if context is not None:
-        context = torch.cat([context, encode_prompts(pipe, [""] * n, text_encoder)]) if guidance != 1 else context
-    elif guidance != 1:
+        context = torch.cat([context, encode_prompts(pipe, [""] * n, text_encoder)]) if cfg else context
+    elif cfg:
         context = encode_prompts(pipe, list(prompts) + [""] * n, text_encoder)
     else:
         context = encode_prompts(pipe, list(prompts), text_encoder)
+    if guard is not None:
+        x, context = guard.begin(pipe, unet, x, seeds, context, guidance, text_encoder)
     last_t = int(sched.timesteps[0])
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:
-            return x, int(t)
-        if guidance != 1:
+            return (x if guard is None else guard.finish(x)), int(t)
+        if guard is not None:
+            extra = guard.extra_prompts()
+            with guard.merging(t):
+                eps_c, eps_u, *more = predict_noise(unet, torch.cat([x] * (2 + len(extra))), t, context).chunk(
+                    2 + len(extra))
+            eps = guard.combine(i, t, x, eps_u, eps_c, dict(zip(extra, more)))
+        elif guidance != 1:
             eps_c, eps_u = predict_noise(unet, torch.cat([x, x]), t, context).chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
             eps = predict_noise(unet, x, t, context)
         x = sched.step(eps, t, x).prev_sample
         last_t = int(t)
+    x = x if guard is None else guard.finish(x)
     return x, 0 if stop_after is None or stop_after >= len(sched.timesteps) else last_t
 
 
@@ -205,10 +219,11 @@ def _fresh_scheduler(pipe: Pipeline, steps: int):
 
 @torch.no_grad()
 def sample(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
-           batch_size: int = 128, unet=None) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched."""
+           batch_size: int = 128, unet=None, guard=None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched (through `guard`, or the pipeline's own)."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        x, _ = denoise(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance, unet=unet)
+        x, _ = denoise(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance, unet=unet,
+                       guard=guard)
         out.append(decode(pipe, x).cpu())
     return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
