@@ -14,6 +14,7 @@ from conftest import one_line_error, tiny_prompts
 from obliviate.cli import app
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import make_method
+from test_canvas_world import tiny_world  # noqa: F401 (a fixture)
 from test_t2i_attack_detectors import detector_dirs  # noqa: F401 (a fixture)
 from test_t2i_runs import _config, _digest
 
@@ -142,6 +143,7 @@ def test_guard_run_records_config_evaluates_through_the_guard_and_exports(tmp_pa
     assert result.exit_code == 0, result.output
     assert "obliviate.guards.load_guarded(" in result.output
     assert json.loads((tmp_path / "exported" / "obliviate_guard.json").read_text()) == record
+    assert "A generation-time guard" in (tmp_path / "exported" / "README.md").read_text()  # the model card says so
     pipe = load_guarded(tmp_path / "exported")
     assert torch.allclose(pipe(texts, seeds), guarded, atol=1e-6)
 
@@ -191,3 +193,36 @@ def test_load_guarded_refuses_a_plain_folder(tiny_pipeline_dir):
 
     with pytest.raises(ObliviateError, match="no obliviate_guard.json"):
         load_guarded(tiny_pipeline_dir)
+
+
+@pytest.mark.slow  # a tiny canvas world build, a run and an attack: 20-60 s on 2 shared cores
+def test_guard_run_and_attack_on_the_tiny_canvas_world(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from obliviate.api import attack_run
+    from obliviate.config import build_config
+    from obliviate.evals.canvas import eval_prompts
+    from obliviate.models.diffusion import load_pipeline, sample
+    from obliviate.runners import run
+    from test_canvas_world import TINY
+
+    t2i = {"images_per_prompt": 1, "sample_steps": 2, "eval_seeds": 1, "grid_prompts": 4}
+    config = build_config({
+        "method": "SLD", "method_args": {"warmup_steps": 0}, "concept": "striped", "output_dir": str(tmp_path),
+        "name": "sld", "world": {"name": "canvas", "cache_dir": tiny_world.cache_dir, "model": TINY}, "t2i": t2i})
+    folder = run(config, log=lambda *a: None)
+    assert load_file(str(folder / "changed.safetensors")) == {}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["guard"]["guard"] == "SLD" and "ua" in metrics and "original_ua" in metrics
+    # the evaluation's pictures are the guarded ones: re-drawn here, they differ from the original's
+    prompts, seeds = eval_prompts(tiny_world, 1)
+    texts = [p.text for p in prompts][:6]
+    pipe = load_pipeline(tiny_world.pipeline_dir)
+    assert not torch.equal(sample(pipe, texts, seeds[:6], 2, config.t2i.guidance, guard=_guard("SLD", warmup_steps=0)),
+                           sample(pipe, texts, seeds[:6], 2, config.t2i.guidance))
+
+    results = attack_run(folder, "prompt_attack", {"iterations": 1, "check_every": 1, "prefix_tokens": 1},
+                         log=lambda *a: None)
+    models = results["prompt_attack"]["models"]
+    assert list(models)[:2] == ["SLD", "original"] and "SLD (unguarded)" in models
+    assert results["prompt_attack"]["per_item"]["SLD (unguarded)"] == results["prompt_attack"]["per_item"]["original"]
