@@ -188,6 +188,16 @@ def test_bad_guard_setting_in_a_run_is_one_line(tmp_path, tiny_pipeline_dir):
     assert not (tmp_path / "runs" / "r1").exists()
 
 
+def test_a_run_on_a_guarded_export_is_refused(tmp_path, tiny_pipeline_dir):
+    import shutil
+
+    guarded = tmp_path / "guarded"
+    shutil.copytree(tiny_pipeline_dir, guarded)
+    (guarded / "obliviate_guard.json").write_text(json.dumps(_guard("SLD").describe()))
+    result = runner.invoke(app, ["run", str(_config(tmp_path, guarded, "ESD-x")), "--quiet"])
+    one_line_error(result, "carries a generation-time guard (obliviate_guard.json)", "obliviate.guards.load_guarded")
+
+
 def test_load_guarded_refuses_a_plain_folder(tiny_pipeline_dir):
     from obliviate.guards import load_guarded
 

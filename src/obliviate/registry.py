@@ -152,12 +152,12 @@ T2I_METHODS = _table(
     Entry("AdvUnlearn", M + "t2i.adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
           "Zhang et al. 2024, Defensive Unlearning with Adversarial Training for Robust Concept Erasure, NeurIPS, "
           "https://arxiv.org/abs/2405.15234", family="t2i"),
-    GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Guard (no weights change): Safe Latent Diffusion, sampling "
-               "guided away from the concept's noise prediction where the prompt's is close to it.",
+    GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
+               "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
                family="t2i"),
-    GuardEntry("NegToMe", "obliviate.guards.t2i.negtome:NegToMe", "Guard (no weights change): negative token "
-               "merging, each image's attention outputs pushed away from a concept image sampled alongside.",
+    GuardEntry("NegToMe", "obliviate.guards.t2i.negtome:NegToMe", "Negative token merging: each image's attention "
+               "outputs pushed away from a concept image sampled alongside (no weight changes).",
                "Singh et al. 2024, Negative Token Merging, https://arxiv.org/abs/2412.01339", family="t2i"),
 )
 

@@ -53,7 +53,7 @@ class T2IGuard(Guard):
 
         self.guidance, self.rows = float(guidance), x.shape[0]
         extra = [encode_prompts(pipe, [p] * x.shape[0], text_encoder) for p in self.extra_prompts()]
-        return x, torch.cat([context, *extra]) if extra else context
+        return x, join_rows([context, *extra]) if extra else context
 
     def combine(self, step_index: int, t, x_t: torch.Tensor, pred_uncond: torch.Tensor, pred_cond: torch.Tensor,
                 extra: dict) -> torch.Tensor:
@@ -84,6 +84,11 @@ class T2IGuard(Guard):
             detach(pipe)
             if previous is not None:
                 attach(pipe, previous)
+
+
+def join_rows(parts: list):
+    """Rows of text conditioning, joined: tensors, or objects with a `cat` (the backbone API's `Cond.cat`)."""
+    return torch.cat(parts) if torch.is_tensor(parts[0]) else type(parts[0]).cat(parts)
 
 
 def attach(pipe, guard: T2IGuard) -> None:

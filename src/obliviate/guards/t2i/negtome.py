@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from obliviate.guards.t2i import T2IGuard
+from obliviate.guards.t2i import T2IGuard, join_rows
 
 NEGATIVE_SEED_OFFSET = 1_000_003  # the negative image's noise: another draw than its image's, as in a batch
 
@@ -130,7 +130,7 @@ class NegToMe(T2IGuard):
         concept = encode_prompts(pipe, [self.target()] * n, text_encoder)
         cond, uncond = context[:n], context[n:]
         # rows: [images, negative images] of each pass: conditional [cond, concept], unconditional [uncond, uncond]
-        return torch.cat([x, negative]), torch.cat([cond, concept, uncond, uncond])
+        return torch.cat([x, negative]), join_rows([cond, concept, uncond, uncond])
 
     @contextlib.contextmanager
     def merging(self, t):
