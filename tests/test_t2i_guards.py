@@ -83,8 +83,16 @@ def test_guards_off_give_cfg_exactly_and_on_change_the_picture(tiny_pipe):
     # outside its timestep range NegToMe does nothing (4 DDIM steps: t = 750, 500, 250, 0; the default range is
     # t >= 800)
     assert torch.equal(sample(tiny_pipe, PROMPTS, SEEDS, 4, 4.0, guard=_guard("NegToMe")), plain)
-    # a plain call on the UNet that the guard's processors sit on is the plain UNet
-    assert torch.equal(sample(tiny_pipe, PROMPTS, SEEDS, 4, 4.0), plain)
+    # a guard given to one call leaves the UNet's own processors in place after it
+    own = dict(tiny_pipe.unet.attn_processors)
+    assert all(type(p).__name__ != "_MergingProcessor" for p in own.values())
+    # inside `applied` the pipeline samples through the guard; after it, its own processors are back
+    guard = _guard("NegToMe", t_end=0.0)
+    with guard.applied(tiny_pipe):
+        assert tiny_pipe.guard is guard and torch.equal(sample(tiny_pipe, PROMPTS, SEEDS, 4, 4.0), on)
+        # a call that is not the guard's, on the UNet its processors sit on, is the plain UNet's
+        assert torch.equal(sample(tiny_pipe, PROMPTS, SEEDS, 4, 4.0, guard=_guard("SLD", guidance_scale=0)), plain)
+    assert tiny_pipe.guard is None and dict(tiny_pipe.unet.attn_processors) == own
 
 
 def test_negative_merge_is_the_papers_rule():

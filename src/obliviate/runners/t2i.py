@@ -84,18 +84,14 @@ class TextToImageRun(FamilyRun):
 
         config, t = self.config, self.config.t2i
         pipe = self._pipeline(prepared.model_dir, device)
-        if is_guard(method):  # no training and no changed tensors: the pipeline samples through the guard from now
-            from obliviate.guards.t2i import attach
-            self.guard = method.bind(config.concept)
-            self.guard.target()  # a guard without a concept fails before the evaluation
-            attach(pipe, self.guard)
-            if config.evaluate and prepared.world is None:
-                from obliviate.evals.user_pipeline import UserEvaluators
-                self.evaluators = UserEvaluators(t, config.concept, device)
-            return Trained(pipe)
         if config.evaluate and prepared.world is None:  # the user's CLIP and detector load before the training:
             from obliviate.evals.user_pipeline import UserEvaluators  # a bad folder fails before it, not after
             self.evaluators = UserEvaluators(t, config.concept, device)
+        if is_guard(method):  # no training and no changed tensors: the pipeline samples through the guard from now
+            from obliviate.guards.t2i import attach
+            self.guard = method.bind(config.concept)
+            attach(pipe, self.guard)
+            return Trained(pipe)
         self.along = t2i_along(config, prepared.world, prepared.data, prepared.model_dir, device,
                                self.evaluators)  # train.eval_every
         result = erase(pipe, prepared.data, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,

@@ -96,6 +96,7 @@ class NegToMe(T2IGuard):
         super().__init__(config)
         self.merging_now = False
         self._installed: dict[int, dict] = {}  # id(unet) -> its own processors
+        self._for_this_call = None
 
     def install(self, pipe, unet=None) -> None:
         unet = unet if unet is not None else pipe.unet
@@ -122,6 +123,8 @@ class NegToMe(T2IGuard):
     def begin(self, pipe, unet, x, seeds, context, guidance, text_encoder=None):
         from obliviate.models.diffusion import encode_prompts, initial_noise
 
+        # a guard not attached to the pipeline (denoise's `guard` argument) puts its processors on for this call only
+        self._for_this_call = None if id(unet) in self._installed else (pipe, unet)
         self.install(pipe, unet)
         self.guidance, self.rows, n = float(guidance), x.shape[0], x.shape[0]
         self.t_range = (self.config.t_end * pipe.scheduler.config.num_train_timesteps,
@@ -131,6 +134,12 @@ class NegToMe(T2IGuard):
         cond, uncond = context[:n], context[n:]
         # rows: [images, negative images] of each pass: conditional [cond, concept], unconditional [uncond, uncond]
         return torch.cat([x, negative]), join_rows([cond, concept, uncond, uncond])
+
+    def finish(self, x):
+        if self._for_this_call is not None:
+            self.remove(*self._for_this_call)
+            self._for_this_call = None
+        return super().finish(x)
 
     @contextlib.contextmanager
     def merging(self, t):
