@@ -213,7 +213,7 @@ def test_load_guarded_refuses_a_plain_folder(tiny_pipeline_dir):
         load_guarded(tiny_pipeline_dir)
 
 
-@pytest.mark.slow  # a tiny canvas world build, a run and an attack: 20-60 s on 2 shared cores
+@pytest.mark.slow  # a tiny canvas world build, a run and three attacks: 1-4 min on 2 shared cores
 def test_guard_run_and_attack_on_the_tiny_canvas_world(tiny_world, tmp_path):
     from safetensors.torch import load_file
 
@@ -244,3 +244,18 @@ def test_guard_run_and_attack_on_the_tiny_canvas_world(tiny_world, tmp_path):
     models = results["prompt_attack"]["models"]
     assert list(models)[:2] == ["SLD", "original"] and "SLD (unguarded)" in models
     assert results["prompt_attack"]["per_item"]["SLD (unguarded)"] == results["prompt_attack"]["per_item"]["original"]
+    # a guard run whose weights are another folder's (here a copy of the world's pipeline): the unguarded row is
+    # that folder attacked without the guard, which for the same weights is the original's result again
+    import shutil
+
+    from obliviate.api import attack_instances
+    from obliviate.registry import ATTACKS
+    from obliviate.runners.t2i_attack import attack_run as t2i_attack_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_world.pipeline_dir, copy)
+    attack = attack_instances([ATTACKS["prompt_attack"]], {"iterations": 1, "check_every": 1, "prefix_tokens": 1})
+    again = t2i_attack_run(folder, config.model_copy(update={"model": str(copy)}), attack, log=lambda *a: None)
+    per_item = again["prompt_attack"]["per_item"]
+    assert per_item["SLD (unguarded)"] == per_item["original"]
+    assert "the guard changes no weight" not in (again["prompt_attack"].get("caption") or "")
