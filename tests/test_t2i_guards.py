@@ -138,6 +138,7 @@ def test_guard_run_records_config_evaluates_through_the_guard_and_exports(tmp_pa
     assert record["config"]["guidance_scale"] == 1000.0 and record["sample_steps"] == 3
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["guard"] == record
+    assert "SLD is a generation-time guard: no weight changed" in (run / "report.html").read_text()
     # the evaluation sampled through the guard: the rows' pictures differ from the original's
     rows = json.loads((run / "per_item.json").read_text())
     assert any(r["erased_alignment"] != r["original_alignment"] for r in rows)
@@ -211,6 +212,20 @@ def test_load_guarded_refuses_a_plain_folder(tiny_pipeline_dir):
 
     with pytest.raises(ObliviateError, match="no obliviate_guard.json"):
         load_guarded(tiny_pipeline_dir)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"guard": "SLD"}, "a guard record is a JSON object with guard, family and config"),
+    ({"guard": "ESD-x", "family": "t2i", "config": {}}, "ESD-x is not a generation-time guard"),
+    ({"guard": "SLD", "family": "t2i", "config": {"threshold": "low"}}, "threshold must be a finite number"),
+])
+def test_bad_guard_records_are_one_line_errors(tmp_path, record, message):
+    from obliviate.guards import read_guard
+
+    (tmp_path / "obliviate_guard.json").write_text(json.dumps(record))
+    with pytest.raises(ObliviateError) as e:
+        read_guard(tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.slow  # a tiny canvas world build, a run and three attacks: 1-4 min on 2 shared cores

@@ -54,8 +54,11 @@ def from_record(record: dict, where: str = GUARD_FILE) -> Guard:
 
     if not isinstance(record, dict) or not {"guard", "family", "config"} <= set(record):
         raise ObliviateError(f"{where}: a guard record is a JSON object with guard, family and config")
-    get(record["family"])
-    guard = make_method(record["family"], record["guard"], record["config"])
+    try:
+        get(record["family"])
+        guard = make_method(record["family"], record["guard"], record["config"])
+    except ObliviateError as e:  # the file named, as for any bad input
+        raise ObliviateError(f"{where}: {e}") from None
     if not is_guard(guard):
         raise ObliviateError(f"{where}: {record['guard']} is not a generation-time guard")
     if record.get("concept"):
