@@ -2,7 +2,8 @@
 reference, judged by a concept detector: the canvas world's classifier, or the user's (`detector` folder with
 `detector_label`: attacks/t2i/detectors.py), which a run on the user's own pipeline must bring. Each attack writes
 RUN_DIR/attacks/<name>.json (the format of attacks/__init__.py) and RUN_DIR/attacks/<name>.png (the pictures the
-attacked forget prompts ended with)."""
+attacked forget prompts ended with). A generation-time guard's run is attacked through its guard, and its weights
+without the guard are one more row, "<method> (unguarded)": what the guard hides but the weights still hold."""
 from __future__ import annotations
 
 import re
