@@ -76,7 +76,8 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | mllm-meth
             _fail(ObliviateError(f"unknown kind '{k}'. Valid: {', '.join(KINDS)}, all"))
         typer.echo(f"{k}:")
         for e in KINDS[k].values():
-            typer.echo(f"  {e.name:<22} {e.description}" + (f"  [{e.paper}]" if e.paper else ""))
+            name = f"{e.name} (guard)" if e.guard else e.name
+            typer.echo(f"  {name:<22} {e.description}" + (f"  [{e.paper}]" if e.paper else ""))
             if kind == "attacks":  # asked for alone: worth importing the attacks (torch) for their options
                 typer.echo(_attack_options(e))
         if any(KINDS[k] is table for table in METHODS.values()):  # what a run's `method` may name besides them
@@ -312,6 +313,10 @@ def export(run_dir: Path, out: Path, base: Optional[Path] = typer.Option(None, h
     except ObliviateError as e:
         _fail(e)
     typer.echo(f"wrote {out}" + (f" and pushed it to https://huggingface.co/{push_to_hub}" if push_to_hub else ""))
+    from obliviate.guards import GUARD_FILE, LOAD_CALL
+    if (out / GUARD_FILE).is_file():  # diffusers' from_pretrained alone would give the unguarded pipeline
+        typer.echo(f"a generation-time guard ({GUARD_FILE}): sample through it with {LOAD_CALL}({str(out)!r}); "
+                   "diffusers' from_pretrained alone loads the unguarded pipeline")
 
 
 @app.command()

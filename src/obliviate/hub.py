@@ -92,6 +92,7 @@ def model_card(run_dir: Path, base: Path, export_name: str):
         f"- method: **{method.name}**: {method.description}" + (f" ({method.paper})" if method.paper else ""),
         *_settings(config),
         f"- the run: `{run_dir.name}` (its config.json has every setting; `obliviate run` repeats it)", "",
+        *_guard_lines(metrics),
         "## Headline metrics", "",
     ]
     if rows:
@@ -107,6 +108,16 @@ def model_card(run_dir: Path, base: Path, export_name: str):
               "still hold the forgotten data in ways they do not probe. `obliviate attack` on the run folder tries "
               "to bring it back.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _guard_lines(metrics: dict) -> list[str]:
+    """A generation-time guard changes no weight: the card says how to sample through it."""
+    if not isinstance(metrics.get("guard"), dict):
+        return []
+    from obliviate.guards import GUARD_FILE, LOAD_CALL
+    return [f"**A generation-time guard**: the weights are the base model's; {metrics['guard'].get('guard')} acts "
+            f"while the model samples. `{LOAD_CALL}(folder)` loads this folder with the guard ({GUARD_FILE} holds its "
+            "settings); diffusers' `from_pretrained` alone gives the unguarded model.", ""]
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False, commit_message: str = "obliviate export") -> str:

@@ -21,9 +21,18 @@ class Entry:
     paper: str = ""
     family: str = "lm"  # the model family it serves ("lm", "t2i", "mllm"; "any" for any family)
 
+    guard = False  # a generation-time guard (GuardEntry), not a dataclass field: Metric's positional fields stay
+
     def load(self):
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class GuardEntry(Entry):
+    """A generation-time guard (obliviate.guards): a method whose result is a recorded configuration, applied while
+    the model generates, not changed weights."""
+    guard = True
 
 
 ARROWS = {"higher": "↑", "lower": "↓", "zero": "→0", None: ""}
@@ -143,6 +152,13 @@ T2I_METHODS = _table(
     Entry("AdvUnlearn", M + "t2i.adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
           "Zhang et al. 2024, Defensive Unlearning with Adversarial Training for Robust Concept Erasure, NeurIPS, "
           "https://arxiv.org/abs/2405.15234", family="t2i"),
+    GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
+               "concept's noise prediction where the prompt's is close to it (no weight changes).",
+               "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
+               family="t2i"),
+    GuardEntry("NegToMe", "obliviate.guards.t2i.negtome:NegToMe", "Negative token merging: each image's attention "
+               "outputs pushed away from a concept image sampled alongside (no weight changes).",
+               "Singh et al. 2024, Negative Token Merging, https://arxiv.org/abs/2412.01339", family="t2i"),
 )
 
 E = "obliviate.evals."

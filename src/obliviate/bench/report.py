@@ -277,8 +277,19 @@ def write_run_report(folder: Path, metrics: dict, history: list[dict], grids: di
     # atomically: a full disk while rewriting a finished run's page must not truncate the good one
     return atomic_write(path, page(f"obliviate run: {metrics.get('method')} on {subject}",
                                    rows, {metrics.get("method", "run"): history},
-                                   [f"status: {metrics.get('status')}", *(notes or [])], _inline(folder, grids),
-                                   sections))
+                                   [f"status: {metrics.get('status')}", *guard_note(metrics), *(notes or [])],
+                                   _inline(folder, grids), sections))
+
+
+def guard_note(metrics: dict) -> list[str]:
+    """A generation-time guard's run: one line saying that no weight changed and how the guard was set."""
+    guard = metrics.get("guard")
+    if not isinstance(guard, dict):
+        return []
+    from obliviate.guards import LOAD_CALL
+    settings = ", ".join(f"{k} {v}" for k, v in (guard.get("config") or {}).items() if v not in ("", None))
+    return [f"{guard.get('guard')} is a generation-time guard: no weight changed; the run's pictures were sampled "
+            f"through it against {guard.get('concept')!r} ({settings}); an export loads with {LOAD_CALL}(folder)"]
 
 
 def write_demo_report(folder: Path, summary: dict, histories: dict[str, list[dict]],

@@ -132,7 +132,9 @@ def robustness_rows(results: dict[str, dict[str, dict]]) -> tuple[dict[str, str]
             for model, aggregate in result["models"].items():
                 name = method if model == result["method"] else model
                 rows.setdefault(name, {}).setdefault(attack, aggregate.get(result["headline"]))
-    order = [m for m in results] + [m for m in ("original", "retrain") if m in rows]
+    # a guard's weights without the guard ("SLD (unguarded)") under its method, then the references
+    order = [m for m in results] + [m for m in rows if m not in results and m not in REFERENCE_ROWS] + \
+        [m for m in REFERENCE_ROWS if m in rows]
     labels = {a: next(r[a].get("label", a) for r in results.values() if a in r) for a in attacks}
     return labels, {m: rows[m] for m in order if m in rows}
 

@@ -84,6 +84,7 @@ class Pipeline:
     config: dict = field(default_factory=dict)  # the folder's pipeline options (SDXL: force_zeros_for_empty_prompt)
     text_encoder_3: torch.nn.Module | None = None  # a third text encoder, for shapes that have one (SD3's T5)
     tokenizer_3: object = None
+    guard: object = None  # a generation-time guard (obliviate.guards.t2i) every sampling call goes through
 
     def __post_init__(self):
         if self.backbone is None:
@@ -483,50 +484,42 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
     """The shape's sampler (DDIM, eta 0, for SD and SDXL) with classifier-free guidance u + g (c - u), the conditional
     and unconditional passes in one denoiser call. Stops after `stop_after` of the `steps` steps when given (ESD's
     partial sampling). `context`, when given, is the prompts' own conditioning (an attack's soft prompt); the
-    unconditional one is still encoded here. `guard` (a generation-time guard, with guidance) replaces the guidance
-    line: `guard.combine(step_index, t, x_t, pred_uncond, pred_cond, extra)` gives the prediction, `extra` holding the
-    predictions for its `extra_prompts()` (when it has any) by prompt, all in the same denoiser call; a guard with
-    `install(pipe)` / `remove(pipe)` has them called around the sampling. `unet` and `text_encoder` are the older
-    names of `denoiser` and `text_encoders`. Returns the latents and the training timestep they are at (0 after a
-    full run)."""
-    if guard is not None:
-        if guidance == 1:
-            raise ObliviateError("a guard acts on classifier-free guidance: sample with guidance != 1")
-        if hasattr(guard, "install"):
-            guard.install(pipe)
-            try:
-                return denoise(pipe, prompts, seeds, steps, guidance, denoiser or unet, stop_after, latents,
-                               text_encoders or text_encoder, context, guard=_Installed(guard))
-            finally:
-                guard.remove(pipe)
+    unconditional one is still encoded here. `guard` (default: the pipeline's own, `pipe.guard`): a generation-time
+    guard (obliviate.guards.t2i) that adds its rows and prompts to the same denoiser call and combines the
+    predictions instead of the guidance line. `unet` and `text_encoder` are the older names of `denoiser` and
+    `text_encoders`. Returns the latents and the training timestep they are at (0 after a full run)."""
     backbone = pipe.backbone
     denoiser = denoiser or unet or pipe.denoiser
     text_encoders = text_encoders or text_encoder
+    guard = guard if guard is not None else pipe.guard
     sched = backbone.sampler(pipe, steps)
     x = initial_noise(pipe, seeds) if latents is None else latents
     n = x.shape[0]
-    uncond = backbone.unconditional(pipe, n, text_encoders) if guidance != 1 else None
+    cfg = guidance != 1 or guard is not None  # a guard reads both predictions
+    uncond = backbone.unconditional(pipe, n, text_encoders) if cfg else None
     if context is not None:
         context = as_cond(context)
-        if guidance != 1:
+        if cfg:
             cond = Cond.cat([context, uncond if uncond is not None else encode(pipe, [""] * n, text_encoders)])
         else:
             cond = context
-    elif guidance != 1:
+    elif cfg:
         cond = encode(pipe, list(prompts) + [""] * n, text_encoders) if uncond is None else \
             Cond.cat([encode(pipe, list(prompts), text_encoders), uncond])
     else:
         cond = encode(pipe, list(prompts), text_encoders)
-    extra = list(getattr(guard, "extra_prompts", lambda: [])()) if guard is not None else []
-    if extra:  # each extra prompt for every picture, after the conditional and unconditional rows
-        cond = Cond.cat([cond] + [e.expand(n) for e in (encode(pipe, [p], text_encoders) for p in extra)])
+    if guard is not None:
+        x, cond = guard.begin(pipe, denoiser, x, seeds, cond, guidance, text_encoders)
     last_t = int(sched.timesteps[0])
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:
-            return x, int(t)
+            return (x if guard is None else guard.finish(x)), int(t)
         if guard is not None:
-            preds = backbone.predict(pipe, denoiser, torch.cat([x] * (2 + len(extra))), t, cond).chunk(2 + len(extra))
-            pred = guard.combine(i, t, x, preds[1], preds[0], dict(zip(extra, preds[2:])))
+            extra = guard.extra_prompts()
+            with guard.merging(t):
+                pred_c, pred_u, *more = backbone.predict(pipe, denoiser, torch.cat([x] * (2 + len(extra))), t,
+                                                         cond).chunk(2 + len(extra))
+            pred = guard.combine(i, t, x, pred_u, pred_c, dict(zip(extra, more)))
         elif guidance != 1:
             pred_c, pred_u = backbone.predict(pipe, denoiser, torch.cat([x, x]), t, cond).chunk(2)
             pred = pred_u + guidance * (pred_c - pred_u)
@@ -534,25 +527,14 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
             pred = backbone.predict(pipe, denoiser, x, t, cond)
         x = sched.step(pred, t, x).prev_sample
         last_t = int(t)
+    x = x if guard is None else guard.finish(x)
     return x, 0 if stop_after is None or stop_after >= len(sched.timesteps) else last_t
-
-
-class _Installed:
-    """A guard whose install/remove the caller has already done (the guard's other calls pass through)."""
-
-    def __init__(self, guard):
-        self.guard = guard
-
-    def __getattr__(self, name):
-        if name in ("install", "remove"):
-            raise AttributeError(name)
-        return getattr(self.guard, name)
 
 
 @torch.no_grad()
 def sample(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
            batch_size: int = 128, denoiser=None, *, guard=None, unet=None) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched (through `guard`, when given: `denoise`)."""
+    """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched (through `guard`, or the pipeline's own)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         x, _ = denoise(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance,

@@ -76,7 +76,10 @@ class TextToImageRun(FamilyRun):
         config = self.config
         return load_pipeline(folder, device, getattr(torch, config.dtype), config.trust_remote_code)
 
+    guard = None  # a generation-time guard's run: the guard, bound to the run's concept
+
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate.guards import is_guard
         from obliviate.loops.t2i import changed_pipeline_tensors, erase
 
         config, t = self.config, self.config.t2i
@@ -84,6 +87,11 @@ class TextToImageRun(FamilyRun):
         if config.evaluate and prepared.world is None:  # the user's CLIP and detector load before the training:
             from obliviate.evals.user_pipeline import UserEvaluators  # a bad folder fails before it, not after
             self.evaluators = UserEvaluators(t, config.concept, device)
+        if is_guard(method):  # no training and no changed tensors: the pipeline samples through the guard from now
+            from obliviate.guards.t2i import attach
+            self.guard = method.bind(config.concept)
+            attach(pipe, self.guard)
+            return Trained(pipe)
         self.along = t2i_along(config, prepared.world, prepared.data, prepared.model_dir, device,
                                self.evaluators)  # train.eval_every
         result = erase(pipe, prepared.data, method, config.train, t.images_per_prompt, t.sample_steps, t.guidance,
@@ -94,7 +102,14 @@ class TextToImageRun(FamilyRun):
         return Trained(self._pipeline(folder, device))
 
     def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
-        return {"concept": self.config.concept}, {}
+        return {"concept": self.config.concept}, ({"guard": self.guard_record()} if self.guard else {})
+
+    def guard_record(self) -> dict:
+        """obliviate_guard.json: the guard and the sampling settings its pictures were evaluated with."""
+        from obliviate.guards import LOAD_CALL
+        t = self.config.t2i
+        return {**self.guard.describe(), "sample_steps": t.sample_steps, "guidance": t.guidance,
+                "load": f"{LOAD_CALL}(FOLDER)"}
 
     def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict | None:
         import torch
@@ -126,6 +141,10 @@ class TextToImageRun(FamilyRun):
 
     def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
         grids = {}
+        if self.guard is not None:
+            from obliviate.guards import GUARD_FILE
+            from obliviate.runs import write_json
+            write_json(folder / GUARD_FILE, self.guard_record())
         if evaluation is not None:
             config = self.config
             evaluation["grid"].save(folder / "grid.png")
@@ -158,14 +177,29 @@ def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust
 
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
-    """A diffusers pipeline folder: the base pipeline with the run's changed UNet and text-encoder tensors applied."""
+    """A diffusers pipeline folder: the base pipeline with the run's changed UNet and text-encoder tensors applied.
+    A guard run's folder also holds its obliviate_guard.json: `obliviate.guards.load_guarded(out)` samples through
+    the guard (diffusers' `from_pretrained` alone gives the unguarded pipeline)."""
+    from obliviate.guards import GUARD_FILE, read_guard
     from obliviate.models.diffusion import save_pipeline
     from obliviate.runs import claim_run_dir
 
+    guarded = read_guard(changed_path.parent)  # a bad record fails before anything is written
     pipe = load_run_pipeline(changed_path, base)
     with claim_run_dir(out) as folder:
         save_pipeline(pipe, folder.tmp)
+        if guarded is not None:
+            from obliviate.runs import write_json
+            write_json(folder.tmp / GUARD_FILE, guarded[1])
     return out
+
+
+def run_guard(run_dir: Path):
+    """The guard of a guard run (its obliviate_guard.json), or None for a run that changed weights."""
+    from obliviate.guards import read_guard
+
+    found = read_guard(run_dir)
+    return found[0] if found else None
 
 
 def t2i_along(config, world, task, pipeline_dir, device: str, evaluators=None):

@@ -2,7 +2,8 @@
 reference, judged by a concept detector: the canvas world's classifier, or the user's (`detector` folder with
 `detector_label`: attacks/t2i/detectors.py), which a run on the user's own pipeline must bring. Each attack writes
 RUN_DIR/attacks/<name>.json (the format of attacks/__init__.py) and RUN_DIR/attacks/<name>.png (the pictures the
-attacked forget prompts ended with)."""
+attacked forget prompts ended with). A generation-time guard's run is attacked through its guard, and its weights
+without the guard are one more row, "<method> (unguarded)": what the guard hides but the weights still hold."""
 from __future__ import annotations
 
 import re
@@ -71,10 +72,25 @@ def _canvas_run(run_dir: Path, config, detector, device, log=print):
     base = Path(config.model) if config.model else world.pipeline_dir
     pipe = load_run_pipeline(run_dir / "changed.safetensors", base, device, config.trust_remote_code)
     original = load_pipeline(world.pipeline_dir, device, trust_remote_code=config.trust_remote_code)
+    guard = _attach_run_guard(run_dir, pipe)
 
     def run(name: str, attack) -> tuple[dict, object]:
         out = attack_erasure(world, pipe, config.concept, config.t2i, name, attack, config.method, detector, original)
         caption = None if "retrain" in out["per_item"] else f"no retrain reference for {config.concept!r} here"
+        if guard is not None:  # the counter-case: the same weights without the guard
+            if base.resolve() == world.pipeline_dir.resolve():
+                out["per_item"][unguarded_row(config.method)] = out["per_item"]["original"]
+                caption = _join(caption, SAME_WEIGHTS)
+            else:
+                from obliviate.attacks.t2i.canvas import attack_pipeline, concept_detector
+                from obliviate.guards.t2i import attach, detach
+                detach(pipe)
+                try:
+                    plain = attack_pipeline(world, pipe, config.concept, config.t2i, attack,
+                                            detector or concept_detector(world, config.concept), original)
+                finally:
+                    attach(pipe, guard)
+                out["per_item"][unguarded_row(config.method)] = plain["per_prompt"]
         return attack_result(name, attack, config.method, config.concept, out["per_item"], out["seconds"],
                              out["detector"], caption), out["images"]
 
@@ -97,6 +113,7 @@ def _user_run(run_dir: Path, config, detector, device, log=print):
     base = Path(config.model)
     original = load_pipeline(base, device, trust_remote_code=config.trust_remote_code)
     pipe = load_run_pipeline(run_dir / "changed.safetensors", base, device, config.trust_remote_code)
+    guard = _attach_run_guard(run_dir, pipe)
     t2i, seeds = config.t2i, [0] * len(prompts)
     targets = torch.cat([denoise(original, prompts[i:i + 16], seeds[i:i + 16], t2i.sample_steps, t2i.guidance)[0]
                          for i in range(0, len(prompts), 16)])
@@ -119,12 +136,38 @@ def _user_run(run_dir: Path, config, detector, device, log=print):
         seconds = time.time() - t0
         original_rows, _ = attack.attack(original, task)
         per_item = {config.method: rows, "original": original_rows}
+        if guard is not None:  # a guard changes no weight: without it, the run's pipeline is the original
+            per_item[unguarded_row(config.method)] = original_rows
         result = attack_result(name, attack, config.method, config.concept, per_item, seconds, detector.description,
-                               caption)
+                               _join(caption, SAME_WEIGHTS) if guard is not None else caption)
         result["detector_found_in_original"] = sum(found) / len(found)
         return result, images
 
     return run
+
+
+SAME_WEIGHTS = ("the guard changes no weight: its unguarded row is the same weights without the guard (here the "
+                "original's), what the guard hides but the weights still hold")
+
+
+def unguarded_row(method: str) -> str:
+    """The attack result's row of a guard run's weights sampled without the guard."""
+    return f"{method} (unguarded)"
+
+
+def _attach_run_guard(run_dir: Path, pipe):
+    """A guard run's guard on `pipe` (the attack then samples through it); None for a run that changed weights."""
+    from obliviate.guards.t2i import attach
+    from obliviate.runners.t2i import run_guard
+
+    guard = run_guard(run_dir)
+    if guard is not None:
+        attach(pipe, guard)
+    return guard
+
+
+def _join(*parts: str | None) -> str | None:
+    return ". ".join(p for p in parts if p) or None
 
 
 def without_concept(prompt: str, concept: str, anchor: str | None = None) -> str:

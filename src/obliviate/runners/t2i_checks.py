@@ -35,6 +35,12 @@ def check_t2i(config: RunConfig) -> None:
         concept_kind(config.concept)
     if config.model:
         check_folder(config.model)
+        from pathlib import Path
+
+        from obliviate.guards import GUARD_FILE, LOAD_CALL
+        if (Path(config.model) / GUARD_FILE).is_file():  # a run would drop the guard and score the bare weights
+            raise ObliviateError(f"{config.model} carries a generation-time guard ({GUARD_FILE}); runs on a guarded "
+                                 f"folder are not supported yet: sample it with {LOAD_CALL}, or run on its base")
         from obliviate.models import weights_load_errors
         from obliviate.models.diffusion import check_concept_known, load_tokenizer
 
