@@ -98,6 +98,8 @@ def test_one_run_agrees_with_the_reference_update(tiny_pipeline_dir):
     original = _projections(pipe.unet)
     erase(pipe, tiny_task(), make_method("t2i", "UCE"), TrainConfig(), **FAST)  # the reference's UCE checkpoint
     weights = {n: W.float() for n, W in _projections(pipe.unet).items()}
+    _, no_rounds, _ = _edit(load_pipeline(tiny_pipeline_dir), {"epochs": 0})
+    assert all(torch.equal(no_rounds[n], weights[n].double()) for n in weights)  # epochs = 0 is UCE, bit for bit
     concept, guide = _states(pipe, ["striped"])[0], _states(pipe, ["solid"])[0]
     retain = _states(pipe, ["", "dotted", "solid"])
     for _ in range(2):
@@ -148,8 +150,8 @@ def test_rece_erases_the_embedding_uce_leaves(tiny_pipeline_dir):
     assert to_guide(once, adv_uce) < 0.35 * to_guide(uce, adv_uce)  # one round sends that embedding to the guide
     assert leak(once, adv_uce) > 3 * leak(uce, adv_uce)
     # no embedding recovers the concept as well as against UCE (about 0.07 -> 0.15 -> 0.2)
-    assert leak(once, _derive(original, once, concept, reg)) > 2 * leak(uce, adv_uce)
-    assert leak(thrice, _derive(original, thrice, concept, reg)) > 1.1 * leak(once, _derive(original, once, concept, reg))
+    best_once, best_thrice = (leak(w, _derive(original, w, concept, reg)) for w in (once, thrice))
+    assert best_once > 2 * leak(uce, adv_uce) and best_thrice > 1.1 * best_once
     assert logs_once["epoch1_adv_leak_after"] == pytest.approx(leak(once, adv_uce), rel=1e-4)
     for epoch in (1, 2, 3):
         assert logs[f"epoch{epoch}_adv_leak_after"] > 1.3 * logs[f"epoch{epoch}_adv_leak"]
