@@ -20,6 +20,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "ESD-x": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
     "ESD-u": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
     "UCE": TrainConfig(),
+    "RECE": TrainConfig(),
     "SalUn": TrainConfig(max_steps=6, lr=2e-3, batch_size=3),
     "ConceptAblation": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
     "GradDiff": TrainConfig(max_steps=6, lr=2e-3, batch_size=3),
@@ -30,8 +31,12 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
 # loss: the contract checks the ascent itself.
+# RECE's rounds preserve only the bare words by default; on these near-identical contexts they move every prompt
+# (retain as much as forget) unless the retain prompts are preserved too, and past the first round they carry the
+# forget prompts beyond the anchor's prediction this objective measures.
 ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_weight": 0.2},
-        "AdvUnlearn": {"attack_steps": 5, "attack_lr": 1e-2, "warmup_steps": 3}}
+        "AdvUnlearn": {"attack_steps": 5, "attack_lr": 1e-2, "warmup_steps": 3},
+        "RECE": {"epochs": 1, "preserve_retain_prompts": True}}
 
 
 def test_every_registered_method_has_settings():

@@ -138,6 +138,9 @@ T2I_METHODS = _table(
           ESD_PAPER, family="t2i"),
     Entry("UCE", M + "t2i.uce:UCE", "Unified Concept Editing: closed-form edit of the cross-attention key/value projections.",
           "Gandikota et al. 2024, Unified Concept Editing in Diffusion Models, WACV, https://arxiv.org/abs/2308.14761", family="t2i"),
+    Entry("RECE", M + "t2i.rece:RECE", "UCE, then rounds that derive in closed form an embedding the edited model still maps to the concept, and erase it too.",
+          "Gong et al. 2024, Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV, "
+          "https://arxiv.org/abs/2407.12383", family="t2i"),
     Entry("SalUn", M + "t2i.salun:SalUn", "Saliency-masked random-label unlearning: the forget prompts' noise prediction goes to a mismatched prompt's.",
           "Fan et al. 2024, SalUn, ICLR, https://arxiv.org/abs/2310.12508", family="t2i"),
     Entry("ConceptAblation", M + "t2i.concept_ablation:ConceptAblation",

@@ -59,19 +59,22 @@ class UCEConfig:
     preserve_retain_prompts: bool = False  # also preserve the task's retain prompts (at most max_retain_prompts)
     max_retain_prompts: int = 64  # cap on the retain prompts preserved
 
+    method = "UCE"  # the name config errors give (a class attribute, not a field: RECE's config extends this one)
+
     def __post_init__(self):
-        check_number("UCE", "lam", self.lam, positive=True)
-        check_number("UCE", "erase_scale", self.erase_scale, min=0)
+        m = self.method
+        check_number(m, "lam", self.lam, positive=True)
+        check_number(m, "erase_scale", self.erase_scale, min=0)
         if self.preserve_scale is not None:
-            check_number("UCE", "preserve_scale", self.preserve_scale, min=0)
-        check_number("UCE", "max_retain_prompts", self.max_retain_prompts, min=1)
+            check_number(m, "preserve_scale", self.preserve_scale, min=0)
+        check_number(m, "max_retain_prompts", self.max_retain_prompts, min=1)
         if int(self.max_retain_prompts) != self.max_retain_prompts:
             from obliviate.errors import ObliviateError
-            raise ObliviateError(f"UCE: max_retain_prompts must be a whole number, got {self.max_retain_prompts!r}")
+            raise ObliviateError(f"{m}: max_retain_prompts must be a whole number, got {self.max_retain_prompts!r}")
         for key in ("with_to_k", "erase_forget_prompts", "preserve_retain_prompts"):
             if not isinstance(getattr(self, key), bool):
                 from obliviate.errors import ObliviateError
-                raise ObliviateError(f"UCE: {key} must be true or false, got {getattr(self, key)!r}")
+                raise ObliviateError(f"{m}: {key} must be true or false, got {getattr(self, key)!r}")
 
 
 class UCE(DiffusionMethod):
@@ -132,22 +135,32 @@ class UCE(DiffusionMethod):
                   "preserve_vectors": len(P), "preserve_scale": float(ps)}
         return M, counts
 
-    def edit(self, ctx: EraseContext, unet) -> dict:
+    def edited(self, unet, features: int) -> list[tuple[str, torch.nn.Parameter]]:
+        """The projections the edit changes, every one checked to read `features` text features before any is
+        changed."""
         from obliviate.errors import ObliviateError
 
-        M, logs = self.edit_matrix(ctx)
+        params = [(name, p) for name, p in unet.named_parameters() if self.trainable(name, p)]
+        for name, p in params:
+            if p.dim() != 2 or p.shape[1] != features:
+                raise ObliviateError(f"{self.name}: {name} has shape {tuple(p.shape)}, but the text encoder's states "
+                                     f"have {features} features (a denoiser that projects its text states first?)")
+        if not params:
+            raise ObliviateError(f"{self.name}: the UNet has no cross-attention (attn2) key/value projections to edit")
+        return params
+
+    @staticmethod
+    def apply(params: list[tuple[str, torch.nn.Parameter]], M: torch.Tensor) -> dict:
+        """W <- W M for every projection, in float64 and stored in the weight's dtype; the relative changes."""
         rel = []
-        for name, p in unet.named_parameters():
-            if not self.trainable(name, p):
-                continue
-            if p.dim() != 2 or p.shape[1] != M.shape[0]:
-                raise ObliviateError(f"UCE: {name} has shape {tuple(p.shape)}, but the text encoder's states have "
-                                     f"{M.shape[0]} features (a denoiser that projects its text states first?)")
+        for _, p in params:
             W = p.detach().double()
             new = W @ M.to(W.device)
             rel.append(float((new - W).norm() / W.norm().clamp(min=1e-30)))
             p.data.copy_(new.to(p.dtype))
-        if not rel:
-            raise ObliviateError("UCE: the UNet has no cross-attention (attn2) key/value projections to edit")
-        return {**logs, "edited_matrices": len(rel), "mean_relative_change": sum(rel) / len(rel),
+        return {"edited_matrices": len(rel), "mean_relative_change": sum(rel) / len(rel),
                 "max_relative_change": max(rel)}
+
+    def edit(self, ctx: EraseContext, unet) -> dict:
+        M, logs = self.edit_matrix(ctx)
+        return {**logs, **self.apply(self.edited(unet, M.shape[0]), M)}
