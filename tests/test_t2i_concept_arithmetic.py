@@ -154,3 +154,14 @@ def test_attack_an_erased_run(tmp_path, tiny_pipeline_dir, detector_dirs):  # no
     assert paraphrase.exit_code == 2 and "Traceback" not in paraphrase.output
     assert paraphrase.output.strip().splitlines()[-1].startswith(
         "error: the paraphrase composition needs other words for the concept 'striped'")
+
+
+def test_canvas_paraphrases_of_the_forget_prompts():
+    from obliviate.attacks.t2i.canvas import concept_paraphrases
+
+    assert concept_paraphrases("star", ["a red star in striped style", "a blue star in solid style"]) == [
+        ["a red pentagram in striped style"], ["a blue pentagram in solid style"]]
+    assert concept_paraphrases("striped", ["a red star in striped style"]) == [["a red star with stripes"]]
+    terms = composition_terms(ConceptArithmeticConfig(composition="paraphrase"), "a red star in striped style",
+                              "striped", ["a red star with stripes"])
+    assert terms == [("a red star with stripes", 1.0)]
