@@ -19,17 +19,20 @@ compositions (`composition`), each derived per forget prompt p from the task (th
 
 `negation` targets erasures trained towards negative guidance (ESD's target eps(x, "") - eta (eps(x, c) - eps(x, ""))):
 their prediction for p points away from the concept, so subtracting it adds the concept back, while on the original
-model the same sum removes it. A template with {paraphrase} becomes one term per paraphrase, its weight shared.
+model the same sum removes it. A template with {paraphrase} becomes one term per paraphrase, its weight shared
+(with a single paraphrase, as on the canvas world, `paraphrase` is that prompt alone: the plain rewording).
 
 What is reported, as for the other attacks: a prompt whose plain picture already shows the concept succeeds without
 attack (pre-ASR); otherwise it succeeds when the picture sampled with the composition (its own seed, the run's
 sampler, steps and guidance: g = `scale`, default the run's guidance) shows it (ASR). The row's
 `adversarial_prompt` is the composition, written out ("+1 [a red in striped style] +1 [star]").
 
-Reference code: the paper's code was not public in the stores this was written from (no repository of the authors'
-found); the formula is Composable Diffusion's conjunction, which the paper builds on. The paper's own experiments
-attack ESD/UCE/etc. on SD 1.4 with hand-made compositions per concept; here the compositions are derived from the
-task so that every forget prompt is attacked the same way, and `custom` takes the user's own.
+Sources: neither the paper's full text nor code by its authors was in the stores this was written from (searched
+for by title, authors and arXiv id); what is taken from the paper is its idea as its abstract states it (compose the
+inhibited concept from other concepts through compositional inference with several prompts). The formula is
+Composable Diffusion's conjunction, which that compositional inference is; the four compositions, their weights and
+the default scale (the run's guidance, so each term is guided as a plain prompt is) are obliviate's choices, derived
+from every forget prompt the same way, not the paper's settings. `custom` takes a user's own compositions.
 
 The denoiser is called once per step for all the terms and the unconditional prediction together (one batch); with
 one term of weight 1 the sampling is exactly `models.diffusion.denoise` (a test checks it bit for bit).
