@@ -112,7 +112,7 @@ def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
         "world": {"name": "canvas", "cache_dir": tiny_world.cache_dir, "model": TINY},
         "t2i": {"images_per_prompt": 1, "sample_steps": 2, "eval_seeds": 1}})
     out = run(config, log=lambda *a: None)
-    names = ["prompt_attack", "p4d_k", "ring_a_bell"]
+    names = ["prompt_attack", "p4d_k", "ring_a_bell", "concept_arithmetic"]
     args = ["attack", str(out), "iterations=2", "check_every=1", "prefix_tokens=2", "ring_a_bell.tokens=4",
             "population=4", "generations=2", "--quiet"] + [a for n in names for a in ("--attack", n)]
     result = CliRunner().invoke(app, args)
@@ -133,7 +133,7 @@ def test_attack_on_a_tiny_world_run(tiny_world, tmp_path):
         assert f"{name} on UCE" in result.output
     assert json.loads((out / "attacks" / "p4d_k.json").read_text())["config"]["iterations"] == 2
     cached = sorted(p.name.split("-star-")[0] for p in (tiny_world.root / "attacks").glob("*.json"))
-    assert cached == ["original"] * 3 + ["retrain"] * 3
+    assert cached == ["original"] * 4 + ["retrain"] * 4
     assert "retrain" in result.output and (out / "report.html").is_file() and not (out / "attack.json").exists()
     page = (out / "report.html").read_text()  # the page: the robustness table, the pictures, the adversarial prompts
     assert "Robustness" in page and "under the p4d_k attack" in page

@@ -486,6 +486,11 @@ ATTACKS = _table(
     Entry("ring_a_bell", A + "t2i.ring_a_bell:RingABell", "Ring-A-Bell: a concept vector from text-encoder "
           "embeddings, and a genetic search for the prompt nearest prompt + eta * vector (text encoder only).",
           "Tsai et al. 2024, Ring-A-Bell!, ICLR, https://arxiv.org/abs/2310.10012", family="t2i"),
+    Entry("concept_arithmetic", A + "t2i.concept_arithmetic:ConceptArithmetic", "Concept arithmetic: the erased "
+          "concept composed back during sampling from other prompts' noise predictions (the prompt's parts, "
+          "paraphrases, the prompt as a negative prompt, or your own), eps_u + g sum_i w_i (eps_i - eps_u).",
+          "Petsiuk and Saenko 2024, Concept Arithmetics for Circumventing Concept Inhibition in Diffusion Models, "
+          "ECCV, https://arxiv.org/abs/2404.13706", family="t2i"),
 )
 # `obliviate attack RUN` without --attack
 DEFAULT_ATTACKS = {"lm": ("relearn", "in_context", "paraphrase", "multiple_choice", "jailbreak", "step_by_step",

@@ -128,7 +128,8 @@ def _user_run(run_dir: Path, config, detector, device, log=print):
         log(note)
         caption = f"{note}. {NO_RETRAIN}"
     pairs = [(p, without_concept(p, config.concept, config.anchor)) for p in prompts]
-    task = AttackTask(prompts, seeds, targets, detector, original, pairs, t2i.sample_steps, t2i.guidance)
+    task = AttackTask(prompts, seeds, targets, detector, original, pairs, t2i.sample_steps, t2i.guidance,
+                      config.concept)
 
     def run(name: str, attack) -> tuple[dict, object]:
         t0 = time.time()

@@ -7,6 +7,7 @@ prompts and seeds, the original's latents for them, the original pipeline, the c
     unlearn_diff_atk.py   UnlearnDiffAtk: optimised prefix tokens before each forget prompt (prompt_attack)
     p4d.py                P4D-N / P4D-K: soft tokens matched to the original's noise prediction (p4d_n, p4d_k)
     ring_a_bell.py        Ring-A-Bell: a genetic search towards prompt + eta * concept vector (ring_a_bell)
+    concept_arithmetic.py concept arithmetic: the concept composed from other prompts' predictions (concept_arithmetic)
     canvas.py             the canvas world's targets, detector and cached reference results
     detectors.py          a user's detector: a CLIP folder (zero-shot) or an image-classifier folder
 """

@@ -56,6 +56,18 @@ def concept_pairs(concept: str, prompts: list[str]) -> list[tuple[str, str]]:
     return [(p, word.sub(other, p)) for p in prompts for other in others]
 
 
+def concept_paraphrases(concept: str, prompts: list[str]) -> list[list[str]]:
+    """Each canonical forget prompt in the world's other wording of the concept (concept arithmetic's paraphrase
+    composition): the object's synonym ("a red pentagram in striped style") or the style's phrase ("a red star with
+    stripes")."""
+    from obliviate.worlds import canvas_draw as cd
+    from obliviate.worlds.canvas import concept_kind
+
+    triples = {p.text: p for p in cd.canonical_prompts()}
+    template = "synonym" if concept_kind(concept) == "object" else "phrase"
+    return [[cd.prompt_text(template, triples[t].colour, triples[t].object, triples[t].style)] for t in prompts]
+
+
 def attack_pipeline(world, pipe, concept: str, t2i, attack, detect, original) -> dict:
     """{"aggregate": pre_asr, asr, ua_attacked, n_attacked; "per_prompt": rows; "eval_indices": where the attacked
     prompts stand among the evaluation samples; "seconds"; "images": the attack's final picture per prompt (a
@@ -66,7 +78,7 @@ def attack_pipeline(world, pipe, concept: str, t2i, attack, detect, original) ->
     with torch.no_grad():
         targets = encode_images(pipe, images)
     task = AttackTask(texts, seeds, targets, detect, original, concept_pairs(concept, texts), t2i.sample_steps,
-                      t2i.guidance)
+                      t2i.guidance, concept, concept_paraphrases(concept, texts))
     t0 = time.time()
     rows, images = attack.attack(pipe, task)
     return {"aggregate": summarize(rows), "per_prompt": rows, "eval_indices": indices,

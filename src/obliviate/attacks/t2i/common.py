@@ -25,6 +25,8 @@ class AttackTask:
     concept_pairs: list[tuple[str, str]] = field(default_factory=list)  # (with the concept, without): Ring-A-Bell
     sample_steps: int = 25
     guidance: float = 4.0
+    concept: str = ""  # the attacked concept's word (concept arithmetic composes around it)
+    paraphrases: list[list[str]] = field(default_factory=list)  # per prompt: it in other words naming the concept
 
     def __post_init__(self):
         if not (len(self.prompts) == len(self.seeds) == len(self.targets)):
@@ -32,11 +34,13 @@ class AttackTask:
                                  "targets")
         if not self.prompts:
             raise ObliviateError("no prompts to attack")
+        if self.paraphrases and len(self.paraphrases) != len(self.prompts):
+            raise ObliviateError(f"{len(self.paraphrases)} paraphrase lists for {len(self.prompts)} prompts")
 
     def part(self, batch: slice) -> AttackTask:
         """The same task on a slice of its prompts (attacks work in batches of prompts)."""
         return AttackTask(self.prompts[batch], self.seeds[batch], self.targets[batch], self.detect, self.original,
-                          self.concept_pairs, self.sample_steps, self.guidance)
+                          self.concept_pairs, self.sample_steps, self.guidance, self.concept, self.paraphrases[batch])
 
 
 def summarize(rows: Sequence[dict]) -> dict:
