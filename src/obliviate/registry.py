@@ -143,6 +143,10 @@ T2I_METHODS = _table(
     Entry("AdvUnlearn", M + "t2i.adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
           "Zhang et al. 2024, Defensive Unlearning with Adversarial Training for Robust Concept Erasure, NeurIPS, "
           "https://arxiv.org/abs/2405.15234", family="t2i"),
+    Entry("SPM", M + "t2i.spm:SPM", "A rank-1 adapter on the UNet's transformer blocks: ESD-style erasure towards the anchor prompt, "
+          "latent anchoring on random text states; facilitated transport scales it per prompt at generation.",
+          "Lyu et al. 2024, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
+          "Applications, CVPR, https://arxiv.org/abs/2312.16145", family="t2i"),
 )
 
 E = "obliviate.evals."
