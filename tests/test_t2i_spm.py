@@ -135,6 +135,60 @@ def test_training_erases_towards_the_anchor_and_latent_anchoring_holds(tiny_pipe
     assert mean(concept) > mean(unrelated), moved
 
 
+def test_one_step_loss_is_the_reference_loss_retyped(tiny_pipe):
+    """train_spm.py + prompt.py's `_erase_with_la` + sampling.py, re-typed with separate UNet calls (the method
+    batches them into two): the same generator draws give the same loss to float precision."""
+    from obliviate.methods.t2i.base import EraseContext
+    from obliviate.models.diffusion import denoise
+
+    task = tiny_task("striped")
+    unet = tiny_pipe.unet
+    method = make_method("t2i", "SPM", {"erase_guidance": 1.5})
+    method.attach(unet)
+    with torch.no_grad():  # a trained-looking adapter, so eps_spm differs from eps_0
+        for name, p in unet.named_parameters():
+            if method.trainable(name, p):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    texts = task.forget_prompts[:2]
+    ctx = EraseContext(tiny_pipe, None, task, torch.Generator().manual_seed(3), sample_steps=4, guidance=2.0)
+    forget = {"texts": texts, "context": ctx.encode(texts)}
+    state = ctx.generator.get_state()
+    parts = method.losses(ctx, unet, forget, {})
+
+    gen = torch.Generator()
+    gen.set_state(state)
+    stop = int(torch.randint(1, 4, (1,), generator=gen))
+    seeds = torch.randint(0, 2 ** 31 - 1, (2,), generator=gen).tolist()
+    x_t, t = denoise(tiny_pipe, texts, seeds, 4, 3.0, unet=unet, stop_after=stop)  # "with network:" sampling
+    target_emb = encode_prompts(tiny_pipe, texts)
+    neutral_emb = encode_prompts(tiny_pipe, [task.anchor_prompt(p) for p in texts])
+    anchors = []
+    for k in range(4):  # sampling.sample: accept with probability 1 - sim, scale U(0.8, 1.2) x the target's norm
+        target = target_emb[k % 2].flatten()
+        while True:
+            noise = torch.randn(target.shape, generator=gen)
+            noise = noise / noise.norm()
+            sim = torch.nn.functional.cosine_similarity(target, noise, dim=-1)
+            if float(torch.rand((), generator=gen)) < 1 - float(sim):
+                break
+        anchors.append((float(torch.rand((), generator=gen)) * 0.4 + 0.8) * noise * target.norm())
+    anchors = torch.stack(anchors).view(4, *target_emb.shape[1:])
+    rows = torch.tensor([0, 1, 0, 1])
+    mse = torch.nn.MSELoss()
+    with torch.no_grad(), S.adapter_off(unet):  # the network's multiplier 0
+        positive = predict_noise(unet, x_t, t, target_emb)
+        neutral = predict_noise(unet, x_t, t, neutral_emb)
+        anchor_ori = predict_noise(unet, x_t[rows], t, anchors)
+    target_latents = predict_noise(unet, x_t, t, target_emb)
+    anchor_latents = predict_noise(unet, x_t[rows], t, anchors)
+    erase_loss = mse(target_latents, neutral - 1.5 * (positive - neutral))
+    loss = erase_loss + 1000.0 * mse(anchor_latents, anchor_ori)
+    assert float(erase_loss.detach()) > 0 and float(mse(anchor_latents, anchor_ori).detach()) > 0
+    torch.testing.assert_close(parts.forget, erase_loss, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(parts.total, loss, rtol=1e-4, atol=1e-8)
+    method.detach(unet)
+
+
 def test_latent_anchoring_keeps_random_text_states_where_the_original_has_them(tiny_pipe):
     """Three steps with and without the anchoring term: with it, the predictions for fresh random text states (drawn
     as the training draws its anchors) stay nearer the original's (about half as far on this pipeline)."""
