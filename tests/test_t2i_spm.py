@@ -128,7 +128,8 @@ def test_training_erases_towards_the_anchor_and_latent_anchoring_holds(tiny_pipe
         for i, prompt in enumerate(prompts):
             scale = transport.apply(base, prompt)[0]
             context, xi = encode_prompts(base, [prompt]), _probe(base, 1, seed=700 + i)
-            moved.append((scale, float((_eps(base, base.unet, context, xi) - _eps(base, original, context, xi)).norm())))
+            change = _eps(base, base.unet, context, xi) - _eps(base, original, context, xi)
+            moved.append((scale, float(change.norm())))
     concept, unrelated = moved[:len(task.forget_prompts)], moved[len(task.forget_prompts):]
     assert all(s == pytest.approx(1.0) for s, _ in concept) and all(s < 0.99 for s, _ in unrelated), moved
     mean = lambda rows: sum(m for _, m in rows) / len(rows)  # noqa: E731

@@ -202,7 +202,7 @@ def merge_adapters(unet) -> None:
     _unwrap(unet)
 
 
-# --- facilitated transport ---------------------------------------------------------------------------------------------
+# --- facilitated transport -------------------------------------------------------------------------------------------
 
 def transport_rate(prompt_states: torch.Tensor, prompt_ids: torch.Tensor, concept_states: torch.Tensor,
                    concept_ids: torch.Tensor, special_ids) -> torch.Tensor:
