@@ -200,7 +200,8 @@ def test_an_unwritable_output_fails_before_the_world_is_built(tmp_path, monkeypa
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # nothing built, nothing left
 
 
-def test_an_interrupted_erasure_resumes_to_the_same_tensors(tiny_pipeline_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["ESD-x", "SPM"])  # SPM: the adapter's parameters, added by the method, resume too
+def test_an_interrupted_erasure_resumes_to_the_same_tensors(tiny_pipeline_dir, tmp_path, monkeypatch, method):
     from safetensors.torch import load_file
 
     from conftest import tiny_prompts
@@ -213,7 +214,7 @@ def test_an_interrupted_erasure_resumes_to_the_same_tensors(tiny_pipeline_dir, t
     retain.write_text("\n".join(p for p in tiny_prompts() if "striped" not in p))
 
     def config(name):
-        return build_config({"family": "t2i", "method": "ESD-x", "concept": "striped", "model": str(tiny_pipeline_dir),
+        return build_config({"family": "t2i", "method": method, "concept": "striped", "model": str(tiny_pipeline_dir),
                              "forget_prompts": str(forget), "retain_prompts": str(retain), "evaluate": False,
                              "output_dir": str(tmp_path / "runs"), "name": name,
                              "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2},

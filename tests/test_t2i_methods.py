@@ -27,6 +27,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "RG": TrainConfig(max_steps=6, lr=2e-3, batch_size=3),
     "RGD": TrainConfig(max_steps=6, lr=2e-3, batch_size=3),
     "AdvUnlearn": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
+    "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -36,7 +37,8 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
 # forget prompts beyond the anchor's prediction this objective measures.
 ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_weight": 0.2},
         "AdvUnlearn": {"attack_steps": 5, "attack_lr": 1e-2, "warmup_steps": 3},
-        "RECE": {"epochs": 1, "preserve_retain_prompts": True}}
+        "RECE": {"epochs": 1, "preserve_retain_prompts": True},
+        "SPM": {"anchoring_weight": 10.0}}  # at the paper's 1000 the random anchors hold the tiny encoder's concept too
 
 
 def test_every_registered_method_has_settings():
@@ -89,6 +91,9 @@ def _objective(name, pipe, unet, task) -> float:
     elif name == "SalUn":  # its loss: the concept's prediction onto mismatched (retain) prompts', same model
         retain = [p.text for p in task.retain_prompts][:len(forget)]
         target = _eps(pipe, unet, retain, x)
+    elif name == "SPM":  # ESD's target with the anchor prompt as the neutral one, by the original
+        target = 2 * _eps(pipe, _ORIGINAL[0], [task.anchor_prompt(p) for p in forget], x) - _eps(
+            pipe, _ORIGINAL[0], forget, x)
     elif name == "ConceptAblation":  # its loss: the concept's prediction onto the anchor's, by the same model
         target = _eps(pipe, unet, [task.anchor_prompt(p) for p in forget], x)
     else:

@@ -162,6 +162,10 @@ T2I_METHODS = _table(
     GuardEntry("NegToMe", "obliviate.guards.t2i.negtome:NegToMe", "Negative token merging: each image's attention "
                "outputs pushed away from a concept image sampled alongside (no weight changes).",
                "Singh et al. 2024, Negative Token Merging, https://arxiv.org/abs/2412.01339", family="t2i"),
+    Entry("SPM", M + "t2i.spm:SPM", "A rank-1 adapter on the UNet's transformer blocks: ESD-style erasure towards the anchor prompt, "
+          "latent anchoring on random text states; facilitated transport scales it per prompt at generation.",
+          "Lyu et al. 2024, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
+          "Applications, CVPR, https://arxiv.org/abs/2312.16145", family="t2i"),
 )
 
 E = "obliviate.evals."

@@ -88,6 +88,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)
     unet, text_encoder = pipe.denoiser, pipe.text_encoder
+    method.attach(unet)  # modules the method adds and trains (SPM's adapters), before the parameters are picked
     named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
     text_named = [(n, p) for n, p in text_encoder.named_parameters() if method.text_encoder_trainable(n, p)]
     if text_named and len(pipe.text_encoders) > 1:  # the soft-prompt attack and the training are one encoder's
@@ -163,9 +164,11 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
                 evaluate(step + 1)
             if not stopped and history:  # the last update has no later loss to prove it: probe it
                 stopped = guard.check_final(lambda: method.losses(ctx, unet, f, r).total)
+    merged = method.detach(unet)  # what attach added, folded into the UNet's own weights
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
-    return EraseResult(model=unet, trainable_names=[n for n, _ in named], history=history,
+    return EraseResult(model=unet, trainable_names=[n for n, _ in named] if merged is None else merged,
+                       history=history,
                        seconds=time.time() - t0, stopped=stopped,
                        text_encoder=text_encoder if text_named else None,
                        text_encoder_names=[n for n, _ in text_named],

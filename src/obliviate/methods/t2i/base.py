@@ -119,6 +119,15 @@ class DiffusionMethod:
     def retain_pool(self, items: list, rng) -> list:
         return items
 
+    def attach(self, unet) -> None:
+        """Called before the trainable parameters are picked: add the modules the method trains to the UNet (SPM's
+        adapters); `trainable` then sees their parameters among the UNet's."""
+
+    def detach(self, unet) -> list[str] | None:
+        """Called after the last step: fold what `attach` added into the UNet's own weights and return the names of
+        the tensors that changed (the run's changed tensors); None: the trainable parameters themselves."""
+        return None
+
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """Called once before the first step, with the whole forget set and the trainable parameters."""
 
