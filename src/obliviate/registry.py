@@ -143,6 +143,10 @@ T2I_METHODS = _table(
     Entry("AdvUnlearn", M + "t2i.adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
           "Zhang et al. 2024, Defensive Unlearning with Adversarial Training for Robust Concept Erasure, NeurIPS, "
           "https://arxiv.org/abs/2405.15234", family="t2i"),
+    Entry("Co-Erasing", M + "t2i.co_erasing:CoErasing",
+          "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
+          "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
+          "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
 )
 
 E = "obliviate.evals."
