@@ -25,7 +25,8 @@ This is the reference's rule exactly (query = image tokens, key = value = the gu
 state width); the refined tokens are mixtures of the concept's text states, weighted by how much each matches the
 image.
 
-Defaults, from the reference code (argparse and train.sh; the paper gives no other numbers we could read):
+Only the paper's abstract could be read here (its full text was not reachable), so the loss, the refinement and the
+defaults are the reference code's (train/image_trainer.py), defaults from its argparse and train.sh:
 eta (negative_guidance) 1.0; blur kernel 3 (train.sh and argparse; the readme's example uses 5); 4 image tokens
 (IP-Adapter's `clip_extra_context_tokens`); refinement on and text-only unconditional pass (both commands pass
 --text_guide and --text_uncond); the UNet minus cross-attention trained (`noxattn`, train.sh; the readme's example
