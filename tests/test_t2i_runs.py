@@ -31,13 +31,18 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
     return forget, retain
 
 
+METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"]}  # its default image inversion (200 steps) is a slow start
+
+
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:
     forget, retain = _prompt_files(tmp_path)
     lines = ['family = "t2i"', f'method = "{method}"', 'concept = "striped"', f'model = "{pipeline}"',
              f'forget_prompts = "{forget}"',
-             f'retain_prompts = "{retain}"', f'output_dir = "{tmp_path / "runs"}"', 'name = "r1"',
-             "[train]", "max_steps = 2", "lr = 1e-3", "batch_size = 2",
-             "[t2i]", "images_per_prompt = 1", "sample_steps = 3"]
+             f'retain_prompts = "{retain}"', f'output_dir = "{tmp_path / "runs"}"', 'name = "r1"']
+    if method in METHOD_ARGS:
+        lines += ["[method_args]", *METHOD_ARGS[method]]
+    lines += ["[train]", "max_steps = 2", "lr = 1e-3", "batch_size = 2",
+              "[t2i]", "images_per_prompt = 1", "sample_steps = 3"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     path = tmp_path / "run.toml"
     path.write_text("\n".join(lines) + "\n")

@@ -155,6 +155,14 @@ T2I_METHODS = _table(
     Entry("AdvUnlearn", M + "t2i.adv_unlearn:AdvUnlearn", "ESD-x under an adversarial prompt found anew each step (min-max), with a retain regulariser.",
           "Zhang et al. 2024, Defensive Unlearning with Adversarial Training for Robust Concept Erasure, NeurIPS, "
           "https://arxiv.org/abs/2405.15234", family="t2i"),
+    Entry("SPM", M + "t2i.spm:SPM", "A rank-1 adapter on the UNet's transformer blocks: ESD-style erasure towards the anchor prompt, "
+          "latent anchoring on random text states; facilitated transport scales it per prompt at generation.",
+          "Lyu et al. 2024, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
+          "Applications, CVPR, https://arxiv.org/abs/2312.16145", family="t2i"),
+    Entry("Co-Erasing", M + "t2i.co_erasing:CoErasing",
+          "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
+          "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
+          "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
@@ -162,10 +170,6 @@ T2I_METHODS = _table(
     GuardEntry("NegToMe", "obliviate.guards.t2i.negtome:NegToMe", "Negative token merging: each image's attention "
                "outputs pushed away from a concept image sampled alongside (no weight changes).",
                "Singh et al. 2024, Negative Token Merging, https://arxiv.org/abs/2412.01339", family="t2i"),
-    Entry("SPM", M + "t2i.spm:SPM", "A rank-1 adapter on the UNet's transformer blocks: ESD-style erasure towards the anchor prompt, "
-          "latent anchoring on random text states; facilitated transport scales it per prompt at generation.",
-          "Lyu et al. 2024, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
-          "Applications, CVPR, https://arxiv.org/abs/2312.16145", family="t2i"),
 )
 
 E = "obliviate.evals."
