@@ -251,6 +251,18 @@ def test_text_input_projections_read_cond(dit_pipe):
     assert all(m.in_features != cond.states.shape[-1] for _, m in b.text_projections(dit_pipe.denoiser))
 
 
+def test_content_positions_point_at_the_words(dit_pipe):
+    b = dit_pipe.backbone
+    texts = ["a red star in striped style", "a star"]
+    positions = b.content_positions(dit_pipe, texts)
+    if b.kind == "flux":  # T5 only, no start token: words at 0..n-1; UCE-FLUX's last token = attention_mask.sum() - 2
+        assert positions == [list(range(6)), [0, 1]]
+        mask = dit_pipe.tokenizers[1](texts[0], padding="max_length", max_length=512).attention_mask
+        assert positions[0][-1] == sum(mask) - 2
+    else:  # CLIP's 12 positions (after its start token), then T5's
+        assert positions == [list(range(1, 7)) + list(range(12, 18)), [1, 2, 12, 13]]
+
+
 def test_embedded_guidance_flux_matches_its_pipeline(tmp_path):
     """A guidance-distilled FLUX: one conditional pass per step with g in the embedding, as FluxPipeline."""
     from obliviate.models.dit import FluxBackbone, diffusers_pipeline, load_dit_pipeline

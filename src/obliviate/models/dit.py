@@ -249,6 +249,23 @@ class _FlowBackbone:
         return [("context_embedder", denoiser.context_embedder, "states"),
                 ("time_text_embed.text_embedder.linear_1", denoiser.time_text_embed.text_embedder.linear_1, "pooled")]
 
+    def content_positions(self, pipe, texts: list[str]) -> list[list[int]]:
+        """Per text, the positions in `Cond.states` that hold its content tokens (no start, end or padding
+        token), in order: what a closed-form method picks its c_i from (UCE-FLUX takes the last T5 one)."""
+        out = [[] for _ in texts]
+        offset = 0
+        for tokenizer, length in self._state_segments(pipe):
+            ids = self._ids(tokenizer, texts, length, "cpu")
+            special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+            for i, row in enumerate(ids):
+                out[i] += [offset + j for j in torch.nonzero(~torch.isin(row, special)).flatten().tolist()]
+            offset += length
+        return out
+
+    def _state_segments(self, pipe) -> list[tuple[object, int]]:
+        """(tokenizer, length) of each run of positions in `Cond.states`, in order."""
+        raise NotImplementedError
+
     # ---- to fill in per shape --------------------------------------------------------------------------------------
     def latent_shape(self, pipe) -> tuple[int, int, int]:
         raise NotImplementedError
@@ -317,6 +334,10 @@ class SD3Backbone(_FlowBackbone):
         clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return Cond(torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))
 
+    def _state_segments(self, pipe) -> list[tuple[object, int]]:
+        clip, t5 = pipe.tokenizers[0], pipe.tokenizers[2]
+        return [(clip, clip.model_max_length), (t5, self.max_sequence_length)]
+
     def predict(self, pipe, denoiser, x_t: torch.Tensor, t, cond: Cond, guidance: float | None = None):
         """The transformer's velocity for x_t [N, C, h, w] at timesteps t (scheduler scale: SD3 takes t itself)."""
         return denoiser(hidden_states=x_t, timestep=self._t(t, x_t.shape[0], x_t.device),
@@ -365,6 +386,9 @@ class FluxBackbone(_FlowBackbone):
         pooled = clip(self._ids(tok_clip, texts, tok_clip.model_max_length, pipe.device)).pooler_output
         states = t5(self._ids(tok_t5, texts, self.max_sequence_length, pipe.device))[0]
         return Cond(states, pooled.to(states.dtype))
+
+    def _state_segments(self, pipe) -> list[tuple[object, int]]:
+        return [(pipe.tokenizers[1], self.max_sequence_length)]
 
     @staticmethod
     def pack(x: torch.Tensor) -> torch.Tensor:
