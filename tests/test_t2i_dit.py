@@ -282,6 +282,15 @@ def test_embedded_guidance_flux_matches_its_pipeline(tmp_path):
     other, _ = b.denoise(pipe, PROMPT, [2], steps=2, guidance=1.5, latents=x_T)
     assert not torch.allclose(ours, other)
 
+    class Guard:  # a guard still gets the unconditional and conditional predictions on a distilled model
+        def combine(self, step, t, x, pred_uncond, pred_cond, extra):
+            calls.append((pred_uncond.shape[0], pred_cond.shape[0]))
+            return pred_cond
+
+    calls.clear()
+    b.denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T, guard=Guard())
+    assert calls == [(1, 1), (1, 1)]
+
 
 def test_saved_folder_generates_with_diffusers(dit_pipe, tmp_path):
     """An edited pipeline saved by save_dit_pipeline is a folder diffusers' own class loads and samples from."""

@@ -183,7 +183,8 @@ class _FlowBackbone:
         x = self.initial_noise(pipe, seeds) if latents is None else latents
         n = x.shape[0]
         cond = cond if cond is not None else self.encode(pipe, list(prompts), text_encoders)
-        true_cfg = self._guided(pipe) and (guidance != 1 or guard is not None)
+        # a guard needs both predictions even on a guidance-distilled FLUX (which then embeds its default g)
+        true_cfg = guard is not None or (self._guided(pipe) and guidance != 1)
         extra_texts = list(guard.extra_prompts()) if guard is not None and hasattr(guard, "extra_prompts") else []
         if true_cfg:
             uncond = self.encode(pipe, [""] * n, text_encoders)
@@ -245,7 +246,8 @@ class _FlowBackbone:
         content token and the pooled CLIP vector as c_i, and v* = W c_guide ("replace"). SD3's transformer has
         modules of the same names and roles, so obliviate applies the same rule to it (our analogy, not an
         author's release). For the first joint block, editing `context_embedder` is the exact analogue of UCE's
-        key/value edit: add_k/add_v see the edited tokens after a per-token-identical modulation."""
+        key/value edit: add_k/add_v see the edited tokens after a per-token-identical modulation.
+        `content_positions` says where each prompt's words sit in `Cond.states`."""
         return [("context_embedder", denoiser.context_embedder, "states"),
                 ("time_text_embed.text_embedder.linear_1", denoiser.time_text_embed.text_embedder.linear_1, "pooled")]
 
@@ -484,7 +486,9 @@ def check_dit_folder(folder: str | Path) -> tuple[Path, type[_FlowBackbone]]:
 def load_dit_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                       trust_remote_code: bool = False, max_sequence_length: int | None = None) -> DiTPipeline:
     """Load an SD3- or FLUX-shaped folder, one component at a time (so an error names its folder). The
-    transformers parts get `trust_remote_code` as given, never None."""
+    transformers parts get `trust_remote_code` as given, never None. `max_sequence_length` (T5 tokens; default the
+    pipeline's, 256 for SD3 and 512 for FLUX) matters: these transformers attend to the padding tokens too, so
+    diffusers reproduces obliviate's images only when called with the same `max_sequence_length`."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
