@@ -25,7 +25,7 @@ from obliviate.families import FAMILIES
 SRC = Path(obliviate.__file__).parent
 LM_ONLY = ("obliviate.models.causal_lm", "obliviate.loops.lm", "obliviate.runners.lm", "obliviate.runners.lm_checks",
            "obliviate.methods.lm", "obliviate.demo.lm", "obliviate.runners.lm_attack", "obliviate.attacks.lm")
-T2I_ONLY = ("obliviate.models.diffusion", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.runners.t2i_checks",
+T2I_ONLY = ("obliviate.models.diffusion", "obliviate.models.dit", "obliviate.guards.t2i", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.runners.t2i_checks",
             "obliviate.methods.t2i", "obliviate.demo.t2i", "obliviate.runners.t2i_attack", "obliviate.attacks.t2i",
             "diffusers")
 MLLM_ONLY = ("obliviate.models.vlm", "obliviate.runners.mllm", "obliviate.runners.mllm_checks", "obliviate.methods.mllm",

@@ -74,7 +74,7 @@ def test_loss_is_the_retyped_reference_update(tiny_pipe, text_uncond):
     method = make_method("t2i", "Co-Erasing", {"eta": 1.5, "text_uncond": text_uncond, **QUICK})
     ctx = _context(tiny_pipe, task)
     forget = _forget(ctx, task)
-    method.image_prompts = torch.randn(5, 4, forget["context"].shape[-1])
+    method.image_prompts = torch.randn(5, 4, forget["context"].states.shape[-1])
     state = ctx.generator.get_state()
     loss = method.losses(ctx, tiny_pipe.unet, forget, {}).forget
 
@@ -109,7 +109,7 @@ def test_refinement_changes_the_image_prompts_and_the_target(tiny_pipe):
         method.setup(ctx, forget, [])
         out[refine] = (method.image_prompts, method.losses(ctx, tiny_pipe.unet, forget, {}).forget, method.setup_logs)
     refined, raw = out[True][0], out[False][0]
-    assert refined.shape == raw.shape == (3, 4, forget["context"].shape[-1])
+    assert refined.shape == raw.shape == (3, 4, forget["context"].states.shape[-1])
     assert not torch.allclose(refined, raw, atol=1e-4)
     guide = encode_prompts(tiny_pipe, ["striped"])[0]
     assert torch.allclose(refined, refine_image_tokens(raw, guide), atol=1e-5)  # same inversion, then the rule

@@ -84,6 +84,9 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
         from obliviate.methods.common import make_method
         method = make_method("t2i", method)
     check_task(pipe, task)
+    if method.backbones is not None and pipe.backbone.kind not in method.backbones:
+        raise ObliviateError(f"{method.name} runs on {', '.join(method.backbones)} pipelines, not on this "
+                             f"{pipe.backbone.pipeline_class}: {method.backbones_why}")
     rng = random.Random(train.seed)
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)

@@ -36,30 +36,7 @@ import torch
 
 from obliviate.data import read_json_file
 from obliviate.errors import ObliviateError
-
-
-@dataclass
-class Cond:  # replaced by diffusion.Cond at merge (same fields)
-    """The text conditioning of N prompts: per-token states [N, L, D] and the pooled embedding [N, P]."""
-    states: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.states.shape[0]
-
-    def __getitem__(self, idx) -> "Cond":
-        return Cond(self.states[idx], None if self.pooled is None else self.pooled[idx])
-
-    @staticmethod
-    def cat(conds: list["Cond"]) -> "Cond":
-        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        return Cond(torch.cat([c.states for c in conds]), pooled)
-
-    def to(self, *args, **kwargs) -> "Cond":
-        return Cond(self.states.to(*args, **kwargs), None if self.pooled is None else self.pooled.to(*args, **kwargs))
-
-    def detach(self) -> "Cond":
-        return Cond(self.states.detach(), None if self.pooled is None else self.pooled.detach())
+from obliviate.models.diffusion import Cond
 
 
 @dataclass

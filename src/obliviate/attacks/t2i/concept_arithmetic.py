@@ -153,17 +153,20 @@ def compose_denoise(pipe, terms: Sequence[Sequence[str]], weights: Sequence[floa
     """DDIM (eta 0) from each seed's noise with the composed prediction `combine`: terms[k][n] is the k-th prompt of
     sample n, weights[k] its weight (shared by the samples). Each step is one denoiser call on the K + 1 predictions
     of every sample (the terms, then the unconditional one), laid out as `denoise` lays out its two."""
-    from obliviate.models.diffusion import _fresh_scheduler, encode_prompts, initial_noise, predict_noise
+    from obliviate.models.diffusion import Cond, encode, initial_noise
 
     k, n = len(terms), len(seeds)
     if any(len(t) != n for t in terms) or len(weights) != k:
         raise ObliviateError(f"{k} terms of {[len(t) for t in terms]} prompts, {len(weights)} weights and {n} seeds")
-    sched = _fresh_scheduler(pipe, steps)
+    backbone = pipe.backbone
+    sched = backbone.sampler(pipe, steps)
     x = initial_noise(pipe, list(seeds))
-    context = encode_prompts(pipe, [p for t in terms for p in t] + [""] * n)
+    uncond = backbone.unconditional(pipe, n)  # None: the empty prompt, encoded with the terms (as `denoise`)
+    texts = [p for t in terms for p in t]
+    context = encode(pipe, texts + [""] * n) if uncond is None else Cond.cat([encode(pipe, texts), uncond])
     for t in sched.timesteps:
-        *preds, uncond = predict_noise(pipe.unet, torch.cat([x] * (k + 1)), t, context).chunk(k + 1)
-        x = sched.step(combine(uncond, preds, list(weights), scale), t, x).prev_sample
+        *preds, pred_u = backbone.predict(pipe, pipe.denoiser, torch.cat([x] * (k + 1)), t, context).chunk(k + 1)
+        x = sched.step(combine(pred_u, preds, list(weights), scale), t, x).prev_sample
     return x
 
 

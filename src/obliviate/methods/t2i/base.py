@@ -104,6 +104,9 @@ class DiffusionMethod:
     full_retain_batch: bool = False  # every step uses the whole retain pool as one batch (RGD)
     closed_form: bool = False  # `edit` changes the weights directly; no loop (UCE)
     default_steps: int = 200  # when train.max_steps is not set
+    # the pipeline shapes (`Backbone.kind`) the method is written for, and why not the others (None: every shape)
+    backbones: tuple[str, ...] | None = None
+    backbones_why: str = ""
     combine_gradients = None  # optional: f(g_forget, g_retain) -> (grads, logs), as the language-model loop
 
     def __init__(self, config=None):

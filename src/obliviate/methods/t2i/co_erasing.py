@@ -137,6 +137,9 @@ class CoErasing(DiffusionMethod):
     Config = CoErasingConfig
     needs_frozen = True
     needs_images = True  # the forget pictures the original draws are the image prompts
+    backbones = ("sd",)
+    backbones_why = ("the image tokens are appended to a single text encoder's states, which the SDXL/DiT "
+                     "conditioning (pooled embeddings, joint text stream) does not read the same way")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -154,7 +157,7 @@ class CoErasing(DiffusionMethod):
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         tokens = self.invert_images(ctx, forget["latents"])
         if self.config.refine:
-            guide = ctx.encode([ctx.task.concept])[0].to(tokens.device, tokens.dtype)
+            guide = ctx.encode([ctx.task.concept]).states[0].to(tokens.device, tokens.dtype)
             tokens = refine_image_tokens(tokens, guide)
         self.image_prompts = tokens
 
@@ -162,7 +165,7 @@ class CoErasing(DiffusionMethod):
         """Each picture's k context tokens: those under which the frozen original best denoises it, after the empty
         prompt's states (the image-prompt-only condition)."""
         c = self.config
-        empty = ctx.encode([""]).to(latents.device, latents.dtype)
+        empty = ctx.encode([""]).states.to(latents.device, latents.dtype)
         n = len(latents)
         tokens = empty.mean(1, keepdim=True).expand(n, c.image_tokens, -1).clone().requires_grad_(True)
         opt = torch.optim.Adam([tokens], lr=c.inversion_lr)
@@ -186,7 +189,7 @@ class CoErasing(DiffusionMethod):
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         c = self.config
-        texts, cond_text = forget["texts"], forget["context"]
+        texts, cond_text = forget["texts"], forget["context"].states
         n = len(texts)
         stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
         seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=ctx.generator).tolist()
@@ -196,7 +199,7 @@ class CoErasing(DiffusionMethod):
         x_t = gaussian_blur(x_t, c.blur_kernel)
         image = self.image_prompts[pick].to(cond_text.device, cond_text.dtype)
         cond = torch.cat([cond_text, image], dim=1)
-        empty = ctx.encode([""]).to(cond_text.device, cond_text.dtype).expand_as(cond_text)
+        empty = ctx.encode([""]).states.to(cond_text.device, cond_text.dtype).expand_as(cond_text)
         with torch.no_grad():
             if c.text_uncond:  # different token counts: two frozen calls
                 eps_c = predict_noise(ctx.frozen, x_t, t, cond)

@@ -84,6 +84,9 @@ class SPM(DiffusionMethod):
     name = "SPM"
     Config = SPMConfig
     needs_images = False  # data-free: x_t comes from the adapted model's own partial sampling
+    backbones = ("sd",)
+    backbones_why = ("latent anchoring draws random states of a single text encoder (no pooled embedding) and the "
+                     "adapter sits on a UNet's transformer blocks")
 
     def attach(self, unet) -> None:
         self.targets = adapter_targets(unet)
@@ -98,12 +101,12 @@ class SPM(DiffusionMethod):
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         cfg = self.config
-        texts, cond = forget["texts"], forget["context"]
+        texts, cond = forget["texts"], forget["context"].states
         n = len(texts)
         stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
         seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=ctx.generator).tolist()
         x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, cfg.start_guidance, unet=unet, stop_after=stop)
-        anchor_prompts = ctx.encode([ctx.task.anchor_prompt(p) for p in texts])
+        anchor_prompts = ctx.encode([ctx.task.anchor_prompt(p) for p in texts]).states
         anchors = sample_anchors(cond, cfg.anchor_samples, ctx.generator)
         rows = torch.arange(len(anchors), device=x_t.device) % n
         with torch.no_grad(), adapter_off(unet):  # the original's three predictions: one UNet call
