@@ -267,7 +267,7 @@ def test_reference_cells_and_scalability_and_the_sustainability_chain(tmp_path, 
 
 def test_a_sustainability_request_exports_the_previous_one_and_a_failed_request_fails_the_next(tmp_path, fake,
                                                                                                  monkeypatch):
-    import obliviate.api as api
+    import obliviate.run_actions as run_actions
 
     exported = []
 
@@ -276,7 +276,7 @@ def test_a_sustainability_request_exports_the_previous_one_and_a_failed_request_
         out.mkdir()
         (out / "README.md").write_text("card")
         return out
-    monkeypatch.setattr(api, "export_run", fake_export)
+    monkeypatch.setattr(run_actions, "export_run", fake_export)
     out = tmp_path / "out"
     result = bench(fake_spec(tmp_path, extra='sustainability = ["forget05", "forget10"]'), out)
     sus = {(r["method"], r["request"]): r for r in result["cells"] if r["kind"] == "sustainability"}
@@ -468,7 +468,7 @@ def test_a_resumed_bench_whose_cells_are_done_imports_no_torch(tmp_path, fake):
 
 
 def test_attacks_run_once_on_each_reported_cell_and_failures_are_recorded(tmp_path, fake, monkeypatch):
-    import obliviate.api as api
+    import obliviate.run_actions as run_actions
 
     attacked = []
 
@@ -479,7 +479,7 @@ def test_attacks_run_once_on_each_reported_cell_and_failures_are_recorded(tmp_pa
         (Path(run_dir) / "attacks").mkdir(exist_ok=True)
         (Path(run_dir) / "attacks" / f"{names[0]}.json").write_text("{}")
         return {}
-    monkeypatch.setattr(api, "attack_run", fake_attack)
+    monkeypatch.setattr(run_actions, "attack_run", fake_attack)
     out = tmp_path / "out"
     spec = fake_spec(tmp_path, extra='attacks = {relearn = {steps = 4}, quantize_int8 = {}}')
     result = bench(spec, out)

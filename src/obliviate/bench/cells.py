@@ -273,7 +273,7 @@ def _export(run_dir: Path, to: Path) -> None:
     and renamed, so a killed export leaves nothing that looks finished."""
     if (to / "README.md").is_file():  # the model card is written last
         return
-    from obliviate.api import export_run
+    from obliviate.run_actions import export_run
 
     tmp = to.with_name(f".{to.name}.tmp-{os.getpid()}")  # tmp/<name>: the model card names the folder `to.name`
     shutil.rmtree(tmp, ignore_errors=True)

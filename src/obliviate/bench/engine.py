@@ -321,7 +321,7 @@ def _execute(bench: Bench, todo: list[tuple[C.Cell, bool]], opts: dict, log) -> 
 
 def attack_one(task: dict) -> dict:
     """The spec's attacks on one reported cell (obliviate attack), each once; returns {key, attacks: {name: status}}."""
-    from obliviate.api import attack_run
+    from obliviate.run_actions import attack_run
 
     run = Path(task["out"]) / "cells" / task["key"]
     status = {}

@@ -63,7 +63,7 @@ ATTACKS: dict[str, dict] = {
 
 def attack_all(target, log=print) -> dict:
     """{attack: result} of the demo's attacks on the target's models."""
-    from obliviate.api import attack_instances
+    from obliviate.run_actions import attack_instances
     from obliviate.registry import ATTACKS as REGISTERED
     from obliviate.runners.lm_attack import run_attacks
 
