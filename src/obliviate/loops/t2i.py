@@ -21,9 +21,6 @@ from obliviate.loops.step import (Checkpoints, StateGuard, UnlearnResult, change
 from obliviate.methods.t2i.base import EraseContext, EraseTask
 from obliviate.models.diffusion import Pipeline, check_concept_known, denoise
 
-# The pipeline components a run's changed tensors come from, by the prefix that names them in changed.safetensors:
-# the folder's own subfolder names (`Pipeline.components()`: "unet", "text_encoder", ...); runs before the text
-# encoder could be trained hold "unet." tensors only.
 
 
 @dataclass
@@ -32,7 +29,9 @@ class EraseResult(UnlearnResult):
     encoder's trained tensors when the method trains it."""
     text_encoder: torch.nn.Module | None = None
     text_encoder_names: list[str] = field(default_factory=list)
-    denoiser_folder: str = "unet"  # the denoiser's sub-folder in the pipeline folder (its tensors' prefix)
+    # the denoiser's sub-folder in the pipeline folder: the prefix of its tensors in changed.safetensors, beside
+    # "text_encoder." (`Pipeline.components()`)
+    denoiser_folder: str = "unet"
 
 
 class _Context(EraseContext):
