@@ -22,7 +22,6 @@ from obliviate.methods.t2i.base import EraseContext, EraseTask
 from obliviate.models.diffusion import Pipeline, check_concept_known, denoise
 
 
-
 @dataclass
 class EraseResult(UnlearnResult):
     """The loop's result: `model` is the UNet and `trainable_names` its trained tensors (as before), plus the text
