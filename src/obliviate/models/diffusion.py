@@ -223,6 +223,19 @@ def _load_parts(folder: Path, loaders: dict) -> dict:
     return parts
 
 
+def _unet_pipeline_loaders(folder: Path, dtype, trust_remote_code: bool) -> dict:
+    """The loaders of the components every UNet pipeline (SD, SDXL) has, by folder name (one CLIP text encoder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {"unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+            "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+            "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code),
+            "tokenizer": lambda: load_tokenizer(folder, trust_remote_code),
+            "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler")}
+
+
 class SDBackbone(Backbone):
     """Stable Diffusion 1.x/2.x: one CLIP text encoder whose last hidden states are the UNet's cross-attention
     context (as StableDiffusionPipeline), epsilon prediction."""
@@ -230,16 +243,7 @@ class SDBackbone(Backbone):
     pipeline_class = "StableDiffusionPipeline"
 
     def load(self, folder: Path, device, dtype, trust_remote_code: bool) -> Pipeline:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        parts = _load_parts(folder, {
-            "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-            "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
-                                                                  trust_remote_code=trust_remote_code),
-            "tokenizer": lambda: load_tokenizer(folder, trust_remote_code),
-            "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler")})
+        parts = _load_parts(folder, _unet_pipeline_loaders(folder, dtype, trust_remote_code))
         for m in (parts["unet"], parts["vae"], parts["text_encoder"]):
             m.to(device).eval().requires_grad_(False)
         return Pipeline(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
@@ -278,19 +282,13 @@ class SDXLBackbone(Backbone):
     weight_components = ("unet", "vae", "text_encoder", "text_encoder_2")
 
     def load(self, folder: Path, device, dtype, trust_remote_code: bool) -> Pipeline:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         parts = _load_parts(folder, {
-            "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-            "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
-                                                                  trust_remote_code=trust_remote_code),
+            **_unet_pipeline_loaders(folder, dtype, trust_remote_code),
             "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(
                 folder, subfolder="text_encoder_2", torch_dtype=dtype, trust_remote_code=trust_remote_code),
-            "tokenizer": lambda: load_tokenizer(folder, trust_remote_code),
-            "tokenizer_2": lambda: load_tokenizer(folder, trust_remote_code, "tokenizer_2"),
-            "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler")})
+            "tokenizer_2": lambda: load_tokenizer(folder, trust_remote_code, "tokenizer_2")})
         if parts["unet"].config.addition_embed_type != "text_time":
             raise ObliviateError(f"{folder / 'unet'}: an SDXL UNet has addition_embed_type 'text_time', this one "
                                  f"{parts['unet'].config.addition_embed_type!r}")
@@ -364,7 +362,8 @@ def check_folder(folder: str | Path) -> Path:
     return _checked(folder)[0]
 
 
-def _checked(folder: str | Path) -> tuple[Path, Backbone]:
+def read_pipeline_index(folder: str | Path) -> tuple[Path, dict]:
+    """The folder and its model_index.json; a one-line error where it is not a diffusers pipeline folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ObliviateError(f"pipeline folder not found: {folder}")
@@ -373,6 +372,11 @@ def _checked(folder: str | Path) -> tuple[Path, Backbone]:
     index = read_json_file(folder / "model_index.json", "pipeline index")
     if not isinstance(index, dict):
         raise ObliviateError(f"{folder / 'model_index.json'}: must be a JSON object")
+    return folder, index
+
+
+def _checked(folder: str | Path) -> tuple[Path, Backbone]:
+    folder, index = read_pipeline_index(folder)
     backbone = backbone_of(index, folder / "model_index.json")
     missing = [c for c in backbone.components if c not in index or not (folder / c).is_dir()]
     if missing:

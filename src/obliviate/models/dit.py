@@ -429,15 +429,9 @@ BACKBONES = {"StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbo
 # ---- folders ------------------------------------------------------------------------------------------------------
 def pipeline_class_name(folder: str | Path) -> str:
     """model_index.json's `_class_name`; a one-line error where the folder is not a diffusers pipeline."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ObliviateError(f"pipeline folder not found: {folder}")
-    if not (folder / "model_index.json").is_file():
-        raise ObliviateError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    index = read_json_file(folder / "model_index.json", "pipeline index")
-    if not isinstance(index, dict):
-        raise ObliviateError(f"{folder / 'model_index.json'}: must be a JSON object")
-    return str(index.get("_class_name", ""))
+    from obliviate.models.diffusion import read_pipeline_index
+
+    return str(read_pipeline_index(folder)[1].get("_class_name", ""))
 
 
 def check_dit_folder(folder: str | Path) -> tuple[Path, type[_FlowBackbone]]:
