@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.models.diffusion import Cond, denoise, encode
+from obliviate.models.diffusion import Cond, encode
 
 TRAINS = ("cross_attention", "text_encoder")
 
@@ -136,11 +136,8 @@ class AdvUnlearn(DiffusionMethod):
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         texts, cond = forget["texts"], forget["context"]
-        stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
-        seeds = torch.randint(0, 2 ** 31 - 1, (len(texts),), generator=ctx.generator).tolist()
         # the original text encoders (the loop keeps the original apart when it trains the pipeline's)
-        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, denoiser=ctx.frozen,
-                         stop_after=stop, text_encoders=ctx.text_encoders)
+        x_t, t = ctx.partial_sample(texts, self.config.start_guidance, ctx.frozen, ctx.text_encoders)
         empty = ctx.unconditional(len(cond))
         with torch.no_grad():  # the frozen conditional and unconditional passes: one denoiser call
             eps_c, eps_u = ctx.predict(ctx.frozen, torch.cat([x_t, x_t]), t, Cond.cat([cond, empty])).chunk(2)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.methods.common import LossParts  # noqa: F401  (re-exported for the diffusion methods)
-from obliviate.models.diffusion import Cond, encode
+from obliviate.models.diffusion import Cond, denoise, encode
 
 
 @dataclass
@@ -70,6 +70,14 @@ class EraseContext:
     def predict(self, denoiser, x_t: torch.Tensor, t, cond: Cond) -> torch.Tensor:
         """The denoiser's raw output (noise for SD/SDXL) for latents x_t at timesteps t under `cond`."""
         return self.pipe.backbone.predict(self.pipe, denoiser, x_t, t, cond)
+
+    def partial_sample(self, texts: list[str], guidance: float, denoiser, text_encoders=None):
+        """ESD's x_t: each prompt sampled by `denoiser` (DDIM at `guidance`) from a fresh seed and stopped at a random
+        step of the `sample_steps`, the step then the seeds drawn from the loop's generator. Returns (x_t, t)."""
+        stop = int(torch.randint(1, self.sample_steps, (1,), generator=self.generator))
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(texts),), generator=self.generator).tolist()
+        return denoise(self.pipe, texts, seeds, self.sample_steps, guidance, denoiser=denoiser, stop_after=stop,
+                       text_encoders=text_encoders)
 
     def noisy(self, latents: torch.Tensor):
         """(x_t, t, target) for random training timesteps, drawn from the loop's generator: `target` is what the

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, is_cross_attention
-from obliviate.models.diffusion import denoise, predict_noise
+from obliviate.models.diffusion import predict_noise
 
 
 def _whole(key: str, value, min_value: int) -> None:
@@ -191,11 +191,8 @@ class CoErasing(DiffusionMethod):
         c = self.config
         texts, cond_text = forget["texts"], forget["context"].states
         n = len(texts)
-        stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
-        seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=ctx.generator).tolist()
-        pick = torch.randint(0, len(self.image_prompts), (n,), generator=ctx.generator)
-        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, c.start_guidance, unet=ctx.frozen,
-                         stop_after=stop)
+        x_t, t = ctx.partial_sample(texts, c.start_guidance, ctx.frozen)
+        pick = torch.randint(0, len(self.image_prompts), (n,), generator=ctx.generator)  # after: sampling draws none
         x_t = gaussian_blur(x_t, c.blur_kernel)
         image = self.image_prompts[pick].to(cond_text.device, cond_text.dtype)
         cond = torch.cat([cond_text, image], dim=1)

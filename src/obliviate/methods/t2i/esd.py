@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from obliviate.methods.common import check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.models.diffusion import Cond, denoise
+from obliviate.models.diffusion import Cond
 
 
 @dataclass
@@ -48,11 +48,7 @@ class ESDx(DiffusionMethod):
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         texts = forget["texts"]
-        n = len(texts)
-        stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
-        seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=ctx.generator).tolist()
-        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, self.config.start_guidance, denoiser=ctx.frozen,
-                         stop_after=stop)
+        x_t, t = ctx.partial_sample(texts, self.config.start_guidance, ctx.frozen)
         cond = forget["context"]
         empty = ctx.unconditional(len(cond))
         with torch.no_grad():  # the frozen conditional and unconditional passes: one denoiser call

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts
-from obliviate.models.diffusion import denoise, encode_prompts, predict_noise, sample, tokenize
+from obliviate.models.diffusion import encode_prompts, predict_noise, sample, tokenize
 
 ADAPTER = "spm"  # the peft adapter name while training
 BLOCKS = ("Transformer2DModel",)  # the reference's UNET_TARGET_REPLACE_MODULE_TRANSFORMER
@@ -103,9 +103,7 @@ class SPM(DiffusionMethod):
         cfg = self.config
         texts, cond = forget["texts"], forget["context"].states
         n = len(texts)
-        stop = int(torch.randint(1, ctx.sample_steps, (1,), generator=ctx.generator))
-        seeds = torch.randint(0, 2 ** 31 - 1, (n,), generator=ctx.generator).tolist()
-        x_t, t = denoise(ctx.pipe, texts, seeds, ctx.sample_steps, cfg.start_guidance, unet=unet, stop_after=stop)
+        x_t, t = ctx.partial_sample(texts, cfg.start_guidance, unet)
         anchor_prompts = ctx.encode([ctx.task.anchor_prompt(p) for p in texts]).states
         anchors = sample_anchors(cond, cfg.anchor_samples, ctx.generator)
         rows = torch.arange(len(anchors), device=x_t.device) % n
