@@ -182,6 +182,11 @@ def test_attack_on_a_guard_run_reports_guarded_and_unguarded_rows(tmp_path, tiny
     ("NegToMe", {"threshold": 2}, "threshold must be a cosine similarity in [-1, 1]"),
     ("NegToMe", {"t_start": 0.5, "t_end": 0.8}, "0 <= t_end <= t_start <= 1"),
     ("NegToMe", {"strength": 1}, "unknown key(s) ['strength'] for NegToMe"),
+    ("GoG", {"alpha": 1.5}, "alpha must be a number in [0, 1]"),
+    ("GoG", {"blend": "latent"}, "blend must be one of prediction, embedding"),
+    ("GoG", {"detect": "llm"}, "detect must be one of words, embedding, either, always"),
+    ("GoG", {"synonyms": "mario"}, "synonyms must be a list of non-empty strings"),
+    ("GoG", {"rewrites": {"a": 1}}, "rewrites must be a table of prompt = rewritten prompt strings"),
 ])
 def test_bad_guard_settings_are_one_line_errors(name, args, message):
     with pytest.raises(ObliviateError) as e:
@@ -274,3 +279,61 @@ def test_guard_run_and_attack_on_the_tiny_canvas_world(tiny_world, tmp_path):
     per_item = again["prompt_attack"]["per_item"]
     assert per_item["SLD (unguarded)"] == per_item["original"]
     assert "the guard changes no weight" not in (again["prompt_attack"].get("caption") or "")
+
+
+def test_gog_detects_and_rewrites_by_words_synonyms_table_and_similarity(tiny_pipe):
+    gog = _guard("GoG", synonyms=["zebra pattern"], replacement="plain", rewrites={"a striped cat": "a tabby cat"})
+    assert gog.detect(tiny_pipe, ["a Striped dog", "zebra pattern sofa"]) == [True, True]  # either: words suffice
+    words = _guard("GoG", detect="words", synonyms=["zebra pattern"], replacement="plain")
+    assert words.detect(tiny_pipe, ["a Striped dog", "zebra pattern sofa", "stripedness", "a red star"]) == [
+        True, True, False, False]
+    assert gog.rewrite("a Striped dog, striped") == "a plain dog, plain"
+    assert gog.rewrite("a striped cat") == "a tabby cat"  # the table wins
+    assert gog.rewrite("a red star") == "plain"  # flagged by similarity alone: the replacement
+    # similarity: the concept itself is at cosine 1; threshold -1 flags every prompt, 1 only the concept's own text
+    sims = gog.similarity(tiny_pipe, ["striped", "a red star"])
+    assert sims[0] == pytest.approx(1.0, abs=1e-5) and sims[1] < 1
+    assert _guard("GoG", detect="embedding", similarity_threshold=-1.0).detect(tiny_pipe, ["a red star"]) == [True]
+    assert _guard("GoG", detect="embedding", similarity_threshold=0.99999).detect(
+        tiny_pipe, ["striped", "a red star"]) == [True, False]
+
+
+def test_gog_combine_is_the_papers_formula():
+    gen = torch.Generator().manual_seed(0)
+    u, c, s = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    gog = _guard("GoG", alpha=0.7)
+    gog.guidance, gog.flagged = 3.0, torch.tensor([True, False]).view(-1, 1, 1, 1)
+    got = gog.combine(0, 900, None, u, c, {"<GoG rewritten prompt>": s})
+    torch.testing.assert_close(got[0], u[0] + 3.0 * (0.7 * c[0] + 0.3 * s[0] - u[0]))
+    assert torch.equal(got[1], u[1] + 3.0 * (c[1] - u[1]))  # an unflagged prompt: CFG exactly
+
+
+@pytest.mark.parametrize("blend", ["prediction", "embedding"])
+def test_gog_samples_cfg_for_clean_prompts_and_the_rewrite_at_alpha_zero(tiny_pipe, blend):
+    from obliviate.models.diffusion import sample
+
+    clean = ["a red star", "a blue circle"]
+    assert torch.equal(sample(tiny_pipe, clean, [0, 1], 3, 4.0, guard=_guard("GoG", detect="words", blend=blend)),
+                       sample(tiny_pipe, clean, [0, 1], 3, 4.0))
+    named = ["a red star in striped style", "a blue circle"]
+    rewritten = ["a red star in dotted style", "a blue circle"]
+    plain = sample(tiny_pipe, named, [0, 1], 3, 4.0)
+    gog = _guard("GoG", detect="words", blend=blend, replacement="dotted", alpha=0.0)
+    guarded = sample(tiny_pipe, named, [0, 1], 3, 4.0, guard=gog)
+    assert gog.last_flags == [True, False]
+    torch.testing.assert_close(guarded, sample(tiny_pipe, rewritten, [0, 1], 3, 4.0), atol=1e-5, rtol=0)
+    assert not torch.allclose(guarded[0], plain[0], atol=1e-3)
+    half = sample(tiny_pipe, named, [0, 1], 3, 4.0, guard=_guard("GoG", detect="words", blend=blend, alpha=0.5,
+                                                                 replacement="dotted"))
+    assert not torch.allclose(half[0], guarded[0], atol=1e-3) and not torch.allclose(half[0], plain[0], atol=1e-3)
+
+
+def test_gog_fails_closed_on_conditioning_it_cannot_read(tiny_pipe):
+    from obliviate.models.diffusion import denoise, encode
+
+    gog = _guard("GoG", detect="words")
+    context = encode(tiny_pipe, ["a red star"])
+    denoise(tiny_pipe, ["a red star"], [0], 2, 4.0, context=context, guard=gog)
+    assert gog.last_flags == [True]
+    denoise(tiny_pipe, ["a red star"], [0], 2, 4.0, guard=gog)
+    assert gog.last_flags == [False]

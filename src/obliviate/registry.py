@@ -170,6 +170,11 @@ T2I_METHODS = _table(
     GuardEntry("NegToMe", "obliviate.guards.t2i.negtome:NegToMe", "Negative token merging: each image's attention "
                "outputs pushed away from a concept image sampled alongside (no weight changes).",
                "Singh et al. 2024, Negative Token Merging, https://arxiv.org/abs/2412.01339", family="t2i"),
+    GuardEntry("GoG", "obliviate.guards.t2i.guardians:Guardians", "Guardians of Generation: a prompt that names the "
+               "concept (or is close to it) is sampled with guidance blended between it and its rewrite without the "
+               "concept (no weight changes).",
+               "Roy et al. 2025, Guardians of Generation: Dynamic Inference-Time Copyright Shielding with Adaptive "
+               "Guidance for AI Image Generation, ICCV Workshops, https://arxiv.org/abs/2503.16171", family="t2i"),
 )
 
 E = "obliviate.evals."

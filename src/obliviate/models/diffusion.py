@@ -513,7 +513,9 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
     else:
         cond = encode(pipe, list(prompts), text_encoders)
     if guard is not None:
-        x, cond = guard.begin(pipe, denoiser, x, seeds, cond, guidance, text_encoders)
+        # the texts go along only when they are what was encoded (not under a caller's own `context`)
+        x, cond = guard.begin(pipe, denoiser, x, seeds, cond, guidance, text_encoders,
+                              prompts=list(prompts) if context is None else None)
     last_t = int(sched.timesteps[0])
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:

@@ -1,9 +1,10 @@
 """Text-to-image guards: how a guard takes part in sampling (`models/diffusion.py` `denoise`).
 
 In `denoise`, with a guard (its `guard` argument, or the pipeline's `pipe.guard`):
-  1. `begin(pipe, unet, x, seeds, context, guidance, text_encoder)` once: the guard resets its per-sampling state
-     (SLD's momentum) and returns the latents and text context with its own rows added (NegToMe's negative images
-     join the batch; SLD's safety concept joins the context);
+  1. `begin(pipe, unet, x, seeds, context, guidance, text_encoder, prompts)` once: the guard resets its per-sampling
+     state (SLD's momentum), reads the prompts (GoG's detection) and returns the latents and text context with its
+     own rows added (NegToMe's negative images join the batch; SLD's safety concept and GoG's rewritten prompts join
+     the context);
   2. each step, one denoiser call predicts every row: the conditional, the unconditional and one copy per
      `extra_prompts()` entry, inside `merging(t)` (NegToMe's attention processors act only there);
   3. `combine(step_index, t, x_t, pred_uncond, pred_cond, extra)` replaces classifier-free guidance's
@@ -46,9 +47,10 @@ class T2IGuard(Guard):
         return []
 
     def begin(self, pipe, unet, x: torch.Tensor, seeds, context: torch.Tensor, guidance: float,
-              text_encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start one sampling call: `context` is [conditional (N), unconditional (N)]; returns (latents, context)
-        with the guard's rows; the context then holds [conditional, unconditional, each extra prompt]."""
+              text_encoder=None, prompts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start one sampling call: `context` is [conditional (N), unconditional (N)], `prompts` the N texts it
+        encodes (None when the caller gave its own conditioning); returns (latents, context) with the guard's rows;
+        the context then holds [conditional, unconditional, each extra prompt]."""
         from obliviate.models.diffusion import encode
 
         self.guidance, self.rows = float(guidance), x.shape[0]

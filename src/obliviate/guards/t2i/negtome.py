@@ -120,7 +120,7 @@ class NegToMe(T2IGuard):
         if own is not None:
             unet.set_attn_processor(own)
 
-    def begin(self, pipe, unet, x, seeds, context, guidance, text_encoder=None):
+    def begin(self, pipe, unet, x, seeds, context, guidance, text_encoder=None, prompts=None):
         from obliviate.models.diffusion import encode, initial_noise
 
         # a guard not attached to the pipeline (denoise's `guard` argument) puts its processors on for this call only

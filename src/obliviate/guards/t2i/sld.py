@@ -83,7 +83,7 @@ class SLD(T2IGuard):
     def extra_prompts(self) -> list[str]:
         return [self.target()] if self.active else []
 
-    def begin(self, pipe, unet, x, seeds, context, guidance, text_encoder=None):
+    def begin(self, pipe, unet, x, seeds, context, guidance, text_encoder=None, prompts=None):
         self.momentum = None  # nu_0 = 0 for every sampling call
         return super().begin(pipe, unet, x, seeds, context, guidance, text_encoder)
 
