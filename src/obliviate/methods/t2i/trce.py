@@ -68,8 +68,12 @@ Where obliviate differs, and why:
   left out.
 - The erase term uses the task's forget prompts and their anchor prompts; the reference builds 20 synonyms x 15
   templates with an LLM. The concept's bare word is not erased on its own (the reference's prompts are all templates).
-- Written for CLIP-conditioned UNets (SD 1.x/2.x, SDXL): the [SoT]/[EoT] rows are a CLIP tokenizer's; the DiT shapes'
-  T5 states have no such tokens and no `attn1`/`attn2` split.
+- SDXL runs as SD 1.x (its two CLIP encoders' states side by side; the rows are the first tokenizer's positions, which
+  the second shares). The DiT shapes (SD3, FLUX) are refused (`backbones`): the reference is SD 1.4 only ("we will
+  release the implementation of TRCE on newer model in the future", its README); FLUX's token states are T5's, with
+  no [SoT]/[EoT] rows, and a joint-attention transformer has no attn1 / attn2.to_q split for stage 2. A port would
+  edit `text_input_projections` (as docs/t2i_dit.md does for UCE) and train the image stream's attention: a choice
+  the authors have not made.
 """
 from __future__ import annotations
 
@@ -145,6 +149,10 @@ class TRCE(DiffusionMethod):
     needs_frozen = True  # stage 2's targets: the original's predictions
     needs_images = False  # its x_t come from the original's own trajectories
     default_steps = 300
+    backbones = ("sd", "sdxl")
+    backbones_why = ("its stage 1 remaps a CLIP text encoder's [EoT] states in the UNet's cross-attention and its "
+                     "stage 2 trains the UNet's attn1 and attn2 queries (the authors' code is SD 1.4's); a DiT has "
+                     "neither")
 
     def __init__(self, config=None):
         super().__init__(config)
