@@ -123,9 +123,11 @@ def test_stage1_agrees_with_the_reference_update(tiny_pipe):
 
 
 def test_stage2_loss_by_hand(tiny_pipe):
-    """One batch: the hinge on the forget and unconditional predictions against f = e + g (e - e_u) of the safe and
-    the forget prompt (the original's), and reg_scale x the distance of the unconditional prediction on an
-    unconditional trajectory to the stage-1 model's; the frozen original's keys/values are put back afterwards."""
+    """One batch, re-typed from the reference's run_trce_stage2.py: prefer = e_s + g (e_s - e_u), reject = e_m +
+    g (e_m - e_u) by the original; clamp(mse(pred, prefer) - mse(pred, reject) + margin, 0) on the forget and the
+    unconditional predictions, averaged; plus reg_scale x mse of the unconditional prediction on an unconditional
+    trajectory against the stage-1 model's (here a copy of it, there `unet_reg`); the frozen original's
+    keys/values are put back afterwards."""
     task = tiny_task("striped")
     method = make_method("t2i", "TRCE", {"margin": 0.5, "steer_guidance": 2.0, "reg_batch_size": 2})
     c = method.config
