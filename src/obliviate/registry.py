@@ -163,6 +163,11 @@ T2I_METHODS = _table(
           "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
           "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
           "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
+    Entry("TRCE", M + "t2i.trce:TRCE",
+          "Closed-form cross-attention edit mapping the forget prompts' [EoT] states to the safe prompts', then "
+          "contrastive steering of the early denoising steps towards the safe prediction and away from the unsafe one.",
+          "Chen et al. 2025, TRCE: Towards Reliable Malicious Concept Erasure in Text-to-Image Diffusion Models, ICCV, "
+          "https://arxiv.org/abs/2503.07389", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
