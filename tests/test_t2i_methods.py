@@ -29,6 +29,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "AdvUnlearn": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
     "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
     "Co-Erasing": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
+    "MACE": TrainConfig(max_steps=4, lr=1e-2, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -88,6 +89,15 @@ def _objective(name, pipe, unet, task) -> float:
     pred = _eps(pipe, unet, forget, x)
     if name in ("GradDiff", "RG", "RGD"):
         return float(((pred - eps) ** 2).mean())
+    if name == "MACE":  # its loss: the forget prompts' cross-attention to the concept's tokens and the end token
+        # (tests/test_t2i_mace.py checks that its refinement moves the prediction towards the anchor prompt's)
+        from obliviate.methods.t2i.mace import attention_loss, concept_positions, recording
+        from obliviate.models.diffusion import encode_prompts, predict_noise
+        states = encode_prompts(pipe, forget)
+        with torch.no_grad(), recording(unet) as maps:
+            predict_noise(unet, x, 500, states)
+        positions = concept_positions(pipe.tokenizer, forget, task.concept, states.shape[1], True)
+        return -float(attention_loss(maps, positions, torch.ones(len(forget), *x.shape[-2:])))
     if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing"):  # AdvUnlearn: on the attacked prompt;
         # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py)
         target = 2 * _eps(pipe, _ORIGINAL[0], [""] * len(forget), x) - _eps(pipe, _ORIGINAL[0], forget, x)

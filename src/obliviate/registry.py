@@ -163,6 +163,10 @@ T2I_METHODS = _table(
           "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
           "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
           "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
+    Entry("MACE", M + "t2i.mace:MACE", "Closed-form refinement of the cross-attention keys/values, one LoRA per concept "
+          "emptying the concept's cross-attention maps, the LoRAs fused in closed form.",
+          "Lu et al. 2024, MACE: Mass Concept Erasure in Diffusion Models, CVPR, https://arxiv.org/abs/2403.06135",
+          family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
