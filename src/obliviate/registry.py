@@ -167,6 +167,11 @@ T2I_METHODS = _table(
           "emptying the concept's cross-attention maps, the LoRAs fused in closed form.",
           "Lu et al. 2024, MACE: Mass Concept Erasure in Diffusion Models, CVPR, https://arxiv.org/abs/2403.06135",
           family="t2i"),
+    Entry("Receler", M + "t2i.receler:Receler", "A lightweight eraser after every cross-attention, trained with ESD's target "
+          "under adversarially learned prompt states and kept off everything outside the concept's attention region "
+          "(the result needs the erasers).",
+          "Huang et al. 2024, Receler: Reliable Concept Erasing of Text-to-Image Diffusion Models via Lightweight "
+          "Erasers, ECCV, https://arxiv.org/abs/2311.17717", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
