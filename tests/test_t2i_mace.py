@@ -80,6 +80,21 @@ def test_refinement_is_the_least_squares_solution(tiny_pipe):
     B = torch.cat([math.sqrt(lam) * W.T, G @ W.T])
     direct = torch.linalg.lstsq(A, B).solution.T
     assert torch.allclose(W @ M, direct, atol=1e-8)
+    # the reference's update re-typed (cfr_utils.py `prepare_k_v` + `closed_form_refinement`; in float64: the tiny
+    # encoder's states make mat2 too ill-conditioned for float32's inverse to agree past 1e-3), on each of the UNet's
+    # cross-attention key/value projections
+    for name, p in tiny_pipe.unet.named_parameters():
+        if ".attn2.to_k." not in name and ".attn2.to_v." not in name:
+            continue
+        layer = p.detach().double()
+        mat1, mat2 = lam * layer, lam * torch.eye(layer.shape[1], dtype=torch.float64)
+        for i, (prompt, anchor) in enumerate(zip(task.forget_prompts, method.anchors[0])):
+            o, n = _reference_matching(tok(prompt).input_ids, tok(anchor).input_ids, L)
+            context, values = states[i, o], guides[i, n] @ layer.T
+            mat1 = mat1 + values.T @ context
+            mat2 = mat2 + context.T @ context
+        reference = mat1 @ torch.inverse(mat2)
+        assert torch.allclose(layer @ M, reference, atol=1e-9), name
     # applied to the UNet's cross-attention keys/values, it brings the forget prompts' noise predictions towards
     # their anchor prompts'
     from obliviate.methods.t2i.uce import UCE
