@@ -223,8 +223,13 @@ def test_two_concepts_two_loras_one_fused_edit(tiny_pipe):
     assert changed and changed == set(result.trainable_names)
     assert all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
     assert not any("lora" in k for k in tiny_pipe.unet.state_dict())
-    with pytest.raises(ObliviateError, match="mask"):
-        MACE.Config(mask="gsam")
+
+
+def test_bad_config_names_the_key():
+    for bad, key in (({"mask": "gsam"}, "mask"), ({"lam": -1}, "lam"), ({"rank": 0}, "rank"),
+                     ({"also_erase": "dotted"}, "also_erase"), ({"mask_threshold": 1.0}, "mask_threshold")):
+        with pytest.raises(ObliviateError, match=key):
+            MACE.Config(**bad)
 
 
 def _attention(pipe, unet, prompts, concept) -> float:

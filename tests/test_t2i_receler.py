@@ -106,6 +106,15 @@ def test_inner_attack_brings_the_concept_back_and_the_erasers_train(tiny_pipe):
     assert any(e.up.weight.abs().sum() > 0 for e in erasers(tiny_pipe.unet))  # trained and still attached
 
 
+def test_bad_config_names_the_key():
+    from obliviate.errors import ObliviateError
+
+    for bad, key in (({"eraser_rank": 0}, "eraser_rank"), ({"adv_iters": -1}, "adv_iters"),
+                     ({"mask_threshold": 2.0}, "mask_threshold"), ({"adv_lr": 0}, "adv_lr")):
+        with pytest.raises(ObliviateError, match=key):
+            Receler.Config(**bad)
+
+
 @pytest.mark.slow
 def test_a_run_loads_and_exports_with_its_erasers(tmp_path, tiny_pipeline_dir):
     """A Receler run's changed tensors are its erasers: the run loads with them on; the export is the unchanged base
