@@ -31,7 +31,8 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
     return forget, retain
 
 
-METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"]}  # its default image inversion (200 steps) is a slow start
+METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"],  # its default image inversion (200 steps) is a slow start
+               "Receler": ["adv_iters = 2", "eraser_rank = 8"]}  # 50 adversarial passes a step by default
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:

@@ -168,6 +168,15 @@ T2I_METHODS = _table(
           "contrastive steering of the early denoising steps towards the safe prediction and away from the unsafe one.",
           "Chen et al. 2025, TRCE: Towards Reliable Malicious Concept Erasure in Text-to-Image Diffusion Models, ICCV, "
           "https://arxiv.org/abs/2503.07389", family="t2i"),
+    Entry("MACE", M + "t2i.mace:MACE", "Closed-form refinement of the cross-attention keys/values, one LoRA per concept "
+          "emptying the concept's cross-attention maps, the LoRAs fused in closed form.",
+          "Lu et al. 2024, MACE: Mass Concept Erasure in Diffusion Models, CVPR, https://arxiv.org/abs/2403.06135",
+          family="t2i"),
+    Entry("Receler", M + "t2i.receler:Receler", "A lightweight eraser after every cross-attention, trained with ESD's target "
+          "under adversarially learned prompt states and kept off everything outside the concept's attention region "
+          "(the result needs the erasers).",
+          "Huang et al. 2024, Receler: Reliable Concept Erasing of Text-to-Image Diffusion Models via Lightweight "
+          "Erasers, ECCV, https://arxiv.org/abs/2311.17717", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",

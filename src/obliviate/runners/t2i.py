@@ -167,10 +167,12 @@ def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust
     read."""
     from torch import nn
 
+    from obliviate.methods.t2i.receler import attach_for_run
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import apply_changed
 
     pipe = load_pipeline(base, device, trust_remote_code=trust_remote_code)
+    attach_for_run(pipe, changed_path)  # a Receler run's erasers: modules the base lacks
     # the components under their folder names: their state-dict names are the changed tensors' own
     apply_changed(nn.ModuleDict(pipe.components()), changed_path)
     return pipe
@@ -179,15 +181,23 @@ def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust
 def export(changed_path: Path, base: Path, out: Path) -> Path:
     """A diffusers pipeline folder: the base pipeline with the run's changed UNet and text-encoder tensors applied.
     A guard run's folder also holds its obliviate_guard.json: `obliviate.guards.load_guarded(out)` samples through
-    the guard (diffusers' `from_pretrained` alone gives the unguarded pipeline)."""
+    the guard (diffusers' `from_pretrained` alone gives the unguarded pipeline). A Receler run's erasers cannot be
+    folded into the weights: they go to receler_erasers.safetensors beside an unchanged pipeline, which
+    `obliviate.methods.t2i.receler.load_erased(out)` loads with them on."""
+    from safetensors.torch import save_file
+
     from obliviate.guards import GUARD_FILE, read_guard
+    from obliviate.methods.t2i.receler import ERASERS_FILE, split_erasers
     from obliviate.models.diffusion import save_pipeline
     from obliviate.runs import claim_run_dir
 
     guarded = read_guard(changed_path.parent)  # a bad record fails before anything is written
     pipe = load_run_pipeline(changed_path, base)
+    erasers = split_erasers(pipe)  # a Receler run: the base's folder plus its erasers beside (`load_erased`)
     with claim_run_dir(out) as folder:
         save_pipeline(pipe, folder.tmp)
+        if erasers:
+            save_file(erasers, str(folder.tmp / ERASERS_FILE))
         if guarded is not None:
             from obliviate.runs import write_json
             write_json(folder.tmp / GUARD_FILE, guarded[1])
