@@ -29,6 +29,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "AdvUnlearn": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
     "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
     "Co-Erasing": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
+    "AllButOne": TrainConfig(max_steps=6, lr=1e-3, batch_size=3),
     "ANT": TrainConfig(max_steps=6, lr=1e-4, batch_size=3),  # the whole UNet: higher rates overshoot on a random one
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and

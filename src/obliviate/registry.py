@@ -163,6 +163,10 @@ T2I_METHODS = _table(
           "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
           "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
           "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
+    Entry("AllButOne", M + "t2i.all_but_one:AllButOne", "The concept's guidance term eps(c) - eps('') moved to an alternative "
+          "prompt's, the unconditional prediction held (written from the paper's abstract: its equations are unchecked).",
+          "Hong, Lee, Woo 2024, All but One: Surgical Concept Erasing with Model Preservation in Text-to-Image Diffusion "
+          "Models, AAAI, https://arxiv.org/abs/2312.12807", family="t2i"),
     Entry("ANT", M + "t2i.ant:ANT", "Trajectory-aware fine-tuning: the concept's guidance direction kept in the early "
           "denoising steps and reversed in the later ones, the unconditional prediction held, on a saliency-masked UNet.",
           "Li et al. 2025, Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts, "
