@@ -21,7 +21,8 @@ the defaults are obliviate's, not the paper's. What the abstract states, and how
   the task's anchor (EraseTask.anchor_prompt; no anchor: the prompt without the concept, so only the concept's part
   of the guidance is removed and the rest of the prompt still guides).
 
-    L = || g_theta(x_t, c) - [(1 - eta) g_0(x_t, c) + eta g_0(x_t, a)] ||^2 + lambda || eps_theta(x_t, "") - eps_0(x_t, "") ||^2
+    L = || g_theta(x_t, c) - [(1 - eta) g_0(x_t, c) + eta g_0(x_t, a)] ||^2
+        + lambda || eps_theta(x_t, "") - eps_0(x_t, "") ||^2
 
 with g_theta(x_t, c) = eps_theta(x_t, c) - eps_theta(x_t, "") differentiated through both predictions (the update
 is on the guidance term itself; the second term is what keeps its unconditional half from drifting), x_t the
