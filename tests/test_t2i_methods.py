@@ -92,7 +92,8 @@ def _objective(name, pipe, unet, task) -> float:
     if name in ("GradDiff", "RG", "RGD"):
         return float(((pred - eps) ** 2).mean())
     if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "ANT"):  # AdvUnlearn: on the attacked prompt;
-        # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py)
+        # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py); ANT: its
+        # late-stage target (the early one keeps the original: test_t2i_ant.py)
         target = 2 * _eps(pipe, _ORIGINAL[0], [""] * len(forget), x) - _eps(pipe, _ORIGINAL[0], forget, x)
     elif name == "SalUn":  # its loss: the concept's prediction onto mismatched (retain) prompts', same model
         retain = [p.text for p in task.retain_prompts][:len(forget)]

@@ -31,7 +31,8 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
     return forget, retain
 
 
-# slow starts by default: Co-Erasing's image inversion (200 steps), ANT's saliency map (200 gradient draws; the map is tested in test_t2i_ant.py)
+# slow starts by default: Co-Erasing's image inversion (200 steps), ANT's saliency map (200 gradient draws; the map
+# is tested in test_t2i_ant.py)
 METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"], "ANT": ["mask_fraction = 0"]}
 
 
