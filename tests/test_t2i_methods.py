@@ -32,6 +32,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "TRCE": TrainConfig(max_steps=3, lr=1e-3, batch_size=3),
     "MACE": TrainConfig(max_steps=4, lr=1e-2, batch_size=3),
     "Receler": TrainConfig(max_steps=3, lr=1e-2, batch_size=3),
+    "ANT": TrainConfig(max_steps=6, lr=1e-4, batch_size=3),  # the whole UNet: higher rates overshoot on a random one
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -45,6 +46,7 @@ ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_we
         "SPM": {"anchoring_weight": 10.0},  # at the paper's 1000 the random anchors hold the tiny encoder's concept too
         "Co-Erasing": {"inversion_steps": 5},
         "Receler": {"adv_iters": 1, "eraser_rank": 8}}
+        "ANT": {"mask_prompts": 1, "mask_seeds": 1, "mask_iterations": 1}}
 
 
 def test_every_registered_method_has_settings():
@@ -105,6 +107,9 @@ def _objective(name, pipe, unet, task) -> float:
     if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "Receler"):  # AdvUnlearn: on the attacked prompt;
         # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py); Receler:
         # through the erasers it adds
+    if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "ANT"):  # AdvUnlearn: on the attacked prompt;
+        # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py); ANT: its
+        # late-stage target (the early one keeps the original: test_t2i_ant.py)
         target = 2 * _eps(pipe, _ORIGINAL[0], [""] * len(forget), x) - _eps(pipe, _ORIGINAL[0], forget, x)
     elif name == "SalUn":  # its loss: the concept's prediction onto mismatched (retain) prompts', same model
         retain = [p.text for p in task.retain_prompts][:len(forget)]

@@ -177,6 +177,10 @@ T2I_METHODS = _table(
           "(the result needs the erasers).",
           "Huang et al. 2024, Receler: Reliable Concept Erasing of Text-to-Image Diffusion Models via Lightweight "
           "Erasers, ECCV, https://arxiv.org/abs/2311.17717", family="t2i"),
+    Entry("ANT", M + "t2i.ant:ANT", "Trajectory-aware fine-tuning: the concept's guidance direction kept in the early "
+          "denoising steps and reversed in the later ones, the unconditional prediction held, on a saliency-masked UNet.",
+          "Li et al. 2025, Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts, "
+          "ACM MM, https://arxiv.org/abs/2504.12782", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
