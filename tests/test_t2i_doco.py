@@ -98,41 +98,42 @@ def doco_ctx(tiny_pipe):
     return ctx, {"texts": texts, "context": ctx.encode(texts)}
 
 
-def test_losses_and_discriminator_step_by_hand(doco_ctx):
-    """One batch of the tiny SD pipeline: x0 of each prediction by DDPM's formula, L_adv = BCE(D(x0_c), 0), the
-    anchor's denoising loss, then at the next call D's Adam step on L_D = BCE(D(x0_c), 1) + BCE(D(x0_a), 0) of the
-    first call's (detached) predictions, all re-computed here by hand."""
+def test_warmup_then_losses_and_discriminator_step_by_hand(doco_ctx):
+    """On the tiny SD pipeline, with a warm-up of one step: the first call gives the denoiser no gradient (and a run
+    that ended there is refused); the second first takes D's Adam step on L_D = BCE(D(x0_c), 1) + BCE(D(x0_a), 0) of
+    the first call's (detached) predictions, then gives L_adv = BCE(D(x0_c), 0) and the anchor's denoising loss,
+    each x0 by DDPM's formula: all re-computed here by hand."""
     ctx, forget = doco_ctx
     pipe, unet = ctx.pipe, ctx.pipe.unet
-    method = make_method("t2i", "DoCo", {"warmup_steps": 0, "disc_width": 4, "disc_lr": 1e-3})
+    method = make_method("t2i", "DoCo", {"warmup_steps": 1, "disc_width": 4, "disc_lr": 1e-3})
     params = [p.requires_grad_(True) for n, p in unet.named_parameters() if method.trainable(n, p)]
     method.setup(ctx, forget, params)
     assert forget["anchor_latents"].shape[0] == len(forget["texts"])
     draws, noisy = [], ctx.noisy
     ctx.noisy = lambda x0: draws.append(noisy(x0)) or draws[-1]
-    d_first = copy.deepcopy(method.discriminator)
-    parts = method.losses(ctx, unet, forget, {})
-    assert "disc_loss" not in parts.logs and parts.logs["adversarial"] == 1.0
-
     anchor_states = encode_prompts(pipe, [ctx.task.anchor_prompt(t) for t in forget["texts"]])
-    (x_t, t, _), (xa_t, ta, eps_a) = draws
-    abar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    with torch.no_grad():
-        x0_a = (x_t - (1 - abar).sqrt() * predict_noise(ctx.frozen, x_t, t, anchor_states)) / abar.sqrt()
-        x0_c = (x_t - (1 - abar).sqrt() * predict_noise(unet, x_t, t, encode_prompts(pipe, forget["texts"]))) \
-            / abar.sqrt()
-        adv = torch.log1p(torch.exp(d_first(x0_c))).mean()  # -log(1 - sigmoid(z))
-        preserve = ((predict_noise(unet, xa_t, ta, anchor_states) - eps_a) ** 2).mean()
-    assert float(parts.forget.detach()) == pytest.approx(float(adv), rel=1e-5)
-    assert float(parts.retain.detach()) == pytest.approx(float(preserve), rel=1e-5)
-    assert parts.forget.requires_grad and parts.retain.requires_grad
+    concept_states = encode_prompts(pipe, forget["texts"])
 
+    @torch.no_grad()
+    def x0s(x_t, t):  # the concept's (model being erased) and the anchor's (original) clean latents
+        abar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return [(x_t - (1 - abar).sqrt() * predict_noise(u, x_t, t, c)) / abar.sqrt()
+                for u, c in ((unet, concept_states), (ctx.frozen, anchor_states))]
+
+    warm = method.losses(ctx, unet, forget, {})
+    assert warm.logs["adversarial"] == 0.0 and warm.retain is None and "disc_loss" not in warm.logs
+    assert all(g is None for g in torch.autograd.grad(warm.total, params, allow_unused=True))
+    with pytest.raises(ObliviateError, match="warm-up"):  # no step past the warm-up: the run changed nothing
+        method.detach(unet)
+
+    x0_c, x0_a = x0s(*draws[0][:2])
     d_before = copy.deepcopy(method.discriminator)
     loss_d = (torch.log1p(torch.exp(-d_before(x0_c))).mean()  # -log sigmoid(z): the concept labelled 1
               + torch.log1p(torch.exp(d_before(x0_a))).mean())  # -log(1 - sigmoid(z)): the anchor labelled 0
     grads = torch.autograd.grad(loss_d, list(d_before.parameters()))
-    parts2 = method.losses(ctx, unet, forget, {})
-    assert parts2.logs["disc_loss"] == pytest.approx(float(loss_d), rel=1e-5)
+    parts = method.losses(ctx, unet, forget, {})
+    assert parts.logs["adversarial"] == 1.0 and method.detach(unet) is None
+    assert parts.logs["disc_loss"] == pytest.approx(float(loss_d.detach()), rel=1e-5)
     lr, (b1, b2) = 1e-3, DISC_BETAS
     checked = 0
     for p_new, p_old, g in zip(method.discriminator.parameters(), d_before.parameters(), grads):
@@ -145,25 +146,15 @@ def test_losses_and_discriminator_step_by_hand(doco_ctx):
         checked += int(sure.sum())
     assert checked > 0.8 * sum(p.numel() for p in d_before.parameters())
 
-
-def test_warmup_trains_the_discriminator_alone(doco_ctx):
-    ctx, forget = doco_ctx
-    unet = ctx.pipe.unet
-    method = make_method("t2i", "DoCo", {"warmup_steps": 2, "disc_width": 4})
-    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if method.trainable(n, p)]
-    method.setup(ctx, forget, params)
-    first = [p.detach().clone() for p in method.discriminator.parameters()]
-    for _ in range(2):
-        parts = method.losses(ctx, unet, forget, {})
-        assert parts.logs["adversarial"] == 0.0 and parts.retain is None
-        assert all(g is None for g in torch.autograd.grad(parts.total, params, allow_unused=True))
-    with pytest.raises(ObliviateError, match="warm-up"):  # no step past the warm-up: the run changed nothing
-        method.detach(unet)
-    assert not any(torch.equal(a, b) for a, b in zip(first, method.discriminator.parameters()))
-    parts = method.losses(ctx, unet, forget, {})
-    assert parts.logs["adversarial"] == 1.0
-    assert all(g is not None for g in torch.autograd.grad(parts.forget, params, allow_unused=True))
-    assert method.detach(unet) is None
+    (x_t, t, _), (xa_t, ta, eps_a) = draws[1:]
+    x0_c, _ = x0s(x_t, t)
+    with torch.no_grad():  # D after its step (checked above)
+        adv = torch.log1p(torch.exp(method.discriminator(x0_c))).mean()  # -log(1 - sigmoid(z))
+        preserve = ((predict_noise(unet, xa_t, ta, anchor_states) - eps_a) ** 2).mean()
+    assert float(parts.forget.detach()) == pytest.approx(float(adv), rel=1e-5)
+    assert float(parts.retain.detach()) == pytest.approx(float(preserve), rel=1e-5)
+    assert all(g is not None for g in torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True))
+    assert parts.retain.requires_grad
 
 
 def test_adversarial_direction_where_the_discriminator_can_learn():
@@ -182,7 +173,7 @@ def test_adversarial_direction_where_the_discriminator_can_learn():
         anchor = torch.randn(6, 4, 8, 8, generator=gen)
         return anchor + stripes, anchor
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         method.pending = batch()
         losses.append(method.discriminator_step())
     assert sum(losses[-5:]) / 5 < 0.5 * 2 * math.log(2) < losses[0]  # well below chance (2 ln 2)
@@ -206,3 +197,25 @@ def test_discriminator_depth_and_bad_configs():
                        ("preserve_on", "all"), ("surgery", 1), ("surgery_scale", -1)):
         with pytest.raises(ObliviateError, match=key):
             make_method("t2i", "DoCo", {key: value})
+
+
+def test_clean_latents_inverts_each_shapes_forward_process():
+    """x0 from a prediction that is exactly the target: DDPM's x0 on the SD shape, x_t - sigma v under SD3's flow
+    matching (the same solve, from each backbone's own forward process)."""
+    from types import SimpleNamespace
+
+    from obliviate.methods.t2i.doco import clean_latents
+    from obliviate.models.diffusion import SDBackbone
+    from obliviate.models.dit import SD3Backbone
+    from obliviate.worlds.canvas_train import make_scheduler
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    for backbone, scheduler, t in ((SDBackbone(), make_scheduler(), torch.tensor([10, 400, 900])),
+                                   (SD3Backbone(), SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)),
+                                    torch.tensor([10.0, 400.0, 900.0]))):  # all its forward process reads
+        ctx = SimpleNamespace(pipe=SimpleNamespace(backbone=backbone, scheduler=scheduler))
+        x_t = backbone.noisy(ctx.pipe, x0, noise, t)
+        pred = backbone.target(ctx.pipe, x0, noise, t)
+        torch.testing.assert_close(clean_latents(ctx, x_t, t, pred), x0, atol=2e-5, rtol=1e-4)
+        assert not torch.allclose(clean_latents(ctx, x_t, t, noise + 0.1), x0, atol=1e-2)
