@@ -31,7 +31,8 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
     return forget, retain
 
 
-METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"]}  # its default image inversion (200 steps) is a slow start
+METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"],  # its default image inversion (200 steps) is a slow start
+               "DoCo": ["warmup_steps = 1", "disc_width = 8"]}  # of the 2 steps, one past the discriminator's warm-up
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:
