@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from obliviate.config import TrainConfig
 from obliviate.errors import ObliviateError
+from obliviate.loops.t2i import erase
 from obliviate.methods.common import make_method
 from obliviate.methods.t2i.base import EraseContext
 from obliviate.methods.t2i.doco import DISC_BETAS, PatchDiscriminator
@@ -123,7 +125,7 @@ def test_warmup_then_losses_and_discriminator_step_by_hand(doco_ctx):
     warm = method.losses(ctx, unet, forget, {})
     assert warm.logs["adversarial"] == 0.0 and warm.retain is None and "disc_loss" not in warm.logs
     assert all(g is None for g in torch.autograd.grad(warm.total, params, allow_unused=True))
-    with pytest.raises(ObliviateError, match="warm-up"):  # no step past the warm-up: the run changed nothing
+    with pytest.raises(ObliviateError, match="not changed"):  # no step past the warm-up: the run changed nothing
         method.detach(unet)
 
     x0_c, x0_a = x0s(*draws[0][:2])
@@ -132,7 +134,7 @@ def test_warmup_then_losses_and_discriminator_step_by_hand(doco_ctx):
               + torch.log1p(torch.exp(d_before(x0_a))).mean())  # -log(1 - sigmoid(z)): the anchor labelled 0
     grads = torch.autograd.grad(loss_d, list(d_before.parameters()))
     parts = method.losses(ctx, unet, forget, {})
-    assert parts.logs["adversarial"] == 1.0 and method.detach(unet) is None
+    assert parts.logs["adversarial"] == 1.0
     assert parts.logs["disc_loss"] == pytest.approx(float(loss_d.detach()), rel=1e-5)
     lr, (b1, b2) = 1e-3, DISC_BETAS
     checked = 0
@@ -153,8 +155,16 @@ def test_warmup_then_losses_and_discriminator_step_by_hand(doco_ctx):
         preserve = ((predict_noise(unet, xa_t, ta, anchor_states) - eps_a) ** 2).mean()
     assert float(parts.forget.detach()) == pytest.approx(float(adv), rel=1e-5)
     assert float(parts.retain.detach()) == pytest.approx(float(preserve), rel=1e-5)
-    assert all(g is not None for g in torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True))
-    assert parts.retain.requires_grad
+    grads_u = torch.autograd.grad(parts.forget, params, retain_graph=True, allow_unused=True)
+    assert all(g is not None for g in grads_u) and parts.retain.requires_grad
+    with torch.no_grad():  # a step changed the denoiser: the run is not refused
+        params[0].sub_(1e-3 * grads_u[0])
+    assert method.detach(unet) is None
+    # a run of the loop whose steps are all warm-up is refused at its end, even though the loop's probe of the last
+    # state calls the losses once more, past the warm-up
+    with pytest.raises(ObliviateError, match="not changed"):
+        erase(pipe, ctx.task, make_method("t2i", "DoCo", {"warmup_steps": 2, "disc_width": 4}),
+              TrainConfig(max_steps=2, batch_size=2), images_per_prompt=1, sample_steps=2)
 
 
 def test_adversarial_direction_where_the_discriminator_can_learn():

@@ -73,7 +73,7 @@ Where obliviate differs, and why:
   so the same code gives DDPM's x0 on epsilon shapes and x_t - sigma v on flow-matching ones.
 - A resumed run restarts the discriminator (its state is not in the loop's checkpoints), and the loop's learning-rate
   warm-up (`train.warmup_fraction`) counts the discriminator's warm-up steps. A run with no step past the warm-up
-  changed nothing and is refused when it ends.
+  changed nothing and is refused when it ends (the method is not told the run's step count before).
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ class DoCo(DiffusionMethod):
                                                     PatchDiscriminator.blocks_for(height, width)).to(ctx.pipe.device)
         self.disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=self.config.disc_lr, betas=DISC_BETAS)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.step, self.adversarial_steps = 0, 0
+        self.step, self.original = 0, ctx.frozen
 
     def domain(self, ctx: EraseContext, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """What the discriminator reads of a prediction."""
@@ -250,7 +250,6 @@ class DoCo(DiffusionMethod):
         self.pending = (concept_domain.detach(), anchor_domain)
         if not adversarial:  # the warm-up: no gradient reaches the denoiser, which takes no step
             return LossParts(forget=torch.zeros((), device=x0.device, requires_grad=True), logs=logs)
-        self.adversarial_steps += 1
         adv = self.adversarial_loss(concept_domain)
         logs["adv_loss"] = float(adv.detach())
         if not self.config.surgery and self.config.preserve_weight == 0:
@@ -281,8 +280,11 @@ class DoCo(DiffusionMethod):
         return out, logs
 
     def detach(self, unet) -> None:
-        if self.adversarial_steps == 0:
-            raise ObliviateError(f"DoCo: every step was the discriminator's warm-up (warmup_steps = "
-                                 f"{self.config.warmup_steps}), so the denoiser was not changed: set train.max_steps "
-                                 "above warmup_steps or lower warmup_steps")
+        """Refuse a run that changed nothing (its steps all the discriminator's warm-up): the trained tensors are
+        compared with the original's, which also holds for a resumed run whose earlier steps changed them."""
+        original = dict(self.original.named_parameters())
+        if all(torch.equal(p, original[n]) for n, p in unet.named_parameters() if self.trainable(n, p)):
+            raise ObliviateError(f"DoCo: the denoiser was not changed: were all the steps the discriminator's warm-up "
+                                 f"(warmup_steps = {self.config.warmup_steps})? Set train.max_steps above "
+                                 "warmup_steps, or lower warmup_steps")
         return None
