@@ -59,7 +59,8 @@ the run's `train` keys here (default steps 2000).
 Where obliviate differs, and why:
 - The projection: the reference subtracts lambda cos(g_u, g_p) g_p/||g_p|| from the UNnormalised g_u, which removes
   the conflicting component only when ||g_u|| = 1; here the component itself, lambda <g_u, g_p>/||g_p||^2 g_p (the
-  surgery the paper describes; the two agree for unit-norm g_u, which the tests check).
+  gradient surgery of PCGrad, Yu et al. 2020, which the abstract's "mitigates conflicting gradient components" names;
+  the paper's method section was not at hand, only its abstract; the two agree for unit-norm g_u, as a test checks).
 - The reference clips g_u and g_p to norm 1 each before the surgery and not the result; here the loop clips the step
   (`train.max_grad_norm`).
 - The reference's backward of the denoiser's adversarial loss also reaches D's weights, and those gradients are not
