@@ -33,6 +33,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "MACE": TrainConfig(max_steps=4, lr=1e-2, batch_size=3),
     "Receler": TrainConfig(max_steps=3, lr=1e-2, batch_size=3),
     "ANT": TrainConfig(max_steps=6, lr=1e-4, batch_size=3),  # the whole UNet: higher rates overshoot on a random one
+    "DoCo": TrainConfig(max_steps=4, lr=5e-3, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -47,6 +48,12 @@ ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_we
         "Co-Erasing": {"inversion_steps": 5},
         "Receler": {"adv_iters": 1, "eraser_rank": 8}}
         "ANT": {"mask_prompts": 1, "mask_seeds": 1, "mask_iterations": 1}}
+        "DoCo": {"warmup_steps": 2, "disc_width": 8, "disc_lr": 1e-2}}  # the reference's 1000 warm-up steps, 64 wide
+# DoCo's direction is its discriminator's: on this random tiny UNet the concept's and the anchor's predictions differ by
+# ~1 %, which its discriminator does not learn to tell apart in a few steps (nor in a hundred: it stays at chance), so
+# a run here moves the weights without a direction to check; its own tests check the direction where the
+# discriminator can learn, and its losses and surgery by hand
+DIRECTION_TESTED_ELSEWHERE = {"DoCo": "tests/test_t2i_doco.py"}
 
 
 def test_every_registered_method_has_settings():
@@ -79,6 +86,8 @@ def test_method_contract(name, tiny_pipe):
     assert changed, f"{name} changed nothing"
     assert changed <= allowed, f"{name} changed parameters it does not train: {sorted(changed - allowed)[:3]}"
     # the method's own forget objective moves the right way, measured on fixed noise against the original UNet
+    if name in DIRECTION_TESTED_ELSEWHERE:
+        return
     assert _objective(name, tiny_pipe, original, task) < _objective(name, tiny_pipe, tiny_pipe.unet, task), name
 
 

@@ -36,6 +36,7 @@ METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"],  # its default image inver
 # slow starts by default: Co-Erasing's image inversion (200 steps), ANT's saliency map (200 gradient draws; the map
 # is tested in test_t2i_ant.py)
 METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"], "ANT": ["mask_fraction = 0"]}
+               "DoCo": ["warmup_steps = 1", "disc_width = 8"]}  # of the 2 steps, one past the discriminator's warm-up
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:

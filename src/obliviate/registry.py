@@ -181,6 +181,11 @@ T2I_METHODS = _table(
           "denoising steps and reversed in the later ones, the unconditional prediction held, on a saliency-masked UNet.",
           "Li et al. 2025, Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts, "
           "ACM MM, https://arxiv.org/abs/2504.12782", family="t2i"),
+    Entry("DoCo", M + "t2i.doco:DoCo",
+          "A discriminator tells the concept's predictions from the anchor's and the denoiser learns to fool it, its "
+          "gradient stripped of the part that conflicts with preserving the anchor (concept-preserving gradient).",
+          "Wu et al. 2025, Unlearning Concepts in Diffusion Model via Concept Domain Correction and Concept "
+          "Preserving Gradient, AAAI, https://arxiv.org/abs/2405.15304", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",

@@ -103,3 +103,39 @@ def balanced_subset(items: list, size: int, rng=None) -> list:
         subjects = by_source[source]
         streams.append(_round_robin([_shuffled(subjects[s], rng) for s in _shuffled(list(subjects), rng)]))
     return _round_robin(streams)[:size]
+
+
+def project_conflict(g: list, g_ref: list, scale: float = 1.0, per_tensor: bool = False) -> tuple[list, dict]:
+    """One-sided gradient surgery (the rule of PCGrad, Yu et al. 2020, https://arxiv.org/abs/2001.06782, for one
+    pair; DoCo's concept-preserving gradient): where <g, g_ref> < 0,
+
+        g' = g - scale * <g, g_ref> / ||g_ref||^2 * g_ref
+
+    (scale 1: the whole component of g against g_ref goes), else g' = g. g_ref is neither changed nor added: unlike
+    `restrict`, which projects both gradients and whose callers step on their sum. Tested over the flattened
+    concatenation of the tensors, or for each tensor on its own (`per_tensor`). Lists are aligned per parameter; None
+    counts as zero (a None of g stays None where it is not projected). Returns (g', logs): the cosine of the original
+    whole vectors and `grad_conflict`, the share of the tested blocks (tensors, or the one whole vector) that
+    conflicted and were projected."""
+    if len(g) != len(g_ref):
+        raise ValueError(f"project_conflict: {len(g)} gradients but {len(g_ref)} reference gradients")
+    present = [t for t in list(g) + list(g_ref) if t is not None]
+    if not present:
+        return list(g), {"grad_cosine": 0.0, "grad_conflict": 0.0}
+    device = present[0].device
+    blocks = [[i] for i in range(len(g))] if per_tensor else [list(range(len(g)))]
+    out, conflicts = list(g), 0
+    for block in blocks:
+        a, b = [g[i] for i in block], [g_ref[i] for i in block]
+        s = _dot(a, b, device)
+        if not float(s) < 0:  # s < 0 implies ||b|| > 0
+            continue
+        coef = scale * float(s / _dot(b, b, device))
+        for i in block:
+            if g_ref[i] is not None:
+                out[i] = (torch.zeros_like(g_ref[i]) if g[i] is None else g[i]) - coef * g_ref[i]
+        conflicts += 1
+    s, n2, n2_ref = _dot(g, g_ref, device), _dot(g, g, device), _dot(g_ref, g_ref, device)
+    denom = (n2 * n2_ref).sqrt()
+    cos = float(s / denom) if float(denom) > 0 else 0.0
+    return out, {"grad_cosine": cos, "grad_conflict": conflicts / len(blocks)}
