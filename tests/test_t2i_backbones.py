@@ -112,6 +112,7 @@ def test_uce_edits_sdxl_cross_attention_towards_the_anchor(tiny_sdxl):
 
 
 SDXL_ARGS = {"AdvUnlearn": {"attack_steps": 3},  # its inner attack: 30 steps by default
+             "ANT": {"mask_seeds": 1, "mask_iterations": 2},  # its saliency map: 200 gradient draws by default
              "DoCo": {"warmup_steps": 1}}  # of the run's 2 steps, one past the discriminator's warm-up (1000)
 
 
@@ -120,8 +121,6 @@ SDXL_ARGS = {"AdvUnlearn": {"attack_steps": 3},  # its inner attack: 30 steps by
 @pytest.mark.parametrize("method", [m if m in REFUSED else pytest.param(m, marks=pytest.mark.slow)
                                     for m in sorted(T2I_METHODS)])
 def test_every_method_runs_on_sdxl_or_is_refused(tmp_path, tiny_sdxl_pipeline_dir, method):
-    # AdvUnlearn's inner attack: 30 steps by default; ANT's saliency map: 200 gradient draws by default
-    args = {"AdvUnlearn": {"attack_steps": 3}, "ANT": {"mask_seeds": 1, "mask_iterations": 2}}.get(method)
     args = SDXL_ARGS.get(method)
     result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, method, args)), "--quiet"])
     run = tmp_path / "runs" / "r1"

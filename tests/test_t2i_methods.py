@@ -46,8 +46,8 @@ ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_we
         "RECE": {"epochs": 1, "preserve_retain_prompts": True},
         "SPM": {"anchoring_weight": 10.0},  # at the paper's 1000 the random anchors hold the tiny encoder's concept too
         "Co-Erasing": {"inversion_steps": 5},
-        "Receler": {"adv_iters": 1, "eraser_rank": 8}}
-        "ANT": {"mask_prompts": 1, "mask_seeds": 1, "mask_iterations": 1}}
+        "Receler": {"adv_iters": 1, "eraser_rank": 8},
+        "ANT": {"mask_prompts": 1, "mask_seeds": 1, "mask_iterations": 1},
         "DoCo": {"warmup_steps": 2, "disc_width": 8, "disc_lr": 1e-2}}  # the reference's 1000 warm-up steps, 64 wide
 # DoCo's direction is its discriminator's: on this random tiny UNet the concept's and the anchor's predictions differ by
 # ~1 %, which its discriminator does not learn to tell apart in a few steps (nor in a hundred: it stays at chance), so
@@ -113,12 +113,10 @@ def _objective(name, pipe, unet, task) -> float:
             predict_noise(unet, x, 500, states)
         positions = concept_positions(pipe.tokenizer, forget, task.concept, states.shape[1], True)
         return -float(attention_loss(maps, positions, torch.ones(len(forget), *x.shape[-2:])))
-    if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "Receler"):  # AdvUnlearn: on the attacked prompt;
-        # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py); Receler:
-        # through the erasers it adds
-    if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "ANT"):  # AdvUnlearn: on the attacked prompt;
-        # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py); ANT: its
-        # late-stage target (the early one keeps the original: test_t2i_ant.py)
+    if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "Receler", "ANT"):  # AdvUnlearn: on the
+        # attacked prompt; Co-Erasing: under text + image tokens (its own objective is checked in
+        # test_t2i_co_erasing.py); Receler: through the erasers it adds; ANT: its late-stage target (the early one
+        # keeps the original: test_t2i_ant.py)
         target = 2 * _eps(pipe, _ORIGINAL[0], [""] * len(forget), x) - _eps(pipe, _ORIGINAL[0], forget, x)
     elif name == "SalUn":  # its loss: the concept's prediction onto mismatched (retain) prompts', same model
         retain = [p.text for p in task.retain_prompts][:len(forget)]

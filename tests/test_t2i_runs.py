@@ -31,12 +31,12 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
     return forget, retain
 
 
-METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"],  # its default image inversion (200 steps) is a slow start
-               "Receler": ["adv_iters = 2", "eraser_rank = 8"]}  # 50 adversarial passes a step by default
 # slow starts by default: Co-Erasing's image inversion (200 steps), ANT's saliency map (200 gradient draws; the map
-# is tested in test_t2i_ant.py)
-METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"], "ANT": ["mask_fraction = 0"]}
-               "DoCo": ["warmup_steps = 1", "disc_width = 8"]}  # of the 2 steps, one past the discriminator's warm-up
+# is tested in test_t2i_ant.py), Receler's 50 adversarial passes a step; DoCo: of the 2 steps, one past the
+# discriminator's warm-up
+METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"], "ANT": ["mask_fraction = 0"],
+               "Receler": ["adv_iters = 2", "eraser_rank = 8"],
+               "DoCo": ["warmup_steps = 1", "disc_width = 8"]}
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:
