@@ -29,6 +29,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "AdvUnlearn": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
     "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
     "Co-Erasing": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
+    "ForgetMeNot": TrainConfig(max_steps=6, lr=1e-3, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -88,6 +89,11 @@ def _objective(name, pipe, unet, task) -> float:
     pred = _eps(pipe, unet, forget, x)
     if name in ("GradDiff", "RG", "RGD"):
         return float(((pred - eps) ** 2).mean())
+    if name == "ForgetMeNot":  # minus its loss: the concept tokens' cross-attention on the same noisy latents
+        from obliviate.methods.t2i.forget_me_not import attention_loss, concept_positions, recorded_cross_attention
+        with torch.no_grad(), recorded_cross_attention(unet) as maps:
+            _eps(pipe, unet, forget, x)
+        return -float(attention_loss(maps, concept_positions(pipe, forget, task.concept, True)))
     if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing"):  # AdvUnlearn: on the attacked prompt;
         # Co-Erasing: under text + image tokens (its own objective is checked in test_t2i_co_erasing.py)
         target = 2 * _eps(pipe, _ORIGINAL[0], [""] * len(forget), x) - _eps(pipe, _ORIGINAL[0], forget, x)
