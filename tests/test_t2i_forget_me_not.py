@@ -91,3 +91,30 @@ def test_cross_attention_choice_trains_only_attn2(tiny_pipe):
     assert all(everything.trainable(n, None) for n in names)
     with pytest.raises(ObliviateError, match="train"):
         make_method("t2i", "ForgetMeNot", {"train": "attn"})
+
+
+def test_agrees_with_the_reference_loss_on_its_batch_of_one(tiny_pipe):
+    """The reference's AttnController, re-typed: per attn2 call, the probabilities at the positions mask repeated
+    over the heads, reshaped to [-1, positions], all concatenated, then one norm (train_attn.py). Its batch is 1."""
+    from obliviate.methods.common import make_method
+    from obliviate.methods.t2i.base import EraseContext
+
+    task = __import__("conftest").tiny_task()
+    text = task.forget_prompts[:1]
+    ctx = EraseContext(tiny_pipe, None, task, torch.Generator().manual_seed(0), sample_steps=2)
+    batch = {"texts": text, "context": ctx.encode(text), "latents": initial_noise(tiny_pipe, [9])}
+    state = ctx.generator.get_state()
+    with torch.no_grad():
+        ours = make_method("t2i", "ForgetMeNot").losses(ctx, tiny_pipe.unet, batch, {}).forget
+        ctx.generator.set_state(state)
+        x_t, t, _ = ctx.noisy(batch["latents"])
+        positions = concept_positions(tiny_pipe, text, task.concept, use_pooler=True)
+        with recorded_cross_attention(tiny_pipe.unet) as maps:
+            ctx.predict(tiny_pipe.unet, x_t, t, batch["context"])
+    kept = []
+    for per_call in maps.values():
+        for probs in per_call:
+            heads = probs.shape[0] // positions.shape[0]
+            mask = positions[:, None, :].repeat(heads, 1, 1)
+            kept.append(probs.masked_select(mask).reshape(-1, int(positions[0].sum())))
+    assert float(ours) == pytest.approx(float(torch.cat(kept).norm()), rel=1e-6)

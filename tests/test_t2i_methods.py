@@ -30,6 +30,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
     "Co-Erasing": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
     "ForgetMeNot": TrainConfig(max_steps=6, lr=1e-3, batch_size=3),
+    "EraseDiff": TrainConfig(max_steps=6, lr=2e-3, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -41,7 +42,8 @@ ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_we
         "AdvUnlearn": {"attack_steps": 5, "attack_lr": 1e-2, "warmup_steps": 3},
         "RECE": {"epochs": 1, "preserve_retain_prompts": True},
         "SPM": {"anchoring_weight": 10.0},  # at the paper's 1000 the random anchors hold the tiny encoder's concept too
-        "Co-Erasing": {"inversion_steps": 5}}
+        "Co-Erasing": {"inversion_steps": 5},
+        "EraseDiff": {"lambda_weight": 1.0, "inner_steps": 1}}  # at the reference's 0.1 the retain term leads
 
 
 def test_every_registered_method_has_settings():
@@ -89,6 +91,9 @@ def _objective(name, pipe, unet, task) -> float:
     pred = _eps(pipe, unet, forget, x)
     if name in ("GradDiff", "RG", "RGD"):
         return float(((pred - eps) ** 2).mean())
+    if name == "EraseDiff":  # its forget objective: denoising towards uniform noise eps_f ~ U(0, 1)
+        eps_f = torch.rand(x0.shape, generator=torch.Generator().manual_seed(300))
+        return -float((_eps(pipe, unet, forget, add_noise(pipe, x0, eps_f, t)) - eps_f).norm())
     if name == "ForgetMeNot":  # minus its loss: the concept tokens' cross-attention on the same noisy latents
         from obliviate.methods.t2i.forget_me_not import attention_loss, concept_positions, recorded_cross_attention
         with torch.no_grad(), recorded_cross_attention(unet) as maps:
