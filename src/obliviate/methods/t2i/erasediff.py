@@ -42,8 +42,9 @@ K = 2, lr 1e-5 (Adam), batch 8, 5 epochs; the train set `--train_method` is requ
 timesteps uniform over the training steps. The loop's `train` sets lr, steps and batch.
 
 Where obliviate differs, and why:
-- Step 1 uses its own Adam, started fresh each outer iteration; the reference reuses the outer optimiser for the K
-  passes, so those steps also move the outer Adam's moment estimates (and then restores only the weights).
+- Step 1 uses its own Adam, started fresh each outer iteration, at `inner_lr` (a method does not see the loop's
+  lr: set it to train.lr for the reference's); the reference reuses the outer optimiser for the K passes, so those
+  steps also move the outer Adam's moment estimates (and then restores only the weights).
 - The forget and retain pictures are the original pipeline's samples of the forget and retain prompts.
 - The reference's outer steps draw one batch of each set per step over a pass of the forget loader; here the loop's
   batches (drawn at random from the loop's generator) and `default_steps` 200.
@@ -66,7 +67,7 @@ class EraseDiffConfig:
     lambda_weight: float = 0.1  # lambda on grad q (the reference's --lambda_bome)
     eta: float | None = None  # set: lambda = max(eta - cos(grad L_r, grad q), 0) instead of the fixed weight
     inner_steps: int = 2  # K: passes of descent on f over the forget set that estimate min f (0: skip)
-    inner_lr: float = 1e-5  # their Adam's learning rate (the reference: its training lr, 1e-5)
+    inner_lr: float = 1e-5  # their Adam's learning rate (the reference: its training lr, 1e-5: match train.lr)
     forget_target: str = "uniform"  # "uniform": eps_f ~ U(0, 1) (paper); "pseudo": another prompt's prediction
     parameter_group: str = "full"  # full | noxattn (ESD-u's set) | xattn
 
