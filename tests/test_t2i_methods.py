@@ -34,6 +34,8 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "Receler": TrainConfig(max_steps=3, lr=1e-2, batch_size=3),
     "ANT": TrainConfig(max_steps=6, lr=1e-4, batch_size=3),  # the whole UNet: higher rates overshoot on a random one
     "DoCo": TrainConfig(max_steps=4, lr=5e-3, batch_size=3),
+    "ForgetMeNot": TrainConfig(max_steps=6, lr=1e-3, batch_size=3),
+    "EraseDiff": TrainConfig(max_steps=6, lr=2e-3, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -48,7 +50,8 @@ ARGS = {"RG": {"retain_weight": 0.2}, "RGD": {"forget_loss_cap": 5.0, "retain_we
         "Co-Erasing": {"inversion_steps": 5},
         "Receler": {"adv_iters": 1, "eraser_rank": 8},
         "ANT": {"mask_prompts": 1, "mask_seeds": 1, "mask_iterations": 1},
-        "DoCo": {"warmup_steps": 2, "disc_width": 8, "disc_lr": 1e-2}}  # the reference's 1000 warm-up steps, 64 wide
+        "DoCo": {"warmup_steps": 2, "disc_width": 8, "disc_lr": 1e-2},  # the reference's 1000 warm-up steps, 64 wide
+        "EraseDiff": {"lambda_weight": 1.0, "inner_steps": 1}}  # at the reference's 0.1 the retain term leads
 # DoCo's direction is its discriminator's: on this random tiny UNet the concept's and the anchor's predictions differ by
 # ~1 %, which its discriminator does not learn to tell apart in a few steps (nor in a hundred: it stays at chance), so
 # a run here moves the weights without a direction to check; its own tests check the direction where the
@@ -104,6 +107,14 @@ def _objective(name, pipe, unet, task) -> float:
     pred = _eps(pipe, unet, forget, x)
     if name in ("GradDiff", "RG", "RGD"):
         return float(((pred - eps) ** 2).mean())
+    if name == "EraseDiff":  # its forget objective: denoising towards uniform noise eps_f ~ U(0, 1)
+        eps_f = torch.rand(x0.shape, generator=torch.Generator().manual_seed(300))
+        return -float((_eps(pipe, unet, forget, add_noise(pipe, x0, eps_f, t)) - eps_f).norm())
+    if name == "ForgetMeNot":  # minus its loss: the concept tokens' cross-attention on the same noisy latents
+        from obliviate.methods.t2i.forget_me_not import attention_loss, concept_positions, recorded_cross_attention
+        with torch.no_grad(), recorded_cross_attention(unet) as maps:
+            _eps(pipe, unet, forget, x)
+        return -float(attention_loss(maps, concept_positions(pipe, forget, task.concept, True)))
     if name == "MACE":  # its loss: the forget prompts' cross-attention to the concept's tokens and the end token
         # (tests/test_t2i_mace.py checks that its refinement moves the prediction towards the anchor prompt's)
         from obliviate.methods.t2i.mace import attention_loss, concept_positions, recording

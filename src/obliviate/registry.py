@@ -186,6 +186,15 @@ T2I_METHODS = _table(
           "gradient stripped of the part that conflicts with preserving the anchor (concept-preserving gradient).",
           "Wu et al. 2025, Unlearning Concepts in Diffusion Model via Concept Domain Correction and Concept "
           "Preserving Gradient, AAAI, https://arxiv.org/abs/2405.15304", family="t2i"),
+    Entry("ForgetMeNot", M + "t2i.forget_me_not:ForgetMeNot",
+          "Attention re-steering: minimise the norm of the cross-attention maps of the concept's tokens on its pictures.",
+          "Zhang et al. 2024, Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Models, CVPR Workshops, "
+          "https://arxiv.org/abs/2303.17591", family="t2i"),
+    Entry("EraseDiff", M + "t2i.erasediff:EraseDiff",
+          "Constrained erasure to first order: descend the retain denoising loss plus lambda x the forget pictures' "
+          "denoising towards uniform noise, less its minimum estimated by a few inner descent passes.",
+          "Wu et al. 2024, EraseDiff: Erasing Data Influence in Diffusion Models, https://arxiv.org/abs/2401.05779",
+          family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
