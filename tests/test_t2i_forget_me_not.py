@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.t2i.forget_me_not import (attention_loss, concept_positions, cross_attention_modules,
-                                                 recorded_cross_attention)
+from obliviate.methods.t2i.attention_maps import concept_positions as positions_in, cross_attention_modules
+from obliviate.methods.t2i.attention_maps import recording as recorded_cross_attention
+from obliviate.methods.t2i.forget_me_not import attention_loss
 from obliviate.models.diffusion import encode_prompts, initial_noise, predict_noise
 
 TEXTS = ["a red star in striped style", "a striped star"]  # the concept at token 5, then at token 2
+
+
+def concept_positions(pipe, texts, concept, use_pooler):
+    """Forget-Me-Not's positions, as its loss asks for them."""
+    return positions_in(pipe.tokenizer, texts, concept, pipe.tokenizer.model_max_length,
+                        "first" if use_pooler else "none", required_by="ForgetMeNot")
 
 
 def test_positions_are_the_concept_tokens_and_the_pooled_end_token(tiny_pipe):

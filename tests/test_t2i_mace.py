@@ -12,8 +12,9 @@ import torch
 from conftest import tiny_task
 from obliviate.errors import ObliviateError
 from obliviate.methods.t2i.base import EraseContext
-from obliviate.methods.t2i.mace import (MACE, attention_loss, concept_heat, concept_positions, fuse_weights,
-                                        importance_weights, matching_positions, recording)
+from obliviate.methods.t2i.attention_maps import concept_positions, every_map, recording
+from obliviate.methods.t2i.mace import (MACE, attention_loss, concept_heat, fuse_weights, importance_weights,
+                                        matching_positions)
 
 
 def _reference_matching(old, new, length):
@@ -175,6 +176,7 @@ def test_recorder_is_diffusers_attention_and_regions_follow_the_maps(tiny_pipe):
         plain = predict_noise(unet, x, 300, states)
         with recording(unet) as maps:
             recorded = predict_noise(unet, x, 300, states)
+    maps = every_map(maps)
     assert torch.allclose(plain, recorded, atol=1e-6)
     assert len(maps) == sum(".attn2" in k for k in own) and all(m.shape[-1] == 12 for m in maps)
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
@@ -193,11 +195,11 @@ def test_recorder_is_diffusers_attention_and_regions_follow_the_maps(tiny_pipe):
 
 def test_positions_mark_the_concept_and_the_end_token(tiny_pipe):
     tok = tiny_pipe.tokenizer
-    pos = concept_positions(tok, ["a red star in striped style"], "striped", 12, use_pooler=True)[0]
+    pos = concept_positions(tok, ["a red star in striped style"], "striped", 12, "all")[0]
     ids = tok("a red star in striped style", padding="max_length", max_length=12).input_ids
     expected = [i == tok.convert_tokens_to_ids("striped</w>") or i == tok.eos_token_id for i in ids]
     assert pos.tolist() == expected and sum(expected) >= 2
-    no_pool = concept_positions(tok, ["a red star in striped style"], "striped", 12, use_pooler=False)[0]
+    no_pool = concept_positions(tok, ["a red star in striped style"], "striped", 12)[0]
     assert no_pool.sum() == len(tok("striped", add_special_tokens=False).input_ids)
 
 
@@ -240,5 +242,5 @@ def _attention(pipe, unet, prompts, concept) -> float:
     states = encode_prompts(pipe, prompts)
     with torch.no_grad(), recording(unet) as maps:
         predict_noise(unet, x, 300, states)
-    positions = concept_positions(pipe.tokenizer, prompts, concept, states.shape[1], True)
-    return float(attention_loss(maps, positions, torch.ones(len(prompts), 8, 8)))
+    positions = concept_positions(pipe.tokenizer, prompts, concept, states.shape[1], "all")
+    return float(attention_loss(every_map(maps), positions, torch.ones(len(prompts), 8, 8)))

@@ -110,20 +110,19 @@ def _objective(name, pipe, unet, task) -> float:
     if name == "EraseDiff":  # its forget objective: denoising towards uniform noise eps_f ~ U(0, 1)
         eps_f = torch.rand(x0.shape, generator=torch.Generator().manual_seed(300))
         return -float((_eps(pipe, unet, forget, add_noise(pipe, x0, eps_f, t)) - eps_f).norm())
-    if name == "ForgetMeNot":  # minus its loss: the concept tokens' cross-attention on the same noisy latents
-        from obliviate.methods.t2i.forget_me_not import attention_loss, concept_positions, recorded_cross_attention
-        with torch.no_grad(), recorded_cross_attention(unet) as maps:
-            _eps(pipe, unet, forget, x)
-        return -float(attention_loss(maps, concept_positions(pipe, forget, task.concept, True)))
-    if name == "MACE":  # its loss: the forget prompts' cross-attention to the concept's tokens and the end token
-        # (tests/test_t2i_mace.py checks that its refinement moves the prediction towards the anchor prompt's)
-        from obliviate.methods.t2i.mace import attention_loss, concept_positions, recording
-        from obliviate.models.diffusion import encode_prompts, predict_noise
-        states = encode_prompts(pipe, forget)
+    if name in ("ForgetMeNot", "MACE"):  # minus their loss: the concept tokens' cross-attention on the same latents
+        # (ForgetMeNot: and the first end token; MACE: every end token, over the whole picture;
+        # tests/test_t2i_mace.py checks that its refinement moves the prediction towards the anchor prompt's)
+        from obliviate.methods.t2i.attention_maps import concept_positions, every_map, recording
         with torch.no_grad(), recording(unet) as maps:
-            predict_noise(unet, x, 500, states)
-        positions = concept_positions(pipe.tokenizer, forget, task.concept, states.shape[1], True)
-        return -float(attention_loss(maps, positions, torch.ones(len(forget), *x.shape[-2:])))
+            _eps(pipe, unet, forget, x)
+        if name == "ForgetMeNot":
+            from obliviate.methods.t2i.forget_me_not import attention_loss
+            positions = concept_positions(pipe.tokenizer, forget, task.concept, pipe.tokenizer.model_max_length, "first")
+            return -float(attention_loss(maps, positions))
+        from obliviate.methods.t2i.mace import attention_loss
+        positions = concept_positions(pipe.tokenizer, forget, task.concept, pipe.tokenizer.model_max_length, "all")
+        return -float(attention_loss(every_map(maps), positions, torch.ones(len(forget), *x.shape[-2:])))
     if name.startswith("ESD") or name in ("AdvUnlearn", "Co-Erasing", "Receler", "ANT"):  # AdvUnlearn: on the
         # attacked prompt; Co-Erasing: under text + image tokens (its own objective is checked in
         # test_t2i_co_erasing.py); Receler: through the erasers it adds; ANT: its late-stage target (the early one

@@ -15,7 +15,7 @@ end-of-text token CLIP pools at), the loss is the Frobenius norm, not squared, o
 
 Minimising it makes no picture position attend to the concept's tokens: the concept's text can no longer steer the
 picture. The maps come from diffusers' own `AttnProcessor` (`attn.get_attention_scores`, the softmax above),
-installed on the cross-attention modules for one forward pass and removed after (`recorded_cross_attention`).
+installed on the cross-attention modules for one forward pass and removed after (`attention_maps.recording`).
 
 Reference defaults (configs/attn.yaml): 35 steps, lr 2e-6, batch 1, AdamW (weight decay 0.01), gradient clipping 1,
 `use_pooler: true`, `only_optimize_ca: false` (the whole UNet is trained; `train = "unet"` here, or
@@ -41,15 +41,14 @@ alike, so S is read from the first). A DiT has no separate cross-attention: refu
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice
+from obliviate.methods.t2i.attention_maps import concept_positions, recording
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.models.diffusion import tokenize
 
 
 @dataclass
@@ -61,60 +60,6 @@ class ForgetMeNotConfig:
         check_choice("ForgetMeNot", "train", self.train, ("unet", "cross_attention"))
         if not isinstance(self.use_pooler, bool):
             raise ObliviateError(f"ForgetMeNot: use_pooler must be true or false, got {self.use_pooler!r}")
-
-
-def cross_attention_modules(denoiser) -> list[tuple[str, torch.nn.Module]]:
-    """The denoiser's cross-attention modules (diffusers `Attention` named like `...attn2`), by name."""
-    from diffusers.models.attention_processor import Attention
-
-    return [(n, m) for n, m in denoiser.named_modules() if isinstance(m, Attention) and is_cross_attention(n + ".")]
-
-
-@contextlib.contextmanager
-def recorded_cross_attention(denoiser):
-    """Within the block every cross-attention module computes attention with diffusers' `AttnProcessor` and appends
-    its probabilities [batch * heads, pixels, tokens] (`attn.get_attention_scores`) to the yielded dict under the
-    module's name; the modules' own processors are restored after."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    maps: dict[str, list[torch.Tensor]] = {}
-    modules = cross_attention_modules(denoiser)
-    saved = [(m, m.processor) for _, m in modules]
-    try:
-        for name, module in modules:
-            module.set_processor(AttnProcessor())
-            scores = module.get_attention_scores  # the class's method, bound to this module
-
-            def recording(query, key, attention_mask=None, _scores=scores, _name=name):
-                probs = _scores(query, key, attention_mask)
-                maps.setdefault(_name, []).append(probs)
-                return probs
-            module.get_attention_scores = recording  # an instance attribute shadowing the method until restored
-        yield maps
-    finally:
-        for module, processor in saved:
-            module.__dict__.pop("get_attention_scores", None)
-            module.set_processor(processor)
-
-
-def concept_positions(pipe, texts: list[str], concept: str, use_pooler: bool) -> torch.Tensor:
-    """[N, L] booleans: where the concept's tokens stand in each text tokenised as the pipeline does (its first
-    tokenizer, padded to its length), and the first end-of-text token with `use_pooler`."""
-    tokenizer = pipe.tokenizer
-    ids = tokenize(pipe, texts).cpu()
-    word = tokenizer(concept, add_special_tokens=False).input_ids
-    out = torch.zeros(ids.shape, dtype=torch.bool)
-    for row, text in zip(range(len(texts)), texts):
-        seq = ids[row].tolist()
-        for i in range(len(seq) - len(word) + 1):
-            if seq[i:i + len(word)] == word:
-                out[row, i:i + len(word)] = True
-        if not out[row].any():
-            raise ObliviateError(f"ForgetMeNot: the concept '{concept}' is not among the tokens of the forget "
-                                 f"prompt {text!r} (tokenised in context, or cut at {tokenizer.model_max_length})")
-        if use_pooler and tokenizer.eos_token_id in seq:
-            out[row, seq.index(tokenizer.eos_token_id)] = True
-    return out
 
 
 def attention_loss(maps: dict[str, list[torch.Tensor]], positions: torch.Tensor) -> torch.Tensor:
@@ -144,9 +89,11 @@ class ForgetMeNot(DiffusionMethod):
         return self.config.train == "unet" or is_cross_attention(name)
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
-        positions = concept_positions(ctx.pipe, forget["texts"], ctx.task.concept, self.config.use_pooler)
+        tokenizer = ctx.pipe.tokenizer
+        positions = concept_positions(tokenizer, forget["texts"], ctx.task.concept, tokenizer.model_max_length,
+                                      "first" if self.config.use_pooler else "none", required_by=self.name)
         x_t, t, _ = ctx.noisy(forget["latents"])
-        with recorded_cross_attention(unet) as maps:
+        with recording(unet) as maps:
             ctx.predict(unet, x_t, t, forget["context"])
         loss = attention_loss(maps, positions)
         return LossParts(forget=loss, logs={"attention_norm": float(loss.detach())})

@@ -78,7 +78,6 @@ the text tokens alone; joint attention mixes image and text tokens in one map.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -87,6 +86,7 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_number
+from obliviate.methods.t2i.attention_maps import concept_positions, every_map, recording
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
 from obliviate.methods.t2i.spm import _lora_layers, _unwrap
 from obliviate.methods.t2i.uce import UCE, uce_matrix
@@ -209,58 +209,6 @@ def _grid(pixels: int, latent: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-# --- the attention maps ----------------------------------------------------------------------------------------------
-
-class AttentionRecorder:
-    """A cross-attention processor computing what diffusers' `AttnProcessor` computes, keeping each call's attention
-    probabilities [B * heads, HW, L] (`attn.get_attention_scores`) in `maps`."""
-
-    def __init__(self, maps: list):
-        self.maps = maps
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self.maps.append(probs)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-@contextlib.contextmanager
-def recording(denoiser):
-    """The cross-attention maps of the forward passes made inside the block (a list, filled as they run); the
-    denoiser's own processors are put back after."""
-    own = dict(denoiser.attn_processors)
-    maps: list[torch.Tensor] = []
-    recorder = AttentionRecorder(maps)
-    denoiser.set_attn_processor({k: recorder if is_cross_attention(k) else p for k, p in own.items()})
-    try:
-        yield maps
-    finally:
-        denoiser.set_attn_processor(own)
-
-
 # --- the method ------------------------------------------------------------------------------------------------------
 
 class MACE(DiffusionMethod):
@@ -368,7 +316,8 @@ class MACE(DiffusionMethod):
     @staticmethod
     def positions(ctx: EraseContext, texts: list[str], concept: str, use_pooler: bool) -> torch.Tensor:
         length = ctx.encode(texts[:1]).states.shape[1]
-        return concept_positions(ctx.pipe.tokenizer, texts, concept, length, use_pooler).to(ctx.pipe.device)
+        return concept_positions(ctx.pipe.tokenizer, texts, concept, length,  # every end token, as the reference
+                                 "all" if use_pooler else "none").to(ctx.pipe.device)
 
     @torch.no_grad()
     def region(self, ctx: EraseContext, batch: dict, concept: str) -> torch.Tensor:
@@ -385,7 +334,7 @@ class MACE(DiffusionMethod):
         for i in range(0, len(latents), 64):
             with recording(ctx.pipe.denoiser) as maps:
                 ctx.predict(ctx.pipe.denoiser, x_t[i:i + 64], t[i:i + 64], batch["context"][i:i + 64])
-            out.append(concept_heat(maps, words[i:i + 64], latents.shape[-2:]))
+            out.append(concept_heat(every_map(maps), words[i:i + 64], latents.shape[-2:]))
         heat = torch.cat(out)
         peak = heat.flatten(1).max(1).values.clamp(min=1e-30)[:, None, None]
         return (heat >= self.config.mask_threshold * peak).float()
@@ -416,7 +365,7 @@ class MACE(DiffusionMethod):
             x_t = ctx.pipe.backbone.noisy(ctx.pipe, latents, eps, t)
             with recording(unet) as maps:
                 ctx.predict(unet, x_t, t, batch["context"])
-            loss = attention_loss(maps, batch["mace_positions"], batch["mace_region"])
+            loss = attention_loss(every_map(maps), batch["mace_positions"], batch["mace_region"])
             logs[f"attention_{i}"] = float(loss.detach())
             total = total + loss
         return LossParts(forget=total, logs=logs)
@@ -452,22 +401,3 @@ def concept_heat(maps: list[torch.Tensor], words: torch.Tensor, latent: tuple[in
         heat = heat + F.interpolate(per.view(b, 1, *grid), size=tuple(latent), mode="bilinear",
                                     align_corners=False)[:, 0]
     return heat / max(len(maps), 1)
-
-
-def concept_positions(tokenizer, texts: list[str], concept: str, length: int, use_pooler: bool) -> torch.Tensor:
-    """[N, L] bool: the concept's tokens in each prompt and, with `use_pooler`, every end-token position (the
-    reference's `concept_positions`)."""
-    word = tokenizer(concept, add_special_tokens=False).input_ids
-    out = torch.zeros(len(texts), length, dtype=torch.bool)
-    for row, text in enumerate(texts):
-        ids = _ids(tokenizer, text, length)
-        for i in range(len(ids) - len(word) + 1):
-            if ids[i:i + len(word)] == word:
-                out[row, i:i + len(word)] = True
-        if use_pooler:
-            out[row] |= torch.tensor([i == tokenizer.eos_token_id for i in ids])
-    return out
-
-
-def _ids(tokenizer, text: str, length: int) -> list[int]:
-    return tokenizer(text, padding="max_length", max_length=length, truncation=True).input_ids

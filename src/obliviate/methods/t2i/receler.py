@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
-from obliviate.methods.t2i.mace import _grid, concept_positions, recording
+from obliviate.methods.t2i.attention_maps import concept_positions, every_map, recording
+from obliviate.methods.t2i.mace import _grid
 from obliviate.models.diffusion import Cond
 
 ERASER = "eraser"  # the child module of each attn2
@@ -329,12 +330,12 @@ class Receler(DiffusionMethod):
         texts, cond = forget["texts"], forget["context"]
         n = len(texts)
         x_t, t = ctx.partial_sample(texts, cfg.start_guidance, unet)
-        words = concept_positions(pipe.tokenizer, texts, ctx.task.concept, cond.states.shape[1], False).to(x_t.device)
+        words = concept_positions(pipe.tokenizer, texts, ctx.task.concept, cond.states.shape[1]).to(x_t.device)
         with torch.no_grad(), erasers_off(unet):  # the original's two predictions, and its maps on the concept pass
             e_0 = ctx.predict(unet, x_t, t, ctx.unconditional(n))
             with recording(unet) as maps:
                 e_c = ctx.predict(unet, x_t, t, cond)
-            mask = concept_mask(maps, words, x_t.shape[-2:], cfg.mask_threshold)
+            mask = concept_mask(every_map(maps), words, x_t.shape[-2:], cfg.mask_threshold)
             target = e_0 - cfg.erase_guidance * (e_c - e_0)
         logs = {"t": float(t), "mask_share": float(mask.mean())}
         starts = self.prompt_starts(ctx, texts, cond.states.shape[1])
