@@ -29,6 +29,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "AdvUnlearn": TrainConfig(max_steps=6, lr=5e-3, batch_size=3),
     "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
     "Co-Erasing": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
+    "RealEra": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
@@ -97,6 +98,9 @@ def _objective(name, pipe, unet, task) -> float:
     elif name == "SPM":  # ESD's target with the anchor prompt as the neutral one, by the original
         target = 2 * _eps(pipe, _ORIGINAL[0], [task.anchor_prompt(p) for p in forget], x) - _eps(
             pipe, _ORIGINAL[0], forget, x)
+    elif name == "RealEra":  # ESD's target anchored on the anchor prompt, by the original
+        target = _eps(pipe, _ORIGINAL[0], [task.anchor_prompt(p) for p in forget], x) - (
+            _eps(pipe, _ORIGINAL[0], forget, x) - _eps(pipe, _ORIGINAL[0], [""] * len(forget), x))
     elif name == "ConceptAblation":  # its loss: the concept's prediction onto the anchor's, by the same model
         target = _eps(pipe, unet, [task.anchor_prompt(p) for p in forget], x)
     else:

@@ -163,6 +163,10 @@ T2I_METHODS = _table(
           "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
           "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
           "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
+    Entry("RealEra", M + "t2i.realera:RealEra", "A LoRA on the cross-attention key/value maps: ESD's anchored target "
+          "for the concept and random neighbours of its text states, the original's prediction kept beyond them.",
+          "Liu et al. 2024, RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining, "
+          "https://arxiv.org/abs/2410.09140", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
