@@ -91,6 +91,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     unet, text_encoder = pipe.denoiser, pipe.text_encoder
     method.attach(unet)  # modules the method adds and trains (SPM's adapters), before the parameters are picked
     named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
+    method.attach_text_encoder(text_encoder)
     text_named = [(n, p) for n, p in text_encoder.named_parameters() if method.text_encoder_trainable(n, p)]
     if text_named and len(pipe.text_encoders) > 1:  # the soft-prompt attack and the training are one encoder's
         raise ObliviateError(f"{method.name}: training the text encoder is for pipelines with one text encoder (SD "
