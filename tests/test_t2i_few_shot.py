@@ -97,3 +97,55 @@ def test_a_run_from_a_folder_of_pictures(tiny_pipe, tmp_path):
     with pytest.raises(ObliviateError, match="images = .* is not a folder with .png/.jpg/.jpeg pictures"):
         erase(tiny_pipe, tiny_task(), make_method("t2i", "FewShotUnlearning", {"images": str(tmp_path / "none")}),
               TrainConfig(max_steps=1), images_per_prompt=1, sample_steps=2)
+
+
+def test_one_step_agrees_with_the_reference_update(tiny_pipe):
+    """One loop step against the reference's train.py step re-typed (github.com/fmp453/few-shot-erasing): its
+    "mlp-final-attn" weights picked by module name, tokenized prompts through the text encoder, the scheduler's
+    add_noise, loss = -mse(unet(x_t, t, E(c)), eps), one Adam step. Adam with the loop's epsilon and no weight decay
+    (the differences the docstring names; on a first step Adam's betas cancel); the same batch and draws (the loop
+    draws t before eps, the reference eps before t)."""
+    import copy
+
+    pipe = tiny_pipe
+    reference = copy.deepcopy(pipe.text_encoder)
+    method = make_method("t2i", "FewShotUnlearning")
+    seen: dict = {}
+    losses = method.losses
+
+    def recording(ctx, unet, forget, retain):  # the first step's batch and generator state
+        if not seen:
+            seen.update(texts=list(forget["texts"]), latents=forget["latents"].clone(),
+                        state=ctx.generator.get_state())
+        return losses(ctx, unet, forget, retain)
+
+    method.losses = recording
+    erase(pipe, tiny_task(), method, TrainConfig(max_steps=1, lr=1e-3, batch_size=2, max_grad_norm=None),
+          images_per_prompt=1, sample_steps=2)
+
+    last = reference.config.num_hidden_layers - 1
+    reference.requires_grad_(False)
+    for name, module in reference.named_modules():  # freeze_and_unfreeze_text_encoder(method="mlp-final-attn")
+        if "mlp.fc" in name or f"layers.{last}.self_attn." in name:
+            module.requires_grad_(True)
+    trained = [p for p in reference.parameters() if p.requires_grad]
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    optimizer = torch.optim.Adam(trained, lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    gen = torch.Generator()
+    gen.set_state(seen["state"])
+    latents = seen["latents"]
+    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    ids = pipe.tokenizer(seen["texts"], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    pred = pipe.unet(noisy, timesteps, reference(ids)[0]).sample
+    loss = -torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+    ours = dict(pipe.text_encoder.named_parameters())
+    for name, p in reference.named_parameters():
+        assert torch.allclose(ours[name], p, atol=1e-6, rtol=0), name
+        assert torch.equal(p, initial[name]) != p.requires_grad, name  # exactly the trained weights moved
