@@ -2,7 +2,8 @@
 supplies the losses (or a closed-form edit); this loop owns the images drawn by the original pipeline, batching,
 the optimiser, the gradient step (shared with the language-model loop: restricted gradients, masks, NaN guard)
 and the history. The denoiser (pipe.denoiser: a UNet for SD and SDXL) is changed in place, and so is the text encoder
-for a method that trains it (AdvUnlearn's text-encoder mode, on one-text-encoder pipelines); the VAE stays frozen.
+for a method that trains it (AdvUnlearn's text-encoder mode, Few-shot unlearning; on one-text-encoder pipelines); the
+VAE stays frozen.
 The loop and the methods reach the pipeline only through its backbone (models/diffusion.py), never its shape."""
 from __future__ import annotations
 

@@ -29,6 +29,10 @@ few pictures (about 10 steps for 4 pictures), prompts from textual inversion's t
 ("a photo of a {}", style templates for styles). Here `default_steps` is 10; the loop's `train` sets lr (its default
 1e-5 is the reference's), the batch and the steps.
 
+tests/test_t2i_few_shot.py checks one loop step against the reference's train.py step re-typed (its weights picked
+by module name, its tokenization, add_noise and loss, one Adam step) to float precision, with the loop's Adam epsilon
+and no weight decay.
+
 Where obliviate differs, and why:
 - The prompts are the run's forget prompts (they name the concept) rather than the templates, as every obliviate
   method trains on them.
