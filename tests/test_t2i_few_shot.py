@@ -99,7 +99,7 @@ def test_a_run_from_a_folder_of_pictures(tiny_pipe, tmp_path):
               TrainConfig(max_steps=1), images_per_prompt=1, sample_steps=2)
 
 
-def test_one_step_agrees_with_the_reference_update(tiny_pipe):
+def test_one_step_agrees_with_the_reference_update(tiny_pipe, monkeypatch):
     """One loop step against the reference's train.py step re-typed (github.com/fmp453/few-shot-erasing): its
     "mlp-final-attn" weights picked by module name, tokenized prompts through the text encoder, the scheduler's
     add_noise, loss = -mse(unet(x_t, t, E(c)), eps), one Adam step. Adam with the loop's epsilon and no weight decay
@@ -120,9 +120,14 @@ def test_one_step_agrees_with_the_reference_update(tiny_pipe):
         return losses(ctx, unet, forget, retain)
 
     method.losses = recording
+    from obliviate.loops import t2i as loop
+    drawn, draw = [], loop.draw_latents
+    monkeypatch.setattr(loop, "draw_latents",
+                        lambda ctx, texts, seed: drawn.append(len(texts)) or draw(ctx, texts, seed))
     erase(pipe, tiny_task(), method, TrainConfig(max_steps=1, lr=1e-3, batch_size=2, max_grad_norm=None),
           images_per_prompt=1, sample_steps=2)
 
+    assert drawn == [len(tiny_task().forget_prompts), 1]  # the forget prompts' pictures; one retain picture, unused
     last = reference.config.num_hidden_layers - 1
     reference.requires_grad_(False)
     for name, module in reference.named_modules():  # freeze_and_unfreeze_text_encoder(method="mlp-final-attn")

@@ -119,6 +119,9 @@ class FewShotUnlearning(DiffusionMethod):
     def trainable(self, name: str, param) -> bool:
         return False  # the UNet stays as it is
 
+    def retain_pool(self, items: list, rng) -> list:
+        return items[:1]  # no retain term: one prompt, so the loop draws no pictures the loss never reads
+
     def attach_text_encoder(self, text_encoder) -> None:
         layers = [_layer(n) for n, _ in text_encoder.named_parameters()]
         self.last_layer = max((i for i in layers if i is not None), default=-1)
