@@ -30,7 +30,7 @@ SETTINGS = {  # enough steps at a high lr to move a random tiny UNet
     "SPM": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
     "Co-Erasing": TrainConfig(max_steps=6, lr=3e-4, batch_size=3),
     "RealEra": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
-    "FewShotUnlearning": TrainConfig(max_steps=6, lr=1e-3, batch_size=3),
+    "FewShotUnlearning": TrainConfig(max_steps=6, lr=1e-2, batch_size=3),
 }
 # A random UNet's forget loss is already near the paper's cap (1.1), and its random text encoder gives forget and
 # retain prompts nearly the same context, so the retain descent (RGD: over the whole pool) also lowers the forget
