@@ -22,7 +22,9 @@ runner = CliRunner()
 
 # refused on SDXL by design, with the words of their one-line refusal (none: AdvUnlearn's text-encoder mode is, below)
 # methods written for SD 1.x/2.x conditioning only (their `backbones`), refused on SDXL in one line
-REFUSED: dict[str, str] = {"SPM": "runs on sd pipelines", "Co-Erasing": "runs on sd pipelines"}
+REFUSED: dict[str, str] = {"SPM": "runs on sd pipelines", "Co-Erasing": "runs on sd pipelines",
+                           # trains the text encoder: the loop refuses that on pipelines with several
+                           "FewShotUnlearning": "training the text encoder is for pipelines with one text encoder"}
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str, method_args: dict | None = None) -> Path:

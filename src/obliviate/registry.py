@@ -195,6 +195,15 @@ T2I_METHODS = _table(
           "denoising towards uniform noise, less its minimum estimated by a few inner descent passes.",
           "Wu et al. 2024, EraseDiff: Erasing Data Influence in Diffusion Models, https://arxiv.org/abs/2401.05779",
           family="t2i"),
+    Entry("RealEra", M + "t2i.realera:RealEra", "A LoRA on the cross-attention key/value maps: ESD's anchored target "
+          "for the concept and random neighbours of its text states, the original's prediction kept beyond them.",
+          "Liu et al. 2024, RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining, "
+          "https://arxiv.org/abs/2410.09140", family="t2i"),
+    Entry("FewShotUnlearning", M + "t2i.few_shot:FewShotUnlearning", "The text encoder (feed-forward layers and the "
+          "last self-attention) trained by gradient ascent on the denoising loss of a few pictures of the concept; "
+          "the UNet frozen.",
+          "Fuchi and Takagi 2024, Erasing Concepts from Text-to-Image Diffusion Models with Few-shot Unlearning, BMVC, "
+          "https://arxiv.org/abs/2405.07288", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",

@@ -2,7 +2,8 @@
 supplies the losses (or a closed-form edit); this loop owns the images drawn by the original pipeline, batching,
 the optimiser, the gradient step (shared with the language-model loop: restricted gradients, masks, NaN guard)
 and the history. The denoiser (pipe.denoiser: a UNet for SD and SDXL) is changed in place, and so is the text encoder
-for a method that trains it (AdvUnlearn's text-encoder mode, on one-text-encoder pipelines); the VAE stays frozen.
+for a method that trains it (AdvUnlearn's text-encoder mode, Few-shot unlearning; on one-text-encoder pipelines); the
+VAE stays frozen.
 The loop and the methods reach the pipeline only through its backbone (models/diffusion.py), never its shape."""
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def erase(pipe: Pipeline, task: EraseTask, method, train: TrainConfig | None = N
     unet, text_encoder = pipe.denoiser, pipe.text_encoder
     method.attach(unet)  # modules the method adds and trains (SPM's adapters), before the parameters are picked
     named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
+    method.attach_text_encoder(text_encoder)
     text_named = [(n, p) for n, p in text_encoder.named_parameters() if method.text_encoder_trainable(n, p)]
     if text_named and len(pipe.text_encoders) > 1:  # the soft-prompt attack and the training are one encoder's
         raise ObliviateError(f"{method.name}: training the text encoder is for pipelines with one text encoder (SD "

@@ -134,6 +134,10 @@ class DiffusionMethod:
         """Called before the trainable parameters are picked: add the modules the method trains to the UNet (SPM's
         adapters); `trainable` then sees their parameters among the UNet's."""
 
+    def attach_text_encoder(self, text_encoder) -> None:
+        """Called before the text encoder's trainable parameters are picked, with that encoder (a method whose choice
+        depends on its shape reads it here: Few-shot unlearning's last layer)."""
+
     def detach(self, unet) -> list[str] | None:
         """Called after the last step: fold what `attach` added into the UNet's own weights and return the names of
         the tensors that changed (the run's changed tensors); None: the trainable parameters themselves."""

@@ -156,15 +156,16 @@ def adapter_targets(unet) -> list[str]:
     return sorted(set(found))
 
 
-def add_adapter(unet, name: str, targets: list[str]) -> None:
-    """A rank-1 peft LoRA adapter `name` on `targets` (Kaiming-uniform down, zero up: the identity at first)."""
+def add_adapter(unet, name: str, targets: list[str], rank: int = 1, alpha: float = 1.0) -> None:
+    """A peft LoRA adapter `name` of `rank` (SPM's: 1) on `targets` (Kaiming-uniform down, zero up: the identity at
+    first), its update scaled by alpha / rank."""
     import warnings
 
     from peft import LoraConfig, inject_adapter_in_model
 
     with warnings.catch_warnings():  # several SPMs on one UNet are meant: peft warns about a second adapter
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets), unet,
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), unet,
                                 adapter_name=name)
 
 
