@@ -41,9 +41,6 @@ PRESETS: dict[str, dict] = {
     # (the attack count was not swept)
     "AdvUnlearn": {"train": {"lr": 4e-4, "max_steps": 50, "batch_size": 8},
                    "method_args": {"attack_steps": 10, "warmup_steps": 10, "retain_weight": 1.0}},
-    # RealEra: one try on the current world (benchmarks/t2i_sweep.py --steps 10, one seed): striped UA 0.896,
-    # IRA 0.963, CRA 0.908; star UA 0.972, IRA 0.921, CRA 0.972 (not swept)
-    "RealEra": {"train": {"lr": 1e-3, "max_steps": 50, "batch_size": 8}},
 }
 
 
