@@ -7,6 +7,9 @@ import torch
 
 from conftest import tiny_prompts
 
+from obliviate.guards.t2i import T2IGuard
+from obliviate.models.diffusion import denoise, initial_noise, sample
+
 PROMPT = ["a red star in striped style"]
 
 
@@ -48,7 +51,7 @@ def build_sd3(folder):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
-    from obliviate.models.dit import DiTPipeline, SD3Backbone, save_dit_pipeline
+    from obliviate.models.dit import SD3Backbone, dit_pipeline, save_dit_pipeline
 
     torch.manual_seed(0)
     clip_config, clip_tok, t5, t5_tok, vae = tiny_parts(tiny_prompts())
@@ -56,9 +59,9 @@ def build_sd3(folder):
                                         attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
                                         joint_attention_dim=64, pooled_projection_dim=32, out_channels=4,
                                         pos_embed_max_size=8)
-    pipe = DiTPipeline(transformer, vae, (CLIPTextModelWithProjection(clip_config),
+    pipe = dit_pipeline(transformer, vae, (CLIPTextModelWithProjection(clip_config),
                                           CLIPTextModelWithProjection(clip_config), t5),
-                       (clip_tok, clip_tok, t5_tok), FlowMatchEulerDiscreteScheduler(shift=3.0), SD3Backbone())
+                        (clip_tok, clip_tok, t5_tok), FlowMatchEulerDiscreteScheduler(shift=3.0), SD3Backbone())
     save_dit_pipeline(pipe, folder)
     return folder
 
@@ -67,7 +70,7 @@ def build_flux(folder, guidance_embeds: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from obliviate.models.dit import DiTPipeline, FluxBackbone, save_dit_pipeline
+    from obliviate.models.dit import FluxBackbone, dit_pipeline, save_dit_pipeline
 
     torch.manual_seed(0)
     clip_config, clip_tok, t5, t5_tok, vae = tiny_parts(tiny_prompts())
@@ -76,7 +79,7 @@ def build_flux(folder, guidance_embeds: bool = False):
                                          pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
                                          guidance_embeds=guidance_embeds)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    pipe = DiTPipeline(transformer, vae, (CLIPTextModel(clip_config), t5), (clip_tok, t5_tok), scheduler,
+    pipe = dit_pipeline(transformer, vae, (CLIPTextModel(clip_config), t5), (clip_tok, t5_tok), scheduler,
                        FluxBackbone())
     save_dit_pipeline(pipe, folder)
     return folder
@@ -102,7 +105,11 @@ def dit_pipe(request, sd3_dir, flux_dir):
 def test_folders_load_as_their_shape(sd3_dir, flux_dir):
     from obliviate.models.dit import FluxBackbone, SD3Backbone, load_dit_pipeline
 
-    sd3, flux = load_dit_pipeline(sd3_dir), load_dit_pipeline(flux_dir)
+    from obliviate.models.diffusion import Pipeline, load_pipeline
+
+    sd3, flux = load_dit_pipeline(sd3_dir), load_pipeline(flux_dir)  # runs load them as any pipeline folder
+    assert isinstance(sd3, Pipeline) and list(sd3.components()) == ["transformer", "text_encoder", "text_encoder_2",
+                                                                    "text_encoder_3"]
     assert isinstance(sd3.backbone, SD3Backbone) and (sd3.backbone.kind, sd3.backbone.prediction) == ("sd3", "flow")
     assert isinstance(flux.backbone, FluxBackbone) and flux.backbone.kind == "flux"
     assert len(sd3.text_encoders) == 3 and len(flux.text_encoders) == 2
@@ -166,8 +173,8 @@ def test_sampling_is_the_diffusers_pipeline(dit_pipe, guidance):
     from obliviate.models.dit import FluxBackbone, diffusers_pipeline
 
     b = dit_pipe.backbone
-    x_T = b.initial_noise(dit_pipe, [7])
-    ours, at = b.denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T)
+    x_T = initial_noise(dit_pipe, [7])
+    ours, at = denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T)
     assert at == 0.0 and ours.shape == x_T.shape
     ref_pipe = diffusers_pipeline(dit_pipe)
     if b.kind == "sd3":
@@ -177,14 +184,15 @@ def test_sampling_is_the_diffusers_pipeline(dit_pipe, guidance):
                        width=16, latents=FluxBackbone.pack(x_T), output_type="latent").images
         ref = FluxBackbone.unpack(ref, 8, 8)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    part, t_stop = b.denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T, stop_after=1)
-    assert t_stop == float(b.sampler(dit_pipe, 3).timesteps[1]) and not torch.equal(part, ours)
+    part, t_stop = denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T, stop_after=1)
+    assert t_stop == float(b.sampler(dit_pipe, 3).timesteps[1]) and isinstance(t_stop, float)  # not rounded
+    assert not torch.equal(part, ours)
 
 
 def test_sample_images_with_and_without_guidance(dit_pipe):
     b = dit_pipe.backbone
-    plain = b.sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=1.0)
-    guided = b.sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=5.0)
+    plain = sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=1.0)
+    guided = sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=5.0)
     assert plain.shape == (2, 3, 16, 16) and torch.isfinite(guided).all()
     assert 0 <= plain.min() and plain.max() <= 1
     assert not torch.allclose(plain, guided) and not torch.allclose(plain[0], plain[1])
@@ -194,7 +202,7 @@ def test_guard_replaces_the_guidance_line(dit_pipe):
     b = dit_pipe.backbone
     seen = {}
 
-    class Guard:
+    class Guard(T2IGuard):
         def extra_prompts(self):
             return ["dotted"]
 
@@ -202,9 +210,9 @@ def test_guard_replaces_the_guidance_line(dit_pipe):
             seen[step] = sorted(extra)
             return pred_uncond + 3.0 * (pred_cond - pred_uncond)
 
-    x_T = b.initial_noise(dit_pipe, [3])
-    guarded, _ = b.denoise(dit_pipe, PROMPT, [3], steps=2, guidance=1.0, latents=x_T, guard=Guard())
-    plain, _ = b.denoise(dit_pipe, PROMPT, [3], steps=2, guidance=3.0, latents=x_T)
+    x_T = initial_noise(dit_pipe, [3])
+    guarded, _ = denoise(dit_pipe, PROMPT, [3], steps=2, guidance=1.0, latents=x_T, guard=Guard())
+    plain, _ = denoise(dit_pipe, PROMPT, [3], steps=2, guidance=3.0, latents=x_T)
     torch.testing.assert_close(guarded, plain, atol=1e-5, rtol=1e-5)
     assert seen == {0: ["dotted"], 1: ["dotted"]}
 
@@ -272,23 +280,23 @@ def test_embedded_guidance_flux_matches_its_pipeline(tmp_path):
     calls = []
     forward = pipe.denoiser.forward
     pipe.denoiser.forward = lambda *a, **k: calls.append(k["hidden_states"].shape[0]) or forward(*a, **k)
-    x_T = b.initial_noise(pipe, [2])
-    ours, _ = b.denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T)
+    x_T = initial_noise(pipe, [2])
+    ours, _ = denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T)
     assert calls == [1, 1]
     del pipe.denoiser.forward
     ref = diffusers_pipeline(pipe)(PROMPT, guidance_scale=4.0, num_inference_steps=2, height=16, width=16,
                                    latents=FluxBackbone.pack(x_T), output_type="latent").images
     torch.testing.assert_close(ours, FluxBackbone.unpack(ref, 8, 8), atol=1e-5, rtol=1e-5)
-    other, _ = b.denoise(pipe, PROMPT, [2], steps=2, guidance=1.5, latents=x_T)
+    other, _ = denoise(pipe, PROMPT, [2], steps=2, guidance=1.5, latents=x_T)
     assert not torch.allclose(ours, other)
 
-    class Guard:  # a guard still gets the unconditional and conditional predictions on a distilled model
+    class Guard(T2IGuard):  # a guard still gets the unconditional and conditional predictions on a distilled model
         def combine(self, step, t, x, pred_uncond, pred_cond, extra):
             calls.append((pred_uncond.shape[0], pred_cond.shape[0]))
             return pred_cond
 
     calls.clear()
-    b.denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T, guard=Guard())
+    denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T, guard=Guard())
     assert calls == [(1, 1), (1, 1)]
 
 
