@@ -353,3 +353,132 @@ def test_bad_folders_are_one_line_errors(sd3_dir, tiny_pipeline_dir, tmp_path):
     (broken / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ObliviateError, match="'PixArtSigmaPipeline' is not a DiT pipeline"):
         load_dit_pipeline(broken)
+
+
+# ---- runs: SD3 and FLUX folders through `obliviate run`, `export` and diffusers' from_pretrained -------------------
+# refused on SD3/FLUX by design, with the words of their one-line refusal (their `backbones`/`backbones_why`)
+REFUSED_DIT: dict[str, str] = {"SPM": "runs on sd pipelines", "Co-Erasing": "runs on sd pipelines",
+                               "AdvUnlearn": "runs on sd, sdxl pipelines"}
+# the tensors each method changes on these shapes (docs/t2i_dit.md): the context-stream key/value maps for the
+# cross-attention methods, the text-input projections for the closed forms
+TEXT_KV = (".attn.add_k_proj.", ".attn.add_v_proj.")
+CHANGES = {"ESD-x": TEXT_KV, "ConceptAblation": TEXT_KV,
+           "UCE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"),
+           "RECE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight")}
+
+
+def _dit_run(tmp_path, folder, method, evaluate: bool = True):
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    from test_t2i_backbones import _config
+
+    config = _config(tmp_path, folder, method)
+    if not evaluate:  # the samples beside the original's (evals/user_pipeline.py): seconds on a tiny FLUX
+        config.write_text("evaluate = false\n" + config.read_text())
+    return CliRunner().invoke(app, ["run", str(config), "--quiet"])
+
+
+# each refusal once, on either shape (the rule is the shape's kind; the slow test below runs every pair)
+@pytest.mark.parametrize("method,shape", [("AdvUnlearn", "flux"), ("Co-Erasing", "sd3"), ("SPM", "flux")])
+def test_refused_methods_say_why_in_one_line(tmp_path, sd3_dir, flux_dir, shape, method):
+    from conftest import one_line_error
+
+    result = _dit_run(tmp_path, sd3_dir if shape == "sd3" else flux_dir, method, evaluate=False)
+    one_line_error(result, method, REFUSED_DIT[method],
+                   "StableDiffusion3Pipeline" if shape == "sd3" else "FluxPipeline")
+    assert not (tmp_path / "runs" / "r1").exists()
+
+
+def test_negtome_is_refused_on_dit_and_sld_guards_it(sd3_dir):
+    """NegToMe's processors are a UNet's: refused in one line; SLD works on the predictions of any shape."""
+    from obliviate.errors import ObliviateError
+    from obliviate.guards.t2i import attach
+    from obliviate.guards.t2i.negtome import NegToMe
+    from obliviate.guards.t2i.sld import SLD, SLDConfig
+    from obliviate.models.dit import load_dit_pipeline
+
+    pipe = load_dit_pipeline(sd3_dir)
+    with pytest.raises(ObliviateError, match="NegToMe runs on sd, sdxl pipelines, not on this "
+                                             "StableDiffusion3Pipeline: its processors") as e:
+        attach(pipe, NegToMe().bind("striped"))
+    assert "\n" not in str(e.value) and pipe.guard is None
+    plain = sample(pipe, PROMPT, [0], steps=2)
+    guarded = sample(pipe, PROMPT, [0], steps=2, guard=SLD(SLDConfig(warmup_steps=0)).bind("striped"))
+    assert guarded.shape == plain.shape and not torch.equal(guarded, plain)
+
+
+def _exported_loads_with_diffusers(tmp_path, base, run, changed):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    cls = StableDiffusion3Pipeline if "sd3" in str(base) else FluxPipeline
+    exported = cls.from_pretrained(tmp_path / "exported")
+    ours = exported.transformer.state_dict()
+    (weights,) = (base / "transformer").glob("*.safetensors")
+    theirs = load_file(str(weights))  # the base folder's own transformer, untouched
+    for key, value in changed.items():
+        assert torch.equal(ours[key.removeprefix("transformer.")], value), key
+        assert not torch.equal(theirs[key.removeprefix("transformer.")], value), key
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if f"transformer.{k}" not in changed)
+    kwargs = {} if cls is StableDiffusion3Pipeline else {"height": 16, "width": 16}
+    exported.set_progress_bar_config(disable=True)
+    images = exported(PROMPT, num_inference_steps=2, output_type="pt", **kwargs).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+def test_run_export_and_from_pretrained(tmp_path, sd3_dir, flux_dir, shape):
+    """`obliviate run` on a user's SD3/FLUX folder changes the tensors the method's DiT port names (and only the
+    transformer's), `export` writes a folder diffusers' own class loads, with those tensors, and samples from it
+    (UCE: the fastest run; every method runs in the slow test below)."""
+    method = "UCE"
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / shape
+    shutil.copytree(sd3_dir if shape == "sd3" else flux_dir, base)
+    result = _dit_run(tmp_path, base, method, evaluate=False)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["method"] == method
+    changed = load_file(str(run / "changed.safetensors"))
+    assert changed and all(k.startswith("transformer.") and any(p in k for p in CHANGES[method]) for k in changed)
+    _exported_loads_with_diffusers(tmp_path, base, run, changed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+@pytest.mark.parametrize("method", [m for m, e in sorted(__import__("obliviate.registry").registry.T2I_METHODS.items())
+                                    if not e.guard])
+def test_every_method_runs_on_dit_or_is_refused(tmp_path, sd3_dir, flux_dir, shape, method):
+    """Every registered (non-guard) method on SD3 and FLUX through the CLI: it runs, changes only transformer
+    tensors (those its DiT port names, where CHANGES says), and its export loads in diffusers; or it is refused in
+    one line (REFUSED_DIT)."""
+    from safetensors.torch import load_file
+
+    from conftest import one_line_error
+
+    base = sd3_dir if shape == "sd3" else flux_dir
+    result = _dit_run(tmp_path, base, method)
+    run = tmp_path / "runs" / "r1"
+    if method in REFUSED_DIT:
+        one_line_error(result, method, REFUSED_DIT[method])
+        assert not run.exists()
+        return
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["method"] == method
+    changed = load_file(str(run / "changed.safetensors"))
+    assert changed and all(k.startswith("transformer.") for k in changed)
+    if method in CHANGES:
+        assert all(any(p in k for p in CHANGES[method]) for k in changed), sorted(changed)
+    _exported_loads_with_diffusers(tmp_path, base, run, changed)

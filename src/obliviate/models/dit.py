@@ -38,6 +38,10 @@ from obliviate.errors import ObliviateError
 from obliviate.models.diffusion import Backbone, Cond, Pipeline
 
 
+# the transformers' linear maps whose input is the text conditioning, and the `Cond` field each reads
+TEXT_INPUT_PROJECTIONS = {"context_embedder": "states", "time_text_embed.text_embedder.linear_1": "pooled"}
+
+
 class _FlowBackbone(Backbone):
     """What SD3 and FLUX share: the flow-matching forward process, target, training timesteps, VAE scaling, the
     sampler and loading/saving. Subclasses say how text is encoded and how the transformer is called."""
@@ -146,8 +150,8 @@ class _FlowBackbone(Backbone):
         author's release). For the first joint block, editing `context_embedder` is the exact analogue of UCE's
         key/value edit: add_k/add_v see the edited tokens after a per-token-identical modulation.
         `content_positions` says where each prompt's words sit in `Cond.states`."""
-        return [("context_embedder", denoiser.context_embedder, "states"),
-                ("time_text_embed.text_embedder.linear_1", denoiser.time_text_embed.text_embedder.linear_1, "pooled")]
+        modules = dict(denoiser.named_modules())
+        return [(name, modules[name], field) for name, field in TEXT_INPUT_PROJECTIONS.items()]
 
     def content_positions(self, pipe, texts: list[str]) -> list[list[int]]:
         """Per text, the positions in `Cond.states` that hold its content tokens (no start, end or padding
