@@ -425,7 +425,9 @@ def _exported_loads_with_diffusers(tmp_path, base, run, changed):
     theirs = load_file(str(weights))  # the base folder's own transformer, untouched
     for key, value in changed.items():
         assert torch.equal(ours[key.removeprefix("transformer.")], value), key
-        assert not torch.equal(theirs[key.removeprefix("transformer.")], value), key
+    # the run's tensors are all it may change (SalUn's mask, or SD3's last block, whose context stream nothing
+    # reads, leave some as they were); some did change
+    assert any(not torch.equal(theirs[k.removeprefix("transformer.")], v) for k, v in changed.items())
     assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if f"transformer.{k}" not in changed)
     kwargs = {} if cls is StableDiffusion3Pipeline else {"height": 16, "width": 16}
     exported.set_progress_bar_config(disable=True)
