@@ -484,3 +484,39 @@ def test_every_method_runs_on_dit_or_is_refused(tmp_path, sd3_dir, flux_dir, sha
     if method in CHANGES:
         assert all(any(p in k for p in CHANGES[method]) for k in changed), sorted(changed)
     _exported_loads_with_diffusers(tmp_path, base, run, changed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+def test_attacks_on_a_dit_run_through_the_cli(tmp_path, sd3_dir, flux_dir, shape):
+    """`obliviate attack` on a UCE run on a user's SD3/FLUX folder, judged by a (tiny) image classifier: concept
+    arithmetic (noise predictions composed through the backbone) attacks the erased and the base pipeline; the
+    token-id attacks, whose ids must mean the same in every tokenizer (CLIP and T5 do not share a vocabulary), and
+    P4D (one text encoder's embedding space) are refused in one line each."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+
+    torch.manual_seed(0)
+    labels = ["striped", "dotted", "solid"]
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, id2label=dict(enumerate(labels)),
+                                              label2id={n: i for i, n in enumerate(labels)}, hidden_size=16,
+                                              intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    vit.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    result = _dit_run(tmp_path, sd3_dir if shape == "sd3" else flux_dir, "UCE", evaluate=False)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    detector = ["--detector", str(tmp_path / "vit"), "--detector-label", "striped", "--quiet"]
+    result = CliRunner().invoke(app, ["attack", str(run), "--attack", "concept_arithmetic", *detector])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "attacks" / "concept_arithmetic.json").read_text())
+    assert list(saved["models"]) == ["UCE", "original"] and saved["models"]["UCE"]["n_attacked"] == 3
+    for name, words in [("prompt_attack", "different vocabularies"), ("ring_a_bell", "different vocabularies"),
+                        ("p4d_n", "text encoders")]:
+        refused = CliRunner().invoke(app, ["attack", str(run), "--attack", name, *detector])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+        last = refused.output.strip().splitlines()[-1]
+        assert last.startswith("error: ") and words in last, refused.output
+        assert not (run / "attacks" / f"{name}.json").exists()
