@@ -367,13 +367,13 @@ CHANGES = {"ESD-x": TEXT_KV, "ConceptAblation": TEXT_KV,
            "RECE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight")}
 
 
-def _dit_run(tmp_path, folder, method, evaluate: bool = True):
+def _dit_run(tmp_path, folder, method, evaluate: bool = True, args: dict | None = None):
     from typer.testing import CliRunner
 
     from obliviate.cli import app
     from test_t2i_backbones import _config
 
-    config = _config(tmp_path, folder, method)
+    config = _config(tmp_path, folder, method, args)
     if not evaluate:  # the samples beside the original's (evals/user_pipeline.py): seconds on a tiny FLUX
         config.write_text("evaluate = false\n" + config.read_text())
     return CliRunner().invoke(app, ["run", str(config), "--quiet"])
@@ -449,6 +449,12 @@ def test_run_export_and_from_pretrained(tmp_path, sd3_dir, flux_dir, shape):
     shutil.copytree(sd3_dir if shape == "sd3" else flux_dir, base)
     result = _dit_run(tmp_path, base, method, evaluate=False)
     assert result.exit_code == 0, result.output
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    (tmp_path / "run.toml").write_text((tmp_path / "run.toml").read_text().replace('name = "r1"', 'name = "r2"'))
+    checked = CliRunner().invoke(app, ["validate", str(tmp_path / "run.toml")])  # the checks take the folder too
+    assert checked.exit_code == 0 and checked.output.startswith("ok: "), checked.output
     run = tmp_path / "runs" / "r1"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["method"] == method
@@ -520,3 +526,81 @@ def test_attacks_on_a_dit_run_through_the_cli(tmp_path, sd3_dir, flux_dir, shape
         last = refused.output.strip().splitlines()[-1]
         assert last.startswith("error: ") and words in last, refused.output
         assert not (run / "attacks" / f"{name}.json").exists()
+
+
+def test_text_reading_weights_on_every_shape(dit_pipe, tiny_pipe):
+    """is_cross_attention / is_text_key_value pick a transformer's context-stream key/value maps (what
+    text_projections lists) and, on an SD UNet, exactly the attn2 names they always picked."""
+    from obliviate.methods.t2i.base import is_cross_attention, is_text_key_value
+
+    listed = {n for n, _ in dit_pipe.backbone.text_projections(dit_pipe.denoiser)}
+    names = [n for n, _ in dit_pipe.denoiser.named_parameters()]
+    assert {n.rsplit(".", 1)[0] for n in names if is_cross_attention(n)} == listed
+    assert [n for n in names if is_text_key_value(n)] == [n for n in names if is_cross_attention(n)]
+    unet = [n for n, _ in tiny_pipe.denoiser.named_parameters()]
+    assert [n for n in unet if is_cross_attention(n)] == [n for n in unet if ".attn2." in n]
+    assert [n for n in unet if is_text_key_value(n)] == [n for n in unet if ".attn2.to_k." in n or ".attn2.to_v." in n]
+
+
+def test_uce_on_dit_is_the_closed_form_of_its_flux_port(dit_pipe):
+    """UCE on SD3/FLUX edits context_embedder (c: the last content T5 token's state, as the authors' FLUX port:
+    attention_mask.sum() - 2; the empty text: index -1) and the pooled text embedder (c: the pooled vector); each new W
+    solves the normal equations W* (lam I + C^T C + ps P^T P) = W (lam I + G^T C + ps P^T P) with vectors picked here
+    by hand, and moves the concept's output towards the anchor's."""
+    from conftest import tiny_task
+    from obliviate.loops.t2i import erase
+    from obliviate.models.dit import load_dit_pipeline
+
+    pipe = load_dit_pipeline(dit_pipe.folder)  # a fresh copy: the edit changes it
+    task = tiny_task()
+    method = __import__("obliviate.methods.common", fromlist=["make_method"]).make_method("t2i", "UCE")
+    pairs, keep = method.erase_pairs(task), method.preserve_texts(task)
+    olds, news = [o for o, _ in pairs], [n for _, n in pairs]
+    before = {f: m.weight.detach().double().clone() for _, m, f in pipe.backbone.text_input_projections(pipe.denoiser)}
+    t5 = pipe.tokenizers[-1]
+    offset = pipe.tokenizer.model_max_length if pipe.backbone.kind == "sd3" else 0  # SD3: the CLIP states first
+
+    def vectors(texts):
+        with torch.no_grad():
+            cond = pipe.backbone.encode(pipe, texts)
+        last = [offset + sum(t5(t, padding="max_length", max_length=pipe.backbone.max_sequence_length)
+                             .attention_mask) - 2 if t else -1 for t in texts]
+        return {"states": torch.stack([cond.states[i, j] for i, j in enumerate(last)]).double(),
+                "pooled": cond.pooled.double()}
+
+    C, G, P = vectors(olds), vectors(news), vectors(keep)
+    result = erase(pipe, task, method, images_per_prompt=1, sample_steps=2)
+    assert sorted(result.trainable_names) == ["context_embedder.weight",
+                                              "time_text_embed.text_embedder.linear_1.weight"]
+    lam, ps = method.config.lam, max(0.1, 1 / len(keep))
+    for _, module, field in pipe.backbone.text_input_projections(pipe.denoiser):
+        W, new = before[field], module.weight.detach().double()
+        c, g, p = C[field], G[field], P[field]
+        eye = torch.eye(W.shape[1], dtype=torch.float64)
+        lhs = new @ (lam * eye + c.T @ c + ps * p.T @ p)
+        torch.testing.assert_close(lhs, W @ (lam * eye + g.T @ c + ps * p.T @ p), rtol=1e-4, atol=1e-4)
+        assert (c @ new.T - g @ W.T).norm() < (c @ W.T - g @ W.T).norm(), field
+
+
+@pytest.mark.slow
+def test_sld_guard_run_exports_and_loads_guarded_on_flux(tmp_path, flux_dir):
+    """A guard run on FLUX: no changed tensor, its export carries obliviate_guard.json, and load_guarded samples the
+    exported folder through SLD (a different picture from the unguarded pipeline's)."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    from obliviate.guards import load_guarded
+    from obliviate.models.dit import load_dit_pipeline
+
+    # SLD's medium preset waits 10 steps before guiding: from the first of the run's 3 here
+    result = _dit_run(tmp_path, flux_dir, "SLD", evaluate=False, args={"warmup_steps": 0})
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    assert load_file(str(run / "changed.safetensors")) == {}
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    guarded = load_guarded(tmp_path / "exported")
+    images = guarded(PROMPT, [0])
+    plain = sample(load_dit_pipeline(tmp_path / "exported"), PROMPT, [0], steps=3)
+    assert images.shape == plain.shape == (1, 3, 16, 16) and not torch.equal(images, plain)
