@@ -542,7 +542,8 @@ def test_text_reading_weights_on_every_shape(dit_pipe, tiny_pipe):
     assert [n for n in unet if is_text_key_value(n)] == [n for n in unet if ".attn2.to_k." in n or ".attn2.to_v." in n]
 
 
-def test_uce_on_dit_is_the_closed_form_of_its_flux_port(dit_pipe):
+@pytest.mark.parametrize("shape", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_uce_on_dit_is_the_closed_form_of_its_flux_port(sd3_dir, flux_dir, shape):
     """UCE on SD3/FLUX edits context_embedder (c: the last content T5 token's state, as the authors' FLUX port:
     attention_mask.sum() - 2; the empty text: index -1) and the pooled text embedder (c: the pooled vector); each new W
     solves the normal equations W* (lam I + C^T C + ps P^T P) = W (lam I + G^T C + ps P^T P) with vectors picked here
@@ -551,7 +552,7 @@ def test_uce_on_dit_is_the_closed_form_of_its_flux_port(dit_pipe):
     from obliviate.loops.t2i import erase
     from obliviate.models.dit import load_dit_pipeline
 
-    pipe = load_dit_pipeline(dit_pipe.folder)  # a fresh copy: the edit changes it
+    pipe = load_dit_pipeline(sd3_dir if shape == "sd3" else flux_dir)  # a fresh copy: the edit changes it
     task = tiny_task()
     method = __import__("obliviate.methods.common", fromlist=["make_method"]).make_method("t2i", "UCE")
     pairs, keep = method.erase_pairs(task), method.preserve_texts(task)
