@@ -7,6 +7,9 @@ import torch
 
 from conftest import tiny_prompts
 
+from obliviate.guards.t2i import T2IGuard
+from obliviate.models.diffusion import denoise, initial_noise, sample
+
 PROMPT = ["a red star in striped style"]
 
 
@@ -48,7 +51,7 @@ def build_sd3(folder):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
-    from obliviate.models.dit import DiTPipeline, SD3Backbone, save_dit_pipeline
+    from obliviate.models.dit import SD3Backbone, dit_pipeline, save_dit_pipeline
 
     torch.manual_seed(0)
     clip_config, clip_tok, t5, t5_tok, vae = tiny_parts(tiny_prompts())
@@ -56,9 +59,9 @@ def build_sd3(folder):
                                         attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
                                         joint_attention_dim=64, pooled_projection_dim=32, out_channels=4,
                                         pos_embed_max_size=8)
-    pipe = DiTPipeline(transformer, vae, (CLIPTextModelWithProjection(clip_config),
+    pipe = dit_pipeline(transformer, vae, (CLIPTextModelWithProjection(clip_config),
                                           CLIPTextModelWithProjection(clip_config), t5),
-                       (clip_tok, clip_tok, t5_tok), FlowMatchEulerDiscreteScheduler(shift=3.0), SD3Backbone())
+                        (clip_tok, clip_tok, t5_tok), FlowMatchEulerDiscreteScheduler(shift=3.0), SD3Backbone())
     save_dit_pipeline(pipe, folder)
     return folder
 
@@ -67,7 +70,7 @@ def build_flux(folder, guidance_embeds: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from obliviate.models.dit import DiTPipeline, FluxBackbone, save_dit_pipeline
+    from obliviate.models.dit import FluxBackbone, dit_pipeline, save_dit_pipeline
 
     torch.manual_seed(0)
     clip_config, clip_tok, t5, t5_tok, vae = tiny_parts(tiny_prompts())
@@ -76,7 +79,7 @@ def build_flux(folder, guidance_embeds: bool = False):
                                          pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
                                          guidance_embeds=guidance_embeds)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    pipe = DiTPipeline(transformer, vae, (CLIPTextModel(clip_config), t5), (clip_tok, t5_tok), scheduler,
+    pipe = dit_pipeline(transformer, vae, (CLIPTextModel(clip_config), t5), (clip_tok, t5_tok), scheduler,
                        FluxBackbone())
     save_dit_pipeline(pipe, folder)
     return folder
@@ -102,7 +105,11 @@ def dit_pipe(request, sd3_dir, flux_dir):
 def test_folders_load_as_their_shape(sd3_dir, flux_dir):
     from obliviate.models.dit import FluxBackbone, SD3Backbone, load_dit_pipeline
 
-    sd3, flux = load_dit_pipeline(sd3_dir), load_dit_pipeline(flux_dir)
+    from obliviate.models.diffusion import Pipeline, load_pipeline
+
+    sd3, flux = load_dit_pipeline(sd3_dir), load_pipeline(flux_dir)  # runs load them as any pipeline folder
+    assert isinstance(sd3, Pipeline) and list(sd3.components()) == ["transformer", "text_encoder", "text_encoder_2",
+                                                                    "text_encoder_3"]
     assert isinstance(sd3.backbone, SD3Backbone) and (sd3.backbone.kind, sd3.backbone.prediction) == ("sd3", "flow")
     assert isinstance(flux.backbone, FluxBackbone) and flux.backbone.kind == "flux"
     assert len(sd3.text_encoders) == 3 and len(flux.text_encoders) == 2
@@ -166,8 +173,8 @@ def test_sampling_is_the_diffusers_pipeline(dit_pipe, guidance):
     from obliviate.models.dit import FluxBackbone, diffusers_pipeline
 
     b = dit_pipe.backbone
-    x_T = b.initial_noise(dit_pipe, [7])
-    ours, at = b.denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T)
+    x_T = initial_noise(dit_pipe, [7])
+    ours, at = denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T)
     assert at == 0.0 and ours.shape == x_T.shape
     ref_pipe = diffusers_pipeline(dit_pipe)
     if b.kind == "sd3":
@@ -177,14 +184,15 @@ def test_sampling_is_the_diffusers_pipeline(dit_pipe, guidance):
                        width=16, latents=FluxBackbone.pack(x_T), output_type="latent").images
         ref = FluxBackbone.unpack(ref, 8, 8)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    part, t_stop = b.denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T, stop_after=1)
-    assert t_stop == float(b.sampler(dit_pipe, 3).timesteps[1]) and not torch.equal(part, ours)
+    part, t_stop = denoise(dit_pipe, PROMPT, [7], steps=3, guidance=guidance, latents=x_T, stop_after=1)
+    assert t_stop == float(b.sampler(dit_pipe, 3).timesteps[1]) and isinstance(t_stop, float)  # not rounded
+    assert not torch.equal(part, ours)
 
 
 def test_sample_images_with_and_without_guidance(dit_pipe):
     b = dit_pipe.backbone
-    plain = b.sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=1.0)
-    guided = b.sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=5.0)
+    plain = sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=1.0)
+    guided = sample(dit_pipe, PROMPT * 2, [0, 1], steps=2, guidance=5.0)
     assert plain.shape == (2, 3, 16, 16) and torch.isfinite(guided).all()
     assert 0 <= plain.min() and plain.max() <= 1
     assert not torch.allclose(plain, guided) and not torch.allclose(plain[0], plain[1])
@@ -194,7 +202,7 @@ def test_guard_replaces_the_guidance_line(dit_pipe):
     b = dit_pipe.backbone
     seen = {}
 
-    class Guard:
+    class Guard(T2IGuard):
         def extra_prompts(self):
             return ["dotted"]
 
@@ -202,9 +210,9 @@ def test_guard_replaces_the_guidance_line(dit_pipe):
             seen[step] = sorted(extra)
             return pred_uncond + 3.0 * (pred_cond - pred_uncond)
 
-    x_T = b.initial_noise(dit_pipe, [3])
-    guarded, _ = b.denoise(dit_pipe, PROMPT, [3], steps=2, guidance=1.0, latents=x_T, guard=Guard())
-    plain, _ = b.denoise(dit_pipe, PROMPT, [3], steps=2, guidance=3.0, latents=x_T)
+    x_T = initial_noise(dit_pipe, [3])
+    guarded, _ = denoise(dit_pipe, PROMPT, [3], steps=2, guidance=1.0, latents=x_T, guard=Guard())
+    plain, _ = denoise(dit_pipe, PROMPT, [3], steps=2, guidance=3.0, latents=x_T)
     torch.testing.assert_close(guarded, plain, atol=1e-5, rtol=1e-5)
     assert seen == {0: ["dotted"], 1: ["dotted"]}
 
@@ -272,23 +280,23 @@ def test_embedded_guidance_flux_matches_its_pipeline(tmp_path):
     calls = []
     forward = pipe.denoiser.forward
     pipe.denoiser.forward = lambda *a, **k: calls.append(k["hidden_states"].shape[0]) or forward(*a, **k)
-    x_T = b.initial_noise(pipe, [2])
-    ours, _ = b.denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T)
+    x_T = initial_noise(pipe, [2])
+    ours, _ = denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T)
     assert calls == [1, 1]
     del pipe.denoiser.forward
     ref = diffusers_pipeline(pipe)(PROMPT, guidance_scale=4.0, num_inference_steps=2, height=16, width=16,
                                    latents=FluxBackbone.pack(x_T), output_type="latent").images
     torch.testing.assert_close(ours, FluxBackbone.unpack(ref, 8, 8), atol=1e-5, rtol=1e-5)
-    other, _ = b.denoise(pipe, PROMPT, [2], steps=2, guidance=1.5, latents=x_T)
+    other, _ = denoise(pipe, PROMPT, [2], steps=2, guidance=1.5, latents=x_T)
     assert not torch.allclose(ours, other)
 
-    class Guard:  # a guard still gets the unconditional and conditional predictions on a distilled model
+    class Guard(T2IGuard):  # a guard still gets the unconditional and conditional predictions on a distilled model
         def combine(self, step, t, x, pred_uncond, pred_cond, extra):
             calls.append((pred_uncond.shape[0], pred_cond.shape[0]))
             return pred_cond
 
     calls.clear()
-    b.denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T, guard=Guard())
+    denoise(pipe, PROMPT, [2], steps=2, guidance=4.0, latents=x_T, guard=Guard())
     assert calls == [(1, 1), (1, 1)]
 
 
@@ -345,3 +353,255 @@ def test_bad_folders_are_one_line_errors(sd3_dir, tiny_pipeline_dir, tmp_path):
     (broken / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ObliviateError, match="'PixArtSigmaPipeline' is not a DiT pipeline"):
         load_dit_pipeline(broken)
+
+
+# ---- runs: SD3 and FLUX folders through `obliviate run`, `export` and diffusers' from_pretrained -------------------
+# refused on SD3/FLUX by design, with the words of their one-line refusal (their `backbones`/`backbones_why`)
+REFUSED_DIT: dict[str, str] = {"SPM": "runs on sd pipelines", "Co-Erasing": "runs on sd pipelines",
+                               "AdvUnlearn": "runs on sd, sdxl pipelines"}
+# the tensors each method changes on these shapes (docs/t2i_dit.md): the context-stream key/value maps for the
+# cross-attention methods, the text-input projections for the closed forms
+TEXT_KV = (".attn.add_k_proj.", ".attn.add_v_proj.")
+CHANGES = {"ESD-x": TEXT_KV, "ConceptAblation": TEXT_KV,
+           "UCE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"),
+           "RECE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight")}
+
+
+def _dit_run(tmp_path, folder, method, evaluate: bool = True, args: dict | None = None):
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    from test_t2i_backbones import _config
+
+    config = _config(tmp_path, folder, method, args)
+    if not evaluate:  # the samples beside the original's (evals/user_pipeline.py): seconds on a tiny FLUX
+        config.write_text("evaluate = false\n" + config.read_text())
+    return CliRunner().invoke(app, ["run", str(config), "--quiet"])
+
+
+# each refusal once, on either shape (the rule is the shape's kind; the slow test below runs every pair)
+@pytest.mark.parametrize("method,shape", [("AdvUnlearn", "flux"), ("Co-Erasing", "sd3"), ("SPM", "flux")])
+def test_refused_methods_say_why_in_one_line(tmp_path, sd3_dir, flux_dir, shape, method):
+    from conftest import one_line_error
+
+    result = _dit_run(tmp_path, sd3_dir if shape == "sd3" else flux_dir, method, evaluate=False)
+    one_line_error(result, method, REFUSED_DIT[method],
+                   "StableDiffusion3Pipeline" if shape == "sd3" else "FluxPipeline")
+    assert not (tmp_path / "runs" / "r1").exists()
+
+
+def test_negtome_is_refused_on_dit_and_sld_guards_it(sd3_dir):
+    """NegToMe's processors are a UNet's: refused in one line; SLD works on the predictions of any shape."""
+    from obliviate.errors import ObliviateError
+    from obliviate.guards.t2i import attach
+    from obliviate.guards.t2i.negtome import NegToMe
+    from obliviate.guards.t2i.sld import SLD, SLDConfig
+    from obliviate.models.dit import load_dit_pipeline
+
+    pipe = load_dit_pipeline(sd3_dir)
+    with pytest.raises(ObliviateError, match="NegToMe runs on sd, sdxl pipelines, not on this "
+                                             "StableDiffusion3Pipeline: its processors") as e:
+        attach(pipe, NegToMe().bind("striped"))
+    assert "\n" not in str(e.value) and pipe.guard is None
+    plain = sample(pipe, PROMPT, [0], steps=2)
+    guarded = sample(pipe, PROMPT, [0], steps=2, guard=SLD(SLDConfig(warmup_steps=0)).bind("striped"))
+    assert guarded.shape == plain.shape and not torch.equal(guarded, plain)
+
+
+def _exported_loads_with_diffusers(tmp_path, base, run, changed):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    cls = StableDiffusion3Pipeline if "sd3" in str(base) else FluxPipeline
+    exported = cls.from_pretrained(tmp_path / "exported")
+    ours = exported.transformer.state_dict()
+    (weights,) = (base / "transformer").glob("*.safetensors")
+    theirs = load_file(str(weights))  # the base folder's own transformer, untouched
+    for key, value in changed.items():
+        assert torch.equal(ours[key.removeprefix("transformer.")], value), key
+    # the run's tensors are all it may change (SalUn's mask, or SD3's last block, whose context stream nothing
+    # reads, leave some as they were); some did change
+    assert any(not torch.equal(theirs[k.removeprefix("transformer.")], v) for k, v in changed.items())
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if f"transformer.{k}" not in changed)
+    kwargs = {} if cls is StableDiffusion3Pipeline else {"height": 16, "width": 16}
+    exported.set_progress_bar_config(disable=True)
+    images = exported(PROMPT, num_inference_steps=2, output_type="pt", **kwargs).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+def test_run_export_and_from_pretrained(tmp_path, sd3_dir, flux_dir, shape):
+    """`obliviate run` on a user's SD3/FLUX folder changes the tensors the method's DiT port names (and only the
+    transformer's), `export` writes a folder diffusers' own class loads, with those tensors, and samples from it
+    (UCE: the fastest run; every method runs in the slow test below)."""
+    method = "UCE"
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / shape
+    shutil.copytree(sd3_dir if shape == "sd3" else flux_dir, base)
+    result = _dit_run(tmp_path, base, method, evaluate=False)
+    assert result.exit_code == 0, result.output
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    (tmp_path / "run.toml").write_text((tmp_path / "run.toml").read_text().replace('name = "r1"', 'name = "r2"'))
+    checked = CliRunner().invoke(app, ["validate", str(tmp_path / "run.toml")])  # the checks take the folder too
+    assert checked.exit_code == 0 and checked.output.startswith("ok: "), checked.output
+    run = tmp_path / "runs" / "r1"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["method"] == method
+    changed = load_file(str(run / "changed.safetensors"))
+    assert changed and all(k.startswith("transformer.") and any(p in k for p in CHANGES[method]) for k in changed)
+    _exported_loads_with_diffusers(tmp_path, base, run, changed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+@pytest.mark.parametrize("method", [m for m, e in sorted(__import__("obliviate.registry").registry.T2I_METHODS.items())
+                                    if not e.guard])
+def test_every_method_runs_on_dit_or_is_refused(tmp_path, sd3_dir, flux_dir, shape, method):
+    """Every registered (non-guard) method on SD3 and FLUX through the CLI: it runs, changes only transformer
+    tensors (those its DiT port names, where CHANGES says), and its export loads in diffusers; or it is refused in
+    one line (REFUSED_DIT)."""
+    from safetensors.torch import load_file
+
+    from conftest import one_line_error
+
+    base = sd3_dir if shape == "sd3" else flux_dir
+    result = _dit_run(tmp_path, base, method)
+    run = tmp_path / "runs" / "r1"
+    if method in REFUSED_DIT:
+        one_line_error(result, method, REFUSED_DIT[method])
+        assert not run.exists()
+        return
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["method"] == method
+    changed = load_file(str(run / "changed.safetensors"))
+    assert changed and all(k.startswith("transformer.") for k in changed)
+    if method in CHANGES:
+        assert all(any(p in k for p in CHANGES[method]) for k in changed), sorted(changed)
+    _exported_loads_with_diffusers(tmp_path, base, run, changed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+def test_attacks_on_a_dit_run_through_the_cli(tmp_path, sd3_dir, flux_dir, shape):
+    """`obliviate attack` on a UCE run on a user's SD3/FLUX folder, judged by a (tiny) image classifier: concept
+    arithmetic (noise predictions composed through the backbone) attacks the erased and the base pipeline; the
+    token-id attacks, whose ids must mean the same in every tokenizer (CLIP and T5 do not share a vocabulary), and
+    P4D (one text encoder's embedding space) are refused in one line each."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+
+    torch.manual_seed(0)
+    labels = ["striped", "dotted", "solid"]
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, id2label=dict(enumerate(labels)),
+                                              label2id={n: i for i, n in enumerate(labels)}, hidden_size=16,
+                                              intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    vit.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    result = _dit_run(tmp_path, sd3_dir if shape == "sd3" else flux_dir, "UCE", evaluate=False)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    detector = ["--detector", str(tmp_path / "vit"), "--detector-label", "striped", "--quiet"]
+    result = CliRunner().invoke(app, ["attack", str(run), "--attack", "concept_arithmetic", *detector])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "attacks" / "concept_arithmetic.json").read_text())
+    assert list(saved["models"]) == ["UCE", "original"] and saved["models"]["UCE"]["n_attacked"] == 3
+    for name, words in [("prompt_attack", "different vocabularies"), ("ring_a_bell", "different vocabularies"),
+                        ("p4d_n", "text encoders")]:
+        refused = CliRunner().invoke(app, ["attack", str(run), "--attack", name, *detector])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+        last = refused.output.strip().splitlines()[-1]
+        assert last.startswith("error: ") and words in last, refused.output
+        assert not (run / "attacks" / f"{name}.json").exists()
+
+
+def test_text_reading_weights_on_every_shape(dit_pipe, tiny_pipe):
+    """is_cross_attention / is_text_key_value pick a transformer's context-stream key/value maps (what
+    text_projections lists) and, on an SD UNet, exactly the attn2 names they always picked."""
+    from obliviate.methods.t2i.base import is_cross_attention, is_text_key_value
+
+    listed = {n for n, _ in dit_pipe.backbone.text_projections(dit_pipe.denoiser)}
+    names = [n for n, _ in dit_pipe.denoiser.named_parameters()]
+    assert {n.rsplit(".", 1)[0] for n in names if is_cross_attention(n)} == listed
+    assert [n for n in names if is_text_key_value(n)] == [n for n in names if is_cross_attention(n)]
+    unet = [n for n, _ in tiny_pipe.denoiser.named_parameters()]
+    assert [n for n in unet if is_cross_attention(n)] == [n for n in unet if ".attn2." in n]
+    assert [n for n in unet if is_text_key_value(n)] == [n for n in unet if ".attn2.to_k." in n or ".attn2.to_v." in n]
+
+
+@pytest.mark.parametrize("shape", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_uce_on_dit_is_the_closed_form_of_its_flux_port(sd3_dir, flux_dir, shape):
+    """UCE on SD3/FLUX edits context_embedder (c: the last content T5 token's state, as the authors' FLUX port:
+    attention_mask.sum() - 2; the empty text: index -1) and the pooled text embedder (c: the pooled vector); each new W
+    solves the normal equations W* (lam I + C^T C + ps P^T P) = W (lam I + G^T C + ps P^T P) with vectors picked here
+    by hand, and moves the concept's output towards the anchor's."""
+    from conftest import tiny_task
+    from obliviate.loops.t2i import erase
+    from obliviate.models.dit import load_dit_pipeline
+
+    pipe = load_dit_pipeline(sd3_dir if shape == "sd3" else flux_dir)  # a fresh copy: the edit changes it
+    task = tiny_task()
+    method = __import__("obliviate.methods.common", fromlist=["make_method"]).make_method("t2i", "UCE")
+    pairs, keep = method.erase_pairs(task), method.preserve_texts(task)
+    olds, news = [o for o, _ in pairs], [n for _, n in pairs]
+    before = {f: m.weight.detach().double().clone() for _, m, f in pipe.backbone.text_input_projections(pipe.denoiser)}
+    t5 = pipe.tokenizers[-1]
+    offset = pipe.tokenizer.model_max_length if pipe.backbone.kind == "sd3" else 0  # SD3: the CLIP states first
+
+    def vectors(texts):
+        with torch.no_grad():
+            cond = pipe.backbone.encode(pipe, texts)
+        last = [offset + sum(t5(t, padding="max_length", max_length=pipe.backbone.max_sequence_length)
+                             .attention_mask) - 2 if t else -1 for t in texts]
+        return {"states": torch.stack([cond.states[i, j] for i, j in enumerate(last)]).double(),
+                "pooled": cond.pooled.double()}
+
+    C, G, P = vectors(olds), vectors(news), vectors(keep)
+    result = erase(pipe, task, method, images_per_prompt=1, sample_steps=2)
+    assert sorted(result.trainable_names) == ["context_embedder.weight",
+                                              "time_text_embed.text_embedder.linear_1.weight"]
+    lam, ps = method.config.lam, max(0.1, 1 / len(keep))
+    for _, module, field in pipe.backbone.text_input_projections(pipe.denoiser):
+        W, new = before[field], module.weight.detach().double()
+        c, g, p = C[field], G[field], P[field]
+        eye = torch.eye(W.shape[1], dtype=torch.float64)
+        lhs = new @ (lam * eye + c.T @ c + ps * p.T @ p)
+        torch.testing.assert_close(lhs, W @ (lam * eye + g.T @ c + ps * p.T @ p), rtol=1e-4, atol=1e-4)
+        assert (c @ new.T - g @ W.T).norm() < (c @ W.T - g @ W.T).norm(), field
+
+
+@pytest.mark.slow
+def test_sld_guard_run_exports_and_loads_guarded_on_flux(tmp_path, flux_dir):
+    """A guard run on FLUX: no changed tensor, its export carries obliviate_guard.json, and load_guarded samples the
+    exported folder through SLD (a different picture from the unguarded pipeline's)."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    from obliviate.guards import load_guarded
+    from obliviate.models.dit import load_dit_pipeline
+
+    # SLD's medium preset waits 10 steps before guiding: from the first of the run's 3 here
+    result = _dit_run(tmp_path, flux_dir, "SLD", evaluate=False, args={"warmup_steps": 0})
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r1"
+    assert load_file(str(run / "changed.safetensors")) == {}
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    guarded = load_guarded(tmp_path / "exported")
+    images = guarded(PROMPT, [0])
+    plain = sample(load_dit_pipeline(tmp_path / "exported"), PROMPT, [0], steps=3)
+    assert images.shape == plain.shape == (1, 3, 16, 16) and not torch.equal(images, plain)

@@ -2,7 +2,8 @@
 latents, sample. Methods and metrics talk to a text-to-image model only through these functions and the pipeline's
 `Backbone` (one object per pipeline shape: how it encodes text, calls its denoiser, noises latents, forms the
 training target, samples, and which weights map text into attention), so the same code serves the canvas world's
-small pipeline, a user's SD 1.x/2.x folder and an SDXL folder, without a method ever branching on the shape."""
+small pipeline, a user's SD 1.x/2.x folder, an SDXL folder and SD3/FLUX folders (their backbones: models/dit.py),
+without a method ever branching on the shape."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ def as_cond(context) -> Cond:
 
 @dataclass
 class Pipeline:
-    denoiser: torch.nn.Module  # the trained network: a UNet (SD, SDXL); `unet` is its alias
+    denoiser: torch.nn.Module  # the trained network: a UNet (SD, SDXL) or a transformer (SD3, FLUX); alias `unet`
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -121,9 +122,7 @@ class Pipeline:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        s = self.denoiser.config.sample_size
-        s = s if isinstance(s, int) else s[0]
-        return (self.denoiser.config.in_channels, s, s)
+        return self.backbone.latent_shape(self)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -185,6 +184,28 @@ class Backbone:
         sched = DDIMScheduler.from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)
         return sched
+
+    def time_value(self, t) -> int | float:
+        """A sampler timestep as `denoise` returns it (ESD's partial sampling trains at it)."""
+        return int(t)
+
+    def embeds_guidance(self, pipe: Pipeline) -> bool:
+        """Whether the denoiser takes the guidance scale itself (a guidance-distilled FLUX), so sampling makes one
+        conditional pass per step and `predict` gets `guidance=`; else classifier-free guidance, two passes."""
+        return False
+
+    def latent_shape(self, pipe: Pipeline) -> tuple[int, int, int]:
+        s = pipe.denoiser.config.sample_size
+        s = s if isinstance(s, int) else s[0]
+        return (pipe.denoiser.config.in_channels, s, s)
+
+    def encode_images(self, pipe: Pipeline, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(pipe.device, pipe.vae.dtype) * 2 - 1
+        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+    def decode(self, pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+        x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
 def cross_attention_projections(denoiser) -> list[tuple[str, torch.nn.Linear]]:
@@ -340,10 +361,13 @@ class SDXLBackbone(Backbone):
 
 
 # The pipeline shapes, by model_index.json's `_class_name`. Another shape is one line here: its Backbone subclass
-# (load, save, encode, predict, ... as SDBackbone), e.g. "StableDiffusion3Pipeline": SD3Backbone.
-BACKBONES: dict[str, type[Backbone]] = {
+# (load, save, encode, predict, ... as SDBackbone), or "module:Class" for one defined in a module that imports this
+# one (the transformer shapes of models/dit.py).
+BACKBONES: dict[str, type[Backbone] | str] = {
     "StableDiffusionPipeline": SDBackbone,
     "StableDiffusionXLPipeline": SDXLBackbone,
+    "StableDiffusion3Pipeline": "obliviate.models.dit:SD3Backbone",
+    "FluxPipeline": "obliviate.models.dit:FluxBackbone",
 }
 
 
@@ -353,7 +377,13 @@ def backbone_of(index: dict, where: Path) -> Backbone:
     if name not in BACKBONES:
         raise ObliviateError(f"{where}: pipeline class {name!r} is not supported (supported: "
                              f"{', '.join(BACKBONES)})")
-    return BACKBONES[name]()
+    backbone = BACKBONES[name]
+    if isinstance(backbone, str):
+        import importlib
+
+        module, cls = backbone.split(":")
+        backbone = getattr(importlib.import_module(module), cls)
+    return backbone()
 
 
 def check_folder(folder: str | Path) -> Path:
@@ -423,7 +453,8 @@ def check_concept_known(tokenizer, concept: str) -> None:
 
 def save_pipeline(pipe: Pipeline, folder: str | Path) -> None:
     """Write a folder that the shape's diffusers pipeline class loads (`StableDiffusionPipeline.from_pretrained`,
-    `StableDiffusionXLPipeline.from_pretrained`; no safety checker or watermark: a research model)."""
+    `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, `FluxPipeline`; no safety checker or watermark: a research
+    model)."""
     pipe.backbone.save(pipe, folder)
 
 
@@ -462,15 +493,13 @@ def random_timesteps(pipe: Pipeline, n: int, generator: torch.Generator | None =
 
 
 def encode_images(pipe: Pipeline, images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> scaled latents (the posterior mean: deterministic)."""
-    x = images.to(pipe.device, pipe.vae.dtype) * 2 - 1
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    """Images in [0, 1] -> scaled latents (the posterior mean: deterministic; the shape's scaling)."""
+    return pipe.backbone.encode_images(pipe, images)
 
 
 def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [0, 1]."""
-    x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return (x.float() / 2 + 0.5).clamp(0, 1)
+    return pipe.backbone.decode(pipe, latents)
 
 
 def initial_noise(pipe: Pipeline, seeds: list[int]) -> torch.Tensor:
@@ -485,13 +514,15 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
             denoiser=None, stop_after: int | None = None, latents: torch.Tensor | None = None,
             text_encoders=None, context: Cond | torch.Tensor | None = None, *, guard=None, unet=None,
             text_encoder=None) -> tuple[torch.Tensor, int]:
-    """The shape's sampler (DDIM, eta 0, for SD and SDXL) with classifier-free guidance u + g (c - u), the conditional
-    and unconditional passes in one denoiser call. Stops after `stop_after` of the `steps` steps when given (ESD's
+    """The shape's sampler (DDIM, eta 0, for SD and SDXL; the pipelines' Euler flow sampler for SD3 and FLUX) with
+    classifier-free guidance u + g (c - u), the conditional and unconditional passes in one denoiser call (a
+    guidance-distilled FLUX: g through its embedding, one pass). Stops after `stop_after` of the `steps` steps when given (ESD's
     partial sampling). `context`, when given, is the prompts' own conditioning (an attack's soft prompt); the
     unconditional one is still encoded here. `guard` (default: the pipeline's own, `pipe.guard`): a generation-time
     guard (obliviate.guards.t2i) that adds its rows and prompts to the same denoiser call and combines the
     predictions instead of the guidance line. `unet` and `text_encoder` are the older names of `denoiser` and
-    `text_encoders`. Returns the latents and the training timestep they are at (0 after a full run)."""
+    `text_encoders`. Returns the latents and the training timestep they are at (0 after a full run; a float on flow
+    shapes)."""
     backbone = pipe.backbone
     denoiser = denoiser or unet or pipe.denoiser
     text_encoders = text_encoders or text_encoder
@@ -499,7 +530,8 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
     sched = backbone.sampler(pipe, steps)
     x = initial_noise(pipe, seeds) if latents is None else latents
     n = x.shape[0]
-    cfg = guidance != 1 or guard is not None  # a guard reads both predictions
+    embedded = backbone.embeds_guidance(pipe)  # a guidance-distilled model: g goes in, one conditional pass
+    cfg = (guidance != 1 and not embedded) or guard is not None  # a guard reads both predictions
     uncond = backbone.unconditional(pipe, n, text_encoders) if cfg else None
     if context is not None:
         context = as_cond(context)
@@ -516,23 +548,25 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
         # the texts go along only when they are what was encoded (not under a caller's own `context`)
         x, cond = guard.begin(pipe, denoiser, x, seeds, cond, guidance, text_encoders,
                               prompts=list(prompts) if context is None else None)
-    last_t = int(sched.timesteps[0])
+    last_t = backbone.time_value(sched.timesteps[0])
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:
-            return (x if guard is None else guard.finish(x)), int(t)
+            return (x if guard is None else guard.finish(x)), backbone.time_value(t)
         if guard is not None:
             extra = guard.extra_prompts()
             with guard.merging(t):
                 pred_c, pred_u, *more = backbone.predict(pipe, denoiser, torch.cat([x] * (2 + len(extra))), t,
                                                          cond).chunk(2 + len(extra))
             pred = guard.combine(i, t, x, pred_u, pred_c, dict(zip(extra, more)))
+        elif embedded:
+            pred = backbone.predict(pipe, denoiser, x, t, cond, guidance=guidance)
         elif guidance != 1:
             pred_c, pred_u = backbone.predict(pipe, denoiser, torch.cat([x, x]), t, cond).chunk(2)
             pred = pred_u + guidance * (pred_c - pred_u)
         else:
             pred = backbone.predict(pipe, denoiser, x, t, cond)
         x = sched.step(pred, t, x).prev_sample
-        last_t = int(t)
+        last_t = backbone.time_value(t)
     x = x if guard is None else guard.finish(x)
     return x, 0 if stop_after is None or stop_after >= len(sched.timesteps) else last_t
 

@@ -24,65 +24,46 @@ pipeline_flux.py; examples/dreambooth/train_dreambooth_lora_sd3.py and train_dre
 
 What the text states are and which weights read them: see `text_projections` and `text_input_projections`.
 
-The `Cond` below and the `_FlowBackbone` base stand in for `diffusion.Cond` / `diffusion.Backbone` (written at the
-same time by another change); at merge `Cond` is replaced by `diffusion.Cond` and `_FlowBackbone` subclasses
-`diffusion.Backbone`."""
+Both backbones are `diffusion.Backbone`s and their folders load as `diffusion.Pipeline`s (`diffusion.BACKBONES`
+names them by `_class_name`): runs, the loop, sampling (`diffusion.denoise`), export and the attacks go through the
+same calls as for SD and SDXL. The denoiser's folder (and its tensors' prefix in a run's changed.safetensors) is
+`transformer`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from obliviate.data import read_json_file
 from obliviate.errors import ObliviateError
-from obliviate.models.diffusion import Cond
+from obliviate.models.diffusion import Backbone, Cond, Pipeline
 
 
-@dataclass
-class DiTPipeline:
-    """A loaded SD3- or FLUX-shaped folder. `text_encoders` / `tokenizers` in the folder's order
-    (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5)."""
-    denoiser: torch.nn.Module  # the transformer
-    vae: torch.nn.Module
-    text_encoders: tuple
-    tokenizers: tuple
-    scheduler: object  # the folder's FlowMatchEulerDiscreteScheduler (its config; sampling uses fresh copies)
-    backbone: "_FlowBackbone"
-    folder: str | None = None
-
-    @property
-    def unet(self) -> torch.nn.Module:  # the name SD 1.x code reads
-        return self.denoiser
-
-    @property
-    def text_encoder(self):
-        return self.text_encoders[0]
-
-    @property
-    def tokenizer(self):
-        return self.tokenizers[0]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return self.backbone.latent_shape(self)
+# the transformers' linear maps whose input is the text conditioning, and the `Cond` field each reads
+TEXT_INPUT_PROJECTIONS = {"context_embedder": "states", "time_text_embed.text_embedder.linear_1": "pooled"}
 
 
-class _FlowBackbone:
-    """What SD3 and FLUX share: the flow-matching forward process, target, training timesteps, VAE scaling, and the
-    sampling loop. Subclasses say how text is encoded and how the transformer is called."""
+class _FlowBackbone(Backbone):
+    """What SD3 and FLUX share: the flow-matching forward process, target, training timesteps, VAE scaling, the
+    sampler and loading/saving. Subclasses say how text is encoded and how the transformer is called."""
     kind = ""
     prediction = "flow"
     pipeline_class = ""
+    denoiser_folder = "transformer"
     components: tuple[str, ...] = ()
     timestep_density = "none"  # diffusers.training_utils.compute_density_for_timestep_sampling's weighting_scheme
 
     def __init__(self, max_sequence_length: int):
         self.max_sequence_length = max_sequence_length  # T5 tokens, the pipeline's default
+
+    @property
+    def weight_components(self) -> tuple[str, ...]:
+        return tuple(c for c in self.components if c in ("transformer", "vae") or c.startswith("text_encoder"))
+
+    def load(self, folder: Path, device, dtype, trust_remote_code: bool) -> Pipeline:
+        return _load(self, folder, device, dtype, trust_remote_code)
+
+    def save(self, pipe, folder: str | Path) -> None:
+        save_dit_pipeline(pipe, folder)
 
     # ---- the training forward process ----------------------------------------------------------------------------
     @staticmethod
@@ -124,13 +105,7 @@ class _FlowBackbone:
         x = pipe.vae.decode(z.to(pipe.vae.dtype)).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    def initial_noise(self, pipe, seeds: list[int]) -> torch.Tensor:
-        """One noise tensor per seed, independent of batching."""
-        shape = self.latent_shape(pipe)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
-            pipe.device, pipe.denoiser.dtype)
-
-    # ---- sampling ------------------------------------------------------------------------------------------------
+    # ---- sampling (`diffusion.denoise` runs the loop) ---------------------------------------------------------------
     def _set_timesteps(self, pipe, sched, steps: int) -> None:
         raise NotImplementedError
 
@@ -142,58 +117,8 @@ class _FlowBackbone:
         self._set_timesteps(pipe, sched, steps)
         return sched
 
-    def _guided(self, pipe) -> bool:
-        """True classifier-free guidance (two predictions per step); False where the model embeds g itself."""
-        return True
-
-    @torch.no_grad()
-    def denoise(self, pipe, prompts: list[str], seeds: list[int], steps: int = 28, guidance: float = 4.0,
-                denoiser=None, stop_after: int | None = None, latents: torch.Tensor | None = None,
-                text_encoders=None, cond: Cond | None = None, guard=None) -> tuple[torch.Tensor, float]:
-        """Euler flow-matching sampling with guidance, as the diffusers pipeline does it. `cond`, when given, is the
-        prompts' own conditioning (an attack's soft prompt); the unconditional one is still encoded here. Stops
-        after `stop_after` steps when given (ESD's partial sampling). A `guard` replaces the plain guidance line by
-        guard.combine(step, t, x, pred_uncond, pred_cond, extra), where extra maps each of the guard's
-        extra_prompts() to its prediction. Returns the latents and the timestep they are at (0 after a full run)."""
-        denoiser = denoiser or pipe.denoiser
-        sched = self.sampler(pipe, steps)
-        x = self.initial_noise(pipe, seeds) if latents is None else latents
-        n = x.shape[0]
-        cond = cond if cond is not None else self.encode(pipe, list(prompts), text_encoders)
-        # a guard needs both predictions even on a guidance-distilled FLUX (which then embeds its default g)
-        true_cfg = guard is not None or (self._guided(pipe) and guidance != 1)
-        extra_texts = list(guard.extra_prompts()) if guard is not None and hasattr(guard, "extra_prompts") else []
-        if true_cfg:
-            uncond = self.encode(pipe, [""] * n, text_encoders)
-            cond = Cond.cat([cond.to(pipe.device), uncond] + [self.encode(pipe, [e] * n, text_encoders)
-                                                             for e in extra_texts])
-        embedded = None if self._guided(pipe) else guidance
-        for i, t in enumerate(sched.timesteps):
-            if stop_after is not None and i >= stop_after:
-                return x, float(t)
-            if true_cfg:
-                k = len(cond) // n  # prompts, empty prompts, the guard's extra prompts
-                preds = self.predict(pipe, denoiser, torch.cat([x] * k), t, cond).chunk(k)
-                pred_c, pred_u = preds[0], preds[1]
-                if guard is not None:
-                    pred = guard.combine(i, t, x, pred_u, pred_c, dict(zip(extra_texts, preds[2:])))
-                else:
-                    pred = pred_u + guidance * (pred_c - pred_u)
-            else:
-                pred = self.predict(pipe, denoiser, x, t, cond, guidance=embedded)
-            x = sched.step(pred, t, x, return_dict=False)[0]
-        return x, 0.0
-
-    @torch.no_grad()
-    def sample(self, pipe, prompts: list[str], seeds: list[int], steps: int = 28, guidance: float = 4.0,
-               batch_size: int = 32, denoiser=None, guard=None) -> torch.Tensor:
-        """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), batched."""
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            x, _ = self.denoise(pipe, prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance,
-                                denoiser=denoiser, guard=guard)
-            out.append(self.decode(pipe, x).cpu())
-        return torch.cat(out) if out else torch.empty(0, 3, 1, 1)
+    def time_value(self, t) -> float:
+        return float(t)  # flow timesteps are floats on the scheduler's scale
 
     # ---- which weights read the text -------------------------------------------------------------------------------
     def text_projections(self, denoiser) -> list[tuple[str, torch.nn.Linear]]:
@@ -225,8 +150,8 @@ class _FlowBackbone:
         author's release). For the first joint block, editing `context_embedder` is the exact analogue of UCE's
         key/value edit: add_k/add_v see the edited tokens after a per-token-identical modulation.
         `content_positions` says where each prompt's words sit in `Cond.states`."""
-        return [("context_embedder", denoiser.context_embedder, "states"),
-                ("time_text_embed.text_embedder.linear_1", denoiser.time_text_embed.text_embedder.linear_1, "pooled")]
+        modules = dict(denoiser.named_modules())
+        return [(name, modules[name], field) for name, field in TEXT_INPUT_PROJECTIONS.items()]
 
     def content_positions(self, pipe, texts: list[str]) -> list[list[int]]:
         """Per text, the positions in `Cond.states` that hold its content tokens (no start, end or padding
@@ -249,8 +174,12 @@ class _FlowBackbone:
     def latent_shape(self, pipe) -> tuple[int, int, int]:
         raise NotImplementedError
 
-    def encode(self, pipe, texts: list[str], text_encoders=None) -> Cond:
+    def token_ids(self, pipe, texts: list[str]) -> list[torch.Tensor]:
+        """Token ids [N, L] per tokenizer, each padded to the length the diffusers pipeline gives it."""
         raise NotImplementedError
+
+    def encode(self, pipe, texts: list[str], text_encoders=None) -> Cond:
+        return self.encode_ids(pipe, self.token_ids(pipe, list(texts)), text_encoders)
 
     def predict(self, pipe, denoiser, x_t: torch.Tensor, t, cond: Cond, guidance: float | None = None):
         raise NotImplementedError
@@ -299,16 +228,21 @@ class SD3Backbone(_FlowBackbone):
         s = pipe.denoiser.config.sample_size
         return (pipe.denoiser.config.in_channels, s, s)
 
-    def encode(self, pipe, texts: list[str], text_encoders=None) -> Cond:
-        clip_l, clip_g, t5 = self._encoders(pipe, text_encoders)
+    def token_ids(self, pipe, texts: list[str]) -> list[torch.Tensor]:
         tok_l, tok_g, tok_t5 = pipe.tokenizers
+        # the pipeline pads both CLIPs to its first tokenizer's length (tokenizer_max_length)
+        return [self._ids(tok_l, texts, tok_l.model_max_length, pipe.device),
+                self._ids(tok_g, texts, tok_l.model_max_length, pipe.device),
+                self._ids(tok_t5, texts, self.max_sequence_length, pipe.device)]
+
+    def encode_ids(self, pipe, ids: list[torch.Tensor], text_encoders=None) -> Cond:
+        clip_l, clip_g, t5 = self._encoders(pipe, text_encoders)
         states, pooled = [], []
-        for encoder, tokenizer in ((clip_l, tok_l), (clip_g, tok_g)):
-            # the pipeline pads both CLIPs to its first tokenizer's length (tokenizer_max_length)
-            out = encoder(self._ids(tokenizer, texts, tok_l.model_max_length, pipe.device), output_hidden_states=True)
+        for encoder, rows in ((clip_l, ids[0]), (clip_g, ids[1])):
+            out = encoder(rows, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
-        t5_states = t5(self._ids(tok_t5, texts, self.max_sequence_length, pipe.device))[0]
+        t5_states = t5(ids[2])[0]
         clip = torch.cat(states, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return Cond(torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1))
@@ -359,11 +293,15 @@ class FluxBackbone(_FlowBackbone):
         s = 2 * (int(vae.sample_size) // (scale * 2))  # FluxPipeline.prepare_latents at the VAE's native size
         return (pipe.denoiser.config.in_channels // 4, s, s)
 
-    def encode(self, pipe, texts: list[str], text_encoders=None) -> Cond:
-        clip, t5 = self._encoders(pipe, text_encoders)
+    def token_ids(self, pipe, texts: list[str]) -> list[torch.Tensor]:
         tok_clip, tok_t5 = pipe.tokenizers
-        pooled = clip(self._ids(tok_clip, texts, tok_clip.model_max_length, pipe.device)).pooler_output
-        states = t5(self._ids(tok_t5, texts, self.max_sequence_length, pipe.device))[0]
+        return [self._ids(tok_clip, texts, tok_clip.model_max_length, pipe.device),
+                self._ids(tok_t5, texts, self.max_sequence_length, pipe.device)]
+
+    def encode_ids(self, pipe, ids: list[torch.Tensor], text_encoders=None) -> Cond:
+        clip, t5 = self._encoders(pipe, text_encoders)
+        pooled = clip(ids[0]).pooler_output
+        states = t5(ids[1])[0]
         return Cond(states, pooled.to(states.dtype))
 
     def _state_segments(self, pipe) -> list[tuple[object, int]]:
@@ -405,8 +343,8 @@ class FluxBackbone(_FlowBackbone):
                        img_ids=self.image_ids(h, w, x_t.device, x_t.dtype), return_dict=False)[0]
         return self.unpack(out, h, w)
 
-    def _guided(self, pipe) -> bool:
-        return not pipe.denoiser.config.guidance_embeds
+    def embeds_guidance(self, pipe) -> bool:
+        return bool(pipe.denoiser.config.guidance_embeds)
 
     def _set_timesteps(self, pipe, sched, steps: int) -> None:
         import numpy as np
@@ -427,49 +365,12 @@ BACKBONES = {"StableDiffusion3Pipeline": SD3Backbone, "FluxPipeline": FluxBackbo
 
 
 # ---- folders ------------------------------------------------------------------------------------------------------
-def pipeline_class_name(folder: str | Path) -> str:
-    """model_index.json's `_class_name`; a one-line error where the folder is not a diffusers pipeline."""
-    from obliviate.models.diffusion import read_pipeline_index
-
-    return str(read_pipeline_index(folder)[1].get("_class_name", ""))
-
-
-def check_dit_folder(folder: str | Path) -> tuple[Path, type[_FlowBackbone]]:
-    """An SD3- or FLUX-shaped folder with every component; else one line naming the class or what is missing."""
-    folder = Path(folder)
-    name = pipeline_class_name(folder)
-    if name not in BACKBONES:
-        raise ObliviateError(f"{folder / 'model_index.json'}: pipeline class '{name}' is not a DiT pipeline "
-                             f"obliviate reads ({', '.join(BACKBONES)})")
-    backbone = BACKBONES[name]
-    index = read_json_file(folder / "model_index.json", "pipeline index")
-    missing = [c for c in backbone.components if not isinstance(index.get(c), list) or index[c][0] is None
-               or not (folder / c).is_dir()]
-    if missing:
-        raise ObliviateError(f"{folder}: {name} is missing component(s) {', '.join(missing)}")
-    weights = [c for c in backbone.components if (c.startswith("text_encoder") or c in ("transformer", "vae"))
-               and not any((folder / c).glob("*.safetensors")) and not any((folder / c).glob("*.bin"))]
-    if weights:
-        raise ObliviateError(f"{folder}: no weights in component folder(s) {', '.join(weights)}")
-    return folder, backbone
-
-
-def load_dit_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                      trust_remote_code: bool = False, max_sequence_length: int | None = None) -> DiTPipeline:
-    """Load an SD3- or FLUX-shaped folder, one component at a time (so an error names its folder). The
-    transformers parts get `trust_remote_code` as given, never None. `max_sequence_length` (T5 tokens; default the
-    pipeline's, 256 for SD3 and 512 for FLUX) matters: these transformers attend to the padding tokens too, so
-    diffusers reproduces obliviate's images only when called with the same `max_sequence_length`."""
+def _loaders(backbone: _FlowBackbone, folder: Path, dtype, trust_remote_code: bool) -> dict:
+    """One loader per component folder (tokenizers included), so a failure names its folder."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-    from obliviate.models import quiet_transformers, weights_error_message, weights_load_errors
-
-    quiet_transformers()
-    diffusers_logging.disable_progress_bar()
-    folder, backbone_class = check_dit_folder(folder)
-    sd3 = backbone_class is SD3Backbone
+    sd3 = isinstance(backbone, SD3Backbone)
     te = dict(torch_dtype=dtype, trust_remote_code=trust_remote_code)
     loaders = {
         "transformer": lambda: (SD3Transformer2DModel if sd3 else FluxTransformer2DModel).from_pretrained(
@@ -481,40 +382,67 @@ def load_dit_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtyp
             folder, subfolder="text_encoder_2", **te),
         "text_encoder_3": lambda: T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **te),
         "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")}
-    for c in backbone_class.components:
+    for c in backbone.components:
         if c.startswith("tokenizer"):
             loaders[c] = (lambda c=c: AutoTokenizer.from_pretrained(folder, subfolder=c,
                                                                     trust_remote_code=trust_remote_code))
-    parts = {}
-    for name in backbone_class.components:
-        try:
-            parts[name] = loaders[name]()
-        except weights_load_errors() + (KeyError,) as e:
-            raise ObliviateError(f"{folder / name}: cannot load the pipeline's {name}: "
-                                 f"{weights_error_message(folder / name, e)}") from None
-    encoders = tuple(parts[c] for c in backbone_class.components if c.startswith("text_encoder"))
-    tokenizers = tuple(parts[c] for c in backbone_class.components if c.startswith("tokenizer"))
-    for m in (parts["transformer"], parts["vae"]) + encoders:
-        m.to(device).eval().requires_grad_(False)
-    backbone = backbone_class() if max_sequence_length is None else backbone_class(max_sequence_length)
-    return DiTPipeline(parts["transformer"], parts["vae"], encoders, tokenizers, parts["scheduler"], backbone,
-                       str(folder))
+    return {c: loaders[c] for c in backbone.components}
 
 
-def diffusers_pipeline(pipe: DiTPipeline):
+def _load(backbone: _FlowBackbone, folder: Path, device, dtype, trust_remote_code: bool) -> Pipeline:
+    from obliviate.models.diffusion import _load_parts
+
+    parts = _load_parts(folder, _loaders(backbone, folder, dtype, trust_remote_code))
+    for name, m in parts.items():
+        if name == "transformer" or name == "vae" or name.startswith("text_encoder"):
+            m.to(device).eval().requires_grad_(False)
+    return Pipeline(parts["transformer"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+                    str(folder), parts["text_encoder_2"], parts["tokenizer_2"], backbone,
+                    text_encoder_3=parts.get("text_encoder_3"), tokenizer_3=parts.get("tokenizer_3"))
+
+
+def dit_pipeline(denoiser, vae, text_encoders, tokenizers, scheduler, backbone: _FlowBackbone,
+                 folder: str | None = None) -> Pipeline:
+    """A `diffusion.Pipeline` of SD3/FLUX components built in code, text encoders and tokenizers in the folder's
+    order (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5)."""
+    encoders, tokenizers = list(text_encoders) + [None] * 2, list(tokenizers) + [None] * 2
+    return Pipeline(denoiser, vae, encoders[0], tokenizers[0], scheduler, folder, encoders[1], tokenizers[1], backbone,
+                    text_encoder_3=encoders[2], tokenizer_3=tokenizers[2])
+
+
+def load_dit_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      trust_remote_code: bool = False, max_sequence_length: int | None = None) -> Pipeline:
+    """An SD3- or FLUX-shaped folder, loaded (`diffusion.load_pipeline` with a DiT check first, and the T5 length).
+    `max_sequence_length` (T5 tokens; default the pipeline's, 256 for SD3 and 512 for FLUX) matters: these
+    transformers attend to the padding tokens too, so diffusers reproduces obliviate's images only when called with
+    the same `max_sequence_length`."""
+    from obliviate.models.diffusion import load_pipeline, read_pipeline_index
+
+    folder, index = read_pipeline_index(folder)
+    name = str(index.get("_class_name", ""))
+    if name not in BACKBONES:
+        raise ObliviateError(f"{folder / 'model_index.json'}: pipeline class '{name}' is not a DiT pipeline "
+                             f"obliviate reads ({', '.join(BACKBONES)})")
+    pipe = load_pipeline(folder, device, dtype, trust_remote_code)
+    if max_sequence_length is not None:
+        pipe.backbone.max_sequence_length = max_sequence_length
+    return pipe
+
+
+def diffusers_pipeline(pipe: Pipeline):
     """The diffusers pipeline object of the same components (StableDiffusion3Pipeline or FluxPipeline)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     if pipe.backbone.kind == "sd3":
-        (te1, te2, te3), (tok1, tok2, tok3) = pipe.text_encoders, pipe.tokenizers
         return StableDiffusion3Pipeline(transformer=pipe.denoiser, scheduler=pipe.scheduler, vae=pipe.vae,
-                                        text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
-                                        text_encoder_3=te3, tokenizer_3=tok3)
-    (te1, te2), (tok1, tok2) = pipe.text_encoders, pipe.tokenizers
-    return FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=te1, tokenizer=tok1,
-                        text_encoder_2=te2, tokenizer_2=tok2, transformer=pipe.denoiser)
+                                        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                        text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                                        text_encoder_3=pipe.text_encoder_3, tokenizer_3=pipe.tokenizer_3)
+    return FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                        tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                        transformer=pipe.denoiser)
 
 
-def save_dit_pipeline(pipe: DiTPipeline, folder: str | Path) -> None:
+def save_dit_pipeline(pipe: Pipeline, folder: str | Path) -> None:
     """Write a folder (safetensors) that StableDiffusion3Pipeline / FluxPipeline.from_pretrained loads."""
     diffusers_pipeline(pipe).save_pretrained(str(folder), safe_serialization=True)

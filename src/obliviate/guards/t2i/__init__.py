@@ -27,6 +27,9 @@ SAMPLING_KEYS = ("sample_steps", "guidance")
 
 class T2IGuard(Guard):
     family = "t2i"
+    # the pipeline shapes (`Backbone.kind`) the guard is written for, and why not the others (None: every shape)
+    backbones: tuple[str, ...] | None = None
+    backbones_why = ""
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -69,6 +72,13 @@ class T2IGuard(Guard):
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x[:self.rows]
 
+    def check_backbone(self, pipe) -> None:
+        """A pipeline shape the guard is not written for is refused in one line (as a method's `backbones`)."""
+        kind = getattr(getattr(pipe, "backbone", None), "kind", "sd")
+        if self.backbones is not None and kind not in self.backbones:
+            raise ObliviateError(f"{self.name} runs on {', '.join(self.backbones)} pipelines, not on this "
+                                 f"{pipe.backbone.pipeline_class}: {self.backbones_why}")
+
     def install(self, pipe) -> None:
         """Put what the guard needs on the pipeline's denoiser (attention processors); nothing by default."""
 
@@ -95,6 +105,7 @@ def join_rows(parts: list):
 
 def attach(pipe, guard: T2IGuard) -> None:
     """From now on every `denoise`/`sample` on `pipe` goes through `guard` (evaluation, attacks)."""
+    guard.check_backbone(pipe)
     guard.install(pipe)
     pipe.guard = guard
 

@@ -89,6 +89,10 @@ class _MergingProcessor:
 class NegToMe(T2IGuard):
     name = "NegToMe"
     Config = NegToMeConfig
+    backbones = ("sd", "sdxl")
+    backbones_why = ("its processors merge a UNet attention layer's output tokens; SD3/FLUX's joint-attention "
+                     "processors return the image and text streams together (the authors' FLUX pipeline, "
+                     "pipeline_negtome_flux.py, is not ported yet)")
     paper = ("Singh et al. 2024, Negative Token Merging: Image-based Adversarial Feature Guidance, "
              "https://arxiv.org/abs/2412.01339")
 
@@ -99,6 +103,7 @@ class NegToMe(T2IGuard):
         self._for_this_call = None
 
     def install(self, pipe, unet=None) -> None:
+        self.check_backbone(pipe)
         unet = unet if unet is not None else pipe.unet
         if id(unet) in self._installed:
             return

@@ -89,6 +89,9 @@ class AdvUnlearn(DiffusionMethod):
     name = "AdvUnlearn"
     Config = AdvUnlearnConfig
     needs_frozen = True
+    backbones = ("sd", "sdxl")
+    backbones_why = ("its inner attack is a soft prefix after each CLIP text encoder's start token; SD3/FLUX read "
+                     "their token states mostly from T5, which has no start token and another vocabulary (not ported)")
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -97,9 +97,22 @@ def denoising_loss(unet, ctx: EraseContext, batch: dict, reduce: bool = True) ->
     return err.mean() if reduce else err
 
 
+# The joint-attention blocks' context-stream key/value maps (SD3, FLUX's double-stream blocks): what reads the text
+# into the attention the image tokens take part in, the transformers' stand-in for a UNet's cross-attention
+# (docs/t2i_dit.md; `backbone.text_projections` lists the same modules). No SD/SDXL UNet has modules of these names.
+DIT_TEXT_KEY_VALUE = (".add_k_proj.", ".add_v_proj.")
+
+
 def is_cross_attention(name: str) -> bool:
-    """A UNet's cross-attention (SD, SDXL: `attn2`; `backbone.text_projections` names its key/value maps)."""
-    return ".attn2." in name
+    """A UNet's cross-attention (SD, SDXL: `attn2`), or a transformer's context-stream key/value maps (SD3, FLUX:
+    `attn.add_k_proj`, `attn.add_v_proj`); `backbone.text_projections` names the key/value maps of either."""
+    return ".attn2." in name or any(p in f"{name}." for p in DIT_TEXT_KEY_VALUE)
+
+
+def is_text_key_value(name: str) -> bool:
+    """A key or value map that reads the text: a UNet's `attn2.to_k`/`attn2.to_v`, a transformer's
+    `add_k_proj`/`add_v_proj` (what Concept Ablation's "crossattn_kv" trains; a parameter or a module name)."""
+    return is_cross_attention(name) and any(p in f"{name}." for p in (".to_k.", ".to_v.") + DIT_TEXT_KEY_VALUE)
 
 
 class DiffusionMethod:

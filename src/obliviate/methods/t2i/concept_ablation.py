@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.methods.common import check_choice, check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention, is_text_key_value
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ConceptAblation(DiffusionMethod):
             return True
         if group == "crossattn":
             return is_cross_attention(name)
-        return is_cross_attention(name) and (".to_k." in name or ".to_v." in name)
+        return is_text_key_value(name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """The anchor's images: the original pipeline's samples of the forget prompts with the concept replaced."""

@@ -14,6 +14,12 @@ specific concepts. ESD-u trains everything but cross-attention (and, as the refe
 or the output convolution): for broad concepts. Paper defaults: eta (negative guidance) 1, start guidance 3,
 1000 iterations, lr 1e-5, batch 1, 50 DDIM steps (here the loop's sampling steps; the loop's `train` sets lr, steps
 and batch).
+
+SD3/FLUX (flow matching, docs/t2i_dit.md): the same target line on the velocities (the predictions are linear in
+guidance there too, as EraseAnything's FLUX loss uses), x_t from the pipeline's own flow sampler; ESD-x's
+"cross-attention" is the joint blocks' context-stream key/value maps (`add_k_proj`, `add_v_proj`: the maps
+EraseAnything trains on FLUX), ESD-u everything else but the time/text embedding and the output layers. No ESD
+release for these shapes exists from its authors: this is obliviate's port.
 """
 from __future__ import annotations
 
@@ -25,6 +31,11 @@ import torch.nn.functional as F
 from obliviate.methods.common import check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
 from obliviate.models.diffusion import Cond
+
+
+# ESD-u leaves the time embedding and the output layers alone (reference code: a UNet's `time_embedding`, `conv_out`,
+# `conv_norm_out`); on SD3/FLUX transformers the same roles are `time_text_embed`, `norm_out`, `proj_out`
+NOT_TRAINED_BY_ESD_U = ("time_embedding", "conv_out", "conv_norm_out", "time_text_embed", "norm_out", "proj_out")
 
 
 @dataclass
@@ -63,4 +74,4 @@ class ESDu(ESDx):
     name = "ESD-u"
 
     def trainable(self, name: str, param) -> bool:
-        return not (is_cross_attention(name) or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
+        return not (is_cross_attention(name) or name.startswith(NOT_TRAINED_BY_ESD_U))

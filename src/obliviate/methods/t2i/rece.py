@@ -50,6 +50,11 @@ Where obliviate differs, and why:
 - Everything in float64 and applied to the weights once, where the reference rewrites float32 weights each round; the
   difference is float rounding (tests/test_t2i_rece.py re-types the reference's update and agrees to 1e-4).
 
+SD3/FLUX (docs/t2i_dit.md): the UCE stage is UCE's port to these shapes (uce.py: `context_embedder` reading the
+token states, the pooled text embedder reading the pooled vector, one vector per text); the rounds run on each of
+those projections alone (its own Gram matrix W^T W), c the bare concept's vector (its last content token's state; its
+pooled vector), as UCE's FLUX port picks them. Our port (no author release for these shapes).
+
 What the rounds cost: they keep only the preserved texts, at every token position. On the tests' tiny random pipeline
 (where every text has nearly the same states) one default round moves the retain prompts' noise predictions about as
 much as the forget prompts'; with `preserve_retain_prompts = true` (UCE's option, which the rounds use too) the forget
@@ -107,7 +112,8 @@ class RECE(UCE):
     Config = RECEConfig
 
     def edit(self, ctx: EraseContext, unet) -> dict:
-        c = self.config
+        if hasattr(ctx.pipe.backbone, "text_input_projections"):  # SD3/FLUX: per text-input projection
+            return self._edit_text_inputs(ctx, unet)
         M, logs = self.edit_matrix(ctx)  # the UCE edit
         params = self.edited(unet, M.shape[0])
         gram = sum(p.detach().double().T @ p.detach().double() for _, p in params)
@@ -115,6 +121,13 @@ class RECE(UCE):
         task = ctx.task
         states, _ = self._states(ctx, [task.concept, task.anchor, *self.preserve_texts(task)])
         concept, guide, keep = states[0], states[1], states[2:].reshape(-1, states.shape[-1])
+        M = self.rounds(M, gram, concept, guide, keep, logs)
+        return {**logs, "epochs": int(self.config.epochs), **self.apply(params, M)}
+
+    def rounds(self, M: torch.Tensor, gram: torch.Tensor, concept: torch.Tensor, guide: torch.Tensor,
+               keep: torch.Tensor, logs: dict, prefix: str = "") -> torch.Tensor:
+        """The adversarial rounds after the UCE edit M: M times each round's UCE matrix (logs added to `logs`)."""
+        c = self.config
         concept_size = value_distance(gram, concept, torch.zeros_like(concept))
         keep_size = value_distance(gram, keep, torch.zeros_like(keep))
 
@@ -124,13 +137,24 @@ class RECE(UCE):
         def drift(M):  # how far the preserved texts' keys/values moved from the original's (relative)
             return float(value_distance(gram, keep @ M.T, keep) / keep_size)
 
-        logs["uce_preserve_drift"] = drift(M)
+        logs[f"{prefix}uce_preserve_drift"] = drift(M)
         for epoch in range(1, int(c.epochs) + 1):
             adv = adversarial_embedding(gram, M, concept, c.regular_scale)
             step = uce_matrix(adv, guide, keep, c.adv_lam, c.adv_erase_scale, c.adv_preserve_scale)
-            logs[f"epoch{epoch}_adv_leak"] = leak(M, adv)  # small: the edited model still reproduces the concept
-            logs[f"epoch{epoch}_adv_norm_ratio"] = float(adv.norm() / concept.norm())
+            logs[f"{prefix}epoch{epoch}_adv_leak"] = leak(M, adv)  # small: the edited model still reproduces it
+            logs[f"{prefix}epoch{epoch}_adv_norm_ratio"] = float(adv.norm() / concept.norm())
             M = M @ step
-            logs[f"epoch{epoch}_adv_leak_after"] = leak(M, adv)
-            logs[f"epoch{epoch}_preserve_drift"] = drift(M)
-        return {**logs, "epochs": int(c.epochs), **self.apply(params, M)}
+            logs[f"{prefix}epoch{epoch}_adv_leak_after"] = leak(M, adv)
+            logs[f"{prefix}epoch{epoch}_preserve_drift"] = drift(M)
+        return M
+
+    def _edit_text_inputs(self, ctx: EraseContext, unet) -> dict:
+        """SD3/FLUX: UCE's edit of each text-input projection (uce.py), then the rounds on that projection alone,
+        with the bare concept's vector (the first erase pair: the concept towards the anchor) as c."""
+        edits, logs = self.input_edits(ctx, unet)
+        done = []
+        for field, p, M, v in edits:
+            W = p.detach().double()
+            gram = (W.T @ W).to(M.device)
+            done.append((p, self.rounds(M, gram, v["erase"][:1], v["guide"][:1], v["keep"], logs, f"{field}_")))
+        return {**logs, "epochs": int(self.config.epochs), **self.apply_each(done)}

@@ -26,6 +26,14 @@ Defaults from the reference code: lam 0.5 (`lamb=0.5` in its `__main__`), erase_
 technique "replace" (v* = W c_guide), keys and values both edited (`with_to_k=True`), the empty prompt always among
 the preserved texts (`retain_texts = [''] + preserve_concepts`), and preserve_scale None meaning
 max(0.1, 1 / number of preserved texts) (the code's rule when `--preserve_scale` is not given).
+
+SD3/FLUX (no cross-attention: docs/t2i_dit.md): as the UCE authors' FLUX port (trainscripts/uce_flux_edit.py in the
+same repository), the edited maps are those whose input is the conditioning itself, `context_embedder` (reads the
+token states: c is the text's last content T5 token's state) and `time_text_embed.text_embedder.linear_1` (reads the
+pooled CLIP vector), each with its own M from the same closed form, one vector per text (the port's choice); v* =
+W c_guide ("replace"). SD3 gets the same rule by analogy (no author release). Where obliviate differs from the port:
+the erase pairs and preserved texts are this file's (the port preserves only the given concepts, with
+preserve_scale 1; obliviate also keeps the empty prompt, with the preserve_scale rule above).
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import torch
 
 from obliviate.methods.common import check_number
 from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, is_cross_attention
+from obliviate.models.dit import TEXT_INPUT_PROJECTIONS
 
 
 def uce_matrix(erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, lam: float, erase_scale: float,
@@ -85,6 +94,8 @@ class UCE(DiffusionMethod):
     needs_frozen = False
 
     def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
+        if name.removesuffix(".weight") in TEXT_INPUT_PROJECTIONS:  # SD3/FLUX: the maps that read Cond itself
+            return True
         if not is_cross_attention(name) or not name.endswith(".weight"):
             return False
         return ".to_v." in name or (self.config.with_to_k and ".to_k." in name)
@@ -149,11 +160,47 @@ class UCE(DiffusionMethod):
             raise ObliviateError(f"{self.name}: the UNet has no cross-attention (attn2) key/value projections to edit")
         return params
 
+    # ---- SD3/FLUX: the maps whose input is the conditioning itself --------------------------------------------------
+    def _input_vectors(self, ctx: EraseContext, texts: list[str]) -> dict[str, torch.Tensor]:
+        """One float64 vector per text for each `Cond` field a text-input projection reads: `states` at the text's
+        last content token (FLUX: the last T5 token before </s>, the reference's attention_mask.sum() - 2; an empty
+        text: the last position, the reference's index -1), `pooled` the pooled text embedding."""
+        cond = ctx.encode(texts)
+        positions = ctx.pipe.backbone.content_positions(ctx.pipe, texts)
+        last = torch.tensor([p[-1] if p else cond.states.shape[1] - 1 for p in positions])
+        return {"states": cond.states[torch.arange(len(texts)), last.to(cond.device)].double(),
+                "pooled": cond.pooled.double()}
+
+    def input_edits(self, ctx: EraseContext, unet) -> tuple[list[tuple[str, torch.nn.Parameter, torch.Tensor,
+                                                                          dict]], dict]:
+        """SD3/FLUX (`backbone.text_input_projections`): per projection, (field, its weight, M with W* = W M, the
+        vectors {"erase", "guide", "keep"} of its input), UCE's closed form on that projection's own input space;
+        and counts to log. The erase pairs and preserved texts are UCE's, one vector per text."""
+        c, task = self.config, ctx.task
+        pairs, keep = self.erase_pairs(ctx.task), self.preserve_texts(task)
+        n = len(pairs)
+        vectors = self._input_vectors(ctx, [o for o, _ in pairs] + [g for _, g in pairs] + keep)
+        ps = c.preserve_scale if c.preserve_scale is not None else max(0.1, 1 / len(keep))
+        edits = []
+        for _, module, field in ctx.pipe.backbone.text_input_projections(unet):
+            V = vectors[field]
+            parts = {"erase": V[:n], "guide": V[n:2 * n], "keep": V[2 * n:]}
+            edits.append((field, module.weight, uce_matrix(parts["erase"], parts["guide"], parts["keep"], c.lam,
+                                                           c.erase_scale, ps), parts))
+        counts = {"erase_texts": n, "erase_vectors": n, "preserve_texts": len(keep), "preserve_vectors": len(keep),
+                  "preserve_scale": float(ps)}
+        return edits, counts
+
     @staticmethod
     def apply(params: list[tuple[str, torch.nn.Parameter]], M: torch.Tensor) -> dict:
         """W <- W M for every projection, in float64 and stored in the weight's dtype; the relative changes."""
+        return UCE.apply_each([(p, M) for _, p in params])
+
+    @staticmethod
+    def apply_each(edits: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> dict:
+        """W <- W M for each (weight, M), as `apply`."""
         rel = []
-        for _, p in params:
+        for p, M in edits:
             W = p.detach().double()
             new = W @ M.to(W.device)
             rel.append(float((new - W).norm() / W.norm().clamp(min=1e-30)))
@@ -162,5 +209,8 @@ class UCE(DiffusionMethod):
                 "max_relative_change": max(rel)}
 
     def edit(self, ctx: EraseContext, unet) -> dict:
+        if hasattr(ctx.pipe.backbone, "text_input_projections"):  # SD3/FLUX: no cross-attention (module docstring)
+            edits, logs = self.input_edits(ctx, unet)
+            return {**logs, **self.apply_each([(p, M) for _, p, M, _ in edits])}
         M, logs = self.edit_matrix(ctx)
         return {**logs, **self.apply(self.edited(unet, M.shape[0]), M)}
