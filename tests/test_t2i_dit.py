@@ -358,11 +358,14 @@ def test_bad_folders_are_one_line_errors(sd3_dir, tiny_pipeline_dir, tmp_path):
 # ---- runs: SD3 and FLUX folders through `obliviate run`, `export` and diffusers' from_pretrained -------------------
 # refused on SD3/FLUX by design, with the words of their one-line refusal (their `backbones`/`backbones_why`)
 REFUSED_DIT: dict[str, str] = {"SPM": "runs on sd pipelines", "Co-Erasing": "runs on sd pipelines",
-                               "AdvUnlearn": "runs on sd, sdxl pipelines"}
+                               "AdvUnlearn": "runs on sd, sdxl pipelines", "TRCE": "runs on sd, sdxl pipelines",
+                               "MACE": "runs on sd, sdxl pipelines", "Receler": "runs on sd, sdxl pipelines",
+                               "ForgetMeNot": "runs on sd, sdxl pipelines",
+                               "FewShotUnlearning": "training the text encoder is for pipelines with one text encoder"}
 # the tensors each method changes on these shapes (docs/t2i_dit.md): the context-stream key/value maps for the
 # cross-attention methods, the text-input projections for the closed forms
 TEXT_KV = (".attn.add_k_proj.", ".attn.add_v_proj.")
-CHANGES = {"ESD-x": TEXT_KV, "ConceptAblation": TEXT_KV,
+CHANGES = {"ESD-x": TEXT_KV, "ConceptAblation": TEXT_KV, "RealEra": TEXT_KV, "DoCo": TEXT_KV,
            "UCE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"),
            "RECE": ("transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight")}
 
@@ -475,8 +478,10 @@ def test_every_method_runs_on_dit_or_is_refused(tmp_path, sd3_dir, flux_dir, sha
 
     from conftest import one_line_error
 
+    from test_t2i_backbones import SDXL_ARGS  # the same short settings as on SDXL
+
     base = sd3_dir if shape == "sd3" else flux_dir
-    result = _dit_run(tmp_path, base, method)
+    result = _dit_run(tmp_path, base, method, args=SDXL_ARGS.get(method))
     run = tmp_path / "runs" / "r1"
     if method in REFUSED_DIT:
         one_line_error(result, method, REFUSED_DIT[method])

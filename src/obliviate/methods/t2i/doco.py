@@ -88,7 +88,8 @@ from torch import nn
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
 from obliviate.methods.gradient_surgery import project_conflict
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, is_cross_attention
+from obliviate.methods.t2i.base import (DiffusionMethod, EraseContext, LossParts, denoising_loss, is_cross_attention,
+                                        is_text_key_value)
 
 DISC_BETAS = (0.5, 0.999)  # the reference's discriminator Adam
 
@@ -180,7 +181,7 @@ class DoCo(DiffusionMethod):
             return True
         if group == "crossattn":
             return is_cross_attention(name)
-        return is_cross_attention(name) and (".to_k." in name or ".to_v." in name)
+        return is_text_key_value(name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """The anchor's pictures (the original's samples of the anchor prompts) and their prompts' conditioning, added

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_text_key_value
 from obliviate.methods.t2i.spm import add_adapter, adapter_off, merge_adapters
 from obliviate.models.diffusion import Cond
 
@@ -135,9 +135,9 @@ def mine(states: torch.Tensor, config: RealEraConfig, generator: torch.Generator
 
 
 def lora_targets(unet) -> list[str]:
-    """The cross-attention key and value projections: the weights that read the text states."""
-    found = sorted(n for n, m in unet.named_modules()
-                   if isinstance(m, torch.nn.Linear) and is_cross_attention(f"{n}.") and n.endswith((".to_k", ".to_v")))
+    """The cross-attention key and value projections: the weights that read the text states (a DiT's
+    context-stream `add_k_proj`/`add_v_proj`, docs/t2i_dit.md)."""
+    found = sorted(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and is_text_key_value(n))
     if not found:
         raise ObliviateError(f"RealEra: the denoiser ({type(unet).__name__}) has no cross-attention key/value "
                              "projection to adapt")
