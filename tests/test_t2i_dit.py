@@ -393,8 +393,8 @@ def test_refused_methods_say_why_in_one_line(tmp_path, sd3_dir, flux_dir, shape,
     assert not (tmp_path / "runs" / "r1").exists()
 
 
-def test_negtome_is_refused_on_dit_and_sld_guards_it(sd3_dir):
-    """NegToMe's processors are a UNet's: refused in one line; SLD works on the predictions of any shape."""
+def test_negtome_is_refused_on_dit_and_sld_and_gog_guard_it(sd3_dir):
+    """NegToMe's processors are a UNet's: refused in one line; SLD and GoG work on the predictions of any shape."""
     from obliviate.errors import ObliviateError
     from obliviate.guards.t2i import attach
     from obliviate.guards.t2i.negtome import NegToMe
@@ -409,6 +409,12 @@ def test_negtome_is_refused_on_dit_and_sld_guards_it(sd3_dir):
     plain = sample(pipe, PROMPT, [0], steps=2)
     guarded = sample(pipe, PROMPT, [0], steps=2, guard=SLD(SLDConfig(warmup_steps=0)).bind("striped"))
     assert guarded.shape == plain.shape and not torch.equal(guarded, plain)
+    from obliviate.methods.common import make_method
+    gog = make_method("t2i", "GoG", {"detect": "words", "alpha": 0.0, "replacement": "dotted"}).bind("striped")
+    rewritten = [p.replace("striped", "dotted") for p in PROMPT]
+    assert rewritten != PROMPT  # the prompt names the concept: GoG samples its rewrite at alpha 0
+    torch.testing.assert_close(sample(pipe, PROMPT, [0], steps=2, guard=gog), sample(pipe, rewritten, [0], steps=2),
+                               atol=1e-5, rtol=0)
 
 
 def _exported_loads_with_diffusers(tmp_path, base, run, changed):
