@@ -163,6 +163,11 @@ T2I_METHODS = _table(
           "ESD's negative guidance under the text plus the concept's own pictures as image tokens, refined by the concept's text.",
           "Li et al. 2025, One Image is Worth a Thousand Words: A Usability Preservable Text-Image Collaborative Erasing "
           "Framework, ICML, https://arxiv.org/abs/2505.11131", family="t2i"),
+    Entry("ScissorHands", M + "t2i.scissorhands:ScissorHands",
+          "Re-initialise the weights most connected to the concept's images (SNIP sensitivity |g * theta|), then repair: "
+          "descend on retain, ascend on forget, each step projected (GEM) so the forgetting holds.",
+          "Wu and Harandi 2024, Scissorhands: Scrub Data Influence via Connection Sensitivity in Networks, ECCV, "
+          "https://arxiv.org/abs/2401.06187", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",
