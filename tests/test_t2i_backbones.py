@@ -116,7 +116,8 @@ def test_uce_edits_sdxl_cross_attention_towards_the_anchor(tiny_sdxl):
 @pytest.mark.parametrize("method", [m if m in REFUSED else pytest.param(m, marks=pytest.mark.slow)
                                     for m in sorted(T2I_METHODS)])
 def test_every_method_runs_on_sdxl_or_is_refused(tmp_path, tiny_sdxl_pipeline_dir, method):
-    args = {"attack_steps": 3} if method == "AdvUnlearn" else None  # its inner attack: 30 steps by default
+    # AdvUnlearn's inner attack: 30 steps by default; Selective Amnesia's Fisher: 1000 timesteps per sample
+    args = {"AdvUnlearn": {"attack_steps": 3}, "SelectiveAmnesia": {"fisher_timesteps": 4}}.get(method)
     result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, method, args)), "--quiet"])
     run = tmp_path / "runs" / "r1"
     if method in REFUSED:
