@@ -31,7 +31,8 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
     return forget, retain
 
 
-METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"]}  # its default image inversion (200 steps) is a slow start
+# slow starts by default: Co-Erasing's image inversion (200 steps), Selective Amnesia's Fisher (1000 timesteps a sample)
+METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"], "SelectiveAmnesia": ["fisher_timesteps = 2"]}
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:
