@@ -29,17 +29,19 @@ def test_snip_ranks_by_gradient_times_weight_not_gradient():
     assert torch.equal(connection_sensitivity([None], [torch.ones(3)])[0], torch.zeros(3))  # no gradient: never
 
 
-def test_trimming_reinitialises_exactly_the_most_sensitive_entries(tiny_pipe):
+@pytest.mark.parametrize("scope", ["trained", "self_attention"])
+def test_trimming_reinitialises_exactly_the_most_sensitive_entries(tiny_pipe, scope):
     """setup on the tiny pipeline: G re-computed by hand from the same draws (sum over the SNIP batches of |grad| of
-    the forget denoising loss), the entries with the top trim_fraction of |G * theta| changed, nothing else; the new
-    values are a fresh layer's (Kaiming-uniform within 1/sqrt(fan_in), biases 0)."""
+    the forget denoising loss), the entries with the top trim_fraction of |G * theta| over every trained entry
+    changed (those in self-attention only, for that scope), nothing else; the new values are a fresh layer's
+    (Kaiming-uniform within 1/sqrt(fan_in), biases 0)."""
     from obliviate.loops.t2i import draw_latents
     from obliviate.methods.t2i.base import EraseContext, denoising_loss
 
     task = tiny_task("striped")
     unet = tiny_pipe.unet
-    method = make_method("t2i", "ScissorHands", {"trim_fraction": 0.02, "snip_batches": 2, "snip_batch_size": 2,
-                                                 "project": False})
+    method = make_method("t2i", "ScissorHands", {"trim_fraction": 0.2, "snip_batches": 2, "snip_batch_size": 2,
+                                                 "project": False, "trim_scope": scope})
     named = [(n, p) for n, p in unet.named_parameters() if method.trainable(n, p)]
     params = [p for _, p in named]
     gen = torch.Generator().manual_seed(3)
@@ -60,18 +62,20 @@ def test_trimming_reinitialises_exactly_the_most_sensitive_entries(tiny_pipe):
             if g is not None:
                 acc += g.abs()
     score = torch.cat([(g * p).abs().flatten() for g, p in zip(total, before)])
-    k = int(0.02 * score.numel())
+    k = int(0.2 * score.numel())
     expected = torch.zeros(score.numel(), dtype=torch.bool)
     expected[score.topk(k).indices] = True
 
     gen.set_state(state)
     try:
         method.setup(ctx, forget, params)
-        assert method.trim_logs["trimmed"] == pytest.approx(k / score.numel())
-        start = 0
+        start, kept = 0, 0
         for (name, p), b in zip(named, before):
             e = expected[start:start + b.numel()].view(b.shape)
             start += b.numel()
+            if scope == "self_attention" and ".attn1." not in name:
+                e = torch.zeros_like(e)
+            kept += int(e.sum())
             c = p.detach() != b
             assert not (c & ~e).any(), name  # nothing outside the top-k moved
             fresh = p.detach()[e]
@@ -80,6 +84,8 @@ def test_trimming_reinitialises_exactly_the_most_sensitive_entries(tiny_pipe):
                 assert bool((fresh.abs() <= 1 / math.sqrt(p[0].numel()) + 1e-6).all()), name
             else:  # a fresh bias is 0, a fresh normalisation scale 1 (unchanged where it already was)
                 assert torch.equal(fresh, torch.full_like(fresh, 0.0 if name.endswith("bias") else 1.0)), name
+        assert 0 < kept <= k and method.trim_logs["trimmed"] == pytest.approx(kept / score.numel())
+        assert (kept == k) == (scope == "trained")
     finally:
         with torch.no_grad():
             for p, b in zip(params, before):
@@ -140,6 +146,6 @@ def test_repair_step_is_the_projected_difference():
 def test_bad_config_names_the_key():
     for args, key in [({"trim_fraction": 0}, "trim_fraction"), ({"trim_fraction": 1.5}, "trim_fraction"),
                       ({"snip_batches": 0}, "snip_batches"), ({"lam": -1}, "lam"), ({"project": "yes"}, "project"),
-                      ({"memory_batches": 1.5}, "memory_batches")]:
+                      ({"memory_batches": 1.5}, "memory_batches"), ({"trim_scope": "attn"}, "trim_scope")]:
         with pytest.raises(ObliviateError, match=key):
             make_method("t2i", "ScissorHands", args)
