@@ -115,7 +115,8 @@ def test_uce_edits_sdxl_cross_attention_towards_the_anchor(tiny_sdxl):
 
 SDXL_ARGS = {"AdvUnlearn": {"attack_steps": 3},  # its inner attack: 30 steps by default
              "ANT": {"mask_seeds": 1, "mask_iterations": 2},  # its saliency map: 200 gradient draws by default
-             "DoCo": {"warmup_steps": 1}}  # of the run's 2 steps, one past the discriminator's warm-up (1000)
+             "DoCo": {"warmup_steps": 1},  # of the run's 2 steps, one past the discriminator's warm-up (1000)
+             "SelectiveAmnesia": {"fisher_timesteps": 4}}  # its Fisher: 1000 timesteps per sample by default
 
 
 # a run is 5-10 s on 2 shared cores: the default suite keeps the refusals; ESD-x and UCE run in the export test below,

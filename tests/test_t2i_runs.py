@@ -33,10 +33,10 @@ def _prompt_files(tmp_path: Path, concept: str = "striped") -> tuple[Path, Path]
 
 # slow starts by default: Co-Erasing's image inversion (200 steps), ANT's saliency map (200 gradient draws; the map
 # is tested in test_t2i_ant.py), Receler's 50 adversarial passes a step; DoCo: of the 2 steps, one past the
-# discriminator's warm-up
+# discriminator's warm-up; Selective Amnesia's Fisher (1000 timesteps a sample)
 METHOD_ARGS = {"Co-Erasing": ["inversion_steps = 3"], "ANT": ["mask_fraction = 0"],
                "Receler": ["adv_iters = 2", "eraser_rank = 8"],
-               "DoCo": ["warmup_steps = 1", "disc_width = 8"]}
+               "DoCo": ["warmup_steps = 1", "disc_width = 8"], "SelectiveAmnesia": ["fisher_timesteps = 2"]}
 
 
 def _config(tmp_path: Path, pipeline: Path, method: str = "ESD-x", **extra) -> Path:

@@ -204,6 +204,16 @@ T2I_METHODS = _table(
           "the UNet frozen.",
           "Fuchi and Takagi 2024, Erasing Concepts from Text-to-Image Diffusion Models with Few-shot Unlearning, BMVC, "
           "https://arxiv.org/abs/2405.07288", family="t2i"),
+    Entry("ScissorHands", M + "t2i.scissorhands:ScissorHands",
+          "Re-initialise the weights most connected to the concept's images (SNIP sensitivity |g * theta|), then repair: "
+          "descend on retain, ascend on forget, each step projected (GEM) so the forgetting holds.",
+          "Wu and Harandi 2024, Scissorhands: Scrub Data Influence via Connection Sensitivity in Networks, ECCV, "
+          "https://arxiv.org/abs/2401.06187", family="t2i"),
+    Entry("SelectiveAmnesia", M + "t2i.selective_amnesia:SelectiveAmnesia",
+          "Continual learning towards forgetting: the concept's prompts learn the anchor's images, with generative "
+          "replay of the retain prompts and an EWC penalty (Fisher from the original model's own samples).",
+          "Heng and Soh 2023, Selective Amnesia: A Continual Learning Approach to Forgetting in Deep Generative "
+          "Models, NeurIPS, https://arxiv.org/abs/2305.10120", family="t2i"),
     GuardEntry("SLD", "obliviate.guards.t2i.sld:SLD", "Safe Latent Diffusion: each sampling step guided away from the "
                "concept's noise prediction where the prompt's is close to it (no weight changes).",
                "Schramowski et al. 2023, Safe Latent Diffusion, CVPR, https://arxiv.org/abs/2211.05105",

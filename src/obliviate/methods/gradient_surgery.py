@@ -139,3 +139,57 @@ def project_conflict(g: list, g_ref: list, scale: float = 1.0, per_tensor: bool 
     denom = (n2 * n2_ref).sqrt()
     cos = float(s / denom) if float(denom) > 0 else 0.0
     return out, {"grad_cosine": cos, "grad_conflict": conflicts / len(blocks)}
+
+
+def gem_project(gradient: list, memories: list[list], margin: float = 0.5, eps: float = 1e-3) -> tuple[list, dict]:
+    """Gradient Episodic Memory's projection (Lopez-Paz and Ranzato 2017, https://arxiv.org/abs/1706.08840), as
+    ScissorHands' repair phase uses it: when the proposed gradient g conflicts with any memory gradient m_j
+    (<g, m_j> < 0), solve GEM's dual quadratic programme
+
+        min_v  1/2 v^T (M M^T + eps I) v + (M g)^T v   subject to  v >= margin      (M: the memories as rows)
+
+    and step along g~ = g + M^T v; otherwise g is returned unchanged. Lists are aligned per parameter (None: no
+    gradient, treated as zero). One memory has the closed form v = max(-<g, m> / (|m|^2 + eps), margin); several
+    are solved as the bounded least-squares problem it is (scipy's BVLS, exact). After it <g~, m_j> >= -eps v_j (the
+    ridge's slack). Logs: whether it projected and the smallest <g, m_j> before and after the projection."""
+    if not memories:
+        raise ObliviateError("gem_project: no memory gradients")
+    present = [t for t in gradient if t is not None] + [t for m in memories for t in m if t is not None]
+    if not present:
+        return list(gradient), {"gem_projected": 0.0, "gem_dot": 0.0, "gem_dot_after": 0.0}
+    device = present[0].device
+    rows = [list(gradient)] + [list(m) for m in memories]
+    for i in range(len(gradient)):  # a parameter some rows reach and others not: zeros for the others
+        like = next((r[i] for r in rows if r[i] is not None), None)
+        for r in rows:
+            if r[i] is None and like is not None:
+                r[i] = torch.zeros_like(like)
+    g, mems = rows[0], rows[1:]
+    dots = torch.stack([_dot(g, m, device) for m in mems]).cpu()  # <g, m_j>, float64
+    logs = {"gem_dot": float(dots.min()), "gem_projected": 0.0, "gem_dot_after": float(dots.min())}
+    if not bool((dots < 0).any()):
+        return g, logs
+    gram = torch.stack([torch.stack([_dot(a, b, device) for b in mems]) for a in mems]).cpu()
+    gram = 0.5 * (gram + gram.T) + eps * torch.eye(len(mems), dtype=gram.dtype)
+    if len(mems) == 1:
+        v = torch.clamp(-dots / gram[0, 0], min=margin)
+    else:  # 1/2 v'Pv + c'v with P = L L': the least squares |L'v + L^-1 c|^2 under v >= margin
+        import numpy as np
+        from scipy.optimize import lsq_linear
+
+        chol = torch.linalg.cholesky(gram)
+        rhs = -torch.linalg.solve_triangular(chol, dots.view(-1, 1), upper=False).view(-1)
+        v = torch.from_numpy(lsq_linear(chol.T.numpy(), rhs.numpy(), bounds=(margin, np.inf), method="bvls",
+                                        tol=1e-12).x)
+    out = []
+    for i, a in enumerate(g):
+        if a is None:
+            out.append(None)
+            continue
+        step = a.clone()
+        for j, m in enumerate(mems):
+            step.add_(m[i], alpha=float(v[j]))
+        out.append(step)
+    logs["gem_projected"] = 1.0
+    logs["gem_dot_after"] = float(min(_dot(out, m, device) for m in mems))
+    return out, logs

@@ -40,6 +40,21 @@ from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, denoising_
 from obliviate.methods.saliency import mask_fraction, saliency_mask
 
 
+def mask_loss(ctx: EraseContext, batch: dict, guidance: float) -> torch.Tensor:
+    """The forget loss whose gradient ranks the weights (SalUn's saliency, ScissorHands' connection sensitivity): the
+    denoising loss of the denoiser being erased (setup runs before any change) on the batch, or with guidance w > 0
+    that of the classifier-free-guided prediction (1 + w) eps(x_t, c) - w eps(x_t, ""), as the reference scripts."""
+    unet = ctx.pipe.denoiser
+    if guidance == 0:
+        return denoising_loss(unet, ctx, batch)
+    x_t, t, eps = ctx.noisy(batch["latents"])
+    empty = ctx.unconditional(len(batch["context"]))
+    pred_c = ctx.predict(unet, x_t, t, batch["context"])
+    pred_u = ctx.predict(unet, x_t, t, empty)
+    guided = (1 + guidance) * pred_c - guidance * pred_u
+    return F.mse_loss(guided.float(), eps.float())
+
+
 @dataclass
 class SalUnConfig:
     mask_fraction: float = 0.5  # share of all trained weight entries the saliency mask keeps (largest |grad|)
@@ -83,25 +98,13 @@ class SalUn(DiffusionMethod):
         bs = int(c.mask_batch_size)
         for i in range(0, n, bs):
             batch = {k: v[i:i + bs] for k, v in forget.items()}
-            loss = self._mask_loss(ctx, batch)
+            loss = mask_loss(ctx, batch, c.mask_guidance)
             grads = torch.autograd.grad(loss * (len(batch["texts"]) / n), params, allow_unused=True)
             for acc, g in zip(total, grads):
                 if g is not None:
                     acc.add_(g)
         self.mask = saliency_mask(total, c.mask_fraction)
         self.mask_logs = {"mask_kept": mask_fraction(self.mask)}
-
-    def _mask_loss(self, ctx: EraseContext, batch: dict) -> torch.Tensor:
-        w = self.config.mask_guidance
-        unet = ctx.pipe.denoiser  # the denoiser being erased (setup runs before any change)
-        if w == 0:
-            return denoising_loss(unet, ctx, batch)
-        x_t, t, eps = ctx.noisy(batch["latents"])
-        empty = ctx.unconditional(len(batch["context"]))
-        pred_c = ctx.predict(unet, x_t, t, batch["context"])
-        pred_u = ctx.predict(unet, x_t, t, empty)
-        guided = (1 + w) * pred_c - w * pred_u
-        return F.mse_loss(guided.float(), eps.float())
 
     def gradient_mask(self) -> list | None:
         return self.mask
