@@ -360,7 +360,8 @@ def test_bad_folders_are_one_line_errors(sd3_dir, tiny_pipeline_dir, tmp_path):
 REFUSED_DIT: dict[str, str] = {"SPM": "runs on sd pipelines", "Co-Erasing": "runs on sd pipelines",
                                "AdvUnlearn": "runs on sd, sdxl pipelines", "TRCE": "runs on sd, sdxl pipelines",
                                "MACE": "runs on sd, sdxl pipelines", "Receler": "runs on sd, sdxl pipelines",
-                               "ForgetMeNot": "runs on sd, sdxl pipelines", "ScissorHands": "runs on sd, sdxl pipelines",
+                               "ForgetMeNot": "runs on sd, sdxl pipelines",
+                               "ScissorHands": "runs on sd, sdxl pipelines",
                                "FewShotUnlearning": "training the text encoder is for pipelines with one text encoder"}
 # the tensors each method changes on these shapes (docs/t2i_dit.md): the context-stream key/value maps for the
 # cross-attention methods, the text-input projections for the closed forms

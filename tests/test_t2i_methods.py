@@ -137,7 +137,8 @@ def _objective(name, pipe, unet, task) -> float:
             _eps(pipe, unet, forget, x)
         if name == "ForgetMeNot":
             from obliviate.methods.t2i.forget_me_not import attention_loss
-            positions = concept_positions(pipe.tokenizer, forget, task.concept, pipe.tokenizer.model_max_length, "first")
+            positions = concept_positions(pipe.tokenizer, forget, task.concept, pipe.tokenizer.model_max_length,
+                                          "first")
             return -float(attention_loss(maps, positions))
         from obliviate.methods.t2i.mace import attention_loss
         positions = concept_positions(pipe.tokenizer, forget, task.concept, pipe.tokenizer.model_max_length, "all")

@@ -516,8 +516,8 @@ def denoise(pipe: Pipeline, prompts: list[str], seeds: list[int], steps: int = 2
             text_encoder=None) -> tuple[torch.Tensor, int]:
     """The shape's sampler (DDIM, eta 0, for SD and SDXL; the pipelines' Euler flow sampler for SD3 and FLUX) with
     classifier-free guidance u + g (c - u), the conditional and unconditional passes in one denoiser call (a
-    guidance-distilled FLUX: g through its embedding, one pass). Stops after `stop_after` of the `steps` steps when given (ESD's
-    partial sampling). `context`, when given, is the prompts' own conditioning (an attack's soft prompt); the
+    guidance-distilled FLUX: g through its embedding, one pass). Stops after `stop_after` of the `steps` steps when
+    given (ESD's partial sampling). `context`, when given, is the prompts' own conditioning (an attack's soft prompt); the
     unconditional one is still encoded here. `guard` (default: the pipeline's own, `pipe.guard`): a generation-time
     guard (obliviate.guards.t2i) that adds its rows and prompts to the same denoiser call and combines the
     predictions instead of the guidance line. `unet` and `text_encoder` are the older names of `denoiser` and

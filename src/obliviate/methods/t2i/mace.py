@@ -217,7 +217,8 @@ class MACE(DiffusionMethod):
     needs_images = True  # the concept's pictures, drawn by the original pipeline (the reference's generated data)
     default_steps = 50
     backbones = ("sd", "sdxl")
-    backbones_why = "its loss reads a UNet's cross-attention (attn2) maps over the text tokens; joint attention has none"
+    backbones_why = ("its loss reads a UNet's cross-attention (attn2) maps over the text tokens; joint attention has "
+                     "none")
 
     def concepts(self, task) -> list[str]:
         return [task.concept] + [c for c in dict.fromkeys(self.config.also_erase) if c != task.concept]
@@ -254,7 +255,7 @@ class MACE(DiffusionMethod):
     def _projections(self, unet) -> list[tuple[str, torch.nn.Parameter]]:
         return [(t, unet.get_submodule(t).get_base_layer().weight) for t in self.targets]
 
-    # ---- setup: the concepts' prompts and pictures, the refinement, the regions ---------------------------------------
+    # ---- setup: the concepts' prompts and pictures, the refinement, the regions --------------------------------------
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         cfg, task, pipe = self.config, ctx.task, ctx.pipe
@@ -339,7 +340,7 @@ class MACE(DiffusionMethod):
         peak = heat.flatten(1).max(1).values.clamp(min=1e-30)[:, None, None]
         return (heat >= self.config.mask_threshold * peak).float()
 
-    # ---- the steps ----------------------------------------------------------------------------------------------------
+    # ---- the steps ---------------------------------------------------------------------------------------------------
 
     def timesteps(self, ctx: EraseContext, n: int) -> torch.Tensor:
         pipe = ctx.pipe
@@ -370,7 +371,7 @@ class MACE(DiffusionMethod):
             total = total + loss
         return LossParts(forget=total, logs=logs)
 
-    # ---- the fusion ---------------------------------------------------------------------------------------------------
+    # ---- the fusion --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def detach(self, unet) -> list[str]:
@@ -380,7 +381,8 @@ class MACE(DiffusionMethod):
         for name, weight in self._projections(unet):
             module = unet.get_submodule(name)
             base = weight.double()
-            loras = [(base + module.get_delta_weight(a).double(), C.to(base.device)) for a, C in zip(self.names, contexts)]
+            loras = [(base + module.get_delta_weight(a).double(), C.to(base.device))
+                     for a, C in zip(self.names, contexts)]
             fused[name] = fuse_weights(base, self.original[name].to(base.device), loras,
                                        self.preserve.to(base.device), cfg.lam, cfg.preserve_scale)
         _unwrap(unet)
