@@ -52,6 +52,7 @@ def test_parts_run_side_by_side_and_come_together(tmp_path, monkeypatch, jobs, s
         assert pids == {str(os.getpid())}
 
 
+@pytest.mark.slow  # the demo's parts in their own processes: about 8 s on 2 cores
 def test_a_failing_part_fails_the_demo_and_leaves_no_folder(tmp_path, monkeypatch):
     import obliviate.demo as demo
 

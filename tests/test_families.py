@@ -53,6 +53,8 @@ def _loaded(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
 
 
+@pytest.mark.slow  # a fresh interpreter that imports a family's whole path: 10-25 s on 2 cores; the static
+# import check (test_no_family_file_imports_...) stays in the default suite
 def test_a_text_to_image_erasure_loads_nothing_of_the_language_model_family(tiny_pipeline_dir):
     modules = _run_and_list_modules(f"""
 import torch
@@ -69,6 +71,8 @@ assert result.history
     assert not _loaded(modules, _foreign("t2i")), _loaded(modules, _foreign("t2i"))
 
 
+@pytest.mark.slow  # a fresh interpreter that imports a family's whole path: 10-25 s on 2 cores; the static
+# import check (test_no_family_file_imports_...) stays in the default suite
 def test_a_text_to_image_run_from_the_cli_loads_nothing_of_the_language_model_family(tiny_pipeline_dir, tmp_path):
     from conftest import tiny_prompts
 
@@ -93,6 +97,8 @@ except SystemExit as e:
     assert not _loaded(modules, _foreign("t2i")), _loaded(modules, _foreign("t2i"))
 
 
+@pytest.mark.slow  # a fresh interpreter that imports a family's whole path: 10-25 s on 2 cores; the static
+# import check (test_no_family_file_imports_...) stays in the default suite
 def test_a_language_model_unlearning_loads_nothing_of_the_text_to_image_family(tiny_lm_dir):
     modules = _run_and_list_modules(f"""
 from obliviate.config import TrainConfig
@@ -358,6 +364,8 @@ def test_the_language_model_loop_runs_through_the_adapter_it_is_given(tiny_lm):
         assert result.history and wrapped.seen, name  # the extra input reached every forward pass
 
 
+@pytest.mark.slow  # a fresh interpreter that imports a family's whole path: 10-25 s on 2 cores; the static
+# import check (test_no_family_file_imports_...) stays in the default suite
 def test_vision_language_unlearning_and_evaluation_load_nothing_of_another_family_but_what_they_reuse(tmp_path):
     """The vision-language family runs the language-model loop and methods through its own adapter (its row's
     `reuses`), and nothing else of another family: unlearning and MLLMU-Bench's evaluation load no language-model

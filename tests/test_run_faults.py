@@ -40,6 +40,7 @@ def test_a_taken_name_fails_before_the_world_is_built(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["taken"]
 
 
+@pytest.mark.slow  # two whole runs racing: about 15 s on 2 cores
 def test_two_runs_of_the_same_name_at_once_never_both_succeed(world):
     root, cfg = world
     env = {**os.environ, "PYTHONPATH": str(SRC)}
