@@ -115,6 +115,26 @@ def is_text_key_value(name: str) -> bool:
     return is_cross_attention(name) and any(p in f"{name}." for p in (".to_k.", ".to_v.") + DIT_TEXT_KEY_VALUE)
 
 
+
+# ESD-u's set leaves the time embedding and the output layers alone (reference code: a UNet's `time_embedding`,
+# `conv_out`, `conv_norm_out`); on SD3/FLUX transformers the same roles are `time_text_embed`, `norm_out`, `proj_out`
+NOT_TRAINED_BY_ESD_U = ("time_embedding", "conv_out", "conv_norm_out", "time_text_embed", "norm_out", "proj_out")
+
+
+def in_parameter_group(group: str, name: str) -> bool:
+    """Whether a denoiser parameter belongs to a method's `parameter_group`, as the reference codes name them:
+    `full` every weight; `xattn`/`crossattn` the cross-attention; `crossattn_kv` its key/value maps (what reads the
+    text); `noxattn` ESD-u's set, every weight but those and `NOT_TRAINED_BY_ESD_U`."""
+    if group == "full":
+        return True
+    if group in ("xattn", "crossattn"):
+        return is_cross_attention(name)
+    if group == "crossattn_kv":
+        return is_text_key_value(name)
+    if group == "noxattn":
+        return not (is_cross_attention(name) or name.startswith(NOT_TRAINED_BY_ESD_U))
+    raise ValueError(f"unknown parameter group {group!r}")
+
 class DiffusionMethod:
     """Base with the defaults; subclasses set `name`, `Config`, and implement `losses` (or `edit`)."""
     name: str = ""

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, is_cross_attention
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, in_parameter_group
 from obliviate.models.diffusion import predict_noise
 
 
@@ -147,12 +147,7 @@ class CoErasing(DiffusionMethod):
         self.setup_logs: dict[str, float] = {}
 
     def trainable(self, name: str, param) -> bool:
-        group = self.config.parameter_group
-        if group == "full":
-            return True
-        if group == "xattn":
-            return is_cross_attention(name)
-        return not (is_cross_attention(name) or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
+        return in_parameter_group(self.config.parameter_group, name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         tokens = self.invert_images(ctx, forget["latents"])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.methods.common import check_choice, check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention, is_text_key_value
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, in_parameter_group
 
 
 @dataclass
@@ -39,12 +39,7 @@ class ConceptAblation(DiffusionMethod):
     default_steps = 100
 
     def trainable(self, name: str, param) -> bool:
-        group = self.config.parameter_group
-        if group == "full":
-            return True
-        if group == "crossattn":
-            return is_cross_attention(name)
-        return is_text_key_value(name)
+        return in_parameter_group(self.config.parameter_group, name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """The anchor's images: the original pipeline's samples of the forget prompts with the concept replaced."""

@@ -88,8 +88,7 @@ from torch import nn
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
 from obliviate.methods.gradient_surgery import project_conflict
-from obliviate.methods.t2i.base import (DiffusionMethod, EraseContext, LossParts, denoising_loss, is_cross_attention,
-                                        is_text_key_value)
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, in_parameter_group
 
 DISC_BETAS = (0.5, 0.999)  # the reference's discriminator Adam
 
@@ -176,12 +175,7 @@ class DoCo(DiffusionMethod):
         return self.config.preserve_on == "retain"
 
     def trainable(self, name: str, param) -> bool:
-        group = self.config.parameter_group
-        if group == "full":
-            return True
-        if group == "crossattn":
-            return is_cross_attention(name)
-        return is_text_key_value(name)
+        return in_parameter_group(self.config.parameter_group, name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """The anchor's pictures (the original's samples of the anchor prompts) and their prompts' conditioning, added

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_choice, check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, is_cross_attention
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, denoising_loss, in_parameter_group
 
 
 @dataclass
@@ -120,12 +120,7 @@ class EraseDiff(DiffusionMethod):
         self.steps_left = 0  # outer steps before the next estimate of min f
 
     def trainable(self, name: str, param) -> bool:
-        group = self.config.parameter_group
-        if group == "full":
-            return True
-        if group == "xattn":
-            return is_cross_attention(name)
-        return not (is_cross_attention(name) or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
+        return in_parameter_group(self.config.parameter_group, name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         self.forget_set, self.params = forget, params

@@ -29,13 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from obliviate.methods.common import check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_cross_attention
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, in_parameter_group, is_cross_attention
 from obliviate.models.diffusion import Cond
-
-
-# ESD-u leaves the time embedding and the output layers alone (reference code: a UNet's `time_embedding`, `conv_out`,
-# `conv_norm_out`); on SD3/FLUX transformers the same roles are `time_text_embed`, `norm_out`, `proj_out`
-NOT_TRAINED_BY_ESD_U = ("time_embedding", "conv_out", "conv_norm_out", "time_text_embed", "norm_out", "proj_out")
 
 
 @dataclass
@@ -74,4 +69,4 @@ class ESDu(ESDx):
     name = "ESD-u"
 
     def trainable(self, name: str, param) -> bool:
-        return not (is_cross_attention(name) or name.startswith(NOT_TRAINED_BY_ESD_U))
+        return in_parameter_group("noxattn", name)

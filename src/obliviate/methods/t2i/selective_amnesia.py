@@ -59,7 +59,7 @@ import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts, check_choice, check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, denoising_loss, is_cross_attention
+from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, denoising_loss, in_parameter_group
 
 
 @dataclass
@@ -104,12 +104,7 @@ class SelectiveAmnesia(DiffusionMethod):
     needs_images = True
 
     def trainable(self, name: str, param) -> bool:
-        group = self.config.parameter_group
-        if group == "xattn":
-            return is_cross_attention(name)
-        if group == "noxattn":  # the reference's (and ESD-u's) exclusions
-            return not (is_cross_attention(name) or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
-        return True
+        return in_parameter_group(self.config.parameter_group, name)
 
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         from obliviate.loops.t2i import draw_latents
