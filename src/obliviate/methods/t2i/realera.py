@@ -62,8 +62,8 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_number
-from obliviate.methods.t2i.base import DiffusionMethod, EraseContext, LossParts, is_text_key_value
-from obliviate.methods.t2i.spm import add_adapter, adapter_off, merge_adapters
+from obliviate.methods.t2i.base import EraseContext, LossParts, is_text_key_value
+from obliviate.methods.t2i.spm import FoldedAdapterMethod, adapter_off
 from obliviate.models.diffusion import Cond
 
 ADAPTER = "realera"
@@ -144,21 +144,18 @@ def lora_targets(unet) -> list[str]:
     return found
 
 
-class RealEra(DiffusionMethod):
+class RealEra(FoldedAdapterMethod):
     name = "RealEra"
     Config = RealEraConfig
     needs_images = False  # x_t comes from the adapted model's own partial sampling
 
-    def attach(self, unet) -> None:
-        self.targets = lora_targets(unet)
-        add_adapter(unet, ADAPTER, self.targets, rank=self.config.rank, alpha=self.config.rank)
+    adapter = ADAPTER
 
-    def trainable(self, name: str, param) -> bool:
-        return f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
+    def adapter_targets(self, unet) -> list[str]:
+        return lora_targets(unet)
 
-    def detach(self, unet) -> list[str]:
-        merge_adapters(unet)
-        return [f"{t}.weight" for t in self.targets]
+    def adapter_rank(self) -> tuple[int, float]:
+        return self.config.rank, self.config.rank
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         cfg = self.config

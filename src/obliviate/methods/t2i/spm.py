@@ -80,7 +80,32 @@ class SPMConfig:
             raise ObliviateError(f"SPM: anchor_samples must be a whole number >= 0, got {self.anchor_samples!r}")
 
 
-class SPM(DiffusionMethod):
+class FoldedAdapterMethod(DiffusionMethod):
+    """A method that trains only a peft LoRA adapter named `adapter` on the modules `adapter_targets(unet)` names, and
+    folds it into their weights after the last step (SPM, RealEra): the run's changed tensors are those weights."""
+    adapter = ADAPTER
+
+    def adapter_targets(self, unet) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_rank(self) -> tuple[int, float]:
+        """(rank, alpha) of the adapter."""
+        return 1, 1.0
+
+    def attach(self, unet) -> None:
+        self.targets = self.adapter_targets(unet)
+        rank, alpha = self.adapter_rank()
+        add_adapter(unet, self.adapter, self.targets, rank=rank, alpha=alpha)
+
+    def trainable(self, name: str, param) -> bool:
+        return f".lora_A.{self.adapter}." in name or f".lora_B.{self.adapter}." in name
+
+    def detach(self, unet) -> list[str]:
+        merge_adapters(unet)
+        return [f"{t}.weight" for t in self.targets]
+
+
+class SPM(FoldedAdapterMethod):
     name = "SPM"
     Config = SPMConfig
     needs_images = False  # data-free: x_t comes from the adapted model's own partial sampling
@@ -88,16 +113,8 @@ class SPM(DiffusionMethod):
     backbones_why = ("latent anchoring draws random states of a single text encoder (no pooled embedding) and the "
                      "adapter sits on a UNet's transformer blocks")
 
-    def attach(self, unet) -> None:
-        self.targets = adapter_targets(unet)
-        add_adapter(unet, ADAPTER, self.targets)
-
-    def trainable(self, name: str, param) -> bool:
-        return f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
-
-    def detach(self, unet) -> list[str]:
-        merge_adapters(unet)
-        return [f"{t}.weight" for t in self.targets]
+    def adapter_targets(self, unet) -> list[str]:
+        return adapter_targets(unet)
 
     def losses(self, ctx: EraseContext, unet, forget: dict, retain: dict) -> LossParts:
         cfg = self.config
