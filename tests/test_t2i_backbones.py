@@ -292,9 +292,8 @@ def test_sd_backbone_is_the_plain_diffusers_calls(tiny_pipe):
     assert torch.equal(x_t, abar.sqrt() * latents + (1 - abar).sqrt() * eps)
 
 
-def test_attack_an_sdxl_run_through_the_cli(tmp_path, tiny_sdxl_pipeline_dir):
-    """`obliviate attack` on a run on a user's SDXL folder, judged by a (tiny) image classifier: the erased pipeline
-    and the base one are attacked by UnlearnDiffAtk and Ring-A-Bell; P4D is refused in one line."""
+def save_tiny_detector(folder) -> None:
+    """A tiny random ViT image classifier over the canvas styles, saved as a user's detector folder (seeded)."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
@@ -302,8 +301,14 @@ def test_attack_an_sdxl_run_through_the_cli(tmp_path, tiny_sdxl_pipeline_dir):
     vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, id2label=dict(enumerate(labels)),
                                               label2id={n: i for i, n in enumerate(labels)}, hidden_size=16,
                                               intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
-    vit.save_pretrained(tmp_path / "vit")
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    vit.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+
+
+def test_attack_an_sdxl_run_through_the_cli(tmp_path, tiny_sdxl_pipeline_dir):
+    """`obliviate attack` on a run on a user's SDXL folder, judged by a (tiny) image classifier: the erased pipeline
+    and the base one are attacked by UnlearnDiffAtk and Ring-A-Bell; P4D is refused in one line."""
+    save_tiny_detector(tmp_path / "vit")
     result = runner.invoke(app, ["run", str(_config(tmp_path, tiny_sdxl_pipeline_dir, "UCE")), "--quiet"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "r1"

@@ -511,18 +511,12 @@ def test_attacks_on_a_dit_run_through_the_cli(tmp_path, sd3_dir, flux_dir, shape
     arithmetic (noise predictions composed through the backbone) attacks the erased and the base pipeline; the
     token-id attacks, whose ids must mean the same in every tokenizer (CLIP and T5 do not share a vocabulary), and
     P4D (one text encoder's embedding space) are refused in one line each."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
     from typer.testing import CliRunner
 
     from obliviate.cli import app
+    from test_t2i_backbones import save_tiny_detector
 
-    torch.manual_seed(0)
-    labels = ["striped", "dotted", "solid"]
-    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, id2label=dict(enumerate(labels)),
-                                              label2id={n: i for i, n in enumerate(labels)}, hidden_size=16,
-                                              intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
-    vit.save_pretrained(tmp_path / "vit")
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    save_tiny_detector(tmp_path / "vit")
     result = _dit_run(tmp_path, sd3_dir if shape == "sd3" else flux_dir, "UCE", evaluate=False)
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "r1"
