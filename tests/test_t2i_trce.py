@@ -33,6 +33,16 @@ def _word_positions(tok, text: str, concept: str) -> tuple[int, int]:
     return len(words) + 1, words.index(concept) + 1
 
 
+
+def _run_stage1(pipe):
+    """Stage 1 with every row kind on, on `pipe`: (task, method, ctx, the projections' weights before it)."""
+    task = tiny_task("striped")
+    method = make_method("t2i", "TRCE", ALL_ROWS)
+    ctx = EraseContext(pipe, None, task, torch.Generator().manual_seed(0), sample_steps=3)
+    before = {n: w.detach().double().clone() for n, w in _projections(pipe).items()}
+    method.setup(ctx, {}, [])
+    return task, method, ctx, before
+
 @pytest.mark.parametrize("folder", ["tiny_pipeline_dir", "tiny_sdxl_pipeline_dir"])
 def test_stage1_is_the_least_squares_solution(folder, request):
     """Every edited W* minimises mean_pairs sum_rows w ||W* c - W g||^2 + eta mean_p sum ||W* p - W p||^2 +
@@ -41,11 +51,7 @@ def test_stage1_is_the_least_squares_solution(folder, request):
     from obliviate.models.diffusion import load_pipeline
 
     tiny_pipe = load_pipeline(request.getfixturevalue(folder))
-    task = tiny_task("striped")
-    method = make_method("t2i", "TRCE", ALL_ROWS)
-    ctx = EraseContext(tiny_pipe, None, task, torch.Generator().manual_seed(0), sample_steps=3)
-    before = {n: w.detach().double().clone() for n, w in _projections(tiny_pipe).items()}
-    method.setup(ctx, {}, [])
+    task, method, ctx, before = _run_stage1(tiny_pipe)
     tok, c = tiny_pipe.tokenizer, method.config
     pairs = [(p, " ".join(p.replace("striped", "solid").split())) for p in task.forget_prompts]
     enc = lambda texts: ctx.encode(texts).states.double()  # noqa: E731
@@ -95,11 +101,7 @@ def test_stage1_agrees_with_the_reference_update(tiny_pipe):
     weight_base [1, 1, 77 - words - 2, 1]) and `closed_form_refinement` (run_trce_stage1.py: the cache multiplied by
     preserve_scale before the call and again inside), the cache being the preserved texts' sums: the same weights to
     float precision when eta = preserve_scale^2 x (number of texts) / 3e4."""
-    task = tiny_task("striped")
-    method = make_method("t2i", "TRCE", ALL_ROWS)
-    ctx = EraseContext(tiny_pipe, None, task, torch.Generator().manual_seed(0), sample_steps=3)
-    before = {n: w.detach().double().clone() for n, w in _projections(tiny_pipe).items()}
-    method.setup(ctx, {}, [])
+    task, method, ctx, before = _run_stage1(tiny_pipe)
     tok, c = tiny_pipe.tokenizer, method.config
     keep = method.preserve_texts(task)
     ref_scale = (c.preserve_scale * 3e4 / len(keep)) ** 0.5
