@@ -161,18 +161,40 @@ class TextToImageRun(FamilyRun):
                                   "each")
 
 
+def kept_modules_method(changed_path: Path):
+    """The class of the method whose run wrote `changed_path` when that method keeps modules the base pipeline lacks
+    (`DiffusionMethod.kept_file`: Receler's erasers), else None; also None for a changed file outside a run folder
+    (no config.json beside it: plain tensors of the base's own modules)."""
+    from obliviate.registry import lookup_method
+    from obliviate.runs import read_run_config
+
+    if not (changed_path.parent / "config.json").is_file():
+        return None
+    entry = lookup_method("t2i", read_run_config(changed_path.parent).method)
+    if entry.guard or not entry.target:  # a guard keeps no module; the retrain reference is no method
+        return None
+    cls = entry.load()
+    return cls if cls.kept_file else None
+
+
 def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust_remote_code: bool = False):
     """The base pipeline with a run's changed tensors applied, each onto the component its prefix names ("unet.",
-    "text_encoder.", ...: `Pipeline.components()`; older runs hold "unet." tensors only). The base folder is only
-    read."""
+    "text_encoder.", ...: `Pipeline.components()`; older runs hold "unet." tensors only). A method that keeps modules
+    the base lacks (`kept_modules_method`) re-creates them first. The base folder is only read."""
+    import torch
+    from safetensors import safe_open
     from torch import nn
 
-    from obliviate.methods.t2i.receler import attach_for_run
     from obliviate.models.diffusion import load_pipeline
     from obliviate.runs import apply_changed
 
     pipe = load_pipeline(base, device, trust_remote_code=trust_remote_code)
-    attach_for_run(pipe, changed_path)  # a Receler run's erasers: modules the base lacks
+    method = kept_modules_method(changed_path)
+    if method is not None:
+        prefix = f"{pipe.backbone.denoiser_folder}."
+        with safe_open(str(changed_path), framework="pt") as f:
+            shapes = {k[len(prefix):]: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(prefix)}
+        method.attach_kept(pipe, {k: torch.empty(v) for k, v in shapes.items()}, str(changed_path))
     # the components under their folder names: their state-dict names are the changed tensors' own
     apply_changed(nn.ModuleDict(pipe.components()), changed_path)
     return pipe
@@ -181,23 +203,23 @@ def load_run_pipeline(changed_path: Path, base: Path, device: str = "cpu", trust
 def export(changed_path: Path, base: Path, out: Path) -> Path:
     """A diffusers pipeline folder: the base pipeline with the run's changed UNet and text-encoder tensors applied.
     A guard run's folder also holds its obliviate_guard.json: `obliviate.guards.load_guarded(out)` samples through
-    the guard (diffusers' `from_pretrained` alone gives the unguarded pipeline). A Receler run's erasers cannot be
-    folded into the weights: they go to receler_erasers.safetensors beside an unchanged pipeline, which
-    `obliviate.methods.t2i.receler.load_erased(out)` loads with them on."""
+    the guard (diffusers' `from_pretrained` alone gives the unguarded pipeline). A method's kept modules (Receler's
+    erasers: they cannot be folded into the weights) go to its `kept_file` beside an unchanged pipeline, which the
+    method's loader reads (`obliviate.methods.t2i.receler.load_erased(out)`)."""
     from safetensors.torch import save_file
 
     from obliviate.guards import GUARD_FILE, read_guard
-    from obliviate.methods.t2i.receler import ERASERS_FILE, split_erasers
     from obliviate.models.diffusion import save_pipeline
     from obliviate.runs import claim_run_dir
 
     guarded = read_guard(changed_path.parent)  # a bad record fails before anything is written
     pipe = load_run_pipeline(changed_path, base)
-    erasers = split_erasers(pipe)  # a Receler run: the base's folder plus its erasers beside (`load_erased`)
+    method = kept_modules_method(changed_path)
+    kept = method.split_kept(pipe) if method is not None else {}
     with claim_run_dir(out) as folder:
         save_pipeline(pipe, folder.tmp)
-        if erasers:
-            save_file(erasers, str(folder.tmp / ERASERS_FILE))
+        if kept:
+            save_file(kept, str(folder.tmp / method.kept_file))
         if guarded is not None:
             from obliviate.runs import write_json
             write_json(folder.tmp / GUARD_FILE, guarded[1])

@@ -176,6 +176,21 @@ class DiffusionMethod:
         the tensors that changed (the run's changed tensors); None: the trainable parameters themselves."""
         return None
 
+    # Modules a run keeps that the base pipeline lacks and that cannot be folded into its weights (Receler's erasers:
+    # they are not linear). Their tensors are among the run's changed tensors; `export` writes them to `kept_file`
+    # beside the unchanged pipeline folders, and the method's own loader puts them back (None: nothing is kept).
+    kept_file: str | None = None
+
+    @classmethod
+    def attach_kept(cls, pipe, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Before a run's changed tensors load onto its base pipeline: re-create, untrained, the kept modules whose
+        tensors `tensors` holds (the denoiser's state-dict names and shapes; `source` names the file for errors)."""
+
+    @classmethod
+    def split_kept(cls, pipe) -> dict[str, torch.Tensor]:
+        """Take the kept modules off the pipeline (so that it saves as the base's) and return their tensors."""
+        return {}
+
     def setup(self, ctx: EraseContext, forget: dict, params: list) -> None:
         """Called once before the first step, with the whole forget set and the trainable parameters."""
 

@@ -34,7 +34,7 @@ steps. The loop's `train` sets lr, steps and batch (`default_steps` 500), `t2i.s
 The result needs the erasers: E is not linear (GELU), so it cannot be folded into the UNet's own weights (unlike
 SPM's and MACE's LoRAs). The run's changed tensors are the erasers' ("unet.<...>.attn2.eraser.down.weight", ...);
 evaluation and attacks of the run load the base pipeline, attach erasers of the saved shapes and load them
-(`attach_saved_erasers`, called by `runners.t2i.load_run_pipeline`). `obliviate export` writes the base pipeline's
+(the method's `attach_kept`, which `runners.t2i.load_run_pipeline` calls for a method with a `kept_file`). `obliviate export` writes the base pipeline's
 folder unchanged (diffusers' `from_pretrained` alone gives the original, un-erased model) plus
 `receler_erasers.safetensors`; `load_erased(folder)` loads that folder with the erasers on.
 
@@ -211,21 +211,6 @@ def attach_saved_erasers(denoiser, tensors: dict[str, torch.Tensor], source: str
     attach_erasers(denoiser, ranks.pop())
 
 
-def attach_for_run(pipe, changed_path: Path) -> None:
-    """Before a run's changed tensors are loaded onto its base pipeline: erasers where the run holds some (nothing
-    for any other method's run; an unreadable file is left for the loader to report)."""
-    from safetensors import safe_open
-
-    prefix = f"{pipe.backbone.denoiser_folder}."
-    try:
-        with safe_open(str(changed_path), framework="pt") as f:
-            shapes = {k[len(prefix):]: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(prefix)}
-    except Exception:  # noqa: BLE001  (not a safetensors file: apply_changed says so in one line)
-        return
-    attach_saved_erasers(pipe.denoiser, {k: torch.empty(v) for k, v in shapes.items() if f".{ERASER}." in k},
-                         str(changed_path))
-
-
 def split_erasers(pipe) -> dict[str, torch.Tensor]:
     """Take the erasers off the pipeline's UNet (so that it saves as the base's) and return their tensors, under the
     names `load_erased` reads ({} when it has none)."""
@@ -306,6 +291,16 @@ class Receler(DiffusionMethod):
     backbones = ("sd", "sdxl")
     backbones_why = ("the erasers sit after a UNet's text-only cross-attention (attn2) and the mask reads its maps; "
                      "joint attention has none")
+
+    kept_file = ERASERS_FILE
+
+    @classmethod
+    def attach_kept(cls, pipe, tensors: dict[str, torch.Tensor], source: str) -> None:
+        attach_saved_erasers(pipe.denoiser, tensors, source)
+
+    @classmethod
+    def split_kept(cls, pipe) -> dict[str, torch.Tensor]:
+        return split_erasers(pipe)
 
     def attach(self, unet) -> None:
         attach_erasers(unet, self.config.eraser_rank)
