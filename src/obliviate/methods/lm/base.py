@@ -50,7 +50,7 @@ class Method:
 
     def fit(self, model, named: list, forget_batches, retain_batches) -> None:
         """Called once before the first step with the trainable (name, parameter) pairs and lazy iterators over the
-        whole forget and retain sets in batches (MMUnlearner's saliency mask); nothing by default."""
+        whole forget and retain sets in batches (MMUnlearner's and WAGLE's masks); nothing by default."""
 
     def gradient_mask(self) -> list | None:
         """A 0/1 tensor per trainable parameter (in `fit`'s order) that every step's gradient is multiplied by, the
