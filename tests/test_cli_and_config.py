@@ -108,6 +108,7 @@ def test_every_shipped_config_states_its_family_and_validates():
     families = {"esd_x_sd": "t2i", "uce_canvas": "t2i", "npo": "lm", "rgd": "lm", "portraits_graddiff": "mllm",
                 "mllmu_llava_graddiff_lora": "mllm", "muse_news_npo": "lm", "tofu_graddiff_lora": "lm",
                 "tofu_npo": "lm", "run": "t2i"}
+    families["wagle"] = "lm"
     files = sorted(f for f in (root / "configs").rglob("*.toml") if "bench" not in f.parts)  # bench specs: test_bench
     files += [root / "docs" / "user_pipeline" / "run.toml"]
     assert {f.stem for f in files} == set(families)
@@ -115,6 +116,6 @@ def test_every_shipped_config_states_its_family_and_validates():
         data = read_config_file(f)
         assert data.get("family") or data.get("world", {}).get("name") or families[f.stem] == "lm", f
         assert load_config(f).family == families[f.stem], f
-    for name in ("npo", "rgd", "uce_canvas", "portraits_graddiff"):
+    for name in ("npo", "rgd", "uce_canvas", "portraits_graddiff", "wagle"):
         r = runner.invoke(app, ["validate", str(root / "configs" / f"{name}.toml")])
         assert r.exit_code == 0 and r.output.startswith("ok: "), r.output

@@ -114,6 +114,12 @@ LM_METHODS = _table(
     Entry("RGD", M + "lm.restricted_gradient:RGD",
           "Restricted gradient with a diversified, balanced retain set and a truncated forget loss.",
           "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808", family="lm"),
+    Entry("WAGLE", M + "lm.wagle:WAGLE",
+          "Any base method trained only on the weights with the largest forget/retain attribution score (top 95 %).",
+          "Jia et al. 2024, WAGLE, NeurIPS, https://arxiv.org/abs/2410.17509", family="lm"),
+    Entry("FLAT", M + "lm.flat:FLAT",
+          "Maximise an f-divergence between a template ('I don't know') and the forget answer; no retain data, no reference.",
+          "Wang et al. 2025, LLM Unlearning via Loss Adjustment with Only Forget Data, ICLR, https://arxiv.org/abs/2410.11143", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model

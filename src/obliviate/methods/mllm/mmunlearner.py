@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.lm.base import LossParts, Method, check_number
+from obliviate.methods.lm.base import LossParts, Method, check_number, nll_gradients
 from obliviate.models.sequences import mean_nll
 
 EPS = 1e-15
@@ -46,10 +46,7 @@ def fisher(model, params: list[torch.Tensor], batches, limit: int) -> list[torch
     """The mean over up to `limit` batches of each parameter's squared NLL gradient."""
     total = [torch.zeros_like(p) for p in params]
     n = 0
-    for batch in batches:
-        if n == limit:
-            break
-        grads = torch.autograd.grad(mean_nll(model, batch), params, allow_unused=True)
+    for grads in nll_gradients(model, params, batches, limit):
         for t, g in zip(total, grads):
             if g is not None:
                 t.add_(g.detach() ** 2)
