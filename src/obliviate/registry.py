@@ -114,6 +114,13 @@ LM_METHODS = _table(
     Entry("RGD", M + "lm.restricted_gradient:RGD",
           "Restricted gradient with a diversified, balanced retain set and a truncated forget loss.",
           "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808", family="lm"),
+    Entry("WGA", M + "lm.wga:WGA", "Gradient ascent with each forget token weighted by its probability p^beta, plus retain NLL.",
+          "Wang et al. 2025, Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go Beyond, ICLR, "
+          "https://arxiv.org/abs/2502.19301", family="lm"),
+    Entry("SatImp", M + "lm.satimp:SatImp", "Gradient ascent with each forget token weighted by p^beta1 (1-p)^beta2 "
+          "(saturation x importance), plus retain NLL.",
+          "Yang et al. 2025, Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning, ICML, "
+          "https://arxiv.org/abs/2505.11953", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model

@@ -1,0 +1,125 @@
+"""OpenUnlearning's five language-model methods (WGA, SatImp, CE-U, AltPO, PDU) against OpenUnlearning's own loss.
+
+Each test re-types the reference computation (locuslab/open-unlearning, src/trainer/unlearn/*.py and
+src/trainer/utils.py) on the same batch and the same tiny model, and checks that obliviate's loss and its gradient
+are the reference's. The methods' contract (they train, they forget, the global mean over split batches, the
+vision-language family) is in tests/test_methods.py, tests/test_global_mean.py and tests/test_mllm_family.py, which
+run over every registered method."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from obliviate.errors import ObliviateError
+from conftest import tiny_items
+from obliviate.models import causal_lm as lm
+from obliviate.models import sequences
+from test_methods import IDK, batch, batches, build
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_dir):
+    """The tiny Llama fitted a little on the six answers, so that its token probabilities are far from uniform and
+    the weights p^beta differ from token to token."""
+    model, tok = lm.load(tiny_lm_dir)
+    data, idk = batch(tok, tiny_items()), batch(tok, tiny_items()[:1], IDK)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        opt.zero_grad()
+        (sequences.mean_nll(model, data) + 0.1 * sequences.mean_nll(model, idk)).backward()
+        opt.step()
+    return model.eval(), tok
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _agree(ours: torch.Tensor, reference: torch.Tensor, model) -> None:
+    """The same loss (to ~1e-6) and the same gradient on every parameter."""
+    assert abs(float(reference.detach())) > 1e-3, "a loss near 0 would prove nothing"
+    assert float(ours.detach()) == pytest.approx(float(reference.detach()), rel=1e-6, abs=1e-7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ours = torch.autograd.grad(ours, params, retain_graph=True, allow_unused=True)
+    g_ref = torch.autograd.grad(reference, params, allow_unused=True)
+    for a, b in zip(g_ours, g_ref):
+        a = torch.zeros_like(params[0]) if a is None and b is None else a
+        if b is None:
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---- OpenUnlearning's computations, re-typed (src/trainer/utils.py, src/trainer/unlearn/*.py) ----------------------
+def ref_token_weighted(model, inputs, weight):
+    """compute_wga_loss / compute_satimp_loss: the flattened per-token CE of the shifted logits, weighted by a
+    function of exp(-CE) (detached), averaged over the tokens whose label is not -100."""
+    outputs = model(**inputs)
+    shift_logits = outputs.logits[..., :-1, :].contiguous()
+    shift_labels = inputs["labels"][..., 1:].contiguous()
+    lm_loss = nn.CrossEntropyLoss(ignore_index=-100, reduction="none")(
+        shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+    w = weight((-lm_loss).exp().detach())
+    return -(w * lm_loss)[shift_labels.view(-1) != -100].mean()
+
+
+def ref_retain_nll(model, inputs):
+    """GradDiff.compute_retain_loss with retain_loss_type NLL: the model's own mean loss."""
+    return model(**inputs).loss
+
+
+@pytest.mark.parametrize("args", [{}, {"beta": 2.5, "gamma": 0.5, "alpha": 2.0}])
+def test_wga_equals_openunlearning(trained, args):
+    model, tok = trained
+    forget, retain = batches(tok)
+    method = build("WGA", **args)
+    c = method.config
+    ours = method.losses(model, None, forget, retain).total
+    reference = (c.gamma * ref_token_weighted(model, _inputs(forget), lambda p: p ** c.beta)
+                 + c.alpha * ref_retain_nll(model, _inputs(retain)))
+    _agree(ours, reference, model)
+
+
+@pytest.mark.parametrize("args", [{}, {"beta1": 1.0, "beta2": 3.0, "gamma": 2.0, "alpha": 0.5}])
+def test_satimp_equals_openunlearning(trained, args):
+    model, tok = trained
+    forget, retain = batches(tok)
+    method = build("SatImp", **args)
+    c = method.config
+    assert (build("SatImp").config.gamma, build("SatImp").config.alpha) == (1.0, 0.1)  # the README's 10:1
+    ours = method.losses(model, None, forget, retain).total
+    reference = (c.gamma * ref_token_weighted(model, _inputs(forget), lambda p: p ** c.beta1 * (1 - p) ** c.beta2)
+                 + c.alpha * ref_retain_nll(model, _inputs(retain)))
+    _agree(ours, reference, model)
+
+
+def test_token_weights_stop_the_ascent_where_the_model_has_forgotten(trained):
+    """WGA with beta 0 is gradient ascent; with beta > 0 a token the model gives p ~ 0 adds ~nothing (the point of
+    the weighting), so its loss is smaller in size than plain ascent's."""
+    model, tok = trained
+    forget, retain = batches(tok)
+    with torch.no_grad():
+        plain = build("WGA", beta=0.0, retain="none").losses(model, None, forget, retain)
+        weighted = build("WGA", retain="none").losses(model, None, forget, retain)
+        assert float(plain.forget) == pytest.approx(-float(sequences.mean_nll(model, forget)), rel=1e-6)
+        assert 0 < -float(weighted.forget) < -float(plain.forget)
+        assert weighted.retain is None and plain.logs["forget_weight"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("WGA", {"beta": -1}, "WGA: beta must be >= 0"),
+    ("WGA", {"retain": "nll"}, "WGA: retain='nll' is not valid"),
+    ("SatImp", {"beta1": "5"}, "SatImp: beta1 must be a number"),
+    ("SatImp", {"gamma": 0}, "SatImp: gamma must be > 0"),
+])
+def test_a_bad_config_value_is_one_clear_line(name, args, message):
+    with pytest.raises(ObliviateError, match=message) as e:
+        build(name, **args)
+    assert "\n" not in str(e.value)
+
+
+def test_kl_retain_needs_the_reference():
+    assert build("WGA").needs_reference is False and build("WGA", retain="kl").needs_reference is True
+    assert build("SatImp").needs_reference is False and build("SatImp", retain="kl").needs_reference is True
