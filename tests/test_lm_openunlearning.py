@@ -108,11 +108,56 @@ def test_token_weights_stop_the_ascent_where_the_model_has_forgotten(trained):
         assert weighted.retain is None and plain.logs["forget_weight"] == pytest.approx(1.0)
 
 
+def ref_ceu(model, inputs, ignore_first_n_answer_tokens=1):
+    """compute_batch_ceu and cross_entropy_unlearning_loss (src/trainer/unlearn/ceu.py)."""
+    logits = model(**inputs).logits
+    labels = inputs["labels"]
+    valid_mask = labels != -100
+    update_mask = (valid_mask.cumsum(dim=-1) <= ignore_first_n_answer_tokens) & valid_mask
+    labels = labels.masked_fill(update_mask, -100)[..., 1:].contiguous()
+    logits = logits[..., :-1, :].contiguous()
+    valid = labels != -100
+    valid_logits, valid_labels = logits[valid], labels[valid]
+    target_logits = valid_logits.detach().clone()
+    target_logits.scatter_(dim=-1, index=valid_labels.unsqueeze(-1), value=float("-inf"))
+    return F.cross_entropy(input=valid_logits, target=F.softmax(target_logits, dim=-1))
+
+
+@pytest.mark.parametrize("n", [1, 0, 3])
+def test_ceu_equals_openunlearning(trained, n):
+    model, tok = trained
+    forget, retain = batches(tok)
+    method = build("CEU", ignore_first_n_answer_tokens=n)
+    parts = method.losses(model, None, forget, retain)
+    assert parts.retain is None  # the reference's CEU has no retain term
+    _agree(parts.total, ref_ceu(model, _inputs(forget), n), model)
+    with_retain = build("CEU", alpha=0.5).losses(model, None, forget, retain)
+    _agree(with_retain.total, ref_ceu(model, _inputs(forget)) + 0.5 * ref_retain_nll(model, _inputs(retain)), model)
+
+
+def test_ceu_leaves_out_the_first_answer_tokens(trained):
+    """A sequence whose answer is no longer than the tokens left out adds nothing: the loss of a batch is then that
+    of the other sequences alone."""
+    model, tok = trained
+    forget, retain = batches(tok)
+    answer_tokens = (forget["labels"][:, 1:] != -100).sum(-1)
+    n = int(answer_tokens.min())
+    short = int(answer_tokens.argmin())
+    others = [i for i in range(len(answer_tokens)) if i != short]
+    rest = {k: forget[k][others] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        whole = build("CEU", ignore_first_n_answer_tokens=n).losses(model, None, forget, retain).forget
+        alone = build("CEU", ignore_first_n_answer_tokens=n).losses(model, None, rest, retain).forget
+    assert float(whole) == pytest.approx(float(alone), rel=1e-6)
+
+
 @pytest.mark.parametrize("name,args,message", [
     ("WGA", {"beta": -1}, "WGA: beta must be >= 0"),
     ("WGA", {"retain": "nll"}, "WGA: retain='nll' is not valid"),
     ("SatImp", {"beta1": "5"}, "SatImp: beta1 must be a number"),
     ("SatImp", {"gamma": 0}, "SatImp: gamma must be > 0"),
+    ("CEU", {"ignore_first_n_answer_tokens": 1.5}, "CEU: ignore_first_n_answer_tokens must be a whole number"),
+    ("CEU", {"ignore_first_n_answer_tokens": -1}, "CEU: ignore_first_n_answer_tokens must be >= 0"),
 ])
 def test_a_bad_config_value_is_one_clear_line(name, args, message):
     with pytest.raises(ObliviateError, match=message) as e:

@@ -121,6 +121,9 @@ LM_METHODS = _table(
           "(saturation x importance), plus retain NLL.",
           "Yang et al. 2025, Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning, ICML, "
           "https://arxiv.org/abs/2505.11953", family="lm"),
+    Entry("CEU", M + "lm.ceu:CEU", "Cross-entropy towards the model's own next-token distribution with the true token "
+          "removed (CE-U), on the forget answers.",
+          "Yang 2025, CE-U: Cross Entropy Unlearning, https://arxiv.org/abs/2503.01224", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model
