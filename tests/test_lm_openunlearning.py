@@ -7,6 +7,10 @@ vision-language family) is in tests/test_methods.py, tests/test_global_mean.py a
 run over every registered method."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +155,134 @@ def test_ceu_leaves_out_the_first_answer_tokens(trained):
     assert float(whole) == pytest.approx(float(alone), rel=1e-6)
 
 
+def ref_batch_nll(model, inputs):
+    """compute_batch_nll: the summed answer-token CE of each sequence."""
+    logits = model(**inputs).logits[..., :-1, :].contiguous()
+    labels = inputs["labels"][..., 1:].contiguous()
+    return nn.CrossEntropyLoss(ignore_index=-100, reduction="none")(logits.transpose(-1, -2), labels).sum(dim=-1)
+
+
+def ref_dpo(model, ref_model, win_inputs, lose_inputs, beta):
+    """compute_dpo_loss, as the DPO trainer (AltPO's recipe) calls it: the alternate wins, the forget answer loses."""
+    win_loss = ref_batch_nll(model, win_inputs)
+    lose_loss = ref_batch_nll(model, lose_inputs)
+    with torch.no_grad():
+        win_ref_loss, lose_ref_loss = ref_batch_nll(ref_model, win_inputs), ref_batch_nll(ref_model, lose_inputs)
+    win_log_ratio, lose_log_ratio = -(win_loss - win_ref_loss), -(lose_loss - lose_ref_loss)
+    return -2 / beta * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """A frozen original apart from the model, so that every log-ratio moves."""
+    import copy
+
+    ref = copy.deepcopy(trained[0])
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return ref.requires_grad_(False)
+
+
+@pytest.mark.parametrize("args", [{}, {"beta": 0.5, "gamma": 2.0, "alpha": 5.0}])
+def test_altpo_equals_openunlearning(trained, reference, args):
+    model, tok = trained
+    forget, retain = batches(tok)
+    method = build("AltPO", **args)
+    c = method.config
+    assert method.needs_reference
+    ours = method.losses(model, reference, forget, retain).total
+    expected = (c.gamma * ref_dpo(model, reference, _inputs(forget["companion"]), _inputs(forget), c.beta)
+                + c.alpha * ref_retain_nll(model, _inputs(retain)))
+    _agree(ours, expected, model)
+
+
+def _write_alternates(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_altpo_pairs_each_forget_item_with_an_alternate_from_the_file(tmp_path):
+    """OpenUnlearning's generate.py rows (question, answer, alternate; several per question): matched by question and
+    answer where the file gives the answer, else by question; one alternate per item, drawn with the run's seed."""
+    import random
+
+    items = tiny_items()
+    rows = [{"question": items[0].question, "answer": items[0].answer, "alternate": f"Alt {k}."} for k in range(3)]
+    rows += [{"question": items[1].question, "alternate": "Other."}]
+    method = build("AltPO", alternates=_write_alternates(tmp_path / "alt.jsonl", rows))
+    pairs = method.companions(items[:2], items[2:], random.Random(0))
+    assert [p.question for p in pairs] == [i.question for i in items[:2]]
+    assert pairs[0].answer in {"Alt 0.", "Alt 1.", "Alt 2."} and pairs[1].answer == "Other."
+    assert pairs[0].subject == items[0].subject  # everything but the answer is the item's
+    drawn = {method.companions(items[:1], [], random.Random(seed))[0].answer for seed in range(20)}
+    assert drawn == {"Alt 0.", "Alt 1.", "Alt 2."}
+    # one question asked of two people: the answer tells them apart
+    same = [dataclasses.replace(items[2], question="Who?"), dataclasses.replace(items[3], question="Who?")]
+    rows = [{"question": "Who?", "answer": same[0].answer, "alternate": "A."},
+            {"question": "Who?", "answer": same[1].answer, "alternate": "B."}]
+    method = build("AltPO", alternates=_write_alternates(tmp_path / "who.jsonl", rows))
+    assert [p.answer for p in method.companions(same, [], random.Random(0))] == ["A.", "B."]
+    # a JSON list works too
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    assert build("AltPO", alternates=str(tmp_path / "list.json")).table["Who?"] == ["A.", "B."]
+
+
+def test_altpo_runs_through_the_loop_with_the_alternates(tmp_path, tiny_lm_dir):
+    """The loop hands the alternates to the loss as forget["companion"]: one step moves the weights and logs the
+    alternates' log-likelihood."""
+    from obliviate import progress
+    from obliviate.config import LMTrainConfig
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
+
+    items = tiny_items()
+    path = _write_alternates(tmp_path / "alt.jsonl", [{"question": i.question, "alternate": i.perturbed_answers[0]}
+                                                       for i in items[:2]])
+    model, tok = lm.load(tiny_lm_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    progress.set_enabled(False)
+    try:
+        result = unlearn(model, tok, items[:2], items[2:], make_method("lm", "AltPO", {"alternates": path}),
+                         LMTrainConfig(max_steps=1, batch_size=2, lr=1e-3))
+    finally:
+        progress.set_enabled(True)
+    assert result.history and "alternate_logp" in result.history[0] and result.history[0]["alternate_logp"] < 0
+    assert any(not torch.equal(p, before[n]) for n, p in result.model.named_parameters())
+
+
+@pytest.mark.parametrize("rows,message", [
+    (None, "AltPO needs alternate answers: set method_args.alternates"),
+    ([{"question": "Where was Ada Lind born?", "alternate": "Far away."}],
+     "has no alternate for 1 of the 2 forget questions, e.g. 'Where was Bo Karsk born?'"),
+])
+def test_altpo_without_an_alternate_stops_in_one_line(tmp_path, rows, message):
+    import random
+
+    args = {} if rows is None else {"alternates": _write_alternates(tmp_path / "alt.jsonl", rows)}
+    with pytest.raises(ObliviateError, match=re.escape(message)) as e:
+        build("AltPO", **args).companions(tiny_items()[:2], [], random.Random(0))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "AltPO: alternates file not found:"),
+    ('{"question": "q", "alternate": "a"}\n{"question": "q", ', "alt.jsonl:2: not valid JSON"),
+    ('{"question": "q"}\n', "alt.jsonl: row 1: needs non-empty \"question\" and \"alternate\" strings"),
+    ("\n", "alt.jsonl: no alternates in it"),
+])
+def test_a_bad_alternates_file_is_named_in_one_line(tmp_path, content, message):
+    path = tmp_path / "alt.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ObliviateError, match=re.escape(message)) as e:
+        build("AltPO", alternates=str(path))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name,args,message", [
     ("WGA", {"beta": -1}, "WGA: beta must be >= 0"),
     ("WGA", {"retain": "nll"}, "WGA: retain='nll' is not valid"),
@@ -158,6 +290,8 @@ def test_ceu_leaves_out_the_first_answer_tokens(trained):
     ("SatImp", {"gamma": 0}, "SatImp: gamma must be > 0"),
     ("CEU", {"ignore_first_n_answer_tokens": 1.5}, "CEU: ignore_first_n_answer_tokens must be a whole number"),
     ("CEU", {"ignore_first_n_answer_tokens": -1}, "CEU: ignore_first_n_answer_tokens must be >= 0"),
+    ("AltPO", {"beta": 0}, "AltPO: beta must be > 0"),
+    ("AltPO", {"alternates": 3}, "AltPO: alternates must be a file path"),
 ])
 def test_a_bad_config_value_is_one_clear_line(name, args, message):
     with pytest.raises(ObliviateError, match=message) as e:

@@ -30,6 +30,9 @@ def batches(tok):
     items = tiny_items()
     forget = batch(tok, items[:3])
     forget["idk"] = batch(tok, items[:3], IDK)
+    # each forget question with a wrong answer of the same kind (AltPO's alternates, as the loop's companions)
+    forget["companion"] = lm.collate([lm.encode_qa(tok, i.question, i.perturbed_answers[0]) for i in items[:3]],
+                                     tok.pad_token_id)
     return forget, batch(tok, items[3:])
 
 
@@ -263,7 +266,7 @@ def test_rgd_truncates_forget_loss(trained):
     parts = method.losses(model, None, forget, retain)
     assert parts.logs["forget_active"] == pytest.approx(1 / 3)
     keep = int(nll.argmin())
-    one = {k: v[keep:keep + 1] for k, v in forget.items() if k != "idk"}
+    one = {k: v[keep:keep + 1] for k, v in forget.items() if k not in ("idk", "companion")}
     assert float(parts.forget) == pytest.approx(-float(sequences.mean_nll(model, one)), rel=1e-5)
     method = build("RGD", forget_loss_cap=float(nll.min()) / 2)  # everything forgotten: retain-only step
     parts = method.losses(model, None, forget, retain)

@@ -124,6 +124,10 @@ LM_METHODS = _table(
     Entry("CEU", M + "lm.ceu:CEU", "Cross-entropy towards the model's own next-token distribution with the true token "
           "removed (CE-U), on the forget answers.",
           "Yang 2025, CE-U: Cross Entropy Unlearning, https://arxiv.org/abs/2503.01224", family="lm"),
+    Entry("AltPO", M + "lm.altpo:AltPO", "DPO that prefers a plausible alternate answer (method_args.alternates) to the "
+          "true one, plus retain NLL.",
+          "Mekala et al. 2025, Alternate Preference Optimization for Unlearning Factual Knowledge in Large Language "
+          "Models, COLING, https://arxiv.org/abs/2409.13474", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model

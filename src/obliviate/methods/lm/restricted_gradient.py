@@ -108,6 +108,9 @@ class RG(Method):
     def retain_pool(self, items: list, rng) -> list:
         return self.base.retain_pool(items, rng)
 
+    def companions(self, forget: list, retain: list, rng) -> list | None:
+        return self.base.companions(forget, retain, rng)  # AltPO's alternates
+
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         return self.base.losses(model, reference, forget, retain)
 
