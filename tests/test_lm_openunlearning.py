@@ -283,6 +283,141 @@ def test_a_bad_alternates_file_is_named_in_one_line(tmp_path, content, message):
     assert "\n" not in str(e.value)
 
 
+class RefPDU:
+    """PDU.compute_loss and final_loss_value (src/trainer/unlearn/pdu.py), updating its dual variable as the
+    reference does inside the loss, when primal_dual is on and the warm-up is over (can_update)."""
+
+    def __init__(self, gamma, alpha, eps, step_size, primal_dual=True, can_update=True):
+        self.preferences, self.eps, self.step_size = [gamma, alpha], eps, step_size
+        self.primal_dual, self.can_update = primal_dual, can_update
+
+    def compute_loss(self, model, forget_inputs, retain_inputs):
+        logits = model(**forget_inputs).logits
+        logits = logits.reshape(-1, logits.size(-1))
+        forget_loss = (logits.max(dim=-1)[0] - logits.mean(dim=-1)) ** 2
+        mask = (forget_inputs["labels"] != -100).reshape(-1)
+        forget_loss = (forget_loss * mask).sum() / mask.sum()
+        retain_loss = model(**retain_inputs).loss - self.eps
+        loss = (torch.tensor(self.preferences) * torch.hstack([forget_loss, retain_loss])).sum()
+        if self.primal_dual and self.can_update:
+            self.preferences[1] = max(0, self.preferences[1] + self.step_size * retain_loss.item())
+        return loss
+
+
+@pytest.mark.parametrize("args", [{}, {"gamma": 2.0, "alpha": 50.0, "retain_loss_eps": 0.05, "primal_dual": False}])
+def test_pdu_equals_openunlearning(trained, args):
+    model, tok = trained
+    forget, retain = batches(tok)
+    method = build("PDU", **args)
+    c = method.config
+    ours = method.losses(model, None, forget, retain).total
+    ref = RefPDU(c.gamma, c.alpha, c.retain_loss_eps, c.dual_step_size, c.primal_dual)
+    _agree(ours, ref.compute_loss(model, _inputs(forget), _inputs(retain)), model)
+
+
+def test_pdu_takes_the_references_primal_and_dual_steps(trained):
+    """Three SGD steps with the dual variable moving: the same weights and the same lambda as the reference's loop
+    (the reference updates lambda in the loss, obliviate after the step: the same sequence)."""
+    import copy
+
+    base, tok = trained
+    forget, retain = batches(tok)
+    args = {"alpha": 2.0, "retain_loss_eps": 0.0, "dual_step_size": 3.0, "dual_warmup_epochs": 0}
+    ours, theirs = copy.deepcopy(base).train(), copy.deepcopy(base).train()
+    method, ref = build("PDU", **args), RefPDU(1.0, 2.0, 0.0, 3.0)
+    opt_ours, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (ours, theirs))
+    lambdas = []
+    for step in range(3):
+        opt_ours.zero_grad()
+        parts = method.losses(ours, None, forget, retain)
+        parts.total.backward()
+        opt_ours.step()
+        logs = dict(parts.logs)
+        method.after_step(logs, float(step))
+        lambdas.append(logs["retain_preference"])
+        opt_ref.zero_grad()
+        ref.compute_loss(theirs, _inputs(forget), _inputs(retain)).backward()
+        opt_ref.step()
+        assert method.dual == pytest.approx(ref.preferences[1], rel=1e-6)
+    assert lambdas[0] > 2.0 and lambdas[2] > lambdas[1] > lambdas[0]  # eps 0: the bound is broken, lambda rises
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _pdu_run(tiny_lm_dir, args, steps=4, checkpoints=None):
+    from obliviate import progress
+    from obliviate.config import LMTrainConfig
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
+
+    model, tok = lm.load(tiny_lm_dir)
+    items = tiny_items()
+    progress.set_enabled(False)
+    try:
+        return unlearn(model, tok, items[:2], items[2:], make_method("lm", "PDU", args),
+                       LMTrainConfig(max_steps=steps, batch_size=2, lr=1e-3), checkpoints=checkpoints)
+    finally:
+        progress.set_enabled(True)
+
+
+def test_pdu_dual_steps_in_the_loop_follow_the_steps_retain_loss_after_the_warm_up(tiny_lm_dir):
+    """Through the loop: lambda moves by eta (retain NLL - eps) after each step that begins at or after the warm-up
+    (2 forget items, batch 2: one epoch per step, so steps 0 and 1 begin before epoch 2)."""
+    history = _pdu_run(tiny_lm_dir, {"alpha": 1.0, "retain_loss_eps": 0.5, "dual_step_size": 0.5,
+                                     "dual_warmup_epochs": 2}).history
+    lam = 1.0
+    for h in history:
+        if h["step"] >= 2:
+            lam = max(0.0, lam + 0.5 * (h["retain_nll"] - 0.5))
+        assert h["retain_preference"] == pytest.approx(lam, rel=1e-12)
+    assert history[-1]["retain_preference"] != 1.0  # the untrained model's retain NLL is far above 0.5
+
+
+def test_pdu_with_gradient_accumulation_takes_the_dual_steps_of_one_batch(tiny_lm_dir):
+    """2 micro-batches of 2 take the dual steps of one batch of 4: lambda moves once per optimiser step on the
+    step's retain loss (the reference moves it at every micro-batch, on that micro-batch's loss)."""
+    from obliviate import progress
+    from obliviate.config import LMTrainConfig
+    from obliviate.loops.lm import unlearn
+    from obliviate.methods.common import make_method
+
+    def run(batch_size, accumulation):
+        model, tok = lm.load(tiny_lm_dir)
+        items = tiny_items()
+        progress.set_enabled(False)
+        try:
+            return unlearn(model, tok, items[:4], items[4:], make_method("lm", "PDU", {"dual_warmup_epochs": 0}),
+                           LMTrainConfig(max_steps=2, batch_size=batch_size, grad_accum_steps=accumulation,
+                                         lr=1e-3)).history
+        finally:
+            progress.set_enabled(True)
+
+    one, two = run(4, 1), run(2, 2)
+    assert len({h["retain_preference"] for h in one}) == 2  # lambda moved at every step
+    for a, b in zip(one, two):
+        for key in ("retain_nll", "retain_preference", "logit_margin", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_a_resumed_pdu_run_replays_its_dual_steps(tiny_lm_dir, tmp_path):
+    """Interrupted after 2 of 4 steps and resumed: the same lambdas and weights as the run taken in one go (the
+    dual variable is rebuilt from the checkpoint's history, not restarted at alpha)."""
+    from obliviate.loops.step import Checkpoints, changed_tensors
+
+    class FirstHalf(Checkpoints):  # keeps only the checkpoint after step 2, as if the run were killed then
+        def save(self, step, *a, **k):
+            if step < 2:
+                super().save(step, *a, **k)
+
+    args = {"retain_loss_eps": 0.5, "dual_warmup_epochs": 0}
+    whole = _pdu_run(tiny_lm_dir, args)
+    _pdu_run(tiny_lm_dir, args, checkpoints=FirstHalf(str(tmp_path), 2, "k"))
+    resumed = _pdu_run(tiny_lm_dir, args, checkpoints=Checkpoints(str(tmp_path), 2, "k"))
+    assert [h["retain_preference"] for h in resumed.history] == [h["retain_preference"] for h in whole.history]
+    a, b = changed_tensors(whole.model, whole.trainable_names), changed_tensors(resumed.model, resumed.trainable_names)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("name,args,message", [
     ("WGA", {"beta": -1}, "WGA: beta must be >= 0"),
     ("WGA", {"retain": "nll"}, "WGA: retain='nll' is not valid"),
@@ -292,6 +427,9 @@ def test_a_bad_alternates_file_is_named_in_one_line(tmp_path, content, message):
     ("CEU", {"ignore_first_n_answer_tokens": -1}, "CEU: ignore_first_n_answer_tokens must be >= 0"),
     ("AltPO", {"beta": 0}, "AltPO: beta must be > 0"),
     ("AltPO", {"alternates": 3}, "AltPO: alternates must be a file path"),
+    ("PDU", {"dual_update_upon": "epoch"}, "PDU: dual_update_upon='epoch' is not valid; choose one of 'step'"),
+    ("PDU", {"retain_loss_eps": -0.1}, "PDU: retain_loss_eps must be >= 0"),
+    ("PDU", {"primal_dual": "yes"}, "PDU: primal_dual='yes' is not valid"),
 ])
 def test_a_bad_config_value_is_one_clear_line(name, args, message):
     with pytest.raises(ObliviateError, match=message) as e:

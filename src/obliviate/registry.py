@@ -128,6 +128,10 @@ LM_METHODS = _table(
           "true one, plus retain NLL.",
           "Mekala et al. 2025, Alternate Preference Optimization for Unlearning Factual Knowledge in Large Language "
           "Models, COLING, https://arxiv.org/abs/2409.13474", family="lm"),
+    Entry("PDU", M + "lm.pdu:PDU", "Flatten the forget answers' logits towards uniform under a retain-loss bound, "
+          "by primal-dual steps on the retain weight.",
+          "Entesari et al. 2025, Constrained Entropic Unlearning: A Primal-Dual Framework for Large Language Models, "
+          "https://arxiv.org/abs/2506.05314", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model

@@ -58,6 +58,12 @@ class Method:
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         raise NotImplementedError
 
+    def after_step(self, logs: dict, epoch: float) -> None:
+        """Called after each optimiser step with the step's logs (global means over the step's batch: every
+        micro-batch, every process) and the epochs of forget data gone through when the step began; the method may
+        update its own state and add to the logs (PDU's dual variable). On resume the loop calls it again for the
+        steps already taken, in order, so such state follows from the logs alone. Nothing by default."""
+
     # optional: f(g_forget: list[Tensor], g_retain: list[Tensor]) -> (list[Tensor], dict[str, float] of logs)
     combine_gradients = None
 

@@ -111,6 +111,9 @@ class RG(Method):
     def companions(self, forget: list, retain: list, rng) -> list | None:
         return self.base.companions(forget, retain, rng)  # AltPO's alternates
 
+    def after_step(self, logs: dict, epoch: float) -> None:
+        self.base.after_step(logs, epoch)  # PDU's dual update
+
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         return self.base.losses(model, reference, forget, retain)
 
