@@ -20,7 +20,7 @@ from obliviate.errors import ObliviateError
 from conftest import tiny_items
 from obliviate.models import causal_lm as lm
 from obliviate.models import sequences
-from test_methods import IDK, batch, batches, build
+from test_methods import IDK, batch, batches, build, contract_args
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +186,10 @@ def reference(trained):
 
 
 @pytest.mark.parametrize("args", [{}, {"beta": 0.5, "gamma": 2.0, "alpha": 5.0}])
-def test_altpo_equals_openunlearning(trained, reference, args):
+def test_altpo_equals_openunlearning(trained, reference, args, tmp_path):
     model, tok = trained
-    forget, retain = batches(tok)
-    method = build("AltPO", **args)
+    forget, retain = batches(tok)  # forget["companion"]: the alternates, as the loop collates them
+    method = build("AltPO", **contract_args("AltPO", tmp_path), **args)
     c = method.config
     assert method.needs_reference
     ours = method.losses(model, reference, forget, retain).total
@@ -254,17 +254,24 @@ def test_altpo_runs_through_the_loop_with_the_alternates(tmp_path, tiny_lm_dir):
     assert any(not torch.equal(p, before[n]) for n, p in result.model.named_parameters())
 
 
-@pytest.mark.parametrize("rows,message", [
-    (None, "AltPO needs alternate answers: set method_args.alternates"),
-    ([{"question": "Where was Ada Lind born?", "alternate": "Far away."}],
-     "has no alternate for 1 of the 2 forget questions, e.g. 'Where was Bo Karsk born?'"),
-])
-def test_altpo_without_an_alternate_stops_in_one_line(tmp_path, rows, message):
+def test_altpo_without_an_alternate_stops_in_one_line(tmp_path):
+    """No alternates file: refused with the config (obliviate validate, the start of a run); a forget question the
+    file has no alternate for: refused before the first step, naming it."""
     import random
 
-    args = {} if rows is None else {"alternates": _write_alternates(tmp_path / "alt.jsonl", rows)}
-    with pytest.raises(ObliviateError, match=re.escape(message)) as e:
-        build("AltPO", **args).companions(tiny_items()[:2], [], random.Random(0))
+    from obliviate.config import build_config
+    from obliviate.runners.common import method_of
+
+    for refuse in (lambda: build("AltPO"), lambda: method_of(build_config({"method": "AltPO"}))):
+        with pytest.raises(ObliviateError, match=re.escape("AltPO needs alternate answers: set method_args."
+                                                           "alternates to a JSON-lines file")) as e:
+            refuse()
+        assert "\n" not in str(e.value)
+    rows = [{"question": "Where was Ada Lind born?", "alternate": "Far away."}]
+    method = build("AltPO", alternates=_write_alternates(tmp_path / "alt.jsonl", rows))
+    with pytest.raises(ObliviateError, match=re.escape(
+            "has no alternate for 1 of the 2 forget questions, e.g. 'Where was Bo Karsk born?'")) as e:
+        method.companions(tiny_items()[:2], [], random.Random(0))
     assert "\n" not in str(e.value)
 
 
@@ -425,7 +432,7 @@ def test_a_resumed_pdu_run_replays_its_dual_steps(tiny_lm_dir, tmp_path):
     ("SatImp", {"gamma": 0}, "SatImp: gamma must be > 0"),
     ("CEU", {"ignore_first_n_answer_tokens": 1.5}, "CEU: ignore_first_n_answer_tokens must be a whole number"),
     ("CEU", {"ignore_first_n_answer_tokens": -1}, "CEU: ignore_first_n_answer_tokens must be >= 0"),
-    ("AltPO", {"beta": 0}, "AltPO: beta must be > 0"),
+    ("AltPO", {"alternates": "alt.jsonl", "beta": 0}, "AltPO: beta must be > 0"),
     ("AltPO", {"alternates": 3}, "AltPO: alternates must be a file path"),
     ("PDU", {"dual_update_upon": "epoch"}, "PDU: dual_update_upon='epoch' is not valid; choose one of 'step'"),
     ("PDU", {"retain_loss_eps": -0.1}, "PDU: retain_loss_eps must be >= 0"),

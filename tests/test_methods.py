@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +60,17 @@ def build(name, **config):
     return cls(cls.Config(**config)) if config else cls()
 
 
+def contract_args(name: str, folder) -> dict:
+    """The method_args a method cannot run without: AltPO's alternate answers (a wrong answer of the same kind for
+    each question of tiny_items(), in OpenUnlearning's generate.py rows)."""
+    if name != "AltPO":
+        return {}
+    path = Path(folder) / "alternates.jsonl"
+    path.write_text("".join(json.dumps({"question": i.question, "alternate": i.perturbed_answers[0]}) + "\n"
+                            for i in tiny_items()))
+    return {"alternates": str(path)}
+
+
 def step(method, model, reference, forget, retain, params):
     """One update exactly as the loop does it: separate gradients when the method combines them, else backward."""
     parts = method.losses(model, reference, forget, retain)
@@ -76,11 +89,11 @@ def step(method, model, reference, forget, retain, params):
 
 
 @pytest.mark.parametrize("name", LM_METHODS)
-def test_method_contract(name, trained):
+def test_method_contract(name, trained, tmp_path):
     base_model, tok = trained
     model = copy.deepcopy(base_model)
     model.train()
-    method = build(name)
+    method = build(name, **contract_args(name, tmp_path))
     assert method.name == name
     reference = None
     if method.needs_reference:

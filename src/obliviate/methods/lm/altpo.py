@@ -21,8 +21,8 @@ generate.py asks it, for each forget question and answer, to "write another answ
 file. obliviate reads the same file: `alternates` names it (JSON lines or one JSON list; the path is taken from the
 working directory). Each forget item is matched by its question and answer when the file's rows give an answer
 (needed where one question is asked of many people, as MLLMU-Bench's "What is this person's job?"), else by its
-question alone; every forget item must have at least one alternate, and a run without `alternates` stops at once with
-one line saying so. The alternate reaches the loss as the item's companion (`Method.companions`:
+question alone; every forget item must have at least one alternate, and a config without `alternates` is refused at
+once (`obliviate validate`, the first moment of a run) in one line. The alternate reaches the loss as the item's companion (`Method.companions`:
 forget["companion"]), with everything else of the item kept (a vision-language item keeps its picture).
 
 Differences from the reference: the reference trains on every (question, alternate) row as its own forget example
@@ -49,14 +49,18 @@ from obliviate.models.sequences import sequence_logprob
 
 @dataclass
 class AltPOConfig:
-    alternates: str | None = None  # JSON lines {"question", "alternate"[, "answer"]} (OpenUnlearning's generate.py)
+    alternates: str | None = None  # required: JSON lines {"question", "alternate"[, "answer"]} (generate.py's rows)
     beta: float = 0.1
     alpha: float = 1.0  # weight of the retain term
     gamma: float = 1.0  # weight of the forget (preference) term
     retain: str = "gd"  # "gd" (retain NLL, the reference's), "kl" or "none"
 
     def __post_init__(self):
-        if self.alternates is not None and not isinstance(self.alternates, str):
+        if self.alternates is None:  # a config without them fails at once (obliviate validate, a run's start)
+            raise ObliviateError("AltPO needs alternate answers: set method_args.alternates to a JSON-lines file of "
+                                 "{\"question\", \"alternate\"} rows (OpenUnlearning's community/methods/AltPO/"
+                                 "generate.py writes one)")
+        if not isinstance(self.alternates, str):
             raise ObliviateError(f"AltPO: alternates must be a file path, got {self.alternates!r}")
         check_number("AltPO", "beta", self.beta, positive=True)
         check_number("AltPO", "alpha", self.alpha, min=0)
@@ -103,15 +107,11 @@ class AltPO(Method):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.table = load_alternates(self.config.alternates) if self.config.alternates is not None else None
+        self.table = load_alternates(self.config.alternates)
 
     def companions(self, forget: list, retain: list, rng) -> list:
         """Each forget item with one of its alternates as the answer (matched by question and answer, else by
         question), drawn with the run's seed."""
-        if self.table is None:
-            raise ObliviateError("AltPO needs alternate answers: set method_args.alternates to a JSON-lines file of "
-                                 "{\"question\", \"alternate\"} rows (OpenUnlearning's community/methods/AltPO/"
-                                 "generate.py writes one)")
         out, missing = [], []
         for item in forget:
             question = getattr(item, "question", None)
