@@ -275,6 +275,40 @@ def test_altpo_without_an_alternate_stops_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_generate_alternates_writes_the_file_altpo_reads(tmp_path, tiny_lm_dir, monkeypatch):
+    """The model samples alternates in generate.py's rows; the same seed gives the same file, and AltPO pairs every
+    forget item from it. A reply that is the true answer is dropped; an item left with none stops in one line and
+    no file is written."""
+    import random
+
+    from obliviate.methods.lm.altpo import generate_alternates
+    from obliviate.models import causal_lm
+
+    model, tok = lm.load(tiny_lm_dir)
+    items = tiny_items()[:2]
+    path = tmp_path / "alt.jsonl"
+    n = generate_alternates(model, tok, items, str(path), samples=2, max_new_tokens=6)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert n == len(rows) and 2 <= n <= 4 and {r["question"] for r in rows} == {i.question for i in items}
+    assert all(r["alternate"] and r["alternate"] != r["answer"] for r in rows)
+    generate_alternates(model, tok, items, str(tmp_path / "again.jsonl"), samples=2, max_new_tokens=6)
+    assert (tmp_path / "again.jsonl").read_text() == path.read_text()
+    pairs = build("AltPO", alternates=str(path)).companions(items, [], random.Random(0))
+    assert all(p.answer in {r["alternate"] for r in rows if r["question"] == p.question} for p in pairs)
+
+    answers = [i.answer for i in items]
+    draws = iter([answers[:1], ["Elsewhere."], answers[:1],  # item 0 alone: one reply that is not the answer
+                  answers, ["Elsewhere.", " "], answers])  # both: item 1 has only its answer and an empty reply
+    monkeypatch.setattr(causal_lm, "generate", lambda *a, **k: next(draws))
+    generate_alternates(model, tok, items[:1], str(tmp_path / "kept.jsonl"), samples=3)
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["alternate"]) for r in kept] == [(items[0].question, "Elsewhere.")]
+    with pytest.raises(ObliviateError, match=re.escape(f"no alternate other than the answer for "
+                                                       f"{items[1].question!r} in 3 samples")):
+        generate_alternates(model, tok, items, str(tmp_path / "none.jsonl"), samples=3)
+    assert not (tmp_path / "none.jsonl").exists()
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "AltPO: alternates file not found:"),
     ('{"question": "q", "alternate": "a"}\n{"question": "q", ', "alt.jsonl:2: not valid JSON"),

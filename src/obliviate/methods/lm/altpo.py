@@ -16,13 +16,15 @@ Defaults (DPO.yaml, which the AltPO recipe runs): beta 0.1, alpha 1, gamma 1, re
 {0.05, 0.1, 0.5}, alpha in {1, 2, 5} and trains 2 epochs.
 
 Where the alternates come from. The paper and the reference generate them before unlearning, with the model itself:
-generate.py asks it, for each forget question and answer, to "write another answer ... that changes all facts"
-(5 samples at temperature 1) and writes JSON lines {"question", "answer", "alternate"}; the unlearning run reads that
-file. obliviate reads the same file: `alternates` names it (JSON lines or one JSON list; the path is taken from the
-working directory). Each forget item is matched by its question and answer when the file's rows give an answer
-(needed where one question is asked of many people, as MLLMU-Bench's "What is this person's job?"), else by its
-question alone; every forget item must have at least one alternate, and a config without `alternates` is refused at
-once (`obliviate validate`, the first moment of a run) in one line. The alternate reaches the loss as the item's companion (`Method.companions`:
+generate.py asks it, for each forget question and answer, to write another answer that changes the facts (5 samples
+at temperature 1, at most 200 new tokens) and writes JSON lines {"question", "answer", "alternate"}; the unlearning
+run reads that file. obliviate reads the same file: `alternates` names it (JSON lines or one JSON list; the path is
+taken from the working directory), and `generate_alternates` writes one with a language model in its own prompt
+format (the same recipe; the instruction is worded for any instruct model rather than in Llama's tags). Each forget
+item is matched by its question and answer when the file's rows give an answer (needed where one question is asked
+of many people, as MLLMU-Bench's "What is this person's job?"), else by its question alone; every forget item must
+have at least one alternate, and a config without `alternates` is refused at once (`obliviate validate`, the first
+moment of a run) in one line. The alternate reaches the loss as the item's companion (`Method.companions`:
 forget["companion"]), with everything else of the item kept (a vision-language item keeps its picture).
 
 Differences from the reference: the reference trains on every (question, alternate) row as its own forget example
@@ -145,3 +147,39 @@ class AltPO(Method):
                 "margin": float(item_mean(margin.detach(), forget))}
         return LossParts(forget=c.gamma * loss_f, retain=retain_term(c.retain, c.alpha, model, reference, retain, logs),
                          logs=logs)
+
+
+# the request generate.py makes of the model, in our words (any instruct model, the run's prompt format)
+INSTRUCTION = ("Write a different answer to the question: keep every detail the question gives, but make up other "
+               "plausible facts in place of each fact the given answer states.")
+
+
+def generate_alternates(model, tokenizer, items: list, path: str, samples: int = 5, temperature: float = 1.0,
+                        max_new_tokens: int = 200, seed: int = 0) -> int:
+    """Write the alternates file AltPO reads for question-answer `items`, as OpenUnlearning's generate.py does: the
+    model (the one to unlearn, in its prompt format: `prompt_format.use` on the tokenizer first) is shown each
+    question and answer with INSTRUCTION and sampled `samples` times at `temperature`. A reply that is empty or the
+    true answer is dropped (preferring the true answer to itself teaches nothing); an item left with no alternate
+    stops it in one line, before the file is written. Returns the number of rows written (JSON lines
+    {"question", "answer", "alternate"}, written whole or not at all)."""
+    from obliviate.models import causal_lm
+    from obliviate.runs import atomic_write
+
+    check_number("generate_alternates", "samples", samples, positive=True)
+    check_number("generate_alternates", "temperature", temperature, positive=True)
+    prompts = [causal_lm.question_prompt(tokenizer, f"Question: {i.question}\nAnswer: {i.answer}\n{INSTRUCTION}")
+               for i in items]
+    torch.manual_seed(seed)
+    replies = [causal_lm.generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature)
+               for _ in range(int(samples))]
+    rows = []
+    for k, item in enumerate(items):
+        kept = [r for r in (reply[k].split("Question:")[0].strip() for reply in replies)
+                if r and r != item.answer.strip()]
+        if not kept:
+            raise ObliviateError(f"generate_alternates: the model gave no alternate other than the answer for "
+                                 f"{item.question!r} in {samples} samples; raise samples or write the file yourself")
+        rows += [{"question": item.question, "answer": item.answer, "alternate": r} for r in kept]
+    atomic_write(Path(path), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return len(rows)
+
