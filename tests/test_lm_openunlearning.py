@@ -459,6 +459,19 @@ def test_a_resumed_pdu_run_replays_its_dual_steps(tiny_lm_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rg_passes_alternates_and_dual_steps_to_its_base(tmp_path):
+    """RG over AltPO pairs the forget items with the base's alternates; RG over PDU moves the base's dual variable."""
+    import random
+
+    rg = build("RG", base="AltPO", base_args=contract_args("AltPO", tmp_path))
+    pairs = rg.companions(tiny_items()[:2], [], random.Random(0))
+    assert [p.answer for p in pairs] == [i.perturbed_answers[0] for i in tiny_items()[:2]]
+    rg = build("RG", base="PDU", base_args={"retain_loss_eps": 0.5, "dual_warmup_epochs": 0})
+    logs = {"retain_nll": 2.5}
+    rg.after_step(logs, 0.0)
+    assert rg.base.dual == logs["retain_preference"] == pytest.approx(1.0 + 2.0)
+
+
 @pytest.mark.parametrize("name,args,message", [
     ("WGA", {"beta": -1}, "WGA: beta must be >= 0"),
     ("WGA", {"retain": "nll"}, "WGA: retain='nll' is not valid"),
