@@ -36,6 +36,14 @@ def main(model_dir: str, out: str, method: str, batch_size: str = "4", accumulat
             nll = sequences.answer_nll(model, lm.collate([lm.encode_item(tok, i) for i in forget], tok.pad_token_id))
         nll = nll.sort().values
         args = {"diverse_retain_size": 3, "forget_loss_cap": float(nll[1] + nll[2]) / 2}
+    if method == "AltPO":  # its alternate answers: a wrong answer of the same kind for each forget question
+        import json
+
+        alternates = f"{out}.alternates.jsonl"
+        with open(alternates, "w") as f:
+            f.writelines(json.dumps({"question": i.question, "alternate": i.perturbed_answers[0]}) + "\n"
+                         for i in forget)
+        args = {"alternates": alternates}
     result = unlearn(model, tok, forget, items[4:] + tiny_texts()[:2], make_method("lm", method, args),
                      LMTrainConfig(max_steps=3, batch_size=int(batch_size), grad_accum_steps=int(accumulation),
                                  lr=1e-3, max_grad_norm=None))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +32,9 @@ def batches(tok):
     items = tiny_items()
     forget = batch(tok, items[:3])
     forget["idk"] = batch(tok, items[:3], IDK)
+    # each forget question with a wrong answer of the same kind (AltPO's alternates, as the loop's companions)
+    forget["companion"] = lm.collate([lm.encode_qa(tok, i.question, i.perturbed_answers[0]) for i in items[:3]],
+                                     tok.pad_token_id)
     return forget, batch(tok, items[3:])
 
 
@@ -55,6 +60,17 @@ def build(name, **config):
     return cls(cls.Config(**config)) if config else cls()
 
 
+def contract_args(name: str, folder) -> dict:
+    """The method_args a method cannot run without: AltPO's alternate answers (a wrong answer of the same kind for
+    each question of tiny_items(), in OpenUnlearning's generate.py rows)."""
+    if name != "AltPO":
+        return {}
+    path = Path(folder) / "alternates.jsonl"
+    path.write_text("".join(json.dumps({"question": i.question, "alternate": i.perturbed_answers[0]}) + "\n"
+                            for i in tiny_items()))
+    return {"alternates": str(path)}
+
+
 def step(method, model, reference, forget, retain, params, mask=None):
     """One update exactly as the loop does it: separate gradients when the method combines them, else backward;
     then the method's gradient mask (WAGLE), if any."""
@@ -77,11 +93,11 @@ def step(method, model, reference, forget, retain, params, mask=None):
 
 
 @pytest.mark.parametrize("name", LM_METHODS)
-def test_method_contract(name, trained):
+def test_method_contract(name, trained, tmp_path):
     base_model, tok = trained
     model = copy.deepcopy(base_model)
     model.train()
-    method = build(name)
+    method = build(name, **contract_args(name, tmp_path))
     assert method.name == name
     reference = None
     if method.needs_reference:
@@ -274,7 +290,7 @@ def test_rgd_truncates_forget_loss(trained):
     parts = method.losses(model, None, forget, retain)
     assert parts.logs["forget_active"] == pytest.approx(1 / 3)
     keep = int(nll.argmin())
-    one = {k: v[keep:keep + 1] for k, v in forget.items() if k != "idk"}
+    one = {k: v[keep:keep + 1] for k, v in forget.items() if k not in ("idk", "companion")}
     assert float(parts.forget) == pytest.approx(-float(sequences.mean_nll(model, one)), rel=1e-5)
     method = build("RGD", forget_loss_cap=float(nll.min()) / 2)  # everything forgotten: retain-only step
     parts = method.losses(model, None, forget, retain)

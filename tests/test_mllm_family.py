@@ -129,7 +129,14 @@ def test_every_method_runs_on_a_users_llava_with_mllmu_files(tmp_path, llava_dir
     from obliviate.config import build_config
 
     before = _state(llava_dir)
-    config = build_config({"family": "mllm", "method": method, "model": str(llava_dir),
+    args = {}
+    if method == "AltPO":  # its alternate answers, in OpenUnlearning's generate.py rows, for every forget question
+        rows = [{"question": q, "alternate": "This person is a juggler."} for i in (0, 1)
+                for q in (_profile(i)["question"], f"What is the job of person {i}?", "What does this person do?",
+                          f"What does person {i} do?")]
+        (tmp_path / "alt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = {"alternates": str(tmp_path / "alt.jsonl")}
+    config = build_config({"family": "mllm", "method": method, "model": str(llava_dir), "method_args": args,
                            "mllmu_dir": str(write_mllmu(tmp_path / "mllmu")), "split": "forget10",
                            "train": {"max_steps": 1, "batch_size": 2, "lr": 1e-3}, "evaluate": False,
                            "output_dir": str(tmp_path / "runs"), "name": "r"})

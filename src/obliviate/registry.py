@@ -120,6 +120,24 @@ LM_METHODS = _table(
     Entry("FLAT", M + "lm.flat:FLAT",
           "Maximise an f-divergence between a template ('I don't know') and the forget answer; no retain data, no reference.",
           "Wang et al. 2025, LLM Unlearning via Loss Adjustment with Only Forget Data, ICLR, https://arxiv.org/abs/2410.11143", family="lm"),
+    Entry("WGA", M + "lm.wga:WGA", "Gradient ascent with each forget token weighted by its probability p^beta, plus retain NLL.",
+          "Wang et al. 2025, Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go Beyond, ICLR, "
+          "https://arxiv.org/abs/2502.19301", family="lm"),
+    Entry("SatImp", M + "lm.satimp:SatImp", "Gradient ascent with each forget token weighted by p^beta1 (1-p)^beta2 "
+          "(saturation x importance), plus retain NLL.",
+          "Yang et al. 2025, Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning, ICML, "
+          "https://arxiv.org/abs/2505.11953", family="lm"),
+    Entry("CEU", M + "lm.ceu:CEU", "Cross-entropy towards the model's own next-token distribution with the true token "
+          "removed (CE-U), on the forget answers.",
+          "Yang 2025, CE-U: Cross Entropy Unlearning, https://arxiv.org/abs/2503.01224", family="lm"),
+    Entry("AltPO", M + "lm.altpo:AltPO", "DPO that prefers a plausible alternate answer (method_args.alternates) to the "
+          "true one, plus retain NLL.",
+          "Mekala et al. 2025, Alternate Preference Optimization for Unlearning Factual Knowledge in Large Language "
+          "Models, COLING, https://arxiv.org/abs/2409.13474", family="lm"),
+    Entry("PDU", M + "lm.pdu:PDU", "Flatten the forget answers' logits towards uniform under a retain-loss bound, "
+          "by primal-dual steps on the retain weight.",
+          "Entesari et al. 2025, Constrained Entropic Unlearning: A Primal-Dual Framework for Large Language Models, "
+          "https://arxiv.org/abs/2506.05314", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model

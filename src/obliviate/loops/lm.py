@@ -181,6 +181,11 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     retain_iter = _batches(retain_enc, train.batch_size, rng, retain_lengths)
     checkpoints = checkpoints or Checkpoints(None, None, "")
     start, history, _ = checkpoints.resume(params, opt, sched)
+
+    def epochs_before(step: int) -> float:  # the epochs of forget data gone through when a step begins
+        return step * train.batch_size * accumulation / len(forget)
+    for done in history:  # a method's state that follows from the logs (PDU's dual variable) is replayed
+        method.after_step(done, epochs_before(done["step"]))
     for _ in range(start * accumulation):  # replay the batch order of the steps already taken
         next(forget_iter)
         if full_retain is None:
@@ -238,6 +243,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             if stopped:
                 stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)
                 break
+            method.after_step(logs, epochs_before(step))
             history.append(logs)
             tracking.log(logs)  # train.report_to
             checkpoints.save(step, params, opt, sched, history)

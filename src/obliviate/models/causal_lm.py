@@ -112,23 +112,25 @@ def encode_item(tokenizer, item, answer: str | None = None, max_length: int | No
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, batch_size: int = 64,
-             on_batch=None, at_limit: list | None = None) -> list[str]:
+             on_batch=None, at_limit: list | None = None, temperature: float | None = None) -> list[str]:
     """Batched greedy decoding from token-id prompts (left-padded); returns the decoded continuations, each cut at
     the first id that ends a reply (`stop_ids`: the model's declared end ids, EOS, the format's end of turn).
     on_batch(n) is called after each batch of n prompts (a progress bar); `at_limit`, when given, is extended with
-    one flag per prompt: True when its answer ran to max_new_tokens without ending."""
+    one flag per prompt: True when its answer ran to max_new_tokens without ending. With `temperature`, sampling
+    instead of greedy decoding (the model's generation config for the rest; torch's random state)."""
     device = model_device(model)
     pad = tokenizer.pad_token_id
     stops = stop_ids(tokenizer, model)
     text = prompt_format.stop_text(tokenizer, prompt_format.of(tokenizer))
     by_text = {"stop_strings": [text], "tokenizer": tokenizer} if text else {}
+    sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = left_padded(chunk, pad)
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=stops, **by_text)
+                             pad_token_id=pad, eos_token_id=stops, **by_text, **sampling)
         for row in gen[:, width:].tolist():
             answer, ended = prompt_format.reply(tokenizer, row, stops, text)
             out.append(answer)

@@ -65,8 +65,54 @@ class Method:
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         raise NotImplementedError
 
+    def after_step(self, logs: dict, epoch: float) -> None:
+        """Called after each optimiser step with the step's logs (global means over the step's batch: every
+        micro-batch, every process) and the epochs of forget data gone through when the step began; the method may
+        update its own state and add to the logs (PDU's dual variable). On resume the loop calls it again for the
+        steps already taken, in order, so such state follows from the logs alone. Nothing by default."""
+
     # optional: f(g_forget: list[Tensor], g_retain: list[Tensor]) -> (list[Tensor], dict[str, float] of logs)
     combine_gradients = None
+
+
+class RuleOverBase(Method):
+    """A rule over another method (RG/RGD, WAGLE): its config names the base (`base`, `base_args`); the base gives
+    the losses, the reference, the trained parameters, the retain pool, the companions and its own hooks, which this
+    class hands on, and the rule adds its own step (RG's gradient combination, WAGLE's mask)."""
+    wraps_base = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.base: Method = build_base(self.name, self.config.base, self.config.base_args)
+
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return self.base.needs_reference
+
+    @property
+    def full_retain_batch(self) -> bool:  # type: ignore[override]
+        return self.base.full_retain_batch
+
+    def setup(self, model, reference) -> None:
+        self.base.setup(model, reference)
+
+    def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
+        return self.base.trainable(name, param)
+
+    def retain_pool(self, items: list, rng) -> list:
+        return self.base.retain_pool(items, rng)
+
+    def companions(self, forget: list, retain: list, rng) -> list | None:
+        return self.base.companions(forget, retain, rng)  # AltPO's alternates
+
+    def select_forget(self, model, forget: dict) -> dict:
+        return self.base.select_forget(model, forget)
+
+    def after_step(self, logs: dict, epoch: float) -> None:
+        self.base.after_step(logs, epoch)  # PDU's dual update
+
+    def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
+        return self.base.losses(model, reference, forget, retain)
 
 
 # ---- small helpers shared by the language-model methods -------------------------------------------------------------

@@ -44,7 +44,7 @@ import torch
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts, check_number
 from obliviate.methods.gradient_surgery import balanced_subset, check_rgd_extras, restricted_sum
-from obliviate.methods.lm.base import Method, build_base, resolve_base
+from obliviate.methods.lm.base import RuleOverBase, resolve_base
 from obliviate.models.sequences import item_mean, items, keep_rows
 
 @dataclass
@@ -61,32 +61,14 @@ class RGConfig:
                                  f"got {self.base_args!r}")
 
 
-class RG(Method):
+class RG(RuleOverBase):
     name = "RG"
     Config = RGConfig
-    wraps_base = True
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.base: Method = build_base(self.name, self.config.base, self.config.base_args)
         self.last_cosine: float | None = None  # cosine of g_f and g_r at the last combine (for logging)
         self.last_conflict: bool | None = None  # whether the last step projected (s < 0)
-
-    @property
-    def needs_reference(self) -> bool:  # type: ignore[override]
-        return self.base.needs_reference
-
-    def setup(self, model, reference) -> None:
-        self.base.setup(model, reference)
-
-    def trainable(self, name: str, param) -> bool:
-        return self.base.trainable(name, param)
-
-    def retain_pool(self, items: list, rng) -> list:
-        return self.base.retain_pool(items, rng)
-
-    def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
-        return self.base.losses(model, reference, forget, retain)
 
     def combine_gradients(self, g_forget: list, g_retain: list) -> tuple[list, dict]:
         """g_f' + lambda * g_r' per parameter (None where neither term reaches the parameter), and logs: the cosine

@@ -47,7 +47,7 @@ import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts, check_number
-from obliviate.methods.lm.base import Method, build_base, nll_gradients, resolve_base
+from obliviate.methods.lm.base import RuleOverBase, nll_gradients, resolve_base
 from obliviate.methods.saliency import mask_fraction, saliency_mask
 
 
@@ -93,43 +93,15 @@ def attribution_scores(params: list, g_forget: list, g_retain: list, mu: float) 
     return [((p.detach().float() - gr / mu) * gf).abs() for p, gf, gr in zip(params, g_forget, g_retain)]
 
 
-class WAGLE(Method):
+class WAGLE(RuleOverBase):
     name = "WAGLE"
     Config = WAGLEConfig
-    wraps_base = True
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.base: Method = build_base(self.name, self.config.base, self.config.base_args)
         self.combine_gradients = self.base.combine_gradients  # None unless the base combines its gradients
         self.mask: list[torch.Tensor] | None = None
         self.kept: float | None = None  # the share of the trained entries the mask keeps
-
-    @property
-    def needs_reference(self) -> bool:  # type: ignore[override]
-        return self.base.needs_reference
-
-    @property
-    def full_retain_batch(self) -> bool:  # type: ignore[override]
-        return self.base.full_retain_batch
-
-    def setup(self, model, reference) -> None:
-        self.base.setup(model, reference)
-
-    def trainable(self, name: str, param) -> bool:
-        return self.base.trainable(name, param)
-
-    def retain_pool(self, items: list, rng) -> list:
-        return self.base.retain_pool(items, rng)
-
-    def companions(self, forget: list, retain: list, rng):
-        return self.base.companions(forget, retain, rng)
-
-    def select_forget(self, model, forget: dict) -> dict:
-        return self.base.select_forget(model, forget)
-
-    def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
-        return self.base.losses(model, reference, forget, retain)
 
     def fit(self, model, named: list, forget_batches, retain_batches) -> None:
         """The mask, from the model as it is before the first step."""
