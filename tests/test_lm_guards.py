@@ -267,10 +267,11 @@ def test_attack_on_a_guard_run_reports_guarded_and_unguarded_rows(guard_run):
     from obliviate.bench.scorecard import robustness_rows
 
     run, _ = guard_run
-    results = attack_run(run, ["jailbreak", "quantize_int8", "relearn"],
-                         {"relearn.steps": 2, "relearn.lr": 1e-3, "relearn.data": "retain", "max_new_tokens": 12},
+    # quantization and in-context recall on guard runs: the slow world test below
+    results = attack_run(run, ["jailbreak", "relearn"],
+                         {"relearn.steps": 1, "relearn.lr": 1e-3, "relearn.data": "retain", "max_new_tokens": 12},
                          log=lambda *_: None)
-    for name in ("jailbreak", "quantize_int8", "relearn_retain"):
+    for name in ("jailbreak", "relearn_retain"):
         saved = json.loads((run / "attacks" / f"{name}.json").read_text())
         assert list(saved["models"]) == ["GUARD", "original", "GUARD (unguarded)"], name
         assert saved["per_item"]["GUARD (unguarded)"] == saved["per_item"]["original"]
@@ -278,8 +279,9 @@ def test_attack_on_a_guard_run_reports_guarded_and_unguarded_rows(guard_run):
     jailbreak = results["jailbreak"]["models"]
     # asked plainly, the guard hides both facts; the same weights without it recall both
     assert jailbreak["GUARD"]["recall_plain"] == 0.0 and jailbreak["GUARD (unguarded)"]["recall_plain"] == 1.0
-    # quantized weights still go through the guard (each load installs it)
-    assert results["quantize_int8"]["models"]["GUARD"]["recall"] == 0.0
+    # relearning fine-tunes the weights under the guard: still asked through it, the facts stay hidden
+    relearn = results["relearn_retain"]["models"]
+    assert relearn["GUARD"]["recall"] == 0.0 and relearn["GUARD (unguarded)"]["recall_before"] == 1.0
     _, rows = robustness_rows({"GUARD": {"jailbreak": results["jailbreak"]}})
     assert list(rows) == ["GUARD", "GUARD (unguarded)", "original"]
 
@@ -342,3 +344,57 @@ def _cli_bad_args(tmp_path):
     config.write_text(f"method: GUARD\nmethod_args: {{detect: mlp}}\nmodel: {tmp_path}\nforget_file: {forget}\n"
                       f"retain_file: {retain}\noutput_dir: {tmp_path / 'runs'}\n")
     return runner.invoke(app, ["run", str(config), "--quiet"])
+
+
+# ---- the built-in world, the bench ------------------------------------------------------------------------------------
+@pytest.mark.slow  # a tiny profiles world, two guard runs and the recovery attacks: about a minute on 2 shared cores
+def test_guards_on_the_profiles_world_through_evaluation_and_the_recovery_attacks(tmp_path):
+    from conftest import tiny_profiles_config
+    from obliviate.api import attack_run
+
+    cfg = tiny_profiles_config(tmp_path)
+    for method, args in (("GUARD", "{}"), ("ICU", "{forget_examples: 1, correct_examples: 2}")):
+        r = runner.invoke(app, ["run", str(cfg), "--quiet", f"name={method}", f"method={method}",
+                                f"method_args={args}"])
+        assert r.exit_code == 0, r.output
+        run = tmp_path / "runs" / method
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["guard"]["guard"] == method and "forget_quality" in metrics
+        results = attack_run(run, ["in_context", "quantize_int8", "relearn"],
+                             {"relearn.steps": 2, "relearn.lr": 1e-3, "max_new_tokens": 16}, log=lambda *_: None)
+        for name, result in results.items():
+            assert list(result["models"]) == [method, "original", "retrain", f"{method} (unguarded)"], name
+            assert result["per_item"][f"{method} (unguarded)"] == result["per_item"]["original"], name
+    guard = json.loads((tmp_path / "runs" / "GUARD" / "metrics.json").read_text())
+    # the tiny world's model (one epoch) knows little; what it says of the forget people, the guard holds back
+    assert guard["forget"]["answer_prob"] <= guard["original"]["forget"]["answer_prob"]
+
+
+@pytest.mark.slow  # a bench of four guard cells, each its own process: about a minute on 2 shared cores
+def test_guards_in_a_bench_grid(tmp_path, chat_lm_dir, monkeypatch):
+    from obliviate.bench.engine import run_bench
+
+    monkeypatch.setenv("OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    forget, retain = _files(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+base:
+  model: {chat_lm_dir}
+  retain_file: {retain}
+  eval: {{batch_size: 8}}
+seeds: [0]
+allow_fewer_seeds: true
+validation: {{forget_file: {forget}}}
+reported: {{forget_file: {forget}}}
+noise_floor: []
+select: {{minimize: forget_accuracy}}
+methods:
+  - name: GUARD
+    grid: {{method_args.detect: [subjects, always]}}
+  - name: ICU
+    grid: {{method_args.correct_examples: [2]}}
+""")
+    result = run_bench(spec, tmp_path / "out", log=lambda *_: None)
+    assert all(r["status"] == "done" for r in result["cells"]), [r.get("reason") for r in result["cells"]]
+    board = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "GUARD" in board and "ICU" in board
