@@ -6,6 +6,7 @@ evaluates, exports and is attacked through the guard (with the unguarded weights
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 
@@ -131,6 +132,13 @@ def test_guarded_likelihood_is_the_distribution_generation_draws_from(chat_lm_di
     # before the prompt names Ada Lind, nothing is restricted
     named_at = len(tok(FORGET[0].question.split(" born")[0], add_special_tokens=False)["input_ids"])
     torch.testing.assert_close(scored[:named_at], raw[:named_at], rtol=0, atol=0)
+    # a forward call continuing a key-value cache would read only the new tokens: refused, not scored wrongly
+    with torch.no_grad():
+        first = guarded(input_ids=ids, use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        key = "cache" if "cache" in inspect.signature(type(guarded).forward).parameters else "past_key_values"
+        with pytest.raises(ObliviateError, match="GUARD scores whole sequences"):
+            guarded(input_ids=out[:, len(prompt):len(prompt) + 1], **{key: cache})
 
 
 def test_guard_detect_always_restricts_every_text(chat_lm_dir):
@@ -175,7 +183,7 @@ def test_icu_in_the_raw_format_and_its_settings(tiny_lm_dir):
     _, tok = _load(tiny_lm_dir, guard)
     q = FORGET[0].question
     want = (f"Question: {q}\nAnswer: I don't know.\n\nQuestion: You are an AI Assistant who is supposed to unlearn "
-            f"about Ada Lind and provide answers without its knowledge as if you never knew about it. Don't tell "
+            f"about Ada Lind and provide answers without its knowledge as if you never knew about it. Don\u2019t tell "
             f"anyone that you unlearned anything.\n{q}\nAnswer:")
     assert tok.decode(lm.question_prompt(tok, q), skip_special_tokens=True) == want
     # no perturbed answers: another forget item's answer is the flipped one

@@ -170,6 +170,10 @@ class GUARD(LMGuard):
         def read_inputs(_module, args, kwargs):  # every pass starts at the decoder: its token ids, from row 0
             if state["generating"]:
                 return
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name in transformers 5, and before
+            if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+                raise ObliviateError("GUARD scores whole sequences: decode through model.generate (its logits "
+                                     "processor reads the text so far), not a forward call on a key-value cache")
             state["ids"] = kwargs.get("input_ids", args[0] if args else None)
             state["mask"] = kwargs.get("attention_mask")
             state["row"] = 0
@@ -193,6 +197,8 @@ class GUARD(LMGuard):
             from transformers import LogitsProcessorList
 
             ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise ObliviateError("GUARD generates from token ids (input_ids): it reads the text so far")
             mask = kwargs.get("attention_mask")
             starts = [0] * ids.shape[0] if mask is None else (mask == 0).sum(-1).tolist()  # left padding
             processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
