@@ -41,7 +41,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-# ---- GUARD's rule, by hand --------------------------------------------------------------------------------------------
+# ---- GUARD's rule, by hand -------------------------------------------------------------------------------------------
 def test_forbidden_tokens_start_and_continue_a_forbidden_sequence():
     from obliviate.guards.lm.guard import Forbidden, key_words
 
@@ -73,7 +73,7 @@ def test_restricted_distribution_is_the_papers_hard_match_with_a_finite_floor():
     assert float(q.sum()) == pytest.approx(1.0)
 
 
-# ---- GUARD through generation and likelihoods -------------------------------------------------------------------------
+# ---- GUARD through generation and likelihoods ------------------------------------------------------------------------
 def test_guard_restricts_flagged_texts_and_leaves_the_others_exactly(chat_lm_dir):
     from obliviate.evals.metrics import greedy_answers, likelihood_metrics
 
@@ -149,7 +149,7 @@ def test_guard_detect_always_restricts_every_text(chat_lm_dir):
     assert not any("Lisbon" in a or "Oslo" in a for a in answers)
 
 
-# ---- ICU's context, by hand -------------------------------------------------------------------------------------------
+# ---- ICU's context, by hand ------------------------------------------------------------------------------------------
 def test_icu_context_goes_through_the_chat_template(chat_lm_dir):
     from obliviate.models import causal_lm as lm
 
@@ -193,7 +193,7 @@ def test_icu_in_the_raw_format_and_its_settings(tiny_lm_dir):
     assert [e["answer"] for e in material["forget"]] == [FORGET[1].answer, FORGET[0].answer]
 
 
-# ---- a guard run ------------------------------------------------------------------------------------------------------
+# ---- a guard run -----------------------------------------------------------------------------------------------------
 def _files(tmp, subjects: bool = True):
     def write(path, items):
         path.write_text("".join(json.dumps({"question": i.question, "answer": i.answer,
@@ -310,7 +310,7 @@ def test_icu_run_records_its_examples_and_changes_no_tensor(chat_lm_dir, tmp_pat
     assert metrics["forget"]["answer_prob"] < metrics["original"]["forget"]["answer_prob"]
 
 
-# ---- bad input --------------------------------------------------------------------------------------------------------
+# ---- bad input -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, args, message", [
     ("ICU", {"forget_examples": 0}, "forget_examples must be at least 1"),
     ("ICU", {"correct_examples": -1}, "correct_examples must be an integer >= 0"),
@@ -354,7 +354,7 @@ def _cli_bad_args(tmp_path):
     return runner.invoke(app, ["run", str(config), "--quiet"])
 
 
-# ---- the built-in world, the bench ------------------------------------------------------------------------------------
+# ---- the built-in world, the bench -----------------------------------------------------------------------------------
 @pytest.mark.slow  # a tiny profiles world, two guard runs and the recovery attacks: about a minute on 2 shared cores
 def test_guards_on_the_profiles_world_through_evaluation_and_the_recovery_attacks(tmp_path):
     from conftest import tiny_profiles_config
