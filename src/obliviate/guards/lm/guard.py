@@ -175,6 +175,8 @@ class GUARD(LMGuard):
                 raise ObliviateError("GUARD scores whole sequences: decode through model.generate (its logits "
                                      "processor reads the text so far), not a forward call on a key-value cache")
             state["ids"] = kwargs.get("input_ids", args[0] if args else None)
+            if state["ids"] is None:  # embeddings alone: no text to read, and no pass goes unguarded silently
+                raise ObliviateError("GUARD reads the token ids of what it scores: call the model with input_ids")
             state["mask"] = kwargs.get("attention_mask")
             state["row"] = 0
 
@@ -185,8 +187,6 @@ class GUARD(LMGuard):
             state["row"] += logits.shape[0]
             ids = state["ids"][start:start + logits.shape[0]]
             mask = None if state["mask"] is None else state["mask"][start:start + logits.shape[0]]
-            if ids.shape[1] != logits.shape[1]:  # a head run on part of the positions only: not a scoring pass
-                return None
             return rule.scored(ids, mask, logits)
 
         handles = [decoder.register_forward_pre_hook(read_inputs, with_kwargs=True),
@@ -255,9 +255,10 @@ class Restriction:
         return out
 
     def scored(self, ids: torch.Tensor, mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
-        """A scoring pass's logits ([B, T, V]; position t predicts token t + 1 from ids[..., :t + 1]) restricted on
-        the flagged rows' positions; the others untouched."""
+        """A scoring pass's logits ([B, K, V]: the last K of the T positions of `ids`, each predicting the next token
+        from the tokens up to it) restricted on the flagged rows' positions; the others untouched."""
         out = None
+        offset = ids.shape[1] - logits.shape[1]  # a head run on the last positions only (logits_to_keep)
         for b in range(ids.shape[0]):
             real = torch.arange(ids.shape[1], device=ids.device) if mask is None else mask[b].nonzero().flatten()
             if real.numel() == 0:
@@ -267,15 +268,14 @@ class Restriction:
             since = self.flagged_from(row)
             if not since:
                 continue
-            banned = torch.zeros(len(row), logits.shape[-1], dtype=torch.bool, device=logits.device)
-            for t in range(min(since.values()) - 1, len(row)):
+            banned = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
+            for t in range(max(min(since.values()) - 1, offset - first), len(row)):
                 active = [s for s, n in since.items() if n <= t + 1]
                 tokens = [v for v in self.forbidden.banned(active, row[:t + 1]) if v < logits.shape[-1]]
-                banned[t, tokens] = True
+                banned[first + t - offset, tokens] = True
             if out is None:
                 out = logits.clone()
-            positions = slice(first, first + len(row))
-            out[b, positions] = restrict(logits[b, positions], banned, self.floor)
+            out[b] = restrict(logits[b], banned, self.floor)
         return logits if out is None else out
 
     def step(self, ids: list[int], scores: torch.Tensor) -> torch.Tensor | None:
