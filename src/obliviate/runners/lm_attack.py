@@ -76,8 +76,7 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     target = attack_target(run_dir, config, log)
     out = Path(run_dir) / "attacks"
     out.mkdir(exist_ok=True)
-
-    guarded = (out.parent / GUARD_FILE).is_file()
+    guarded = (Path(run_dir) / GUARD_FILE).is_file()  # a guard run: its weights without the guard are a row too
 
     def save(name: str, result: dict) -> None:
         if guarded:
