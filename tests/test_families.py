@@ -24,7 +24,8 @@ from obliviate.families import FAMILIES
 
 SRC = Path(obliviate.__file__).parent
 LM_ONLY = ("obliviate.models.causal_lm", "obliviate.loops.lm", "obliviate.runners.lm", "obliviate.runners.lm_checks",
-           "obliviate.methods.lm", "obliviate.demo.lm", "obliviate.runners.lm_attack", "obliviate.attacks.lm")
+           "obliviate.methods.lm", "obliviate.demo.lm", "obliviate.runners.lm_attack", "obliviate.attacks.lm",
+           "obliviate.guards.lm")
 T2I_ONLY = ("obliviate.models.diffusion", "obliviate.models.dit", "obliviate.guards.t2i", "obliviate.loops.t2i", "obliviate.runners.t2i", "obliviate.runners.t2i_checks",
             "obliviate.methods.t2i", "obliviate.demo.t2i", "obliviate.runners.t2i_attack", "obliviate.attacks.t2i",
             "diffusers")

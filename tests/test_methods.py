@@ -19,7 +19,8 @@ from obliviate.models import causal_lm as lm
 from obliviate.models import sequences
 from obliviate.registry import LM_METHODS as METHODS
 
-LM_METHODS = [n for n in METHODS if n != "Retrain"]
+# the generation-time guards change no weight: tests/test_lm_guards.py is their contract
+LM_METHODS = [n for n, e in METHODS.items() if n != "Retrain" and not e.guard]
 IDK = "I don't know."
 
 

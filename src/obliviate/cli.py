@@ -314,9 +314,11 @@ def export(run_dir: Path, out: Path, base: Optional[Path] = typer.Option(None, h
         _fail(e)
     typer.echo(f"wrote {out}" + (f" and pushed it to https://huggingface.co/{push_to_hub}" if push_to_hub else ""))
     from obliviate.guards import GUARD_FILE, LOAD_CALL
-    if (out / GUARD_FILE).is_file():  # diffusers' from_pretrained alone would give the unguarded pipeline
-        typer.echo(f"a generation-time guard ({GUARD_FILE}): sample through it with {LOAD_CALL}({str(out)!r}); "
-                   "diffusers' from_pretrained alone loads the unguarded pipeline")
+    if (out / GUARD_FILE).is_file():  # from_pretrained alone would give the unguarded model
+        pipeline = (out / "model_index.json").is_file()
+        typer.echo(f"a generation-time guard ({GUARD_FILE}): sample through it with {LOAD_CALL}({str(out)!r}); " +
+                   ("diffusers' from_pretrained alone loads the unguarded pipeline" if pipeline else
+                    "transformers' from_pretrained alone loads the unguarded model"))
 
 
 @app.command()

@@ -138,6 +138,15 @@ LM_METHODS = _table(
           "by primal-dual steps on the retain weight.",
           "Entesari et al. 2025, Constrained Entropic Unlearning: A Primal-Dual Framework for Large Language Models, "
           "https://arxiv.org/abs/2506.05314", family="lm"),
+    GuardEntry("ICU", "obliviate.guards.lm.icu:ICU", "In-context unlearning: each question is asked after the forget "
+               "items nearest to it with wrong answers and a few retain items with true ones (no weight changes).",
+               "Pawelczyk et al. 2024, In-Context Unlearning: Language Models as Few-Shot Unlearners, ICML, "
+               "https://arxiv.org/abs/2310.07579", family="lm"),
+    GuardEntry("GUARD", "obliviate.guards.lm.guard:GUARD", "Generation-time restriction: once a text names a forget "
+               "subject, the tokens that would spell its forget answers' key words are held at probability ~0 "
+               "(no weight changes).",
+               "Deng et al. 2025, GUARD: Generation-time LLM Unlearning via Adaptive Restriction and Detection, "
+               "https://arxiv.org/abs/2505.13312", family="lm"),
 )
 
 # The retrain reference is not a method (no loss): a run with `method = "Retrain"` takes the built-in world's model
@@ -585,7 +594,9 @@ DEFAULT_ATTACKS = {"lm": ("relearn", "in_context", "paraphrase", "multiple_choic
                           "probe", "quantize_int8", "quantize_int4"), "t2i": ("prompt_attack",)}
 
 MLLM_METHODS = _table(
-    *LM_METHODS.values(),  # every language-model method runs on a vision-language model through its adapter
+    # every language-model method runs on a vision-language model through its adapter; the language-model guards
+    # (ICU, GUARD) are wired to the language-model runner only (docs/lm_guards.md)
+    *(e for e in LM_METHODS.values() if not e.guard),
     Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner",
           "Gradient ascent on the forget items masked to the weights whose forget Fisher is at least their retain "
           "Fisher (every trained part), plus retain NLL.",

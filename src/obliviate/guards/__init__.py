@@ -1,5 +1,5 @@
 """Generation-time guards, for every family: methods that leave the weights alone and change how a model generates
-(text-to-image: SLD, NegToMe; the language-model family adds GUARD and in-context unlearning here).
+(text-to-image: SLD, NegToMe, GoG in `guards/t2i/`; language models: ICU and GUARD in `guards/lm/`).
 
 A guard's result is a configuration, not changed tensors: its run records `describe()` in metrics.json and in
 RUN_DIR/obliviate_guard.json, writes an empty changed.safetensors, and evaluates and attacks its model through the
@@ -63,6 +63,10 @@ def from_record(record: dict, where: str = GUARD_FILE) -> Guard:
         raise ObliviateError(f"{where}: {record['guard']} is not a generation-time guard")
     if record.get("concept"):
         guard.bind(record["concept"])
+    if record.get("material") is not None:  # what a language-model guard took from the run's items
+        if not isinstance(record["material"], dict):
+            raise ObliviateError(f"{where}: material must be a JSON object")
+        guard.restore(record["material"])
     return guard
 
 
@@ -79,12 +83,27 @@ def read_guard(folder: str | Path) -> tuple[Guard, dict] | None:
 
 def load_guarded(folder: str | Path, device: str = "cpu", **options):
     """The model in `folder` (an `obliviate export` of a guard run) with its guard applied: for a text-to-image
-    folder a `GuardedPipeline`, whose `__call__(prompts, seeds)` returns images sampled through the guard."""
+    folder a `GuardedPipeline`, whose `__call__(prompts, seeds)` returns images sampled through the guard; for a
+    language model (model, tokenizer), whose every question and scoring pass goes through the guard
+    (`guards/lm/__init__.py`)."""
     found = read_guard(folder)
     if found is None:
         raise ObliviateError(f"{folder}: no {GUARD_FILE} (not an export of a guard run); load it as it is")
     guard, record = found
+    if guard.family == "lm":
+        from obliviate.guards.lm import load_guarded as load_lm
+        return load_lm(folder, guard, device, **options)
     if guard.family != "t2i":
         raise ObliviateError(f"{folder}: loading a {guard.family} guard is not supported yet")
     from obliviate.guards.t2i import GuardedPipeline
     return GuardedPipeline.load(folder, guard, record, device, **options)
+
+
+def unguarded_row(method: str) -> str:
+    """An attack result's row of a guard run's weights without the guard."""
+    return f"{method} (unguarded)"
+
+
+# an attack's caption on a guard run whose weights are the original's (every language-model guard run)
+SAME_WEIGHTS = ("the guard changes no weight: its unguarded row is the same weights without the guard (here the "
+                "original's), what the guard hides but the weights still hold")

@@ -52,10 +52,22 @@ class PromptFormat:
     system_prompt: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
     content_parts: bool = False  # chat: the template reads message content as a list of typed parts
+    # earlier turns put before every question (a generation-time guard's in-context examples: guards/lm/icu.py):
+    # `context(question)` gives (question, answer) pairs, each rendered as a finished turn of the same format
+    context: object = None
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "system_prompt": self.system_prompt, "tags": dict(self.tags),
-                **({"content_parts": True} if self.content_parts else {})}
+                **({"content_parts": True} if self.content_parts else {}),
+                **({"context": self.context.describe()} if self.context is not None else {})}
+
+    def turns(self, question: str) -> list[tuple[str, str]]:
+        """The earlier (question, answer) turns this format puts before `question` (none without a context)."""
+        return list(self.context(question)) if self.context is not None else []
+
+    def asked(self, question: str) -> str:
+        """The question as the user's message (a context may put an instruction before it)."""
+        return self.context.ask(question) if self.context is not None else question
 
 
 QA = PromptFormat("qa", "qa")
@@ -150,8 +162,9 @@ def _message(fmt: PromptFormat, role: str, text: str, image: bool = False) -> di
 def _chat_split(tokenizer, fmt: PromptFormat, question: str, image: bool = False) -> tuple[str, str, str]:
     """(prompt text, text between prompt and answer, end text) rendered by the tokenizer's chat template; `image`:
     the question has an image part before its text (templates with content parts only)."""
-    messages = ([_message(fmt, "system", fmt.system_prompt)] if fmt.system_prompt else []) + [
-        _message(fmt, "user", question, image)]
+    earlier = [m for q, a in fmt.turns(question) for m in (_message(fmt, "user", q), _message(fmt, "assistant", a))]
+    messages = ([_message(fmt, "system", fmt.system_prompt)] if fmt.system_prompt else []) + earlier + [
+        _message(fmt, "user", fmt.asked(question), image)]
     prompt = _render(tokenizer, messages, add_generation_prompt=True)
     full = _render(tokenizer, messages + [_message(fmt, "assistant", _SENTINEL)])
     if question.strip() not in prompt:
@@ -172,7 +185,8 @@ def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None,
     model's image token where it belongs); other formats ignore it, their caller puts the token in the text."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if fmt.kind == "qa":
-        prompt = _ids(tokenizer, QA_PROMPT.format(question=question), special=True)
+        earlier = "".join(QA_PROMPT.format(question=q) + " " + a + "\n\n" for q, a in fmt.turns(question))
+        prompt = _ids(tokenizer, earlier + QA_PROMPT.format(question=fmt.asked(question)), special=True)
         lead, end = " ", eos
     elif fmt.kind == "chat":
         prompt_text, lead, end_text = _chat_split(tokenizer, fmt, question, image)
@@ -185,8 +199,10 @@ def encode_pair(tokenizer, fmt: PromptFormat, question: str, answer: str | None,
     else:
         tags = dict(fmt.tags)
         system = (tags["system_start"] + fmt.system_prompt + tags["system_end"]) if fmt.system_prompt else ""
-        prompt = _ids(tokenizer, system + tags["user_start"] + question + tags["user_end"] + tags["assistant_start"],
-                      special=True)
+        earlier = "".join(tags["user_start"] + q + tags["user_end"] + tags["assistant_start"] + a +
+                          tags["assistant_end"] for q, a in fmt.turns(question))
+        prompt = _ids(tokenizer, system + earlier + tags["user_start"] + fmt.asked(question) + tags["user_end"] +
+                      tags["assistant_start"], special=True)
         lead, end = "", _ids(tokenizer, tags["assistant_end"].rstrip()) or eos
     if answer is None:
         return prompt, [], []

@@ -171,13 +171,21 @@ class LanguageModelRun(FamilyRun):
         self.label = evaluation[3]
         return Prepared(model_dir, world, (forget, retain, evaluation))
 
+    guard = None  # a generation-time guard's run: the guard, bound to the run's forget and retain items
+
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
         from obliviate import distributed
+        from obliviate.guards import is_guard
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
 
         config = self.config
         forget, retain, (qa_sets, texts, roles, _) = prepared.data
+        if is_guard(method):  # no training and no changed tensors: the model asks and scores through the guard
+            self.guard = method.bind_items(forget, retain)
+            model, tokenizer = load_model(prepared.model_dir, config, device)
+            self.guard.install(model.eval(), tokenizer)
+            return Trained((model, tokenizer), truncated=0)
         self.along = lm_along(config, prepared.world, qa_sets, texts, roles, device)  # train.eval_every
         # sharded, the model waits on the CPU and each process moves only its shard to the device
         model, tokenizer = load_model(prepared.model_dir, config, "cpu" if config.train.shard == "fsdp" else device)
@@ -194,7 +202,13 @@ class LanguageModelRun(FamilyRun):
     def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
         config = self.config
         return {"split": config.split if prepared.world is not None else None, "forget_set": self.label,
-                "prompt_format": format_record(trained.model[1])}, {}
+                "prompt_format": format_record(trained.model[1])}, ({"guard": self.guard_record()} if self.guard
+                                                                     else {})
+
+    def guard_record(self) -> dict:
+        """obliviate_guard.json: the guard, its settings and material, and the call that loads an export with it."""
+        from obliviate.guards import LOAD_CALL
+        return {**self.guard.describe(), "load": f"{LOAD_CALL}(FOLDER)"}
 
     def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict:
         from obliviate import distributed
@@ -240,6 +254,9 @@ class LanguageModelRun(FamilyRun):
                       _mia_reference(self.config, prepared.world, trained.reference, device), roles, sharded=True)
 
     def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
+        if self.guard is not None:
+            from obliviate.guards import GUARD_FILE
+            write_json(folder / GUARD_FILE, self.guard_record())
         if self.config.retrain_model and evaluation is not None and self.retrain_eval is not None:
             write_json(folder / "retrain_eval.json", self.retrain_eval)  # reusable as `retrain_eval` by the next run
         return {}
@@ -262,10 +279,14 @@ def _mia_reference(config: RunConfig, world, reference_seed: int | None, device:
 def export(changed_path: Path, base: Path, out: Path) -> Path:
     """A full transformers folder: the base model with the run's changed tensors applied (the base is only read).
     A run that asked in a named or custom template exports it as the tokenizer's chat template, so the exported model
-    is asked the way it was unlearned."""
+    is asked the way it was unlearned. A guard run's folder also holds its obliviate_guard.json:
+    `obliviate.guards.load_guarded(out)` gives (model, tokenizer) asking through the guard (transformers'
+    `from_pretrained` alone gives the unguarded model)."""
+    from obliviate.guards import GUARD_FILE, read_guard
     from obliviate.models import prompt_format
     from obliviate.runs import apply_changed
 
+    guarded = read_guard(Path(changed_path).parent)  # a bad record fails before anything is written
     model, tokenizer = lm.load(base)
     apply_changed(model, changed_path)
     config_path = Path(changed_path).parent / "config.json"
@@ -280,6 +301,8 @@ def export(changed_path: Path, base: Path, out: Path) -> Path:
     with claim_run_dir(out) as folder:
         model.save_pretrained(folder.tmp)
         tokenizer.save_pretrained(folder.tmp)
+        if guarded is not None:
+            write_json(folder.tmp / GUARD_FILE, guarded[1])
     return out
 
 

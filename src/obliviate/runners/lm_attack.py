@@ -8,21 +8,27 @@ from pathlib import Path
 
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
+from obliviate.guards import GUARD_FILE
 from obliviate.runs import resolve_device, write_json
 
 
 def attack_target(run_dir: Path, config, log=print):
-    """The run as its attacks see it (attacks.lm.common.Target)."""
+    """The run as its attacks see it (attacks.lm.common.Target). A guard run's model asks and scores through its
+    guard (each load installs it afresh: an attack that fine-tunes or rounds the weights keeps the guard on)."""
+    from obliviate.guards import read_guard
     from obliviate.runners.lm import load_model, prepare
     from obliviate.runs import apply_changed
 
     device = resolve_device(config.device)
     model_dir, forget, retain, _, world = prepare(config, log=lambda *_: None)  # the run built its world
     changed = Path(run_dir) / "changed.safetensors"
+    guarded = read_guard(run_dir)
 
     def unlearned():
         model, tok = load_model(model_dir, config, device)
         apply_changed(model, changed)
+        if guarded is not None:
+            guarded[0].install(model, tok)
         return model.eval(), tok
 
     def original():
@@ -70,8 +76,11 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     target = attack_target(run_dir, config, log)
     out = Path(run_dir) / "attacks"
     out.mkdir(exist_ok=True)
+    guarded = (Path(run_dir) / GUARD_FILE).is_file()  # a guard run: its weights without the guard are a row too
 
     def save(name: str, result: dict) -> None:
+        if guarded:
+            with_unguarded_row(result, config.method)
         write_json(out / f"{name}.json", result)
         if "curves" in result:
             from obliviate.bench.report import save_relearn_plot
@@ -81,6 +90,19 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     from obliviate.bench.report import rewrite_report
     rewrite_report(run_dir)  # the run's page shows the attacks
     return results
+
+
+def with_unguarded_row(result: dict, method: str) -> None:
+    """A guard run's attack result gains "<method> (unguarded)": the run's weights without the guard. A language-model
+    guard changes no weight and its run starts from the original's, so the row is the original's, said in the
+    caption (`obliviate.guards.SAME_WEIGHTS`); the robustness tables show it under the method's row."""
+    from obliviate.guards import SAME_WEIGHTS, unguarded_row
+
+    row = unguarded_row(method)
+    for key in ("models", "per_item", "curves"):
+        if key in result and "original" in result[key]:
+            result[key][row] = result[key]["original"]
+    result["caption"] = f"{result['caption']}; {SAME_WEIGHTS}" if result.get("caption") else SAME_WEIGHTS
 
 
 def run_attacks(attacks: dict, target, log=print, announce: bool = False, after_each=None,

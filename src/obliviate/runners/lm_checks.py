@@ -47,6 +47,12 @@ def check_lm(config: RunConfig) -> None:
         read_retrain_eval(config.retrain_eval)
     if config.model:
         check_model_folder(config.model)
+        from pathlib import Path
+
+        from obliviate.guards import GUARD_FILE, LOAD_CALL
+        if (Path(config.model) / GUARD_FILE).is_file():  # a run would drop the guard and score the bare weights
+            raise ObliviateError(f"{config.model} carries a generation-time guard ({GUARD_FILE}); runs on a guarded "
+                                 f"folder are not supported yet: ask it with {LOAD_CALL}, or run on its base")
         from obliviate.models import causal_lm, prompt_format
 
         # the template must serve this tokenizer (a "chat" template it lacks, a template that breaks the prefix)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from obliviate.errors import ObliviateError
+from obliviate.guards import SAME_WEIGHTS, unguarded_row
 from obliviate.runs import write_json
 
 INPUTS = ("detector", "detector_label")
@@ -147,13 +148,6 @@ def _user_run(run_dir: Path, config, detector, device, log=print):
     return run
 
 
-SAME_WEIGHTS = ("the guard changes no weight: its unguarded row is the same weights without the guard (here the "
-                "original's), what the guard hides but the weights still hold")
-
-
-def unguarded_row(method: str) -> str:
-    """The attack result's row of a guard run's weights sampled without the guard."""
-    return f"{method} (unguarded)"
 
 
 def _attach_run_guard(run_dir: Path, pipe):
