@@ -217,6 +217,8 @@ def _write_yamls(p: Plan, folder: Path, cache: Path) -> None:
                 "dataset_name": None,
                 "dataset_kwargs": {"data_files": {s: [str(f) for f in fs] for s, fs in task.files.items()},
                                    "cache_dir": str(cache)}}
+        if task.name.startswith("mmlu_") and "dev" not in task.files:  # zero-shot needs none (checked in plan)
+            spec["fewshot_split"] = None
         (folder / f"{task.name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     for name, group in p.groups.items():
         (folder / f"_{name}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
@@ -224,16 +226,26 @@ def _write_yamls(p: Plan, folder: Path, cache: Path) -> None:
 
 @contextmanager
 def _quiet_harness():
-    """The harness logs every task's set-up at INFO and warns that the model came already loaded (as meant here)."""
+    """The harness logs every task's set-up at INFO and warns that the model came already loaded (as meant here);
+    with obliviate's progress bars off (--quiet), the datasets library's bars go too."""
+    import datasets
+
+    from obliviate import progress
+
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in loggers]
+    bars = datasets.is_progress_bar_enabled()
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    if not progress.enabled():
+        datasets.disable_progress_bars()
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _numbers(results: dict) -> dict[str, dict]:
@@ -249,6 +261,13 @@ def _numbers(results: dict) -> dict[str, dict]:
         if isinstance(row.get("sample_len"), (int, float)):
             block["n"] = int(row["sample_len"])
         out[name] = block
+    counts = {name: n.get("effective", n.get("original")) for name, n in results.get("n-samples", {}).items()}
+    subtasks = results.get("group_subtasks", {})
+
+    def size(name: str) -> int:  # before sample_len (lm-eval < 0.4.12): a task's questions, a group's tasks' sum
+        return counts.get(name) or sum(size(s) for s in subtasks.get(name, ()))
+    for name, block in out.items():
+        block.setdefault("n", size(name))
     return out
 
 
