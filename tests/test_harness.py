@@ -58,6 +58,7 @@ def data(tmp_path_factory):
     write_parquet(mmlu / "anatomy" / "test-00000-of-00001.parquet", sets["mmlu_anatomy"])
     write_parquet(mmlu / "anatomy" / "dev-00000-of-00001.parquet", questions("anatomy", 5))
     write_parquet(mmlu / "astronomy" / "test-00000-of-00001.parquet", sets["mmlu_astronomy"])
+    write_parquet(mmlu / "astronomy" / "dev" / "0000.parquet", questions("astronomy", 5))  # the hub's conversion
     (mmlu / "philosophy").mkdir()
     (mmlu / "philosophy" / "test.json").write_text(json.dumps(sets["mmlu_philosophy"]))
     return root, sets
@@ -209,6 +210,8 @@ def test_the_files_are_found_in_the_published_layouts_and_checked_without_the_ha
     assert p.tasks["wmdp_bio"].files["test"][0].name == "test-00000-of-00001.parquet"
     assert p.tasks["wmdp_cyber"].files["test"][0].name == "wmdp-cyber.jsonl"
     assert p.tasks["mmlu_anatomy"].files["dev"][0].name == "dev-00000-of-00001.parquet"
+    assert p.tasks["mmlu_astronomy"].files["dev"][0].parts[-2:] == ("dev", "0000.parquet")
+    assert "dev" not in p.tasks["mmlu_philosophy"].files
     assert p.tasks["mmlu_anatomy"].tag == "mmlu_stem_tasks"  # the harness's own category
     assert p.groups["wmdp"]["task"] == ["wmdp_bio", "wmdp_cyber"]  # the subsets found, as the harness's group
     assert p.groups["mmlu"]["task"] == ["mmlu_stem", "mmlu_humanities"]
@@ -246,7 +249,7 @@ def test_bad_harness_input_is_one_line_naming_the_file_and_key(data, tmp_path, m
         _plan(wmdp_dir=str(tmp_path / "w2"))
     with pytest.raises(ObliviateError, match=r"harness.tasks: 'wmdp_chem' has no files here; valid: .*wmdp_bio"):
         _plan(wmdp_dir=str(root / "wmdp"), tasks=["wmdp_chem"])
-    with pytest.raises(ObliviateError, match=r"mmlu_astronomy: num_fewshot = 5 takes its examples from the dev "
+    with pytest.raises(ObliviateError, match=r"mmlu_philosophy: num_fewshot = 5 takes its examples from the dev "
                                              r"split; no dev file"):
         _plan(mmlu_dir=str(root / "mmlu"), num_fewshot=5)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
@@ -292,3 +295,34 @@ def test_the_declared_metrics_read_the_harness_results():
                       "wmdp_chem_acc": SKIP, "harness": tasks}
     assert registry.METRICS["wmdp_bio_acc"].better == "lower" and registry.METRICS["mmlu_acc"].better == "higher"
     assert all(m.needs == ("harness",) for m in declared)
+
+
+def test_the_wmdp_rmu_recipe_validates_on_files_in_the_published_formats(data, tmp_path, tiny_lm_dir):
+    """configs/real/wmdp_rmu.toml with its paths pointed at WMDP-style forget corpora (JSON lines with "text", as
+    cais/wmdp-corpora's), a wikitext-style retain file and the harness's folders: `run`'s checks pass; the corpora
+    are texts in 256-word chunks, scored by the harness only (no question-answer set)."""
+    from pathlib import Path
+
+    from obliviate.config import load_config
+    from obliviate.data import TextItem
+    from obliviate.runners.lm_checks import check_lm
+    from obliviate.runners.lm_data import user_data
+
+    root, _ = data
+    long = " ".join(f"w{i}" for i in range(600))
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text("".join(json.dumps({"title": f"t{i}", "abstract": "a", "text": f"paper {i} " + long,
+                                          "doi": f"10.1/{i}"}) + "\n" for i in range(3)))
+    retain.write_text("".join(json.dumps({"text": f"Wiki article {i} about rivers and bread."}) + "\n"
+                              for i in range(4)))
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "real" / "wmdp_rmu.toml"
+    config = load_config(recipe, [f"model={tiny_lm_dir}", f"forget_file={forget}", f"retain_file={retain}",
+                                  f"harness.wmdp_dir={root / 'wmdp'}", f"harness.mmlu_dir={root / 'mmlu'}",
+                                  f"output_dir={tmp_path / 'runs'}"])
+    check_lm(config)
+    assert config.method_args["layer"] == 7 and config.method_args["steering_coeff"] == 6.5
+    assert config.method_args["alpha"] == 1200 and config.train.lr == 5e-5
+    f, r, evaluation = user_data(config)
+    assert all(isinstance(i, TextItem) for i in f + r) and len(r) == 4
+    assert len(f) == 9 and f[0].text.startswith("paper 0 w0") and len(f[0].text.split()) == 256
+    assert evaluation.qa_sets == {}

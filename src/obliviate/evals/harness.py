@@ -62,10 +62,12 @@ def shipped_tasks() -> Path:
 
 
 def split_files(folder: Path, config: str, split: str) -> list[Path]:
-    """A dataset config's files of one split in `folder`: the hub's layout (CONFIG/SPLIT-00000-of-00001.parquet),
-    CONFIG/SPLIT.parquet|jsonl|json, or for the test split CONFIG.parquet|jsonl|json; [] when none."""
+    """A dataset config's files of one split in `folder`: the hub's layout (CONFIG/SPLIT-00000-of-00001.parquet), the
+    hub's parquet conversion (CONFIG/SPLIT/0000.parquet), CONFIG/SPLIT.parquet|jsonl|json, or for the test split
+    CONFIG.parquet|jsonl|json; [] when none."""
     for suffix in FORMATS:
-        found = sorted((folder / config).glob(f"{split}-*{suffix}")) or [
+        found = sorted((folder / config).glob(f"{split}-*{suffix}")) or sorted(
+            (folder / config / split).glob(f"*{suffix}")) or [
             p for p in [folder / config / f"{split}{suffix}"] if p.is_file()]
         if found:
             return found
@@ -134,8 +136,8 @@ def check_file(path: Path) -> int:
 def _one_format(task: str, files: dict[str, list[Path]]) -> str:
     kinds = {FORMATS[p.suffix] for ps in files.values() for p in ps}
     if len(kinds) > 1:
-        raise ObliviateError(f"{task}: its files mix parquet and JSON ({', '.join(str(p) for ps in files.values() for p in ps)}); "
-                             "give one format")
+        names = ", ".join(str(p) for ps in files.values() for p in ps)
+        raise ObliviateError(f"{task}: its files mix parquet and JSON ({names}); give one format")
     return kinds.pop()
 
 
