@@ -164,19 +164,19 @@ def test_obliviate_eval_gives_the_harness_numbers_of_a_by_hand_multiple_choice(d
 
 @pytest.mark.slow
 def test_a_run_scores_the_unlearned_model_and_the_original_row(data, model_dir, tmp_path):
-    """`[harness]` in a run config: the unlearned model, and the original row (the base model, unchanged: its
-    numbers are the by-hand ones), in metrics.json; the questions in harness.json."""
-    from conftest import tiny_items
-
+    """`[harness]` in a run config, as configs/real/wmdp_rmu.toml runs: RMU on text corpora (WMDP's forget corpora
+    are {"text": ...} lines), scored by the harness alone: the unlearned model, and the original row (the base model,
+    unchanged: its numbers are the by-hand ones), in metrics.json; the questions in harness.json."""
     root, sets = data
-    items = tiny_items()
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
-    forget.write_text("".join(json.dumps({"question": i.question, "answer": i.answer}) + "\n" for i in items[:2]))
-    retain.write_text("".join(json.dumps({"question": i.question, "answer": i.answer}) + "\n" for i in items[2:]))
+    forget.write_text("".join(json.dumps({"title": "t", "text": f"The {w} virus spreads by spore {i}."}) + "\n"
+                              for i, w in enumerate(["alpha", "beta", "gamma", "delta"])))
+    retain.write_text("".join(json.dumps({"text": f"Rivers {i} carry bread to the sea."}) + "\n" for i in range(4)))
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'method = "GradAscent"\nmodel = "{model_dir}"\nforget_file = "{forget}"\n'
+    cfg.write_text(f'method = "RMU"\nmodel = "{model_dir}"\nforget_file = "{forget}"\n'
                    f'retain_file = "{retain}"\noutput_dir = "{tmp_path / "runs"}"\n'
-                   f'[train]\nmax_steps = 2\nlr = 0.05\nbatch_size = 2\n'
+                   f'[method_args]\ntokens = "all"\nsteering_coeff = 20.0\n'
+                   f'[train]\nmax_steps = 3\nlr = 0.05\nbatch_size = 2\n'
                    f'[world]\ncache_dir = "{tmp_path / "cache"}"\n'
                    f'[harness]\nwmdp_dir = "{root / "wmdp"}"\ntasks = ["wmdp_bio"]\n')
     r = runner.invoke(app, ["run", str(cfg), "--quiet"])
@@ -191,6 +191,10 @@ def test_a_run_scores_the_unlearned_model_and_the_original_row(data, model_dir, 
     assert metrics["wmdp_bio_acc"] == pytest.approx(sum(s["acc"] for s in samples) / len(samples))
     config = json.loads((folder / "config.json").read_text())
     assert config["harness"]["tasks"] == ["wmdp_bio"]
+    assert metrics["harness"]["wmdp_bio"]["n"] == len(sets["wmdp_bio"])
+    # RMU moved the steered layer's MLP, so the letters' likelihoods moved: the unlearned model is what was scored
+    original = by_hand(model_dir, {"wmdp_bio": sets["wmdp_bio"]})["wmdp_bio"]
+    assert max(abs(a - b) for s, o in zip(samples, original) for a, b in zip(s["loglikelihoods"], o)) > 1e-3
 
 
 # ---- bad input: one line naming the file and the key, before the harness is imported --------------------------------

@@ -253,8 +253,8 @@ MIA_DOC = "obliviate.evals.mia:"
 H = "obliviate.evals.harness:"
 WMDP = "Li et al. 2024, The WMDP Benchmark, https://arxiv.org/abs/2403.03218"
 MMLU = "Hendrycks et al. 2021, Measuring Massive Multitask Language Understanding, https://arxiv.org/abs/2009.03300"
-HARNESS_MC = ("zero-shot four-way multiple choice by the log-likelihood of each answer letter "
-              "(lm-evaluation-harness's task, on local files)")
+HARNESS_MC = ("four-way multiple choice by the log-likelihood of each answer letter (lm-evaluation-harness's task "
+              "on local files; zero-shot unless harness.num_fewshot)")
 # Scorecard columns first, in the order they are shown; then the other aggregates, the set and the per-item scores.
 # A language-model evaluation computes the lm metrics in this order (`evals/evaluate.py`): items, then sets, then the
 # run's, then (compare_to_retrain) those that need the retrain reference.

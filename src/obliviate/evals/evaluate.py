@@ -45,7 +45,7 @@ def _scored(metrics, value, into: dict | None = None) -> dict:
 def _inputs_present(per_item: Mapping, aggregate: Mapping, config: Mapping) -> set[str]:
     """The shared inputs (registry.NEEDS) an evaluation's results hold, for its run metrics."""
     forget, retain = config.get("forget_set_name"), config.get("retain_set_name")
-    present = {"logprobs", "generations"}
+    present = {"logprobs", "generations"} if per_item else set()  # none: the harness's tasks alone (text corpora)
     present |= {"forget_set"} if forget in per_item else set()
     present |= {"retain_set"} if retain in per_item else set()
     if isinstance(aggregate.get(forget), dict) and "paraphrased_accuracy" in aggregate[forget]:

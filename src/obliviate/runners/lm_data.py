@@ -26,7 +26,7 @@ def user_data(config: RunConfig):
     for extra in config.eval_sets:
         name, role, items = load_eval_set(extra.file, extra.role, extra.name)
         if role == "holdout":  # never-trained items: membership inference's non-members (the forget set: members)
-            data.holdout_texts, data.member_texts = items, data.member_texts or data.qa_sets["forget"]
+            data.holdout_texts, data.member_texts = items, data.member_texts or data.qa_sets.get("forget", forget)
             continue
         name = role if role in ("forget", "retain") else name  # a stated forget/retain set is the one scored as such
         data.qa_sets[name], data.roles[name] = items, role
