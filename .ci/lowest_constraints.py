@@ -37,8 +37,14 @@ def lowest_pins(pyproject: Path, extras: list[str]) -> list[str]:
         if m is None:
             sys.exit(f"pyproject.toml: {spec!r} has no lower bound (name>=X): every dependency needs one")
         pin = f"{m.group(1)}=={m.group(2)}" + (f" ;{marker}" if marker else "")
-        pins[m.group(1).lower()] = pin
-    return sorted(pins.values())
+        name, version = m.group(1).lower(), _numbers(m.group(2))
+        if name not in pins or version > pins[name][0]:  # two extras' bounds: the higher one satisfies both
+            pins[name] = (version, pin)
+    return sorted(pin for _, pin in pins.values())
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_every_shipped_config_states_its_family_and_validates():
     root = Path(__file__).resolve().parents[1]
     families = {"esd_x_sd": "t2i", "uce_canvas": "t2i", "npo": "lm", "rgd": "lm", "portraits_graddiff": "mllm",
                 "mllmu_llava_graddiff_lora": "mllm", "muse_news_npo": "lm", "tofu_graddiff_lora": "lm",
-                "tofu_npo": "lm", "run": "t2i"}
+                "tofu_npo": "lm", "run": "t2i", "wmdp_rmu": "lm"}
     families["wagle"] = "lm"
     files = sorted(f for f in (root / "configs").rglob("*.toml") if "bench" not in f.parts)  # bench specs: test_bench
     files += [root / "docs" / "user_pipeline" / "run.toml"]

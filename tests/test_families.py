@@ -194,7 +194,8 @@ def test_a_run_states_its_family_once_and_mixing_is_an_error_naming_the_key():
                 build_config({"family": "mllm", "method": "NPO", "mllm": {"max_new_tokens": 4}})):
         dumped = cfg.dump()
         assert build_config(json.loads(json.dumps(dumped))) == cfg
-        assert set(dumped) == set(type(cfg).model_fields)
+        # an unset `harness` is left out, so configs recorded (and bench cells keyed) before it keep their keys
+        assert set(dumped) == set(type(cfg).model_fields) - {"harness"}
         assert set(dumped["train"]) == set(type(cfg.train).model_fields)
 
 

@@ -16,7 +16,9 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     eval_sets with their roles, against retrain_model or retrain_eval when given), or on the profiles world's sets
     against its retrain model; a vision-language folder with `mllmu_dir` (MLLMU-Bench's files) or `world =
     "portraits"` through its family's evaluation (the family is the world's, or the one whose inputs the options
-    name, else the language model's). `options` are run-config keys (batch_size, max_logit_tokens and
+    name, else the language model's); `harness` (a HarnessConfig's keys: wmdp_dir, mmlu_dir, ...) adds
+    lm-evaluation-harness's WMDP / MMLU tasks, and alone (no files, no `world`) is the whole evaluation. `options` are
+    run-config keys (batch_size, max_logit_tokens and
     retain_people go under `eval`, `template` is a name or a mapping, device, dtype, trust_remote_code), checked as a
     run config is. An existing `out` is replaced only with `force`; an input file never is."""
     from obliviate.config import build_config, family_of_keys
@@ -53,7 +55,9 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     inputs = [Path(f) for f in (given("forget_file"), given("retain_file"), given("retrain_eval")) if f]
     folders = {"the model folder": model_dir, "--tofu-dir": given("tofu_dir"), "--muse-dir": given("muse_dir"),
                "--mllmu-dir": given("mllmu_dir"), "--world-tofu-dir": config.world.tofu_dir,
-               "--retrain-model": given("retrain_model")}
+               "--retrain-model": given("retrain_model"),
+               **({"--wmdp-dir": config.harness.wmdp_dir, "--mmlu-dir": config.harness.mmlu_dir}
+                  if given("harness") else {})}
     _check_out_file(Path(out), inputs + [Path(s.file) for s in given("eval_sets") or []],
                     {k: Path(v) for k, v in folders.items() if v}, force)
     from obliviate.families import get
@@ -61,18 +65,30 @@ def evaluate_folder(model_dir: Path, out: Path, *, force: bool = False, split: s
     family = get(config.family)
     if family.evaluate:  # a family with its own evaluation (vision-language: MLLMU-Bench's protocol)
         return family.load("evaluate")(config, Path(out))
+    if config.harness is not None and not uses_user_data(config) and not world:  # the harness's tasks only
+        from obliviate.evals.harness import evaluate_harness, plan
+        from obliviate.models import check_model_folder
+
+        check_model_folder(model_dir)
+        plan(config.harness)  # every file checked before the model loads
+        model, tok = load_model(model_dir, config, resolve_device(config.device))
+        return _write_eval(out, evaluate_harness(model, tok, config.harness))
     check_lm(config)
     device = resolve_device(config.device)
     model_path, _, _, (qa_sets, texts, roles, label), world = prepare(config, log=lambda *_: None)
     model, tok = load_model(model_path, config, device)
-    result = evaluation_of(model, tok, qa_sets, texts, config.eval, roles=roles)
+    result = evaluation_of(model, tok, qa_sets, texts, config.eval, roles=roles, harness=config.harness)
     if world is not None:
-        reference = retrain_evaluation(world, split, config.eval, qa_sets, texts, config.device)
+        reference = retrain_evaluation(world, split, config.eval, qa_sets, texts, config.device, config.harness)
     else:
         reference = user_retrain_evaluation(config, qa_sets, texts, roles, device) if uses_user_data(config) else None
     if reference is not None:
         result = compare_to_retrain(result, reference)
     result["forget_set"], result["prompt_format"] = label, format_record(tok)
+    return _write_eval(out, result)
+
+
+def _write_eval(out: Path, result: dict) -> dict:
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -21,6 +21,7 @@ Roles: forget, retain (TOFU's retain probability), utility (scored as retain), u
 probability, as for real authors and world facts), holdout (never-trained items: membership inference)."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,50 @@ def _texts(path: Path, source: str) -> list[str]:
     """A MUSE text file: a JSON array of strings, JSON lines with a "text" key, or plain text."""
     if path.suffix == ".txt":
         return [read_text_file(path, "MUSE text file")]
-    data = read_json_file(path, "MUSE file")
+    text = read_text_file(path, "MUSE file")
+    data = _json_lines(path, text) if not text.lstrip().startswith("[") else read_json_file(path, "MUSE file")
     if not isinstance(data, list) or not all(isinstance(t, str) or (isinstance(t, dict) and isinstance(
             t.get("text"), str)) for t in data):
         raise ObliviateError(f"{path}: expected a JSON array of texts (or of objects with a \"text\" key)")
     return [t if isinstance(t, str) else t["text"] for t in data]
+
+
+def _json_lines(path: Path, text: str) -> list:
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # "\n" only: JSON strings may hold U+2028
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ObliviateError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+    return rows
+
+
+def is_text_corpus(path: str | Path) -> bool:
+    """Whether a forget or retain file is a text corpus (a .txt file, or JSON whose first row is a string or an
+    object with "text" and no "question", as WMDP's corpora and MUSE's raw texts) rather than question-answer lines."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        return True
+    if not path.is_file():
+        read_text_file(path, "data file")  # its one line: not found, or not a file
+    with open(path, encoding="utf-8", errors="replace") as f:
+        line = next((line for line in f if line.strip()), "")  # the first row of JSON lines (a corpus may be GBs)
+    if line.lstrip().startswith("["):
+        rows = read_json_file(path, "data file")
+        first = rows[0] if isinstance(rows, list) and rows else None
+    else:
+        first = _json_lines(path, line)[0] if line.strip() else None
+    return isinstance(first, str) or (isinstance(first, dict) and "text" in first and "question" not in first)
+
+
+def load_corpus(path: str | Path, source: str, chunk_words: int = 256) -> list[TextItem]:
+    """A text corpus as forget or retain data, each text cut into chunks of `chunk_words` words as MUSE's are."""
+    items = [TextItem(chunk, source=source) for t in _texts(Path(path), source) for chunk in chunk_text(t, chunk_words)
+             if chunk.strip()]
+    if not items:
+        raise ObliviateError(f"{path}: no texts")
+    return items
 
 
 def chunk_text(text: str, max_words: int) -> list[str]:

@@ -157,6 +157,17 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
                                                                     "OpenUnlearning's TOFU_EVAL.json)"),
              mllmu_dir: Optional[Path] = typer.Option(None, help="MLLMU-Bench's release folder, for a vision-language "
                                                                  "model folder"),
+             wmdp_dir: Optional[Path] = typer.Option(None, help="cais/wmdp as downloaded (wmdp-bio/test-*.parquet, "
+                                                                "...): lm-evaluation-harness's WMDP tasks"),
+             mmlu_dir: Optional[Path] = typer.Option(None, help="cais/mmlu as downloaded (<subject>/test-*.parquet): "
+                                                                "lm-evaluation-harness's MMLU tasks"),
+             harness_task: Optional[List[str]] = typer.Option(None, help="with --wmdp-dir/--mmlu-dir: a task or group "
+                                                                         "to run (default: wmdp and mmlu); "
+                                                                         "repeatable"),
+             num_fewshot: Optional[int] = typer.Option(None, help="with --wmdp-dir/--mmlu-dir: few-shot examples "
+                                                                  "(default: the tasks' own, 0)"),
+             harness_limit: Optional[int] = typer.Option(None, help="with --wmdp-dir/--mmlu-dir: the first N "
+                                                                    "questions of each task (a quick look)"),
              world: Optional[str] = typer.Option(None, help="the built-in world to score on: profiles (default) or "
                                                             "portraits (a vision-language model)"),
              split: str = typer.Option("forget10", help="the split: of TOFU's release, or of the built-in world"),
@@ -180,7 +191,8 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
              force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
              quiet: bool = typer.Option(False, help="no progress bars")):
     """Evaluate a model folder on your files or a benchmark's (compared with a retrain reference when given), or
-    on the built-in world's sets (compared with its retrain model)."""
+    on the built-in world's sets (compared with its retrain model); --wmdp-dir / --mmlu-dir add
+    lm-evaluation-harness's WMDP and MMLU tasks on those files (alone: only them)."""
     _quiet(quiet)
     try:
         from obliviate.api import evaluate_folder
@@ -196,10 +208,13 @@ def evaluate(model: Path = typer.Argument(..., help="a transformers model folder
                 raise ObliviateError(f"--tag {spec!r} must look like KEY=VALUE (e.g. user_start='USER: ')")
             key, value = spec.split("=", 1)
             tags[key.strip()] = value.replace("\\n", "\n")
+        harness = {k: v for k, v in {"wmdp_dir": wmdp_dir and str(wmdp_dir), "mmlu_dir": mmlu_dir and str(mmlu_dir),
+                                     "tasks": harness_task or None, "num_fewshot": num_fewshot,
+                                     "limit": harness_limit}.items() if v is not None}
         result = evaluate_folder(
             model, out, force=force, split=split, world_tofu_dir=world_tofu_dir, forget_file=forget_file,
             retain_file=retain_file, tofu_dir=tofu_dir, muse_dir=muse_dir, eval_sets=sets, mllmu_dir=mllmu_dir,
-            world=world,
+            world=world, harness=harness or None,
             retrain_model=retrain_model, retrain_eval=retrain_eval, template={"name": template, **tags},
             system_prompt=system_prompt, retain_people=retain_people,
             batch_size=batch_size, max_logit_tokens=max_logit_tokens, device=device, dtype=dtype,

@@ -154,6 +154,27 @@ class EvalConfig(_Strict):
     max_logit_tokens: int = Field(4096, ge=16)
 
 
+class HarnessConfig(_Strict):
+    """lm-evaluation-harness's multiple-choice tasks on local files in the published formats (evals/harness.py,
+    docs/harness.md): WMDP (cais/wmdp: question, choices, answer) and MMLU (cais/mmlu), scored on the run's model
+    and on the original and retrain rows. The prompts, choices and metrics are the harness's own tasks'; only where
+    the data comes from changes, so the real datasets give the standard numbers."""
+    wmdp_dir: str | None = None  # cais/wmdp as downloaded: wmdp-bio/test-*.parquet, ... (or wmdp-bio.jsonl, ...)
+    mmlu_dir: str | None = None  # cais/mmlu as downloaded: <subject>/test-*.parquet (dev-*: the few-shot examples)
+    # tasks or groups to run (wmdp, wmdp_bio, wmdp_chem, wmdp_cyber, mmlu, mmlu_stem, mmlu_<subject>, ...); default:
+    # the wmdp and mmlu groups, of the folders given
+    tasks: list[str] | None = None
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own (0 for WMDP and MMLU, as the WMDP paper)
+    limit: int | None = Field(None, ge=1)  # the first N questions of each task: a quick look, not the standard numbers
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _some_data(self):
+        if not (self.wmdp_dir or self.mmlu_dir):
+            raise ValueError("needs wmdp_dir or mmlu_dir (the folders of the downloaded datasets)")
+        return self
+
+
 class MLLMConfig(_Strict):
     """Vision-language runs: which parts of the model the method trains, and the evaluation's decoding."""
     # MLLMU-Bench's baselines train the language model only; MMUnlearner picks parts by saliency
@@ -288,6 +309,13 @@ class LMRunConfig(LMLoopRunConfig):
     muse_dir: str | None = None  # with `model`: a MUSE corpus folder (the MUSE repository's data/<corpus> layout)
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)  # more evaluation sets, each with its role
     retrain_eval: str | None = None  # retrain_model's evaluation (obliviate eval output, TOFU or OpenUnlearning logs)
+    harness: HarnessConfig | None = None  # lm-evaluation-harness tasks (WMDP, MMLU) on local files
+
+    def dump(self) -> dict:
+        data = super().dump()
+        if data.get("harness") is None:  # a run without it records (and keys bench cells) as before it existed
+            data.pop("harness", None)
+        return data
 
 
 class MLLMRunConfig(LMLoopRunConfig):
@@ -467,7 +495,8 @@ PATH_KEYS = ((None, "model"), (None, "forget_prompts"), (None, "retain_prompts")
              (None, "forget_file"), (None, "retain_file"), (None, "tofu_dir"), (None, "muse_dir"),
              (None, "retrain_model"), (None, "retrain_eval"), (None, "idk_file"), (None, "output_dir"),
              ("world", "tofu_dir"), ("world", "cache_dir"), ("mllm", "judge_model"), ("mllm", "train_dir"),
-             ("t2i", "clip_model"), ("t2i", "detector"), ("eval_sets", "file"))
+             ("t2i", "clip_model"), ("t2i", "detector"), ("eval_sets", "file"), ("harness", "wmdp_dir"),
+             ("harness", "mmlu_dir"))
 
 
 def resolve_paths(data: dict, base: str | Path) -> dict:

@@ -49,7 +49,8 @@ NEEDS = {"logprobs": "the one likelihood pass over each item's answer, paraphras
          "reference_model": "a reference model for the Reference attack",
          "verbmem": "greedy continuations of the forget texts' prefixes",
          "retrain": "the retrain reference's evaluation (compare_to_retrain)",
-         "original": "the original model's evaluation (the runner)"}
+         "original": "the original model's evaluation (the runner)",
+         "harness": "lm-evaluation-harness's tasks on local files (the run's `harness` keys; evals/harness.py)"}
 # A reference model's value of a metric, written beside the run's own (t2i: original_ua, retrain_ira, ...).
 REFERENCE_PREFIXES = ("original_", "retrain_")
 
@@ -282,6 +283,11 @@ MLLMU_HEADERS = {("forget", "classification", "image"): "forget MC img", ("forge
 L = "obliviate.evals.lm_metrics:"
 FROM_RETRAIN = ("retrain",)
 MIA_DOC = "obliviate.evals.mia:"
+H = "obliviate.evals.harness:"
+WMDP = "Li et al. 2024, The WMDP Benchmark, https://arxiv.org/abs/2403.03218"
+MMLU = "Hendrycks et al. 2021, Measuring Massive Multitask Language Understanding, https://arxiv.org/abs/2009.03300"
+HARNESS_MC = ("four-way multiple choice by the log-likelihood of each answer letter (lm-evaluation-harness's task "
+              "on local files; zero-shot unless harness.num_fewshot)")
 # Scorecard columns first, in the order they are shown; then the other aggregates, the set and the per-item scores.
 # A language-model evaluation computes the lm metrics in this order (`evals/evaluate.py`): items, then sets, then the
 # run's, then (compare_to_retrain) those that need the retrain reference.
@@ -310,6 +316,13 @@ METRICS = _table(
            "lm", "lower", "mean over items", "KnowMem forget", needs=("forget_set", "generations")),
     Metric("knowmem_retain", L + "knowmem_retain", "ROUGE-L of greedy answers on retain QA (MUSE KnowMem).", MUSE,
            "lm", "higher", "mean over items", "KnowMem retain", needs=("retain_set", "generations")),
+    # lm-evaluation-harness on local WMDP / MMLU files (evals/harness.py; docs/harness.md); WMDP's chance is 25 %
+    Metric("wmdp_bio_acc", H + "wmdp_bio_acc", f"WMDP-Bio accuracy, {HARNESS_MC}.", WMDP, "lm", "lower", SHARE,
+           "WMDP-Bio acc", "{:.1%}", needs=("harness",)),
+    Metric("wmdp_cyber_acc", H + "wmdp_cyber_acc", f"WMDP-Cyber accuracy, {HARNESS_MC}.", WMDP, "lm", "lower",
+           SHARE, "WMDP-Cyber acc", "{:.1%}", needs=("harness",)),
+    Metric("mmlu_acc", H + "mmlu_acc", f"MMLU accuracy over every question (the harness's mmlu group), {HARNESS_MC}.",
+           MMLU, "lm", "higher", SHARE, "MMLU acc", "{:.1%}", needs=("harness",)),
     # text-to-image (evals/canvas.py; formulas in docs/t2i.md)
     Metric("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier "
            "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),
@@ -386,6 +399,13 @@ METRICS = _table(
            also=("mllm",)),
     Metric("retrain_comparison", L + "retrain_comparison", "The retrain reference's numbers beside the model's: "
            "forget quality, the PrivLeak AUCs, <metric>_retrain.", "", "lm", None, "one block", needs=FROM_RETRAIN),
+    Metric("wmdp_acc", H + "wmdp_acc", f"WMDP accuracy over every question of its subsets (the harness's wmdp "
+           f"group), {HARNESS_MC}.", WMDP, "lm", "lower", SHARE, fmt="{:.1%}", label="WMDP acc", needs=("harness",)),
+    Metric("wmdp_chem_acc", H + "wmdp_chem_acc", f"WMDP-Chem accuracy, {HARNESS_MC}.", WMDP, "lm", "lower", SHARE,
+           fmt="{:.1%}", label="WMDP-Chem acc", needs=("harness",)),
+    Metric("harness", H + "harness", "lm-evaluation-harness's numbers of every task and group run: {task: {acc, "
+           "acc_stderr, acc_norm (where the task reports it), n}}.", "", "lm", None, "one block",
+           needs=("harness",)),
     # ---- per question-answer set (each set's block of the aggregate), beside the means of the item metrics
     Metric("n_items", L + "n_items", "Items in the set.", "", "lm", None, "count", scope="set"),
     Metric("normalised_prob", L + "normalised_prob", "Whether the set's probability score is normalised against "

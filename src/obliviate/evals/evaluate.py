@@ -45,7 +45,7 @@ def _scored(metrics, value, into: dict | None = None) -> dict:
 def _inputs_present(per_item: Mapping, aggregate: Mapping, config: Mapping) -> set[str]:
     """The shared inputs (registry.NEEDS) an evaluation's results hold, for its run metrics."""
     forget, retain = config.get("forget_set_name"), config.get("retain_set_name")
-    present = {"logprobs", "generations"}
+    present = {"logprobs", "generations"} if per_item else set()  # none: the harness's tasks alone (text corpora)
     present |= {"forget_set"} if forget in per_item else set()
     present |= {"retain_set"} if retain in per_item else set()
     if isinstance(aggregate.get(forget), dict) and "paraphrased_accuracy" in aggregate[forget]:
@@ -64,7 +64,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 reference_model=None, reference_tokenizer=None, mia_attacks: Sequence[str] | None = None,
                 gradnorm: bool = False, min_k: float = M.DEFAULT_MIN_K, batch_size: int = 32,
                 max_new_tokens: int = 48, verbmem_max_new_tokens: int = 128, max_length: int = 512,
-                max_logit_tokens: int = M.DEFAULT_MAX_LOGIT_TOKENS, sharded: bool = False,
+                max_logit_tokens: int = M.DEFAULT_MAX_LOGIT_TOKENS, sharded: bool = False, harness=None,
                 progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Evaluate `model` on question-answer sets and (optionally) forget / holdout texts. Returns a JSON-serialisable dict:
 
@@ -86,7 +86,10 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     vocabulary x 4 bytes at the peak, whatever the batch size). A progress bar counts the items, batch by batch;
     progress: also called as progress(stage, done, total) after each stage.
     sharded: under data parallel (obliviate.distributed), every process calls this together and scores its share of
-    every set and text list; the per-item values are gathered, so each process returns the whole evaluation."""
+    every set and text list; the per-item values are gathered, so each process returns the whole evaluation.
+    harness: a config.HarnessConfig: lm-evaluation-harness's WMDP / MMLU tasks on local files (evals/harness.py), the
+    declared metrics that need "harness" (wmdp_bio_acc, mmlu_acc, ...) and the result's "harness" (every task's
+    numbers and questions); every process runs it whole."""
     sharding = sharded and distributed.active()
 
     def share(xs) -> list:  # this process's items: all of them, or every world_size-th from its rank
@@ -110,7 +113,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     stages = [f"{n}:{s}" for n in qa_sets for s in ("likelihood", "generation")]
     if forget_set_name in qa_sets and any(it.paraphrased_question for it in qa_sets[forget_set_name]):
         stages.append(f"{forget_set_name}:paraphrased_generation")
-    stages += (["mia"] if run_mia else []) + (["verbmem"] if verbmem_texts else [])
+    stages += (["mia"] if run_mia else []) + (["verbmem"] if verbmem_texts else []) + (["harness"] if harness else [])
     by_stage: dict[str, int] = {}
     done = 0
     # the bar counts items (each set's items twice: likelihood and generation), so it moves within a long stage
@@ -193,6 +196,13 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
                 stage("verbmem", c)
                 inputs["verbmem"] = vm
                 per_text["verbmem"] = vm["per_item"]
+
+            if harness is not None:
+                from obliviate.evals.harness import run_harness
+
+                with M.count_forward_passes(model) as c:
+                    inputs["harness"] = run_harness(model, tokenizer, harness)
+                stage("harness", c)
         if sharding:
             per_item = {name: _interleaved(rows) for name, rows in per_item.items()}
     finally:
@@ -223,6 +233,7 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
         "forward_passes": total.n,  # this process's (each of several processes scores its share)
         "forward_passes_by_stage": by_stage,
         "config": config,
+        **({"harness": inputs["harness"]} if "harness" in inputs else {}),
     }
 
 

@@ -41,9 +41,10 @@ def world_for(config: RunConfig):
 
 
 def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None,
-                  roles: dict[str, str] | None = None, sharded: bool = False) -> dict:
+                  roles: dict[str, str] | None = None, sharded: bool = False, harness=None) -> dict:
     """texts: {"forget": membership members, "holdout": non-members, "verbmem": texts continued (default: the
-    members)}; roles: each set's stated role (benchmark_files.ROLES), or None for the world's sets (named by source)."""
+    members)}; roles: each set's stated role (benchmark_files.ROLES), or None for the world's sets (named by source);
+    harness: the run's HarnessConfig (lm-evaluation-harness's WMDP / MMLU on local files), or None."""
     from obliviate.benchmark_files import normalised_sets, utility_sets
     from obliviate.evals.evaluate import evaluate_lm
 
@@ -51,33 +52,41 @@ def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, ref
     return evaluate_lm(model, tokenizer, qa_sets, texts.get("forget"), texts.get("holdout"),
                        verbmem_texts=texts.get("verbmem"), utility_set_names=utility, normalised_prob_sets=normalised,
                        reference_model=reference_model, batch_size=eval_config.batch_size,
-                       gradnorm=eval_config.gradnorm, max_logit_tokens=eval_config.max_logit_tokens, sharded=sharded)
+                       gradnorm=eval_config.gradnorm, max_logit_tokens=eval_config.max_logit_tokens, sharded=sharded,
+                       harness=harness)
 
 
-def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute) -> dict:
-    """A world model's evaluation depends only on the world, the split and the evaluation settings: cached."""
+def _world_evaluation(world, name: str, split: str, eval_config: EvalConfig, compute, harness=None) -> dict:
+    """A world model's evaluation depends only on the world, the split and the evaluation settings (and the harness
+    tasks' settings and files, when asked for): cached."""
     from obliviate.evals import PROTOCOL
 
-    return world.cached_evaluation(name, split, [split, eval_config.model_dump(), PROTOCOL], compute)
+    key = [split, eval_config.model_dump(), PROTOCOL]
+    if harness is not None:  # appended only then: the evaluations cached without it keep their keys
+        from obliviate.evals.harness import settings
+        key.append({"harness": settings(harness)})
+    return world.cached_evaluation(name, split, key, compute)
 
 
-def retrain_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto") -> dict:
+def retrain_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto",
+                       harness=None) -> dict:
     """The retrain model's evaluation, computed once per world, split and evaluation settings, then cached."""
     def compute():
         model, tok = lm.load(world.retrain_dir(split), device=resolve_device(device))
-        return evaluation_of(model, tok, qa_sets, texts, eval_config)
-    return _world_evaluation(world, "retrain", split, eval_config, compute)
+        return evaluation_of(model, tok, qa_sets, texts, eval_config, harness=harness)
+    return _world_evaluation(world, "retrain", split, eval_config, compute, harness)
 
 
-def original_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto") -> dict:
+def original_evaluation(world, split: str, eval_config: EvalConfig, qa_sets, texts, device: str = "auto",
+                        harness=None) -> dict:
     """The world's full model's evaluation (the retrain model as its MIA reference, as for every unlearned model),
     computed once per world, split and evaluation settings, then cached."""
     def compute():
         device_ = resolve_device(device)
         reference, _ = lm.load(world.retrain_dir(split), device=device_)
         model, tok = lm.load(world.full_model_dir, device=device_)
-        return evaluation_of(model, tok, qa_sets, texts, eval_config, reference)
-    return _world_evaluation(world, "original", split, eval_config, compute)
+        return evaluation_of(model, tok, qa_sets, texts, eval_config, reference, harness=harness)
+    return _world_evaluation(world, "original", split, eval_config, compute, harness)
 
 
 def prepare(config: RunConfig, log=print):
@@ -112,7 +121,7 @@ def user_retrain_evaluation(config: RunConfig, qa_sets, texts, roles, device) ->
         return read_retrain_eval(config.retrain_eval)
     if config.retrain_model:
         model, tok = load_model(config.retrain_model, config, device)
-        return evaluation_of(model, tok, qa_sets, texts, config.eval, roles=roles)
+        return evaluation_of(model, tok, qa_sets, texts, config.eval, roles=roles, harness=config.harness)
     return None
 
 
@@ -125,10 +134,13 @@ def user_original_evaluation(config: RunConfig, model_dir: Path, base: dict, qa_
 
     settings = {"eval": config.eval.model_dump(), "template": config.template.model_dump(), "dtype": config.dtype,
                 "device": str(device).split(":")[0], "data": content_key([qa_sets, texts, roles])}
+    if config.harness is not None:  # only then: the evaluations cached without it keep their keys
+        from obliviate.evals.harness import settings as harness_settings
+        settings["harness"] = harness_settings(config.harness)
 
     def compute():
         model, tokenizer = load_model(model_dir, config, device)
-        return evaluation_of(model, tokenizer, qa_sets, texts, config.eval, roles=roles)
+        return evaluation_of(model, tokenizer, qa_sets, texts, config.eval, roles=roles, harness=config.harness)
     return cached_json(evaluation_cache("lm", base, settings, config.world.cache_dir), compute)
 
 
@@ -217,14 +229,15 @@ class LanguageModelRun(FamilyRun):
         config, world = self.config, prepared.world
         _, _, (qa_sets, texts, roles, _) = prepared.data
         if world is not None:
-            retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
+            retrain_eval = retrain_evaluation(world, config.split, config.eval, qa_sets, texts, config.device,
+                                              config.harness)
         else:
             retrain_eval = user_retrain_evaluation(config, qa_sets, texts, roles, device)
         model, tokenizer = trained.model
         t0 = time.time()
         evaluation = evaluation_of(model, tokenizer, qa_sets, texts, config.eval,
                                    _mia_reference(config, world, trained.reference, device), roles,
-                                   sharded=distributed.active())
+                                   sharded=distributed.active(), harness=config.harness)
         if retrain_eval is not None:
             evaluation = compare_to_retrain(evaluation, retrain_eval)
             metrics["retrain_reference"] = retrain_eval.get("source") or (
@@ -234,7 +247,8 @@ class LanguageModelRun(FamilyRun):
         metrics.update(evaluation["aggregate"])
         model = trained.model = None  # the original is loaded next (unless cached): one model in memory at a time
         if world is not None and not config.model:  # the world's full model: cached with the world
-            original_eval = original_evaluation(world, config.split, config.eval, qa_sets, texts, config.device)
+            original_eval = original_evaluation(world, config.split, config.eval, qa_sets, texts, config.device,
+                                                config.harness)
         else:  # the user's folder: cached by its content
             original_eval = user_original_evaluation(config, prepared.model_dir, prepared.base, qa_sets, texts,
                                                      roles, device)
@@ -251,7 +265,8 @@ class LanguageModelRun(FamilyRun):
         _, _, (qa_sets, texts, roles, _) = prepared.data
         model, tokenizer = trained.model
         evaluation_of(model, tokenizer, qa_sets, texts, self.config.eval,
-                      _mia_reference(self.config, prepared.world, trained.reference, device), roles, sharded=True)
+                      _mia_reference(self.config, prepared.world, trained.reference, device), roles, sharded=True,
+                      harness=self.config.harness)
 
     def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
         if self.guard is not None:
@@ -259,6 +274,8 @@ class LanguageModelRun(FamilyRun):
             write_json(folder / GUARD_FILE, self.guard_record())
         if self.config.retrain_model and evaluation is not None and self.retrain_eval is not None:
             write_json(folder / "retrain_eval.json", self.retrain_eval)  # reusable as `retrain_eval` by the next run
+        if evaluation is not None and "harness" in evaluation:  # lm-evaluation-harness's questions, scored
+            write_json(folder / "harness.json", evaluation["harness"])
         return {}
 
     def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:

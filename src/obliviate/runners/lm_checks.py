@@ -61,6 +61,9 @@ def check_lm(config: RunConfig) -> None:
                               t.system_prompt, t.tags())
     if config.idk_file:
         load_lines(config.idk_file)
+    if getattr(config, "harness", None) is not None:  # lm-evaluation-harness's files, every row, before training
+        from obliviate.evals.harness import plan
+        plan(config.harness)
     from obliviate import sharding
 
     sharding.check(config.train, config.lora)

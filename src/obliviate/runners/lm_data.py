@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from obliviate.config import RunConfig
-from obliviate.data import load_qa_jsonl
+from obliviate.data import QAItem, load_qa_jsonl
 
 
 def user_data(config: RunConfig):
@@ -20,17 +20,26 @@ def user_data(config: RunConfig):
         bench = load_muse(config.muse_dir)
         forget, retain, data = bench.forget, bench.retain, bench.evaluation
     else:
-        forget, retain = load_qa_jsonl(config.forget_file, "forget"), load_qa_jsonl(config.retain_file, "retain")
-        data = EvalData({"forget": forget, "retain": retain}, {"forget": "forget", "retain": "retain"},
-                        label=Path(config.forget_file).name)
+        forget, retain = _items(config.forget_file, "forget"), _items(config.retain_file, "retain")
+        qa = {name: items for name, items in (("forget", forget), ("retain", retain)) if isinstance(items[0], QAItem)}
+        data = EvalData(qa, {name: name for name in qa}, label=Path(config.forget_file).name)
     for extra in config.eval_sets:
         name, role, items = load_eval_set(extra.file, extra.role, extra.name)
         if role == "holdout":  # never-trained items: membership inference's non-members (the forget set: members)
-            data.holdout_texts, data.member_texts = items, data.member_texts or data.qa_sets["forget"]
+            data.holdout_texts, data.member_texts = items, data.member_texts or data.qa_sets.get("forget", forget)
             continue
         name = role if role in ("forget", "retain") else name  # a stated forget/retain set is the one scored as such
         data.qa_sets[name], data.roles[name] = items, role
     return forget, retain, data
+
+
+def _items(path, role: str) -> list:
+    """A forget or retain file: TOFU-format question-answer lines, or a text corpus (JSON lines with a "text" key, as
+    WMDP's corpora; a JSON array of texts; a .txt file) in 256-word chunks, trained on as MUSE's corpora are and
+    scored by no question-answer metric (lm-evaluation-harness's tasks, `[harness]`, score what it taught)."""
+    from obliviate.benchmark_files import is_text_corpus, load_corpus
+
+    return load_corpus(path, role) if is_text_corpus(path) else load_qa_jsonl(path, role)
 
 
 def uses_user_data(config: RunConfig) -> bool:
