@@ -26,6 +26,9 @@ class WorldConfig(_Strict):
     tofu_dir: str | None = None  # profiles: folder with TOFU's world_facts_perturbed.json and real_authors_perturbed.json
     model: dict[str, Any] = Field(default_factory=dict)  # recipe overrides (profiles: LMRecipe; canvas: CanvasRecipe)
     cache_dir: str | None = None
+    # profiles only: the DP2Unlearning variant of the world (worlds/profiles_dp2.py), its DP-SGD settings
+    # (worlds/dp_train.py DPRecipe: epsilon, delta, noise_multiplier, max_grad_norm, ...); None: the plain world
+    dp2: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _known_recipe_keys(self):
@@ -33,6 +36,15 @@ class WorldConfig(_Strict):
             from obliviate.worlds import check_recipe_keys
 
             check_recipe_keys(self.name, self.model)
+        if self.dp2 is not None:
+            if self.name != "profiles":
+                raise ValueError(f"world.dp2 is a variant of the profiles world, not of {self.name}")
+            from obliviate.worlds.dp_train import dp_recipe
+
+            try:
+                dp_recipe(self.dp2)
+            except ObliviateError as e:
+                raise ValueError(str(e)) from None
         return self
 
 

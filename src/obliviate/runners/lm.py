@@ -37,7 +37,7 @@ def format_record(tokenizer) -> dict:
 def world_for(config: RunConfig):
     from obliviate.worlds.profiles import ProfilesWorld
 
-    return ProfilesWorld(config.world)
+    return ProfilesWorld.from_config(config.world)  # the DP2Unlearning variant when world.dp2 is set
 
 
 def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None,
@@ -177,6 +177,8 @@ class LanguageModelRun(FamilyRun):
         from obliviate.loops.step import changed_tensors
 
         config = self.config
+        if method is None:  # a world recipe (runners.common.method_of): DP2Unlearning
+            return self._world_recipe(prepared, device)
         forget, retain, (qa_sets, texts, roles, _) = prepared.data
         self.along = lm_along(config, prepared.world, qa_sets, texts, roles, device)  # train.eval_every
         # sharded, the model waits on the CPU and each process moves only its shard to the device
@@ -188,13 +190,30 @@ class LanguageModelRun(FamilyRun):
         return Trained((result.model, tokenizer), result.history, result.seconds, result.stopped, tensors,
                        result.truncated)
 
+    dp2: dict | None = None  # a DP2Unlearning run's record: epsilon, delta, the stages' costs
+
+    def _world_recipe(self, prepared: Prepared, device: str) -> Trained:
+        """DP2Unlearning: the world's stage-1 DP model fine-tuned on the retained data (worlds/profiles_dp2.py); every
+        tensor differs from the run's base (stage 2), so all are saved."""
+        from obliviate import distributed
+        from obliviate.loops.step import changed_tensors
+
+        if distributed.active():
+            raise ObliviateError("DP2Unlearning runs in one process (its fine-tune is the world's recipe)")
+        out = prepared.world.unlearn(self.config.split, seed=self.config.train.seed)
+        model = out["model"].to(device)
+        self.dp2 = out["record"]
+        names = [n for n, _ in model.named_parameters()]
+        return Trained((model, out["tokenizer"]), seconds=out["stats"]["seconds"],
+                       tensors=changed_tensors(model, names), truncated=0)
+
     def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
         return Trained(lm.load(folder, self.config.dtype, device), truncated=0)
 
     def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
         config = self.config
         return {"split": config.split if prepared.world is not None else None, "forget_set": self.label,
-                "prompt_format": format_record(trained.model[1])}, {}
+                "prompt_format": format_record(trained.model[1])}, ({"dp2": self.dp2} if self.dp2 else {})
 
     def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict:
         from obliviate import distributed
