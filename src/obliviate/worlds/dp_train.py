@@ -117,11 +117,12 @@ def train_dp(model, tokenizer, examples: list, recipe, dp: DPRecipe, description
         torch.utils.data.TensorDataset(torch.arange(len(examples))), batch_size=recipe.batch_size,
         collate_fn=lambda rows: seq.collate([examples[int(i)] for (i,) in rows], pad))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    engine = PrivacyEngine(accountant=dp.accountant)
+    model.train()  # Opacus's validator requires it
     common = dict(module=model, optimizer=opt, data_loader=loader, max_grad_norm=dp.max_grad_norm,
                   poisson_sampling=True, loss_reduction="mean", wrap_model=False)  # hooks on the HF model itself
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # secure_mode is off, as said above
+        engine = PrivacyEngine(accountant=dp.accountant)
         if dp.epsilon is not None:
             hooks, opt, loader = engine.make_private_with_epsilon(
                 target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=recipe.epochs, **common)
@@ -134,13 +135,12 @@ def train_dp(model, tokenizer, examples: list, recipe, dp: DPRecipe, description
         opt.original_optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
     t0 = time.time()
     loss_value = float("nan")
     empty = 0
     try:
         with progress.bar(description, total) as advance, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")  # the inputs are token ids
             for _ in range(recipe.epochs):
                 for batch in loader:
                     opt.zero_grad(set_to_none=True)
