@@ -228,7 +228,7 @@ def check_run(config, own_model: bool) -> None:
                                  "before any request): it cannot run on your own model or files")
         if not dp2_world:
             raise ObliviateError(f"{NAME} needs the profiles world's DP2 variant: set world.dp2 (e.g. "
-                                 "world.dp2 = {epsilon = 8}; keys in docs/families.md)")
+                                 "world.dp2 = {epsilon = 8}; docs/dp2unlearning.md)")
         if config.method_args:
             raise ObliviateError(f"method_args: unknown key(s) {sorted(config.method_args)} for {NAME}; valid: none "
                                  "(its settings are world.dp2's)")
