@@ -99,16 +99,22 @@ def test_opacus_per_sample_gradients_on_the_worlds_llama_are_exact(tiny_lm):
         torch.testing.assert_close(p.grad_sample.mean(0), q.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_an_empty_poisson_draw_is_a_noise_only_step(tiny_lm):
-    """At a tiny sample rate most draws are empty: the step still runs (noise only), the accountant counts it."""
+def test_an_empty_poisson_draw_is_a_noise_only_step_and_a_build_repeats(tiny_lm):
+    """At a tiny sample rate most draws are empty: the step still runs (noise only), the accountant counts it. The
+    sampling and the noise come from the recipe's seed: the same settings give the same weights."""
+    import copy
+
     from obliviate.worlds.dp_train import dp_recipe, train_dp
     from obliviate.worlds.train import LMRecipe
 
     model, tokenizer = tiny_lm
+    twin = copy.deepcopy(model)
     examples = encoded_examples(tokenizer, 12)
-    stats = train_dp(model, tokenizer, examples, LMRecipe(epochs=1, batch_size=1, lr=1e-3),
-                     dp_recipe({"noise_multiplier": 1.0, "delta": 1e-3}))
+    recipe, dp = LMRecipe(epochs=1, batch_size=1, lr=1e-3), dp_recipe({"noise_multiplier": 1.0, "delta": 1e-3})
+    stats = train_dp(model, tokenizer, examples, recipe, dp)
     assert stats["steps"] == 12 and stats["empty_batches"] > 0
+    train_dp(twin, tokenizer, examples, recipe, dp)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
 
 
 # ---- the world variant ------------------------------------------------------------------------------------------------
@@ -126,6 +132,11 @@ def test_the_dp2_variant_has_its_own_key_and_shares_the_plain_worlds_references(
     assert world.retrain_dir("forget10") == world.plain().retrain_dir("forget10")
     assert world.retrain_dir("val10", 2) == world.plain().root / "retrain-val10-seed2"
     assert world.dp_model_dir == world.root / "dp-base" and world.full_model_dir == world.root / "full"
+    assert dp2_world(tmp_path, epochs=7.0).key() == dp2_world(tmp_path, epochs=7).key()
+    from obliviate.config import RunConfig
+    # a config without dp2 records no dp2: run folders and the bench's cell keys (hashes of the dump) stay as they were
+    assert "dp2" not in RunConfig(method="NPO").dump()["world"]
+    assert RunConfig(method="NPO", world={"dp2": {"epsilon": 4}}).dump()["world"]["dp2"] == {"epsilon": 4}
     stage1, finetune = dp2_world(tmp_path, epsilon=8, epochs=7, finetune_epochs=3, batch_size=5).recipes()
     assert (stage1.epochs, stage1.batch_size, finetune.epochs, finetune.batch_size) == (7, 5, 3, 64)
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES, family_of_world
@@ -37,15 +37,19 @@ class WorldConfig(_Strict):
 
             check_recipe_keys(self.name, self.model)
         if self.dp2 is not None:
-            if self.name != "profiles":
-                raise ValueError(f"world.dp2 is a variant of the profiles world, not of {self.name}")
-            from obliviate.worlds.dp_train import dp_recipe
+            from obliviate.worlds import check_dp2_settings
 
-            try:
-                dp_recipe(self.dp2)
-            except ObliviateError as e:
-                raise ValueError(str(e)) from None
+            check_dp2_settings(self.name, self.dp2)
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_dp2(self, handler):
+        """`dp2` is recorded only when set: the configs recorded before it (run folders, the bench's cell keys,
+        which hash the resolved config) stay what they were."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("dp2") is None:
+            data.pop("dp2", None)
+        return data
 
 
 class TrainConfig(_Strict):

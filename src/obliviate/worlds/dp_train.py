@@ -64,6 +64,8 @@ def dp_recipe(settings: dict | None) -> DPRecipe:
         positive(key, getattr(dp, key))
     for key in ("epochs", "batch_size", "finetune_epochs"):
         positive(key, getattr(dp, key), whole=True)
+        if getattr(dp, key) is not None:
+            setattr(dp, key, int(getattr(dp, key)))  # 2.0 from a file is 2 (and one cache key)
     if not dp.delta < 1:
         raise ObliviateError(f"world.dp2.delta must be in (0, 1), got {dp.delta!r}")
     if dp.accountant not in ACCOUNTANTS:
