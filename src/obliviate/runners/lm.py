@@ -17,12 +17,17 @@ from obliviate.runs import claim_run_dir, resolve_device, write_json
 def load_model(folder, config: RunConfig, device, dtype: str | None = None):
     """(model, tokenizer) of a folder, its tokenizer set to the run's prompt format (config.template), so the
     unlearning loop, every metric and every attack ask in that format."""
+    model, tokenizer = lm.load(folder, dtype or config.dtype, device, config.trust_remote_code)
+    return model, with_template(tokenizer, config)
+
+
+def with_template(tokenizer, config: RunConfig):
+    """The tokenizer set to the run's prompt format (config.template)."""
     from obliviate.models import prompt_format
 
-    model, tokenizer = lm.load(folder, dtype or config.dtype, device, config.trust_remote_code)
     t = config.template
     prompt_format.use(tokenizer, prompt_format.resolve(tokenizer, t.name, t.system_prompt, t.tags()))
-    return model, tokenizer
+    return tokenizer
 
 
 def format_record(tokenizer) -> dict:
@@ -204,7 +209,7 @@ class LanguageModelRun(FamilyRun):
         model = out["model"].to(device)
         self.dp2 = out["record"]
         names = [n for n, _ in model.named_parameters()]
-        return Trained((model, out["tokenizer"]), seconds=out["stats"]["seconds"],
+        return Trained((model, with_template(out["tokenizer"], self.config)), seconds=out["stats"]["seconds"],
                        tensors=changed_tensors(model, names), truncated=0)
 
     def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
