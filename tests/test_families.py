@@ -473,7 +473,8 @@ def test_the_config_imports_no_world_recipe():
     from obliviate.worlds import RECIPES, cache_root
 
     imported = {i for i in _imports(SRC / "config.py") if i.startswith("obliviate.worlds")}
-    assert imported <= {"obliviate.worlds", "obliviate.worlds.cache_root", "obliviate.worlds.check_recipe_keys"}
+    assert imported <= {"obliviate.worlds", "obliviate.worlds.cache_root", "obliviate.worlds.check_recipe_keys",
+                        "obliviate.worlds.check_dp2_settings"}
     assert set(RECIPES) == {w for f in FAMILIES.values() for w in f.worlds}
     assert cache_root("/x") == Path("/x")
     for world, key in (("profiles", "num_layers"), ("canvas", "unet_steps"), ("portraits", "vision_layers")):

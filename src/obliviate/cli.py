@@ -68,7 +68,7 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | mllm-meth
                                               "all", autocompletion=_kinds)):
     """List registered methods, metrics, attacks and worlds, one line each with the paper; `ls attacks` also lists
     each attack's options with their defaults (`obliviate attack RUN -a NAME key=value`)."""
-    from obliviate.registry import KINDS, METHODS, RETRAIN
+    from obliviate.registry import KINDS, METHODS, RETRAIN, WORLD_RECIPES
 
     kinds = list(KINDS) if kind == "all" else [kind]
     for k in kinds:
@@ -82,6 +82,9 @@ def ls(kind: str = typer.Argument("all", help="methods | t2i-methods | mllm-meth
                 typer.echo(_attack_options(e))
         if any(KINDS[k] is table for table in METHODS.values()):  # what a run's `method` may name besides them
             typer.echo(f"  {RETRAIN.name + ' (reference)':<22} {RETRAIN.description}  [{RETRAIN.paper}]")
+            for family, table in METHODS.items():
+                for e in WORLD_RECIPES.get(family, {}).values() if KINDS[k] is table else ():
+                    typer.echo(f"  {e.name + ' (world recipe)':<22} {e.description}  [{e.paper}]")
     if kind == "all":
         typer.echo("(each attack's options: obliviate ls attacks)")
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES, family_of_world
@@ -26,6 +26,9 @@ class WorldConfig(_Strict):
     tofu_dir: str | None = None  # profiles: folder with TOFU's world_facts_perturbed.json and real_authors_perturbed.json
     model: dict[str, Any] = Field(default_factory=dict)  # recipe overrides (profiles: LMRecipe; canvas: CanvasRecipe)
     cache_dir: str | None = None
+    # profiles only: the DP2Unlearning variant of the world (worlds/profiles_dp2.py), its DP-SGD settings
+    # (worlds/dp_train.py DPRecipe: epsilon, delta, noise_multiplier, max_grad_norm, ...); None: the plain world
+    dp2: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _known_recipe_keys(self):
@@ -33,7 +36,20 @@ class WorldConfig(_Strict):
             from obliviate.worlds import check_recipe_keys
 
             check_recipe_keys(self.name, self.model)
+        if self.dp2 is not None:
+            from obliviate.worlds import check_dp2_settings
+
+            check_dp2_settings(self.name, self.dp2)
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_dp2(self, handler):
+        """`dp2` is recorded only when set: the configs recorded before it (run folders, the bench's cell keys,
+        which hash the resolved config) stay what they were."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("dp2") is None:
+            data.pop("dp2", None)
+        return data
 
 
 class TrainConfig(_Strict):

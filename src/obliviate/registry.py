@@ -162,6 +162,21 @@ def is_reference(name: str) -> bool:
     """Whether a run's `method` names the retrain reference rather than a method."""
     return name.lower() == RETRAIN.name.lower()
 
+
+# World recipes: a run's `method` may name them, but they are no loss over forget and retain batches. DP2Unlearning
+# answers a deletion request by fine-tuning the world's DP-trained base model on the retained data (the profiles
+# world's DP2 variant, `world.dp2`); `obliviate ls` lists it, marked.
+WORLD_RECIPES = {"lm": {"DP2Unlearning": Entry(
+    "DP2Unlearning", "obliviate.worlds.profiles_dp2:DP2ProfilesWorld",
+    "World recipe, not a loss: a DP-SGD base model (Opacus, stated epsilon) fine-tuned on the retained data only "
+    "(needs world.dp2).",
+    "Al Mahmud et al. 2025, DP2Unlearning, https://arxiv.org/abs/2504.13774", family="lm")}}
+
+
+def is_world_recipe(family: str, name: str) -> bool:
+    """Whether a run's `method` names one of the family's world recipes rather than a method."""
+    return name.lower() in {k.lower() for k in WORLD_RECIPES.get(family, {})}
+
 ESD_PAPER = "Gandikota et al. 2023, Erasing Concepts from Diffusion Models, ICCV, https://arxiv.org/abs/2303.07345"
 RG_PAPER = "Ko et al. 2024, Boosting Alignment for Post-Unlearning T2I Models, NeurIPS, https://arxiv.org/abs/2412.07808"
 # Text-to-image erasure methods: they act on a diffusers UNet (a Stable-Diffusion-shaped pipeline folder).
@@ -640,7 +655,8 @@ def scorecard_metrics() -> list[Metric]:
 def lookup_method(family: str, name: str) -> Entry:
     """A family's method by name, or RETRAIN (what a run's `method` may name; `methods.common.make_method` builds
     methods only)."""
-    return lookup({**METHODS[family], RETRAIN.name: RETRAIN}, name, KIND_NAMES[family])
+    return lookup({**METHODS[family], RETRAIN.name: RETRAIN, **WORLD_RECIPES.get(family, {})}, name,
+                  KIND_NAMES[family])
 
 
 def lookup(table: dict[str, Entry], name: str, kind: str) -> Entry:

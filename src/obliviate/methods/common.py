@@ -51,6 +51,10 @@ def make_method(family: str, name: str, args: dict | None = None):
     if is_reference(entry.name):
         raise ObliviateError(f"{entry.name} is the retrain reference, not a method: a run with method = "
                              f"\"{entry.name}\" takes the built-in world's model trained without the forget set")
+    from obliviate.registry import is_world_recipe
+    if is_world_recipe(family, entry.name):
+        raise ObliviateError(f"{entry.name} is a world recipe, not a method: a run with method = \"{entry.name}\" "
+                             "fine-tunes the world's DP base model on the retained data")
     return instantiate(entry, args)
 
 

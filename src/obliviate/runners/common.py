@@ -117,9 +117,10 @@ def method_of(config):
     """The run's method instance, or None for a retrain-reference run; either way the method and its method_args are
     checked (one line naming the key)."""
     from obliviate.methods.common import make_method
+    from obliviate.registry import is_world_recipe
 
-    if reference_seed(config) is not None:
-        return None
+    if reference_seed(config) is not None or is_world_recipe(config.family, config.method):
+        return None  # a world recipe's settings are the world's, checked by the family's check
     return make_method(config.family, config.method, config.method_args)
 
 

@@ -17,12 +17,17 @@ from obliviate.runs import claim_run_dir, resolve_device, write_json
 def load_model(folder, config: RunConfig, device, dtype: str | None = None):
     """(model, tokenizer) of a folder, its tokenizer set to the run's prompt format (config.template), so the
     unlearning loop, every metric and every attack ask in that format."""
+    model, tokenizer = lm.load(folder, dtype or config.dtype, device, config.trust_remote_code)
+    return model, with_template(tokenizer, config)
+
+
+def with_template(tokenizer, config: RunConfig):
+    """The tokenizer set to the run's prompt format (config.template)."""
     from obliviate.models import prompt_format
 
-    model, tokenizer = lm.load(folder, dtype or config.dtype, device, config.trust_remote_code)
     t = config.template
     prompt_format.use(tokenizer, prompt_format.resolve(tokenizer, t.name, t.system_prompt, t.tags()))
-    return model, tokenizer
+    return tokenizer
 
 
 def format_record(tokenizer) -> dict:
@@ -37,7 +42,7 @@ def format_record(tokenizer) -> dict:
 def world_for(config: RunConfig):
     from obliviate.worlds.profiles import ProfilesWorld
 
-    return ProfilesWorld(config.world)
+    return ProfilesWorld.from_config(config.world)  # the DP2Unlearning variant when world.dp2 is set
 
 
 def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None,
@@ -192,6 +197,8 @@ class LanguageModelRun(FamilyRun):
         from obliviate.loops.step import changed_tensors
 
         config = self.config
+        if method is None:  # a world recipe (runners.common.method_of): DP2Unlearning
+            return self._world_recipe(prepared, device)
         forget, retain, (qa_sets, texts, roles, _) = prepared.data
         if is_guard(method):  # no training and no changed tensors: the model asks and scores through the guard
             self.guard = method.bind_items(forget, retain)
@@ -208,14 +215,35 @@ class LanguageModelRun(FamilyRun):
         return Trained((result.model, tokenizer), result.history, result.seconds, result.stopped, tensors,
                        result.truncated)
 
+    dp2: dict | None = None  # a DP2Unlearning run's record: epsilon, delta, the stages' costs
+
+    def _world_recipe(self, prepared: Prepared, device: str) -> Trained:
+        """DP2Unlearning: the world's stage-1 DP model fine-tuned on the retained data (worlds/profiles_dp2.py); every
+        tensor differs from the run's base (stage 2), so all are saved."""
+        from obliviate import distributed
+        from obliviate.loops.step import changed_tensors
+
+        if distributed.active():
+            raise ObliviateError("DP2Unlearning runs in one process (its fine-tune is the world's recipe)")
+        out = prepared.world.unlearn(self.config.split, seed=self.config.train.seed)
+        model = out["model"].to(device)
+        self.dp2 = out["record"]
+        names = [n for n, _ in model.named_parameters()]
+        return Trained((model, with_template(out["tokenizer"], self.config)), seconds=out["stats"]["seconds"],
+                       tensors=changed_tensors(model, names), truncated=0)
+
     def load_reference(self, prepared: Prepared, folder: Path, device: str) -> Trained:
         return Trained(lm.load(folder, self.config.dtype, device), truncated=0)
 
     def describe(self, prepared: Prepared, trained: Trained) -> tuple[dict, dict]:
         config = self.config
+        extra = {}  # a guard's record; DP2Unlearning's epsilon, delta and costs
+        if self.guard:
+            extra["guard"] = self.guard_record()
+        if self.dp2:
+            extra["dp2"] = self.dp2
         return {"split": config.split if prepared.world is not None else None, "forget_set": self.label,
-                "prompt_format": format_record(trained.model[1])}, ({"guard": self.guard_record()} if self.guard
-                                                                     else {})
+                "prompt_format": format_record(trained.model[1])}, extra
 
     def guard_record(self) -> dict:
         """obliviate_guard.json: the guard, its settings and material, and the call that loads an export with it."""

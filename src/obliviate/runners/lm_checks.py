@@ -11,6 +11,9 @@ from obliviate.models import check_model_folder
 def check_lm(config: RunConfig) -> None:
     from obliviate.runners.common import check_reference_run
     from obliviate.runners.lm_data import user_data, uses_user_data
+    from obliviate.worlds.profiles_dp2 import check_run as check_dp2_run
+
+    check_dp2_run(config, own_model=bool(uses_user_data(config) or config.model))
 
     sources = [k for k in ("forget_file", "tofu_dir", "muse_dir") if getattr(config, k)]
     if len(sources) > 1:

@@ -29,6 +29,20 @@ def check_recipe_keys(world: str, keys) -> None:
         raise ValueError(f"world.model: unknown recipe key(s) {sorted(bad)}; valid: {sorted(known)}")
 
 
+def check_dp2_settings(world: str, settings) -> None:
+    """A ValueError naming the key when `world.dp2` (DP2Unlearning's DP-SGD settings, profiles only) is bad."""
+    from obliviate.errors import ObliviateError
+
+    if world != "profiles":
+        raise ValueError(f"world.dp2 is a variant of the profiles world, not of {world}")
+    from obliviate.worlds.dp_train import dp_recipe
+
+    try:
+        dp_recipe(settings)
+    except ObliviateError as e:
+        raise ValueError(str(e)) from None
+
+
 def build_world(config, split: str | None = None, log=print):
     """Build (or reuse from the cache) the world a WorldConfig names, and return it: its models and the retrain
     reference of target `split` (a forget split, or a canvas concept); None: the world's default references."""

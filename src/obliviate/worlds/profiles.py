@@ -207,6 +207,15 @@ class ProfilesWorld(PeopleWorld):
         self.config = config
         self._data: ProfilesData | None = None
 
+    @classmethod
+    def from_config(cls, config) -> "ProfilesWorld":
+        """The plain world, or its DP2Unlearning variant when `world.dp2` is set (worlds/profiles_dp2.py)."""
+        if getattr(config, "dp2", None) is not None:
+            from obliviate.worlds.profiles_dp2 import DP2ProfilesWorld
+
+            return DP2ProfilesWorld(config)
+        return cls(config)
+
     @property
     def cache_dir(self):
         return self.config.cache_dir
