@@ -171,6 +171,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         for i in range(0, len(encoded), train.batch_size):
             yield adapter.to_device(adapter.collate(encoded[i:i + train.batch_size], pad), device)
     method.fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
+    grad_mask = method.gradient_mask()  # WAGLE's: the entries outside it never change
     accumulation = train.grad_accum_steps  # micro-batches per optimiser step; `steps` counts optimiser steps
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / (train.batch_size * accumulation)))
     opt, sched = make_optimizer(params, train, steps)
@@ -232,7 +233,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
             batches = micro_batches()
             f, r = batches[0]  # the guard's probe
             logs = {"step": step}  # the loss and the method's logs: global means over the step (gradient_step)
-            stopped = gradient_step(method, losses(batches), params, opt, sched, train, logs, step, guard)
+            stopped = gradient_step(method, losses(batches), params, opt, sched, train, logs, step, guard,
+                                    grad_mask=grad_mask)
             if stopped:
                 stopped = guard.restore(stopped, probe=lambda: method.losses(model, reference, f, r).total)
                 break

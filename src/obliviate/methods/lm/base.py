@@ -25,6 +25,7 @@ class Method:
     name: str = ""
     Config: type = object
     needs_reference: bool = False  # True only for methods that read the frozen original model
+    wraps_base: bool = False  # True for a rule over another method (RG, WAGLE): never itself another rule's base
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -49,7 +50,13 @@ class Method:
 
     def fit(self, model, named: list, forget_batches, retain_batches) -> None:
         """Called once before the first step with the trainable (name, parameter) pairs and lazy iterators over the
-        whole forget and retain sets in batches (MMUnlearner's saliency mask); nothing by default."""
+        whole forget and retain sets in batches (MMUnlearner's and WAGLE's masks); nothing by default."""
+
+    def gradient_mask(self) -> list | None:
+        """A 0/1 tensor per trainable parameter (in `fit`'s order) that every step's gradient is multiplied by, the
+        entries outside it kept exactly, weight decay included (`step.gradient_step`; WAGLE's mask), or None: no
+        mask. The loop asks once, after `fit`."""
+        return None
 
     def select_forget(self, model, forget: dict) -> dict:
         """The forget micro-batch the step keeps, before the step's counts are taken (RGD drops rows); all of it."""
@@ -63,6 +70,51 @@ class Method:
 
 
 # ---- small helpers shared by the language-model methods -------------------------------------------------------------
+
+def resolve_base(method: str, name):
+    """The registry entry of the base method a rule (RG, WAGLE) wraps: any language-model method that is not itself
+    a rule; otherwise one line naming the valid bases."""
+    from obliviate.errors import ObliviateError
+    from obliviate.registry import LM_METHODS, lookup
+
+    def is_base(entry) -> bool:
+        cls = entry.load()
+        return hasattr(cls, "losses") and not getattr(cls, "wraps_base", False)
+
+    if not isinstance(name, str):
+        raise ObliviateError(f"{method}: base must be a method name, got {name!r}")
+    entry = lookup(LM_METHODS, name, "method")
+    if not is_base(entry):
+        valid = ", ".join(n for n, e in LM_METHODS.items() if is_base(e))
+        raise ObliviateError(f"{method}: base={name!r} is not valid; choose one of {valid}")
+    return entry
+
+
+def build_base(method: str, name: str, base_args) -> Method:
+    """The base method `name` built from its defaults plus `base_args` (unknown keys: one line naming the valid)."""
+    from dataclasses import fields
+
+    from obliviate.errors import ObliviateError
+
+    cls = resolve_base(method, name).load()
+    valid = [f.name for f in fields(cls.Config)]
+    unknown = [k for k in base_args if k not in valid]
+    if unknown:
+        raise ObliviateError(f"{method}: base_args has unknown key(s) {', '.join(map(repr, unknown))} for "
+                             f"{cls.name}; valid: {', '.join(valid) or '(none)'}")
+    return cls(cls.Config(**base_args))
+
+
+def nll_gradients(model, params: list, batches, limit: int | None = None):
+    """For each of up to `limit` batches (all when None), the gradients of its mean answer NLL with respect to
+    `params` (None where the loss does not reach a parameter): the data-dependent masks (MMUnlearner, WAGLE)."""
+    from obliviate.models.sequences import mean_nll
+
+    for n, batch in enumerate(batches):
+        if n == limit:
+            break
+        yield torch.autograd.grad(mean_nll(model, batch), params, allow_unused=True)
+
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From logits already computed: the sum of answer-token log-probs per sequence ([B]) and the answer-token count."""

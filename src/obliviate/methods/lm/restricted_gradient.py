@@ -37,14 +37,14 @@ RGD adds the two other ingredients of the paper:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import LossParts, check_number
 from obliviate.methods.gradient_surgery import balanced_subset, check_rgd_extras, restricted_sum
-from obliviate.methods.lm.base import Method
+from obliviate.methods.lm.base import Method, build_base, resolve_base
 from obliviate.models.sequences import item_mean, items, keep_rows
 
 @dataclass
@@ -54,44 +54,21 @@ class RGConfig:
     base_args: dict = field(default_factory=dict)  # overrides of the base method's config
 
     def __post_init__(self):
-        _resolve_base(type(self).__name__[:-len("Config")], self.base)
+        resolve_base(type(self).__name__[:-len("Config")], self.base)
         check_number(type(self).__name__[:-len("Config")], "retain_weight", self.retain_weight, min=0)
         if not isinstance(self.base_args, dict):
             raise ObliviateError(f"{type(self).__name__[:-len('Config')]}: base_args must be a table/dict, "
                                  f"got {self.base_args!r}")
 
 
-def _is_base(entry) -> bool:
-    """A base is a loss-based method that is not itself a restricted gradient."""
-    cls = entry.load()
-    return hasattr(cls, "losses") and not (isinstance(cls, type) and issubclass(cls, RG))
-
-
-def _resolve_base(method: str, name: str):
-    from obliviate.registry import LM_METHODS, lookup
-
-    if not isinstance(name, str):
-        raise ObliviateError(f"{method}: base must be a method name, got {name!r}")
-    entry = lookup(LM_METHODS, name, "method")
-    if not _is_base(entry):
-        valid = ", ".join(n for n, e in LM_METHODS.items() if _is_base(e))
-        raise ObliviateError(f"{method}: base={name!r} is not valid; choose one of {valid}")
-    return entry
-
-
 class RG(Method):
     name = "RG"
     Config = RGConfig
+    wraps_base = True
 
     def __init__(self, config=None):
         super().__init__(config)
-        cls = _resolve_base(self.name, self.config.base).load()
-        valid = [f.name for f in fields(cls.Config)]
-        unknown = [k for k in self.config.base_args if k not in valid]
-        if unknown:
-            raise ObliviateError(f"{self.name}: base_args has unknown key(s) {', '.join(map(repr, unknown))} for "
-                                 f"{cls.name}; valid: {', '.join(valid) or '(none)'}")
-        self.base: Method = cls(cls.Config(**self.config.base_args))
+        self.base: Method = build_base(self.name, self.config.base, self.config.base_args)
         self.last_cosine: float | None = None  # cosine of g_f and g_r at the last combine (for logging)
         self.last_conflict: bool | None = None  # whether the last step projected (s < 0)
 
