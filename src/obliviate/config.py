@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES, family_of_world
@@ -26,14 +27,27 @@ class WorldConfig(_Strict):
     tofu_dir: str | None = None  # profiles: folder with TOFU's world_facts_perturbed.json and real_authors_perturbed.json
     model: dict[str, Any] = Field(default_factory=dict)  # recipe overrides (profiles: LMRecipe; canvas: CanvasRecipe)
     cache_dir: str | None = None
+    # profiles only: "moe" trains a mixture-of-experts model (Mixtral-shaped, worlds.train.MoERecipe) instead of the
+    # dense Llama, with its own cache key; the dense world's key is the one it has always had
+    arch: Literal["dense", "moe"] = "dense"
 
     @model_validator(mode="after")
     def _known_recipe_keys(self):
+        if self.arch != "dense" and self.name != "profiles":
+            raise ValueError(f"world.arch = {self.arch!r} is for the profiles world only, not {self.name!r}")
         if self.model:  # nothing to check otherwise, and no world's training code to import
             from obliviate.worlds import check_recipe_keys
 
-            check_recipe_keys(self.name, self.model)
+            check_recipe_keys(self.name, self.model, self.arch)
         return self
+
+    @model_serializer(mode="wrap")
+    def _dense_unsaid(self, handler):
+        """A dense world's config dumps as it did before `arch` existed: run records and bench cell keys unchanged."""
+        data = handler(self)
+        if self.arch == "dense" and isinstance(data, dict):
+            data.pop("arch", None)
+        return data
 
 
 class TrainConfig(_Strict):
