@@ -184,9 +184,9 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
         for i in range(0, len(encoded), train.batch_size):
             yield adapter.to_device(adapter.collate(encoded[i:i + train.batch_size], pad), device)
     method.fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
-    named, params = _narrowed(method, named)
     grad_mask = method.gradient_mask()  # WAGLE's: the entries outside it never change
     accumulation = train.grad_accum_steps  # micro-batches per optimiser step; `steps` counts optimiser steps
+    named, params = _narrowed(method, named)  # the mask, if any, is per parameter trained from here on
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / (train.batch_size * accumulation)))
     opt, sched = make_optimizer(params, train, steps)
     forget_lengths = [len(a.input_ids) for a, _ in forget_enc] if train.group_by_length else None
