@@ -283,3 +283,71 @@ def test_routing_statistics_by_hand(trained_moe, tiny_lm, tmp_path):
     assert any("unlearned expert: 0 of sparse block 0" in n for n in notes)
     assert routing_shares(*tiny_lm, {"forget": items[:1]}) is None  # a dense model has no routing
 
+
+
+# ---- the profiles world's MoE variant ---------------------------------------------------------------------------------
+
+TINY_WORLD = dict(n_people=10, n_holdout=2, general_facts=5,
+                  model=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, vocab_size=400,
+                             epochs=1))
+
+
+def test_moe_world_has_its_own_key_and_the_dense_keys_never_change(tmp_path):
+    """The dense worlds' cache keys are frozen (their builds take hours); `arch = "moe"` is a key of its own, and a
+    dense config dumps as it did before `arch` existed (run records and bench cell keys unchanged)."""
+    from obliviate.config import WorldConfig, build_config
+    from obliviate.worlds.profiles import ProfilesWorld
+    from obliviate.worlds.train import MoERecipe, recipe_of
+
+    assert ProfilesWorld(WorldConfig()).key() == "369f9322551e"
+    assert ProfilesWorld(WorldConfig(**TINY_WORLD)).key() == "1e0e40d9ca91"
+    moe_world = ProfilesWorld(WorldConfig(arch="moe", **TINY_WORLD))
+    assert moe_world.key() != "1e0e40d9ca91" and moe_world.recipe()["arch"] == "moe"
+    assert moe_world.recipe()["model"]["num_experts"] == 4 and isinstance(recipe_of(moe_world.config), MoERecipe)
+    assert "arch" not in build_config({"method": "NPO"}).dump()["world"]
+    assert build_config({"method": "UOE", "world": {"arch": "moe"}}).dump()["world"]["arch"] == "moe"
+    with pytest.raises(ObliviateError, match="world.arch = 'moe' is for the profiles world only"):
+        build_config({"method": "ESD", "world": {"name": "canvas", "arch": "moe"}})
+    with pytest.raises(ObliviateError, match=r"unknown recipe key\(s\) \['num_expert'\]"):
+        build_config({"method": "UOE", "world": {"arch": "moe", "model": {"num_expert": 8}}})
+    with pytest.raises(ObliviateError, match="num_experts"):  # a dense world's recipe has no experts
+        build_config({"method": "NPO", "world": {"model": {"num_experts": 8}}})
+
+
+@pytest.mark.slow
+def test_tiny_moe_world_builds_and_uoe_runs_with_the_routing_figure(tmp_path):
+    """The shrunken MoE world (its full and retrain models: Mixtral folders), then `obliviate run` of UOE and of
+    GradDiff on it: each run folder holds routing.json and routing.png, UOE's names the expert it unlearned and
+    changed only that expert's slice and its router."""
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from conftest import tiny_profiles_config
+    from obliviate.cli import app
+    from obliviate.config import load_config
+    from obliviate.worlds.profiles import ProfilesWorld
+
+    cfg = tiny_profiles_config(tmp_path, max_steps=3)
+    cfg.write_text(cfg.read_text().replace("  n_people: 10\n", "  n_people: 10\n  arch: moe\n")
+                   .replace("intermediate_size: 64", "intermediate_size: 16"))
+    runner = CliRunner()
+    for method in ("UOE", "GradDiff"):
+        r = runner.invoke(app, ["run", str(cfg), "--quiet", f"method={method}", f"name={method.lower()}"])
+        assert r.exit_code == 0, r.output
+    world = ProfilesWorld(load_config(cfg).world)
+    assert world.root.name.startswith("profiles-") and world.root.name != "profiles-1e0e40d9ca91"
+    for folder in (world.full_model_dir, world.retrain_dir("forget10")):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["MixtralForCausalLM"] and config["output_router_logits"] is False
+    for name in ("uoe", "graddiff"):
+        run = tmp_path / "runs" / name
+        record = json.loads((run / "routing.json").read_text())
+        assert set(record["before"]["sets"]) == {"forget", "retain"} and len(record["shift"]["forget"]) == 2
+        assert (run / "routing.png").stat().st_size > 1000 and "routing" in (run / "report.html").read_text()
+    unlearned = json.loads((tmp_path / "runs" / "uoe" / "routing.json").read_text())["unlearned_expert"]
+    prefix = f"model.layers.{unlearned['layer']}.mlp"
+    changed = load_file(str(tmp_path / "runs" / "uoe" / "changed.safetensors"))
+    assert set(changed) == {f"{prefix}.gate.weight", f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"}
+    assert "unlearned_expert" not in json.loads((tmp_path / "runs" / "graddiff" / "routing.json").read_text())
