@@ -351,3 +351,13 @@ def test_tiny_moe_world_builds_and_uoe_runs_with_the_routing_figure(tmp_path):
     changed = load_file(str(tmp_path / "runs" / "uoe" / "changed.safetensors"))
     assert set(changed) == {f"{prefix}.gate.weight", f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"}
     assert "unlearned_expert" not in json.loads((tmp_path / "runs" / "graddiff" / "routing.json").read_text())
+
+
+def test_world_build_refuses_an_unknown_arch_in_one_line():
+    from typer.testing import CliRunner
+
+    from conftest import one_line_error
+    from obliviate.cli import app
+
+    one_line_error(CliRunner().invoke(app, ["world", "build", "canvas", "--arch", "moe"]), "--arch 'moe'")
+    one_line_error(CliRunner().invoke(app, ["world", "build", "profiles", "--arch", "sparse"]), "--arch 'sparse'")

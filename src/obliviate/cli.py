@@ -245,6 +245,8 @@ def world_build(name: str = typer.Argument("profiles"),
                 n_people: Optional[int] = typer.Option(None, help="people of the world (default: the world's own: "
                                                                "profiles 200, portraits 24)"),
                 seed: int = typer.Option(0),
+                arch: str = typer.Option("dense", help="profiles: 'moe' builds the mixture-of-experts variant "
+                                                       "(docs/moe.md)"),
                 quiet: bool = typer.Option(False, help="no progress bars")):
     """Generate a world and train its full and retrain models (cached by recipe hash)."""
     _quiet(quiet)
@@ -258,6 +260,11 @@ def world_build(name: str = typer.Argument("profiles"),
         require_extra(family.extra, *family.needs)
         sizes = {"n_people": n_people} if n_people else {}
         extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
+        if arch != "dense":
+            if arch != "moe" or entry.name != "profiles":
+                raise ObliviateError(f"--arch {arch!r}: the profiles world has 'dense' and 'moe'; the other worlds "
+                                     "only 'dense'")
+            extra["arch"] = arch
         world = build_world(WorldConfig(name=entry.name, seed=seed, **sizes, **extra), split)
     except ObliviateError as e:
         _fail(e)

@@ -34,7 +34,9 @@ class Method:
         """Called once before the first step (RMU draws its random direction here)."""
 
     def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
-        """Which parameters the method updates (all by default; RMU picks a few MLP layers)."""
+        """Which parameters the method updates (all by default; RMU picks a few MLP layers). Asked again after `fit`:
+        a method may narrow its choice there on the data (UOE's expert), and its gradient mask, if any, is then per
+        parameter still chosen."""
         return True
 
     def retain_pool(self, items: list, rng) -> list:
