@@ -306,7 +306,7 @@ def test_moe_world_has_its_own_key_and_the_dense_keys_never_change(tmp_path):
     assert moe_world.recipe()["model"]["num_experts"] == 4 and isinstance(recipe_of(moe_world.config), MoERecipe)
     assert "arch" not in build_config({"method": "NPO"}).dump()["world"]
     assert build_config({"method": "UOE", "world": {"arch": "moe"}}).dump()["world"]["arch"] == "moe"
-    with pytest.raises(ObliviateError, match="world.arch = 'moe' is for the profiles world only"):
+    with pytest.raises(ObliviateError, match="world.arch = 'moe' is not a variant of the canvas world"):
         build_config({"method": "ESD", "world": {"name": "canvas", "arch": "moe"}})
     with pytest.raises(ObliviateError, match=r"unknown recipe key\(s\) \['num_expert'\]"):
         build_config({"method": "UOE", "world": {"arch": "moe", "model": {"num_expert": 8}}})

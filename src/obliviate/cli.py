@@ -261,9 +261,12 @@ def world_build(name: str = typer.Argument("profiles"),
         sizes = {"n_people": n_people} if n_people else {}
         extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
         if arch != "dense":
-            if arch != "moe" or entry.name != "profiles":
-                raise ObliviateError(f"--arch {arch!r}: the profiles world has 'dense' and 'moe'; the other worlds "
-                                     "only 'dense'")
+            from obliviate.worlds import ARCH_RECIPES
+
+            variants = ["dense"] + [a for (w, a) in ARCH_RECIPES if w == entry.name]
+            if arch not in variants:
+                raise ObliviateError(f"--arch {arch!r}: the {entry.name} world is built as "
+                                     + " or ".join(repr(v) for v in variants))
             extra["arch"] = arch
         world = build_world(WorldConfig(name=entry.name, seed=seed, **sizes, **extra), split)
     except ObliviateError as e:

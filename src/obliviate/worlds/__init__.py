@@ -20,9 +20,17 @@ def cache_root(explicit: str | None = None) -> Path:
 
 
 def check_recipe_keys(world: str, keys, arch: str = "dense") -> None:
-    """A ValueError naming the keys that `world`'s recipe (of its variant `arch`) does not have, with the valid ones."""
+    """A ValueError naming the keys that `world`'s recipe (of its variant `arch`) does not have, with the valid ones;
+    or naming `arch` when the world has no such variant."""
     import dataclasses
     import importlib
+
+    if arch != "dense" and (world, arch) not in ARCH_RECIPES:
+        variants = ["dense"] + [a for w, a in ARCH_RECIPES if w == world]
+        raise ValueError(f"world.arch = {arch!r} is not a variant of the {world} world; choose "
+                         + " or ".join(repr(v) for v in variants))
+    if not keys:
+        return
 
     module, _, name = ARCH_RECIPES.get((world, arch), RECIPES[world]).partition(":")
     known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
