@@ -361,3 +361,47 @@ def test_world_build_refuses_an_unknown_arch_in_one_line():
 
     one_line_error(CliRunner().invoke(app, ["world", "build", "canvas", "--arch", "moe"]), "--arch 'moe'")
     one_line_error(CliRunner().invoke(app, ["world", "build", "profiles", "--arch", "sparse"]), "--arch 'sparse'")
+
+
+def test_uoe_on_a_qwen3_moe_whose_experts_come_before_the_router(tiny_moe_dir):
+    """Qwen3-MoE lists a block's expert tensors before its router: the mask follows the model's order."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from obliviate.config import LMTrainConfig
+    from obliviate.loops.lm import unlearn
+
+    tok = lm.load_tokenizer(tiny_moe_dir)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, num_experts=3, num_experts_per_tok=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+    names = [n for n, _ in model.named_parameters() if ".layers.0.mlp." in n]
+    assert names.index("model.layers.0.mlp.gate.weight") > names.index("model.layers.0.mlp.experts.down_proj")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method = _uoe(layer=0, expert=1)
+    items = tiny_items()
+    unlearn(model, tok, items[:2], items[2:], method, LMTrainConfig(max_steps=2, lr=5e-2, batch_size=2))
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed == {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
+                       "model.layers.0.mlp.experts.down_proj"}
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        assert torch.equal(before[name][[0, 2]], after[name].detach()[[0, 2]])
+
+
+@pytest.mark.parametrize("base", ["NPO", "RMU", "IdkPO"])
+def test_uoe_over_other_bases(trained_moe, base):
+    """UOE wraps any base: the base's reference model and setup (RMU's direction) are kept, the anchor is taken in
+    its forward pass of the forget batch, and only the chosen tensors train."""
+    from obliviate.config import LMTrainConfig
+    from obliviate.loops.lm import unlearn
+
+    model, tok = trained_moe
+    model = copy.deepcopy(model)
+    method = _uoe(base=base)
+    assert method.needs_reference == method.base.needs_reference
+    items = tiny_items()
+    result = unlearn(model, tok, items[:3], items[3:], method, LMTrainConfig(max_steps=2, lr=1e-2, batch_size=3))
+    assert len(result.trainable_names) == 3 and all(h["anchor_loss"] >= 0 for h in result.history)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)

@@ -110,6 +110,7 @@ class UOE(Method):
         self.choice: tuple[int, int] | None = None  # (layer, expert), taken in fit
         self.affinity: torch.Tensor | None = None  # [layers, experts], taken in fit
         self._names: dict[str, torch.Tensor | None] = {}  # trained name -> its gradient mask (None: all of it)
+        self._order: list[str] = []  # the trained names in the model's parameter order (the loop's)
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]
@@ -182,11 +183,13 @@ class UOE(Method):
         self.affinity = affinity_scores(counts["probability"], counts["tokens"]).float()
         self.choice = choose_expert(self.affinity, self.config.layer, self.config.expert)
         self._candidates(self.choice)
+        self._order = [n for n, _ in named if n in self._names]
 
     def gradient_mask(self) -> list | None:
+        """Per parameter the loop trains after fit (the chosen router and expert tensors, in the model's order)."""
         if self.choice is None:
             raise ObliviateError("UOE: the expert is chosen before the first step (the loop's fit)")
-        return list(self._names.values())
+        return [self._names[n] for n in self._order]
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         from obliviate.models.moe import recorded_router_logits
