@@ -175,9 +175,8 @@ def test_uoe_anchor_comes_from_the_bases_forward_pass_and_reaches_the_router(tra
     assert method.choice == (1, 2)
     from obliviate.methods.lm.uoe import anchor_loss
 
-    logits = torch.log(torch.stack([torch.cat([_router_probs_by_hand(model, forget)[1]])]))[0]
-    full = torch.zeros(forget["input_ids"].numel(), 4)
-    full[forget["attention_mask"].reshape(-1).bool()] = logits
+    full = torch.zeros(forget["input_ids"].numel(), 4)  # router log-probs on the real tokens, padding left at 0
+    full[forget["attention_mask"].reshape(-1).bool()] = torch.log(_router_probs_by_hand(model, forget)[1])
     expected = float(anchor_loss(full, 2, forget))
     parts = method.losses(model, None, forget, retain)
     assert parts.logs["anchor_loss"] == pytest.approx(expected, rel=1e-5)

@@ -39,8 +39,8 @@ class MoELayer:
 
 
 def moe_layers(model) -> list[MoELayer]:
-    """The model's sparse blocks in order (none for a dense model). A PEFT wrapper is looked through by name: the
-    names are those of `model.named_parameters()`."""
+    """The model's sparse blocks in order (none for a dense model); their names are those of
+    `model.named_parameters()`."""
     layers = []
     for name, module in model.named_modules():
         router, experts = getattr(module, "gate", None), getattr(module, "experts", None)
@@ -60,10 +60,8 @@ def require_moe(model, who: str) -> list[MoELayer]:
     if not layers:
         from obliviate.errors import ObliviateError
 
-        kind = type(getattr(model, "base_model", model)).__name__ if hasattr(model, "peft_config") else \
-            type(model).__name__
         raise ObliviateError(f"{who} needs a mixture-of-experts model (a router and experts per layer: Mixtral, "
-                             f"Qwen2-MoE, Qwen3-MoE, OLMoE); {kind} is dense")
+                             f"Qwen2-MoE, Qwen3-MoE, OLMoE); {type(model).__name__} is dense")
     return layers
 
 

@@ -22,8 +22,11 @@ router (`mlp.gate.weight`) trained with the expert. Its examples' learning rate 
 Where obliviate differs, and why:
 - the expert is chosen here from the forget data, by the affinity score above; the reference code takes it from a
   hand-written table (DeepSeek-V2-Lite: layer 16, expert 20; Qwen1.5-MoE: layer 4, expert 5), found offline by the
-  paper's attribution. The layer is the one whose top expert draws the largest mean gating score (routing most
-  concentrated on one expert); `layer` and `expert` fix either by hand (`layer` counts the sparse blocks from 0);
+  paper's attribution. Only the paper's abstract and the code could be read here: the score follows the abstract
+  ("expert attribution ... the most actively engaged expert") with the gating score the code's anchor uses (the
+  router's softmax), and the layer rule is obliviate's: the block whose top expert draws the largest mean gating
+  score (routing most concentrated on one expert). `layer` and `expert` fix either by hand (`layer` counts the
+  sparse blocks from 0), as the reference's table does;
 - the anchor's mean runs over the real tokens of the step's global forget batch (the reference packs sequences, so
   it has no padding to leave out), as every loss here is a mean over the step;
 - the anchor is taken in the base's own forward pass of the forget batch (recognised by its input ids), as the
