@@ -94,8 +94,8 @@ def plot_routing(record: dict, path: Path, title: str = "") -> Path:
     before, after = record["before"], record["after"]
     names = [n for n in SETS if n in before["sets"]] + [n for n in before["sets"] if n not in SETS]
     layers, experts = len(before["layers"]), before["experts"]
-    fig, axes = plt.subplots(len(names), layers, figsize=(1.2 + 0.45 * experts * layers, 1.9 * len(names)),
-                             squeeze=False, sharey=True)
+    size = (max(6.0, 1.2 + 0.45 * experts * layers), 0.6 + 1.9 * len(names))
+    fig, axes = plt.subplots(len(names), layers, figsize=size, squeeze=False, sharey=True)
     unlearned = record.get("unlearned_expert")
     xs = list(range(experts))
     for row, name in enumerate(names):
@@ -115,7 +115,8 @@ def plot_routing(record: dict, path: Path, title: str = "") -> Path:
             if row == len(names) - 1:
                 ax.set_xlabel("expert", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title or "expert shares before and after unlearning", fontsize=9)
+    fig.suptitle((f"{title}: " if title else "") + "each expert's share of the tokens, before and after unlearning",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

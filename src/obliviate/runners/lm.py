@@ -250,8 +250,7 @@ class LanguageModelRun(FamilyRun):
             return {}
         from obliviate.evals.routing import write_routing
 
-        notes = write_routing(folder, self.routing, f"{self.config.method}: expert shares of the {self.label} forget "
-                                                    "and retain tokens before and after unlearning")
+        notes = write_routing(folder, self.routing, f"{self.config.method} on {self.label}")
         return {"grids": {"routing: each expert's share of the tokens, before and after": "routing.png"},
                 "notes": notes}
 
