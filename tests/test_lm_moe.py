@@ -173,6 +173,10 @@ def test_uoe_anchor_comes_from_the_bases_forward_pass_and_reaches_the_router(tra
     method.setup(model, None)
     method.fit(model, [], iter([forget]), iter([retain]))
     assert method.choice == (1, 2)
+    from obliviate.methods.lm.base import Method
+    chosen = method.chosen()  # the run's record (routing.json's unlearned_expert); other methods choose nothing
+    assert (chosen["layer"], chosen["expert"], chosen["name"]) == (1, 2, "model.layers.1.mlp") and Method().chosen() is None
+    assert len(chosen["affinity"]) == 2 and all(sum(row) == pytest.approx(1, abs=1e-4) for row in chosen["affinity"])
     from obliviate.methods.lm.uoe import anchor_loss
 
     full = torch.zeros(forget["input_ids"].numel(), 4)  # router log-probs on the real tokens, padding left at 0

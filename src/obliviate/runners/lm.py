@@ -272,11 +272,7 @@ def moe_routing(model, tokenizer, forget: list, retain: list, batch_size: int):
         return None
 
     def after(unlearned, method) -> dict:
-        choice = getattr(method, "choice", None)  # UOE's (layer, expert)
-        expert = None if choice is None else {"layer": choice[0], "expert": choice[1],
-                                              "name": before["layers"][choice[0]],
-                                              "affinity": [[round(float(x), 6) for x in row] for row in method.affinity]}
-        return routing_record(before, routing_shares(unlearned, tokenizer, sets, batch_size), expert)
+        return routing_record(before, routing_shares(unlearned, tokenizer, sets, batch_size), method.chosen())
     return after
 
 

@@ -64,6 +64,11 @@ class Method:
         """The forget micro-batch the step keeps, before the step's counts are taken (RGD drops rows); all of it."""
         return forget
 
+    def chosen(self) -> dict | None:
+        """What the method chose from the data in `fit`, for the run's record (UOE: the expert it unlearned and the
+        affinity table); None by default."""
+        return None
+
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         raise NotImplementedError
 

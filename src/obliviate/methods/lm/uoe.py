@@ -188,6 +188,13 @@ class UOE(Method):
         self._candidates(self.choice)
         self._order = [n for n, _ in named if n in self._names]
 
+    def chosen(self) -> dict | None:
+        """The expert unlearned (`layer` counts the sparse blocks) and the affinity table it was chosen by."""
+        if self.choice is None:
+            return None
+        return {"layer": self.choice[0], "expert": self.choice[1], "name": self.layers[self.choice[0]].name,
+                "affinity": [[round(float(x), 6) for x in row] for row in self.affinity]}
+
     def gradient_mask(self) -> list | None:
         """Per parameter the loop trains after fit (the chosen router and expert tensors, in the model's order)."""
         if self.choice is None:
