@@ -263,6 +263,8 @@ def world_build(name: str = typer.Argument("profiles"),
                 n_people: Optional[int] = typer.Option(None, help="people of the world (default: the world's own: "
                                                                "profiles 200, portraits 24)"),
                 seed: int = typer.Option(0),
+                arch: str = typer.Option("dense", help="profiles: 'moe' builds the mixture-of-experts variant "
+                                                       "(docs/moe.md)"),
                 quiet: bool = typer.Option(False, help="no progress bars")):
     """Generate a world and train its full and retrain models (cached by recipe hash)."""
     _quiet(quiet)
@@ -276,6 +278,14 @@ def world_build(name: str = typer.Argument("profiles"),
         require_extra(family.extra, *family.needs)
         sizes = {"n_people": n_people} if n_people else {}
         extra = {"tofu_dir": str(tofu_dir)} if tofu_dir else {}
+        if arch != "dense":
+            from obliviate.worlds import ARCH_RECIPES
+
+            variants = ["dense"] + [a for (w, a) in ARCH_RECIPES if w == entry.name]
+            if arch not in variants:
+                raise ObliviateError(f"--arch {arch!r}: the {entry.name} world is built as "
+                                     + " or ".join(repr(v) for v in variants))
+            extra["arch"] = arch
         world = build_world(WorldConfig(name=entry.name, seed=seed, **sizes, **extra), split)
     except ObliviateError as e:
         _fail(e)

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from obliviate.errors import ObliviateError
 from obliviate.families import FAMILIES, family_of_world
@@ -29,26 +30,35 @@ class WorldConfig(_Strict):
     # profiles only: the DP2Unlearning variant of the world (worlds/profiles_dp2.py), its DP-SGD settings
     # (worlds/dp_train.py DPRecipe: epsilon, delta, noise_multiplier, max_grad_norm, ...); None: the plain world
     dp2: dict[str, Any] | None = None
+    # profiles only: "moe" trains a mixture-of-experts model (Mixtral-shaped, worlds.train.MoERecipe) instead of the
+    # dense Llama, with its own cache key; the dense world's key is the one it has always had
+    arch: Literal["dense", "moe"] = "dense"
 
     @model_validator(mode="after")
     def _known_recipe_keys(self):
-        if self.model:  # nothing to check otherwise, and no world's training code to import
+        if self.model or self.arch != "dense":  # nothing to check otherwise, and no world's training code to import
             from obliviate.worlds import check_recipe_keys
 
-            check_recipe_keys(self.name, self.model)
+            check_recipe_keys(self.name, self.model, self.arch)
         if self.dp2 is not None:
             from obliviate.worlds import check_dp2_settings
 
+            if self.arch != "dense":
+                raise ObliviateError(f"world.dp2: the DP2Unlearning variant is built for the dense world, not arch = "
+                                     f"{self.arch!r}")
             check_dp2_settings(self.name, self.dp2)
         return self
 
     @model_serializer(mode="wrap")
-    def _without_unset_dp2(self, handler):
-        """`dp2` is recorded only when set: the configs recorded before it (run folders, the bench's cell keys,
-        which hash the resolved config) stay what they were."""
+    def _unset_variants_unsaid(self, handler):
+        """A plain world's config dumps as it did before `dp2` and `arch` existed (recorded only when set): run
+        records and the bench's cell keys, which hash the resolved config, stay what they were."""
         data = handler(self)
-        if isinstance(data, dict) and data.get("dp2") is None:
-            data.pop("dp2", None)
+        if isinstance(data, dict):
+            if data.get("dp2") is None:
+                data.pop("dp2", None)
+            if self.arch == "dense":
+                data.pop("arch", None)
         return data
 
 

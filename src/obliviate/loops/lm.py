@@ -74,6 +74,19 @@ def _batches(encoded: list, size: int, rng: random.Random, lengths: list[int] | 
             yield [encoded[j] for j in batch]
 
 
+def _narrowed(method, named: list) -> tuple[list, list]:
+    """The trainable (name, parameter) pairs once `fit` has seen the data: a method may narrow its choice there (UOE
+    trains the expert the forget set's routing points to); the parameters it drops are frozen again, so they get no
+    gradient, no optimiser state and no update, and are not among the run's changed tensors."""
+    kept = [(n, p) for n, p in named if method.trainable(n, p)]
+    if not kept:
+        raise ObliviateError(f"{method.name}: no trainable parameters selected")
+    chosen = {id(p) for _, p in kept}
+    for _, p in named:
+        p.requires_grad_(id(p) in chosen)
+    return kept, [p for _, p in kept]
+
+
 def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAItem | TextItem], method,
             train: LMTrainConfig | TrainConfig | None = None, lora: LoraConfig | None = None, reference=None,
             refusals: list[str] | None = None, adapter=None, checkpoints: Checkpoints | None = None,
@@ -173,6 +186,7 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     method.fit(model, named, batches([a for a, _ in forget_enc]), batches(retain_enc))
     grad_mask = method.gradient_mask()  # WAGLE's: the entries outside it never change
     accumulation = train.grad_accum_steps  # micro-batches per optimiser step; `steps` counts optimiser steps
+    named, params = _narrowed(method, named)  # the mask, if any, is per parameter trained from here on
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(forget) / (train.batch_size * accumulation)))
     opt, sched = make_optimizer(params, train, steps)
     forget_lengths = [len(a.input_ids) for a, _ in forget_enc] if train.group_by_length else None

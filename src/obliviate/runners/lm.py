@@ -179,6 +179,7 @@ class LanguageModelRun(FamilyRun):
     loop, evaluated with TOFU's and MUSE's metrics against the retrain reference, beside the original."""
     label: str = ""
     retrain_eval: dict | None = None
+    routing: dict | None = None  # a mixture-of-experts model's routing before and after (evals/routing.py)
 
     def subject(self) -> str | None:
         return subject_of(self.config)
@@ -209,8 +210,11 @@ class LanguageModelRun(FamilyRun):
         # sharded, the model waits on the CPU and each process moves only its shard to the device
         model, tokenizer = load_model(prepared.model_dir, config, "cpu" if config.train.shard == "fsdp" else device)
         refusals = load_lines(config.idk_file) if config.idk_file else None
+        routing = distributed.is_main() and moe_routing(model, tokenizer, forget, retain, config.eval.batch_size)
         result = unlearn(model, tokenizer, forget, retain, method, config.train, config.lora, refusals=refusals,
                          checkpoints=checkpoints, on_eval=self.along and self.along.bind(tokenizer))
+        if routing:  # a mixture-of-experts model: where its routers send the tokens, before and after
+            self.routing = routing(result.model, method)
         tensors = changed_tensors(result.model, result.trainable_names) if distributed.is_main() else {}  # saved once
         return Trained((result.model, tokenizer), result.history, result.seconds, result.stopped, tensors,
                        result.truncated)
@@ -304,13 +308,34 @@ class LanguageModelRun(FamilyRun):
             write_json(folder / "retrain_eval.json", self.retrain_eval)  # reusable as `retrain_eval` by the next run
         if evaluation is not None and "harness" in evaluation:  # lm-evaluation-harness's questions, scored
             write_json(folder / "harness.json", evaluation["harness"])
-        return {}
+        if self.routing is None:
+            return {}
+        from obliviate.evals.routing import write_routing
+
+        notes = write_routing(folder, self.routing, f"{self.config.method} on {self.label}")
+        return {"grids": {"routing: each expert's share of the tokens, before and after": "routing.png"},
+                "notes": notes}
 
     def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
         if evaluation is not None:  # the headline numbers, without opening the folder
             from obliviate.bench.scorecard import print_scorecard, run_rows
             print_scorecard(run_rows(metrics), title=f"{title} on {self.label}" + (
                 "" if self.retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
+
+
+def moe_routing(model, tokenizer, forget: list, retain: list, batch_size: int):
+    """For a mixture-of-experts model: its routing of the forget and retain items now, and a function that takes the
+    unlearned model (and the method) and returns routing.json's record; None for a dense model."""
+    from obliviate.evals.routing import routing_record, routing_shares
+
+    sets = {"forget": forget, "retain": retain}
+    before = routing_shares(model, tokenizer, sets, batch_size)
+    if before is None:
+        return None
+
+    def after(unlearned, method) -> dict:
+        return routing_record(before, routing_shares(unlearned, tokenizer, sets, batch_size), method.chosen())
+    return after
 
 
 def _mia_reference(config: RunConfig, world, reference_seed: int | None, device: str):

@@ -9,6 +9,8 @@ from pathlib import Path
 # each world's recipe: the dataclass whose fields `world.model` overrides ("module:class", imported when checked)
 RECIPES = {"profiles": "obliviate.worlds.train:LMRecipe", "portraits": "obliviate.worlds.portraits_train:VLMRecipe",
            "canvas": "obliviate.worlds.canvas_train:CanvasRecipe"}
+# a world's variants by `world.arch` whose recipe is another dataclass
+ARCH_RECIPES = {("profiles", "moe"): "obliviate.worlds.train:MoERecipe"}
 
 
 def cache_root(explicit: str | None = None) -> Path:
@@ -17,12 +19,20 @@ def cache_root(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get("OBLIVIATE_CACHE") or Path.home() / ".cache" / "obliviate")
 
 
-def check_recipe_keys(world: str, keys) -> None:
-    """A ValueError naming the keys that `world`'s recipe does not have, with the valid ones."""
+def check_recipe_keys(world: str, keys, arch: str = "dense") -> None:
+    """A ValueError naming the keys that `world`'s recipe (of its variant `arch`) does not have, with the valid ones;
+    or naming `arch` when the world has no such variant."""
     import dataclasses
     import importlib
 
-    module, _, name = RECIPES[world].partition(":")
+    if arch != "dense" and (world, arch) not in ARCH_RECIPES:
+        variants = ["dense"] + [a for w, a in ARCH_RECIPES if w == world]
+        raise ValueError(f"world.arch = {arch!r} is not a variant of the {world} world; choose "
+                         + " or ".join(repr(v) for v in variants))
+    if not keys:
+        return
+
+    module, _, name = ARCH_RECIPES.get((world, arch), RECIPES[world]).partition(":")
     known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
     bad = set(keys) - known
     if bad:

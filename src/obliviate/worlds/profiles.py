@@ -229,7 +229,7 @@ class ProfilesWorld(PeopleWorld):
         import dataclasses
         import hashlib
 
-        from obliviate.worlds.train import LMRecipe
+        from obliviate.worlds.train import recipe_of
 
         c = self.config
         tofu = {}
@@ -238,9 +238,12 @@ class ProfilesWorld(PeopleWorld):
             for name in ("world_facts_perturbed.json", "real_authors_perturbed.json"):
                 p = Path(c.tofu_dir) / name
                 tofu[name] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
-        return {"world": "profiles", "version": 1, "n_people": c.n_people, "n_holdout": c.n_holdout,
-                "seed": c.seed, "general_facts": c.general_facts, "tofu_files": tofu,
-                "model": dataclasses.asdict(LMRecipe(**c.model))}
+        recipe = {"world": "profiles", "version": 1, "n_people": c.n_people, "n_holdout": c.n_holdout,
+                  "seed": c.seed, "general_facts": c.general_facts, "tofu_files": tofu,
+                  "model": dataclasses.asdict(recipe_of(c))}
+        if c.arch != "dense":  # a variant has its own key; the dense world's is the one it has always had
+            recipe["arch"] = c.arch
+        return recipe
 
     def key_data(self) -> dict:
         return self.recipe()
@@ -327,23 +330,23 @@ class ProfilesWorld(PeopleWorld):
 
         from obliviate.runs import atomic_dir
         from obliviate.worlds.tokenizer import train_tokenizer
-        from obliviate.worlds.train import LMRecipe
+        from obliviate.worlds.train import recipe_of
 
         path = self.root / "tokenizer"
         if not (path / "tokenizer_config.json").is_file():
-            tok = train_tokenizer(self.all_text(), LMRecipe(**self.config.model).vocab_size)
+            tok = train_tokenizer(self.all_text(), recipe_of(self.config).vocab_size)
             with atomic_dir(path) as tmp:
                 tok.save_pretrained(tmp)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
     def _train_model(self, out_dir, exclude: set[str], name: str, log, seed: int = 0) -> dict:
         from obliviate.runs import atomic_dir
-        from obliviate.worlds.train import LMRecipe, new_model, train
+        from obliviate.worlds.train import new_model, recipe_of, train
 
         from obliviate.models.causal_lm import quiet_transformers
 
         quiet_transformers()
-        recipe = LMRecipe(**self.config.model)
+        recipe = recipe_of(self.config)
         recipe.seed += seed  # a retrain reference's other seed: only the training seed changes
         tokenizer = self._tokenizer()
         examples = self.training_examples(tokenizer, exclude)
@@ -352,6 +355,8 @@ class ProfilesWorld(PeopleWorld):
         log(f"training the {name}: {n_params / 1e6:.2f}M parameters, {len(examples)} sequences, "
             f"{sum(len(e.input_ids) for e in examples)} tokens, {recipe.epochs} epochs")
         stats = train(model, tokenizer, examples, recipe, description=f"train {name}")
+        if getattr(model.config, "output_router_logits", False):  # MoE: the load-balancing loss served training only
+            model.config.output_router_logits = False
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -28,10 +28,39 @@ class LMRecipe:
     seed: int = 0
 
 
+@dataclass
+class MoERecipe(LMRecipe):
+    """The profiles world's mixture-of-experts variant (`world.arch = "moe"`): a Mixtral-shaped model of the dense
+    recipe's size class, trained by the same recipe. Four experts of a quarter of the dense feed-forward width hold
+    as many feed-forward weights as the dense model; each token goes to two of them. The routers learn with the
+    load-balancing loss (Switch/Mixtral's, weight 0.01 as OLMoE's) so that every expert keeps tokens; the saved config
+    leaves it off (models/moe.py: unlearning never adds it)."""
+    intermediate_size: int = 128  # per expert
+    num_experts: int = 4
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+
+
+def recipe_of(world_config) -> LMRecipe:
+    """The recipe of a profiles world config: its `world.model` overrides on the recipe of its `world.arch`."""
+    return (MoERecipe if getattr(world_config, "arch", "dense") == "moe" else LMRecipe)(**world_config.model)
+
+
 def new_model(recipe: LMRecipe, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(recipe.seed)
+    if isinstance(recipe, MoERecipe):
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralForCausalLM(MixtralConfig(
+            vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+            num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+            num_key_value_heads=recipe.num_heads, max_position_embeddings=512, tie_word_embeddings=True,
+            num_local_experts=recipe.num_experts, num_experts_per_tok=recipe.experts_per_token,
+            router_aux_loss_coef=recipe.router_aux_loss_coef, output_router_logits=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,

@@ -34,7 +34,9 @@ class Method:
         """Called once before the first step (RMU draws its random direction here)."""
 
     def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
-        """Which parameters the method updates (all by default; RMU picks a few MLP layers)."""
+        """Which parameters the method updates (all by default; RMU picks a few MLP layers). Asked again after `fit`:
+        a method may narrow its choice there on the data (UOE's expert), and its gradient mask, if any, is then per
+        parameter still chosen."""
         return True
 
     def retain_pool(self, items: list, rng) -> list:
@@ -61,6 +63,11 @@ class Method:
     def select_forget(self, model, forget: dict) -> dict:
         """The forget micro-batch the step keeps, before the step's counts are taken (RGD drops rows); all of it."""
         return forget
+
+    def chosen(self) -> dict | None:
+        """What the method chose from the data in `fit`, for the run's record (UOE: the expert it unlearned and the
+        affinity table); None by default."""
+        return None
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:
         raise NotImplementedError

@@ -64,6 +64,7 @@ class RGConfig:
 class RG(RuleOverBase):
     name = "RG"
     Config = RGConfig
+    wraps_base = True
 
     def __init__(self, config=None):
         super().__init__(config)
