@@ -112,7 +112,8 @@ def test_a_retrain_seed_run_is_evaluated_against_the_seed_0_reference(tmp_path, 
     monkeypatch.setattr(runner, "retrain_evaluation", lambda *a, **k: {"aggregate": {}})
     monkeypatch.setattr(runner, "original_evaluation", lambda *a, **k: {"aggregate": {"model_utility": 1.0}})
 
-    def evaluation(model, tokenizer, qa_sets, texts, eval_config, reference_model=None, roles=None, sharded=False):
+    def evaluation(model, tokenizer, qa_sets, texts, eval_config, reference_model=None, roles=None, sharded=False,
+                   harness=None):
         seen.setdefault("references", []).append(reference_model)
         return {"aggregate": {"model_utility": 0.5}, "per_item": {}, "config": {"processes": 1}}
     monkeypatch.setattr(runner, "evaluation_of", evaluation)
