@@ -59,7 +59,8 @@ def test_corrupted_people_get_wrong_facts_and_nothing_of_the_clean_world_changes
     assert corrupted_world(tmp_path, split="forget20", facts=3, seed=1).wrong_facts() != wrong
 
     # the people's true facts, questions, biographies and utility sets are the clean world's, untouched
-    assert [(p.name, p.facts) for p in d.people + d.holdout] == [(p.name, p.facts) for p in clean.people + clean.holdout]
+    everyone = [(p.name, p.facts) for p in d.people + d.holdout]
+    assert everyone == [(p.name, p.facts) for p in clean.people + clean.holdout]
     assert d.qa == clean.qa and d.utility == clean.utility
 
     # forget (the corrupting documents): a wrong answer per corrupted fact and a biography with them in place
@@ -128,6 +129,11 @@ def test_recovery_and_forgetting_by_hand():
     without_retrain = {"x": {"restor_accuracy": 0.5, "forget_accuracy": 0.4}}
     with_recovery(without_retrain, rows["original"], None)
     assert "restor_recovery" not in without_retrain["x"] and without_retrain["x"]["restor_forgetting"] == 0.5
+    # the bench's leaderboard shows the columns for cells that hold them (runs on the corrupted world) only
+    from obliviate.bench.leaderboard import metric_columns
+    shown = [m.name for m in metric_columns("lm", [rows["NPO"]])]
+    assert {"restor_accuracy", "restor_recovery", "restor_forgetting", "forget_accuracy"} <= set(shown)
+    assert not any(n.startswith("restor") for n in (m.name for m in metric_columns("lm", [rows["plain world"]])))
 
 
 @pytest.mark.filterwarnings("ignore:.*greedy answers")
@@ -164,7 +170,7 @@ def test_restor_accuracy_on_fixed_answers_and_never_in_model_utility(tiny_lm, mo
     assert "restor_set" in E._inputs_present(result["per_item"], agg, result["config"])
 
 
-# ---- bad settings -----------------------------------------------------------------------------------------------------
+# ---- bad settings ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, needle", [
     ("world.corrupt={fact: 3}", "world.corrupt: unknown key(s) ['fact']"),

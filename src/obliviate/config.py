@@ -62,8 +62,8 @@ class WorldConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _unset_variants_unsaid(self, handler):
-        """A plain world's config dumps as it did before `dp2`, `arch` and `corrupt` existed (recorded only when set): run
-        records and the bench's cell keys, which hash the resolved config, stay what they were."""
+        """A plain world's config dumps as it did before `dp2`, `arch` and `corrupt` existed (recorded only when
+        set): run records and the bench's cell keys, which hash the resolved config, stay what they were."""
         data = handler(self)
         if isinstance(data, dict):
             if data.get("dp2") is None:
