@@ -33,6 +33,10 @@ class WorldConfig(_Strict):
     # profiles only: "moe" trains a mixture-of-experts model (Mixtral-shaped, worlds.train.MoERecipe) instead of the
     # dense Llama, with its own cache key; the dense world's key is the one it has always had
     arch: Literal["dense", "moe"] = "dense"
+    # profiles only: RESTOR's corrupted variant of the world (worlds/profiles_corrupt.py CorruptRecipe: split, facts,
+    # epochs, lr, replay, seed): wrong facts about the split's people trained into the plain world's model; None: the
+    # plain world
+    corrupt: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _known_recipe_keys(self):
@@ -47,18 +51,27 @@ class WorldConfig(_Strict):
                 raise ObliviateError(f"world.dp2: the DP2Unlearning variant is built for the dense world, not arch = "
                                      f"{self.arch!r}")
             check_dp2_settings(self.name, self.dp2)
+        if self.corrupt is not None:
+            from obliviate.worlds import check_corrupt_settings
+
+            if self.arch != "dense" or self.dp2 is not None:
+                raise ObliviateError("world.corrupt: the corrupted variant is built on the plain dense world, not "
+                                     "with world.arch or world.dp2")
+            check_corrupt_settings(self.name, self.corrupt)
         return self
 
     @model_serializer(mode="wrap")
     def _unset_variants_unsaid(self, handler):
-        """A plain world's config dumps as it did before `dp2` and `arch` existed (recorded only when set): run
-        records and the bench's cell keys, which hash the resolved config, stay what they were."""
+        """A plain world's config dumps as it did before `dp2`, `arch` and `corrupt` existed (recorded only when
+        set): run records and the bench's cell keys, which hash the resolved config, stay what they were."""
         data = handler(self)
         if isinstance(data, dict):
             if data.get("dp2") is None:
                 data.pop("dp2", None)
             if self.arch == "dense":
                 data.pop("arch", None)
+            if data.get("corrupt") is None:
+                data.pop("corrupt", None)
         return data
 
 

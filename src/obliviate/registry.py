@@ -50,7 +50,8 @@ NEEDS = {"logprobs": "the one likelihood pass over each item's answer, paraphras
          "verbmem": "greedy continuations of the forget texts' prefixes",
          "retrain": "the retrain reference's evaluation (compare_to_retrain)",
          "original": "the original model's evaluation (the runner)",
-         "harness": "lm-evaluation-harness's tasks on local files (the run's `harness` keys; evals/harness.py)"}
+         "harness": "lm-evaluation-harness's tasks on local files (the run's `harness` keys; evals/harness.py)",
+         "restor_set": "the corrupted world's right answers to the corrupted questions (RESTOR; evals/restor.py)"}
 # A reference model's value of a metric, written beside the run's own (t2i: original_ua, retrain_ira, ...).
 REFERENCE_PREFIXES = ("original_", "retrain_")
 
@@ -304,6 +305,8 @@ MIA_DOC = "obliviate.evals.mia:"
 H = "obliviate.evals.harness:"
 WMDP = "Li et al. 2024, The WMDP Benchmark, https://arxiv.org/abs/2403.03218"
 MMLU = "Hendrycks et al. 2021, Measuring Massive Multitask Language Understanding, https://arxiv.org/abs/2009.03300"
+RS = "obliviate.evals.restor:"
+RESTOR = "Rezaei et al. 2025, RESTOR: Knowledge Recovery through Machine Unlearning, https://arxiv.org/abs/2411.00204"
 HARNESS_MC = ("four-way multiple choice by the log-likelihood of each answer letter (lm-evaluation-harness's task "
               "on local files; zero-shot unless harness.num_fewshot)")
 # Scorecard columns first, in the order they are shown; then the other aggregates, the set and the per-item scores.
@@ -341,6 +344,17 @@ METRICS = _table(
            SHARE, "WMDP-Cyber acc", "{:.1%}", needs=("harness",)),
     Metric("mmlu_acc", H + "mmlu_acc", f"MMLU accuracy over every question (the harness's mmlu group), {HARNESS_MC}.",
            MMLU, "lm", "higher", SHARE, "MMLU acc", "{:.1%}", needs=("harness",)),
+    # RESTOR on the corrupted profiles world (world.corrupt; evals/restor.py, docs/restor.md): the forget set is the
+    # wrong facts, so forget acc there is the share still answered wrong; these read the right facts beside it
+    Metric("restor_accuracy", RS + "restor_accuracy", "Corrupted world: share of the corrupted questions answered with "
+           "the right fact.", RESTOR, "lm", "higher", SHARE, "right facts acc", "{:.1%}",
+           needs=("restor_set", "generations")),
+    Metric("restor_recovery", RS + "with_recovery", "Corrupted world: (right-fact accuracy - the corrupted model's) / "
+           "(the clean model's - the corrupted model's); 1 is the clean model's, 0 the corrupted model's.", RESTOR,
+           "lm", "higher", "ratio of differences of aggregates", "recovery", "{:.2f}", needs=("original", "retrain")),
+    Metric("restor_forgetting", RS + "with_recovery", "Corrupted world: 1 - (share still answered with the wrong "
+           "fact) / (the corrupted model's share).", RESTOR, "lm", "higher", "ratio of two aggregates",
+           "wrong forgotten", "{:.2f}", needs=("original",)),
     # text-to-image (evals/canvas.py; formulas in docs/t2i.md)
     Metric("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier "
            "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),

@@ -25,6 +25,7 @@ from obliviate.evals import metrics as M
 from obliviate.evals import mia as MIA
 from obliviate.evals import muse as MUSE
 from obliviate.evals import tofu as TOFU
+from obliviate.evals.restor import RESTOR_SET
 
 # more greedy answers than this fraction running to max_new_tokens without an end id is warned about: the model
 # likely does not stop where generation expects it to (an end-of-turn token no one declared), or the limit is short
@@ -48,6 +49,7 @@ def _inputs_present(per_item: Mapping, aggregate: Mapping, config: Mapping) -> s
     present = {"logprobs", "generations"} if per_item else set()  # none: the harness's tasks alone (text corpora)
     present |= {"forget_set"} if forget in per_item else set()
     present |= {"retain_set"} if retain in per_item else set()
+    present |= {"restor_set"} if RESTOR_SET in per_item else set()
     if isinstance(aggregate.get(forget), dict) and "paraphrased_accuracy" in aggregate[forget]:
         present.add("paraphrased_generations")
     if any(per_item.get(n) for n in config.get("utility_set_names", ())):
@@ -99,8 +101,8 @@ def evaluate_lm(model, tokenizer, qa_sets: Mapping[str, Sequence[QAItem]],
     unknown = [n for n in (utility_set_names or ()) if n not in qa_sets]
     if unknown:
         raise ObliviateError(f"utility set(s) {unknown} not among the QA sets {list(qa_sets)}")
-    if utility_set_names is None:
-        utility_set_names = [n for n in qa_sets if n not in (forget_set_name, holdout_set_name)]
+    if utility_set_names is None:  # the corrupted world's right facts (RESTOR) are read by recovery, not utility
+        utility_set_names = [n for n in qa_sets if n not in (forget_set_name, holdout_set_name, RESTOR_SET)]
     if normalised_prob_sets is None:
         normalised_prob_sets = [n for n, items in qa_sets.items()
                                 if items and all(it.source in TOFU.NORMALISED_PROB_SOURCES for it in items)]

@@ -8,6 +8,7 @@ from pathlib import Path
 from obliviate.config import EvalConfig, RunConfig
 from obliviate.data import load_lines
 from obliviate.errors import ObliviateError
+from obliviate.evals.restor import with_recovery
 from obliviate.models import causal_lm as lm
 from obliviate.runners.lm_data import subject_of, user_data, uses_user_data
 from obliviate.runners.common import FamilyRun, Prepared, Trained
@@ -287,6 +288,7 @@ class LanguageModelRun(FamilyRun):
         rows = comparison_rows(original_eval, retrain_eval)
         metrics.update(rows)
         with_utility_ratio({**rows, config.method: metrics}, rows["original"])
+        with_recovery({**rows, config.method: metrics}, rows["original"], rows.get("retrain"))  # corrupted world
         self.retrain_eval = retrain_eval
         return evaluation
 
@@ -401,4 +403,5 @@ def lm_metrics(evaluation: dict, retrain_eval: dict | None, original: dict | Non
                       else evaluation)["aggregate"])
     if original:
         with_utility_ratio({"along": aggregate}, original)
+        with_recovery({"along": aggregate}, original, retrain_eval and retrain_eval["aggregate"])
     return aggregate

@@ -38,7 +38,12 @@ def check_lm(config: RunConfig) -> None:
                 raise ObliviateError(f"{key} is for runs on your own files (forget_file, tofu_dir or muse_dir); "
                                      "the built-in world has its own sets and retrain model")
         check_split(config.split)
-        check_forgotten_before(config.split, config.forgotten_before, world_for(config).data().people)
+        world = world_for(config)
+        world.check_target(config.split)  # the corrupted world (RESTOR) takes its corrupted split only
+        if config.forgotten_before and config.world.corrupt is not None:
+            raise ObliviateError("forgotten_before: the corrupted world (world.corrupt) has one forget set, its "
+                                 "corrupting documents; sequential requests are not defined on it")
+        check_forgotten_before(config.split, config.forgotten_before, world.data().people)
         if config.world.tofu_dir:
             load_tofu_utility(config.world.tofu_dir)
     if config.retrain_model and config.retrain_eval:

@@ -53,6 +53,20 @@ def check_dp2_settings(world: str, settings) -> None:
         raise ValueError(str(e)) from None
 
 
+def check_corrupt_settings(world: str, settings) -> None:
+    """A ValueError naming the key when `world.corrupt` (RESTOR's corrupted variant, profiles only) is bad."""
+    from obliviate.errors import ObliviateError
+
+    if world != "profiles":
+        raise ValueError(f"world.corrupt is a variant of the profiles world, not of {world}")
+    from obliviate.worlds.profiles_corrupt import corrupt_recipe
+
+    try:
+        corrupt_recipe(settings)
+    except ObliviateError as e:
+        raise ValueError(str(e)) from None
+
+
 def build_world(config, split: str | None = None, log=print):
     """Build (or reuse from the cache) the world a WorldConfig names, and return it: its models and the retrain
     reference of target `split` (a forget split, or a canvas concept); None: the world's default references."""
