@@ -3,6 +3,8 @@ split val10 (disjoint from every forget split), retrain references per training 
 today's), the canvas world's validation concepts, and sequential requests (`forgotten_before`)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -34,6 +36,12 @@ def test_cache_keys_and_folder_names_are_unchanged(tmp_path, monkeypatch):
     canvas = CanvasWorld.from_config(WorldConfig(name="canvas"))
     assert (demo.key(), full.key()) == ("a3be6cdd33bc", "369f9322551e")
     assert portraits.key() == "68d785ce18e5"
+    # a config written out whole and read back (a run's config.json, a bench cell's) names the same worlds
+    again = lambda world: WorldConfig(**json.loads(json.dumps(world.config.model_dump())))  # noqa: E731
+    assert PortraitsWorld(again(portraits)).key() == "68d785ce18e5"
+    assert ProfilesWorld(again(demo)).key() == "a3be6cdd33bc" and ProfilesWorld(again(full)).key() == "369f9322551e"
+    assert CanvasWorld.from_config(WorldConfig(**WorldConfig(name="canvas").model_dump())).key() == "5bef14aebafa"
+    assert PortraitsWorld(WorldConfig(name="portraits", n_people=30)).key() != "68d785ce18e5"  # a size still resizes
     assert canvas.key() == CanvasWorld().key() == "5bef14aebafa"
     assert demo.root == tmp_path / "profiles-a3be6cdd33bc" and demo.full_model_dir == demo.root / "full"
     assert portraits.root == tmp_path / "portraits-68d785ce18e5"

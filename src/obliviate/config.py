@@ -20,8 +20,8 @@ class _Strict(BaseModel):
 
 class WorldConfig(_Strict):
     name: Literal["profiles", "canvas", "portraits"] = "profiles"
-    n_people: int = Field(200, ge=10)  # profiles only
-    n_holdout: int = Field(20, ge=2)  # profiles only
+    n_people: int = Field(200, ge=10)  # profiles; portraits: its own 24 unless set to another value
+    n_holdout: int = Field(20, ge=2)  # profiles; portraits: its own 6 unless set to another value
     seed: int = 0
     general_facts: int = Field(100, ge=0)  # profiles only
     tofu_dir: str | None = None  # profiles: folder with TOFU's world_facts_perturbed.json and real_authors_perturbed.json

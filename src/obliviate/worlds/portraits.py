@@ -94,7 +94,7 @@ def portraits_data(n_people: int = 100, n_public: int = 20, n_holdout: int = 20,
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk: the processor, the LLaVA trained on everyone, and the retrain reference per forget split.
 
-# The world's own sizes (WorldConfig's n_people and n_holdout override them when given): small enough that both models
+# The world's own sizes (WorldConfig's n_people and n_holdout override them when set to other values): small enough that both models
 # train within the family's build budget on 2 cores (benchmarks/README.md (m)).
 DEFAULT_SIZES = {"n_people": 24, "n_public": 6, "n_holdout": 6, "train_pictures": 2, "public_pictures": 4}
 
@@ -106,8 +106,13 @@ class PortraitsWorld(PeopleWorld):
 
     def __init__(self, config):
         self.config = config
-        given = config.model_fields_set
-        self.sizes = {**DEFAULT_SIZES, **{k: getattr(config, k) for k in ("n_people", "n_holdout") if k in given}}
+        # n_people and n_holdout resize this world only when they differ from WorldConfig's defaults (the profiles
+        # world's sizes): a config written out whole and read back (a run's config.json, a bench cell) sets every
+        # field, and must still name the world of the config it came from
+        from obliviate.config import WorldConfig
+
+        defaults = {k: WorldConfig.model_fields[k].default for k in ("n_people", "n_holdout")}
+        self.sizes = {**DEFAULT_SIZES, **{k: getattr(config, k) for k, v in defaults.items() if getattr(config, k) != v}}
         self._data: PortraitsData | None = None
 
     def recipe(self) -> dict:
