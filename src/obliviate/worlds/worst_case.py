@@ -34,8 +34,9 @@ the per-sequence mean answer-token NLL, on exactly what the world's model was tr
 an evaluation set (paraphrases, perturbed answers, holdout). The candidates are the trained people outside the
 validation split val10 (settings are chosen there), and k is the forget split's size of the same percentage.
 Cost: per candidate, `steps` forward-backward passes and two forward passes over its ~11 sequences: for the demo
-world's 90 candidates and the defaults, ~12 passes over 990 sequences, about half an epoch of the 25 that train its
-model, once per world (cached, every size)."""
+world's 90 candidates and the defaults, ~12 passes over 990 sequences, about 40 % of the sequence passes that train
+one of its retrain models, once per world (cached, every size): 427 s measured there on 2 shared CPU cores, where a
+retrain model took 250-490 s (docs/bench.md)."""
 from __future__ import annotations
 
 import dataclasses
