@@ -232,7 +232,7 @@ def test_sequential_requests_and_the_dp2_world_refuse_worst_splits(world, tmp_pa
     dp2 = ProfilesWorld.from_config(WorldConfig(n_people=20, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
                                                 model=TINY_MODEL, dp2={"noise_multiplier": 1.0}))
     assert isinstance(dp2, DP2ProfilesWorld)
-    with pytest.raises(ObliviateError, match="not offered on the DP2Unlearning world"):
+    with pytest.raises(ObliviateError, match="offered on the plain profiles world only"):
         dp2.data().split_people("worst10")
 
 

@@ -369,9 +369,13 @@ class ProfilesWorld(PeopleWorld):
         first NN % of the trained people by that ranking, and its retrain reference `retrain-worstNN` is built without
         them as any split's. A file scored under other settings stops here: references built beside it left other
         people out."""
+        from obliviate.errors import ObliviateError
         from obliviate.worlds import worst_case as wc
 
         check_split(split)
+        if type(self) is not ProfilesWorld:  # a variant's references and models are not the plain world's
+            raise ObliviateError(f"split {split!r}: worst-case splits are offered on the plain profiles world only, "
+                                 "not on its variants (world.dp2, world.corrupt)")
         d = self.data()
         ranked = self._worst_case_ranking(log)
         chosen = set(ranked[:max(1, round(len(d.people) * wc.worst_percent(split) / 100))])

@@ -87,10 +87,6 @@ class DP2ProfilesWorld(ProfilesWorld):
     def _tokenizer(self):
         return self.plain()._tokenizer()
 
-    def worst_case_people(self, split: str, log=print) -> list[str]:
-        raise ObliviateError(f"split {split!r}: worst-case splits are not offered on the DP2Unlearning world (its "
-                             "retrain references are the plain world's, and the selection would run on another model)")
-
     # -- the recipes ---------------------------------------------------------------------------------------------
     def recipes(self):
         """(stage 1's recipe, the fine-tunes' recipe): the world's LMRecipe with `dp2`'s epochs, lr, batch size."""
