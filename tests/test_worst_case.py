@@ -223,11 +223,15 @@ def test_the_retrain_reference_leaves_out_exactly_the_chosen_people(world, monke
     assert trained == [("retrain-worst20", chosen, 0), ("retrain-worst20-seed1", chosen, 1)]
 
 
-def test_sequential_requests_and_the_dp2_world_refuse_worst_splits(world, tmp_path):
-    with pytest.raises(ObliviateError, match="worst-case splits are chosen one size at a time"):
-        world.unlearning_sets("worst20", forgotten_before="worst10")
-    with pytest.raises(ObliviateError, match="worst-case splits are chosen one size at a time"):
-        world.unlearning_sets("forget20", forgotten_before="worst10")
+def test_sequential_requests_nest_worst_splits_and_the_variants_refuse_them(world, tmp_path):
+    later, _ = world.unlearning_sets("worst20", forgotten_before="worst10")  # worst10 is worst20's head
+    assert {i.subject for i in later} == set(world.worst_case_people("worst20")) - set(
+        world.worst_case_people("worst10")) and later
+    for split, before in (("forget20", "worst10"), ("worst20", "forget10")):
+        with pytest.raises(ObliviateError, match="a worst-case split and a forget split need not nest"):
+            world.unlearning_sets(split, forgotten_before=before)
+    with pytest.raises(ObliviateError, match="must be a split inside split = 'worst10'"):
+        world.unlearning_sets("worst10", forgotten_before="worst20")
     from obliviate.worlds.profiles_dp2 import DP2ProfilesWorld
     dp2 = ProfilesWorld.from_config(WorldConfig(n_people=20, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
                                                 model=TINY_MODEL, dp2={"noise_multiplier": 1.0}))
@@ -247,8 +251,10 @@ def test_validate_takes_worst_splits_and_names_a_bad_one(tmp_path):
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("selection-*.json"))
     cfg.write_text(text + "split: worst70\n")
     one_line_error(runner.invoke(app, ["validate", str(cfg)]), "unknown split 'worst70'", "worst01 ... worst50")
-    cfg.write_text(text + "split: worst20\nforgotten_before: worst10\n")
-    one_line_error(runner.invoke(app, ["validate", str(cfg)]), "worst-case splits are chosen one size at a time")
+    cfg.write_text(text + "split: worst20\nforgotten_before: forget10\n")
+    one_line_error(runner.invoke(app, ["validate", str(cfg)]), "a worst-case split and a forget split need not nest")
+    cfg.write_text(text + "split: worst10\nforgotten_before: worst20\n")  # 2 people, then 1 of them: the wrong way
+    one_line_error(runner.invoke(app, ["validate", str(cfg)]), "forgotten_before = 'worst20'", "inside split")
 
 
 # ---- as bench targets ----------------------------------------------------------------------------------------------
@@ -273,7 +279,8 @@ def test_a_worst_split_is_a_bench_target_next_to_the_forget_split(tmp_path, monk
 
     install(monkeypatch)
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(extra='also_reported = ["worst10"]\nscalability = ["worst05", "worst10"]'))
+    spec.write_text(SPEC.format(extra='also_reported = ["worst10"]\nscalability = ["worst05", "worst10"]\n'
+                                      'sustainability = ["worst05", "worst10"]'))
     result = run_bench(spec, tmp_path / "out", log=lambda *_: None)
     cells = result["cells"]
     reported = sorted((c["target"], c["seed"]) for c in cells if c["kind"] == "reported")
@@ -281,12 +288,14 @@ def test_a_worst_split_is_a_bench_target_next_to_the_forget_split(tmp_path, monk
     assert all(c["config"]["split"] == c["target"] for c in cells)
     assert sorted(c["target"] for c in cells if c["kind"] == "reference") == ["forget10", "worst05", "worst10"]
     assert sorted(c["size"] for c in cells if c["kind"] == "scalability") == [5.0, 10.0]
+    second = next(c for c in cells if c["kind"] == "sustainability" and c["request"] == 2)
+    assert second["target"] == "worst10" and second["config"]["forgotten_before"] == "worst05"
     board = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "forgetting forget10" in board and "forgetting worst10" in board
     # a worst split is not a place to choose settings from, but nothing stops it being reported alone
     spec.write_text(SPEC.format(extra="").replace('reported = "forget10"', 'reported = "worst10"'))
-    alone = run_bench(spec, tmp_path / "alone", log=lambda *_: None)
-    assert {c["target"] for c in alone["cells"] if c["kind"] in ("reported", "reference")} == {"worst10"}
+    alone = run_bench(spec, tmp_path / "alone", dry_run=True, log=lambda *_: None)
+    assert {c["target"] for c in alone["cells"] if c["kind"] == "reference"} == {"worst10"}
 
 
 def test_also_reported_paths_are_resolved_and_bad_values_named(tmp_path):

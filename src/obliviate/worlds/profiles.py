@@ -167,14 +167,20 @@ def check_forgotten_before(split: str, forgotten_before: str | None, people: lis
     if forgotten_before is None:
         return
     check_split(forgotten_before, splits)
-    from obliviate.worlds.worst_case import is_worst_split
+    from obliviate.worlds.worst_case import is_worst_split, worst_percent
 
-    if is_worst_split(split) or is_worst_split(forgotten_before):
+    worst = [is_worst_split(s) for s in (forgotten_before, split)]
+    if any(worst) and not all(worst):
         from obliviate.errors import ObliviateError
-        raise ObliviateError(f"forgotten_before = {forgotten_before!r}, split = {split!r}: worst-case splits are "
-                             "chosen one size at a time and need not nest; sequential requests take forget splits")
-    earlier, later = ({p.name for p in people_of_split(people, s, splits)[0]} for s in (forgotten_before, split))
-    if not earlier < later:
+        raise ObliviateError(f"forgotten_before = {forgotten_before!r}, split = {split!r}: a worst-case split and a "
+                             "forget split need not nest; a sequential request takes two of the same kind")
+    if all(worst):  # one ranking: the smaller worst-case split is the head of the larger
+        sizes = [max(1, round(len(people) * worst_percent(s) / 100)) for s in (forgotten_before, split)]
+        nested = sizes[0] < sizes[1]
+    else:
+        earlier, later = ({p.name for p in people_of_split(people, s, splits)[0]} for s in (forgotten_before, split))
+        nested = earlier < later
+    if not nested:
         from obliviate.errors import ObliviateError
         raise ObliviateError(f"forgotten_before = {forgotten_before!r} must be a split inside split = {split!r} "
                              "(e.g. forget05 inside forget10)")

@@ -15,19 +15,22 @@ dependence of theta_u on w is not differentiated), P the projection onto {0 <= w
 chosen set is the top k of w, w starting at a random k-subset.
 
 What obliviate runs: a cheaper approximation, the same objective evaluated at single people. Each candidate person
-i is unlearned alone from the original model (w = e_i: `steps` sign-SGD steps of gradient ascent on that person's
-training sequences, the paper's lower-level optimiser), and scored by the loss left on those sequences, l_i(theta_u
+i is unlearned alone from the original model (w = e_i: `steps` sign-SGD steps, the paper's lower-level optimiser, of
+gradient ascent on that person's training sequences), and scored by the loss left on those sequences, l_i(theta_u
 (e_i)); the worst-case set of size k is the k people with the lowest scores (ties: the lower loss on the original
-model, then the world's order). Summing singleton scores is exactly the upper objective when people do not interact
-in the lower level, the assumption the reference's first-order upper gradient already makes within a round. Why not
-the full alternation here:
+model, then the world's order). Summing singleton scores equals the upper objective when unlearning one person leaves
+the others' losses as they are: the approximation drops those interactions, which the alternation would see. The
+lower level is gradient ascent rather than the reference's default fine-tuning on the rest (w_FT): a few fine-tuning
+steps on other people hardly move what a memorising language model knows of one person, while ascent on the person
+is the language-model baselines' plainest unlearning. Why not the full alternation here:
   - its sets depend on k and are not nested, so each size costs a whole selection and MUSE's sequential requests
     (forget05, then the rest of forget10, ...) cannot run on them; per-person scores serve every size at once, and
     worst05 < worst10 < worst20;
-  - with the reference's steps (w_lr 0.01 on losses of a few nats, 10 rounds), w moves by well under 1 from its
-    random start, so the random start largely chooses the set; from a uniform start a weighted gradient difference
-    cancels (forget and retain terms of equal weight);
-  - it has no randomness to pin: every step is full-batch on one person, so the choice is a function of the world.
+  - by the arithmetic of the reference's steps (not measured here: w_lr 0.01 times loss gaps of a few nats, over 10
+    rounds), w moves by well under 1 from its random binary start, so the start would largely choose the set; from a
+    uniform start, a w-weighted gradient difference cancels (forget and retain terms of equal weight).
+The approximation also has no randomness to pin: every step is full-batch on one person, so the choice is a function
+of the world (its model and data) and the settings below.
 Other differences: a candidate is a person (their ten question-answer pairs and biography, the unit a forget split
 removes and the retrain reference leaves out), not one image; its loss is the mean over its training sequences of
 the per-sequence mean answer-token NLL, on exactly what the world's model was trained on: the selection never reads
