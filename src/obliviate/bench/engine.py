@@ -27,8 +27,8 @@ def _grid_points(grid: dict) -> list[dict]:
 
 
 def _size(target: str) -> float | None:
-    """forget05 -> 5 (% of the people); None when the target names no size."""
-    m = re.fullmatch(r"forget0*(\d+)", target)
+    """forget05 or worst05 -> 5 (% of the people); None when the target names no size."""
+    m = re.fullmatch(r"(?:forget|worst)0*(\d+)", target)
     return float(m[1]) if m else None
 
 
@@ -104,7 +104,7 @@ class Bench:
 
     def reference_targets(self) -> list:
         targets, seen = [], set()
-        for t in [self.spec.reported, *self.spec.scalability, *self.spec.sustainability]:
+        for t in [*self.reported_targets(), *self.spec.scalability, *self.spec.sustainability]:
             text = json.dumps(self.target(t), sort_keys=True, default=str)
             if text not in seen:
                 seen.add(text)
@@ -126,9 +126,12 @@ class Bench:
         return [(m, selection[m.row]["chosen"]) for m in self.spec.methods
                 if selection.get(m.row, {}).get("chosen") is not None]
 
+    def reported_targets(self) -> list:
+        return [self.spec.reported, *self.spec.also_reported]
+
     def reported_cells(self, selection: dict) -> list[C.Cell]:
-        return [self._cell("reported", m.row, p, self.spec.reported, s, self._data(self.spec.reported, m, p, s))
-                for m, p in self.chosen(selection) for s in self.spec.seeds]
+        return [self._cell("reported", m.row, p, t, s, self._data(t, m, p, s))
+                for t in self.reported_targets() for m, p in self.chosen(selection) for s in self.spec.seeds]
 
     def scalability_cells(self, selection: dict) -> list[C.Cell]:
         seed = self.spec.seeds[0]
@@ -457,8 +460,8 @@ def _dry_run(bench: Bench, validation: list, references: list, log) -> dict:
         requests = bench.sustainability_cells(selection)
         show(bench.reported_cells(selection) + bench.scalability_cells(selection) + [c for r in requests for c in r])
     else:
-        n = len(bench.spec.methods) * (len(bench.spec.seeds) + len(bench.spec.scalability)
-                                       + len(bench.spec.sustainability))
+        n = len(bench.spec.methods) * (len(bench.spec.seeds) * len(bench.reported_targets())
+                                       + len(bench.spec.scalability) + len(bench.spec.sustainability))
         log(f"(after the validation grid and selection: up to {n} reported, scalability and sustainability cells)")
     done = sum(1 for p in plan if p["status"] == "done")
     log(f"{len(plan)} cells listed, {done} done")

@@ -136,6 +136,9 @@ class BenchSpec(_Strict):
     allow_fewer_seeds: bool = False
     validation: Target
     reported: Target
+    # more reported targets, each with the chosen settings over the seeds, its reference cells and its own table:
+    # e.g. a worst-case split beside the forget split (`also_reported = ["worst10"]`)
+    also_reported: list[Target] = Field(default_factory=list)
     select: SelectRule
     noise_floor: list[int] = Field(default_factory=lambda: [1])  # retrain reference seeds run on each target
     scalability: list[Target] = Field(default_factory=list)
@@ -197,7 +200,7 @@ def read_spec(path: str | Path, overrides: list[str] = ()) -> tuple[BenchSpec, d
     for key in ("validation", "reported"):
         if isinstance(data.get(key), dict):
             data[key] = resolve_paths(data[key], path.absolute().parent)
-    for key in ("scalability", "sustainability"):
+    for key in ("also_reported", "scalability", "sustainability"):
         if isinstance(data.get(key), list):
             data[key] = [resolve_paths(t, path.absolute().parent) if isinstance(t, dict) else t for t in data[key]]
     try:

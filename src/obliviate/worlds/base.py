@@ -74,15 +74,21 @@ class World:
     @contextlib.contextmanager
     def locked(self):
         """Hold the world's build lock: two processes (a bench's workers) never train the same model twice, and the
-        build record's read-modify-write is not lost to a concurrent one."""
+        build record's read-modify-write is not lost to a concurrent one. Re-entrant: a world that holds it (a
+        worst-case split chosen during a build) takes it again at once."""
         import fcntl
 
+        if self.__dict__.get("_lock_held"):
+            yield
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".build.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            self._lock_held = True
             try:
                 yield
             finally:
+                self._lock_held = False
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def cached_evaluation(self, name: str, target: str, settings, compute) -> dict:

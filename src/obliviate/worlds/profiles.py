@@ -9,12 +9,15 @@ wordings, and the biographies serve verbatim memorisation (VerbMem) and membersh
 Splits (nested, as in TOFU): forget01 / forget05 / forget10 / forget20 = the first 1 / 5 / 10 / 20 % of the trained
 people; retain = the other trained people; holdout = extra people never trained on (membership-inference
 non-members). The validation split val10 = the last 10 % of the trained people (disjoint from every forget split):
-settings are chosen on it, never on the split a table reports; it has its own retrain reference.
+settings are chosen on it, never on the split a table reports; it has its own retrain reference. The worst-case
+splits worst01 ... worst50 are that percent of the trained people chosen, outside val10, as the hardest to erase from
+the world's model (worlds/worst_case.py): computed once per world and kept in the world's folder.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from obliviate.data import QAItem, TextItem
 from obliviate.worlds.base import PeopleWorld
@@ -137,15 +140,21 @@ VALIDATION_SPLITS = {"val10"}
 
 
 def check_split(split: str, splits: dict = SPLITS) -> None:
-    if split not in splits:
+    from obliviate.worlds.worst_case import is_worst_split
+
+    if split not in splits and not (splits is SPLITS and is_worst_split(split)):
         from obliviate.errors import ObliviateError
-        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(splits)}")
+        worst = ", worst01 ... worst50 (worst-case)" if splits is SPLITS else ""
+        raise ObliviateError(f"unknown split '{split}'. Valid: {', '.join(splits)}{worst}")
 
 
 def people_of_split(people: list, split: str, splits: dict = SPLITS) -> tuple[list, list]:
     """(forget people, retain people) of a list of trained people: a forget split's block from the start, a
     validation split's from the end (so val10 never meets the forget splits), the others retained."""
     check_split(split, splits)
+    if split not in splits:  # a worst-case split: chosen on the world's model, not by position
+        from obliviate.errors import ObliviateError
+        raise ObliviateError(f"split {split!r} is chosen on the world's model: ask the world for its people")
     k = max(1, round(len(people) * splits[split] / 100))
     if split in VALIDATION_SPLITS:
         return people[-k:], people[:-k]
@@ -158,8 +167,20 @@ def check_forgotten_before(split: str, forgotten_before: str | None, people: lis
     if forgotten_before is None:
         return
     check_split(forgotten_before, splits)
-    earlier, later = ({p.name for p in people_of_split(people, s, splits)[0]} for s in (forgotten_before, split))
-    if not earlier < later:
+    from obliviate.worlds.worst_case import is_worst_split, worst_percent
+
+    worst = [is_worst_split(s) for s in (forgotten_before, split)]
+    if any(worst) and not all(worst):
+        from obliviate.errors import ObliviateError
+        raise ObliviateError(f"forgotten_before = {forgotten_before!r}, split = {split!r}: a worst-case split and a "
+                             "forget split need not nest; a sequential request takes two of the same kind")
+    if all(worst):  # one ranking: the smaller worst-case split is the head of the larger
+        sizes = [max(1, round(len(people) * worst_percent(s) / 100)) for s in (forgotten_before, split)]
+        nested = sizes[0] < sizes[1]
+    else:
+        earlier, later = ({p.name for p in people_of_split(people, s, splits)[0]} for s in (forgotten_before, split))
+        nested = earlier < later
+    if not nested:
         from obliviate.errors import ObliviateError
         raise ObliviateError(f"forgotten_before = {forgotten_before!r} must be a split inside split = {split!r} "
                              "(e.g. forget05 inside forget10)")
@@ -171,9 +192,19 @@ class ProfilesData:
     holdout: list[Person]  # never trained on
     qa: dict[str, list[QAItem]]  # subject name -> items
     utility: dict[str, list[QAItem]] = field(default_factory=dict)
+    # the world's chooser of a worst-case split's people (names), set by ProfilesWorld.data()
+    worst_case: Callable[[str], list[str]] | None = field(default=None, repr=False, compare=False)
 
     def split_people(self, split: str) -> tuple[list[Person], list[Person]]:
-        """(forget people, retain people) of a split (SPLITS)."""
+        """(forget people, retain people) of a split (SPLITS, or a worst-case split: the world chooses them)."""
+        from obliviate.worlds.worst_case import is_worst_split
+
+        if is_worst_split(split):
+            if self.worst_case is None:
+                from obliviate.errors import ObliviateError
+                raise ObliviateError(f"split {split!r} is chosen on a world's model: these data have no world")
+            chosen = set(self.worst_case(split))
+            return [p for p in self.people if p.name in chosen], [p for p in self.people if p.name not in chosen]
         return people_of_split(self.people, split)
 
     def items_of(self, people: list[Person]) -> list[QAItem]:
@@ -263,6 +294,7 @@ class ProfilesWorld(PeopleWorld):
             if c.tofu_dir:
                 from obliviate.data import load_tofu_utility
                 d.utility.update(load_tofu_utility(c.tofu_dir))
+            d.worst_case = self.worst_case_people
             self._data = d
         return self._data
 
@@ -315,10 +347,7 @@ class ProfilesWorld(PeopleWorld):
         import time
 
         record = self.read_record() or {"recipe": self.recipe()}
-        if not (self.full_model_dir / "config.json").is_file():
-            t0 = time.time()
-            record["full"] = self._train_model(self.full_model_dir, exclude=set(), name="full model", log=log)
-            record["full"]["wall_seconds"] = round(time.time() - t0, 1)
+        self._train_full(record, log)
         if retrain and not (self.retrain_dir(split) / "config.json").is_file():
             forget_people, _ = self.data().split_people(split)
             t0 = time.time()
@@ -329,6 +358,99 @@ class ProfilesWorld(PeopleWorld):
             record[f"accuracy-{split}"] = self.accuracy_report(split)
         self.write_record(record)
         return record
+
+    def _train_full(self, record: dict, log) -> None:
+        """Train the full model unless it is there, its stats into `record` (the build record)."""
+        import time
+
+        if not (self.full_model_dir / "config.json").is_file():
+            t0 = time.time()
+            record["full"] = self._train_model(self.full_model_dir, exclude=set(), name="full model", log=log)
+            record["full"]["wall_seconds"] = round(time.time() - t0, 1)
+
+    # -- worst-case splits -----------------------------------------------------------------------------------------
+    @property
+    def worst_case_file(self):
+        return self.root / "selection-worst-case.json"
+
+    def worst_case_people(self, split: str, log=print) -> list[str]:
+        """The names of worst-case split `split`'s people (in the world's order): the trained people outside val10
+        hardest to erase from the full model (worlds/worst_case.py). Every candidate is scored once per world (the
+        full model trained first if missing) and the scores kept in `selection-worst-case.json`; worstNN takes the
+        first NN % of the trained people by that ranking, and its retrain reference `retrain-worstNN` is built without
+        them as any split's. A file scored under other settings stops here: references built beside it left other
+        people out."""
+        from obliviate.errors import ObliviateError
+        from obliviate.worlds import worst_case as wc
+
+        check_split(split)
+        if type(self) is not ProfilesWorld:  # a variant's references and models are not the plain world's
+            raise ObliviateError(f"split {split!r}: worst-case splits are offered on the plain profiles world only, "
+                                 "not on its variants (world.dp2, world.corrupt)")
+        d = self.data()
+        ranked = self._worst_case_ranking(log)
+        chosen = set(ranked[:max(1, round(len(d.people) * wc.worst_percent(split) / 100))])
+        return [p.name for p in d.people if p.name in chosen]
+
+    def _worst_case_ranking(self, log) -> list[str]:
+        import hashlib
+        import json
+
+        from obliviate.errors import ObliviateError
+        from obliviate.worlds import worst_case as wc
+
+        if getattr(self, "_worst_case", None) is not None:
+            return self._worst_case
+        d = self.data()
+        validation = {p.name for p in people_of_split(d.people, "val10")[0]}
+        pool = [p for p in d.people if p.name not in validation]
+        key = hashlib.sha256(json.dumps({"world": self.key(), "candidates": [p.name for p in pool],
+                                         "settings": wc.SETTINGS.key_data()}, sort_keys=True).encode()
+                             ).hexdigest()[:12]
+        path = self.worst_case_file
+        with self.locked():
+            if path.is_file():
+                record = json.loads(path.read_text())
+                if record.get("key") != key:
+                    raise ObliviateError(f"{path}: scored under other selection settings (key {record.get('key')}, "
+                                         f"now {key}); the retrain-worstNN references left those people out: move "
+                                         "them and the file away to choose again")
+            else:
+                record = self._score_worst_case(pool, key, log)
+        self._worst_case = [row["name"] for row in record["people"]]
+        return self._worst_case
+
+    def _score_worst_case(self, pool: list, key: str, log) -> dict:
+        """Score every candidate on the full model (the build lock held); write the file and a build-record entry."""
+        from obliviate.models.causal_lm import load
+        from obliviate.runs import write_json
+        from obliviate.worlds import worst_case as wc
+
+        build = self.read_record() or {"recipe": self.recipe()}
+        self._train_full(build, log)
+        model, tokenizer = load(self.full_model_dir)
+        log(f"worst-case splits: scoring how hard each of {len(pool)} candidate people is to erase "
+            "(worlds/worst_case.py)")
+        scores = wc.score(model, [self.person_examples(tokenizer, p) for p in pool], wc.SETTINGS,
+                          tokenizer.pad_token_id, log=log)
+        record = {"key": key, "selection": "worst-case forget sets (Fan et al., ECCV 2024), per-person approximation: "
+                  "worlds/worst_case.py", "settings": wc.SETTINGS.key_data(), "candidates": len(pool),
+                  "excluded": "val10", "seconds": scores["seconds"],
+                  "people": [{"name": pool[i].name, "rank": r + 1, "loss_after": scores["loss_after"][i],
+                              "loss_original": scores["loss_original"][i]}
+                             for r, i in enumerate(wc.rank(scores))]}
+        write_json(self.worst_case_file, record)
+        build["selection-worst-case"] = {"file": self.worst_case_file.name, "key": key,
+                                         "seconds": scores["seconds"]}
+        self.write_record(build)
+        return record
+
+    def person_examples(self, tokenizer, person) -> list:
+        """One person's training sequences, encoded as `training_examples` encodes them."""
+        from obliviate.models import causal_lm as lm
+
+        return ([lm.encode_qa(tokenizer, i.question, i.answer) for i in self.data().qa[person.name]]
+                + [lm.encode_item(tokenizer, person.biography())])
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
