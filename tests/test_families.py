@@ -474,7 +474,7 @@ def test_the_config_imports_no_world_recipe():
 
     imported = {i for i in _imports(SRC / "config.py") if i.startswith("obliviate.worlds")}
     assert imported <= {"obliviate.worlds", "obliviate.worlds.cache_root", "obliviate.worlds.check_recipe_keys",
-                        "obliviate.worlds.check_dp2_settings", "obliviate.worlds.check_corrupt_settings"}
+                        "obliviate.worlds.check_variant_settings"}
     assert set(RECIPES) == {w for f in FAMILIES.values() for w in f.worlds}
     assert cache_root("/x") == Path("/x")
     for world, key in (("profiles", "num_layers"), ("canvas", "unet_steps"), ("portraits", "vision_layers")):

@@ -44,20 +44,17 @@ class WorldConfig(_Strict):
             from obliviate.worlds import check_recipe_keys
 
             check_recipe_keys(self.name, self.model, self.arch)
-        if self.dp2 is not None:
-            from obliviate.worlds import check_dp2_settings
+        if self.dp2 is not None and self.arch != "dense":
+            raise ObliviateError(f"world.dp2: the DP2Unlearning variant is built for the dense world, not arch = "
+                                 f"{self.arch!r}")
+        if self.corrupt is not None and (self.arch != "dense" or self.dp2 is not None):
+            raise ObliviateError("world.corrupt: the corrupted variant is built on the plain dense world, not "
+                                 "with world.arch or world.dp2")
+        for key in ("dp2", "corrupt"):
+            if getattr(self, key) is not None:
+                from obliviate.worlds import check_variant_settings
 
-            if self.arch != "dense":
-                raise ObliviateError(f"world.dp2: the DP2Unlearning variant is built for the dense world, not arch = "
-                                     f"{self.arch!r}")
-            check_dp2_settings(self.name, self.dp2)
-        if self.corrupt is not None:
-            from obliviate.worlds import check_corrupt_settings
-
-            if self.arch != "dense" or self.dp2 is not None:
-                raise ObliviateError("world.corrupt: the corrupted variant is built on the plain dense world, not "
-                                     "with world.arch or world.dp2")
-            check_corrupt_settings(self.name, self.corrupt)
+                check_variant_settings(self.name, key, getattr(self, key))
         return self
 
     @model_serializer(mode="wrap")

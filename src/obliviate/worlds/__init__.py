@@ -39,30 +39,22 @@ def check_recipe_keys(world: str, keys, arch: str = "dense") -> None:
         raise ValueError(f"world.model: unknown recipe key(s) {sorted(bad)}; valid: {sorted(known)}")
 
 
-def check_dp2_settings(world: str, settings) -> None:
-    """A ValueError naming the key when `world.dp2` (DP2Unlearning's DP-SGD settings, profiles only) is bad."""
+# The profiles world's variants a WorldConfig key selects, and the function that reads (and checks) its settings
+VARIANTS = {"dp2": "obliviate.worlds.dp_train:dp_recipe",  # DP2Unlearning's DP-SGD stage
+            "corrupt": "obliviate.worlds.profiles_corrupt:corrupt_recipe"}  # RESTOR's corrupted world
+
+
+def check_variant_settings(world: str, key: str, settings) -> None:
+    """A ValueError naming the key when `world.<key>` (the settings of a profiles-world variant, `VARIANTS`) is bad."""
+    import importlib
+
     from obliviate.errors import ObliviateError
 
     if world != "profiles":
-        raise ValueError(f"world.dp2 is a variant of the profiles world, not of {world}")
-    from obliviate.worlds.dp_train import dp_recipe
-
+        raise ValueError(f"world.{key} is a variant of the profiles world, not of {world}")
+    module, _, function = VARIANTS[key].partition(":")
     try:
-        dp_recipe(settings)
-    except ObliviateError as e:
-        raise ValueError(str(e)) from None
-
-
-def check_corrupt_settings(world: str, settings) -> None:
-    """A ValueError naming the key when `world.corrupt` (RESTOR's corrupted variant, profiles only) is bad."""
-    from obliviate.errors import ObliviateError
-
-    if world != "profiles":
-        raise ValueError(f"world.corrupt is a variant of the profiles world, not of {world}")
-    from obliviate.worlds.profiles_corrupt import corrupt_recipe
-
-    try:
-        corrupt_recipe(settings)
+        getattr(importlib.import_module(module), function)(settings)
     except ObliviateError as e:
         raise ValueError(str(e)) from None
 

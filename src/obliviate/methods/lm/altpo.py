@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.lm.base import LossParts, Method, check_choice, check_number, item_mean, token_mean
+from obliviate.methods.lm.idkpo import preference_margin
 from obliviate.methods.lm.npo import RETAIN_CHOICES, retain_term
-from obliviate.models.sequences import sequence_logprob
 
 
 @dataclass
@@ -135,12 +135,7 @@ class AltPO(Method):
         alternate = forget.get("companion")
         if alternate is None:
             raise ObliviateError("AltPO needs forget['companion']: the forget questions with an alternate answer")
-        lose, _ = sequence_logprob(model, forget)
-        win, _ = sequence_logprob(model, alternate)
-        with torch.no_grad():
-            lose_ref, _ = sequence_logprob(reference, forget)
-            win_ref, _ = sequence_logprob(reference, alternate)
-        margin = (win - win_ref) - (lose - lose_ref)
+        margin, lose, win = preference_margin(model, reference, forget, alternate)
         loss_f = -(2.0 / c.beta) * item_mean(F.logsigmoid(c.beta * margin), forget)
         logs = {"forget_nll": float(token_mean(-lose.detach().sum(), forget)),
                 "alternate_logp": float(item_mean(win.detach(), forget)),

@@ -33,6 +33,17 @@ class IdkPOConfig:
         check_number("IdkPO", "alpha", self.alpha, min=0)
 
 
+def preference_margin(model, reference, lose_batch: dict, win_batch: dict):
+    """DPO's margin per item, log pi(win)/pi_ref(win) - log pi(lose)/pi_ref(lose) on summed answer log-probs, and the
+    model's own log-probs of the answer it should lose and the one it should win (IdkPO's refusal, AltPO's alternate)."""
+    lose, _ = sequence_logprob(model, lose_batch)
+    win, _ = sequence_logprob(model, win_batch)
+    with torch.no_grad():
+        lose_ref, _ = sequence_logprob(reference, lose_batch)
+        win_ref, _ = sequence_logprob(reference, win_batch)
+    return (win - win_ref) - (lose - lose_ref), lose, win
+
+
 class IdkPO(Method):
     name = "IdkPO"
     Config = IdkPOConfig
@@ -43,12 +54,7 @@ class IdkPO(Method):
         idk = forget.get("idk")
         if idk is None:
             raise ObliviateError("IdkPO needs forget['idk']: the forget questions with a refusal as the answer")
-        lose, _ = sequence_logprob(model, forget)
-        win, _ = sequence_logprob(model, idk)
-        with torch.no_grad():
-            lose_ref, _ = sequence_logprob(reference, forget)
-            win_ref, _ = sequence_logprob(reference, idk)
-        margin = (win - win_ref) - (lose - lose_ref)
+        margin, lose, win = preference_margin(model, reference, forget, idk)
         loss_f = -item_mean(F.logsigmoid(c.beta * margin), forget)
         logs = {"forget_nll": float(token_mean(-lose.detach().sum(), forget)),
                 "idk_logp": float(item_mean(win.detach(), forget)), "margin": float(item_mean(margin.detach(), forget))}
