@@ -53,6 +53,7 @@ def tiny_world(tmp_path_factory):
     return world
 
 
+@pytest.mark.slow  # the tiny canvas build, ~14 s: kept out of the 5-minute default suite; CI runs it
 def test_tiny_build_writes_a_loadable_pipeline(tiny_world):
     from diffusers import StableDiffusionPipeline
     record = json.loads((tiny_world.root / "build.json").read_text())

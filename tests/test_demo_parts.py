@@ -30,7 +30,7 @@ def failing_part(folder, log=print, **options):
     raise ObliviateError("the canvas part failed")
 
 
-@pytest.mark.parametrize("jobs,size", [(1, "demo"), (2, "full")])
+@pytest.mark.parametrize("jobs,size", [(1, "demo"), pytest.param(2, "full", marks=pytest.mark.slow)])  # ~7 s
 def test_parts_run_side_by_side_and_come_together(tmp_path, monkeypatch, jobs, size):
     import obliviate.demo as demo
 

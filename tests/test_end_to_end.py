@@ -26,6 +26,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow  # two world runs, ~15 s: kept out of the 5-minute default suite; CI runs it
 def test_run_writes_a_complete_folder_and_leaves_the_base_model_alone(tiny_world):
     from obliviate.models.causal_lm import load
     from obliviate.worlds.profiles import ProfilesWorld

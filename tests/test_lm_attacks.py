@@ -32,6 +32,7 @@ def world_run(tmp_path_factory):
     return root / "runs" / "gd", root
 
 
+@pytest.mark.slow  # a world run and every attack, ~17 s: kept out of the 5-minute default suite; CI runs it
 def test_every_attack_on_a_world_run_writes_its_result_next_to_the_references(world_run):
     from obliviate.config import load_config
     from obliviate.registry import ATTACKS, DEFAULT_ATTACKS

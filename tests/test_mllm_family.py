@@ -119,7 +119,13 @@ def _all_methods():
     return [m for m in MLLM_METHODS if m not in ("Retrain", "UOE")]  # UOE needs an MoE model: test_lm_moe.py
 
 
-@pytest.mark.parametrize("method", _all_methods())
+# the default suite runs one of each kind of step (plain losses, a rule over a base, a mask taken in fit, companions,
+# a dual step after each step, the vision-language methods); the slow suite (CI) runs every method
+DEFAULT_RUNS = {"GradDiff", "NPO", "RGD", "WAGLE", "AltPO", "PDU", "MMUnlearner", "PromptDecouple"}
+
+
+@pytest.mark.parametrize("method", [m if m in DEFAULT_RUNS else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in _all_methods()])
 def test_every_method_runs_on_a_users_llava_with_mllmu_files(tmp_path, llava_dir, method):
     """One step of each method on MLLMU-Bench's files and a LLaVA folder; the run folder holds the changed tensors,
     and the unlearned model differs from the base in exactly those tensors."""

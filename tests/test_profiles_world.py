@@ -47,6 +47,7 @@ def test_recipe_hash_changes_with_the_recipe(tmp_path):
     assert ProfilesWorld(WorldConfig(cache_dir=str(tmp_path), seed=1)).key() != base
 
 
+@pytest.mark.slow  # ~8 s: kept out of the 5-minute default suite; CI runs it
 def test_world_model_evaluations_are_computed_once_per_setting(tmp_path, monkeypatch):
     """The original's and the retrain model's evaluations are cached in the world by split and evaluation settings:
     a second call loads no model and gives the same values; other settings are computed anew. The original is

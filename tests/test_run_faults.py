@@ -105,6 +105,7 @@ def test_export_refuses_a_base_that_changed_or_has_another_shape(world, tmp_path
     assert r.exit_code == 2 and "not a readable safetensors file" in r.stderr, r.output
 
 
+@pytest.mark.slow  # ~9 s: kept out of the 5-minute default suite; CI runs it
 def test_per_item_values_are_strict_json(world):
     run_dir = _run(world, "strict")
 
@@ -133,6 +134,7 @@ def test_items_longer_than_the_context_are_counted_and_recorded(tiny_lm_dir, tmp
     assert json.loads((tmp_path / "runs" / "cut" / "metrics.json").read_text())["truncated_items"] == 1
 
 
+@pytest.mark.slow  # two world runs, ~10 s (kept out of the 5-minute default suite; CI runs it); the text-to-image resume stays in it
 def test_an_interrupted_run_resumes_to_the_metrics_of_an_uninterrupted_one(world, monkeypatch):
     from obliviate.loops import lm as loop
     from obliviate.runners import run
