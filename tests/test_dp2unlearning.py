@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error, tiny_items, tiny_profiles_config
 from obliviate.errors import ObliviateError
+from obliviate.worlds import world_of
 
 pytest.importorskip("opacus")
 
@@ -28,9 +29,8 @@ def encoded_examples(tokenizer, n: int = 24):
 
 def dp2_world(tmp_path, **dp2):
     from obliviate.config import WorldConfig
-    from obliviate.worlds.profiles import ProfilesWorld
 
-    return ProfilesWorld.from_config(WorldConfig(n_people=10, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
+    return world_of(WorldConfig(n_people=10, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
                                                  model=TINY_MODEL, dp2=dp2 or {"epsilon": 8}))
 
 
@@ -124,7 +124,7 @@ def test_the_dp2_variant_has_its_own_key_and_shares_the_plain_worlds_references(
     from obliviate.worlds.profiles import ProfilesWorld
     from obliviate.worlds.profiles_dp2 import DP2ProfilesWorld
 
-    plain = ProfilesWorld.from_config(WorldConfig(n_people=10, cache_dir=str(tmp_path), model=TINY_MODEL))
+    plain = world_of(WorldConfig(n_people=10, cache_dir=str(tmp_path), model=TINY_MODEL))
     world = dp2_world(tmp_path)
     assert type(plain) is ProfilesWorld and isinstance(world, DP2ProfilesWorld)
     assert plain.key() == ProfilesWorld(WorldConfig(n_people=10, cache_dir=str(tmp_path), model=TINY_MODEL)).key()

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import one_line_error, tiny_profiles_config
 from obliviate.errors import ObliviateError
+from obliviate.worlds import world_of
 
 TINY_WORLD = dict(n_people=10, n_holdout=2, general_facts=5,
                   model=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, vocab_size=400,
@@ -17,9 +18,8 @@ TINY_WORLD = dict(n_people=10, n_holdout=2, general_facts=5,
 
 def corrupted_world(tmp_path, **corrupt):
     from obliviate.config import WorldConfig
-    from obliviate.worlds.profiles import ProfilesWorld
 
-    return ProfilesWorld.from_config(WorldConfig(cache_dir=str(tmp_path), corrupt=corrupt, **TINY_WORLD))
+    return world_of(WorldConfig(cache_dir=str(tmp_path), corrupt=corrupt, **TINY_WORLD))
 
 
 # ---- the corrupted world's data ---------------------------------------------------------------------------------
@@ -214,7 +214,6 @@ def test_tiny_corrupted_world_run_reports_recovery_next_to_forgetting(tmp_path):
     from obliviate.cli import app
     from obliviate.config import load_config
     from obliviate.evals.restor import forgetting, recovery
-    from obliviate.worlds.profiles import ProfilesWorld
 
     cfg = tiny_profiles_config(tmp_path, max_steps=10)
     cfg.write_text(cfg.read_text().replace(
@@ -222,7 +221,7 @@ def test_tiny_corrupted_world_run_reports_recovery_next_to_forgetting(tmp_path):
         "epochs: 1}", "epochs: 60, batch_size: 16, lr: 3.0e-3}"))
     result = CliRunner().invoke(app, ["run", str(cfg), "--quiet", "split=forget20", "method=NPO", "name=npo"])
     assert result.exit_code == 0, result.output
-    world = ProfilesWorld.from_config(load_config(cfg).world)
+    world = world_of(load_config(cfg).world)
     accuracy = world.read_record()["accuracy-forget20"]
     # the corruption took: the corrupted model states the wrong facts the clean one does not
     assert accuracy["full"]["wrong"] > accuracy["clean"]["wrong"]

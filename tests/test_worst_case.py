@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from obliviate.config import WorldConfig
 from obliviate.errors import ObliviateError
+from obliviate.worlds import world_of
 from obliviate.models import causal_lm as lm
 from obliviate.worlds import worst_case as wc
 from obliviate.worlds.profiles import ProfilesWorld, check_split
@@ -233,7 +234,7 @@ def test_sequential_requests_nest_worst_splits_and_the_variants_refuse_them(worl
     with pytest.raises(ObliviateError, match="must be a split inside split = 'worst10'"):
         world.unlearning_sets("worst10", forgotten_before="worst20")
     from obliviate.worlds.profiles_dp2 import DP2ProfilesWorld
-    dp2 = ProfilesWorld.from_config(WorldConfig(n_people=20, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
+    dp2 = world_of(WorldConfig(n_people=20, n_holdout=2, general_facts=5, cache_dir=str(tmp_path),
                                                 model=TINY_MODEL, dp2={"noise_multiplier": 1.0}))
     assert isinstance(dp2, DP2ProfilesWorld)
     with pytest.raises(ObliviateError, match="offered on the plain profiles world only"):

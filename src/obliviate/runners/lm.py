@@ -41,9 +41,9 @@ def format_record(tokenizer) -> dict:
 
 
 def world_for(config: RunConfig):
-    from obliviate.worlds.profiles import ProfilesWorld
+    from obliviate.worlds import world_of
 
-    return ProfilesWorld.from_config(config.world)  # the DP2Unlearning variant when world.dp2 is set
+    return world_of(config.world)  # the profiles world, or its variant (DP2Unlearning's, RESTOR's) when one is set
 
 
 def evaluation_of(model, tokenizer, qa_sets, texts, eval_config: EvalConfig, reference_model=None,

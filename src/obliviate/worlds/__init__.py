@@ -39,32 +39,47 @@ def check_recipe_keys(world: str, keys, arch: str = "dense") -> None:
         raise ValueError(f"world.model: unknown recipe key(s) {sorted(bad)}; valid: {sorted(known)}")
 
 
-# The profiles world's variants a WorldConfig key selects, and the function that reads (and checks) its settings
-VARIANTS = {"dp2": "obliviate.worlds.dp_train:dp_recipe",  # DP2Unlearning's DP-SGD stage
-            "corrupt": "obliviate.worlds.profiles_corrupt:corrupt_recipe"}  # RESTOR's corrupted world
+# The profiles world's variants a WorldConfig key selects: the function that reads (and checks) its settings and the
+# world that builds it; the first key set wins (`world_of`; config.py refuses two at once)
+VARIANTS = {"corrupt": ("obliviate.worlds.profiles_corrupt:corrupt_recipe",  # RESTOR's corrupted world
+                        "obliviate.worlds.profiles_corrupt:CorruptedProfilesWorld"),
+            "dp2": ("obliviate.worlds.dp_train:dp_recipe",  # DP2Unlearning's DP-SGD stage
+                    "obliviate.worlds.profiles_dp2:DP2ProfilesWorld")}
+
+
+def _load(target: str):
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_variant_settings(world: str, key: str, settings) -> None:
     """A ValueError naming the key when `world.<key>` (the settings of a profiles-world variant, `VARIANTS`) is bad."""
-    import importlib
-
     from obliviate.errors import ObliviateError
 
     if world != "profiles":
         raise ValueError(f"world.{key} is a variant of the profiles world, not of {world}")
-    module, _, function = VARIANTS[key].partition(":")
     try:
-        getattr(importlib.import_module(module), function)(settings)
+        _load(VARIANTS[key][0])(settings)
     except ObliviateError as e:
         raise ValueError(str(e)) from None
+
+
+def world_of(config):
+    """The world a WorldConfig names, unbuilt: a profiles-world variant when its key is set (`VARIANTS`)."""
+    from obliviate.registry import WORLDS, lookup
+
+    for key, (_, world) in VARIANTS.items():
+        if getattr(config, key, None) is not None:
+            return _load(world)(config)
+    return lookup(WORLDS, config.name, "world").load().from_config(config)
 
 
 def build_world(config, split: str | None = None, log=print):
     """Build (or reuse from the cache) the world a WorldConfig names, and return it: its models and the retrain
     reference of target `split` (a forget split, or a canvas concept); None: the world's default references."""
-    from obliviate.registry import WORLDS, lookup
-
-    world = lookup(WORLDS, config.name, "world").load().from_config(config)
+    world = world_of(config)
     if split:
         world.ensure_retrain(split, log=log)
     else:

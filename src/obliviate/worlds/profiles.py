@@ -238,20 +238,6 @@ class ProfilesWorld(PeopleWorld):
         self.config = config
         self._data: ProfilesData | None = None
 
-    @classmethod
-    def from_config(cls, config) -> "ProfilesWorld":
-        """The plain world, its DP2Unlearning variant when `world.dp2` is set (worlds/profiles_dp2.py), or RESTOR's
-        corrupted variant when `world.corrupt` is (worlds/profiles_corrupt.py)."""
-        if getattr(config, "corrupt", None) is not None:
-            from obliviate.worlds.profiles_corrupt import CorruptedProfilesWorld
-
-            return CorruptedProfilesWorld(config)
-        if getattr(config, "dp2", None) is not None:
-            from obliviate.worlds.profiles_dp2 import DP2ProfilesWorld
-
-            return DP2ProfilesWorld(config)
-        return cls(config)
-
     @property
     def cache_dir(self):
         return self.config.cache_dir

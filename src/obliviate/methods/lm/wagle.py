@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.methods.common import LossParts, check_number
+from obliviate.methods.common import check_number
 from obliviate.methods.lm.base import RuleOverBase, nll_gradients, resolve_base
 from obliviate.methods.saliency import mask_fraction, saliency_mask
 
