@@ -604,3 +604,19 @@ def test_runners_up_are_listed_best_first_by_the_rules_goal(goal, chosen, order)
     bench = Bench(Path("."), {"spec": {"select": {goal: "forget_quality"}}}, [], selection)
     runners = selection_rows(bench)[0][4]
     assert [part.split(":")[0] for part in runners.split("; ")] == order
+
+
+def test_a_rule_that_minimises_ranks_lowest_first_even_for_a_metric_declared_without_a_direction():
+    """The vision-language forget accuracy is declared without a direction; the portraits spec minimises it, and its
+    leaderboard ranked the methods in name order until the rule's own direction was read."""
+    from obliviate.bench.leaderboard import rule_direction, sort_key
+    from obliviate.registry import METRICS
+
+    assert METRICS["forget_classification_image"].better is None
+    assert rule_direction({"minimize": "forget_classification_image"}) == "lower"
+    assert rule_direction({"maximize": "ua"}) == "higher"
+    assert rule_direction("the lowest forget_quality among ...") == "lower"
+    assert rule_direction("best forget_quality") is None and rule_direction(None) is None
+    values = {"GradDiff": 0.73, "NPO": 0.13, "SimNPO": 0.37, "none": None}
+    assert sorted(values, key=lambda k: sort_key("lower", values[k])) == ["NPO", "SimNPO", "GradDiff", "none"]
+    assert sorted(values, key=lambda k: sort_key("higher", values[k])) == ["GradDiff", "SimNPO", "NPO", "none"]

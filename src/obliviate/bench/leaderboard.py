@@ -223,10 +223,21 @@ def better(metric, a: float, b: float) -> bool:
     return False
 
 
-def sort_key(metric, value: float | None):
+def sort_key(direction: str | None, value: float | None):
     if value is None:
         return (1, 0.0)
-    return (0, {"higher": -value, "lower": value, "zero": abs(value)}.get(metric.better, 0.0))
+    return (0, {"higher": -value, "lower": value, "zero": abs(value)}.get(direction, 0.0))
+
+
+def rule_direction(rule) -> str | None:
+    """The direction a selection rule ranks in when it says so itself ({minimize = ...}, {maximize = ...}, "lowest
+    ...", "highest ..."); None: the ranked metric's declared one (a metric declared without one, as the
+    vision-language forget accuracy, is ranked the way the spec asks)."""
+    if isinstance(rule, dict):
+        return "lower" if rule.get("minimize") else "higher" if rule.get("maximize") else None
+    found = _BEST.search(rule.lower()) if isinstance(rule, str) else None
+    word = found.group(0).split()[0] if found else ""
+    return "lower" if word.startswith(("lowest", "min")) else "higher" if word.startswith(("highest", "max")) else None
 
 
 # ---- the rule: what ranks, and the bar a seed meets or not --------------------------------------------------------
@@ -289,9 +300,9 @@ def parse_rule(rule, family: str) -> tuple[str | None, list[Bar]]:
     return metric, bars
 
 
-def bench_rule(bench: Bench, family: str) -> tuple[str, list[Bar], str]:
-    """The rank metric, the bars, and the rule as written: the spec's, else the first that selection.json records,
-    else TOFU's convention for language models (forget quality >= 0.05)."""
+def bench_rule(bench: Bench, family: str) -> tuple[str, list[Bar], str, str | None]:
+    """The rank metric, the bars, the rule as written and the direction it ranks in: the spec's, else the first
+    that selection.json records, else TOFU's convention for language models (forget quality >= 0.05)."""
     spec = bench.spec
     rule = spec.get("select") or spec.get("selection") or spec.get("rule")
     if isinstance(rule, dict) and family in rule and isinstance(rule[family], (dict, str)):
@@ -305,7 +316,9 @@ def bench_rule(bench: Bench, family: str) -> tuple[str, list[Bar], str]:
     if not bars and family == "lm" and rule is None:
         bars = [Bar("forget_quality", ">=", 0.05, False)]
         text = "forget quality >= 0.05 (TOFU's convention; the spec declares no rule)"
-    return metric, bars, text
+    from obliviate.registry import METRICS
+
+    return metric, bars, text, rule_direction(rule) or METRICS[metric].better
 
 
 # ---- one leaderboard ---------------------------------------------------------------------------------------------
@@ -337,6 +350,7 @@ class Board:
     floor_gap: dict[str, float]
     ties: list[str]
     cells: dict[str, list[Cell]]  # method -> its reported cells
+    direction: str | None = None  # how the metric ranks: the rule's own, else the metric's declared direction
 
 
 def _settings(params: dict | None) -> str:
@@ -378,7 +392,7 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
     references = [c for c in bench.cells if c.kind == "reference" and c.task == task and c.family == family
                   and _target(c) == target]
     floors = [c for c in references if c.done and retrain_seed(c) >= 1]
-    metric, bars, rule = bench_rule(bench, family)
+    metric, bars, rule, direction = bench_rule(bench, family)
     methods: dict[str, list[Cell]] = {}
     for c in sorted(reported, key=lambda c: (c.method, c.seed or 0)):
         methods.setdefault(c.method, []).append(c)
@@ -443,7 +457,7 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
                 line.near.add(k)
         ranked.append(line)
     m = METRICS[metric]
-    ranked.sort(key=lambda ln: (bool(ln.failed), sort_key(m, ln.stats.get(metric).mean
+    ranked.sort(key=lambda ln: (bool(ln.failed), sort_key(direction, ln.stats.get(metric).mean
                                                             if ln.stats.get(metric) else None)))
     ties = []
     previous = None
@@ -464,7 +478,7 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
     if failed_floor:
         lines.insert(1, Line("retrain seed >= 1 (the noise floor)", "floor",
                              failed=f"failed ({_reasons(failed_floor)})"))
-    return Board(task, family, target, metric, bars, rule, columns, lines, floor_gap, ties, methods)
+    return Board(task, family, target, metric, bars, rule, columns, lines, floor_gap, ties, methods, direction)
 
 
 def _seeds(n: int) -> str:
@@ -543,7 +557,9 @@ def _legend(b: Board) -> list[str]:
 
     m = METRICS[b.metric]
     notes = [f"Each method: its chosen settings on {b.target}, mean ± std (sample standard deviation, n - 1) over "
-             f"its seeds; ranked by {m.column_title} ({m.name}). Arrows: ↑ higher is better, ↓ lower is better, "
+             f"its seeds; ranked by {m.column_title} ({m.name}), "
+             f"{ {'higher': 'highest', 'lower': 'lowest', 'zero': 'closest to zero'}.get(b.direction, 'in no order')} "
+             "first. Arrows: ↑ higher is better, ↓ lower is better, "
              "→0 closest to zero is best (each metric's declaration)."]
     has_floor = any(ln.kind == "floor" and not ln.failed for ln in b.lines)
     if has_floor and not b.floor_gap:
