@@ -349,6 +349,12 @@ def test_what_a_guard_cannot_serve_is_one_line(chat_lm_dir, tmp_path):
     result = runner.invoke(app, ["ls", "methods"])
     assert "ICU (guard)" in result.output and "GUARD (guard)" in result.output
     one_line_error(_cli_bad_args(tmp_path), "detect must be one of subjects, always")
+    from obliviate.loops.lm import unlearn  # a guard handed to the training loop: refused, not an AttributeError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for name in ("ICU", "GUARD"):
+        with pytest.raises(ObliviateError, match=f"{name} is a generation-time guard: it trains nothing"):
+            unlearn(AutoModelForCausalLM.from_pretrained(chat_lm_dir), AutoTokenizer.from_pretrained(chat_lm_dir),
+                    tiny_items()[:2], tiny_items()[2:4], make_method("lm", name))
 
 
 def _cli_bad_args(tmp_path):

@@ -112,6 +112,9 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     if isinstance(method, str):
         from obliviate.methods.common import make_method
         method = make_method("lm", method)
+    if getattr(method, "guard", False):  # a guard changes how the model generates, not its weights
+        raise ObliviateError(f"{method.name} is a generation-time guard: it trains nothing; `obliviate run` records "
+                             f"it and evaluation applies it (docs/lm_guards.md)")
     check_disjoint(forget, retain)
     adapter.prepare_tokenizer(tokenizer)
     rng = random.Random(train.seed)
