@@ -212,17 +212,6 @@ def fmt_stat(s: Stat | None, fmt: str) -> str:
     return text
 
 
-def better(metric, a: float, b: float) -> bool:
-    """a ranks before b by the metric's declared direction."""
-    if metric.better == "higher":
-        return a > b
-    if metric.better == "lower":
-        return a < b
-    if metric.better == "zero":
-        return abs(a) < abs(b)
-    return False
-
-
 def sort_key(direction: str | None, value: float | None):
     if value is None:
         return (1, 0.0)
