@@ -63,6 +63,11 @@ def check_mllm(config: RunConfig) -> None:
             raise ObliviateError(f"unknown split '{config.split}'. Valid: {', '.join(SPLITS)}")
         check_forgotten_before(config.split, config.forgotten_before, PortraitsWorld(config.world).data().people,
                                SPLITS)
+    if config.model:
+        from obliviate.guards import GUARD_FILE, LOAD_CALL
+        if (Path(config.model) / GUARD_FILE).is_file():  # a run would drop the guard and score the bare weights
+            raise ObliviateError(f"{config.model} carries a generation-time guard ({GUARD_FILE}); runs on a guarded "
+                                 f"folder are not supported yet: ask it with {LOAD_CALL}, or run on its base")
     for folder in (config.model, config.retrain_model):
         if folder:
             check_vlm_folder(folder)
