@@ -364,3 +364,31 @@ methods:
     assert all(r["status"] == "done" for r in result["cells"]), [r.get("reason") for r in result["cells"]]
     board = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "GUARD" in board and "ICU" in board
+
+
+@pytest.mark.slow  # the tiny portraits world built, a guard run from the CLI: 20-70 s on 2 shared cores
+def test_guard_on_the_portraits_world_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from test_mllm_family import TINY_WORLD
+
+    from obliviate.api import attack_run
+
+    model = "\n".join(f"{k} = {v}" for k, v in TINY_WORLD["model"].items())
+    (tmp_path / "run.toml").write_text(
+        f'method = "GUARD"\nsplit = "forget10"\noutput_dir = "{tmp_path / "runs"}"\nname = "guard"\n'
+        f'[world]\nname = "portraits"\nn_people = 10\nn_holdout = 2\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[world.model]\n{model}\n[eval]\nretain_people = 2\n')
+    out = subprocess.run([sys.executable, "-m", "obliviate.cli", "run", str(tmp_path / "run.toml"), "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "runs" / "guard"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["guard"]["family"] == "mllm" and metrics["guard"]["config"]["detect"] == "pictures"
+    # the world's people are named: each forget person's words, keyed by name
+    assert len(metrics["guard"]["material"]["words"]) == 10 and all(" " in n for n in metrics["guard"]["material"]["words"])
+    for key in ("forget_quality", "forget_classification_image", "retain_cloze_text", "mia_loss_auc"):
+        assert key in metrics, key
+    with pytest.raises(ObliviateError, match="no attack serves that family yet"):
+        attack_run(run, log=lambda *_: None)
