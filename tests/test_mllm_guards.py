@@ -80,8 +80,8 @@ def test_icu_puts_text_turns_before_the_question_and_keeps_its_picture(llava_dir
     guard = make_method("mllm", "ICU", {"forget_examples": 1, "correct_examples": 1}).bind_items(data.forget,
                                                                                                 data.retain)
     assert guard.family == "mllm" and len(guard.material["forget"]) == 2  # the two forget people's QA pairs
-    # no options on MLLMU-Bench's unlearning pairs: the other forget person's answer is the wrong one
-    assert [e["answer"] for e in guard.material["forget"]] == ["This person is a nurse.", "This person is a poet."]
+    # no options on MLLMU-Bench's unlearning pairs: the refusal, not the other forget person's (true) answer
+    assert [e["answer"] for e in guard.material["forget"]] == ["I don't know.", "I don't know."]
     _, processor = _load(llava_dir)
     plain = vlm.VisionLanguageAdapter(processor, data.picture)
     item = data.forget[0]
@@ -94,7 +94,7 @@ def test_icu_puts_text_turns_before_the_question_and_keeps_its_picture(llava_dir
     correct = guard.material["correct"][0]
     # the raw format: the nearest forget example (its own item: ties broken by set order) with its flipped answer,
     # the retain example with its true answer, then the question
-    assert text == (f"Question: {item.question}\nAnswer: This person is a nurse.\n\nQuestion: {correct['question']}"
+    assert text == (f"Question: {item.question}\nAnswer: I don't know.\n\nQuestion: {correct['question']}"
                     f"\nAnswer: {correct['answer']}\n\nQuestion: \n{item.question}\nAnswer:")
     guard.remove(None, processor.tokenizer)
     assert plain.prompt(processor.tokenizer, item)[0] == ids
@@ -289,7 +289,7 @@ def test_icu_run_changes_no_tensor_and_asks_after_its_examples(llava_dir, mllmu,
     assert record["guard"] == "ICU" and record["family"] == "mllm" and guard.material == record["material"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["prompt_format"]["context"] == {"guard": "ICU", "forget_examples": 2, "pool": 2, "correct": 2}
-    assert "Question: What is this person's job?\nAnswer: This person is a" in metrics["prompt_format"]["example"]
+    assert "Question: What is this person's job?\nAnswer: I don't know." in metrics["prompt_format"]["example"]
     # every question, with its picture or as text, was asked after the context: the likelihoods moved
     assert metrics["forget_truth_ratio"] != metrics["original"]["forget_truth_ratio"]
 
@@ -386,8 +386,9 @@ def test_guard_on_the_portraits_world_from_the_cli(tmp_path):
     run = tmp_path / "runs" / "guard"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["guard"]["family"] == "mllm" and metrics["guard"]["config"]["detect"] == "pictures"
-    # the world's people are named: each forget person's words, keyed by name
-    assert len(metrics["guard"]["material"]["words"]) == 10 and all(" " in n for n in metrics["guard"]["material"]["words"])
+    # the world's people are named (forget10 of 10 people: one): the forget person's words, keyed by the name
+    words = metrics["guard"]["material"]["words"]
+    assert len(words) == 1 and all(" " in name and found for name, found in words.items()), words
     for key in ("forget_quality", "forget_classification_image", "retain_cloze_text", "mia_loss_auc"):
         assert key in metrics, key
     with pytest.raises(ObliviateError, match="no attack serves that family yet"):

@@ -2,7 +2,9 @@
 the recipe, where obliviate differs) asked through the processor's tokenizer.
 
 The in-context examples are text turns: the forget items' questions with wrong answers (`guards/mllm.as_questions`:
-the true value swapped for a wrong multiple-choice option, else another forget item's answer, else the refusal) and
+the true value swapped for a wrong multiple-choice option; an item without options gets the refusal, not another
+forget item's answer as on a language model: a picture question is worded alike for every person ("What is this
+person's job?"), so another forget person's answer would be that person's true one, shown to their picture) and
 L retain questions with their true answers, then the question, with its picture in the last turn only. The examples'
 own pictures are left out: each would add the vision tower's hundreds of tokens (576 for LLaVA-1.5) per example, and
 the adapter asks with one picture. A picture's question ("Where was this person born?") so gets, as its nearest
@@ -18,4 +20,8 @@ class ICU(icu.ICU):
     family = "mllm"
 
     def bind_items(self, forget: list, retain: list) -> ICU:
-        return super().bind_items(as_questions(forget), as_questions(retain))
+        from dataclasses import replace
+
+        refused = (self.config.refusal,)  # the only wrong answer of an item without options
+        questions = [i if i.perturbed_answers else replace(i, perturbed_answers=refused) for i in as_questions(forget)]
+        return super().bind_items(questions, as_questions(retain))

@@ -7,7 +7,8 @@ three steps, and what obliviate does for each:
    run's own questions would only learn their wording): a text is *flagged* for a forget subject once it names it,
    as a whole word followed by more text (`detect = "subjects"`, the items' `subject`: the profiles world's people,
    TOFU's authors); `detect = "always"` flags every text for every forget subject (the forget set has no subjects,
-   or every prompt is to be guarded).
+   or every prompt is to be guarded); the vision-language family adds `detect = "pictures"` (a text holding a
+   picture's token is flagged for every forget subject: `guards/mllm/guard.py`).
 2. *Extract the forbidden tokens*: the paper retrieves the forget answers of the detected target and keeps their key
    phrases. Here: the words of each forget answer of the subject that its question does not contain, the subject's
    own name words and a short list of function words left out (the fact: "Ada Lind was born in Lisbon." to
@@ -28,7 +29,8 @@ so the restricted distribution gives each forbidden token probability floor / (1
 renormalises the rest: generation never picks a forbidden token (the allowed ones hold ~all the mass), and a
 likelihood of an answer that needs one stays finite (about log(1e-10) = -23 nats for each such token) instead of
 -inf, so answer probability, truth ratio and the membership scores can still be computed and compared. Every scoring
-pass gets the same rule at every position from the tokens before it (hooks on the decoder and the output head), so
+pass gets the same rule at every position from the tokens before it (hooks on the module that reads the token ids,
+a causal LM's decoder, and on the output head), so
 a likelihood is the one of the distribution generation draws from; a text that never names a forget subject keeps
 the model's logits bit for bit (its scores and answers are the unguarded model's exactly).
 
