@@ -68,15 +68,6 @@ def write_mllmu(folder: Path, rows_by_set: dict | None = None) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    from vlm_models import tiny_llava
-
-    from obliviate.worlds.portraits import portraits_data
-
-    return tiny_llava(tmp_path_factory.mktemp("llava") / "model", portraits_data(10, 2, 2, seed=0))
-
-
 def test_mllmu_files_load_in_the_published_schema(tmp_path):
     from obliviate.benchmark_files import load_mllmu
 

@@ -20,15 +20,6 @@ from test_mllm_family import _profile, write_mllmu
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    from vlm_models import tiny_llava
-
-    from obliviate.worlds.portraits import portraits_data
-
-    return tiny_llava(tmp_path_factory.mktemp("llava") / "model", portraits_data(10, 2, 2, seed=0))
-
-
-@pytest.fixture(scope="module")
 def mllmu(tmp_path_factory):
     from obliviate.benchmark_files import load_mllmu
 

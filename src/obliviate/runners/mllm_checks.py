@@ -47,9 +47,10 @@ def check_mllm(config: RunConfig) -> None:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
         check_reference_run(config, own_model=True)
         bench = load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row
+        from obliviate.guards import is_guard
         from obliviate.runners.common import method_of
         method = method_of(config)
-        if getattr(method, "guard", False):  # what a guard takes from the items (no model needed): before the claim
+        if is_guard(method):  # what a guard takes from the items (no model needed): before the claim
             method.bind_items(bench.forget, bench.retain)
         if config.forgotten_before:
             raise ObliviateError("forgotten_before names a split of the portraits world; on MLLMU-Bench's files, "
