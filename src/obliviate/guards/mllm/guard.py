@@ -12,7 +12,8 @@ forget person was cannot say so through the guard), which the retain and public 
 
 The forbidden words come from the forget items' free answers (the same rule: the answer's words its question does
 not hold, without the subject's name): "This person was born in Lisbon." gives "Lisbon". The name itself is never
-forbidden, so "Who is this?" is not guarded by its words. MLLMU-Bench's files name each person by an id ("17"), not
+forbidden, so "Who is this?" is not guarded by its words; nor is a multiple-choice answer, a letter (shorter than
+`min_word_length`): the classification scores show what the word rule leaves. MLLMU-Bench's files name each person by an id ("17"), not
 a name a text can say: on them only pictures flag (their text-only questions pass; `detect = "always"` guards them;
 `detect = "subjects"` is refused). The scoring hooks sit on the
 model itself (it reads the token ids; its language model is handed embeddings) and on its output head."""
