@@ -194,12 +194,13 @@ def test_guard_detects_a_forget_persons_name_in_a_text_question(llava_dir):
 
 
 # ---- a guard run -----------------------------------------------------------------------------------------------------
-def _run(tmp, model_dir, mllmu_dir, method, args=None, name="g"):
+def _run(tmp, model_dir, mllmu_dir, method, args=None, name="g", retrain=True):
     from obliviate.config import build_config
     from obliviate.runners import run
 
     config = build_config({"family": "mllm", "method": method, "method_args": args or {}, "model": str(model_dir),
-                           "mllmu_dir": str(mllmu_dir), "retrain_model": str(model_dir), "split": "forget10",
+                           "mllmu_dir": str(mllmu_dir), "split": "forget10",
+                           **({"retrain_model": str(model_dir)} if retrain else {}),
                            "mllm": {"max_new_tokens": 4}, "eval": {"batch_size": 8},
                            "output_dir": str(tmp / "runs"), "name": name})
     return run(config, log=lambda *_: None)
@@ -251,6 +252,7 @@ def test_guard_run_exports_a_folder_that_loads_with_the_guard(guard_run, mllmu):
     exported = tmp / "exported"
     assert json.loads((exported / "obliviate_guard.json").read_text()) == json.loads(
         (run / "obliviate_guard.json").read_text())
+    assert "transformers' `from_pretrained` alone gives the unguarded model" in (exported / "README.md").read_text()
     AutoModelForImageTextToText.from_pretrained(exported)  # the unguarded model, as transformers loads it
     model, processor = load_guarded(exported)
     assert model._obliviate_guard[0].family == "mllm"
@@ -274,7 +276,7 @@ def test_icu_run_changes_no_tensor_and_asks_after_its_examples(llava_dir, mllmu,
 
     from obliviate.guards import read_guard
 
-    run = _run(tmp_path, llava_dir, mllmu[0], "ICU", {"correct_examples": 2})
+    run = _run(tmp_path, llava_dir, mllmu[0], "ICU", {"correct_examples": 2}, retrain=False)
     assert load_file(str(run / "changed.safetensors")) == {}
     guard, record = read_guard(run)
     assert record["guard"] == "ICU" and record["family"] == "mllm" and guard.material == record["material"]
