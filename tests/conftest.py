@@ -74,6 +74,16 @@ def chat_retrain_dir(tmp_path_factory):
     return train_chat_model(tmp_path_factory.mktemp("chat_retrain"), tiny_items()[2:], vocabulary_items=tiny_items())
 
 
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    """A tiny random LLaVA saved as a user's folder (tests/vlm_models.py), built once for every test module."""
+    from vlm_models import tiny_llava
+
+    from obliviate.worlds.portraits import portraits_data
+
+    return tiny_llava(tmp_path_factory.mktemp("llava") / "model", portraits_data(10, 2, 2, seed=0))
+
+
 @pytest.fixture
 def tiny_lm(tiny_lm_dir):
     from obliviate.models.causal_lm import load

@@ -17,7 +17,8 @@ from obliviate.models import sequences as seq
 from obliviate.registry import MLLM_METHODS
 
 # every loss-based language-model method, and the vision-language ones, which run on text batches too
-METHODS = [n for n in MLLM_METHODS if n not in ("Retrain", "UOE")]  # UOE needs an MoE model: test_lm_moe.py
+# UOE needs an MoE model: test_lm_moe.py; the guards have no loss (test_lm_guards.py, test_mllm_guards.py)
+METHODS = [n for n, e in MLLM_METHODS.items() if n not in ("Retrain", "UOE") and not e.guard]
 IDK = "I don't know."
 
 

@@ -41,15 +41,6 @@ def _quiet(*_):
     pass
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    from vlm_models import tiny_llava
-
-    from obliviate.worlds.portraits import portraits_data
-
-    return tiny_llava(tmp_path_factory.mktemp("llava") / "model", portraits_data(10, 2, 2, seed=0))
-
-
 def _stub_lm(monkeypatch, world):
     import obliviate.runners.lm as runner
 

@@ -115,7 +115,7 @@ def _guard_lines(metrics: dict) -> list[str]:
     if not isinstance(metrics.get("guard"), dict):
         return []
     from obliviate.guards import GUARD_FILE, LOAD_CALL
-    library = "transformers" if metrics["guard"].get("family") == "lm" else "diffusers"
+    library = "transformers" if metrics["guard"].get("family") in ("lm", "mllm") else "diffusers"
     return [f"**A generation-time guard**: the weights are the base model's; {metrics['guard'].get('guard')} acts "
             f"while the model samples. `{LOAD_CALL}(folder)` loads this folder with the guard ({GUARD_FILE} holds its "
             f"settings); {library}' `from_pretrained` alone gives the unguarded model.", ""]

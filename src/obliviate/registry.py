@@ -646,8 +646,8 @@ DEFAULT_ATTACKS = {"lm": ("relearn", "in_context", "paraphrase", "multiple_choic
                           "probe", "quantize_int8", "quantize_int4"), "t2i": ("prompt_attack",)}
 
 MLLM_METHODS = _table(
-    # every language-model method runs on a vision-language model through its adapter; the language-model guards
-    # (ICU, GUARD) are wired to the language-model runner only (docs/lm_guards.md)
+    # every language-model method runs on a vision-language model through its adapter; the guards (ICU, GUARD) are
+    # the family's own entries (guards/mllm/: the same guards on the model and its processor; docs/lm_guards.md)
     *(e for e in LM_METHODS.values() if not e.guard),
     Entry("MMUnlearner", M + "mllm.mmunlearner:MMUnlearner",
           "Gradient ascent on the forget items masked to the weights whose forget Fisher is at least their retain "
@@ -656,6 +656,12 @@ MLLM_METHODS = _table(
     Entry("PromptDecouple", M + "mllm.prompt_decouple:PromptDecouple", "GradDiff plus SafeEraser's Prompt Decouple "
           "loss: the forget question on an unrelated picture keeps its answer (weight 0.5).",
           "Chen et al. 2025, SafeEraser, https://arxiv.org/abs/2502.12520", family="mllm"),
+    GuardEntry("ICU", "obliviate.guards.mllm.icu:ICU", "In-context unlearning: each question (its picture kept) is "
+               "asked after text turns of the forget items nearest to it with wrong answers and a few retain items "
+               "with true ones (no weight changes).", LM_METHODS["ICU"].paper, family="mllm"),
+    GuardEntry("GUARD", "obliviate.guards.mllm.guard:GUARD", "Generation-time restriction: once a question holds "
+               "a picture or names a forget person, the tokens that would spell the forget answers' key words are "
+               "held at probability ~0 (no weight changes).", LM_METHODS["GUARD"].paper, family="mllm"),
 )
 # family -> name -> entry (names repeat across families)
 METHODS = {"lm": LM_METHODS, "t2i": T2I_METHODS, "mllm": MLLM_METHODS}

@@ -288,7 +288,7 @@ def guard_note(metrics: dict) -> list[str]:
         return []
     from obliviate.guards import LOAD_CALL
     settings = ", ".join(f"{k} {v}" for k, v in (guard.get("config") or {}).items() if v not in ("", None))
-    if guard.get("family") == "lm":
+    if guard.get("family") in ("lm", "mllm"):
         return [f"{guard.get('guard')} is a generation-time guard: no weight changed; the run's answers and "
                 f"likelihoods were computed through it ({settings}); an export loads with {LOAD_CALL}(folder)"]
     return [f"{guard.get('guard')} is a generation-time guard: no weight changed; the run's pictures were sampled "

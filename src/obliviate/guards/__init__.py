@@ -1,5 +1,6 @@
 """Generation-time guards, for every family: methods that leave the weights alone and change how a model generates
-(text-to-image: SLD, NegToMe, GoG in `guards/t2i/`; language models: ICU and GUARD in `guards/lm/`).
+(text-to-image: SLD, NegToMe, GoG in `guards/t2i/`; language and vision-language models: ICU and GUARD, shared in
+`guards/text/`, each family's in `guards/lm/` and `guards/mllm/`).
 
 A guard's result is a configuration, not changed tensors: its run records `describe()` in metrics.json and in
 RUN_DIR/obliviate_guard.json, writes an empty changed.safetensors, and evaluates and attacks its model through the
@@ -85,7 +86,8 @@ def load_guarded(folder: str | Path, device: str = "cpu", **options):
     """The model in `folder` (an `obliviate export` of a guard run) with its guard applied: for a text-to-image
     folder a `GuardedPipeline`, whose `__call__(prompts, seeds)` returns images sampled through the guard; for a
     language model (model, tokenizer), whose every question and scoring pass goes through the guard
-    (`guards/lm/__init__.py`)."""
+    (`guards/lm/__init__.py`); for a vision-language model (model, processor), the same with the run's prompt format
+    (`guards/mllm/__init__.py`)."""
     found = read_guard(folder)
     if found is None:
         raise ObliviateError(f"{folder}: no {GUARD_FILE} (not an export of a guard run); load it as it is")
@@ -93,6 +95,9 @@ def load_guarded(folder: str | Path, device: str = "cpu", **options):
     if guard.family == "lm":
         from obliviate.guards.lm import load_guarded as load_lm
         return load_lm(folder, guard, device, **options)
+    if guard.family == "mllm":
+        from obliviate.guards.mllm import load_guarded as load_mllm
+        return load_mllm(folder, guard, record, device, **options)
     if guard.family != "t2i":
         raise ObliviateError(f"{folder}: loading a {guard.family} guard is not supported yet")
     from obliviate.guards.t2i import GuardedPipeline

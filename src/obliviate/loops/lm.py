@@ -112,7 +112,8 @@ def unlearn(model, tokenizer, forget: list[QAItem | TextItem], retain: list[QAIt
     if isinstance(method, str):
         from obliviate.methods.common import make_method
         method = make_method("lm", method)
-    if getattr(method, "guard", False):  # a guard changes how the model generates, not its weights
+    from obliviate.guards import is_guard
+    if is_guard(method):  # a guard changes how the model generates, not its weights
         raise ObliviateError(f"{method.name} is a generation-time guard: it trains nothing; `obliviate run` records "
                              f"it and evaluation applies it (docs/lm_guards.md)")
     check_disjoint(forget, retain)

@@ -153,12 +153,20 @@ class VisionLanguageRun(FamilyRun):
             log(line)
         return Prepared(model_dir, world, (forget, retain, sets, pictures))
 
+    guard = None  # a generation-time guard's run: the guard, bound to the run's forget and retain items
+
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate.guards import is_guard
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
 
         config = self.config
         forget, retain, sets, pictures = prepared.data
+        if is_guard(method):  # no training and no changed tensors: the model asks and scores through the guard
+            self.guard = method.bind_items(forget, retain)
+            model, processor = load_model(prepared.model_dir, config, device)
+            self.guard.install(model.eval(), processor.tokenizer)
+            return Trained((model, processor), truncated=0)
         self.along = mllm_along(config, sets, pictures)  # train.eval_every
         model, processor = load_model(prepared.model_dir, config, device)
         adapter = vlm.VisionLanguageAdapter(processor, pictures)
@@ -176,7 +184,18 @@ class VisionLanguageRun(FamilyRun):
         config, processor = self.config, trained.model[1]
         return ({"split": config.split, "forget_set": self.label, "train_parts": config.mllm.train_parts},
                 {"prompt_format": vlm.VisionLanguageAdapter(processor, prepared.data[3]).format_record(
-                    processor.tokenizer), **({"mllmu_data": self.notes} if self.notes else {})})
+                    processor.tokenizer), **({"mllmu_data": self.notes} if self.notes else {}),
+                 **({"guard": self.guard_record()} if self.guard else {})})
+
+    def guard_record(self) -> dict:
+        """obliviate_guard.json: the guard, its settings and material, the run's prompt format (an export asks in
+        it: `guards/mllm.load_guarded`) and the call that loads an export with it."""
+        from obliviate.guards import LOAD_CALL
+
+        t = self.config.template
+        return {**self.guard.describe(), "prompt_format": {"name": t.name, "system_prompt": t.system_prompt,
+                                                           "tags": t.tags()},
+                "load": f"{LOAD_CALL}(FOLDER)"}
 
     def evaluate(self, prepared: Prepared, trained: Trained, metrics: dict, device: str, log) -> dict:
         from obliviate.evals.mllmu import compare_to_retrain
@@ -210,6 +229,9 @@ class VisionLanguageRun(FamilyRun):
         return mllm_metrics(evaluation, self.retrain_eval)
 
     def write_files(self, folder: Path, evaluation: dict | None, metrics: dict) -> dict:
+        if self.guard is not None:
+            from obliviate.guards import GUARD_FILE
+            write_json(folder / GUARD_FILE, self.guard_record())
         return {"notes": note_lines(self.notes)}
 
     def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
@@ -244,14 +266,20 @@ def evaluate_model(config: RunConfig, out: Path) -> dict:
 
 def export(changed_path: Path, base: Path, out: Path) -> Path:
     """A full model folder (model + processor) that `AutoModelForImageTextToText` loads: the base with the run's
-    changed tensors applied (the base is only read)."""
+    changed tensors applied (the base is only read). A guard run's folder also holds its obliviate_guard.json:
+    `obliviate.guards.load_guarded(out)` gives (model, processor) asking through the guard (transformers'
+    `from_pretrained` alone gives the unguarded model)."""
+    from obliviate.guards import GUARD_FILE, read_guard
     from obliviate.runs import apply_changed
 
+    guarded = read_guard(Path(changed_path).parent)  # a bad record fails before anything is written
     model, processor = vlm.load(base)
     apply_changed(model, changed_path)
     with claim_run_dir(out) as folder:
         model.save_pretrained(folder.tmp)
         processor.save_pretrained(folder.tmp)
+        if guarded is not None:
+            write_json(folder.tmp / GUARD_FILE, guarded[1])
     return out
 
 

@@ -46,7 +46,12 @@ def check_mllm(config: RunConfig) -> None:
         if not config.model:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
         check_reference_run(config, own_model=True)
-        load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row checked
+        bench = load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row
+        from obliviate.guards import is_guard
+        from obliviate.runners.common import method_of
+        method = method_of(config)
+        if is_guard(method):  # what a guard takes from the items (no model needed): before the claim
+            method.bind_items(bench.forget, bench.retain)
         if config.forgotten_before:
             raise ObliviateError("forgotten_before names a split of the portraits world; on MLLMU-Bench's files, "
                                  "start from the earlier request's model")
@@ -63,6 +68,11 @@ def check_mllm(config: RunConfig) -> None:
             raise ObliviateError(f"unknown split '{config.split}'. Valid: {', '.join(SPLITS)}")
         check_forgotten_before(config.split, config.forgotten_before, PortraitsWorld(config.world).data().people,
                                SPLITS)
+    if config.model:
+        from obliviate.guards import GUARD_FILE, LOAD_CALL
+        if (Path(config.model) / GUARD_FILE).is_file():  # a run would drop the guard and score the bare weights
+            raise ObliviateError(f"{config.model} carries a generation-time guard ({GUARD_FILE}); runs on a guarded "
+                                 f"folder are not supported yet: ask it with {LOAD_CALL}, or run on its base")
     for folder in (config.model, config.retrain_model):
         if folder:
             check_vlm_folder(folder)
