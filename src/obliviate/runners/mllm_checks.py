@@ -34,7 +34,7 @@ def check_prompt_format(folder: str | Path, config: RunConfig) -> None:
 
 def check_mllm(config: RunConfig) -> None:
     from obliviate import distributed
-    from obliviate.runners.common import check_reference_run
+    from obliviate.runners.common import check_reference_run, refuse_world_material
 
     if distributed.active():
         raise ObliviateError("vision-language runs are not data parallel yet: run them as one process (no torchrun)")
@@ -46,6 +46,7 @@ def check_mllm(config: RunConfig) -> None:
         if not config.model:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
         check_reference_run(config, own_model=True)
+        refuse_world_material(config)
         load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row checked
         if config.forgotten_before:
             raise ObliviateError("forgotten_before names a split of the portraits world; on MLLMU-Bench's files, "
