@@ -160,10 +160,14 @@ def test_world_alternates_refused_in_one_line_where_there_are_none(tmp_path, tin
     cfg.write_text(f"method: AltPO\nmethod_args: {{alternates: world}}\nmodel: {tiny_lm_dir}\n"
                    f"forget_file: {tmp_path / 'forget.jsonl'}\nretain_file: {tmp_path / 'retain.jsonl'}\n")
     one_line_error(CliRunner().invoke(app, ["validate", str(cfg)]), "alternates = \"world\"", "your own data")
-    # a world run without alternates is refused as before: "world" is never implied
+    # a world run without alternates is refused as before: "world" is never implied; with it, the config is valid
     cfg = tiny_profiles_config(tmp_path)
-    cfg.write_text(cfg.read_text().replace("method: GradDiff", "method: AltPO"))
+    text = cfg.read_text()
+    cfg.write_text(text.replace("method: GradDiff", "method: AltPO"))
     one_line_error(CliRunner().invoke(app, ["validate", str(cfg)]), "AltPO needs alternate answers", "\"world\"")
+    cfg.write_text(text.replace("method: GradDiff", "method: AltPO\nmethod_args: {alternates: world}"))
+    assert CliRunner().invoke(app, ["validate", str(cfg)]).exit_code == 0
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing written
 
 
 @pytest.mark.slow  # a tiny world built and one AltPO run (~20 s on 2 busy cores); CI runs it
