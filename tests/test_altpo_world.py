@@ -160,6 +160,13 @@ def test_world_alternates_refused_in_one_line_where_there_are_none(tmp_path, tin
     cfg.write_text(f"method: AltPO\nmethod_args: {{alternates: world}}\nmodel: {tiny_lm_dir}\n"
                    f"forget_file: {tmp_path / 'forget.jsonl'}\nretain_file: {tmp_path / 'retain.jsonl'}\n")
     one_line_error(CliRunner().invoke(app, ["validate", str(cfg)]), "alternates = \"world\"", "your own data")
+    # the same on MLLMU-Bench's files (the vision-language family's own data), before any file is read
+    from obliviate.config import build_config
+    from obliviate.runners.mllm_checks import check_mllm
+
+    with pytest.raises(ObliviateError, match="this run is on your own data"):
+        check_mllm(build_config({"family": "mllm", "method": "AltPO", "method_args": {"alternates": "world"},
+                                 "model": str(tmp_path / "llava"), "mllmu_dir": str(tmp_path / "mllmu")}))
     # a world run without alternates is refused as before: "world" is never implied; with it, the config is valid
     cfg = tiny_profiles_config(tmp_path)
     text = cfg.read_text()
