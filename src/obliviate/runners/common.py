@@ -126,16 +126,22 @@ def method_of(config):
 
 def world_material(method, world) -> dict:
     """What a method takes from the run's built-in world (None: the user's own data) before training, and the
-    entries metrics.json keeps of it (AltPO's "alternates": where they came from); {} for most methods."""
-    take = getattr(method, "from_world", None)
-    return (take(world) or {}) if take is not None else {}
+    entries metrics.json keeps of it (AltPO's "alternates": where they came from); {} for most methods, for the
+    retrain reference (None) and for a guard, which trains nothing."""
+    from obliviate.guards import is_guard
+
+    if method is None or is_guard(method):
+        return {}
+    return method.from_world(world) or {}
 
 
 def refuse_world_material(config) -> None:
     """A run on the user's own data whose method asks for a built-in world's material (AltPO's alternates =
     "world"): the method's one line. The families' checks call it on such runs (`obliviate validate`)."""
+    from obliviate.guards import is_guard
+
     method = method_of(config)
-    if getattr(method, "needs_world", False):
+    if method is not None and not is_guard(method) and method.needs_world:
         method.from_world(None)
 
 
