@@ -38,8 +38,8 @@ samples); a biography's alternates rewrite every fact; a portrait's "Who is this
 name generator. They are DISJOINT from the perturbed answers (the wrong options) that the truth ratio and multiple
 choice score: training towards them would move those metrics by teaching their own answer key, not by forgetting.
 The file (`alternates-<sha256>.jsonl`) is written once into the world's folder (atomically; the world's cache key
-is unchanged), and the run's metrics.json says where its alternates came from ("alternates": the source, the file,
-its sha256 and rows; a user's file is recorded the same way). "world" is explicit: a world run without
+is unchanged), and the run's metrics.json says where its alternates came from ("alternates": the source, the file
+and its sha256, for a world's file also its rows; a user's file is recorded the same way). "world" is explicit: a world run without
 `alternates` is refused like any other, and "world" on the user's own data is one line (`obliviate validate` too).
 worlds/profiles.py and worlds/portraits.py (`alternate_rows`) say how each world draws them.
 
