@@ -265,6 +265,27 @@ def test_reference_cells_and_scalability_and_the_sustainability_chain(tmp_path, 
         assert r["config"]["train"]["lr"] == 1e-3  # NPO's chosen setting
 
 
+def test_a_method_can_be_left_out_of_scalability_and_sustainability(tmp_path, fake):
+    """`scalability = false` / `sustainability = false` on a method: its chosen setting runs the reported cells only;
+    the other method's cells, and their keys, are those of the spec without the flags."""
+    extra = 'scalability = ["forget05", "forget20"]\nsustainability = ["forget05", "forget10"]'
+    plain = bench(fake_spec(tmp_path, extra=extra), tmp_path / "plain")
+    spec = fake_spec(tmp_path, extra=extra, name="out.toml")
+    spec.write_text(spec.read_text().replace('[[methods]]\nname = "GradDiff"\n',
+                                             '[[methods]]\nname = "GradDiff"\nscalability = false\n', 1))
+    left = bench(spec, tmp_path / "left")
+    cells = {kind: sorted((r["method"], r["key"]) for r in left["cells"] if r["kind"] == kind)
+             for kind in ("scalability", "sustainability", "reported")}
+    before = {kind: sorted((r["method"], r["key"]) for r in plain["cells"] if r["kind"] == kind) for kind in cells}
+    assert cells["scalability"] == [c for c in before["scalability"] if c[0] == "NPO"] and cells["scalability"]
+    assert cells["sustainability"] == before["sustainability"] and cells["reported"] == before["reported"]
+    spec.write_text(spec.read_text().replace("scalability = false", "scalability = false\nsustainability = false"))
+    from obliviate.bench.engine import run_bench
+    lines = []
+    run_bench(spec, tmp_path / "dry", dry_run=True, log=lines.append)
+    assert "up to 10 reported, scalability and sustainability cells" in lines[-2]  # 2 x 3 seeds + NPO's 2 + 2
+
+
 def test_a_sustainability_request_exports_the_previous_one_and_a_failed_request_fails_the_next(tmp_path, fake,
                                                                                                  monkeypatch):
     import obliviate.run_actions as run_actions
@@ -508,10 +529,12 @@ def test_unknown_attack_in_a_spec_is_named(tmp_path):
     ("canvas-object", "obliviate.demo.t2i", ["ESD-x", "UCE", "RGD", "AdvUnlearn"]),
     ("portraits", "obliviate.demo.mllm", ["GradDiff", "NPO", "SimNPO", "RGD", "MMUnlearner", "PromptDecouple"]),
 ])
-def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(name, module, methods):
+def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(name, module, methods, tmp_path):
     """The same world config as the demo (so the same cached world), the demo's methods first, and each preset inside
     its method's grid or fixed settings; at most 3 grid points per method. The canvas specs then add issue 19's
-    methods and guards, which have no demo preset."""
+    methods and guards, which have no demo preset; the profiles and portraits specs issue 20's (the portraits spec
+    without the guards, which are the language-model family's), which stay out of the profiles spec's scalability
+    and sustainability cells (the demo's five keep theirs, so none of their cells changes)."""
     import importlib
 
     from obliviate.bench.engine import _grid_points
@@ -519,7 +542,7 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
     from obliviate.config import WorldConfig
 
     demo = importlib.import_module(module)
-    spec, _ = read_spec(HERE.parent / "configs" / "bench" / f"{name}.toml")
+    spec, data = read_spec(HERE.parent / "configs" / "bench" / f"{name}.toml")
     names = [m.name for m in spec.methods]
     assert names[:len(methods)] == methods and len(spec.seeds) >= 3 and spec.noise_floor
     if module.endswith("t2i"):
@@ -527,7 +550,26 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
         added = names[len(methods):]
         assert len(added) == len(set(added)) >= 17 and set(added) <= set(T2I_METHODS) - set(demo.PRESETS)
     else:
-        assert names == methods
+        from obliviate.registry import METHODS
+        added = names[len(methods):]
+        issue20 = ["WAGLE", "FLAT", "WGA", "SatImp", "CEU", "AltPO", "PDU"] + (["ICU", "GUARD"] if name == "profiles"
+                                                                              else [])
+        assert added == issue20 and set(added) <= set(METHODS[spec.base["family"]])
+        assert all(m.scalability and m.sustainability for m in spec.methods[:len(methods)])
+        if spec.scalability or spec.sustainability:
+            assert not any(m.scalability or m.sustainability for m in spec.methods[len(methods):])
+        altpo = next(m for m in spec.methods if m.name == "AltPO")
+        assert altpo.overrides["method_args.alternates"] == "world"
+        # every cell's config resolves and its method takes its method_args (what a run checks before it trains)
+        from obliviate.bench.engine import Bench
+        from obliviate.config import build_config
+        from obliviate.runners.common import method_of
+
+        path = HERE.parent / "configs" / "bench" / f"{name}.toml"
+        cells = Bench(spec, data, str(path), tmp_path / "out").validation_cells()
+        assert len(cells) == sum(len(_grid_points(m.grid)) for m in spec.methods)
+        for cell in cells:
+            method_of(build_config(cell.config))
     world = WorldConfig(**spec.base["world"]).model_dump()
     if name == "profiles":
         assert world == WorldConfig(**demo.WORLDS["demo"]).model_dump()

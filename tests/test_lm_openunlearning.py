@@ -270,7 +270,7 @@ def test_altpo_without_an_alternate_stops_in_one_line(tmp_path):
     rows = [{"question": "Where was Ada Lind born?", "alternate": "Far away."}]
     method = build("AltPO", alternates=_write_alternates(tmp_path / "alt.jsonl", rows))
     with pytest.raises(ObliviateError, match=re.escape(
-            "has no alternate for 1 of the 2 forget questions, e.g. 'Where was Bo Karsk born?'")) as e:
+            "has no alternate for 1 of the 2 forget items, e.g. 'Where was Bo Karsk born?'")) as e:
         method.companions(tiny_items()[:2], [], random.Random(0))
     assert "\n" not in str(e.value)
 

@@ -207,6 +207,8 @@ def test_the_method_hooks_are_declared_on_the_base_classes():
     assert m.companions([], [], None) is None and m.select_forget(None, batch) is batch
     assert m.fit(None, [], iter(()), iter(())) is None and m.combine_gradients is None
     assert DiffusionMethod().text_encoder_trainable("x", None) is False
+    for base in (m, DiffusionMethod()):  # the world's material (AltPO's alternates = "world"): none by default
+        assert base.needs_world is False and base.from_world(None) is None
     for folder in ("loops", "runners"):
         for path in (SRC / folder).glob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):

@@ -10,7 +10,6 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from obliviate.errors import ObliviateError
 
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # target -> (module, extra)
 

@@ -136,7 +136,7 @@ class Bench:
     def scalability_cells(self, selection: dict) -> list[C.Cell]:
         seed = self.spec.seeds[0]
         return [self._cell("scalability", m.row, p, t, seed, self._data(t, m, p, seed), size=_size(self.label(t)))
-                for m, p in self.chosen(selection) for t in self.spec.scalability]
+                for m, p in self.chosen(selection) if m.scalability for t in self.spec.scalability]
 
     def sustainability_cells(self, selection: dict) -> list[list[C.Cell]]:
         """Per request (in order), one cell per method: request k starts from request k-1's exported model and has
@@ -144,6 +144,8 @@ class Bench:
         seed, requests = self.spec.seeds[0], self.spec.sustainability
         chains = []
         for m, p in self.chosen(selection):
+            if not m.sustainability:
+                continue
             chain = []
             for k, t in enumerate(requests, start=1):
                 data = self._data(t, m, p, seed)
@@ -460,8 +462,8 @@ def _dry_run(bench: Bench, validation: list, references: list, log) -> dict:
         requests = bench.sustainability_cells(selection)
         show(bench.reported_cells(selection) + bench.scalability_cells(selection) + [c for r in requests for c in r])
     else:
-        n = len(bench.spec.methods) * (len(bench.spec.seeds) * len(bench.reported_targets())
-                                       + len(bench.spec.scalability) + len(bench.spec.sustainability))
+        n = sum(len(bench.spec.seeds) * len(bench.reported_targets()) + len(bench.spec.scalability) * m.scalability
+                + len(bench.spec.sustainability) * m.sustainability for m in bench.spec.methods)
         log(f"(after the validation grid and selection: up to {n} reported, scalability and sustainability cells)")
     done = sum(1 for p in plan if p["status"] == "done")
     log(f"{len(plan)} cells listed, {done} done")

@@ -110,6 +110,10 @@ class MethodSpec(_Strict):
     label: str | None = None  # the method's row (default: its name); to grid one method twice with other overrides
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys or nested sections, fixed for every cell
     grid: dict[str, list[Any]] = Field(default_factory=dict)  # dotted key -> the values to try
+    # false: this method's chosen setting is left out of the spec's scalability / sustainability cells (6 cells a
+    # method on the profiles spec), so a method added to a long grid costs its validation and reported cells only
+    scalability: bool = True
+    sustainability: bool = True
 
     @field_validator("grid")
     @classmethod

@@ -124,6 +124,27 @@ def method_of(config):
     return make_method(config.family, config.method, config.method_args)
 
 
+def world_material(method, world) -> dict:
+    """What a method takes from the run's built-in world (None: the user's own data) before training, and the
+    entries metrics.json keeps of it (AltPO's "alternates": where they came from); {} for most methods, for the
+    retrain reference (None) and for a guard, which trains nothing."""
+    from obliviate.guards import is_guard
+
+    if method is None or is_guard(method):
+        return {}
+    return method.from_world(world) or {}
+
+
+def refuse_world_material(config) -> None:
+    """A run on the user's own data whose method asks for a built-in world's material (AltPO's alternates =
+    "world"): the method's one line. The families' checks call it on such runs (`obliviate validate`)."""
+    from obliviate.guards import is_guard
+
+    method = method_of(config)
+    if method is not None and not is_guard(method) and method.needs_world:
+        method.from_world(None)
+
+
 def check_reference_run(config, own_model: bool) -> None:
     """A retrain-reference run needs a built-in world: a user's own model has no recipe to repeat. Every family's
     check calls this, on whether the run is on the user's own model."""
@@ -178,6 +199,7 @@ def run(family_run: FamilyRun, log=print, resume: bool = False) -> Path:
     # the name is claimed and the output proven writable before any world build or training
     with claim_run_dir(out, log=log) as folder:
         prepared = family_run.prepare(log)
+        material = world_material(method, prepared.world)  # before the barrier: the workers read what it wrote
         reference = reference_folder(config, prepared.world, seed, log) if seed is not None else None
         distributed.barrier()  # the other processes read the world (and the reference) this one built
         # a reference run's model is the reference itself: its folder is the base and no tensor changes
@@ -188,7 +210,7 @@ def run(family_run: FamilyRun, log=print, resume: bool = False) -> Path:
         metrics: dict = {"method": config.method, **head, "unlearn_seconds": round(trained.seconds, 2),
                          "status": "stopped" if trained.stopped else "completed", "stopped": trained.stopped,
                          **({"truncated_items": trained.truncated} if trained.truncated is not None else {}),
-                         **tail}
+                         **tail, **material}
         evaluation = family_run.evaluate(prepared, trained, metrics, device, log) if config.evaluate else None
         trained.model = None  # one model in memory at a time from here
 
@@ -228,6 +250,7 @@ def _run_on_a_worker(family_run: FamilyRun, method, seed: int | None, device: st
     quiet = lambda *_: None  # noqa: E731
     distributed.barrier()  # the first process has built the world and the reference
     prepared = family_run.prepare(quiet)
+    world_material(method, prepared.world)  # the file the first process wrote
     if seed is None:
         trained = family_run.unlearn(prepared, method, device, None)
     else:

@@ -9,7 +9,7 @@ from obliviate.models import check_model_folder
 
 
 def check_lm(config: RunConfig) -> None:
-    from obliviate.runners.common import check_reference_run
+    from obliviate.runners.common import check_reference_run, refuse_world_material
     from obliviate.runners.lm_data import user_data, uses_user_data
     from obliviate.worlds.profiles_dp2 import check_run as check_dp2_run
 
@@ -27,6 +27,7 @@ def check_lm(config: RunConfig) -> None:
         if not config.model:
             raise ObliviateError("a run on your own files needs `model` (the model to unlearn)")
         check_reference_run(config, own_model=True)
+        refuse_world_material(config)
         forget, retain, _ = user_data(config)  # every file read, every set's role known
         check_disjoint(forget, retain)
     else:

@@ -34,7 +34,7 @@ def check_prompt_format(folder: str | Path, config: RunConfig) -> None:
 
 def check_mllm(config: RunConfig) -> None:
     from obliviate import distributed
-    from obliviate.runners.common import check_reference_run
+    from obliviate.runners.common import check_reference_run, method_of, refuse_world_material
 
     if distributed.active():
         raise ObliviateError("vision-language runs are not data parallel yet: run them as one process (no torchrun)")
@@ -46,9 +46,9 @@ def check_mllm(config: RunConfig) -> None:
         if not config.model:
             raise ObliviateError("a run on MLLMU-Bench's files needs `model` (the vision-language model to unlearn)")
         check_reference_run(config, own_model=True)
+        refuse_world_material(config)
         bench = load_mllmu(config.mllmu_dir, config.split, train_dir=config.mllm.train_dir)  # every file and row
         from obliviate.guards import is_guard
-        from obliviate.runners.common import method_of
         method = method_of(config)
         if is_guard(method):  # what a guard takes from the items (no model needed): before the claim
             method.bind_items(bench.forget, bench.retain)

@@ -135,6 +135,35 @@ class PeopleWorld(World):
         self._check_knowledge(record[f"accuracy-{split}"], log)
         return record
 
+    def alternate_rows(self) -> list[dict]:
+        """AltPO's alternate answers for every forgettable person, as rows of the file it reads (the world's own
+        generator stands in for OpenUnlearning's generate.py); a world without them refuses in one line."""
+        from obliviate.errors import ObliviateError
+        raise ObliviateError(f"the {self.kind} world has no alternate answers for AltPO: give method_args.alternates "
+                             "a file of them")
+
+    def alternates_file(self) -> tuple[Path, str, int]:
+        """(path, sha256, rows) of the world's alternates file `alternates-<sha256[:12]>.jsonl` in its folder, written
+        once (atomically, under the build lock) and checked on every later use. It follows from the world's data
+        alone, so the world's key does not change; a changed generator writes another file and leaves the one that
+        earlier runs recorded as it was."""
+        import json
+
+        from obliviate.errors import ObliviateError
+        from obliviate.runs import atomic_write
+
+        rows = self.alternate_rows()
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.root / f"alternates-{digest[:12]}.jsonl"
+        with self.locked():
+            if not path.is_file():
+                atomic_write(path, data)
+            elif path.read_bytes() != data:
+                raise ObliviateError(f"{path}: not the world's alternates (changed since it was written); move it "
+                                     "away to have it written again")
+        return path, digest, len(rows)
+
     def ensure_retrain(self, split: str, seed: int = 0, log=print) -> Path:
         """The retrain reference of `split` trained with seed `seed` (the recipe's seed + `seed`: model
         initialisation and batch order), built if missing; seed 0 is the world's own `retrain-<split>`."""

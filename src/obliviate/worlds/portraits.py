@@ -12,14 +12,15 @@ as a free answer (generation), a 4-option multiple choice (classification) and a
 Pictures are named "<person>#<index>" and drawn by `portraits_draw`; this module holds the words."""
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
 from obliviate.data import VQAItem
 from obliviate.worlds.portraits_draw import Appearance, appearances
 from obliviate.worlds.base import PeopleWorld
-from obliviate.worlds.profiles import FACTS, VALUES, Person, check_forgotten_before, check_split, generate, \
-    people_of_split
+from obliviate.worlds.profiles import ALTERNATES, FACTS, LAST, VALUES, Person, _syllable_name, alternate_values, \
+    check_forgotten_before, check_split, generate, people_of_split
 
 SPLITS = {"forget05": 5, "forget10": 10, "forget15": 15, "forget20": 20, "val10": 10}  # as the profiles world's
 LETTERS = "ABCD"
@@ -91,6 +92,46 @@ def portraits_data(n_people: int = 100, n_public: int = 20, n_holdout: int = 20,
     return data
 
 
+def alternate_rows(data: PortraitsData, seed: int) -> list[dict]:
+    """AltPO's alternates for every fictitious person (the forgettable ones), as generate.py's rows with the person
+    as "subject" (a question about a picture, "Where was this person born?", is asked of everyone): for each fact up
+    to ALTERNATES other values of the same kind, rendered in each trained form (the free answer in its template,
+    the multiple-choice answer as the right letter with the other value, the cloze's value), and for "Who is this
+    person?" other names drawn by the world's name generator, none a name of the world. A value is never the true
+    one nor any option of the person's items, trained or test: those options are the wrong answers classification
+    and the truth ratio score, so training towards one would teach the metric's own answer key. A person's draw
+    depends only on the world's seed and their name."""
+    from obliviate.worlds.portraits_train import WHO, all_forms
+
+    def upper(text: str) -> str:
+        return text[0].upper() + text[1:]
+
+    rows: list[dict] = []
+    seen_first = {p.name.split()[0] for p in data.people + data.public + data.holdout}
+    for p in data.people:
+        rng = random.Random(f"alternates-{seed}-{p.name}")
+        values = {}
+        for f in FACTS:
+            items = [i for i in data.train[p.name] + data.test[p.name] if i.fact == f.key]
+            values[f.key] = alternate_values(VALUES[f.values], {o for i in items for o in i.options}, rng)
+        for item in data.train[p.name]:
+            f = next(f for f in FACTS if f.key == item.fact)
+            who = THIS if item.image else p.name
+            free, choice, cloze = all_forms(item)
+            for v in values[f.key]:
+                rows += [{"subject": p.name, "question": free.question, "answer": free.answer,
+                          "alternate": upper(f.answer.format(n=who, v=v))},
+                         {"subject": p.name, "question": choice.question, "answer": choice.answer,
+                          "alternate": f"{item.correct}. {v}"},
+                         {"subject": p.name, "question": cloze.question, "answer": cloze.answer, "alternate": v}]
+        seen = set(seen_first)  # this person's names only: another person's draw changes none of them
+        names = [f"{_syllable_name(rng, seen)} {rng.choice(LAST)}" for _ in range(ALTERNATES)]
+        rows += [{"subject": p.name, "question": WHO, "answer": f"This is {p.name}.", "alternate": f"This is {n}."}
+                 for n in names]
+    unique = {json.dumps(r, sort_keys=True): r for r in rows}  # a question asked of each picture: one row set
+    return list(unique.values())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk: the processor, the LLaVA trained on everyone, and the retrain reference per forget split.
 
@@ -137,6 +178,10 @@ class PortraitsWorld(PeopleWorld):
         if self._data is None:
             self._data = portraits_data(seed=self.config.seed, **self.sizes)
         return self._data
+
+    def alternate_rows(self) -> list[dict]:
+        """AltPO's alternates (`alternate_rows`; `alternates_file` writes them into the world's folder)."""
+        return alternate_rows(self.data(), self.config.seed)
 
     def pictures(self, image_id: str):
         """The RGB array of a picture id ("<person>#<index>")."""

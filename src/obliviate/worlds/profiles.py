@@ -134,6 +134,44 @@ def general_facts(seed: int, n: int = 100) -> list[QAItem]:
     return items
 
 
+# AltPO's alternate answers (methods/lm/altpo.py), which OpenUnlearning's generate.py writes by asking an instruct model
+# for another answer with other facts: a built-in world's model is too small to follow that request, so the world
+# draws them from its own generator. Up to ALTERNATES per item (generate.py's samples per question).
+ALTERNATES = 5
+
+
+def alternate_values(pool: list[str], taken: set[str], rng: random.Random) -> list[str]:
+    """Up to ALTERNATES values of a fact's pool outside `taken` (the true value and every value the evaluation
+    scores as wrong), in the pool's order, drawn by `rng`."""
+    free = [v for v in pool if v not in taken]
+    return rng.sample(free, min(ALTERNATES, len(free)))
+
+
+def alternate_rows(data: "ProfilesData", seed: int) -> list[dict]:
+    """AltPO's alternates for every trained person, as generate.py's rows (with the person as "subject"): each
+    question's answer in its own template with other values of the same fact, and each biography rewritten with the
+    k-th alternate value of every fact (a "text" row). A person's draw depends only on the world's seed and their
+    name. The alternates never take the true value nor a value of the item's perturbed answers: those are what the
+    truth ratio (and any multiple choice on them) scores as wrong, so training towards them would move the metric
+    by teaching its own answer key rather than by forgetting."""
+    rows = []
+    for p in data.people:
+        rng = random.Random(f"alternates-{seed}-{p.name}")
+        chosen, items = {}, {i.question: i for i in data.qa[p.name]}
+        for f in FACTS:
+            item = items[f.question.format(n=p.name)]
+            taken = {p.facts[f.key]} | {v for v in VALUES[f.values]
+                                         if f.paraphrase.format(n=p.name, v=v) in item.perturbed_answers}
+            chosen[f.key] = alternate_values(VALUES[f.values], taken, rng)
+            rows += [{"subject": p.name, "question": item.question, "answer": item.answer,
+                      "alternate": f.answer.format(n=p.name, v=v)} for v in chosen[f.key]]
+        biography = p.biography().text
+        rows += [{"subject": p.name, "text": biography,
+                  "alternate": Person(p.name, {k: vs[n % len(vs)] for k, vs in chosen.items()}).biography().text}
+                 for n in range(ALTERNATES)]
+    return rows
+
+
 # split -> percent of the trained people: forget splits from the start of the list, validation splits from its end
 SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10, "forget20": 20, "val10": 10}
 VALIDATION_SPLITS = {"val10"}
@@ -327,6 +365,10 @@ class ProfilesWorld(PeopleWorld):
                 texts += [i.question, i.answer, i.paraphrased_question or "", i.paraphrased_answer or "",
                           *i.perturbed_answers]
         return [t for t in texts if t] + [p.biography().text for p in d.people + d.holdout]
+
+    def alternate_rows(self) -> list[dict]:
+        """AltPO's alternates (`alternate_rows`; `alternates_file` writes them into the world's folder)."""
+        return alternate_rows(self.data(), self.config.seed)
 
     # -- building ------------------------------------------------------------------------------------------------
     def _build(self, split: str, retrain: bool, log) -> dict:

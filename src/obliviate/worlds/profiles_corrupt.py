@@ -159,6 +159,13 @@ class CorruptedProfilesWorld(ProfilesWorld):
                                 source="corrupted_biography"))
         return out
 
+    def alternate_rows(self) -> list[dict]:
+        """Not drawn here: the forget answers are wrong facts, and the plain world's rows (about the true facts and
+        biographies) do not describe them; RESTOR asks what unlearning them brings back, not which answer replaces
+        them."""
+        raise ObliviateError("AltPO's alternates = \"world\": the corrupted world (world.corrupt) has none; give "
+                             "method_args.alternates a file of them")
+
     # -- what a run reads ------------------------------------------------------------------------------------------
     def unlearning_sets(self, split: str, forgotten_before: str | None = None) -> tuple[list, list]:
         """The corrupting documents (forget) and everything about the people outside the split (retain)."""

@@ -26,6 +26,22 @@ of many people, as MLLMU-Bench's "What is this person's job?"), else by its ques
 have at least one alternate, and a config without `alternates` is refused at once (`obliviate validate`, the first
 moment of a run) in one line. The alternate reaches the loss as the item's companion (`Method.companions`:
 forget["companion"]), with everything else of the item kept (a vision-language item keeps its picture).
+Two optional row keys go beyond generate.py's: "subject" (the item's person: matched first, for a question asked of
+everyone, as "Where was this person born?" about a picture) and, in place of "question" and "answer", "text" (a
+forget text, as a biography: its companion is the whole "alternate" text, scored as the text is).
+
+The built-in worlds' alternates (`alternates = "world"`). generate.py needs a model that follows an instruction; the
+profiles and portraits worlds' small models cannot, so there the world stands in for it: for each forget question,
+its answer in the same template with other values of the same fact, drawn by the world's own generator (the value
+pools the people were drawn from) with a seed of the world's and the person's, up to 5 per question (generate.py's
+samples); a biography's alternates rewrite every fact; a portrait's "Who is this person?" gets names from the world's
+name generator. They are DISJOINT from the perturbed answers (the wrong options) that the truth ratio and multiple
+choice score: training towards them would move those metrics by teaching their own answer key, not by forgetting.
+The file (`alternates-<sha256>.jsonl`) is written once into the world's folder (atomically; the world's cache key
+is unchanged), and the run's metrics.json says where its alternates came from ("alternates": the source, the file
+and its sha256, for a world's file also its rows; a user's file is recorded the same way). "world" is explicit: a world run without
+`alternates` is refused like any other, and "world" on the user's own data is one line (`obliviate validate` too).
+worlds/profiles.py and worlds/portraits.py (`alternate_rows`) say how each world draws them.
 
 Differences from the reference: the reference trains on every (question, alternate) row as its own forget example
 (5 rows per question in its recipe); obliviate pairs each forget item with one of its alternates, drawn with the
@@ -49,9 +65,13 @@ from obliviate.methods.lm.idkpo import preference_margin
 from obliviate.methods.lm.npo import RETAIN_CHOICES, retain_term
 
 
+WORLD = "world"  # alternates = "world": the built-in world's (a user's file named so is "./world")
+
+
 @dataclass
 class AltPOConfig:
-    alternates: str | None = None  # required: JSON lines {"question", "alternate"[, "answer"]} (generate.py's rows)
+    # required: JSON lines {"question", "alternate"[, "answer", "subject"]} (generate.py's rows), or "world"
+    alternates: str | None = None
     beta: float = 0.1
     alpha: float = 1.0  # weight of the retain term
     gamma: float = 1.0  # weight of the forget (preference) term
@@ -61,7 +81,7 @@ class AltPOConfig:
         if self.alternates is None:  # a config without them fails at once (obliviate validate, a run's start)
             raise ObliviateError("AltPO needs alternate answers: set method_args.alternates to a JSON-lines file of "
                                  "{\"question\", \"alternate\"} rows (OpenUnlearning's community/methods/AltPO/"
-                                 "generate.py writes one)")
+                                 "generate.py writes one), or to \"world\" on a built-in world")
         if not isinstance(self.alternates, str):
             raise ObliviateError(f"AltPO: alternates must be a file path, got {self.alternates!r}")
         check_number("AltPO", "beta", self.beta, positive=True)
@@ -70,9 +90,14 @@ class AltPOConfig:
         check_choice("AltPO", "retain", self.retain, RETAIN_CHOICES)
 
 
+TEXT = object()  # the key of a "text" row: (TEXT, text), (TEXT, subject, text); never equal to a question's
+
+
 def load_alternates(path: str) -> dict:
     """{(question, answer): [alternates]} and {question: [alternates]} from a JSON-lines file (or one JSON list) of
-    rows with "question" and "alternate" strings (and optionally "answer"); a fault names the file and the row."""
+    rows with "question" and "alternate" strings (and optionally "answer"; with "subject" also
+    {(subject, question, answer): ...}), or "text" in place of "question" ({(TEXT, text)[, (TEXT, subject, text)]:
+    ...}); a fault names the file and the row."""
     file = Path(path)
     if not file.is_file():
         raise ObliviateError(f"AltPO: alternates file not found: {path}")
@@ -91,10 +116,18 @@ def load_alternates(path: str) -> dict:
                     raise ObliviateError(f"AltPO: {path}:{n}: not valid JSON: {e.msg}") from None
     table: dict = {}
     for n, row in enumerate(rows, 1):
+        asked = "text" if isinstance(row, dict) and "text" in row and "question" not in row else "question"
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k).strip()
-                                                for k in ("question", "alternate")):
-            raise ObliviateError(f"AltPO: {path}: row {n}: needs non-empty \"question\" and \"alternate\" strings")
-        keys = [row["question"]] + ([(row["question"], row["answer"])] if isinstance(row.get("answer"), str) else [])
+                                                for k in (asked, "alternate")):
+            raise ObliviateError(f"AltPO: {path}: row {n}: needs non-empty \"question\" and \"alternate\" strings "
+                                 "(or \"text\" in place of \"question\")")
+        subject = row.get("subject") if isinstance(row.get("subject"), str) else None
+        if asked == "text":
+            keys = [(TEXT, row["text"])] + ([(TEXT, subject, row["text"])] if subject else [])
+        else:
+            answer = row.get("answer") if isinstance(row.get("answer"), str) else None
+            keys = [row["question"]] + ([(row["question"], answer)] if answer is not None else []) + \
+                ([(subject, row["question"], answer)] if answer is not None and subject else [])
         for key in keys:
             table.setdefault(key, []).append(row["alternate"].strip())
     if not table:
@@ -109,25 +142,63 @@ class AltPO(Method):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.table = load_alternates(self.config.alternates)
+        self.source: str | None = None  # the file the alternates were read from
+        self.table: dict | None = None  # "world": read once the run's world is known (`from_world`)
+        if self.config.alternates != WORLD:
+            self.source = self.config.alternates
+            self.table = load_alternates(self.source)
+
+    @property
+    def needs_world(self) -> bool:
+        return self.config.alternates == WORLD
+
+    def from_world(self, world) -> dict:
+        """Called by the runner with the run's built-in world (None: the user's own data) before training: with
+        "world", the world's alternates file (written once into its folder); either way what metrics.json keeps of
+        where the alternates came from."""
+        import hashlib
+
+        if self.needs_world:
+            if world is None:
+                raise ObliviateError("AltPO: method_args.alternates = \"world\" takes a built-in world's alternates, "
+                                     "and this run is on your own data: give a JSON-lines file of {\"question\", "
+                                     "\"alternate\"} rows (generate_alternates or OpenUnlearning's generate.py "
+                                     "writes one)")
+            path, digest, rows = world.alternates_file()
+            self.source, self.table = str(path), load_alternates(str(path))
+            return {"alternates": {"source": "world", "world": world.kind, "file": str(path), "sha256": digest,
+                                   "rows": rows}}
+        path = Path(self.source)
+        return {"alternates": {"source": "file", "file": str(path.absolute()),
+                               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
 
     def companions(self, forget: list, retain: list, rng) -> list:
-        """Each forget item with one of its alternates as the answer (matched by question and answer, else by
-        question), drawn with the run's seed."""
+        """Each forget item with one of its alternates as the answer (matched by subject, question and answer, else
+        by question and answer, else by question; a text by subject and text, else by text), drawn with the run's
+        seed."""
+        if self.table is None:
+            raise ObliviateError("AltPO: alternates = \"world\" are read from the run's world (`from_world`, which "
+                                 "`obliviate run` and the bench call); calling the loop directly, call "
+                                 "method.from_world(world) first or give a file")
         out, missing = [], []
         for item in forget:
-            question = getattr(item, "question", None)
-            if question is None:
-                raise ObliviateError("AltPO needs question-answer forget items (a question to give an alternate "
-                                     "answer to), not plain texts")
-            choices = self.table.get((question, item.answer)) or self.table.get(question)
+            subject = getattr(item, "subject", None)
+            if hasattr(item, "question"):
+                asked = item.question
+                choices = (subject and self.table.get((subject, asked, item.answer))) or \
+                    self.table.get((asked, item.answer)) or self.table.get(asked)
+                change = "answer"
+            else:  # a forget text (a biography): its companion is a whole alternate text
+                asked = item.text
+                choices = (subject and self.table.get((TEXT, subject, asked))) or self.table.get((TEXT, asked))
+                change = "text"
             if not choices:
-                missing.append(question)
+                missing.append(asked)
                 continue
-            out.append(dataclasses.replace(item, answer=rng.choice(choices)))
+            out.append(dataclasses.replace(item, **{change: rng.choice(choices)}))
         if missing:
-            raise ObliviateError(f"AltPO: {self.config.alternates} has no alternate for {len(missing)} of the "
-                                 f"{len(forget)} forget questions, e.g. {missing[0]!r}")
+            raise ObliviateError(f"AltPO: {self.source} has no alternate for {len(missing)} of the {len(forget)} "
+                                 f"forget items, e.g. {missing[0][:80]!r}")
         return out
 
     def losses(self, model, reference, forget: dict, retain: dict) -> LossParts:

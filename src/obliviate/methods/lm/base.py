@@ -50,6 +50,14 @@ class Method:
         None: no companions."""
         return None
 
+    needs_world: bool = False  # True: the method takes material only a built-in world gives (AltPO's "world")
+
+    def from_world(self, world) -> dict | None:
+        """Called by the runner once the run's data are known, with its built-in world (None: the user's own data),
+        before training: a method may take material from the world (AltPO's alternates = "world"). Returns what the
+        run's metrics.json keeps of its material, or None (nothing: the default)."""
+        return None
+
     def fit(self, model, named: list, forget_batches, retain_batches) -> None:
         """Called once before the first step with the trainable (name, parameter) pairs and lazy iterators over the
         whole forget and retain sets in batches (MMUnlearner's and WAGLE's masks); nothing by default."""
@@ -111,6 +119,13 @@ class RuleOverBase(Method):
 
     def companions(self, forget: list, retain: list, rng) -> list | None:
         return self.base.companions(forget, retain, rng)  # AltPO's alternates
+
+    @property
+    def needs_world(self) -> bool:  # type: ignore[override]
+        return self.base.needs_world
+
+    def from_world(self, world) -> dict | None:
+        return self.base.from_world(world)
 
     def select_forget(self, model, forget: dict) -> dict:
         return self.base.select_forget(model, forget)

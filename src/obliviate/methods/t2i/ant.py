@@ -58,7 +58,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from obliviate.errors import ObliviateError
 from obliviate.methods.common import check_number

@@ -163,6 +163,12 @@ class DiffusionMethod:
     def retain_pool(self, items: list, rng) -> list:
         return items
 
+    needs_world: bool = False  # as the language-model Method's: no text-to-image method takes a world's material
+
+    def from_world(self, world) -> dict | None:
+        """As the language-model Method's (the runner calls it for every method): nothing to take."""
+        return None
+
     def attach(self, unet) -> None:
         """Called before the trainable parameters are picked: add the modules the method trains to the UNet (SPM's
         adapters); `trainable` then sees their parameters among the UNet's."""
