@@ -620,3 +620,27 @@ def test_a_rule_that_minimises_ranks_lowest_first_even_for_a_metric_declared_wit
     values = {"GradDiff": 0.73, "NPO": 0.13, "SimNPO": 0.37, "none": None}
     assert sorted(values, key=lambda k: sort_key("lower", values[k])) == ["NPO", "SimNPO", "GradDiff", "none"]
     assert sorted(values, key=lambda k: sort_key("higher", values[k])) == ["GradDiff", "SimNPO", "NPO", "none"]
+
+
+def test_a_method_within_the_bar_ranks_above_a_higher_score_that_breaks_it(tmp_path):
+    """The canvas style board ranked over-forgetting methods (UA 100 %, IRA 20-40 %) above the ones that erase within
+    the bar: the rule maximises UA among settings that keep IRA and CRA, so the bar's share of seeds ranks first."""
+    from obliviate.bench.leaderboard import board, read_bench
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    spec = {"name": "t", "select": {"maximize": "ua", "constraints": ["ira >= 0.9 * original",
+                                                                     "cra >= 0.9 * original"]}}
+    (out / "bench.json").write_text(json.dumps({"name": "t", "family": "t2i", "spec": spec,
+                                                "created": "2026-12-03T00:00:00", "obliviate_version": "0.1.0"}))
+    # (ua, ira) per seed: Over erases all but breaks IRA; Half keeps the bar on one seed of two; Within on both
+    cells = {"Over": [(1.0, 0.4), (1.0, 0.3)], "Half": [(0.98, 0.95), (1.0, 0.5)], "Within": [(0.9, 0.95), (0.8, 0.94)]}
+    for method, seeds in cells.items():
+        for seed, (ua, ira) in enumerate(seeds):
+            key = _record(out, "reported", method, seed, target="striped", family="t2i")
+            _run_folder(out, key, {"method": method, "concept": "striped", "status": "completed", "ua": ua,
+                                   "ira": ira, "cra": 0.95, "original_ua": 0.0, "original_ira": 1.0,
+                                   "original_cra": 1.0})
+    b = board(read_bench(out), "the canvas world", "t2i", "striped")
+    ranked = [(ln.label, ln.rank, ln.bar) for ln in b.lines if ln.kind == "method"]
+    assert ranked == [("Within", 1, "2 of 2 seeds"), ("Half", 2, "1 of 2 seeds"), ("Over", 3, "0 of 2 seeds")]

@@ -321,6 +321,7 @@ class Line:
     seeds: str = ""
     rank: int | None = None
     bar: str = ""
+    bar_share: float = 0.0  # the share of its seeds that meet the bar (0 without a bar): ranks first
     failed: str = ""  # the reason, when no seed is done
     near: set = field(default_factory=set)  # metrics within the noise floor of the retrain reference
     notes: dict = field(default_factory=dict)  # metric -> why the cell reads as it does
@@ -440,14 +441,17 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
         if done and bars:
             met = [all(b.met(row_of(c)) for b in bars) for c in done]
             line.bar = f"{sum(met)} of {len(done)} seeds"
+            line.bar_share = sum(met) / len(done)
         for k, s in line.stats.items():
             ref = stat([r.get(k) for r in retrain_rows])
             if s is not None and ref is not None and k in floor_gap and abs(s.mean - ref.mean) <= floor_gap[k]:
                 line.near.add(k)
         ranked.append(line)
     m = METRICS[metric]
-    ranked.sort(key=lambda ln: (bool(ln.failed), sort_key(direction, ln.stats.get(metric).mean
-                                                            if ln.stats.get(metric) else None)))
+    # the rule's order: a method that keeps the bar on more of its seeds first (a score bought by breaking the bar
+    # does not outrank one within it), then the score
+    ranked.sort(key=lambda ln: (bool(ln.failed), -ln.bar_share, sort_key(direction, ln.stats.get(metric).mean
+                                                                           if ln.stats.get(metric) else None)))
     ties = []
     previous = None
     for i, line in enumerate(ranked):
@@ -565,7 +569,8 @@ def _legend(b: Board) -> list[str]:
         notes.append("The retrain line's " + ", ".join(METRICS[k].column_title for k in defined) + ": what a second "
                      "retrain model (seed >= 1) scores against the reference, not the reference against itself.")
     if b.bars:
-        notes.append(f"Bar: {b.rule}; 'k of n seeds' counts the seeds that meet every part of it.")
+        notes.append(f"Bar: {b.rule}; 'k of n seeds' counts the seeds that meet every part of it. The ranking puts "
+                     "the methods that meet it on a larger share of their seeds first, then orders by the score.")
     few = [ln.label for ln in b.lines if ln.kind == "method" and not ln.failed and ln.stats and
            max((s.n for s in ln.stats.values() if s), default=0) < 3]
     if few:
