@@ -56,7 +56,10 @@ def test_sld_combine_is_the_papers_formula(preset, args):
 
 
 def test_sld_presets_are_diffusers():
-    from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+    try:
+        from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+    except ImportError:  # diffusers before 0.36 (the lowest pyproject declares) kept it outside `deprecated`
+        from diffusers.pipelines.stable_diffusion_safe import SafetyConfig
 
     for preset in ("weak", "medium", "strong", "max"):
         cfg = _guard("SLD", preset=preset).config

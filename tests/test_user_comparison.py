@@ -185,7 +185,11 @@ def test_ks_cannot_reject_with_three_forget_items_and_the_documented_size_has_po
 
     def power(n, reps=2000):
         x, y = rng.normal(size=(reps, n)), rng.normal(1.0, size=(reps, n))
-        return float(np.mean(ks_2samp(x, y, axis=1, method="exact").pvalue < 0.05))
+        try:
+            pvalues = ks_2samp(x, y, axis=1, method="exact").pvalue
+        except TypeError:  # scipy before 1.11 (the lowest pyproject declares) takes one pair at a time
+            pvalues = np.array([ks_2samp(a, b, method="exact").pvalue for a, b in zip(x, y)])
+        return float(np.mean(pvalues < 0.05))
     assert MIN_FORGET_ITEMS == 25
     assert power(24) < 0.8 <= power(25)
 
