@@ -265,6 +265,7 @@ def test_reference_cells_and_scalability_and_the_sustainability_chain(tmp_path, 
         assert r["config"]["train"]["lr"] == 1e-3  # NPO's chosen setting
 
 
+@pytest.mark.slow  # 7-11 s: the default suite was at its 5-minute budget (305 s on 2 idle cores)
 def test_a_method_can_be_left_out_of_scalability_and_sustainability(tmp_path, fake):
     """`scalability = false` / `sustainability = false` on a method: its chosen setting runs the reported cells only;
     the other method's cells, and their keys, are those of the spec without the flags."""

@@ -57,6 +57,7 @@ def test_run_writes_a_complete_folder_and_leaves_the_base_model_alone(tiny_world
     assert history and "grad_cosine" in history[0]
 
 
+@pytest.mark.slow  # 7-11 s: the default suite was at its 5-minute budget (305 s on 2 idle cores)
 def test_retrain_row_has_forget_quality_one(tiny_world):
     root, cfg = tiny_world
     r = runner.invoke(app, ["run", str(cfg), "--quiet", "method=Retrain", "name=retrain"])
