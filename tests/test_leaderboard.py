@@ -634,13 +634,22 @@ def test_a_method_within_the_bar_ranks_above_a_higher_score_that_breaks_it(tmp_p
     (out / "bench.json").write_text(json.dumps({"name": "t", "family": "t2i", "spec": spec,
                                                 "created": "2026-12-03T00:00:00", "obliviate_version": "0.1.0"}))
     # (ua, ira) per seed: Over erases all but breaks IRA; Half keeps the bar on one seed of two; Within on both
-    cells = {"Over": [(1.0, 0.4), (1.0, 0.3)], "Half": [(0.98, 0.95), (1.0, 0.5)], "Within": [(0.9, 0.95), (0.8, 0.94)]}
+    cells = {"Over": [(1.0, 0.4), (1.0, 0.3)], "Half": [(0.98, 0.95), (1.0, 0.5)], "Within": [(0.9, 0.95), (0.8, 0.94)],
+             "AlsoWithin": [(0.86, 0.95), (0.84, 0.95)]}
     for method, seeds in cells.items():
         for seed, (ua, ira) in enumerate(seeds):
             key = _record(out, "reported", method, seed, target="striped", family="t2i")
             _run_folder(out, key, {"method": method, "concept": "striped", "status": "completed", "ua": ua,
                                    "ira": ira, "cra": 0.95, "original_ua": 0.0, "original_ira": 1.0,
-                                   "original_cra": 1.0})
+                                   "original_cra": 1.0, "retrain_ua": 1.0, "retrain_ira": 0.95, "retrain_cra": 0.95})
+    key = _record(out, "reference", "Retrain", 1, target="striped", family="t2i", config={"method_args": {"seed": 1}})
+    _run_folder(out, key, {"method": "Retrain", "concept": "striped", "status": "completed", "ua": 0.8, "ira": 0.95,
+                           "cra": 0.95})  # a second retrain model: a noise floor of 0.2 in UA
     b = board(read_bench(out), "the canvas world", "t2i", "striped")
+    assert b.floor_gap["ua"] == pytest.approx(0.2)
     ranked = [(ln.label, ln.rank, ln.bar) for ln in b.lines if ln.kind == "method"]
-    assert ranked == [("Within", 1, "2 of 2 seeds"), ("Half", 2, "1 of 2 seeds"), ("Over", 3, "0 of 2 seeds")]
+    assert ranked == [("Within", 1, "2 of 2 seeds"), ("AlsoWithin", 2, "2 of 2 seeds"), ("Half", 3, "1 of 2 seeds"),
+                      ("Over", 4, "0 of 2 seeds")]
+    # within the floor of each other: only the pair the bar does not order is called a tie of the score
+    assert b.ties == ["Within and AlsoWithin differ in UA ↑ by less than the noise floor (20.0%): their order is "
+                      "not evidence"]

@@ -458,7 +458,8 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
         if line.failed or line.stats.get(metric) is None:
             continue
         line.rank = i + 1
-        if previous is not None and metric in floor_gap and \
+        # a pair the bar orders (more seeds within it first) is not ordered by the score
+        if previous is not None and metric in floor_gap and previous.bar_share == line.bar_share and \
                 abs(previous.stats[metric].mean - line.stats[metric].mean) <= floor_gap[metric]:
             ties.append(f"{previous.label} and {line.label} differ in {m.column_title} by less than the noise floor "
                         f"({m.fmt.replace('+', '').format(floor_gap[metric])}): their order is not evidence")
