@@ -261,7 +261,7 @@ def test_uoe_layer_out_of_range_names_the_blocks(trained_moe):
 # ---- routing statistics -----------------------------------------------------------------------------------------------
 
 def test_routing_statistics_by_hand(trained_moe, tiny_lm, tmp_path):
-    from obliviate.evals.routing import routing_record, routing_shares, write_routing
+    from obliviate.evals.routing import routing_metrics, routing_record, routing_shares, write_routing
 
     model, tok = trained_moe
     items = tiny_items()
@@ -281,6 +281,8 @@ def test_routing_statistics_by_hand(trained_moe, tiny_lm, tmp_path):
     expected = 0.5 * sum(abs(a - b) for a, b in zip([1.0, 0, 0, 0], shares["sets"]["forget"]["share"][0]))
     assert record["shift"]["forget"][0] == pytest.approx(expected, abs=1e-6)
     assert record["shift"]["retain"] == [0.0, 0.0]
+    assert routing_metrics(record) == {"forget_routing_shift": pytest.approx(expected / 2, abs=1e-6),
+                                       "retain_routing_shift": 0.0}  # the mean over the 2 sparse blocks
     notes = write_routing(tmp_path, record)
     assert (tmp_path / "routing.json").is_file() and (tmp_path / "routing.png").stat().st_size > 1000
     assert any("unlearned expert: 0 of sparse block 0" in n for n in notes)
@@ -349,6 +351,9 @@ def test_tiny_moe_world_builds_and_uoe_runs_with_the_routing_figure(tmp_path):
         record = json.loads((run / "routing.json").read_text())
         assert set(record["before"]["sets"]) == {"forget", "retain"} and len(record["shift"]["forget"]) == 2
         assert (run / "routing.png").stat().st_size > 1000 and "routing" in (run / "report.html").read_text()
+        metrics = json.loads((run / "metrics.json").read_text())  # the declared metrics: the shifts' means
+        for kind in ("forget", "retain"):
+            assert metrics[f"{kind}_routing_shift"] == pytest.approx(sum(record["shift"][kind]) / 2, abs=1e-6)
     unlearned = json.loads((tmp_path / "runs" / "uoe" / "routing.json").read_text())["unlearned_expert"]
     prefix = f"model.layers.{unlearned['layer']}.mlp"
     changed = load_file(str(tmp_path / "runs" / "uoe" / "changed.safetensors"))

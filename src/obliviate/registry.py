@@ -51,7 +51,9 @@ NEEDS = {"logprobs": "the one likelihood pass over each item's answer, paraphras
          "retrain": "the retrain reference's evaluation (compare_to_retrain)",
          "original": "the original model's evaluation (the runner)",
          "harness": "lm-evaluation-harness's tasks on local files (the run's `harness` keys; evals/harness.py)",
-         "restor_set": "the corrupted world's right answers to the corrupted questions (RESTOR; evals/restor.py)"}
+         "restor_set": "the corrupted world's right answers to the corrupted questions (RESTOR; evals/restor.py)",
+         "routing": "a mixture-of-experts model's routing of the forget and retain tokens before and after unlearning "
+                    "(the runner; evals/routing.py)"}
 # A reference model's value of a metric, written beside the run's own (t2i: original_ua, retrain_ira, ...).
 REFERENCE_PREFIXES = ("original_", "retrain_")
 
@@ -306,6 +308,8 @@ H = "obliviate.evals.harness:"
 WMDP = "Li et al. 2024, The WMDP Benchmark, https://arxiv.org/abs/2403.03218"
 MMLU = "Hendrycks et al. 2021, Measuring Massive Multitask Language Understanding, https://arxiv.org/abs/2009.03300"
 RS = "obliviate.evals.restor:"
+RT = "obliviate.evals.routing:"
+UOE = "Zhuang et al. 2025, UOE: Unlearning One Expert Is Enough for MoE LLMs, https://arxiv.org/abs/2411.18797"
 RESTOR = "Rezaei et al. 2025, RESTOR: Knowledge Recovery through Machine Unlearning, https://arxiv.org/abs/2411.00204"
 HARNESS_MC = ("four-way multiple choice by the log-likelihood of each answer letter (lm-evaluation-harness's task "
               "on local files; zero-shot unless harness.num_fewshot)")
@@ -355,6 +359,14 @@ METRICS = _table(
     Metric("restor_forgetting", RS + "with_recovery", "Corrupted world: 1 - (share still answered with the wrong "
            "fact) / (the corrupted model's share).", RESTOR, "lm", "higher", "ratio of two aggregates",
            "wrong forgotten", "{:.2f}", needs=("original",)),
+    # a mixture-of-experts model (evals/routing.py, docs/moe.md): how far unlearning moved its routers. The forget
+    # tokens' shift describes a method (UOE's anchor holds it near 0 by design); the retain tokens' should stay small
+    Metric("forget_routing_shift", RT + "routing_metrics", "Mixture-of-experts model: total variation between the "
+           "forget tokens' expert shares before and after unlearning, mean over the sparse blocks (0: same routing).",
+           UOE, "lm", None, "mean over sparse blocks", "forget routing shift", "{:.3f}", needs=("routing",)),
+    Metric("retain_routing_shift", RT + "routing_metrics", "Mixture-of-experts model: total variation between the "
+           "retain tokens' expert shares before and after unlearning, mean over the sparse blocks (0: same routing).",
+           UOE, "lm", "lower", "mean over sparse blocks", "retain routing shift", "{:.3f}", needs=("routing",)),
     # text-to-image (evals/canvas.py; formulas in docs/t2i.md)
     Metric("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier "
            "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),

@@ -6,6 +6,8 @@ routing.json and routing.png to its folder; a dense model has no routing and get
     share[l, e]       = (tokens whose top-k at layer l holds e) / (tokens * k)          (sums to 1 over e)
     probability[l, e] = mean over the tokens of the router's softmax probability of e at layer l
     shift[l]          = 1/2 sum_e | share_after[l, e] - share_before[l, e] |            (total variation, 0 to 1)
+    forget_routing_shift, retain_routing_shift = mean over the sparse blocks l of shift[l], per set (the run's
+                        metrics.json and the bench's columns; declared in registry.METRICS)
 
 Tokens are every real token (question and answer, or the text) of the first `limit` items of each set."""
 from __future__ import annotations
@@ -57,6 +59,12 @@ def routing_shift(before: dict, after: dict) -> dict[str, list[float]]:
     return {name: [round(0.5 * sum(abs(a - b) for a, b in zip(row_a, row_b)), 6)
                    for row_a, row_b in zip(after["sets"][name]["share"], before["sets"][name]["share"])]
             for name in before["sets"] if name in after["sets"]}
+
+
+def routing_metrics(record: dict) -> dict[str, float]:
+    """The run's declared routing metrics from routing.json's record: per set, the mean shift over the sparse blocks."""
+    return {f"{name}_routing_shift": round(sum(shift) / len(shift), 6)
+            for name, shift in record["shift"].items() if name in SETS and shift}
 
 
 def routing_record(before: dict, after: dict, unlearned: dict | None = None) -> dict:

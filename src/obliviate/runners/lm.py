@@ -278,6 +278,9 @@ class LanguageModelRun(FamilyRun):
         metrics["eval_seconds"] = round(time.time() - t0, 2)
         metrics["eval_processes"] = evaluation["config"]["processes"]
         metrics.update(evaluation["aggregate"])
+        if self.routing is not None:  # a mixture-of-experts model: how far unlearning moved its routers
+            from obliviate.evals.routing import routing_metrics
+            metrics.update(routing_metrics(self.routing))
         model = trained.model = None  # the original is loaded next (unless cached): one model in memory at a time
         if world is not None and not config.model:  # the world's full model: cached with the world
             original_eval = original_evaluation(world, config.split, config.eval, qa_sets, texts, config.device,
