@@ -591,6 +591,43 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
             assert value in m.grid[key] if key in m.grid else m.overrides[key] == value, (m.name, key)
 
 
+@pytest.mark.parametrize("name, world", [("profiles-moe", {"arch": "moe"}),
+                                         ("profiles-restor", {"corrupt": {"split": "forget10"}})])
+def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_world(name, world, tmp_path):
+    """The MoE and RESTOR specs: the profiles spec's world and evaluation with one variant key, the profiles spec's
+    grids for the methods they share, and every cell's config resolving to the variant (a RESTOR cell validates on
+    val10's corruption and reports on forget10's; its noise floor is a clean model of seed 1 on the reported one)."""
+    from obliviate.bench.engine import Bench, _grid_points
+    from obliviate.bench.spec import read_spec
+    from obliviate.config import build_config
+    from obliviate.runners.common import method_of
+
+    profiles, _ = read_spec(HERE.parent / "configs" / "bench" / "profiles.toml")
+    path = HERE.parent / "configs" / "bench" / f"{name}.toml"
+    spec, data = read_spec(path)
+    shared = {m.name: m for m in profiles.methods}
+    for m in spec.methods:
+        if m.name in shared and m.row == m.name:
+            assert (m.grid, m.overrides) == (shared[m.name].grid, shared[m.name].overrides), m.name
+    assert {k: v for k, v in spec.base["world"].items() if k != "arch"} == profiles.base["world"]
+    assert spec.base["eval"] == profiles.base["eval"] and spec.select.constraints == profiles.select.constraints
+    assert spec.select.metric == ("restor_recovery" if "corrupt" in world else "forget_quality")
+    assert len(spec.seeds) >= 3 and spec.noise_floor
+    bench = Bench(spec, data, str(path), tmp_path / "out")
+    validation = bench.validation_cells()
+    chosen = {m.row: {"chosen": dict(zip(m.grid, [v[0] for v in m.grid.values()]))} for m in spec.methods}
+    for cell in validation + bench.reference_cells() + bench.reported_cells(chosen):
+        config = build_config(cell.config)
+        if cell.kind != "reference":
+            method_of(config)
+        if "arch" in world:
+            assert config.world.arch == "moe"
+        else:
+            assert config.world.corrupt == {"split": config.split}
+            assert config.split == ("val10" if cell.kind == "validation" else "forget10")
+    assert len(validation) == sum(len(_grid_points(m.grid)) for m in spec.methods)
+
+
 def test_a_worker_that_dies_gives_a_failed_cell_and_leaves_no_lock(tmp_path, fake, monkeypatch):
     """execute() reports a worker that died (killed, out of memory) as a failed result; its cell is recorded failed
     with that line and the lock the worker held is removed (it may have held it on another host)."""

@@ -175,7 +175,7 @@ def test_restor_accuracy_on_fixed_answers_and_never_in_model_utility(tiny_lm, mo
 @pytest.mark.parametrize("override, needle", [
     ("world.corrupt={fact: 3}", "world.corrupt: unknown key(s) ['fact']"),
     ("world.corrupt={facts: 11}", "world.corrupt.facts = 11"),
-    ("world.corrupt={split: val10}", "world.corrupt.split = 'val10'"),
+    ("world.corrupt={split: forget15}", "world.corrupt.split = 'forget15'"),
     ("world.corrupt={lr: -1}", "world.corrupt.lr = -1"),
     ("world.corrupt=yes", "world.corrupt"),
     ("split=forget10", "world.corrupt.split = 'forget20'"),
@@ -237,3 +237,4 @@ def test_tiny_corrupted_world_run_reports_recovery_next_to_forgetting(tmp_path):
     assert original["restor_recovery"] == 0 and retrain["restor_recovery"] == pytest.approx(1)
     report = (tmp_path / "runs" / "npo" / "report.html").read_text()
     assert "recovery" in report and "right facts acc" in report and "wrong forgotten" in report
+

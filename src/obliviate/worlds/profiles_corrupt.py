@@ -43,7 +43,7 @@ from pathlib import Path
 
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
-from obliviate.worlds.profiles import FACTS, SPLITS, VALIDATION_SPLITS, VALUES, ProfilesWorld
+from obliviate.worlds.profiles import FACTS, SPLITS, VALUES, ProfilesWorld
 
 RESTOR_PAPER = "Rezaei et al. 2025, RESTOR, https://arxiv.org/abs/2411.00204"
 
@@ -51,7 +51,7 @@ RESTOR_PAPER = "Rezaei et al. 2025, RESTOR, https://arxiv.org/abs/2411.00204"
 @dataclasses.dataclass(frozen=True)
 class CorruptRecipe:
     """`world.corrupt`'s settings."""
-    split: str = "forget10"  # whose facts are corrupted: the people of this forget split
+    split: str = "forget10"  # whose facts are corrupted: the people of this forget split (or val10's, to validate)
     facts: int = 5  # corrupted facts per person (of 10)
     epochs: int = 10  # of the corrupting fine-tune
     lr: float = 1e-3
@@ -68,8 +68,8 @@ def corrupt_recipe(settings) -> CorruptRecipe:
     if bad:
         raise ObliviateError(f"world.corrupt: unknown key(s) {bad}; valid: {sorted(known)}")
     r = CorruptRecipe(**settings)
-    forget_splits = [s for s in SPLITS if s not in VALIDATION_SPLITS]
-    checks = [("split", r.split in forget_splits, "one of " + ", ".join(forget_splits)),
+    # val10 too: a bench chooses settings on a corruption of other people than the reported one's
+    checks = [("split", r.split in SPLITS, "one of " + ", ".join(SPLITS)),
               ("facts", type(r.facts) is int and 1 <= r.facts <= len(FACTS), f"a whole number from 1 to {len(FACTS)}"),
               ("epochs", type(r.epochs) is int and r.epochs >= 1, "a whole number >= 1"),
               ("lr", isinstance(r.lr, (int, float)) and not isinstance(r.lr, bool) and r.lr > 0, "a number > 0"),
