@@ -107,7 +107,8 @@ def test_mllmu_faults_are_named_by_file_and_row(tmp_path, fault, message):
 def _all_methods():
     from obliviate.registry import MLLM_METHODS
 
-    # UOE needs an MoE model: test_lm_moe.py; the guards change no tensor: test_mllm_guards.py
+    # UOE needs an MoE language model: test_mllm_moe.py (a LLaVA over Mixtral); the guards change no tensor:
+    # test_mllm_guards.py
     return [m for m, e in MLLM_METHODS.items() if m not in ("Retrain", "UOE") and not e.guard]
 
 

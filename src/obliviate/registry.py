@@ -359,14 +359,17 @@ METRICS = _table(
     Metric("restor_forgetting", RS + "with_recovery", "Corrupted world: 1 - (share still answered with the wrong "
            "fact) / (the corrupted model's share).", RESTOR, "lm", "higher", "ratio of two aggregates",
            "wrong forgotten", "{:.2f}", needs=("original",)),
-    # a mixture-of-experts model (evals/routing.py, docs/moe.md): how far unlearning moved its routers. The forget
-    # tokens' shift describes a method (UOE's anchor holds it near 0 by design); the retain tokens' should stay small
+    # a mixture-of-experts model, or a vision-language model with one as its language model (evals/routing.py,
+    # docs/moe.md): how far unlearning moved its routers. The forget tokens' shift describes a method (UOE's anchor
+    # holds it near 0 by design); the retain tokens' should stay small
     Metric("forget_routing_shift", RT + "routing_metrics", "Mixture-of-experts model: total variation between the "
            "forget tokens' expert shares before and after unlearning, mean over the sparse blocks (0: same routing).",
-           UOE, "lm", None, "mean over sparse blocks", "forget routing shift", "{:.3f}", needs=("routing",)),
+           UOE, "lm", None, "mean over sparse blocks", "forget routing shift", "{:.3f}", needs=("routing",),
+           also=("mllm",)),
     Metric("retain_routing_shift", RT + "routing_metrics", "Mixture-of-experts model: total variation between the "
            "retain tokens' expert shares before and after unlearning, mean over the sparse blocks (0: same routing).",
-           UOE, "lm", "lower", "mean over sparse blocks", "retain routing shift", "{:.3f}", needs=("routing",)),
+           UOE, "lm", "lower", "mean over sparse blocks", "retain routing shift", "{:.3f}", needs=("routing",),
+           also=("mllm",)),
     # text-to-image (evals/canvas.py; formulas in docs/t2i.md)
     Metric("ua", E + "canvas:canvas_scores", "Unlearning accuracy: share of forget-prompt images where the classifier "
            "does not find the erased concept.", CANVAS, "t2i", "higher", "share of images", "UA", "{:.1%}"),

@@ -9,7 +9,9 @@ routing.json and routing.png to its folder; a dense model has no routing and get
     forget_routing_shift, retain_routing_shift = mean over the sparse blocks l of shift[l], per set (the run's
                         metrics.json and the bench's columns; declared in registry.METRICS)
 
-Tokens are every real token (question and answer, or the text) of the first `limit` items of each set."""
+Tokens are every real token (question and answer, or the text) of the first `limit` items of each set, encoded by the
+run's adapter: a vision-language run's items keep their pictures, so the image tokens (the vision tower's features,
+projected) are routed and counted with the text's. Both families' runners call `moe_routing` and `routing_files`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,6 +50,20 @@ def routing_shares(model, tokenizer, sets: dict[str, list], batch_size: int = 16
     finally:
         model.train(was_training)
     return out
+
+
+def moe_routing(model, tokenizer, forget: list, retain: list, batch_size: int, adapter=None):
+    """For a mixture-of-experts model: its routing of the forget and retain items now, and a function that takes the
+    unlearned model (and the method) and returns routing.json's record; None for a dense model."""
+    sets = {"forget": forget, "retain": retain}
+    before = routing_shares(model, tokenizer, sets, batch_size, adapter=adapter)
+    if before is None:
+        return None
+
+    def after(unlearned, method) -> dict:
+        return routing_record(before, routing_shares(unlearned, tokenizer, sets, batch_size, adapter=adapter),
+                              method.chosen())
+    return after
 
 
 def _rounded(table) -> list[list[float]]:
@@ -90,6 +106,12 @@ def write_routing(folder: Path, record: dict, title: str = "") -> list[str]:
         u = record["unlearned_expert"]
         notes.append(f"unlearned expert: {u['expert']} of sparse block {u['layer']} ({u['name']})")
     return notes
+
+
+def routing_files(folder: Path, record: dict, title: str = "") -> dict:
+    """routing.json and routing.png in a run folder, and what the run's report shows of them (`grids`, `notes`)."""
+    notes = write_routing(folder, record, title)
+    return {"grids": {"routing: each expert's share of the tokens, before and after": "routing.png"}, "notes": notes}
 
 
 def plot_routing(record: dict, path: Path, title: str = "") -> Path:

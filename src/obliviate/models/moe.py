@@ -5,7 +5,9 @@ transformers 5 builds every sparse block it ships for Mixtral, Qwen2-MoE, Qwen3-
 decoder layer's `mlp` has a `gate` (the router: a [num_experts, hidden] weight whose forward returns the router logits
 first, then the top-k weights and indices) and `experts`, whose parameters are fused tensors with the expert on the
 first axis (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]). A shared expert beside them (Qwen2-MoE) is not routed
-and is no expert here. Any model built so is recognised; a dense model has no such layer.
+and is no expert here. Any model built so is recognised wherever it sits, so a vision-language model whose language
+model is one (LLaVA over Mixtral: `model.language_model.layers.N.mlp`) has the same sparse blocks; a dense model has
+no such layer.
 
 The router's load-balancing loss (`output_router_logits`, `router_aux_loss_coef`): obliviate's unlearning losses are
 computed from the logits alone and never pass labels to the model, so transformers never adds it to an unlearning
@@ -49,9 +51,15 @@ def moe_layers(model) -> list[MoELayer]:
         if not (isinstance(router, torch.nn.Module) and isinstance(experts, torch.nn.Module) and isinstance(count, int)
                 and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == count):
             continue
-        top_k = getattr(router, "top_k", None) or getattr(getattr(model, "config", None), "num_experts_per_tok", 1)
+        top_k = getattr(router, "top_k", None) or getattr(_text_config(model), "num_experts_per_tok", 1)
         layers.append(MoELayer(len(layers), name, router, experts, count, int(top_k)))
     return layers
+
+
+def _text_config(model):
+    """The language model's config: a vision-language model's `text_config` (LLaVA over Mixtral), else the model's."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def require_moe(model, who: str) -> list[MoELayer]:
@@ -60,8 +68,10 @@ def require_moe(model, who: str) -> list[MoELayer]:
     if not layers:
         from obliviate.errors import ObliviateError
 
+        config, text = getattr(model, "config", None), _text_config(model)
+        dense = type(model).__name__ + (f"'s language model ({text.model_type})" if text is not config else "")
         raise ObliviateError(f"{who} needs a mixture-of-experts model (a router and experts per layer: Mixtral, "
-                             f"Qwen2-MoE, Qwen3-MoE, OLMoE); {type(model).__name__} is dense")
+                             f"Qwen2-MoE, Qwen3-MoE, OLMoE); {dense} is dense")
     return layers
 
 

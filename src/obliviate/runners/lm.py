@@ -194,6 +194,7 @@ class LanguageModelRun(FamilyRun):
 
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
         from obliviate import distributed
+        from obliviate.evals.routing import moe_routing
         from obliviate.guards import is_guard
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
@@ -315,32 +316,15 @@ class LanguageModelRun(FamilyRun):
             write_json(folder / "harness.json", evaluation["harness"])
         if self.routing is None:
             return {}
-        from obliviate.evals.routing import write_routing
+        from obliviate.evals.routing import routing_files
 
-        notes = write_routing(folder, self.routing, f"{self.config.method} on {self.label}")
-        return {"grids": {"routing: each expert's share of the tokens, before and after": "routing.png"},
-                "notes": notes}
+        return routing_files(folder, self.routing, f"{self.config.method} on {self.label}")
 
     def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
         if evaluation is not None:  # the headline numbers, without opening the folder
             from obliviate.bench.scorecard import print_scorecard, run_rows
             print_scorecard(run_rows(metrics), title=f"{title} on {self.label}" + (
                 "" if self.retrain_eval is not None else " (no retrain reference: no forget quality or PrivLeak)"))
-
-
-def moe_routing(model, tokenizer, forget: list, retain: list, batch_size: int):
-    """For a mixture-of-experts model: its routing of the forget and retain items now, and a function that takes the
-    unlearned model (and the method) and returns routing.json's record; None for a dense model."""
-    from obliviate.evals.routing import routing_record, routing_shares
-
-    sets = {"forget": forget, "retain": retain}
-    before = routing_shares(model, tokenizer, sets, batch_size)
-    if before is None:
-        return None
-
-    def after(unlearned, method) -> dict:
-        return routing_record(before, routing_shares(unlearned, tokenizer, sets, batch_size), method.chosen())
-    return after
 
 
 def _mia_reference(config: RunConfig, world, reference_seed: int | None, device: str):

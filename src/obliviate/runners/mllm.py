@@ -143,6 +143,7 @@ class VisionLanguageRun(FamilyRun):
     label: str = ""
     notes: dict = {}
     retrain_eval: dict | None = None
+    routing: dict | None = None  # a mixture-of-experts language model's routing before and after (evals/routing.py)
 
     def subject(self) -> str | None:
         return self.config.split
@@ -156,6 +157,7 @@ class VisionLanguageRun(FamilyRun):
     guard = None  # a generation-time guard's run: the guard, bound to the run's forget and retain items
 
     def unlearn(self, prepared: Prepared, method, device: str, checkpoints) -> Trained:
+        from obliviate.evals.routing import moe_routing
         from obliviate.guards import is_guard
         from obliviate.loops.lm import unlearn
         from obliviate.loops.step import changed_tensors
@@ -172,8 +174,12 @@ class VisionLanguageRun(FamilyRun):
         adapter = vlm.VisionLanguageAdapter(processor, pictures)
         lora = config.lora and config.lora.model_copy(update={"target_modules": vlm.lora_targets(
             model, config.lora.target_modules, config.mllm.train_parts)})
+        # an MoE language model: where its routers send the items' tokens (the pictures' with the text's)
+        routing = moe_routing(model, processor.tokenizer, forget, retain, config.eval.batch_size, adapter)
         result = unlearn(model, processor.tokenizer, forget, retain, method, config.train, lora, adapter=adapter,
                          checkpoints=checkpoints, on_eval=self.along and self.along.bind(processor))
+        if routing:
+            self.routing = routing(result.model, method)
         return Trained((result.model, processor), result.history, result.seconds, result.stopped,
                        changed_tensors(result.model, result.trainable_names), result.truncated)
 
@@ -222,6 +228,9 @@ class VisionLanguageRun(FamilyRun):
             evaluation = compare_to_retrain(evaluation, retrain_eval)
             metrics["retrain"] = compare_to_retrain(retrain_eval, retrain_eval)["aggregate"]
         metrics.update(evaluation["aggregate"])
+        if self.routing is not None:  # an MoE language model: how far unlearning moved its routers
+            from obliviate.evals.routing import routing_metrics
+            metrics.update(routing_metrics(self.routing))
         self.retrain_eval = retrain_eval
         return evaluation
 
@@ -232,7 +241,12 @@ class VisionLanguageRun(FamilyRun):
         if self.guard is not None:
             from obliviate.guards import GUARD_FILE
             write_json(folder / GUARD_FILE, self.guard_record())
-        return {"notes": note_lines(self.notes)}
+        if self.routing is None:
+            return {"notes": note_lines(self.notes)}
+        from obliviate.evals.routing import routing_files
+
+        shown = routing_files(folder, self.routing, f"{self.config.method} on {self.label}")
+        return {**shown, "notes": note_lines(self.notes) + shown["notes"]}
 
     def scorecard(self, metrics: dict, evaluation: dict | None, title: str) -> None:
         if evaluation is not None:

@@ -40,6 +40,9 @@ def check_mllm(config: RunConfig) -> None:
         raise ObliviateError("vision-language runs are not data parallel yet: run them as one process (no torchrun)")
     if config.train.checkpoint_every:
         raise ObliviateError("train.checkpoint_every is not supported for vision-language runs yet")
+    if config.method == "UOE" and "language" not in config.mllm.train_parts:  # its expert is the language model's
+        raise ObliviateError(f"UOE trains one expert of the language model and its router: mllm.train_parts "
+                             f"{config.mllm.train_parts} must include 'language'")
     if config.mllmu_dir:
         from obliviate.benchmark_files import load_mllmu
 
