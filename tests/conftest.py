@@ -12,6 +12,21 @@ CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth"]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Worlds and cached evaluations of the tests' tiny models go to a temporary folder, never the user's
+    ~/.cache/obliviate (a test that names world.cache_dir or sets OBLIVIATE_CACHE itself still wins)."""
+    import os
+
+    before = os.environ.get("OBLIVIATE_CACHE")
+    os.environ["OBLIVIATE_CACHE"] = str(tmp_path_factory.mktemp("obliviate-cache"))
+    yield
+    if before is None:
+        os.environ.pop("OBLIVIATE_CACHE", None)
+    else:
+        os.environ["OBLIVIATE_CACHE"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and do not slow down ~100x when other processes share the 2 cores."""
     n = torch.get_num_threads()
