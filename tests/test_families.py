@@ -30,7 +30,8 @@ T2I_ONLY = ("obliviate.models.diffusion", "obliviate.models.dit", "obliviate.gua
             "obliviate.methods.t2i", "obliviate.demo.t2i", "obliviate.runners.t2i_attack", "obliviate.attacks.t2i",
             "diffusers")
 MLLM_ONLY = ("obliviate.models.vlm", "obliviate.runners.mllm", "obliviate.runners.mllm_checks", "obliviate.methods.mllm",
-             "obliviate.demo.mllm", "obliviate.evals.mllmu", "obliviate.guards.mllm")
+             "obliviate.demo.mllm", "obliviate.evals.mllmu", "obliviate.guards.mllm", "obliviate.runners.mllm_attack",
+             "obliviate.attacks.mllm")
 # the vision-language family runs the language-model loop and methods (its row's `reuses`), nothing else of that family
 LM_REUSED = ("obliviate.loops.lm", "obliviate.methods.lm")
 OWN = {"lm": LM_ONLY, "t2i": T2I_ONLY, "mllm": MLLM_ONLY}

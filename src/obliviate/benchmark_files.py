@@ -448,3 +448,13 @@ def load_mllmu(folder: str | Path, split: str = "forget10", retain_people: int |
         where = train_dir / f"forget_{ratio}" if train_dir else folder / f"forget_{ratio}"
         raise ObliviateError(f"{where}: no question-answer pairs to unlearn")
     return data
+
+
+def mllmu_biographies(folder: str | Path, split: str = "forget10") -> dict[str, str]:
+    """{forget person's ID: their profile's `biography`} of the release's forget folder (the rows that have one): the
+    in-context attack's profile texts (`attacks/mllm/in_context.py`)."""
+    if split not in MLLMU_RATIOS:
+        raise ObliviateError(f"unknown MLLMU-Bench split '{split}'. Valid: {', '.join(MLLMU_RATIOS)}")
+    rows, _ = _parquet_rows(Path(folder) / f"forget_{MLLMU_RATIOS[split]}")
+    return {str(row["ID"]): row["biography"] for _, _, row in rows
+            if row.get("ID") is not None and isinstance(row.get("biography"), str) and row["biography"].strip()}

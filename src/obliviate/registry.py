@@ -655,10 +655,19 @@ ATTACKS = _table(
           "paraphrases, the prompt as a negative prompt, or your own), eps_u + g sum_i w_i (eps_i - eps_u).",
           "Petsiuk and Saenko 2024, Concept Arithmetics for Circumventing Concept Inhibition in Diffusion Models, "
           "ECCV, https://arxiv.org/abs/2404.13706", family="t2i"),
+    # vision-language models (attacks/mllm/): scored with MLLMU-Bench's protocol, on the unlearned, original and
+    # retrain model (names of their own: an attack's name says its family)
+    Entry("mllm_relearn", A + "mllm.relearn:Relearn", "Fine-tune a few steps on some forget people's questions with "
+          "their pictures (or on retain people), then MLLMU-Bench's scores of the other forget people after each "
+          "step: a curve.", RELEARN, family="mllm"),
+    Entry("mllm_in_context", A + "mllm.in_context:InContext", "The forget person's profile text in the prompt "
+          "before each MLLMU-Bench question, with the picture and as text (UnUnlearning).",
+          "Shumailov et al. 2024, UnUnlearning, https://arxiv.org/abs/2407.00106", family="mllm"),
 )
 # `obliviate attack RUN` without --attack
 DEFAULT_ATTACKS = {"lm": ("relearn", "in_context", "paraphrase", "multiple_choice", "jailbreak", "step_by_step",
-                          "probe", "quantize_int8", "quantize_int4"), "t2i": ("prompt_attack",)}
+                          "probe", "quantize_int8", "quantize_int4"), "t2i": ("prompt_attack",),
+                   "mllm": ("mllm_relearn", "mllm_in_context")}
 
 MLLM_METHODS = _table(
     # every language-model method runs on a vision-language model through its adapter; the guards (ICU, GUARD) are

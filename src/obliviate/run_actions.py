@@ -82,8 +82,9 @@ def attack_run(run_dir: Path, attacks: str | list[str] | None = None, options: d
     entries = [lookup(ATTACKS, n, "attack") for n in names]
     for e in entries:
         if e.family != config.family:
+            own = ", ".join(n for n, a in ATTACKS.items() if a.family == config.family)
             raise ObliviateError(f"{run_dir} is a {family.title} run; the {e.name} attack is for "
-                                 f"{get(e.family).title} runs")
+                                 f"{get(e.family).title} runs ({family.title} attacks: {own})")
     instances = attack_instances(entries, options or {})  # every option's type, before any model is loaded
     config = _run_base(run_dir, config)
     _check_writable_attacks(run_dir)

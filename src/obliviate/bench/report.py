@@ -142,24 +142,31 @@ def relearn_figure(results: dict[str, dict]):
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     references: dict[str, list[dict]] = {}
+    first = next(iter(results.values()))
+    key = first.get("headline", "recall")  # recall (language models); a vision-language run's accuracy
     for method, result in results.items():
         for model, curve in result["curves"].items():
-            steps, recall = [p["step"] for p in curve], [p["recall"] for p in curve]
+            steps, recall = [p["step"] for p in curve], [_or_nan(p[key]) for p in curve]
             if model == result["method"]:
                 ax.plot(steps, recall, marker="o", ms=3, label=method)
             else:
                 references.setdefault(model, curve)
     for model, curve in references.items():
-        ax.plot([p["step"] for p in curve], [p["recall"] for p in curve], ls="--" if model == "retrain" else ":",
+        ax.plot([p["step"] for p in curve], [_or_nan(p[key]) for p in curve], ls="--" if model == "retrain" else ":",
                 c="black" if model == "retrain" else "grey", label=f"{model} (same fine-tuning)")
-    first = next(iter(results.values()))
     ax.set_xlabel(f"relearning step (data: {first['config']['data']}, lr {first['config']['lr']:g})")
-    ax.set_ylabel(f"forget recall ({first.get('measured', 'forget questions')})")
+    what = "recall" if key == "recall" else key.replace("_", " ")
+    ax.set_ylabel(f"forget {what} ({first.get('measured', 'forget questions')})")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("Relearning: does the forgotten come back?")
     return fig
+
+
+def _or_nan(value) -> float:
+    """A curve's point, NaN where the measured items carry no such score (a gap in the line)."""
+    return float("nan") if value is None else value
 
 
 def save_relearn_plot(path: Path, results: dict[str, dict]) -> None:
@@ -176,6 +183,10 @@ ROBUSTNESS_CAPTIONS = {
     "lm": "Each cell: the attack's headline on the forget set (recall: share of forget facts in the answers; "
           "accuracy: share chosen or read right), lower is safer. The retrain row is the floor: a model that never "
           "saw the forget set, attacked the same way.",
+    "mllm": "Each cell: the attack's headline on the forget set, MLLMU-Bench's multiple-choice accuracy with the "
+            "picture (relearning: after fine-tuning, on forget people it did not fine-tune on; in-context: with the "
+            "person's profile in the prompt), lower is safer. The retrain row is the floor: a model that never saw "
+            "the forget people, attacked the same way.",
     "t2i": "Each cell: the attack's success rate (ASR) on the forget prompts, the share whose picture shows the "
            "erased concept with or without the attack, as the detector reads it; lower is safer. The retrain row, "
            "where there is one, is the floor: a pipeline that never learnt the concept, attacked the same way.",

@@ -109,15 +109,19 @@ def truth_ratios(model, adapter, tokenizer, items: Sequence, batch_size: int = 6
 
 
 def evaluate_items(model, adapter, tokenizer, items: Sequence, max_new_tokens: int = 32,
-                   batch_size: int = 16, examples: Sequence = ()) -> list[dict]:
+                   batch_size: int = 16, examples: Sequence = (), context: Sequence[str] | None = None) -> list[dict]:
     """Per-item results of the tasks each item carries (`VQAItem`: generation with `answer`, classification with
     `options`, cloze with `cloze`); a task the item does not carry is None in its row. `examples`: answered
-    multiple-choice questions put before each classification question (few-shot)."""
+    multiple-choice questions put before each classification question (few-shot). `context`: a text per item put
+    before its question, every task's (the in-context attack's biography)."""
     items = list(items)
 
     def asked(has, question):
         chosen = [k for k, i in enumerate(items) if has(i)]
-        answers = adapter.generate(model, tokenizer, [items[k] for k in chosen], [question(items[k]) for k in chosen],
+        questions = [question(items[k]) for k in chosen]
+        if context is not None:
+            questions = [f"{context[k]}\n{q}" for k, q in zip(chosen, questions)]
+        answers = adapter.generate(model, tokenizer, [items[k] for k in chosen], questions,
                                    max_new_tokens if question is _own_question else 16, batch_size)
         return dict(zip(chosen, answers))
     generated = asked(lambda i: i.answer is not None, _own_question)

@@ -3,11 +3,11 @@ the retrain reference), run each attack on all of them, and write RUN_DIR/attack
 curves also as attacks/<name>.png)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
+from obliviate.attacks.running import run_attack, run_attacks, with_references, with_unguarded_row  # noqa: F401
 from obliviate.guards import GUARD_FILE
 from obliviate.runs import resolve_device, write_json
 
@@ -90,73 +90,3 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     from obliviate.bench.report import rewrite_report
     rewrite_report(run_dir)  # the run's page shows the attacks
     return results
-
-
-def with_unguarded_row(result: dict, method: str) -> None:
-    """A guard run's attack result gains "<method> (unguarded)": the run's weights without the guard. A language-model
-    guard changes no weight and its run starts from the original's, so the row is the original's, said in the
-    caption (`obliviate.guards.SAME_WEIGHTS`); the robustness tables show it under the method's row."""
-    from obliviate.guards import SAME_WEIGHTS, unguarded_row
-
-    row = unguarded_row(method)
-    for key in ("models", "per_item", "curves"):
-        if key in result and "original" in result[key]:
-            result[key][row] = result[key]["original"]
-    result["caption"] = f"{result['caption']}; {SAME_WEIGHTS}" if result.get("caption") else SAME_WEIGHTS
-
-
-def run_attacks(attacks: dict, target, log=print, announce: bool = False, after_each=None,
-                skip_inapplicable: bool = False) -> dict:
-    """{result name: result} of each attack ({registered name: instance}) on the target's models; what an attack
-    cannot serve fails, in one line, before any attack runs, or with `skip_inapplicable` is left out with its reason
-    logged ("skipped NAME: reason"; an error when none is left). `after_each(name, result)` keeps each as it
-    comes."""
-    skipped = {}
-    for name, attack in attacks.items():
-        try:
-            attack.check(target)
-        except ObliviateError as e:
-            if not skip_inapplicable:
-                raise
-            skipped[name] = str(e)
-    if skipped and len(skipped) == len(attacks):
-        raise ObliviateError(f"no attack applies to this run: {'; '.join(skipped.values())}")
-    for name, reason in skipped.items():
-        log(f"skipped {name}: {reason}")
-    attacks = {name: attack for name, attack in attacks.items() if name not in skipped}
-    results = {}
-    for registered, attack in attacks.items():
-        name = attack.result_name(registered)
-        if announce:
-            log(f"{name}: attacking {', '.join(target.models)}")
-        results[name] = run_attack(name, attack, target, log=log if announce else lambda *_: None)
-        if after_each is not None:
-            after_each(name, results[name])
-    return results
-
-
-def with_references(own: dict, references: dict) -> dict:
-    """An attack's result on one model joined with the same attack's result on the reference models (run once and
-    shared by every method of a demo): the references' rows follow the model's."""
-    joined = {**own}
-    for key in ("models", "per_item", "curves"):
-        if key in own:
-            joined[key] = {**own[key], **references.get(key, {})}
-    joined["seconds"] = round(own["seconds"] + references["seconds"], 2)
-    joined["items_per_second"] = own["items"] * len(joined["models"]) / joined["seconds"] if joined["seconds"] else None
-    return joined
-
-
-def run_attack(name: str, attack, target, log=print) -> dict:
-    """One attack on the target's models, in the shared result format (obliviate.attacks)."""
-    from dataclasses import asdict
-
-    t0 = time.time()
-    result = attack.run(target, log=log)
-    seconds = time.time() - t0
-    n = next(iter(result["models"].values())).get("n", len(target.forget))
-    attacked = n * len(target.models)
-    return {"attack": name, "family": "lm", "method": target.method, "config": asdict(attack.config),
-            "headline": attack.headline, "label": attack.label, "better": attack.better,
-            "columns": list(attack.columns), "percent": list(attack.percent), **result,
-            "seconds": round(seconds, 2), "items": n, "items_per_second": attacked / seconds if seconds else None}

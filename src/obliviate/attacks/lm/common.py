@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from obliviate.attacks.running import Attack  # noqa: F401  (the shared base, here since the first attacks)
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
 
@@ -88,32 +89,6 @@ def recall_aggregate(rows: Sequence[dict]) -> dict:
     return {"recall": sum(r["recalled"] for r in rows) / n if n else None,
             "recall_plain": sum(r["recalled_plain"] for r in rows) / n if n else None,
             "asr": sum(r["recovered"] for r in hidden) / len(hidden) if hidden else None, "n": n}
-
-
-class Attack:
-    """The shape every language-model attack fills: `run(target, log)` returns {"models": {name: aggregate},
-    "per_item": {name: rows}} (and optionally "curves"); `headline` is the aggregate key the robustness tables
-    show, `columns` the keys `obliviate attack` prints."""
-    Config: type
-    headline = "recall"
-    label = "recall"
-    better = "lower"
-    columns: tuple[str, ...] = ("recall_plain", "recall", "asr")
-    percent: tuple[str, ...] = ("recall_plain", "recall", "asr")
-
-    def __init__(self, config):
-        self.config = config
-
-    def check(self, target: Target) -> None:
-        """Refuse, in one line, a run the attack cannot serve: called for every attack before any of them runs."""
-
-    def result_name(self, name: str) -> str:
-        """The name its result is kept under (RUN_DIR/attacks/<it>.json): the registered name, unless a setting
-        makes it another attack."""
-        return name
-
-    def run(self, target: Target, log=print) -> dict:
-        raise NotImplementedError
 
 
 class QuestionAttack(Attack):
