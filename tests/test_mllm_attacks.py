@@ -1,4 +1,4 @@
-"""Recovery attacks on vision-language runs (`obliviate attack`, attacks/mllm/, runners/mllm_attack.py): on a tiny random
+"""Recovery attacks on vision-language runs (`obliviate attack`, attacks/mllm/, runners/mllm_attack.py): on a tiny
 LLaVA saved with save_pretrained and MLLMU-Bench's files written in the published schema, a GradDiff run is attacked by
 relearning (fine-tuned on some forget people with their pictures, the others scored with MLLMU-Bench's protocol) and
 in-context recall (each forget person's profile before the question), on the unlearned, original and retrain model;

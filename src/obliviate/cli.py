@@ -350,7 +350,7 @@ def export(run_dir: Path, out: Path, base: Optional[Path] = typer.Option(None, h
 
 
 @app.command()
-def attack(run_dir: Path = typer.Argument(..., help="a run folder (language model, or text-to-image)"),
+def attack(run_dir: Path = typer.Argument(..., help="a run folder (language model, text-to-image or vision-language)"),
            options: Optional[List[str]] = typer.Argument(None, help="attack options: key=value (every attack that "
                                                          "has the key) or attack.key=value"),
            names: Optional[List[str]] = typer.Option(None, "--attack", "-a", help="an attack (`obliviate ls "
