@@ -18,8 +18,9 @@ from obliviate.errors import ObliviateError
 from test_mllm_family import _profile, write_mllmu
 
 runner = CliRunner()
-FOUR_PEOPLE = {"forget_10": [_profile(i) for i in range(4)], "retain_90": [_profile(i) for i in range(4, 8)],
-               "Retain_Set": [_profile(i) for i in (10, 11)], "Test_Set": [_profile(i, test=True) for i in range(4)]}
+# four forget people (relearning fine-tunes on two and scores the other two); the other sets as small as they go
+FOUR_PEOPLE = {"forget_10": [_profile(i) for i in range(4)], "retain_90": [_profile(i) for i in range(4, 6)],
+               "Retain_Set": [_profile(10)], "Test_Set": [_profile(0, test=True)]}
 SMALL = ["steps=2", "lr=0.01", "batch_size=2"]
 
 
@@ -34,7 +35,8 @@ def _run(tmp, model_dir, mllmu_dir, method, args=None, name="r", steps=2):
 
     config = build_config({"family": "mllm", "method": method, "method_args": args or {}, "model": str(model_dir),
                            "mllmu_dir": str(mllmu_dir), "split": "forget10", "retrain_model": str(model_dir),
-                           "mllm": {"train_parts": "all", "max_new_tokens": 4}, "eval": {"batch_size": 8},
+                           "mllm": {"train_parts": "all", "max_new_tokens": 4},
+                           "eval": {"batch_size": 8, "retain_people": 1},
                            "train": {"max_steps": steps, "batch_size": 2, "lr": 1e-2},
                            "output_dir": str(tmp / "runs"), "name": name})
     return run(config, log=lambda *_: None)
@@ -184,9 +186,37 @@ def test_a_guard_run_is_attacked_through_its_guard(llava_dir, mllmu_dir, tmp_pat
         assert list(result["models"]) == ["ICU", "original", "retrain", "ICU (unguarded)"], name
         assert result["models"]["ICU (unguarded)"] == result["models"]["original"]
         assert "the guard changes no weight" in result["caption"]
+    assert "relearning fine-tunes the run's weights" in results["mllm_relearn"]["caption"]
     # through the guard: ICU's examples before every question moved the likelihoods the weights alone give
     relearn = results["mllm_relearn"]["models"]
     assert relearn["ICU"]["truth_ratio_before"] != pytest.approx(relearn["original"]["truth_ratio_before"])
     context = results["mllm_in_context"]["per_item"]
     assert any(g["chosen"] != o["chosen"] or g["generated"] != o["generated"] or g["filled"] != o["filled"]
                for g, o in zip(context["ICU"], context["original"]))
+
+
+@pytest.mark.slow  # the tiny portraits world built (20 people), a run and both attacks: a minute or more on 2 cores
+def test_a_portraits_world_run_is_attacked_from_the_cli(tmp_path):
+    from test_mllm_family import TINY_WORLD
+
+    model = "\n".join(f"{k} = {v}" for k, v in TINY_WORLD["model"].items())
+    (tmp_path / "run.toml").write_text(
+        f'method = "GradDiff"\nsplit = "forget10"\noutput_dir = "{tmp_path / "runs"}"\nname = "gd"\n'
+        f'[world]\nname = "portraits"\nn_people = 20\nn_holdout = 2\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[world.model]\n{model}\n[train]\nmax_steps = 2\nbatch_size = 4\n[eval]\nretain_people = 2\n'
+        '[mllm]\nmax_new_tokens = 4\n')
+    r = runner.invoke(app, ["run", str(tmp_path / "run.toml"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "gd"
+    r = runner.invoke(app, ["attack", str(run), "steps=1", "lr=0.001", "batch_size=4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    relearn = json.loads((run / "attacks" / "mllm_relearn.json").read_text())
+    context = json.loads((run / "attacks" / "mllm_in_context.json").read_text())
+    for result in (relearn, context):
+        assert list(result["models"]) == ["GradDiff", "original", "retrain"]
+        assert all(isinstance(row["classification_image"], float) for row in result["models"].values())
+    # the world's two forget people: one fine-tuned on, the other measured (its picture and by-name items)
+    assert len(relearn["fine_tuned_people"]) == 1
+    measured = {r["subject"] for r in relearn["per_item"]["GradDiff"]}
+    assert len(measured) == 1 and not measured & set(relearn["fine_tuned_people"])
+    assert {r["image"] is None for r in relearn["per_item"]["GradDiff"]} == {True, False}

@@ -13,6 +13,11 @@ from obliviate.guards import GUARD_FILE
 from obliviate.runs import resolve_device, write_json
 
 
+# a guard run's relearning result says what it fine-tuned
+RELEARNED_UNDER_GUARD = ("relearning fine-tunes the run's weights (a guard changes none) with the guard installed, "
+                         "and scores them through it")
+
+
 def attack_target(run_dir: Path, config, log=print):
     """The run as its attacks see it (attacks.mllm.common.Target)."""
     from obliviate.attacks.mllm.common import Target
@@ -74,6 +79,8 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     def save(name: str, result: dict) -> None:
         if guarded:
             with_unguarded_row(result, config.method)
+            if "curves" in result:  # relearning changes weights: say which, and that the guard stayed on
+                result["caption"] = f"{RELEARNED_UNDER_GUARD}; {result['caption']}"
         write_json(out / f"{name}.json", result)
         if "curves" in result:
             from obliviate.bench.report import save_relearn_plot
