@@ -1,7 +1,7 @@
-"""What every family's attack runner shares: run the attacks on a target's models (each checked first, then run,
-timed and put in the shared result format of `obliviate.attacks`), and a guard run's unguarded row. Family-neutral:
-the language-model and vision-language attack runners (`runners/lm_attack.py`, `runners/mllm_attack.py`) both call
-it."""
+"""What every family's attack runner shares: the attacks' base class (`Attack`), running the attacks on a target's
+models (each checked first, then run, timed and put in the shared result format of `obliviate.attacks`), and a guard
+run's unguarded row. Family-neutral: the language-model and vision-language attack runners (`runners/lm_attack.py`,
+`runners/mllm_attack.py`) both call it."""
 from __future__ import annotations
 
 import time

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from obliviate.attacks.running import Attack  # noqa: F401  (the shared base, here since the first attacks)
+from obliviate.attacks.running import Attack  # noqa: F401  (the families' shared base; attacks/lm/ imports it here)
 from obliviate.data import QAItem, TextItem
 from obliviate.errors import ObliviateError
 
