@@ -384,5 +384,9 @@ def test_guard_on_the_portraits_world_from_the_cli(tmp_path):
     assert len(words) == 1 and all(" " in name and found for name, found in words.items()), words
     for key in ("forget_quality", "forget_classification_image", "retain_cloze_text", "mia_loss_auc"):
         assert key in metrics, key
-    with pytest.raises(ObliviateError, match="no attack serves that family yet"):
-        attack_run(run, log=lambda *_: None)
+    # the default attacks, through the guard: one forget person is too few to relearn on some and score the others
+    lines = []
+    results = attack_run(run, log=lines.append)
+    assert any(line.startswith("skipped mllm_relearn: ") and "1 person" in line for line in lines), lines
+    assert list(results) == ["mllm_in_context"]
+    assert list(results["mllm_in_context"]["models"]) == ["GUARD", "original", "retrain", "GUARD (unguarded)"]
