@@ -89,7 +89,7 @@ def test_relearning_fine_tunes_on_some_forget_people_and_rescores_the_others(gra
     assert result["models"]["retrain"]["forget_quality"] == 1.0
     assert (run / "attacks" / "mllm_relearn.png").stat().st_size > 0
     assert "what the attacks recover" in (run / "report.html").read_text()
-    assert "mllm_relearn on GradDiff" in r.output.replace("\n", " ") or "mllm_relearn" in r.output
+    assert f"wrote {run / 'attacks' / 'mllm_relearn'}.json" in r.output.replace("\n", "")
 
 
 def test_in_context_puts_each_forget_persons_profile_before_the_question(graddiff_run, monkeypatch):
