@@ -106,3 +106,40 @@ def run_attack(name: str, attack, target, log=print, family: str = "lm") -> dict
             "headline": attack.headline, "label": attack.label, "better": attack.better,
             "columns": list(attack.columns), "percent": list(attack.percent), **result,
             "seconds": round(seconds, 2), "items": n, "items_per_second": attacked / seconds if seconds else None}
+
+
+def attack_folder(run_dir, config, attacks: dict, target_of, log=print, skip_inapplicable: bool = False,
+                  family: str = "lm", guarded_relearn_caption: str | None = None) -> dict:
+    """Each attack of `attacks` ({name: instance}) on a run folder's models (`target_of(run_dir, config, log)` builds
+    the family's target), each result written to RUN_DIR/attacks/<name>.json (a relearning curve also as a .png, a
+    guard run's unguarded row added) and the run's page rewritten; returns {name: result}. With `skip_inapplicable`
+    (the default set) an attack the run cannot serve is skipped, with its reason logged. `guarded_relearn_caption`:
+    what a relearning result on a guard run says first."""
+    from pathlib import Path
+
+    from obliviate.guards import GUARD_FILE
+    from obliviate.registry import is_reference
+    from obliviate.runs import write_json
+
+    if is_reference(config.method):
+        raise ObliviateError("a Retrain run is the retrain reference itself: attack an unlearned run")
+    target = target_of(run_dir, config, log)
+    out = Path(run_dir) / "attacks"
+    out.mkdir(exist_ok=True)
+    guarded = (Path(run_dir) / GUARD_FILE).is_file()  # a guard run: its weights without the guard are a row too
+
+    def save(name: str, result: dict) -> None:
+        if guarded:
+            with_unguarded_row(result, config.method)
+            if guarded_relearn_caption and "curves" in result:  # relearning changes weights, with the guard on
+                result["caption"] = f"{guarded_relearn_caption}; {result['caption']}"
+        write_json(out / f"{name}.json", result)
+        if "curves" in result:
+            from obliviate.bench.report import save_relearn_plot
+            save_relearn_plot(out / f"{name}.png", {config.method: result})
+
+    results = run_attacks(attacks, target, log, announce=True, after_each=save, skip_inapplicable=skip_inapplicable,
+                          family=family)
+    from obliviate.bench.report import rewrite_report
+    rewrite_report(run_dir)  # the run's page shows the attacks
+    return results

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from obliviate.attacks.running import run_attacks, with_unguarded_row
+from obliviate.attacks.running import attack_folder
 from obliviate.errors import ObliviateError
-from obliviate.guards import GUARD_FILE
-from obliviate.runs import resolve_device, write_json
+from obliviate.runs import resolve_device
 
 
 # a guard run's relearning result says what it fine-tuned
@@ -67,27 +66,4 @@ def attack_run(run_dir: Path, config, attacks: dict, log=print, skip_inapplicabl
     `skip_inapplicable` (the default set) an attack the run cannot serve is skipped, with its reason logged."""
     if inputs:
         raise ObliviateError(f"vision-language attacks take no {', '.join(inputs)} (a text-to-image detector)")
-    from obliviate.registry import is_reference
-
-    if is_reference(config.method):
-        raise ObliviateError("a Retrain run is the retrain reference itself: attack an unlearned run")
-    target = attack_target(run_dir, config, log)
-    out = Path(run_dir) / "attacks"
-    out.mkdir(exist_ok=True)
-    guarded = (Path(run_dir) / GUARD_FILE).is_file()  # a guard run: its weights without the guard are a row too
-
-    def save(name: str, result: dict) -> None:
-        if guarded:
-            with_unguarded_row(result, config.method)
-            if "curves" in result:  # relearning changes weights: say which, and that the guard stayed on
-                result["caption"] = f"{RELEARNED_UNDER_GUARD}; {result['caption']}"
-        write_json(out / f"{name}.json", result)
-        if "curves" in result:
-            from obliviate.bench.report import save_relearn_plot
-            save_relearn_plot(out / f"{name}.png", {config.method: result})
-
-    results = run_attacks(attacks, target, log, announce=True, after_each=save, skip_inapplicable=skip_inapplicable,
-                          family="mllm")
-    from obliviate.bench.report import rewrite_report
-    rewrite_report(run_dir)  # the run's page shows the attacks
-    return results
+    return attack_folder(run_dir, config, attacks, attack_target, log, skip_inapplicable, "mllm", guarded_relearn_caption=RELEARNED_UNDER_GUARD)
