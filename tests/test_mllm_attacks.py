@@ -52,6 +52,7 @@ def graddiff_run(llava_dir, mllmu_dir, tmp_path_factory):
     return _run(tmp_path_factory.mktemp("mllm_attack_run"), llava_dir, mllmu_dir, "GradDiff")
 
 
+@pytest.mark.slow  # a GradDiff run (the module's fixture, ~15 s) and relearning
 def test_relearning_fine_tunes_on_some_forget_people_and_rescores_the_others(graddiff_run, llava_dir):
     run = graddiff_run
     base, folder = _digest(llava_dir), _digest(run)
@@ -92,6 +93,7 @@ def test_relearning_fine_tunes_on_some_forget_people_and_rescores_the_others(gra
     assert f"wrote {run / 'attacks' / 'mllm_relearn'}.json" in r.output.replace("\n", "")
 
 
+@pytest.mark.slow  # the module's GradDiff run (~15 s)
 def test_in_context_puts_each_forget_persons_profile_before_the_question(graddiff_run, monkeypatch):
     from obliviate.api import attack_run
     from obliviate.models.vlm import VisionLanguageAdapter
@@ -137,6 +139,7 @@ def test_the_default_set_runs_both_attacks(graddiff_run):
         assert f"wrote {graddiff_run / 'attacks' / name}.json" in r.output.replace("\n", "")
 
 
+@pytest.mark.slow  # the module's GradDiff run (~15 s); the default suite is at its 5 minutes
 @pytest.mark.parametrize("args, needles", [
     (["--attack", "relearn"], ("vision-language model run", "the relearn attack is for language model runs",
                                "mllm_relearn")),

@@ -89,6 +89,7 @@ def test_llava_over_mixtral_has_its_sparse_blocks_and_uoe_anchors_in_the_bases_p
     assert float(parts.forget.detach()) == pytest.approx(ga + expected, rel=1e-5)
 
 
+@pytest.mark.slow  # 4-7 s: the default suite is at its 5 minutes
 def test_uoe_runs_on_a_users_llava_over_mixtral(tmp_path, llava_moe_dir, mllmu_dir):
     """`obliviate run` of UOE (over GradDiff) on the LLaVA folder and MLLMU-Bench's files: the changed tensors are the
     chosen block's router and fused expert tensors under model.language_model, in which only the chosen expert's slice
