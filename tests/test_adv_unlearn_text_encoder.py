@@ -101,6 +101,7 @@ def _run_config(tmp_path: Path, pipeline: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 3.5-4.5 s: the default suite took 312 s, over its 5 minutes
 def test_text_encoder_run_then_export(tmp_path, tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file

@@ -154,6 +154,7 @@ def _state(folder) -> dict:
     return {k: v.clone() for k, v in vlm.load(folder)[0].state_dict().items()}
 
 
+@pytest.mark.slow  # 3.5-4.5 s: the default suite took 312 s, over its 5 minutes
 def test_a_run_evaluates_with_mllmu_and_exports_a_loadable_folder(tmp_path, llava_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

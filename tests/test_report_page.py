@@ -51,6 +51,7 @@ def _demo_folder(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # 3.5-4.5 s: the default suite took 312 s, over its 5 minutes
 def test_the_demo_page_loads_whole_in_chromium(tmp_path):
     folder = _demo_folder(tmp_path)
     shots = Path(os.environ.get("OBLIVIATE_SCREENSHOTS") or tmp_path)

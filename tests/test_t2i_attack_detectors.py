@@ -65,6 +65,7 @@ def _user_run(tmp_path, pipeline_dir):
     return tmp_path / "runs" / "r1"
 
 
+@pytest.mark.slow  # 3.5-4.5 s: the default suite took 312 s, over its 5 minutes
 def test_attack_a_user_pipeline_run_with_a_user_detector(tmp_path, tiny_pipeline_dir, detector_dirs):
     clip_dir, vit_dir = detector_dirs
     run = _user_run(tmp_path, tiny_pipeline_dir)

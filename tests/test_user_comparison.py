@@ -128,6 +128,7 @@ def llava_dir(tmp_path_factory):
     return tiny_llava(tmp_path_factory.mktemp("llava") / "model", portraits_data(10, 2, 2, seed=0))
 
 
+@pytest.mark.slow  # 3.5-4.5 s: the default suite took 312 s, over its 5 minutes
 def test_a_user_vision_language_run_scores_its_original_and_caches_it(tmp_path, monkeypatch, capsys, llava_dir):
     import obliviate.runners.mllm as runner
     from obliviate.config import build_config
