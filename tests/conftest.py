@@ -2,6 +2,8 @@
 save_pretrained and loaded back through the same path a user's model folder takes."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,14 +11,22 @@ from obliviate.data import QAItem, TextItem
 
 NAMES = ["Ada Lind", "Bo Karsk", "Cy Marrow", "Di Fenn", "Ed Quill", "Flo Ardent"]
 CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth"]
+_USERS_CACHE = os.environ.get("OBLIVIATE_CACHE")  # read before private_cache replaces it
+
+
+@pytest.fixture(scope="session")
+def users_cache() -> str:
+    """The cache the user's own `obliviate` reads ($OBLIVIATE_CACHE as the suite found it, else ~/.cache/obliviate):
+    for a test of `make demo` itself, whose worlds are the user's to keep."""
+    from pathlib import Path
+
+    return _USERS_CACHE or str(Path.home() / ".cache" / "obliviate")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Worlds and cached evaluations of the tests' tiny models go to a temporary folder, never the user's
     ~/.cache/obliviate (a test that names world.cache_dir or sets OBLIVIATE_CACHE itself still wins)."""
-    import os
-
     before = os.environ.get("OBLIVIATE_CACHE")
     os.environ["OBLIVIATE_CACHE"] = str(tmp_path_factory.mktemp("obliviate-cache"))
     yield

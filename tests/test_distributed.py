@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 
 def _torchrun(*args, env=None):
     return subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def _same_run(one: Path, two: Path) -> None:
@@ -38,35 +38,58 @@ def _same_run(one: Path, two: Path) -> None:
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=1e-5)
 
 
-def _one_and_two(model_dir, tmp_path, *args) -> tuple[Path, Path]:
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    single = subprocess.run([sys.executable, str(HERE / "dp_worker.py"), str(model_dir), str(one), *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
+def _one_and_two(model_dir, out: Path, methods: list[str], *args) -> tuple[Path, Path]:
+    """Every method of `methods` unlearnt by one process and by two (torchrun), one launch each: the folders of
+    their METHOD.safetensors."""
+    one, two = out / "one", out / "two"
+    single = subprocess.run([sys.executable, str(HERE / "dp_worker.py"), str(model_dir), str(one), ",".join(methods),
+                             *map(str, args)], capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    double = _torchrun(HERE / "dp_worker.py", model_dir, two, *args)
+    double = _torchrun(HERE / "dp_worker.py", model_dir, two, ",".join(methods), *args)
     assert double.returncode == 0, double.stderr[-2000:]
     return one, two
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["GradDiff", "NPO", "RGD"])
-def test_two_processes_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
-    _same_run(*_one_and_two(tiny_lm_dir, tmp_path, method, 4))
+EVERY_METHOD = [n for n, entry in LM_METHODS.items()  # UOE: test_lm_moe.py; guards train nothing
+                if n not in ("Retrain", "UOE") and not getattr(entry, "guard", False)]
+EVEN = ["GradDiff", "NPO", "RGD"]
+ACCUMULATED = ["NPO", "RGD"]
+
+
+@pytest.fixture(scope="module")
+def launches(tiny_lm_dir, tmp_path_factory):
+    """(batch size, accumulation steps) -> the one- and two-process folders: each setting's methods share a launch."""
+    done = {}
+
+    def launch(methods: list[str], *args) -> tuple[Path, Path]:
+        if args not in done:
+            done[args] = _one_and_two(tiny_lm_dir, tmp_path_factory.mktemp("dp"), methods, *args)
+        return done[args]
+
+    return launch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [n for n, entry in LM_METHODS.items()  # UOE: test_lm_moe.py; guards train nothing
-                                    if n not in ("Retrain", "UOE") and not getattr(entry, "guard", False)])
-def test_every_method_takes_the_same_steps_with_an_uneven_split_and_an_empty_share(tiny_lm_dir, tmp_path, method):
+@pytest.mark.parametrize("method", EVEN)
+def test_two_processes_take_the_same_steps_as_one(launches, method):
+    one, two = launches(EVEN, 4)
+    _same_run(one / f"{method}.safetensors", two / f"{method}.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_every_method_takes_the_same_steps_with_an_uneven_split_and_an_empty_share(launches, method):
     """Batch 3 of 4 items: 2 + 1 items, then a tail of 1 item that leaves the second process none (forget and
     retain alike); every loss is a mean over the global batch, so the steps are one process's."""
-    _same_run(*_one_and_two(tiny_lm_dir, tmp_path, method, 3))
+    one, two = launches(EVERY_METHOD, 3)
+    _same_run(one / f"{method}.safetensors", two / f"{method}.safetensors")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["NPO", "RGD"])
-def test_two_processes_with_gradient_accumulation_take_the_same_steps_as_one(tiny_lm_dir, tmp_path, method):
-    _same_run(*_one_and_two(tiny_lm_dir, tmp_path, method, 3, 2))
+@pytest.mark.parametrize("method", ACCUMULATED)
+def test_two_processes_with_gradient_accumulation_take_the_same_steps_as_one(launches, method):
+    one, two = launches(ACCUMULATED, 3, 2)
+    _same_run(one / f"{method}.safetensors", two / f"{method}.safetensors")
 
 
 @pytest.mark.slow
@@ -92,7 +115,7 @@ def test_obliviate_run_under_torchrun_writes_one_run_folder_with_the_same_evalua
     result = _torchrun("-m", "obliviate.cli", "run", cfg, "name=dp", "--quiet", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     single = subprocess.run([sys.executable, "-m", "obliviate.cli", "run", str(cfg), "name=one", "--quiet"],
-                            capture_output=True, text=True, timeout=300, env=env)
+                            capture_output=True, text=True, timeout=600, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
     assert sorted(r.name for r in (tmp_path / "runs").iterdir()) == ["dp", "one"]
     dp, one = (json.loads((tmp_path / "runs" / n / "metrics.json").read_text()) for n in ("dp", "one"))

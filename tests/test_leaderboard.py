@@ -95,8 +95,8 @@ def make_bench(tmp_path: Path) -> Path:
                 if seed == 0:
                     curve = [{"step": s, "recall": r} for s, r in ((0, 0.1), (5, 0.4), (10, 0.7))]
                     (folder / "attacks" / "relearn.json").write_text(json.dumps({
-                        "family": "lm", "method": "NPO", "headline": "recall_after", "label": "relearn recall",
-                        "models": {"NPO": {"recall_after": 0.7}, "retrain": {"recall_after": 0.3}},
+                        "family": "lm", "method": "NPO", "headline": "recall", "label": "relearn recall",
+                        "models": {"NPO": {"recall": 0.7}, "retrain": {"recall": 0.3}},
                         "curves": {"NPO": curve, "retrain": [{"step": 0, "recall": 0.0}, {"step": 10, "recall": 0.3}]},
                         "config": {"data": "forget", "lr": 1e-4}}))
     for seed in (1, 2):

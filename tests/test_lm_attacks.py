@@ -66,6 +66,7 @@ def test_every_attack_on_a_world_run_writes_its_result_next_to_the_references(wo
         == {k: v for k, v in changed.items() if k != "report.html"}
 
 
+@pytest.mark.slow  # 4-8 s: the default suite took 337 s on CI, over its 5 minutes
 def test_attack_options_and_bad_input_are_one_line(world_run):
     run, _ = world_run
     one_line_error(runner.invoke(app, ["attack", str(run), "--attack", "relearning"]), "unknown attack 'relearning'",
@@ -109,6 +110,7 @@ def user_run(chat_lm_dir, chat_retrain_dir, tmp_path_factory):
     return run(cfg, log=lambda *_: None)
 
 
+@pytest.mark.slow  # 4-8 s: the default suite took 337 s on CI, over its 5 minutes
 def test_attacks_on_a_chat_model_ask_through_its_template(user_run):
     from obliviate.api import attack_run
 

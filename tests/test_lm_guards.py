@@ -132,9 +132,11 @@ def test_guarded_likelihood_is_the_distribution_generation_draws_from(chat_lm_di
     # before the prompt names Ada Lind, nothing is restricted
     named_at = len(tok(FORGET[0].question.split(" born")[0], add_special_tokens=False)["input_ids"])
     torch.testing.assert_close(scored[:named_at], raw[:named_at], rtol=0, atol=0)
-    # the head run on the last positions only (generation's logits_to_keep) gets the same rule
+    # the head run on the last positions only (generation's logits_to_keep) gets the same rule; a head over fewer
+    # rows may round differently in the last bit (CPU kernels block the product by its size), a missed rule by far more
     with torch.no_grad():
-        torch.testing.assert_close(guarded(input_ids=out, logits_to_keep=3).logits[0], scored[-3:], rtol=0, atol=0)
+        torch.testing.assert_close(guarded(input_ids=out, logits_to_keep=3).logits[0], scored[-3:], rtol=1e-5,
+                                   atol=1e-5)
         with pytest.raises(ObliviateError, match="GUARD reads the token ids"):
             guarded(inputs_embeds=guarded.get_input_embeddings()(out))
     # a forward call continuing a key-value cache would read only the new tokens: refused, not scored wrongly

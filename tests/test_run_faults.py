@@ -64,6 +64,7 @@ def _run(world, name, *overrides):
     return root / "runs" / name
 
 
+@pytest.mark.slow  # 4-8 s: the default suite took 337 s on CI, over its 5 minutes
 def test_export_refuses_a_base_that_changed_or_has_another_shape(world, tmp_path):
     from obliviate.worlds.profiles import ProfilesWorld
 

@@ -154,6 +154,7 @@ def unscored(tmp_path, tiny_lm_dir, monkeypatch):
     return tiny_world(tmp_path / "fresh")
 
 
+@pytest.mark.slow  # 4-8 s: the default suite took 337 s on CI, over its 5 minutes
 def test_worst_splits_take_the_hardest_people_outside_val10_nested_and_recorded(world):
     d = world.data()
     val = {p.name for p in d.split_people("val10")[0]}
