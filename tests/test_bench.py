@@ -592,9 +592,11 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
 
 
 @pytest.mark.parametrize("name, world", [("profiles-moe", {"arch": "moe"}),
-                                         ("profiles-restor", {"corrupt": {"split": "forget10"}})])
+                                         ("profiles-restor", {"corrupt": {"split": "forget10"}}),
+                                         ("profiles-worst", {})])
 def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_world(name, world, tmp_path):
-    """The MoE and RESTOR specs: the profiles spec's world and evaluation with one variant key, the profiles spec's
+    """The MoE, RESTOR and worst-case specs: the profiles spec's world and evaluation (the first two with one variant
+    key; the worst-case spec with another reported split beside forget10), the profiles spec's
     grids for the methods they share, and every cell's config resolving to the variant (a RESTOR cell validates on
     val10's corruption and reports on forget10's; its noise floor is a clean model of seed 1 on the reported one)."""
     from obliviate.bench.engine import Bench, _grid_points
@@ -622,10 +624,15 @@ def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_wo
             method_of(config)
         if "arch" in world:
             assert config.world.arch == "moe"
-        else:
+        elif world:
             assert config.world.corrupt == {"split": config.split}
             assert config.split == ("val10" if cell.kind == "validation" else "forget10")
     assert len(validation) == sum(len(_grid_points(m.grid)) for m in spec.methods)
+    if not world:  # the worst-case spec: every chosen setting and the noise floor on forget10 and on worst10 alike
+        reported = bench.reported_cells(chosen)
+        splits = [build_config(c.config).split for c in reported]
+        assert splits.count("forget10") == splits.count("worst10") == len(spec.methods) * len(spec.seeds)
+        assert sorted(build_config(c.config).split for c in bench.reference_cells()) == ["forget10", "worst10"]
 
 
 def test_a_worker_that_dies_gives_a_failed_cell_and_leaves_no_lock(tmp_path, fake, monkeypatch):
