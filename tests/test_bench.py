@@ -593,10 +593,12 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
 
 @pytest.mark.parametrize("name, world", [("profiles-moe", {"arch": "moe"}),
                                          ("profiles-restor", {"corrupt": {"split": "forget10"}}),
-                                         ("profiles-worst", {})])
+                                         ("profiles-worst", {}),
+                                         ("profiles-dp2", {"dp2": {"epsilon": 8.0}})])
 def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_world(name, world, tmp_path):
-    """The MoE, RESTOR and worst-case specs: the profiles spec's world and evaluation (the first two with one variant
-    key; the worst-case spec with another reported split beside forget10), the profiles spec's
+    """The MoE, RESTOR, worst-case and DP2 specs: the profiles spec's world and evaluation (the MoE and DP2 specs with
+    one variant key in the spec, RESTOR's per target; the worst-case spec with another reported split beside
+    forget10), the profiles spec's
     grids for the methods they share, and every cell's config resolving to the variant (a RESTOR cell validates on
     val10's corruption and reports on forget10's; its noise floor is a clean model of seed 1 on the reported one)."""
     from obliviate.bench.engine import Bench, _grid_points
@@ -611,7 +613,7 @@ def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_wo
     for m in spec.methods:
         if m.name in shared and m.row == m.name:
             assert (m.grid, m.overrides) == (shared[m.name].grid, shared[m.name].overrides), m.name
-    assert {k: v for k, v in spec.base["world"].items() if k != "arch"} == profiles.base["world"]
+    assert {k: v for k, v in spec.base["world"].items() if k not in ("arch", "dp2")} == profiles.base["world"]
     assert spec.base["eval"] == profiles.base["eval"] and spec.select.constraints == profiles.select.constraints
     assert spec.select.metric == ("restor_recovery" if "corrupt" in world else "forget_quality")
     assert len(spec.seeds) >= 3 and spec.noise_floor
@@ -624,6 +626,8 @@ def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_wo
             method_of(config)
         if "arch" in world:
             assert config.world.arch == "moe"
+        elif "dp2" in world:  # every cell, the Retrain reference too, names the variant (its reference is the plain one)
+            assert config.world.dp2["epsilon"] == 8.0
         elif world:
             assert config.world.corrupt == {"split": config.split}
             assert config.split == ("val10" if cell.kind == "validation" else "forget10")
