@@ -73,3 +73,17 @@ def test_world_model_evaluations_are_computed_once_per_setting(tmp_path, monkeyp
     assert runner.retrain_evaluation(world, "forget10", cfg, qa, texts) == retrain
     with pytest.raises(AssertionError, match="loaded a model"):
         runner.original_evaluation(world, "forget10", EvalConfig(retain_people=1, batch_size=16), qa, texts)
+
+
+def test_a_weak_retrain_reference_is_flagged_in_the_build_log():
+    """A retrain model far below the full model on the retain answers (the MoE world once built one at 48 % against
+    95 %) gets a warning that scores against it are not evidence; one within 10 points does not."""
+    world = ProfilesWorld(WorldConfig(name="profiles"))
+    full = {"forget": 0.97, "retain": 0.9533, "general_facts": 0.73}
+    for retrain_retain, flagged in ((0.4822, True), (0.8589, False)):
+        lines = []
+        world._check_knowledge({"full": full, "retrain": {"forget": 0.0, "retain": retrain_retain}}, lines.append)
+        warned = [x for x in lines if "weak reference" in x]
+        assert bool(warned) == flagged, lines
+        if flagged:
+            assert "48.2%" in warned[0] and "95.3%" in warned[0]
