@@ -598,9 +598,9 @@ def test_the_built_in_specs_grid_around_the_demos_presets_on_the_demos_worlds(na
 def test_the_variant_specs_run_the_profiles_specs_methods_on_a_variant_of_its_world(name, world, tmp_path):
     """The MoE, RESTOR, worst-case and DP2 specs: the profiles spec's world and evaluation (the MoE and DP2 specs with
     one variant key in the spec, RESTOR's per target; the worst-case spec with another reported split beside
-    forget10), the profiles spec's
-    grids for the methods they share, and every cell's config resolving to the variant (a RESTOR cell validates on
-    val10's corruption and reports on forget10's; its noise floor is a clean model of seed 1 on the reported one)."""
+    forget10), the profiles spec's grids for the methods they share, and every cell's config resolving to the variant
+    (a RESTOR cell validates on val10's corruption and reports on forget10's; its noise floor is a clean model of seed
+    1 on the reported one)."""
     from obliviate.bench.engine import Bench, _grid_points
     from obliviate.bench.spec import read_spec
     from obliviate.config import build_config
