@@ -653,3 +653,34 @@ def test_a_method_within_the_bar_ranks_above_a_higher_score_that_breaks_it(tmp_p
     # within the floor of each other: only the pair the bar does not order is called a tie of the score
     assert b.ties == ["Within and AlsoWithin differ in UA ↑ by less than the noise floor (20.0%): their order is "
                       "not evidence"]
+
+
+@pytest.mark.parametrize("retrain_retain, weak", [(0.48, True), (0.9, False)])
+def test_a_weak_retrain_reference_is_named_under_its_board_and_its_selection(retrain_retain, weak, tmp_path):
+    """A rebuilt MoE world's val10 reference knew 48 % of the retain answers against the original's 95 %, and every
+    validation score was taken against it with nothing on the report to say so: the board of a target and the
+    selection now name such a reference (more than 10 points below the original); one 5 points below is not named."""
+    from obliviate.bench.leaderboard import _legend, board, read_bench, selection_notes
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    spec = {"name": "t", "select": {"maximize": "forget_quality", "constraints": ["utility_ratio >= 0.9"]}}
+    (out / "bench.json").write_text(json.dumps({"name": "t", "family": "lm", "spec": spec,
+                                                "created": "2026-12-04T00:00:00", "obliviate_version": "0.1.0"}))
+    for kind, target in (("validation", "val10"), ("reported", "forget10")):
+        key = _record(out, kind, "NPO", 0, target=target)
+        metrics = lm_metrics("NPO", 0.3, 0.6, 0.1)
+        metrics["original"]["retain_accuracy"], metrics["retrain"]["retain_accuracy"] = 0.95, retrain_retain
+        _run_folder(out, key, metrics)
+    selection = {"NPO": {"rule": "r", "chosen": {}, "score": 0.3, "candidates": []}}
+    (out / "selection.json").write_text(json.dumps(selection))
+    bench = read_bench(out)
+    named = [n for n in _legend(board(bench, "the profiles world", "lm", "forget10")) if "weak reference" in n]
+    chosen = [n for n in selection_notes(bench) if "weak reference" in n]
+    if weak:
+        assert named == ["The retrain reference of forget10 knows 48.0% of the retain answers against the original's "
+                         "95.0%: a weak reference (its training fell short); the scores against it (forget quality, "
+                         "PrivLeak, ≈) are not evidence."]
+        assert len(chosen) == 1 and chosen[0].startswith("The retrain reference of val10 knows 48.0%")
+    else:
+        assert named == chosen == []

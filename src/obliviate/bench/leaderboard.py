@@ -577,7 +577,9 @@ def _legend(b: Board) -> list[str]:
     if few:
         notes.append(f"Fewer than 3 seeds done for {', '.join(few)}: their spread is a rough estimate.")
     notes += b.ties
-    return notes
+    accuracy = {ln.kind: ln.stats.get("retain_accuracy") for ln in b.lines if ln.kind in ("original", "retrain")}
+    weak = weak_reference_note(b.target, *(accuracy.get(k) and accuracy[k].mean for k in ("original", "retrain")))
+    return notes + ([weak] if weak else [])
 
 
 def board_markdown(b: Board) -> str:
@@ -644,10 +646,29 @@ def selection_rows(bench: Bench) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def weak_reference_note(target: str, original, retrain) -> str | None:
+    """A retrain reference far below the original on the retain answers (its training fell short): the scores taken
+    against it describe it more than the methods. `original` and `retrain`: their retain accuracy."""
+    from obliviate.evals.lm_metrics import WEAK_REFERENCE_GAP
+
+    if not (_is_number(original) and _is_number(retrain)) or retrain >= original - WEAK_REFERENCE_GAP:
+        return None
+    return (f"The retrain reference of {target} knows {retrain:.1%} of the retain answers against the original's "
+            f"{original:.1%}: a weak reference (its training fell short); the scores against it (forget quality, "
+            f"PrivLeak, {NOISE_MARK}) are not evidence.")
+
+
 def selection_notes(bench: Bench) -> list[str]:
-    """What selection.json says beside a choice: no candidate met the rule, the step was chosen too."""
+    """What selection.json says beside a choice: no candidate met the rule, the step was chosen too; and a weak
+    retrain reference of the validation target, against which every candidate was scored."""
     notes = [f"{method}: {s['note']}" for method, s in bench.selection.items() if isinstance(s, dict)
              and s.get("note")]
+    references = {}  # target -> (original's, retrain's retain accuracy), from its first done validation cell
+    for cell in bench.cells:
+        if cell.kind == "validation" and cell.done and _target(cell) not in references:
+            references[_target(cell)] = tuple((reference_row(cell.metrics, name) or {}).get("retain_accuracy")
+                                              for name in ("original", "retrain"))
+    notes += [n for target, refs in references.items() if (n := weak_reference_note(target, *refs))]
     return notes + list(dict.fromkeys(s["step_note"] for s in bench.selection.values() if isinstance(s, dict)
                                       and s.get("step_note")))
 

@@ -267,9 +267,6 @@ def generate(n_people: int = 200, n_holdout: int = 20, seed: int = 0) -> Profile
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk: data, tokenizer, the model trained on everything, and the retrain reference per forget split.
 
-WEAK_REFERENCE_GAP = 0.10  # a retrain model this far below the full model on the retain answers is flagged
-
-
 class ProfilesWorld(PeopleWorld):
     """Builds (or loads from the cache) the profiles world described by a `WorldConfig`."""
 
@@ -544,6 +541,8 @@ class ProfilesWorld(PeopleWorld):
             log(f"retrain model exact-answer accuracy: forget {r['forget']:.1%} (never seen), retain {r['retain']:.1%}")
         if full and min(full["forget"], full["retain"]) < 0.9:
             log("[warning] the full model knows fewer than 90% of its forget/retain answers: the benchmark is weak")
+        from obliviate.evals.lm_metrics import WEAK_REFERENCE_GAP
+
         # the same recipe can leave one model far short (seen on the MoE world: a retrain at 48 % retain against the
         # full model's 95 %); forget quality against such a reference measures its failure, not the method's
         if full and "retrain" in report and report["retrain"]["retain"] < full["retain"] - WEAK_REFERENCE_GAP:
