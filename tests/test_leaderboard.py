@@ -684,3 +684,20 @@ def test_a_weak_retrain_reference_is_named_under_its_board_and_its_selection(ret
         assert len(chosen) == 1 and chosen[0].startswith("The retrain reference of val10 knows 48.0%")
     else:
         assert named == chosen == []
+
+
+def test_the_legend_names_the_retrain_lines_measured_metrics_in_column_order_in_every_process(bench):
+    """The retrain line's measured metrics were named in a set's order, which changes with the process's hash seed:
+    a re-render of an unchanged bench rewrote its leaderboard. Each of three hash seeds gives the column order."""
+    import subprocess
+    import sys
+
+    show = ("import sys; from obliviate.bench.leaderboard import read_bench, board, _legend; "
+            "b = board(read_bench(__import__('pathlib').Path(sys.argv[1])), 'the profiles world', 'lm', 'forget10'); "
+            "print(next(n for n in _legend(b) if n.startswith(\"The retrain line's\"))); "
+            "print('|'.join(m.column_title for m in b.columns))")
+    for seed in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, "-c", show, str(bench[0])], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.splitlines()
+        named = out[0].split("The retrain line's ")[1].split(": what")[0].split(", ")
+        assert len(named) >= 2 and named == [t for t in out[1].split("|") if t in named], (seed, out)

@@ -409,7 +409,9 @@ def board(bench: Bench, task: str, family: str, target: str, published: dict[str
     retrain = Line("retrain (the reference, seed 0)", "retrain", one_model(retrain_rows))
     defined = _by_definition(retrain_rows)
     floor = stats(floor_rows) if floor_rows else {}
-    for k in defined & set(names):  # never "1 by definition": the retrain line shows the measured floor
+    # never "1 by definition": the retrain line shows the measured floor (in column order: the legend names them, and
+    # a set's order changes between processes, which rewrote unchanged leaderboards)
+    for k in (n for n in names if n in defined):
         retrain.stats[k] = floor.get(k)
         retrain.notes[k] = ("measured: retrain seed >= 1 vs seed 0" if floor.get(k) else
                             "not measured: the bench ran no retrain seed >= 1 (the noise floor)")
