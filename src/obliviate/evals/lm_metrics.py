@@ -235,12 +235,6 @@ def retain_accuracy(e: Evaluation):
     return e.aggregate[e.retain]["exact_answer"]
 
 
-# a retrain reference this far below the original (the full model) on the retain answers is a weak reference: its
-# training fell short, and forget quality or PrivLeak against it measures that, not the method (world builds and the
-# bench's report say so)
-WEAK_REFERENCE_GAP = 0.10
-
-
 def knowmem_retain(e: Evaluation):
     return mean(r["rouge_l_f1"] for r in e.per_item[e.retain])
 

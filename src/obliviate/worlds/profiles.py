@@ -541,11 +541,9 @@ class ProfilesWorld(PeopleWorld):
             log(f"retrain model exact-answer accuracy: forget {r['forget']:.1%} (never seen), retain {r['retain']:.1%}")
         if full and min(full["forget"], full["retain"]) < 0.9:
             log("[warning] the full model knows fewer than 90% of its forget/retain answers: the benchmark is weak")
-        from obliviate.evals.lm_metrics import WEAK_REFERENCE_GAP
+        from obliviate.evals.references import is_weak_reference
 
-        # the same recipe can leave one model far short (seen on the MoE world: a retrain at 48 % retain against the
-        # full model's 95 %); forget quality against such a reference measures its failure, not the method's
-        if full and "retrain" in report and report["retrain"]["retain"] < full["retain"] - WEAK_REFERENCE_GAP:
+        if full and "retrain" in report and is_weak_reference(full["retain"], report["retrain"]["retain"]):
             log(f"[warning] the retrain model knows {report['retrain']['retain']:.1%} of the retain answers against "
                 f"the full model's {full['retain']:.1%}: a weak reference (its training fell short); scores against "
                 "it (forget quality, PrivLeak) are not evidence")
