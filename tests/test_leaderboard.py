@@ -680,7 +680,7 @@ def test_a_weak_retrain_reference_is_named_under_its_board_and_its_selection(ret
     if weak:
         assert named == ["The retrain reference of forget10 knows 48.0% of the retain answers against the original's "
                          "95.0%: a weak reference (its training fell short); the scores against it (forget quality, "
-                         "PrivLeak, ≈) are not evidence."]
+                         "PrivLeak, the noise floor's marks) are not evidence."]
         assert len(chosen) == 1 and chosen[0].startswith("The retrain reference of val10 knows 48.0%")
     else:
         assert named == chosen == []

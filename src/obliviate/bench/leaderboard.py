@@ -651,13 +651,11 @@ def selection_rows(bench: Bench) -> list[tuple[str, str, str, str, str]]:
 def weak_reference_note(target: str, original, retrain) -> str | None:
     """A retrain reference far below the original on the retain answers (its training fell short): the scores taken
     against it describe it more than the methods. `original` and `retrain`: their retain accuracy."""
-    from obliviate.evals.references import is_weak_reference
+    from obliviate.evals.references import weak_reference
 
-    if not (_is_number(original) and _is_number(retrain) and is_weak_reference(original, retrain)):
+    if not (_is_number(original) and _is_number(retrain)):
         return None
-    return (f"The retrain reference of {target} knows {retrain:.1%} of the retain answers against the original's "
-            f"{original:.1%}: a weak reference (its training fell short); the scores against it (forget quality, "
-            f"PrivLeak, {NOISE_MARK}) are not evidence.")
+    return weak_reference(f"The retrain reference of {target}", original, retrain)
 
 
 def selection_notes(bench: Bench) -> list[str]:

@@ -7,5 +7,10 @@ warn of it and the bench's report names it. Torch-free: a finished bench's repor
 WEAK_REFERENCE_GAP = 0.10
 
 
-def is_weak_reference(original_retain: float, retrain_retain: float) -> bool:
-    return retrain_retain < original_retain - WEAK_REFERENCE_GAP
+def weak_reference(which: str, original_retain: float, retrain_retain: float) -> str | None:
+    """The sentence that names a weak reference (`which`: "the retrain reference of val10", ...), or None."""
+    if retrain_retain >= original_retain - WEAK_REFERENCE_GAP:
+        return None
+    return (f"{which} knows {retrain_retain:.1%} of the retain answers against the original's {original_retain:.1%}: "
+            "a weak reference (its training fell short); the scores against it (forget quality, PrivLeak, the noise "
+            "floor's marks) are not evidence.")

@@ -533,7 +533,7 @@ class ProfilesWorld(PeopleWorld):
         return report
 
     def _check_knowledge(self, report: dict, log) -> None:
-        from obliviate.evals.references import is_weak_reference
+        from obliviate.evals.references import weak_reference
 
         full = report.get("full", {})
         line = ", ".join(f"{k} {v:.1%}" for k, v in full.items())
@@ -543,7 +543,7 @@ class ProfilesWorld(PeopleWorld):
             log(f"retrain model exact-answer accuracy: forget {r['forget']:.1%} (never seen), retain {r['retain']:.1%}")
         if full and min(full["forget"], full["retain"]) < 0.9:
             log("[warning] the full model knows fewer than 90% of its forget/retain answers: the benchmark is weak")
-        if full and "retrain" in report and is_weak_reference(full["retain"], report["retrain"]["retain"]):
-            log(f"[warning] the retrain model knows {report['retrain']['retain']:.1%} of the retain answers against "
-                f"the full model's {full['retain']:.1%}: a weak reference (its training fell short); scores against "
-                "it (forget quality, PrivLeak) are not evidence")
+        weak = full and "retrain" in report and weak_reference("the retrain model", full["retain"],
+                                                               report["retrain"]["retain"])
+        if weak:
+            log(f"[warning] {weak}")
